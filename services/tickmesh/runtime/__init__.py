@@ -1,0 +1,1 @@
+"""Shared runtime of the tickmesh services: settings, NATS, gRPC wiring, logging."""

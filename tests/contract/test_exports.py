@@ -1,0 +1,49 @@
+"""The SDK's public surface is explicit and changes only on purpose."""
+
+from __future__ import annotations
+
+import tickmesh.sdk
+
+EXPECTED_SDK_EXPORTS = {
+    "BODY_KINDS",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_STRUCT_DEPTH",
+    "BodyKind",
+    "ConfigError",
+    "DeadlineExceededError",
+    "GuardrailRejectedError",
+    "Issue",
+    "LifetimeFailedError",
+    "NotFoundError",
+    "PlanFailedError",
+    "RPCError",
+    "StatusCode",
+    "TaskError",
+    "TickmeshError",
+    "TransportError",
+    "ValidationError",
+    "body_kind",
+    "decode_envelope",
+    "encode_envelope",
+    "execution_id",
+    "uuid7",
+    "validate_envelope",
+}
+
+
+def test_sdk_exports_are_pinned() -> None:
+    assert set(tickmesh.sdk.__all__) == EXPECTED_SDK_EXPORTS
+    assert len(tickmesh.sdk.__all__) == len(set(tickmesh.sdk.__all__))
+
+
+def test_every_export_exists() -> None:
+    for name in tickmesh.sdk.__all__:
+        assert hasattr(tickmesh.sdk, name), name
+
+
+def test_every_error_derives_from_the_root() -> None:
+    for name in tickmesh.sdk.__all__:
+        value = getattr(tickmesh.sdk, name)
+        if isinstance(value, type) and issubclass(value, Exception):
+            assert issubclass(value, tickmesh.sdk.TickmeshError), name
+            assert name.endswith("Error"), name

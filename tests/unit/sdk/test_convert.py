@@ -1,0 +1,137 @@
+"""Envelope encoding and decoding refuse bad input with a clear ValidationError."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from google.protobuf import struct_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.support.factories import make_envelope
+from tickmesh.sdk import (
+    MAX_STRUCT_DEPTH,
+    ValidationError,
+    decode_envelope,
+    encode_envelope,
+)
+from tickmesh.v1 import envelope_pb2
+
+
+def nested_struct(levels: int) -> struct_pb2.Struct:
+    root = struct_pb2.Struct()
+    cur = root
+    for _ in range(levels - 1):
+        cur = cur.fields["n"].struct_value
+    cur.fields["leaf"].number_value = 1
+    return root
+
+
+def nested_list(levels: int) -> struct_pb2.Struct:
+    root = struct_pb2.Struct()
+    cur = root.fields["l"].list_value
+    for _ in range(levels - 2):
+        cur = cur.values.add().list_value
+    cur.values.add().string_value = "leaf"
+    return root
+
+
+def test_roundtrip_keeps_every_field() -> None:
+    env = make_envelope("plan_request")
+    assert decode_envelope(encode_envelope(env), expected_kind="plan_request") == env
+
+
+def test_struct_at_the_depth_limit_encodes_and_decodes() -> None:
+    env = make_envelope("execution_ref")
+    env.execution_ref.task_execution.result.error.details.CopyFrom(nested_struct(MAX_STRUCT_DEPTH))
+    assert decode_envelope(encode_envelope(env)) == env
+
+
+def test_struct_33_levels_deep_is_refused_before_publishing() -> None:
+    env = make_envelope("execution_ref")
+    env.execution_ref.task_execution.result.error.details.CopyFrom(nested_struct(33))
+    with pytest.raises(ValidationError) as info:
+        encode_envelope(env)
+    message = str(info.value)
+    assert "execution_ref.task_execution.result.error.details" in message
+    assert "33 levels" in message
+    assert "limit is 32" in message
+
+
+def test_deep_list_values_count_as_nesting() -> None:
+    env = make_envelope("task_request")
+    env.task_request.config.CopyFrom(nested_list(MAX_STRUCT_DEPTH + 1))
+    with pytest.raises(ValidationError, match=r"task_request\.config"):
+        encode_envelope(env)
+
+
+def test_struct_33_levels_deep_is_refused_on_decode() -> None:
+    env = make_envelope("execution_ref")
+    env.execution_ref.task_execution.result.error.details.CopyFrom(nested_struct(33))
+    data = env.SerializeToString()  # bypasses the encoder's check, like a foreign producer
+    with pytest.raises(ValidationError, match="depth limit"):
+        decode_envelope(data)
+
+
+def test_invalid_utf8_in_a_string_field_is_refused() -> None:
+    data = bytearray(encode_envelope(make_envelope("signal")))
+    data[data.index(b"approval")] = 0xC3  # starts a 2-byte sequence that never completes
+    with pytest.raises(ValidationError, match="invalid UTF-8"):
+        decode_envelope(bytes(data))
+
+
+def test_wrong_body_kind_is_refused() -> None:
+    data = encode_envelope(make_envelope("task_request"))
+    with pytest.raises(ValidationError, match="'task_request' but the message type header says"):
+        decode_envelope(data, expected_kind="task_execution")
+
+
+def test_missing_body_is_refused() -> None:
+    env = make_envelope("signal")
+    env.ClearField("signal")
+    with pytest.raises(ValidationError, match="no body"):
+        encode_envelope(env)
+
+
+@pytest.mark.parametrize("tenant", ["", "Acme", "a.b", "a>", "_x", "x" * 64])
+def test_bad_tenant_id_is_refused(tenant: str) -> None:
+    env = make_envelope("signal")
+    env.header.tenant_id = tenant
+    with pytest.raises(ValidationError, match="tenant_id"):
+        encode_envelope(env)
+
+
+def test_oversized_envelope_is_refused_with_advice() -> None:
+    env = make_envelope("task_request")
+    env.task_request.input.inline = b"x" * 2048
+    with pytest.raises(ValidationError, match="blob store"):
+        encode_envelope(env, max_bytes=1024)
+
+
+def test_unknown_fields_survive_a_roundtrip() -> None:
+    data = encode_envelope(make_envelope("signal"))
+    extra = data + b"\xf8\x3e\x05"  # field 999, varint 5: from a newer producer
+    env = decode_envelope(extra)
+    assert env.SerializeToString() == extra
+
+
+@given(st.binary(max_size=512))
+def test_decoder_never_raises_anything_but_validation_error(data: bytes) -> None:
+    try:
+        env = decode_envelope(data)
+    except ValidationError:
+        return
+    assert isinstance(env, envelope_pb2.ExecutionEnvelope)
+    assert env.WhichOneof("body") is not None
+
+
+@given(st.data())
+def test_mutated_vectors_decode_or_fail_cleanly(data: st.DataObject) -> None:
+    golden = bytearray(encode_envelope(make_envelope("plan_request")))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(golden) - 1))
+        golden[pos] ^= 1 << data.draw(st.integers(0, 7))
+    cut = data.draw(st.integers(0, len(golden)))
+    with contextlib.suppress(ValidationError):
+        decode_envelope(bytes(golden[:cut]))
