@@ -36,7 +36,7 @@ install: $(VENV)/.installed node_modules/.installed ## Create the venv and insta
 .PHONY: gen
 gen: install ## Regenerate gen/ (Python + TypeScript) from proto/
 	buf generate 2> >(grep -v '^Writing mypy to' >&2)
-	touch gen/python/tickmesh/v1/py.typed
+	touch gen/python/tickmesh/v1/py.typed gen/python/tickmesh/internal/v1/py.typed
 
 .PHONY: check-gen
 check-gen: gen ## Fail if regenerating changes gen/

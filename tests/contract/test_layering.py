@@ -16,8 +16,10 @@ SERVICES = {"router", "guardrail", "state", "executor_pool"}
 ALLOWED: dict[str, set[str]] = {
     "sdk": {"v1"},
     "runtime": {"v1", "sdk"},
-    **{service: {"v1", "sdk", "runtime"} for service in SERVICES},
-    "cli": {"v1", "sdk", "runtime", *SERVICES},
+    **{service: {"v1", "internal", "sdk", "runtime"} for service in SERVICES},
+    # Layers above the services: they compose them (one process, or the command line).
+    "embedded": {"v1", "internal", "sdk", "runtime", *SERVICES},
+    "cli": {"v1", "internal", "sdk", "runtime", "embedded", *SERVICES},
 }
 # Generated modules stay behind the SDK's conversion seam (STYLE R4).
 SDK_MODULES_ALLOWED_TO_IMPORT_V1 = {"_convert.py", "_transport.py", "_graph.py", "testing.py"}

@@ -22,7 +22,9 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from tickmesh.v1 import graph_pb2 as tickmesh_dot_v1_dot_graph__pb2
 from tickmesh.v1 import guardrail_pb2 as tickmesh_dot_v1_dot_guardrail__pb2
 from tickmesh.v1 import header_pb2 as tickmesh_dot_v1_dot_header__pb2
 from tickmesh.v1 import payload_pb2 as tickmesh_dot_v1_dot_payload__pb2
@@ -30,19 +32,19 @@ from tickmesh.v1 import result_pb2 as tickmesh_dot_v1_dot_result__pb2
 from tickmesh.v1 import telemetry_pb2 as tickmesh_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tickmesh/v1/request.proto\x12\x0btickmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1btickmesh/v1/guardrail.proto\x1a\x18tickmesh/v1/header.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x18tickmesh/v1/result.proto\x1a\x1btickmesh/v1/telemetry.proto\"j\n\x0bTaskRequest\x12*\n\x05input\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x05input\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructR\x06\x63onfig\"\xcd\x01\n\x0bPlanRequest\x12(\n\x04goal\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x04goal\x12.\n\x06inputs\x18\x02 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\x06inputs\x12\x33\n\x06signal\x18\x03 \x01(\x0b\x32\x1b.tickmesh.v1.SignalDeliveryR\x06signal\x12/\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructR\x06\x63onfig\"\xd9\x02\n\tPlanInput\x12!\n\x0c\x65xecution_id\x18\x01 \x01(\tR\x0b\x65xecutionId\x12(\n\x04node\x18\x02 \x01(\x0b\x32\x14.tickmesh.v1.NodeRefR\x04node\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x17.tickmesh.v1.TaskStatusR\x06status\x12,\n\x06output\x18\x04 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x06output\x12,\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.tickmesh.v1.ErrorInfoR\x05\x65rror\x12\x34\n\ttelemetry\x18\x06 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\ttelemetry\x12<\n\tguardrail\x18\x07 \x01(\x0b\x32\x1e.tickmesh.v1.GuardrailDecisionR\tguardrail\"\x8d\x01\n\x0eSignalDelivery\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12.\n\x07payload\x18\x02 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x07payload\x12\x1a\n\x08\x61pprover\x18\x03 \x01(\tR\x08\x61pprover\x12\x1b\n\ttimed_out\x18\x04 \x01(\x08R\x08timedOutb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tickmesh/v1/request.proto\x12\x0btickmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17tickmesh/v1/graph.proto\x1a\x1btickmesh/v1/guardrail.proto\x1a\x18tickmesh/v1/header.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x18tickmesh/v1/result.proto\x1a\x1btickmesh/v1/telemetry.proto\"\xcf\x01\n\x0bTaskRequest\x12*\n\x05input\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x05input\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructR\x06\x63onfig\x12\x33\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\x12.\n\x05retry\x18\x04 \x01(\x0b\x32\x18.tickmesh.v1.RetryPolicyR\x05retry\"\xb2\x02\n\x0bPlanRequest\x12(\n\x04goal\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x04goal\x12.\n\x06inputs\x18\x02 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\x06inputs\x12\x33\n\x06signal\x18\x03 \x01(\x0b\x32\x1b.tickmesh.v1.SignalDeliveryR\x06signal\x12/\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructR\x06\x63onfig\x12\x33\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\x12.\n\x05retry\x18\x06 \x01(\x0b\x32\x18.tickmesh.v1.RetryPolicyR\x05retry\"\xd9\x02\n\tPlanInput\x12!\n\x0c\x65xecution_id\x18\x01 \x01(\tR\x0b\x65xecutionId\x12(\n\x04node\x18\x02 \x01(\x0b\x32\x14.tickmesh.v1.NodeRefR\x04node\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x17.tickmesh.v1.TaskStatusR\x06status\x12,\n\x06output\x18\x04 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x06output\x12,\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.tickmesh.v1.ErrorInfoR\x05\x65rror\x12\x34\n\ttelemetry\x18\x06 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\ttelemetry\x12<\n\tguardrail\x18\x07 \x01(\x0b\x32\x1e.tickmesh.v1.GuardrailDecisionR\tguardrail\"\x8d\x01\n\x0eSignalDelivery\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12.\n\x07payload\x18\x02 \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x07payload\x12\x1a\n\x08\x61pprover\x18\x03 \x01(\tR\x08\x61pprover\x12\x1b\n\ttimed_out\x18\x04 \x01(\x08R\x08timedOutb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tickmesh.v1.request_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKREQUEST']._serialized_start=209
-  _globals['_TASKREQUEST']._serialized_end=315
-  _globals['_PLANREQUEST']._serialized_start=318
-  _globals['_PLANREQUEST']._serialized_end=523
-  _globals['_PLANINPUT']._serialized_start=526
-  _globals['_PLANINPUT']._serialized_end=871
-  _globals['_SIGNALDELIVERY']._serialized_start=874
-  _globals['_SIGNALDELIVERY']._serialized_end=1015
+  _globals['_TASKREQUEST']._serialized_start=267
+  _globals['_TASKREQUEST']._serialized_end=474
+  _globals['_PLANREQUEST']._serialized_start=477
+  _globals['_PLANREQUEST']._serialized_end=783
+  _globals['_PLANINPUT']._serialized_start=786
+  _globals['_PLANINPUT']._serialized_end=1131
+  _globals['_SIGNALDELIVERY']._serialized_start=1134
+  _globals['_SIGNALDELIVERY']._serialized_end=1275
 # @@protoc_insertion_point(module_scope)

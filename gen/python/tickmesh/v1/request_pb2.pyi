@@ -5,9 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from tickmesh.v1 import graph_pb2 as _graph_pb2
 from tickmesh.v1 import guardrail_pb2 as _guardrail_pb2
 from tickmesh.v1 import header_pb2 as _header_pb2
 from tickmesh.v1 import payload_pb2 as _payload_pb2
@@ -32,6 +34,8 @@ class TaskRequest(_message.Message):
 
     INPUT_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def input(self) -> _payload_pb2.Payload:
         """input is the task's input, chosen by the plan that dispatched it."""
@@ -40,15 +44,25 @@ class TaskRequest(_message.Message):
     def config(self) -> _struct_pb2.Struct:
         """config is the node's static configuration from the graph."""
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """timeout bounds one attempt (the node's timeout from the graph)."""
+
+    @_builtins.property
+    def retry(self) -> _graph_pb2.RetryPolicy:
+        """retry is the node's retry policy, applied by the executor pool."""
+
     def __init__(
         self,
         *,
         input: _payload_pb2.Payload | None = ...,
         config: _struct_pb2.Struct | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        retry: _graph_pb2.RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "input", b"input", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "input", b"input", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -64,6 +78,8 @@ class PlanRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def goal(self) -> _payload_pb2.Payload:
         """goal is the lifetime's input."""
@@ -82,6 +98,14 @@ class PlanRequest(_message.Message):
     def config(self) -> _struct_pb2.Struct:
         """config is the node's static configuration from the graph."""
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """timeout bounds one attempt (the node's timeout from the graph)."""
+
+    @_builtins.property
+    def retry(self) -> _graph_pb2.RetryPolicy:
+        """retry is the node's retry policy, applied by the executor pool."""
+
     def __init__(
         self,
         *,
@@ -89,10 +113,12 @@ class PlanRequest(_message.Message):
         inputs: _abc.Iterable[Global___PlanInput] | None = ...,
         signal: Global___SignalDelivery | None = ...,
         config: _struct_pb2.Struct | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        retry: _graph_pb2.RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "goal", b"goal", "signal", b"signal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "goal", b"goal", "retry", b"retry", "signal", b"signal", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "goal", b"goal", "inputs", b"inputs", "signal", b"signal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "goal", b"goal", "inputs", b"inputs", "retry", b"retry", "signal", b"signal", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,7 +4,10 @@
 
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
-import { file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
+import type { RetryPolicy } from "./graph_pb.js";
+import { file_tickmesh_v1_graph } from "./graph_pb.js";
 import type { GuardrailDecision } from "./guardrail_pb.js";
 import { file_tickmesh_v1_guardrail } from "./guardrail_pb.js";
 import type { NodeRef } from "./header_pb.js";
@@ -21,7 +24,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/v1/request.proto.
  */
 export const file_tickmesh_v1_request: GenFile = /*@__PURE__*/
-  fileDesc("Chl0aWNrbWVzaC92MS9yZXF1ZXN0LnByb3RvEgt0aWNrbWVzaC52MSJbCgtUYXNrUmVxdWVzdBIjCgVpbnB1dBgBIAEoCzIULnRpY2ttZXNoLnYxLlBheWxvYWQSJwoGY29uZmlnGAIgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKvAQoLUGxhblJlcXVlc3QSIgoEZ29hbBgBIAEoCzIULnRpY2ttZXNoLnYxLlBheWxvYWQSJgoGaW5wdXRzGAIgAygLMhYudGlja21lc2gudjEuUGxhbklucHV0EisKBnNpZ25hbBgDIAEoCzIbLnRpY2ttZXNoLnYxLlNpZ25hbERlbGl2ZXJ5EicKBmNvbmZpZxgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QimQIKCVBsYW5JbnB1dBIUCgxleGVjdXRpb25faWQYASABKAkSIgoEbm9kZRgCIAEoCzIULnRpY2ttZXNoLnYxLk5vZGVSZWYSJwoGc3RhdHVzGAMgASgOMhcudGlja21lc2gudjEuVGFza1N0YXR1cxIkCgZvdXRwdXQYBCABKAsyFC50aWNrbWVzaC52MS5QYXlsb2FkEiUKBWVycm9yGAUgASgLMhYudGlja21lc2gudjEuRXJyb3JJbmZvEikKCXRlbGVtZXRyeRgGIAEoCzIWLnRpY2ttZXNoLnYxLlRlbGVtZXRyeRIxCglndWFyZHJhaWwYByABKAsyHi50aWNrbWVzaC52MS5HdWFyZHJhaWxEZWNpc2lvbiJqCg5TaWduYWxEZWxpdmVyeRIMCgRuYW1lGAEgASgJEiUKB3BheWxvYWQYAiABKAsyFC50aWNrbWVzaC52MS5QYXlsb2FkEhAKCGFwcHJvdmVyGAMgASgJEhEKCXRpbWVkX291dBgEIAEoCGIGcHJvdG8z", [file_google_protobuf_struct, file_tickmesh_v1_guardrail, file_tickmesh_v1_header, file_tickmesh_v1_payload, file_tickmesh_v1_result, file_tickmesh_v1_telemetry]);
+  fileDesc("Chl0aWNrbWVzaC92MS9yZXF1ZXN0LnByb3RvEgt0aWNrbWVzaC52MSKwAQoLVGFza1JlcXVlc3QSIwoFaW5wdXQYASABKAsyFC50aWNrbWVzaC52MS5QYXlsb2FkEicKBmNvbmZpZxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKgoHdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhInCgVyZXRyeRgEIAEoCzIYLnRpY2ttZXNoLnYxLlJldHJ5UG9saWN5IoQCCgtQbGFuUmVxdWVzdBIiCgRnb2FsGAEgASgLMhQudGlja21lc2gudjEuUGF5bG9hZBImCgZpbnB1dHMYAiADKAsyFi50aWNrbWVzaC52MS5QbGFuSW5wdXQSKwoGc2lnbmFsGAMgASgLMhsudGlja21lc2gudjEuU2lnbmFsRGVsaXZlcnkSJwoGY29uZmlnGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEicKBXJldHJ5GAYgASgLMhgudGlja21lc2gudjEuUmV0cnlQb2xpY3kimQIKCVBsYW5JbnB1dBIUCgxleGVjdXRpb25faWQYASABKAkSIgoEbm9kZRgCIAEoCzIULnRpY2ttZXNoLnYxLk5vZGVSZWYSJwoGc3RhdHVzGAMgASgOMhcudGlja21lc2gudjEuVGFza1N0YXR1cxIkCgZvdXRwdXQYBCABKAsyFC50aWNrbWVzaC52MS5QYXlsb2FkEiUKBWVycm9yGAUgASgLMhYudGlja21lc2gudjEuRXJyb3JJbmZvEikKCXRlbGVtZXRyeRgGIAEoCzIWLnRpY2ttZXNoLnYxLlRlbGVtZXRyeRIxCglndWFyZHJhaWwYByABKAsyHi50aWNrbWVzaC52MS5HdWFyZHJhaWxEZWNpc2lvbiJqCg5TaWduYWxEZWxpdmVyeRIMCgRuYW1lGAEgASgJEiUKB3BheWxvYWQYAiABKAsyFC50aWNrbWVzaC52MS5QYXlsb2FkEhAKCGFwcHJvdmVyGAMgASgJEhEKCXRpbWVkX291dBgEIAEoCGIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_tickmesh_v1_graph, file_tickmesh_v1_guardrail, file_tickmesh_v1_header, file_tickmesh_v1_payload, file_tickmesh_v1_result, file_tickmesh_v1_telemetry]);
 
 /**
  * TaskRequest asks an executor to run a task node.
@@ -42,6 +45,20 @@ export type TaskRequest = Message<"tickmesh.v1.TaskRequest"> & {
    * @generated from field: google.protobuf.Struct config = 2;
    */
   config?: JsonObject | undefined;
+
+  /**
+   * timeout bounds one attempt (the node's timeout from the graph).
+   *
+   * @generated from field: google.protobuf.Duration timeout = 3;
+   */
+  timeout?: Duration | undefined;
+
+  /**
+   * retry is the node's retry policy, applied by the executor pool.
+   *
+   * @generated from field: tickmesh.v1.RetryPolicy retry = 4;
+   */
+  retry?: RetryPolicy | undefined;
 };
 
 /**
@@ -85,6 +102,20 @@ export type PlanRequest = Message<"tickmesh.v1.PlanRequest"> & {
    * @generated from field: google.protobuf.Struct config = 4;
    */
   config?: JsonObject | undefined;
+
+  /**
+   * timeout bounds one attempt (the node's timeout from the graph).
+   *
+   * @generated from field: google.protobuf.Duration timeout = 5;
+   */
+  timeout?: Duration | undefined;
+
+  /**
+   * retry is the node's retry policy, applied by the executor pool.
+   *
+   * @generated from field: tickmesh.v1.RetryPolicy retry = 6;
+   */
+  retry?: RetryPolicy | undefined;
 };
 
 /**

@@ -1,0 +1,218 @@
+"""A JetStream pull consumer that holds a standing pull request and hands its
+owner whatever is queued, as one batch.
+
+Batches grow with load and shrink to one message when idle, with no linger:
+the loop waits only for the first message, then takes every message already
+delivered. (nats-py's ``fetch(n)`` waits for n messages or its timeout, which
+at low load turns into latency.) Pull requests expire and are renewed, so a
+request lost in a broker restart is replaced within seconds.
+
+Two ways to ask for messages:
+
+* ``auto=True``: keep up to ``max_batch`` requested at all times (state, router).
+* ``auto=False``: the owner calls :meth:`pull` with the capacity it has free
+  (the executor pool, which must never hold more than its executors can run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.errors import BadRequestError
+
+logger = logging.getLogger(__name__)
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+PULL_EXPIRES_S = 5.0
+_STATUS = "Status"
+_PENDING = "Nats-Pending-Messages"
+
+
+class BatchConsumer:
+    """Consume a durable pull consumer in batches.
+
+    The handler acks, naks or terms every message it is given; if it raises,
+    the batch is left unacked and JetStream redelivers it after ``ack_wait``.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        *,
+        stream: str,
+        config: ConsumerConfig,
+        handler: BatchHandler,
+        max_batch: int = 256,
+        auto: bool = True,
+        name: str = "",
+    ) -> None:
+        assert config.durable_name, "durable consumers only"
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._config = config
+        self._handler = handler
+        self._max_batch = max_batch
+        self._auto = auto
+        self._name = name or f"{stream}/{config.durable_name}"
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._outstanding = 0
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def outstanding(self) -> int:
+        """Messages requested from the server and not yet delivered."""
+        return self._outstanding
+
+    async def start(self) -> None:
+        await ensure_consumer(self._js, self._stream, self._config)
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        if self._auto:
+            await self._replenish()
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self._name}")
+
+    async def stop(self) -> None:
+        """Stop taking batches; the one being handled is allowed to finish."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        # Delivered but never handed out: give them back at once.
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def pull(self, count: int) -> None:
+        """Ask the server for up to ``count`` more messages."""
+        if count <= 0 or self._stopping or self._sub is None:
+            return
+        request = {"batch": count, "expires": int(PULL_EXPIRES_S * 1e9)}
+        subject = f"{self._js._prefix}.CONSUMER.MSG.NEXT.{self._stream}.{self._config.durable_name}"
+        self._outstanding += count
+        try:
+            await self._nc.publish(subject, json.dumps(request).encode(), reply=self._inbox)
+        except Exception:
+            self._outstanding -= count
+            raise
+
+    async def _replenish(self) -> None:
+        # Keep between half and all of max_batch requested.
+        if self._outstanding <= self._max_batch // 2:
+            await self.pull(self._max_batch - self._outstanding)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        if status is None and not msg.data and msg.headers and "Nats-Last-Consumer" in msg.headers:
+            status = "100"
+        if status is not None:
+            self._on_status(status, msg)
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        self._queue.put_nowait(msg)
+
+    def _on_status(self, status: str, msg: Msg) -> None:
+        if status == "100":  # idle heartbeat / flow control
+            return
+        # 404 no messages, 408 request expired, 409 consumer changed or
+        # max waiting exceeded: the request is over; what it did not deliver
+        # is no longer coming.
+        pending = msg.headers.get(_PENDING) if msg.headers else None
+        if pending is not None and pending.isdigit():
+            self._outstanding = max(0, self._outstanding - int(pending))
+        else:
+            self._outstanding = 0
+        if status not in {"404", "408"}:
+            logger.debug("%s: pull status %s %s", self._name, status, msg.headers)
+        self._queue.put_nowait(_WAKE)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                first = await asyncio.wait_for(self._queue.get(), PULL_EXPIRES_S * 1.5)
+            except TimeoutError:
+                # No message and no expiry notice: the request was lost (e.g. a
+                # broker restart). Start over.
+                self._outstanding = 0
+                await self._safe_replenish()
+                continue
+            batch = [] if first is _WAKE else [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                msg = self._queue.get_nowait()
+                if msg is not _WAKE:
+                    batch.append(msg)
+            if self._auto:
+                await self._safe_replenish()
+            if not batch:
+                continue
+            try:
+                await self._handler(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception(
+                    "%s: handler failed on a batch of %d; it will be redelivered",
+                    self._name,
+                    len(batch),
+                )
+
+    async def _safe_replenish(self) -> None:
+        try:
+            if self._auto:
+                await self._replenish()
+        except Exception as exc:  # disconnected: the next loop turn retries
+            logger.warning("%s: cannot request messages: %s", self._name, exc)
+            await asyncio.sleep(0.2)
+
+
+class _Wake(Msg):
+    """A sentinel that wakes the loop when a pull request ends."""
+
+    def __init__(self) -> None:
+        pass
+
+
+_WAKE: Msg = _Wake()
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    """Create the durable consumer; an existing one with another config is kept."""
+    try:
+        await js.add_consumer(stream, config)
+    except BadRequestError as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+        logger.warning(
+            "consumer %s/%s exists with another config: %s", stream, config.durable_name, exc
+        )
+
+
+async def term(msg: Msg, reason: str) -> None:
+    """Terminate a message with a reason (kept in the MSG_TERMINATED advisory).
+
+    nats-py's ``Msg.term()`` takes no reason, so the protocol's ``+TERM reason``
+    is sent directly.
+    """
+    if msg.reply:
+        await msg._client.publish(msg.reply, b"+TERM " + reason.encode()[:512])
