@@ -103,7 +103,8 @@ check: test ## Alias of test
 
 .PHONY: demo
 demo: install ## Run the coding-agent example end to end on an embedded mesh
-	@echo "make demo: not yet available (lands with the mesh issue)"
+	tickmesh run examples/coding_agent/graph.yaml \
+	  --input '{"task": "an adder library", "modules": ["parser", "lexer", "emitter"]}'
 
 .PHONY: bench
 bench: install ## Run the benchmark and print its figures

@@ -5,17 +5,40 @@ Every envelope that leaves or enters a tickmesh process goes through
 input goes wrong (corrupt wire data, invalid UTF-8, nesting too deep to parse,
 the wrong message type, a missing header) into a :class:`ValidationError` that
 says which, instead of a crash or a silently misread message.
+
+It also owns the executor protocol's conversions: assignments unpacked for the
+Worker, and task and plan outcomes packed into TaskResult / PlanResult.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from google.protobuf import descriptor, message, struct_pb2
+from google.protobuf import (
+    descriptor,
+    duration_pb2,
+    json_format,
+    message,
+    struct_pb2,
+    timestamp_pb2,
+)
 
-from tickmesh.v1 import envelope_pb2
+from tickmesh.v1 import (
+    envelope_pb2,
+    executor_pool_service_pb2,
+    payload_pb2,
+    result_pb2,
+    telemetry_pb2,
+)
 
+from . import codecs
+from ._plan import Decision
+from ._task import ErrorData, HandlerKind, ToolActionRecord, Usage
 from .errors import ValidationError
 from .ids import TENANT_ID_PATTERN
 
@@ -208,3 +231,362 @@ def _value_depth(value: struct_pb2.Struct | struct_pb2.ListValue) -> int:
 def _is_map(field: descriptor.FieldDescriptor) -> bool:
     sub = field.message_type
     return sub is not None and sub.GetOptions().map_entry
+
+
+# --- executor protocol: assignments in, results out (used by the Worker) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WirePayload:
+    """A payload as it arrived: inline bytes, or a blob reference to resolve."""
+
+    content_type: str
+    inline: bytes | None
+    """The bytes, when they travel inline."""
+    blob_uri: str = ""
+    """Where the bytes are, when they travel as a BlobRef."""
+    sha256: str = ""
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputData:
+    """One PlanInput, with its output still encoded."""
+
+    execution_id: str
+    node_id: str
+    status: str
+    output: WirePayload | None
+    error_type: str
+    error_message: str
+    input_tokens: int
+    output_tokens: int
+    cost_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignalData:
+    """A SignalDelivery, with its payload still encoded."""
+
+    name: str
+    payload: WirePayload | None
+    approver: str
+    timed_out: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentData:
+    """One assignment, unpacked for the Worker."""
+
+    assignment_id: str
+    kind: HandlerKind
+    handler: str
+    tenant_id: str
+    lifetime_id: str
+    execution_id: str
+    node_id: str
+    attempt: int
+    iteration: int
+    labels: dict[str, str]
+    deadline: datetime
+    created_at: datetime | None
+    config: dict[str, Any]
+    input: WirePayload | None
+    """The task's input, or the plan's goal."""
+    plan_inputs: tuple[PlanInputData, ...]
+    signal: SignalData | None
+    raw: executor_pool_service_pb2.Assignment
+
+
+def payload_to_proto(content_type: str, data: bytes) -> payload_pb2.Payload:
+    """An inline payload with its size and SHA-256 filled in."""
+    return payload_pb2.Payload(
+        content_type=content_type,
+        inline=data,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def wire_payload(payload: payload_pb2.Payload) -> WirePayload:
+    kind = payload.WhichOneof("data")
+    if kind == "blob":
+        return WirePayload(
+            content_type=payload.content_type or payload.blob.content_type,
+            inline=None,
+            blob_uri=payload.blob.uri,
+            sha256=payload.sha256 or payload.blob.sha256,
+            size=payload.size or payload.blob.size,
+        )
+    return WirePayload(
+        content_type=payload.content_type,
+        inline=payload.inline if kind == "inline" else b"",
+        sha256=payload.sha256,
+        size=payload.size,
+    )
+
+
+def _struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    if not value.fields:
+        return {}
+    return json_format.MessageToDict(value)
+
+
+def _dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    try:
+        result.update(value)
+    except (TypeError, ValueError):
+        result = struct_pb2.Struct()
+        result.update({"repr": repr(dict(value))[:4096]})
+    return result
+
+
+def _datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _status_name(status: result_pb2.TaskStatus.ValueType) -> str:
+    for name, value in _TASK_STATUS_BY_NAME.items():
+        if value == status:
+            return name
+    return "unspecified"
+
+
+_TASK_STATUS_BY_NAME: dict[str, result_pb2.TaskStatus.ValueType] = {
+    "succeeded": result_pb2.TASK_STATUS_SUCCEEDED,
+    "failed": result_pb2.TASK_STATUS_FAILED,
+    "timed_out": result_pb2.TASK_STATUS_TIMED_OUT,
+    "cancelled": result_pb2.TASK_STATUS_CANCELLED,
+    "rejected": result_pb2.TASK_STATUS_REJECTED,
+}
+_ON_TIMEOUT: dict[str, result_pb2.WaitTimeoutAction.ValueType] = {
+    "fail": result_pb2.WAIT_TIMEOUT_ACTION_FAIL,
+    "signal": result_pb2.WAIT_TIMEOUT_ACTION_SIGNAL,
+    "abort": result_pb2.WAIT_TIMEOUT_ACTION_ABORT,
+}
+
+
+def assignment_from_proto(item: executor_pool_service_pb2.Assignment) -> AssignmentData:
+    """Unpack an assignment for the Worker.
+
+    Raises:
+        ValidationError: The envelope carries neither a task nor a plan request.
+    """
+    envelope = item.envelope
+    header = envelope.header
+    body = envelope.WhichOneof("body")
+    plan_inputs: tuple[PlanInputData, ...] = ()
+    signal: SignalData | None = None
+    if body == "task_request":
+        request = envelope.task_request
+        kind: HandlerKind = "task"
+        config = _struct_to_dict(request.config)
+        payload = wire_payload(request.input) if request.HasField("input") else None
+    elif body == "plan_request":
+        plan_request = envelope.plan_request
+        kind = "plan"
+        config = _struct_to_dict(plan_request.config)
+        payload = wire_payload(plan_request.goal) if plan_request.HasField("goal") else None
+        plan_inputs = tuple(
+            PlanInputData(
+                execution_id=p.execution_id,
+                node_id=p.node.id,
+                status=_status_name(p.status),
+                output=wire_payload(p.output) if p.HasField("output") else None,
+                error_type=p.error.type,
+                error_message=p.error.message,
+                input_tokens=p.telemetry.input_tokens,
+                output_tokens=p.telemetry.output_tokens,
+                cost_micros=p.telemetry.cost_micros,
+            )
+            for p in plan_request.inputs
+        )
+        if plan_request.HasField("signal"):
+            sig = plan_request.signal
+            signal = SignalData(
+                name=sig.name,
+                payload=wire_payload(sig.payload) if sig.HasField("payload") else None,
+                approver=sig.approver,
+                timed_out=sig.timed_out,
+            )
+    else:
+        raise ValidationError(f"assignment {item.assignment_id} carries a {body!r}, not a request")
+    return AssignmentData(
+        assignment_id=item.assignment_id,
+        kind=kind,
+        handler=header.node.handler,
+        tenant_id=header.tenant_id,
+        lifetime_id=header.lifetime_id,
+        execution_id=header.execution_id,
+        node_id=header.node.id,
+        attempt=header.attempt,
+        iteration=header.iteration,
+        labels=dict(header.labels),
+        deadline=_datetime(item.deadline),
+        created_at=_datetime(header.created_at) if header.HasField("created_at") else None,
+        config=config,
+        input=payload,
+        plan_inputs=plan_inputs,
+        signal=signal,
+        raw=item,
+    )
+
+
+def error_to_proto(error: ErrorData) -> result_pb2.ErrorInfo:
+    info = result_pb2.ErrorInfo(type=error.type, message=error.message, retryable=error.retryable)
+    if error.details:
+        info.details.CopyFrom(_dict_to_struct(error.details))
+    return info
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
+    return value
+
+
+def telemetry_to_proto(
+    usage: Usage, *, run_time_s: float = 0.0, queue_wait_s: float | None = None
+) -> telemetry_pb2.Telemetry:
+    telemetry = telemetry_pb2.Telemetry(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_micros=usage.cost_micros,
+        model_calls=usage.model_calls,
+        tool_calls=usage.tool_calls,
+        run_time=_duration(run_time_s),
+        custom_metrics=usage.custom,
+    )
+    if queue_wait_s is not None:
+        telemetry.queue_wait.CopyFrom(_duration(queue_wait_s))
+    for model in sorted(usage.models):
+        m = usage.models[model]
+        telemetry.model_usage.add(
+            model=model,
+            input_tokens=m.input_tokens,
+            output_tokens=m.output_tokens,
+            cost_micros=m.cost_micros,
+            calls=m.calls,
+        )
+    return telemetry
+
+
+def _tool_action_to_proto(action: ToolActionRecord) -> result_pb2.ToolAction:
+    proto = result_pb2.ToolAction(
+        action_id=action.action_id,
+        tool=action.tool,
+        input=payload_to_proto(*action.input),
+        side_effect=action.side_effect,
+    )
+    if action.output is not None:
+        proto.output.CopyFrom(payload_to_proto(*action.output))
+    if action.error is not None:
+        proto.error.CopyFrom(error_to_proto(action.error))
+    if action.started_at is not None:
+        proto.started_at.FromDatetime(action.started_at)
+    if action.duration is not None:
+        proto.duration.FromTimedelta(action.duration)
+    return proto
+
+
+def task_result_to_proto(
+    status: str,
+    *,
+    output: tuple[str, bytes] | None = None,
+    error: ErrorData | None = None,
+    usage: Usage | None = None,
+    tool_actions: Sequence[ToolActionRecord] = (),
+    run_time_s: float = 0.0,
+    queue_wait_s: float | None = None,
+) -> result_pb2.TaskResult:
+    """Build a TaskResult.
+
+    ``status`` is ``succeeded``, ``failed``, ``timed_out`` or ``cancelled``.
+    """
+    result = result_pb2.TaskResult(
+        status=_TASK_STATUS_BY_NAME[status],
+        telemetry=telemetry_to_proto(
+            usage or Usage(), run_time_s=run_time_s, queue_wait_s=queue_wait_s
+        ),
+        tool_actions=[_tool_action_to_proto(a) for a in tool_actions],
+    )
+    if output is not None:
+        result.output.CopyFrom(payload_to_proto(*output))
+    if error is not None:
+        result.error.CopyFrom(error_to_proto(error))
+    return result
+
+
+def plan_result_to_proto(
+    decision: Decision | None,
+    *,
+    error: ErrorData | None = None,
+    usage: Usage | None = None,
+    run_time_s: float = 0.0,
+    queue_wait_s: float | None = None,
+) -> result_pb2.PlanResult:
+    """Build a PlanResult from a decision, or from the error that prevented one.
+
+    Raises:
+        ValidationError: A payload of the decision cannot be encoded.
+    """
+    result = result_pb2.PlanResult(
+        telemetry=telemetry_to_proto(
+            usage or Usage(), run_time_s=run_time_s, queue_wait_s=queue_wait_s
+        )
+    )
+    if error is not None:
+        result.error.CopyFrom(error_to_proto(error))
+    if decision is None:
+        return result
+    result.rationale = decision.rationale
+    if decision.kind == "dispatch":
+        result.dispatch.SetInParent()
+        for item in decision.steps:
+            result.dispatch.steps.add(
+                node_id=item.node_id, input=payload_to_proto(*codecs.encode(item.input))
+            )
+    elif decision.kind == "complete":
+        result.complete.output.CopyFrom(payload_to_proto(*codecs.encode(decision.output)))
+    elif decision.kind == "wait":
+        wait = result.wait
+        wait.signal_name = decision.signal_name
+        wait.on_timeout = _ON_TIMEOUT[decision.on_timeout]
+        wait.prompt = decision.prompt
+        if decision.timeout is not None:
+            wait.timeout.FromTimedelta(decision.timeout)
+        if decision.default is not None:
+            wait.default_payload.CopyFrom(payload_to_proto(*codecs.encode(decision.default)))
+    else:
+        result.fail.error.CopyFrom(
+            error_to_proto(
+                ErrorData(
+                    decision.error_type or "PlanFailed",
+                    decision.message,
+                    retryable=False,
+                    details=decision.details,
+                )
+            )
+        )
+    return result
+
+
+def completion_to_proto(
+    assignment_id: str,
+    result: result_pb2.TaskResult | result_pb2.PlanResult,
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+    code_digest: str,
+) -> executor_pool_service_pb2.Completion:
+    completion = executor_pool_service_pb2.Completion(
+        assignment_id=assignment_id, code_digest=code_digest
+    )
+    if isinstance(result, result_pb2.TaskResult):
+        completion.task_result.CopyFrom(result)
+    else:
+        completion.plan_result.CopyFrom(result)
+    completion.started_at.FromDatetime(started_at)
+    completion.finished_at.FromDatetime(finished_at)
+    return completion

@@ -1,18 +1,98 @@
-"""Entry point of the `tickmesh` command: parses arguments and dispatches."""
+"""The `tickmesh` command line.
+
+tickmesh dev                      run the embedded mesh in the foreground
+tickmesh run GRAPH.yaml --input JSON   run a lifetime end to end and print its trace
+tickmesh status LIFETIME          show a lifetime
+tickmesh watch LIFETIME           stream a lifetime's events
+tickmesh trace LIFETIME           print a lifetime's executions as a tree
+tickmesh graph validate FILE...   check graph files (file:line:column errors)
+tickmesh serve SERVICE            run one service (router, guardrail, state, executor-pool)
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import signal
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TextIO
+
+import grpc
+
+from tickmesh.embedded import Mesh, MeshConfig
+from tickmesh.runtime.lifecycle import run as run_loop
+from tickmesh.sdk import Client, Plan, Task, ValidationError, Worker, load_graph_file
+from tickmesh.sdk.errors import TickmeshError
+from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
+
+from .trace import render
+
+SERVICES = ("router", "guardrail", "state", "executor-pool")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tickmesh", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tickmesh", description="Run agent graphs on a gRPC mesh over NATS JetStream."
+    )
     parser.add_argument("--version", action="version", version=_version())
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="run the embedded mesh in the foreground (Ctrl-C stops)")
+    _mesh_args(dev)
+
+    run = sub.add_parser("run", help="run a graph's lifetime end to end and print its trace")
+    run.add_argument("graph", type=Path, help="graph YAML file")
+    run.add_argument("--input", default="null", help="the lifetime's input, as JSON")
+    run.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        help="module or .py file whose Task/Plan objects serve the graph "
+        "(default: handlers.py next to the graph)",
+    )
+    run.add_argument("--router", help="router host:port (default: start an embedded mesh)")
+    run.add_argument("--pool", help="executor pool host:port (with --router)")
+    run.add_argument("--state", help="state service host:port (with --router, for the trace)")
+    run.add_argument("--tenant", default="default")
+    run.add_argument("--timeout", type=float, default=300.0)
+    run.add_argument("--quiet", action="store_true", help="print only the final trace")
+    _mesh_args(run)
+
+    for name, text in (("status", "show a lifetime"), ("watch", "stream a lifetime's events")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("lifetime")
+        cmd.add_argument("--router", required=True, help="router host:port")
+        cmd.add_argument("--tenant", default="default")
+
+    trace = sub.add_parser("trace", help="print a lifetime's executions as a tree")
+    trace.add_argument("lifetime")
+    trace.add_argument("--router", required=True, help="router host:port")
+    trace.add_argument("--state", required=True, help="state service host:port")
+    trace.add_argument("--tenant", default="default")
+
+    graph = sub.add_parser("graph", help="graph files")
+    graph_sub = graph.add_subparsers(dest="graph_command", metavar="ACTION", required=True)
+    validate = graph_sub.add_parser("validate", help="check graph files")
+    validate.add_argument("files", nargs="+", type=Path)
+
+    serve = sub.add_parser("serve", help="run one service with settings from the environment")
+    serve.add_argument("service", choices=SERVICES)
     return parser
+
+
+def _mesh_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="keep NATS, SQLite and blobs here")
+    parser.add_argument("--tenants", default="default", help="comma-separated tenant ids")
+    parser.add_argument("--router-port", type=int, default=0)
+    parser.add_argument("--pool-port", type=int, default=0)
 
 
 def _version() -> str:
@@ -22,13 +102,214 @@ def _version() -> str:
         return "tickmesh (not installed)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _mesh_config(args: argparse.Namespace) -> MeshConfig:
+    return MeshConfig(
+        data_dir=args.data_dir,
+        tenants=tuple(t.strip() for t in args.tenants.split(",") if t.strip()),
+        router_port=args.router_port,
+        pool_port=args.pool_port,
+    )
+
+
+# --- dev ------------------------------------------------------------------------
+
+
+async def cmd_dev(args: argparse.Namespace, out: TextIO) -> int:
+    async with Mesh(_mesh_config(args)) as mesh:
+        print(f"nats          {mesh.nats_url}", file=out)
+        print(f"router        {mesh.router_target}", file=out)
+        print(f"executor pool {mesh.pool_target}", file=out)
+        print(f"state         {mesh.state_target}", file=out)
+        print(f"guardrail     {mesh.guardrail_target}", file=out)
+        print(f"data          {mesh.data_dir}", file=out)
+        print("tickmesh dev is running; Ctrl-C stops it", file=out, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("stopping", file=out, flush=True)
+    return 0
+
+
+# --- run ------------------------------------------------------------------------
+
+
+def load_handlers(spec: str) -> list[Task[Any, Any] | Plan[Any]]:
+    """Import a module (dotted name or .py path) and collect its Task and Plan objects."""
+    module: ModuleType
+    if spec.endswith(".py"):
+        path = Path(spec).resolve()
+        name = f"tickmesh_handlers_{abs(hash(str(path)))}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ValidationError(f"cannot import handlers from {spec}")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        loader_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(spec)
+    found = [v for v in vars(module).values() if isinstance(v, Task | Plan)]
+    if not found:
+        raise ValidationError(f"{spec} defines no @task or @plan handlers")
+    return found
+
+
+async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    graph = load_graph_file(args.graph)
+    specs = args.handlers or [str(args.graph.with_name("handlers.py"))]
+    handlers = [h for spec in specs for h in load_handlers(spec)]
+    try:
+        value = json.loads(args.input)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"--input is not JSON: {exc}") from exc
+    async with contextlib.AsyncExitStack() as stack:
+        if args.router:
+            if not args.pool:
+                raise ValidationError("--router needs --pool too (where the workers connect)")
+            router, pool, state = args.router, args.pool, args.state
+        else:
+            mesh = await stack.enter_async_context(Mesh(_mesh_config(args)))
+            router, pool, state = mesh.router_target, mesh.pool_target, mesh.state_target
+            if not args.quiet:
+                print(f"embedded mesh: router {router}, executor pool {pool}", file=out)
+        client = await stack.enter_async_context(await Client.connect(router, tenant=args.tenant))
+        await stack.enter_async_context(Worker(pool, tenant=args.tenant, tasks=handlers))
+        stored = await client.register_graph(graph)
+        handle = await client.start_lifetime(stored.id, value, version=stored.version)
+        if not args.quiet:
+            print(f"lifetime {handle.id} started (graph {stored.id} v{stored.version})", file=out)
+        async with asyncio.timeout(args.timeout):
+            async for event in handle.watch():
+                if not args.quiet:
+                    _print_event(event, out)
+        info = await handle.describe()
+        if state:
+            print(file=out)
+            print(await _trace(state, args.tenant, info.raw), file=out)
+        if info.state != "completed":
+            print(f"lifetime ended {info.state}: {info.error}", file=out)
+            return 1
+        from tickmesh.sdk._client import from_payload
+
+        print(f"\noutput: {json.dumps(from_payload(info.raw.output), indent=2)}", file=out)
+    return 0
+
+
+def _print_event(event: Any, out: TextIO) -> None:
+    at = event.at.strftime("%H:%M:%S.%f")[:-3]
+    node = f" {event.node_id}" if event.node_id else ""
+    print(f"  {at} #{event.sequence:<4} {event.kind:<16}{node}  {event.message}", file=out)
+
+
+async def _trace(state_target: str, tenant: str, lifetime: Any) -> str:
+    metadata_ = (("x-tickmesh-tenant", tenant),)
+    refs: list[execution_pb2.ExecutionRef] = []
+    async with grpc.aio.insecure_channel(state_target) as channel:
+        stub = state_service_pb2_grpc.StateServiceStub(channel)
+        token = ""
+        while True:
+            response = await stub.ListExecutions(
+                state_service_pb2.ListExecutionsRequest(
+                    lifetime_id=lifetime.lifetime_id, page_size=1000, page_token=token
+                ),
+                metadata=metadata_,
+                timeout=30,
+            )
+            refs.extend(response.executions)
+            token = response.next_page_token
+            if not token:
+                break
+    return render(lifetime, refs)
+
+
+# --- status / watch / trace -------------------------------------------------------
+
+
+async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    async with await Client.connect(args.router, tenant=args.tenant) as client:
+        info = await client.get_lifetime(args.lifetime)
+    print(
+        f"{info.lifetime_id}  {info.state.upper()}  graph {info.graph_id} v{info.graph_version}  "
+        f"{info.execution_count} executions  {info.input_tokens + info.output_tokens:,} tokens  "
+        f"${info.cost_micros / 1e6:.4f}" + (f"  error: {info.error}" if info.error else ""),
+        file=out,
+    )
+    return 0
+
+
+async def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    async with await Client.connect(args.router, tenant=args.tenant) as client:
+        async for event in client.watch(args.lifetime):
+            _print_event(event, out)
+    return 0
+
+
+async def cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
+    async with await Client.connect(args.router, tenant=args.tenant) as client:
+        info = await client.get_lifetime(args.lifetime)
+    print(await _trace(args.state, args.tenant, info.raw), file=out)
+    return 0
+
+
+def cmd_graph_validate(args: argparse.Namespace, out: TextIO) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            graph = load_graph_file(path)
+        except ValidationError as exc:
+            failed += 1
+            for issue in exc.issues or ():
+                print(str(issue), file=out)
+            if not exc.issues:
+                print(f"{path}: {exc}", file=out)
+            continue
+        print(
+            f"{path}: ok (graph {graph.id}, {len(graph.nodes)} nodes, digest {graph.digest[:12]})",
+            file=out,
+        )
+    return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"tickmesh.{args.service.replace('-', '_')}.__main__")
+    settings_cls = {
+        "router": "RouterSettings",
+        "guardrail": "GuardrailSettings",
+        "state": "StateSettings",
+        "executor-pool": "ExecutorPoolSettings",
+    }[args.service]
+    settings = getattr(module, settings_cls)()
+    run_loop(module.serve(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return 0
+    try:
+        if args.command == "graph":
+            return cmd_graph_validate(args, out)
+        if args.command == "serve":
+            return cmd_serve(args)
+        commands = {
+            "dev": cmd_dev,
+            "run": cmd_run,
+            "status": cmd_status,
+            "watch": cmd_watch,
+            "trace": cmd_trace,
+        }
+        result: int = asyncio.run(commands[args.command](args, out))
+        return result
+    except TickmeshError as exc:
+        sys.stderr.write(f"tickmesh: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.errors import BadRequestError
 
+from tickmesh.sdk import BODY_KINDS, BodyKind, ValidationError
+
+from .subjects import HDR_TYPE
+
 logger = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
@@ -206,6 +210,20 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
         logger.warning(
             "consumer %s/%s exists with another config: %s", stream, config.durable_name, exc
         )
+
+
+def message_type(msg: Msg) -> BodyKind:
+    """The body kind announced in the Tickmesh-Type header: checked, never guessed.
+
+    Raises:
+        ValidationError: The header is missing or names no known body kind.
+    """
+    kind = (msg.headers or {}).get(HDR_TYPE)
+    if kind is None:
+        raise ValidationError(f"message on {msg.subject} has no {HDR_TYPE} header")
+    if kind not in BODY_KINDS:
+        raise ValidationError(f"message on {msg.subject} has unknown {HDR_TYPE} {kind!r}")
+    return kind
 
 
 async def term(msg: Msg, reason: str) -> None:

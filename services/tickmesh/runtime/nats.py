@@ -47,7 +47,8 @@ async def connect(
         logger.warning("nats error (%s): %s", name, exc)
 
     async def on_disconnected() -> None:
-        logger.warning("nats disconnected (%s)", name)
+        # Also called on a deliberate close; reconnect failures are logged as errors.
+        logger.info("nats disconnected (%s)", name)
 
     async def on_reconnected() -> None:
         logger.info("nats reconnected (%s)", name)

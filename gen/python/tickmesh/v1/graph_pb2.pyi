@@ -108,8 +108,8 @@ Global___EdgeKind: _TypeAlias = EdgeKind  # noqa: Y015
 @_typing.final
 class AgentGraph(_message.Message):
     """AgentGraph is an immutable, versioned template of nodes and edges. Its digest
-    is the SHA-256 of its canonical encoding with id, version and digest cleared,
-    so two registrations of the same content are recognised as the same graph.
+    is the SHA-256 of its deterministic encoding with version and digest cleared
+    (the id stays in), so registering the same content again is recognised.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -16,8 +16,8 @@ export const file_tickmesh_v1_graph: GenFile = /*@__PURE__*/
 
 /**
  * AgentGraph is an immutable, versioned template of nodes and edges. Its digest
- * is the SHA-256 of its canonical encoding with id, version and digest cleared,
- * so two registrations of the same content are recognised as the same graph.
+ * is the SHA-256 of its deterministic encoding with version and digest cleared
+ * (the id stays in), so registering the same content again is recognised.
  *
  * @generated from message tickmesh.v1.AgentGraph
  */

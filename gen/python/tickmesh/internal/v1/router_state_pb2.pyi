@@ -166,6 +166,7 @@ class InFlight(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     DISPATCHED_AT_FIELD_NUMBER: _builtins.int
+    PLAN_INPUTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """node_id is the node dispatched."""
     group: _builtins.str
@@ -176,16 +177,23 @@ class InFlight(_message.Message):
     def dispatched_at(self) -> _timestamp_pb2.Timestamp:
         """dispatched_at is when the request was published."""
 
+    @_builtins.property
+    def plan_inputs(self) -> _containers.RepeatedCompositeFieldContainer[_request_pb2.PlanInput]:
+        """plan_inputs are the inputs a plan was asked with, kept so a plan that
+        decides to wait is asked again with them when the signal arrives.
+        """
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         group: _builtins.str = ...,
         dispatched_at: _timestamp_pb2.Timestamp | None = ...,
+        plan_inputs: _abc.Iterable[_request_pb2.PlanInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dispatched_at", b"dispatched_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatched_at", b"dispatched_at", "group", b"group", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatched_at", b"dispatched_at", "group", b"group", "node_id", b"node_id", "plan_inputs", b"plan_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,352 @@
+"""The SDK's gRPC seam: channels, the mapping of gRPC errors into the SDK's
+error tree, and the executor's ``ExecutorPoolService.Connect`` stream.
+
+Everything that touches grpc or the generated stubs lives here (and in
+``_convert``), so the rest of the SDK works on plain Python values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tickmesh.v1 import (
+    executor_pool_service_pb2,
+    executor_pool_service_pb2_grpc,
+    graph_pb2,
+    result_pb2,
+)
+
+from ._convert import AssignmentData, assignment_from_proto, error_to_proto
+from ._task import ErrorData, HandlerKind
+from .errors import (
+    DeadlineExceededError,
+    NotFoundError,
+    RPCError,
+    StatusCode,
+    TickmeshError,
+    TransportError,
+    ValidationError,
+)
+
+TENANT_METADATA_KEY = "x-tickmesh-tenant"
+"""The call metadata entry that names the caller's tenant."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The largest message the SDK's channels send or receive."""
+
+PROTOCOL_VERSION = 1
+
+_KINDS: dict[HandlerKind, graph_pb2.NodeKind.ValueType] = {
+    "task": graph_pb2.NODE_KIND_TASK,
+    "plan": graph_pb2.NODE_KIND_PLAN,
+}
+
+Completion = executor_pool_service_pb2.Completion
+Channel = grpc.aio.Channel
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def create_channel(
+    target: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """Open an (insecure) grpc.aio channel with the SDK's limits and keepalives."""
+    merged = dict(channel_options(max_message_bytes))
+    merged.update(dict(options))
+    return grpc.aio.insecure_channel(target, options=list(merged.items()))
+
+
+def map_rpc_error(exc: grpc.aio.AioRpcError) -> TickmeshError:
+    """Map a failed gRPC call to the SDK's error tree (raise the result ``from exc``)."""
+    code = exc.code()
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return TransportError(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValidationError(details)
+    value = code.value[0]
+    status = StatusCode(value) if value in StatusCode._value2member_map_ else StatusCode.UNKNOWN
+    return RPCError(status, details)
+
+
+# --- the executor stream -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerInfo:
+    """One handler an executor announces."""
+
+    name: str
+    kind: HandlerKind
+    code_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What an executor announces when it connects."""
+
+    executor_id: str
+    handlers: Sequence[HandlerInfo]
+    concurrency: int
+    runtime: str
+    sdk_version: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WelcomeInfo:
+    """The pool's answer to hello: the session's limits."""
+
+    session_id: str
+    heartbeat_interval_s: float
+    inline_payload_limit: int
+    max_message_bytes: int
+    protocol_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentBatch:
+    """Work handed to the executor in one frame."""
+
+    items: tuple[AssignmentData, ...]
+    invalid: tuple[tuple[str, str], ...] = ()
+    """(assignment id, reason) of items that could not be unpacked; reject them."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelBatch:
+    """Assignments the pool asks the executor to stop: (assignment id, reason)."""
+
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequest:
+    """The pool asks the executor to finish in-flight work, take no more and close."""
+
+    grace_s: float
+    reason: str
+
+
+Inbound = AssignmentBatch | CancelBatch | DrainRequest
+
+
+def _request(**fields: Any) -> executor_pool_service_pb2.ConnectRequest:
+    return executor_pool_service_pb2.ConnectRequest(**fields)
+
+
+class ExecutorStream:
+    """One ``Connect`` call: hello, then frames both ways.
+
+    Reads and writes may run concurrently, but writes must not overlap one
+    another; the Worker sends from a single task.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, *, tenant: str) -> None:
+        self._stub = executor_pool_service_pb2_grpc.ExecutorPoolServiceStub(channel)
+        self._tenant = tenant
+        self._call: (
+            grpc.aio.StreamStreamCall[
+                executor_pool_service_pb2.ConnectRequest, executor_pool_service_pb2.ConnectResponse
+            ]
+            | None
+        ) = None
+
+    async def open(self, hello: Hello, *, welcome_timeout_s: float = 10.0) -> WelcomeInfo:
+        """Open the stream, say hello and wait for welcome.
+
+        Raises:
+            TickmeshError: The pool refused the executor or could not be reached.
+        """
+        self._call = self._stub.Connect(metadata=((TENANT_METADATA_KEY, self._tenant),))
+        message = executor_pool_service_pb2.ExecutorHello(
+            executor_id=hello.executor_id,
+            concurrency=hello.concurrency,
+            runtime=hello.runtime,
+            sdk_version=hello.sdk_version,
+            protocol_version=PROTOCOL_VERSION,
+            labels=dict(hello.labels),
+            handlers=[
+                executor_pool_service_pb2.HandlerSpec(
+                    name=h.name, kind=_KINDS[h.kind], code_digest=h.code_digest
+                )
+                for h in hello.handlers
+            ],
+        )
+        await self._write(_request(hello=message))
+        try:
+            async with asyncio.timeout(welcome_timeout_s):
+                response = await self._read_raw()
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no welcome from the pool within {welcome_timeout_s}s"
+            ) from None
+        if response is None or response.WhichOneof("message") != "welcome":
+            raise TransportError("the pool did not answer hello with welcome")
+        welcome = response.welcome
+        return WelcomeInfo(
+            session_id=welcome.session_id,
+            heartbeat_interval_s=welcome.heartbeat_interval.ToTimedelta().total_seconds(),
+            inline_payload_limit=welcome.inline_payload_limit,
+            max_message_bytes=welcome.max_message_bytes,
+            protocol_version=welcome.protocol_version,
+        )
+
+    async def read(self) -> Inbound | None:
+        """The next frame from the pool, or None when the pool closed the stream.
+
+        Raises:
+            TickmeshError: The stream broke.
+        """
+        while True:
+            response = await self._read_raw()
+            if response is None:
+                return None
+            kind = response.WhichOneof("message")
+            if kind == "assignments":
+                items: list[AssignmentData] = []
+                invalid: list[tuple[str, str]] = []
+                for item in response.assignments.items:
+                    try:
+                        items.append(assignment_from_proto(item))
+                    except ValidationError as exc:
+                        invalid.append((item.assignment_id, str(exc)))
+                return AssignmentBatch(tuple(items), tuple(invalid))
+            if kind == "cancellations":
+                return CancelBatch(
+                    tuple((c.assignment_id, c.reason) for c in response.cancellations.items)
+                )
+            if kind == "drain":
+                return DrainRequest(
+                    grace_s=response.drain.grace.ToTimedelta().total_seconds(),
+                    reason=response.drain.reason,
+                )
+            # welcome again or a message kind from a newer protocol: nothing to do.
+
+    async def send_completions(self, completions: Sequence[Completion], *, max_bytes: int) -> int:
+        """Send completions in as few frames as ``max_bytes`` allows; return the frame count."""
+        frames = 0
+        batch: list[Completion] = []
+        size = 0
+        for completion in completions:
+            item_size = completion.ByteSize() + 16
+            if batch and size + item_size > max_bytes:
+                await self._send_completion_frame(batch)
+                frames += 1
+                batch, size = [], 0
+            batch.append(completion)
+            size += item_size
+        if batch:
+            await self._send_completion_frame(batch)
+            frames += 1
+        return frames
+
+    async def _send_completion_frame(self, batch: Sequence[Completion]) -> None:
+        await self._write(
+            _request(completions=executor_pool_service_pb2.Completions(items=list(batch)))
+        )
+
+    async def send_heartbeat(self, assignment_ids: Sequence[str]) -> None:
+        await self._write(
+            _request(heartbeat=executor_pool_service_pb2.Heartbeat(assignment_ids=assignment_ids))
+        )
+
+    async def send_rejections(self, items: Sequence[tuple[str, ErrorData]]) -> None:
+        await self._write(
+            _request(
+                rejections=executor_pool_service_pb2.Rejections(
+                    items=[
+                        executor_pool_service_pb2.Rejection(
+                            assignment_id=assignment_id, error=error_to_proto(error)
+                        )
+                        for assignment_id, error in items
+                    ]
+                )
+            )
+        )
+
+    async def done_writing(self) -> None:
+        """Tell the pool the executor sends nothing more."""
+        if self._call is not None:
+            with contextlib.suppress(
+                grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
+            ):
+                await self._call.done_writing()
+
+    def cancel(self) -> None:
+        """Abandon the call (the pool returns unfinished work to the queue)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    async def _read_raw(self) -> executor_pool_service_pb2.ConnectResponse | None:
+        assert self._call is not None
+        try:
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc) from exc
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            raise TransportError(f"executor stream closed: {exc}") from exc
+        if response is grpc.aio.EOF:
+            return None
+        assert isinstance(response, executor_pool_service_pb2.ConnectResponse)
+        return response
+
+    async def _write(self, request: executor_pool_service_pb2.ConnectRequest) -> None:
+        assert self._call is not None
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc) from exc
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            raise TransportError(f"executor stream closed: {exc}") from exc
+
+
+def oversized_completion(completion: Completion, max_bytes: int) -> Completion | None:
+    """A failed stand-in for a completion too large to send, or None if it fits."""
+    size = completion.ByteSize()
+    if size <= max_bytes - 1024:
+        return None
+    error = result_pb2.ErrorInfo(
+        type="OutputTooLarge",
+        message=(
+            f"the result is {size} bytes, over the pool's {max_bytes}-byte message limit; "
+            "store large outputs in the blob store"
+        ),
+        retryable=False,
+    )
+    replacement = executor_pool_service_pb2.Completion(
+        assignment_id=completion.assignment_id,
+        started_at=completion.started_at,
+        finished_at=completion.finished_at,
+        code_digest=completion.code_digest,
+    )
+    if completion.HasField("task_result"):
+        replacement.task_result.status = result_pb2.TASK_STATUS_FAILED
+        replacement.task_result.error.CopyFrom(error)
+        replacement.task_result.telemetry.CopyFrom(completion.task_result.telemetry)
+    else:
+        replacement.plan_result.error.CopyFrom(error)
+        replacement.plan_result.telemetry.CopyFrom(completion.plan_result.telemetry)
+    return replacement

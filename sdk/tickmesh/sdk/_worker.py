@@ -1,0 +1,703 @@
+"""The Python executor: runs tasks and plans for the executor pool over its
+public gRPC protocol (``ExecutorPoolService.Connect``), like any other language.
+
+One stream carries everything, in batches: the pool sends ``Assignments``
+frames; the worker answers with ``Completions`` frames that hold every result
+finished since the last frame (results finishing in the same event-loop tick
+travel together), one ``Heartbeat`` frame listing all running assignments per
+heartbeat interval, and ``Rejections`` for work it cannot run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from . import codecs
+from ._convert import (
+    AssignmentData,
+    WirePayload,
+    completion_to_proto,
+    plan_result_to_proto,
+    task_result_to_proto,
+)
+from ._plan import Decision, Plan, PlanContext, PlanInputView, SignalView
+from ._task import ErrorData, ExecutionContext, Task, TaskContext
+from ._transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AssignmentBatch,
+    CancelBatch,
+    Channel,
+    Completion,
+    DrainRequest,
+    ExecutorStream,
+    HandlerInfo,
+    Hello,
+    WelcomeInfo,
+    create_channel,
+    oversized_completion,
+)
+from .errors import (
+    ConfigError,
+    NotFoundError,
+    RPCError,
+    StatusCode,
+    TaskError,
+    TickmeshError,
+    ValidationError,
+)
+from .ids import TENANT_ID_PATTERN, uuid7
+
+logger = logging.getLogger(__name__)
+
+CANCELLED_ERROR_TYPE = "CancelledError"
+"""ErrorInfo.type of a plan attempt stopped by a cancellation (plans have no status)."""
+
+_CANCEL_GRACE_S = 1.0
+"""How long a cancelled handler may take to unwind before its result is reported anyway."""
+
+_CLOSE_TIMEOUT_S = 5.0
+"""How long a drained stream waits for the pool to end it before abandoning the call."""
+
+_FATAL_STATUSES = {
+    StatusCode.INVALID_ARGUMENT,
+    StatusCode.PERMISSION_DENIED,
+    StatusCode.UNAUTHENTICATED,
+    StatusCode.UNIMPLEMENTED,
+}
+
+Handler = Task[Any, Any] | Plan[Any]
+
+
+class BlobResolver(Protocol):
+    """Fetches the bytes of a payload that travels as a BlobRef."""
+
+    async def resolve(self, tenant: str, uri: str, sha256: str, size: int) -> bytes:
+        """Return the blob's bytes, checked against ``sha256`` and ``size`` when given."""
+        ...
+
+
+class FileBlobResolver:
+    """Resolves the embedded profile's ``file://`` blob URIs by reading the file.
+
+    Only objects laid out as the local blob store keeps them are read
+    (``<root>/<tenant>/<sha[:2]>/<sha>``, under ``root`` when given), and the
+    bytes must match their SHA-256.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self._root = Path(root).resolve() if root is not None else None
+
+    async def resolve(self, tenant: str, uri: str, sha256: str, size: int) -> bytes:
+        parts = urlsplit(uri)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+            raise ValidationError(f"cannot resolve blob {uri!r}: only file:// URIs are supported")
+        path = Path(unquote(parts.path))
+        if ".." in path.parts or len(path.parts) < 4:
+            raise ValidationError(f"blob URI {uri!r} is not a blob store path")
+        name, shard, owner = path.parts[-1], path.parts[-2], path.parts[-3]
+        if owner != tenant or shard != name[:2] or (sha256 and name != sha256):
+            raise ValidationError(f"blob URI {uri!r} is not one of tenant {tenant!r}'s blobs")
+        if self._root is not None and path.parts[: len(self._root.parts)] != self._root.parts:
+            raise ValidationError(f"blob URI {uri!r} lies outside {self._root}")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {uri} does not exist") from None
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        if digest != (sha256 or name) or (size and size != len(data)):
+            raise ValidationError(f"blob {uri} failed its sha256/size check")
+        return data
+
+
+@dataclass
+class WorkerStats:
+    """Counters of what a Worker sent and received (over all its connections)."""
+
+    connections: int = 0
+    assignment_frames: int = 0
+    assignments: int = 0
+    completion_frames: int = 0
+    completions: int = 0
+    heartbeat_frames: int = 0
+    rejections: int = 0
+    cancellations: int = 0
+
+
+@dataclass(eq=False)
+class _Running:
+    item: AssignmentData
+    handler: Handler
+    ctx: ExecutionContext
+    started_at: datetime
+    inner: asyncio.Task[Any] | None = None
+    outer: asyncio.Task[None] | None = None
+    cancel_reason: str = ""
+    dropped: bool = False
+
+
+def _sdk_version() -> str:
+    try:
+        return importlib.metadata.version("tickmesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class Worker:
+    """Runs task and plan handlers for one tenant, fed by the executor pool.
+
+    Args:
+        target: The pool's gRPC address, ``host:port``.
+        tenant: The tenant whose work this worker runs.
+        tasks: The handlers to serve (``@task`` and ``@plan`` objects).
+        concurrency: The most assignments run at once.
+        executor_id: Identifies this executor in records; defaults to host:pid:random.
+        labels: Free-form metadata announced to the pool.
+        blob_resolver: Fetches payloads that travel as blobs; defaults to reading
+            the embedded profile's files.
+        max_message_bytes: The channel's message size limit.
+
+    Example:
+        async with Worker("127.0.0.1:50051", tenant="acme", tasks=[summarize]):
+            await asyncio.Event().wait()
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tenant: str,
+        tasks: Sequence[Handler],
+        concurrency: int = 16,
+        executor_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        blob_resolver: BlobResolver | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        reconnect_initial_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
+    ) -> None:
+        if not TENANT_ID_PATTERN.fullmatch(tenant):
+            raise ConfigError(f"invalid tenant id {tenant!r}")
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        if not tasks:
+            raise ConfigError("a Worker needs at least one task or plan")
+        handlers: dict[tuple[str, str], Handler] = {}
+        for handler in tasks:
+            if not isinstance(handler, Task | Plan):
+                raise ConfigError(f"{handler!r} is not a @task or @plan")
+            key = (handler.kind, handler.name)
+            if key in handlers and handlers[key] is not handler:
+                raise ConfigError(f"two {handler.kind}s are named {handler.name!r}")
+            handlers[key] = handler
+        self._target = target
+        self._tenant = tenant
+        self._handlers = handlers
+        self._concurrency = concurrency
+        self._executor_id = executor_id or f"{socket.gethostname()}:{os.getpid()}:{uuid7()[-8:]}"
+        self._labels = dict(labels or {})
+        self._resolver: BlobResolver = blob_resolver or FileBlobResolver()
+        self._max_message_bytes = max_message_bytes
+        self._reconnect = (reconnect_initial_s, reconnect_max_s)
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._done = asyncio.Event()
+        self._running = False
+        self._session: _Session | None = None
+        self._background: asyncio.Task[None] | None = None
+        self.stats = WorkerStats()
+
+    @property
+    def executor_id(self) -> str:
+        return self._executor_id
+
+    def _hello(self) -> Hello:
+        return Hello(
+            executor_id=self._executor_id,
+            handlers=[
+                HandlerInfo(name=h.name, kind=h.kind, code_digest=h.code_digest)
+                for h in self._handlers.values()
+            ],
+            concurrency=self._concurrency,
+            runtime=f"python {platform.python_version()}",
+            sdk_version=_sdk_version(),
+            labels=self._labels,
+        )
+
+    async def run(self) -> None:
+        """Serve until :meth:`shutdown`, reconnecting with backoff when the stream breaks.
+
+        Raises:
+            TickmeshError: The pool refused this executor (bad tenant or hello).
+        """
+        if self._running:
+            raise ConfigError("this Worker is already running")
+        self._running = True
+        self._done.clear()
+        channel = create_channel(self._target, max_message_bytes=self._max_message_bytes)
+        initial, cap = self._reconnect
+        backoff = initial
+        try:
+            while not self._stopping:
+                welcomed = False
+                try:
+                    welcomed = await self._serve_once(channel)
+                except _FatalError as exc:
+                    raise exc.error from exc.error.__cause__
+                except TickmeshError as exc:
+                    logger.warning("executor stream to %s broke: %s", self._target, exc)
+                if self._stopping:
+                    break
+                if welcomed:
+                    backoff = initial
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff):
+                        await self._stop_event.wait()
+                backoff = min(cap, backoff * 2)
+        finally:
+            self._connected.clear()
+            await channel.close()
+            self._running = False
+            self._done.set()
+
+    async def _serve_once(self, channel: Channel) -> bool:
+        stream = ExecutorStream(channel, tenant=self._tenant)
+        opening = asyncio.create_task(stream.open(self._hello()))
+        stopping = asyncio.create_task(self._stop_event.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
+            stream.cancel()
+            return False
+        try:
+            welcome = opening.result()
+        except RPCError as exc:
+            stream.cancel()
+            if exc.status in _FATAL_STATUSES:
+                raise _FatalError(exc) from exc
+            raise
+        except ValidationError as exc:
+            stream.cancel()
+            raise _FatalError(exc) from exc
+        except BaseException:
+            stream.cancel()
+            raise
+        self.stats.connections += 1
+        session = _Session(self, stream, welcome)
+        self._session = session
+        self._connected.set()
+        try:
+            await session.run()
+        finally:
+            self._connected.clear()
+            self._session = None
+        return True
+
+    async def wait_connected(self) -> None:
+        """Wait until the pool has welcomed this worker (bound it with ``asyncio.timeout``)."""
+        await self._connected.wait()
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop taking work, let running work finish (up to ``grace`` s) and disconnect."""
+        self._stopping = True
+        self._stop_event.set()
+        session = self._session
+        if session is not None:
+            await session.drain(grace)
+        if self._running:
+            await self._done.wait()
+        if self._background is not None:
+            task, self._background = self._background, None
+            try:
+                await task
+            except TickmeshError as exc:
+                logger.warning("worker stopped with an error: %s", exc)
+
+    async def __aenter__(self) -> Worker:
+        self._background = asyncio.create_task(self.run(), name=f"worker:{self._executor_id}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # --- running one assignment --------------------------------------------------------------
+
+    def _handler(self, item: AssignmentData) -> Handler | None:
+        return self._handlers.get((item.kind, item.handler))
+
+    async def _payload_bytes(self, tenant: str, payload: WirePayload) -> bytes:
+        if payload.inline is not None:
+            return payload.inline
+        return await self._resolver.resolve(tenant, payload.blob_uri, payload.sha256, payload.size)
+
+    async def _decode(self, tenant: str, payload: WirePayload | None, annotation: Any) -> Any:
+        if payload is None:
+            return codecs.decode("", b"", annotation)
+        try:
+            data = await self._payload_bytes(tenant, payload)
+            return codecs.decode(payload.content_type, data, annotation)
+        except (ValidationError, NotFoundError) as exc:
+            raise TaskError(
+                f"cannot read the input: {exc}", type="InvalidInput", retryable=False
+            ) from exc
+
+    async def _invoke(self, run: _Running) -> Any:
+        item, handler, ctx = run.item, run.handler, run.ctx
+        if isinstance(handler, Task):
+            assert isinstance(ctx, TaskContext)
+            value = await self._decode(item.tenant_id, item.input, handler.input_annotation)
+            return await handler.fn(ctx, value)
+        assert isinstance(ctx, PlanContext)
+        goal = await self._decode(item.tenant_id, item.input, handler.goal_annotation)
+        inputs = []
+        for p in item.plan_inputs:
+            output = await self._decode(item.tenant_id, p.output, None) if p.output else None
+            inputs.append(
+                PlanInputView(
+                    execution_id=p.execution_id,
+                    node_id=p.node_id,
+                    status=p.status,
+                    output=output,
+                    error_type=p.error_type,
+                    error_message=p.error_message,
+                    input_tokens=p.input_tokens,
+                    output_tokens=p.output_tokens,
+                    cost_micros=p.cost_micros,
+                )
+            )
+        if item.signal is not None:
+            ctx.signal = SignalView(
+                name=item.signal.name,
+                payload=await self._decode(item.tenant_id, item.signal.payload, None),
+                approver=item.signal.approver,
+                timed_out=item.signal.timed_out,
+            )
+        return await handler.fn(ctx, goal, inputs)
+
+    def _context(self, item: AssignmentData, handler: Handler, now: datetime) -> ExecutionContext:
+        deadline = item.deadline
+        if handler.timeout is not None:
+            deadline = min(deadline, now + timedelta(seconds=handler.timeout))
+        cls = TaskContext if isinstance(handler, Task) else PlanContext
+        return cls(
+            tenant_id=item.tenant_id,
+            lifetime_id=item.lifetime_id,
+            execution_id=item.execution_id,
+            node_id=item.node_id,
+            handler=item.handler,
+            attempt=item.attempt,
+            iteration=item.iteration,
+            deadline=deadline,
+            labels=item.labels,
+            config=item.config,
+        )
+
+    async def _supervise(self, session: _Session, run: _Running) -> None:
+        """Await the handler within its deadline and report its outcome."""
+        inner = run.inner
+        assert inner is not None
+        timed_out = False
+        try:
+            remaining = (run.ctx.deadline - datetime.now(UTC)).total_seconds()
+            done, _ = await asyncio.wait({inner}, timeout=max(0.0, remaining))
+            if not done:
+                timed_out = True
+                run.ctx.cancelled.set()
+                inner.cancel()
+                await asyncio.wait({inner}, timeout=_CANCEL_GRACE_S)
+        except asyncio.CancelledError:
+            inner.cancel()
+            raise
+        finally:
+            session.running.pop(run.item.assignment_id, None)
+        if run.dropped:
+            if inner.done() and not inner.cancelled():
+                inner.exception()  # retrieved: nobody will report it
+            return
+        completion = self._completion(run, inner, timed_out=timed_out)
+        session.complete(completion)
+
+    def _completion(
+        self, run: _Running, inner: asyncio.Task[Any], *, timed_out: bool
+    ) -> Completion:
+        finished = datetime.now(UTC)
+        run_time = (finished - run.started_at).total_seconds()
+        created = run.item.created_at
+        queue_wait = (run.started_at - created).total_seconds() if created else None
+        is_task = isinstance(run.handler, Task)
+        error: ErrorData | None = None
+        value: Any = None
+        status = "succeeded"
+        if timed_out:
+            status = "timed_out"
+            error = ErrorData("TimeoutError", "the attempt ran past its deadline", True)
+        elif inner.cancelled():
+            status = "cancelled"
+            error = ErrorData(
+                CANCELLED_ERROR_TYPE, run.cancel_reason or "the attempt was cancelled", False
+            )
+        elif (exc := inner.exception()) is not None:
+            status = "failed"
+            error = ErrorData.from_exception(exc)
+            if not isinstance(exc, TaskError):
+                logger.info(
+                    "%s %s failed: %r", run.handler.kind, run.handler.name, exc, exc_info=exc
+                )
+        else:
+            value = inner.result()
+        usage, actions = run.ctx.usage, run.ctx.tool_actions
+        if is_task:
+            output = None
+            if status == "succeeded":
+                try:
+                    output = codecs.encode(value)
+                except ValidationError as exc:
+                    status = "failed"
+                    error = ErrorData("ValidationError", str(exc), False)
+            result: Any = task_result_to_proto(
+                status,
+                output=output,
+                error=error,
+                usage=usage,
+                tool_actions=actions,
+                run_time_s=run_time,
+                queue_wait_s=queue_wait,
+            )
+        else:
+            decision: Decision | None = None
+            if status == "succeeded":
+                if isinstance(value, Decision):
+                    decision = value
+                else:
+                    error = ErrorData(
+                        "InvalidDecision",
+                        f"a plan must return dispatch/complete/wait_for/fail, not {value!r:.200}",
+                        False,
+                    )
+            try:
+                result = plan_result_to_proto(
+                    decision, error=error, usage=usage, run_time_s=run_time, queue_wait_s=queue_wait
+                )
+            except ValidationError as exc:
+                result = plan_result_to_proto(
+                    None,
+                    error=ErrorData("ValidationError", str(exc), False),
+                    usage=usage,
+                    run_time_s=run_time,
+                    queue_wait_s=queue_wait,
+                )
+        return completion_to_proto(
+            run.item.assignment_id,
+            result,
+            started_at=run.started_at,
+            finished_at=finished,
+            code_digest=run.handler.code_digest,
+        )
+
+
+class _FatalError(Exception):
+    """The pool refused the executor; reconnecting would not help."""
+
+    def __init__(self, error: TickmeshError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Session:
+    """One connected stream: reads frames, runs assignments, sends batched frames."""
+
+    def __init__(self, worker: Worker, stream: ExecutorStream, welcome: WelcomeInfo) -> None:
+        self.worker = worker
+        self.stream = stream
+        self.welcome = welcome
+        self.running: dict[str, _Running] = {}
+        self.done: list[Completion] = []
+        self.rejected: list[tuple[str, ErrorData]] = []
+        self.wake = asyncio.Event()
+        self.heartbeat_due = False
+        self.draining = False
+        self.closing = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self.finished = asyncio.Event()
+        self._max_bytes = min(
+            welcome.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES, worker._max_message_bytes
+        )
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop(), name="worker-sender")
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
+        if self.worker._stopping:
+            self.start_drain(0.0)
+        try:
+            while True:
+                frame = await self.stream.read()
+                if frame is None:
+                    return
+                if isinstance(frame, AssignmentBatch):
+                    self._on_assignments(frame)
+                elif isinstance(frame, CancelBatch):
+                    self._on_cancellations(frame)
+                elif isinstance(frame, DrainRequest):
+                    self.start_drain(frame.grace_s)
+        finally:
+            heartbeat.cancel()
+            for run in list(self.running.values()):
+                run.dropped = True
+                for task in (run.inner, run.outer):
+                    if task is not None:
+                        task.cancel()
+            pending = [r.outer for r in self.running.values() if r.outer is not None]
+            if pending:
+                await asyncio.wait(pending, timeout=_CANCEL_GRACE_S)
+            sender.cancel()
+            self.finished.set()
+            for task in (sender, heartbeat, self._drain_task):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, TickmeshError):
+                        await task
+            self.stream.cancel()
+
+    def _on_assignments(self, batch: AssignmentBatch) -> None:
+        worker = self.worker
+        worker.stats.assignment_frames += 1
+        worker.stats.assignments += len(batch.items) + len(batch.invalid)
+        for assignment_id, reason in batch.invalid:
+            self.reject(assignment_id, ErrorData("InvalidAssignment", reason, False))
+        now = datetime.now(UTC)
+        # Cancelled work still unwinding no longer holds a slot as far as the pool knows.
+        busy = sum(1 for r in self.running.values() if not r.cancel_reason)
+        for item in batch.items:
+            handler = worker._handler(item)
+            if handler is None:
+                self.reject(
+                    item.assignment_id,
+                    ErrorData("UnknownHandler", f"no {item.kind} named {item.handler!r} here"),
+                )
+                continue
+            if self.draining:
+                self.reject(item.assignment_id, ErrorData("Draining", "the executor is draining"))
+                continue
+            if busy >= worker._concurrency:
+                self.reject(item.assignment_id, ErrorData("ExecutorBusy", "no free slot"))
+                continue
+            busy += 1
+            run = _Running(item, handler, worker._context(item, handler, now), now)
+            run.inner = asyncio.create_task(worker._invoke(run))
+            run.outer = asyncio.create_task(worker._supervise(self, run))
+            self.running[item.assignment_id] = run
+
+    def _on_cancellations(self, batch: CancelBatch) -> None:
+        for assignment_id, reason in batch.items:
+            run = self.running.get(assignment_id)
+            if run is None or run.inner is None:
+                continue
+            self.worker.stats.cancellations += 1
+            run.cancel_reason = reason or "cancelled"
+            run.ctx.cancelled.set()
+            run.inner.cancel()
+
+    def complete(self, completion: Completion) -> None:
+        replacement = oversized_completion(completion, self._max_bytes)
+        self.done.append(replacement or completion)
+        self.wake.set()
+
+    def reject(self, assignment_id: str, error: ErrorData) -> None:
+        self.worker.stats.rejections += 1
+        self.rejected.append((assignment_id, error))
+        self.wake.set()
+
+    async def _send_loop(self) -> None:
+        stats = self.worker.stats
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                # Results finishing in this loop tick join the same frame.
+                await asyncio.sleep(0)
+                if self.rejected:
+                    items, self.rejected = self.rejected, []
+                    await self.stream.send_rejections(items)
+                if self.done:
+                    items_done, self.done = self.done, []
+                    stats.completion_frames += await self.stream.send_completions(
+                        items_done, max_bytes=self._max_bytes
+                    )
+                    stats.completions += len(items_done)
+                if self.heartbeat_due:
+                    self.heartbeat_due = False
+                    ids = [a for a, r in self.running.items() if not r.dropped]
+                    if ids:
+                        await self.stream.send_heartbeat(ids)
+                        stats.heartbeat_frames += 1
+                if self.closing and not self.done and not self.rejected:
+                    await self.stream.done_writing()
+                    return
+        except TickmeshError as exc:
+            logger.warning("cannot send to the pool: %s", exc)
+            self.stream.cancel()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.welcome.heartbeat_interval_s or 2.0
+        while True:
+            await asyncio.sleep(interval)
+            if self.running:
+                self.heartbeat_due = True
+                self.wake.set()
+
+    def start_drain(self, grace: float) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain(grace), name="worker-drain")
+
+    async def drain(self, grace: float) -> None:
+        """Finish running work within ``grace`` seconds, then close the stream for writing."""
+        self.start_drain(grace)
+        assert self._drain_task is not None
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self, grace: float) -> None:
+        self.draining = True
+        pending = [r.outer for r in self.running.values() if r.outer is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        leftovers = list(self.running.values())
+        for run in leftovers:
+            # Not reported: the pool returns unreported work to the queue when we leave.
+            run.dropped = True
+            run.ctx.cancelled.set()
+            if run.inner is not None:
+                run.inner.cancel()
+        outers = [r.outer for r in leftovers if r.outer is not None]
+        if outers:
+            await asyncio.wait(outers, timeout=_CANCEL_GRACE_S)
+        self.closing = True
+        self.wake.set()
+        # The pool ends the stream once we stop writing; don't wait forever if it doesn't.
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await self.finished.wait()
+        except TimeoutError:
+            self.stream.cancel()

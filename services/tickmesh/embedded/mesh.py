@@ -1,0 +1,214 @@
+"""Starts and stops the four services and their broker together.
+
+Each service gets its own NATS connection and gRPC server on a free loopback
+port, exactly as separate processes would; only the process is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from nats.aio.client import Client as NatsClient
+
+from tickmesh.executor_pool import server as pool_server
+from tickmesh.executor_pool.config import ExecutorPoolSettings
+from tickmesh.guardrail import server as guardrail_server
+from tickmesh.guardrail.config import GuardrailSettings
+from tickmesh.router import server as router_server
+from tickmesh.router.config import RouterSettings
+from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.blobs import LocalBlobStore
+from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.state import server as state_server
+from tickmesh.state.config import StateSettings
+from tickmesh.state.store import SQLiteStateStore, Synchronous
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data_dir: Path | None = None
+    """Where NATS, SQLite and blobs keep their data; a temporary folder when None."""
+    tenants: tuple[str, ...] = ("default",)
+    nats_url: str | None = None
+    """Use this NATS instead of starting one."""
+    host: str = "127.0.0.1"
+    router_port: int = 0
+    pool_port: int = 0
+    sync_always: bool = False
+    """fsync every JetStream write (survives power loss; slower)."""
+    sqlite_synchronous: Synchronous = "FULL"
+    ack_wait_s: float = 30.0
+    """JetStream ack wait of the pool's work consumers."""
+
+
+@dataclass
+class Mesh:
+    """The embedded mesh.
+
+    Example:
+        async with Mesh(MeshConfig()) as mesh:
+            print(mesh.router_target)
+    """
+
+    config: MeshConfig = field(default_factory=MeshConfig)
+    nats: EmbeddedNats | None = None
+    nats_url: str = ""
+    router: router_server.RouterService | None = None
+    state: state_server.StateService | None = None
+    guardrail: guardrail_server.GuardrailService | None = None
+    pool: pool_server.ExecutorPoolService | None = None
+    data_dir: Path = Path()
+    _connections: list[NatsClient] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def router_target(self) -> str:
+        assert self.router is not None
+        return self.router.target
+
+    @property
+    def pool_target(self) -> str:
+        assert self.pool is not None
+        return self.pool.target
+
+    @property
+    def state_target(self) -> str:
+        assert self.state is not None
+        return self.state.target
+
+    @property
+    def guardrail_target(self) -> str:
+        assert self.guardrail is not None
+        return self.guardrail.target
+
+    async def start(self) -> Mesh:
+        cfg = self.config
+        if cfg.data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tickmesh-")
+            self.data_dir = Path(self._tmp.name)
+        else:
+            self.data_dir = cfg.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.nats_url:
+            self.nats_url = cfg.nats_url
+        else:
+            self.nats = EmbeddedNats(
+                data_dir=self.data_dir / "nats", host=cfg.host, sync_always=cfg.sync_always
+            ).start()
+            self.nats_url = self.nats.url
+        try:
+            await self._start_services()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _connect(self, name: str) -> NatsClient:
+        nc = await tm_nats.connect(self.nats_url, name=name)
+        self._connections.append(nc)
+        return nc
+
+    async def _start_services(self) -> None:
+        cfg = self.config
+        tenants = list(cfg.tenants)
+        url = self.nats_url
+        listen = f"{cfg.host}:0"
+        blobs_dir = self.data_dir / "blobs"
+
+        guardrail_settings = GuardrailSettings(
+            nats_url=url, tenants=tenants, log_json=False, grpc_listen=listen
+        )
+        self.guardrail = await guardrail_server.build(
+            guardrail_settings, nc=await self._connect("guardrail")
+        )
+        await self.guardrail.start()
+
+        state_settings = StateSettings(
+            nats_url=url,
+            tenants=tenants,
+            log_json=False,
+            grpc_listen=listen,
+            store_url=f"sqlite:///{self.data_dir / 'state.db'}",
+            blob_root=blobs_dir,
+            sqlite_synchronous=cfg.sqlite_synchronous,
+        )
+        store = await SQLiteStateStore.open(
+            self.data_dir / "state.db",
+            synchronous=state_settings.sqlite_synchronous,
+        )
+        self.state = await state_server.build(
+            state_settings,
+            nc=await self._connect("state"),
+            store=store,
+            blobs=LocalBlobStore(blobs_dir),
+        )
+        await self.state.start()
+
+        router_settings = RouterSettings(
+            nats_url=url,
+            tenants=tenants,
+            log_json=False,
+            grpc_listen=f"{cfg.host}:{cfg.router_port}",
+        )
+        self.router = await router_server.build(router_settings, nc=await self._connect("router"))
+        await self.router.start()
+
+        pool_settings = ExecutorPoolSettings(
+            nats_url=url,
+            tenants=tenants,
+            log_json=False,
+            grpc_listen=f"{cfg.host}:{cfg.pool_port}",
+            blob_root=blobs_dir,
+            ack_wait_s=cfg.ack_wait_s,
+        )
+        pool_nc = await self._connect("executor-pool")
+        self.pool = await pool_server.build(
+            pool_settings,
+            nc=pool_nc,
+            js=tm_nats.jetstream(pool_nc),
+            blobs=LocalBlobStore(blobs_dir),
+        )
+        await self.pool.start()
+        logger.info(
+            "mesh up: nats %s, router %s, executor pool %s, state %s, guardrail %s",
+            self.nats_url,
+            self.router.target,
+            self.pool.target,
+            self.state.target,
+            self.guardrail.target,
+        )
+
+    async def stop(self) -> None:
+        for service in (self.pool, self.router, self.state, self.guardrail):
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    await service.stop()
+        for nc in self._connections:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        self._connections.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+    async def __aenter__(self) -> Mesh:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,1240 @@
+"""The executor pool's core: sessions, capacity-driven pulling, assignment,
+timeouts, retries, dead letters and the publish-then-ack of execution records.
+
+No gRPC here: a session is an outbox of ``ConnectResponse`` frames that the
+servicer streams out, and the servicer feeds ``ConnectRequest`` frames in.
+
+Invariants:
+
+* A session never holds more assignments than its concurrency.
+* A request is acked only after its execution record (and, for a final
+  failure, its dead letter) has a PubAck; a failed publish leaves it unacked
+  for JetStream to redeliver.
+* Every frame carries a batch: one ``Assignments`` frame per session per pulled
+  batch, one ``publish_batch`` per ``Completions`` frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from tickmesh.runtime import steps
+from tickmesh.runtime.blobs import BlobStore, offload_payload
+from tickmesh.runtime.consumer import _WAKE, BatchConsumer, message_type, term
+from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
+from tickmesh.runtime.subjects import (
+    HDR_EXECUTION,
+    HDR_LIFETIME,
+    HDR_MSG_ID,
+    HDR_REASON,
+    HDR_TENANT,
+    HDR_TRACEPARENT,
+    HDR_TYPE,
+    TenantNames,
+    WorkKind,
+    check_token,
+    tenant_of_subject,
+)
+from tickmesh.sdk import BodyKind, ValidationError, decode_envelope, encode_envelope, uuid7
+from tickmesh.sdk.errors import TransportError
+from tickmesh.v1 import (
+    envelope_pb2,
+    execution_pb2,
+    executor_pool_service_pb2,
+    graph_pb2,
+    header_pb2,
+    payload_pb2,
+    result_pb2,
+)
+
+from .config import ExecutorPoolSettings
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_CONCURRENCY = 10_000
+"""The most assignments one executor session may ask for."""
+DLQ_KIND = "work"
+HDR_ATTEMPT = "Tickmesh-Attempt"
+"""Dead letters carry the attempt count that exhausted the step."""
+CANCELLED_ERROR_TYPE = "CancelledError"
+"""ErrorInfo.type a plan attempt carries when it was cancelled (plans have no status)."""
+PUBLISH_RETRIES = 2
+"""Extra tries of a failed record publish (same message ids) before leaving it to redelivery."""
+_MAX_HEADER_VALUE = 512
+_AGGRESSIVE_INLINE_LIMIT = 1024
+
+_REQUEST_KIND: dict[WorkKind, BodyKind] = {"task": "task_request", "plan": "plan_request"}
+_RECORD_KIND: dict[WorkKind, str] = {"task": "task_execution", "plan": "plan_execution"}
+_NODE_KINDS: dict[int, WorkKind] = {
+    graph_pb2.NODE_KIND_TASK: "task",
+    graph_pb2.NODE_KIND_PLAN: "plan",
+}
+
+Frame = executor_pool_service_pb2.ConnectResponse
+Result = result_pb2.TaskResult | result_pb2.PlanResult
+
+
+@dataclass
+class PoolStats:
+    """Counters for tests, logs and benchmarks."""
+
+    sessions: int = 0
+    assignment_frames: int = 0
+    assignments: int = 0
+    completion_frames: int = 0
+    completions: int = 0
+    records: int = 0
+    dead_letters: int = 0
+    malformed: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    rejections: int = 0
+    cancellations: int = 0
+    requeued: int = 0
+    publish_failures: int = 0
+    max_in_flight: dict[str, int] = field(default_factory=dict)
+    """Highest number of assignments each executor id held at once."""
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _header_value(text: str) -> str:
+    """NATS header values are one line."""
+    return " ".join(text.split())[:_MAX_HEADER_VALUE]
+
+
+def check_hello(
+    hello: executor_pool_service_pb2.ExecutorHello,
+) -> dict[tuple[WorkKind, str], str]:
+    """Check an executor's hello; return its handlers as (kind, name) -> code digest.
+
+    Raises:
+        ValidationError: Saying what is wrong with the hello.
+    """
+    if hello.protocol_version not in (0, PROTOCOL_VERSION):
+        raise ValidationError(
+            f"protocol version {hello.protocol_version} is not supported "
+            f"(this pool speaks {PROTOCOL_VERSION})"
+        )
+    if not hello.handlers:
+        raise ValidationError("hello must announce at least one handler")
+    if not 1 <= hello.concurrency <= MAX_CONCURRENCY:
+        raise ValidationError(
+            f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {hello.concurrency}"
+        )
+    handlers: dict[tuple[WorkKind, str], str] = {}
+    for spec in hello.handlers:
+        kind = _NODE_KINDS.get(spec.kind)
+        if kind is None:
+            raise ValidationError(f"handler {spec.name!r}: kind must be TASK or PLAN")
+        check_token(spec.name, "handler name")
+        handlers[(kind, spec.name)] = spec.code_digest
+    return handlers
+
+
+class Session:
+    """One connected executor: what it serves, what it holds, and its outbox."""
+
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        hello: executor_pool_service_pb2.ExecutorHello,
+        handlers: dict[tuple[WorkKind, str], str],
+    ) -> None:
+        self.id = uuid7()
+        self.tenant = tenant
+        self.executor_id = hello.executor_id or self.id
+        self.runtime = hello.runtime
+        self.sdk_version = hello.sdk_version
+        self.concurrency = int(hello.concurrency)
+        self.handlers = handlers
+        """(kind, handler) -> code digest announced in hello."""
+        self.in_flight: dict[str, Lease] = {}
+        self.draining = False
+        self.closed = False
+        self._outbox: asyncio.Queue[Frame | BaseException | None] = asyncio.Queue()
+        self.frames_sent = 0
+
+    @property
+    def free(self) -> int:
+        if self.closed or self.draining:
+            return 0
+        return max(0, self.concurrency - len(self.in_flight))
+
+    def send(self, frame: Frame) -> None:
+        if not self.closed:
+            self._outbox.put_nowait(frame)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the response stream (with ``error``, if given)."""
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(error)
+
+    async def frames(self, stats: PoolStats) -> AsyncIterator[Frame]:
+        """The frames to stream out; frames queued together are merged into one."""
+        while True:
+            queued = [await self._outbox.get()]
+            while not self._outbox.empty():
+                queued.append(self._outbox.get_nowait())
+            frames, ended, error = merge_frames(queued)
+            for frame in frames:
+                if frame.WhichOneof("message") == "assignments":
+                    stats.assignment_frames += 1
+                self.frames_sent += 1
+                yield frame
+            if error is not None:
+                raise error
+            if ended:
+                return
+
+
+def merge_frames(
+    queued: list[Frame | BaseException | None],
+) -> tuple[list[Frame], bool, BaseException | None]:
+    """Merge runs of queued frames of the same kind (assignments, cancellations) into one
+    frame each, keeping their order: a cancellation never overtakes the assignment it
+    stops, nor an assignment the cancellation that freed its slot. Stops at the end marker."""
+    out: list[Frame] = []
+    for item in queued:
+        if item is None or isinstance(item, BaseException):
+            return out, True, item
+        kind = item.WhichOneof("message")
+        last = out[-1] if out else None
+        if last is not None and kind == last.WhichOneof("message"):
+            if kind == "assignments":
+                last.assignments.items.extend(item.assignments.items)
+                continue
+            if kind == "cancellations":
+                last.cancellations.items.extend(item.cancellations.items)
+                continue
+        out.append(item)
+    return out, False, None
+
+
+@dataclass(eq=False)
+class Lease:
+    """One delivered request, from delivery until it is acked, naked or termed."""
+
+    msg: Msg
+    envelope: envelope_pb2.ExecutionEnvelope
+    group: HandlerGroup
+    attempt: int
+    retry: graph_pb2.RetryPolicy
+    timeout_s: float
+    request_digest: str
+    stream_seq: int
+    id: str = ""
+    session: Session | None = None
+    assigned_at: timestamp_pb2.Timestamp | None = None
+    timer: asyncio.TimerHandle | None = None
+    cancel_reason: str = ""
+    settling: bool = False
+
+    def settle(self) -> None:
+        """Mark the lease as being settled; its deadline no longer applies."""
+        self.settling = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    @property
+    def kind(self) -> WorkKind:
+        return self.group.kind
+
+    @property
+    def header(self) -> header_pb2.EnvelopeHeader:
+        return self.envelope.header
+
+
+@dataclass(eq=False)
+class Outcome:
+    """A finished attempt, to be recorded or retried."""
+
+    lease: Lease
+    result: Result
+    finished_at: timestamp_pb2.Timestamp
+    started_at: timestamp_pb2.Timestamp | None = None
+    code_digest: str = ""
+    final: bool = False
+    """Record it whatever the retry policy says (attempts exhausted, cancelled)."""
+
+
+class _CountingQueue(asyncio.Queue[Msg]):
+    """The consumer's delivery queue, counting the messages in it (not wake-ups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages = 0
+
+    def put_nowait(self, item: Msg) -> None:
+        super().put_nowait(item)
+        if item is not _WAKE:
+            self.messages += 1
+
+    def get_nowait(self) -> Msg:
+        item = super().get_nowait()
+        if item is not _WAKE:
+            self.messages -= 1
+        return item
+
+
+class _PoolConsumer(BatchConsumer):
+    """A BatchConsumer that tells the pool when a pull request ended, so the pool
+    can ask again for what it still has room for (``auto=False`` has no renewal),
+    and that counts messages delivered but not yet handed over."""
+
+    def __init__(self, *args: Any, on_request_end: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_request_end = on_request_end
+        self._counted = _CountingQueue()
+        self._queue = self._counted
+
+    @property
+    def queued(self) -> int:
+        """Delivered to this process but not yet handed to the pool."""
+        return self._counted.messages
+
+    def _on_status(self, status: str, msg: Msg) -> None:
+        super()._on_status(status, msg)
+        if status != "100":
+            self._on_request_end()
+
+
+class HandlerGroup:
+    """The sessions serving one (tenant, kind, handler), and its consumer."""
+
+    def __init__(self, tenant: str, kind: WorkKind, handler: str) -> None:
+        self.tenant = tenant
+        self.kind = kind
+        self.handler = handler
+        self.names = TenantNames(tenant)
+        self.sessions: list[Session] = []
+        self.backlog: deque[Lease] = deque()
+        """Delivered but not yet handed out (a session serving several handlers was full)."""
+        self.consumer: _PoolConsumer | None = None
+
+    @property
+    def key(self) -> tuple[str, WorkKind, str]:
+        return (self.tenant, self.kind, self.handler)
+
+    def capacity(self) -> int:
+        """How many more messages to ask the server for."""
+        if self.consumer is None:
+            return 0
+        free = sum(s.free for s in self.sessions)
+        held = len(self.backlog) + self.consumer.queued + self.consumer.outstanding
+        return free - held
+
+
+class ExecutorPool:
+    """Assigns queued work to executor sessions and settles what they return."""
+
+    def __init__(
+        self,
+        settings: ExecutorPoolSettings,
+        *,
+        nc: NatsClient,
+        js: JetStreamContext,
+        blobs: BlobStore,
+        version: str = "0.0.0",
+    ) -> None:
+        self._settings = settings
+        self._nc = nc
+        self._js = js
+        self._blobs = blobs
+        self._producer = header_pb2.Producer(
+            service="executor-pool", version=version, instance=settings.instance
+        )
+        self.stats = PoolStats()
+        self._sessions: set[Session] = set()
+        self._groups: dict[tuple[str, WorkKind, str], HandlerGroup] = {}
+        self._by_seq: dict[tuple[str, int], Lease] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._subs: list[Subscription] = []
+        self._pull_wanted: set[HandlerGroup] = set()
+        self._pull_wake = asyncio.Event()
+        self._released = asyncio.Event()
+        self._expired: list[Lease] = []
+        self._stopping = False
+        self._started = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to cancellations and start the pull and timer loops."""
+        if self._started:
+            return
+        self._started = True
+        for tenant in self._settings.tenants:
+            sub = await self._nc.subscribe(TenantNames(tenant).cancel, cb=self._on_cancel_msg)
+            self._subs.append(sub)
+        self._loops = [
+            asyncio.create_task(self._pull_loop(), name="pool:pull"),
+            asyncio.create_task(self._housekeeping_loop(), name="pool:housekeeping"),
+        ]
+
+    async def stop(self, grace: float) -> None:
+        """Drain: ask every executor to finish, stop pulling, wait up to ``grace``,
+        then return what is left to the queue."""
+        if self._stopping:
+            return
+        self._stopping = True
+        drain = executor_pool_service_pb2.Drain(reason="executor pool shutting down")
+        drain.grace.FromMilliseconds(int(grace * 1000))
+        for session in list(self._sessions):
+            session.draining = True
+            session.send(Frame(drain=drain))
+        async with self._lock:
+            for group in list(self._groups.values()):
+                await self._stop_group(group)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        while any(s.in_flight for s in self._sessions) and loop.time() < until:
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, until - loop.time())):
+                    await self._released.wait()
+        for session in list(self._sessions):
+            await self._requeue(session.in_flight.values())
+            session.in_flight.clear()
+            session.close()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loops.clear()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "") -> None:
+        """Run ``coro`` as a task owned by the pool (awaited in stop)."""
+        task = asyncio.create_task(coro, name=name or None)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("pool task %s failed", task.get_name(), exc_info=exc)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def open_session(self, tenant: str, hello: executor_pool_service_pb2.ExecutorHello) -> Session:
+        """Check an executor's hello and make its session (not yet registered).
+
+        Raises:
+            ValidationError: The hello is malformed.
+            TransportError: The pool is shutting down.
+        """
+        if self._stopping:
+            raise TransportError("the executor pool is shutting down")
+        return Session(tenant=tenant, hello=hello, handlers=check_hello(hello))
+
+    def welcome(self, session: Session) -> Frame:
+        settings = self._settings
+        interval = duration_pb2.Duration()
+        interval.FromMilliseconds(int(settings.heartbeat_interval_s * 1000))
+        return Frame(
+            welcome=executor_pool_service_pb2.Welcome(
+                session_id=session.id,
+                heartbeat_interval=interval,
+                inline_payload_limit=settings.inline_limit,
+                max_message_bytes=settings.max_message_bytes,
+                protocol_version=PROTOCOL_VERSION,
+            )
+        )
+
+    async def register(self, session: Session) -> None:
+        """Join the session to its handler groups, starting their consumers as needed."""
+        async with self._lock:
+            if self._stopping:
+                raise TransportError("the executor pool is shutting down")
+            self._sessions.add(session)
+            self.stats.sessions += 1
+            for kind, handler in session.handlers:
+                group = self._groups.get((session.tenant, kind, handler))
+                if group is None:
+                    group = HandlerGroup(session.tenant, kind, handler)
+                    await self._start_group(group)
+                    self._groups[group.key] = group
+                group.sessions.append(session)
+                self._assign(group, ())
+                self._want_pull(group)
+        logger.info(
+            "executor %s joined (session %s, tenant %s, %d handlers, concurrency %d)",
+            session.executor_id,
+            session.id,
+            session.tenant,
+            len(session.handlers),
+            session.concurrency,
+        )
+
+    def release(self, session: Session) -> None:
+        """The session's stream ended: return its unfinished work (in a pool task)."""
+        session.close()
+        self.spawn(self._unregister(session), name=f"pool:release:{session.id}")
+
+    async def _unregister(self, session: Session) -> None:
+        leases = [lease for lease in session.in_flight.values() if not lease.settling]
+        session.in_flight.clear()
+        async with self._lock:
+            self._sessions.discard(session)
+            for kind, handler in session.handlers:
+                group = self._groups.get((session.tenant, kind, handler))
+                if group is None:
+                    continue
+                with contextlib.suppress(ValueError):
+                    group.sessions.remove(session)
+                if not group.sessions:
+                    # Stop pulling before giving the work back: a pull request still
+                    # open would take the returned work again, only to return it.
+                    await self._stop_group(group)
+                else:
+                    self._want_pull(group)
+            await self._requeue(leases)
+        self._released.set()
+        logger.info(
+            "executor %s left (session %s); %d assignment(s) returned to the queue",
+            session.executor_id,
+            session.id,
+            len(leases),
+        )
+
+    async def _requeue(self, leases: Iterable[Lease]) -> None:
+        """Give work back to JetStream at once, for another executor."""
+        for lease in list(leases):
+            if lease.settling:
+                continue
+            lease.settle()
+            self._forget(lease)
+            self.stats.requeued += 1
+            with contextlib.suppress(Exception):
+                await lease.msg.nak()
+
+    async def _start_group(self, group: HandlerGroup) -> None:
+        names = group.names
+        config = ConsumerConfig(
+            durable_name=names.work_consumer(group.kind, group.handler),
+            filter_subject=names.work(group.kind, group.handler),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._settings.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=self._settings.max_ack_pending,
+        )
+
+        async def handle(batch: list[Msg]) -> None:
+            await self._on_batch(group, batch)
+
+        consumer = _PoolConsumer(
+            self._nc,
+            self._js,
+            stream=names.work_stream,
+            config=config,
+            handler=handle,
+            max_batch=self._settings.max_batch,
+            auto=False,
+            name=f"pool:{group.tenant}:{group.kind}:{group.handler}",
+            on_request_end=lambda: self._want_pull(group),
+        )
+        await consumer.start()
+        group.consumer = consumer
+
+    async def _stop_group(self, group: HandlerGroup) -> None:
+        consumer, group.consumer = group.consumer, None
+        self._groups.pop(group.key, None)
+        if consumer is not None:
+            await consumer.stop()
+        backlog = list(group.backlog)
+        group.backlog.clear()
+        await self._requeue(backlog)
+
+    # --- pulling and assigning -----------------------------------------------------------------
+
+    def _want_pull(self, group: HandlerGroup) -> None:
+        self._pull_wanted.add(group)
+        self._pull_wake.set()
+
+    async def _pull_loop(self) -> None:
+        while True:
+            await self._pull_wake.wait()
+            self._pull_wake.clear()
+            wanted, self._pull_wanted = self._pull_wanted, set()
+            for group in wanted:
+                consumer = group.consumer
+                count = group.capacity()
+                if consumer is None or count <= 0 or self._stopping:
+                    continue
+                try:
+                    await consumer.pull(min(count, self._settings.max_ack_pending))
+                except Exception as exc:  # disconnected: the housekeeping tick asks again
+                    logger.warning("cannot pull for %s/%s: %s", group.kind, group.handler, exc)
+
+    async def _on_batch(self, group: HandlerGroup, msgs: list[Msg]) -> None:
+        """A batch was delivered: hand out what is valid, dead-letter what is not."""
+        valid: list[Lease] = []
+        exhausted: list[Lease] = []
+        malformed: list[tuple[Msg, str]] = []
+        for msg in msgs:
+            try:
+                lease = self._lease(group, msg)
+            except ValidationError as exc:
+                malformed.append((msg, str(exc)))
+                continue
+            key = (group.tenant, lease.stream_seq)
+            previous = self._by_seq.get(key)
+            if previous is not None:
+                if previous.settling:
+                    # Its record is being published right now; that ack settles this delivery too.
+                    continue
+                self._revoke(previous, "redelivered: no heartbeat within the ack wait")
+            self._by_seq[key] = lease
+            if lease.attempt > steps.max_attempts(lease.retry):
+                lease.settle()
+                exhausted.append(lease)
+            else:
+                valid.append(lease)
+        if valid:
+            self._assign(group, valid)
+        if exhausted:
+            self._settle_soon(
+                [
+                    Outcome(
+                        lease,
+                        self._failure(
+                            lease,
+                            "AttemptsExhausted",
+                            f"delivered {lease.attempt} times without a result "
+                            f"(max attempts {steps.max_attempts(lease.retry)})",
+                            retryable=False,
+                        ),
+                        _now(),
+                        final=True,
+                    )
+                    for lease in exhausted
+                ]
+            )
+        if malformed:
+            await self._dead_letter_malformed(malformed)
+        self._want_pull(group)
+
+    def _lease(self, group: HandlerGroup, msg: Msg) -> Lease:
+        headers = msg.headers or {}
+        expected = _REQUEST_KIND[group.kind]
+        declared = message_type(msg)
+        if declared != expected:
+            raise ValidationError(f"message type header is {declared!r}, expected {expected!r}")
+        envelope = decode_envelope(msg.data, expected_kind=expected)
+        header = envelope.header
+        subject_tenant = tenant_of_subject(msg.subject)
+        if subject_tenant != group.tenant or header.tenant_id != group.tenant:
+            raise ValidationError(
+                f"tenant {header.tenant_id!r} of the envelope does not match the subject's "
+                f"tenant {subject_tenant!r}"
+            )
+        header_tenant = headers.get(HDR_TENANT)
+        if header_tenant is not None and header_tenant != group.tenant:
+            raise ValidationError(f"{HDR_TENANT} header {header_tenant!r} != {group.tenant!r}")
+        if header.node.handler != group.handler:
+            raise ValidationError(
+                f"envelope is for handler {header.node.handler!r}, subject for {group.handler!r}"
+            )
+        check_token(header.lifetime_id, "lifetime id")
+        check_token(header.execution_id, "execution id")
+        body = envelope.task_request if group.kind == "task" else envelope.plan_request
+        metadata = msg.metadata
+        header.attempt = metadata.num_delivered
+        timeout = body.timeout.ToTimedelta().total_seconds() if body.HasField("timeout") else 0.0
+        return Lease(
+            msg=msg,
+            envelope=envelope,
+            group=group,
+            attempt=metadata.num_delivered,
+            retry=body.retry,
+            timeout_s=steps.timeout_seconds(timeout),
+            request_digest=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
+            stream_seq=metadata.sequence.stream,
+        )
+
+    def _assign(self, group: HandlerGroup, leases: Sequence[Lease]) -> None:
+        """Hand out the backlog, then ``leases``: least-loaded session first, one frame each."""
+        queue = group.backlog
+        queue.extend(leases)
+        if not queue:
+            return
+        frames: dict[Session, list[executor_pool_service_pb2.Assignment]] = {}
+        loop = asyncio.get_running_loop()
+        while queue:
+            session = max(
+                (s for s in group.sessions if s.free > 0),
+                key=lambda s: (s.free, -len(s.in_flight)),
+                default=None,
+            )
+            if session is None:
+                break
+            lease = queue.popleft()
+            lease.id = uuid7()
+            lease.session = session
+            lease.assigned_at = _now()
+            lease.timer = loop.call_at(loop.time() + lease.timeout_s, self._on_deadline, lease)
+            deadline = timestamp_pb2.Timestamp()
+            deadline.FromNanoseconds(lease.assigned_at.ToNanoseconds() + int(lease.timeout_s * 1e9))
+            session.in_flight[lease.id] = lease
+            frames.setdefault(session, []).append(
+                executor_pool_service_pb2.Assignment(
+                    assignment_id=lease.id, envelope=lease.envelope, deadline=deadline
+                )
+            )
+        for session, items in frames.items():
+            session.send(Frame(assignments=executor_pool_service_pb2.Assignments(items=items)))
+            self.stats.assignments += len(items)
+            peak = self.stats.max_in_flight
+            peak[session.executor_id] = max(
+                peak.get(session.executor_id, 0), len(session.in_flight)
+            )
+
+    def _slots_freed(self, sessions: Iterable[Session]) -> None:
+        groups = {
+            self._groups.get((s.tenant, kind, handler))
+            for s in sessions
+            for kind, handler in s.handlers
+        }
+        for group in groups:
+            if group is not None:
+                if group.backlog:
+                    self._assign(group, ())
+                self._want_pull(group)
+        self._released.set()
+
+    def _take(self, session: Session, assignment_id: str) -> Lease | None:
+        lease = session.in_flight.pop(assignment_id, None)
+        if lease is not None:
+            lease.settle()
+        return lease
+
+    def _revoke(self, lease: Lease, reason: str) -> None:
+        """Take an assignment back from its executor without settling it."""
+        session = lease.session
+        if session is not None and session.in_flight.get(lease.id) is lease:
+            del session.in_flight[lease.id]
+            session.send(self._cancellations([(lease.id, reason)]))
+            self._slots_freed([session])
+        if lease in lease.group.backlog:
+            lease.group.backlog.remove(lease)
+        lease.settle()
+
+    @staticmethod
+    def _cancellations(items: Iterable[tuple[str, str]]) -> Frame:
+        return Frame(
+            cancellations=executor_pool_service_pb2.Cancellations(
+                items=[
+                    executor_pool_service_pb2.Cancellation(assignment_id=a, reason=r)
+                    for a, r in items
+                ]
+            )
+        )
+
+    # --- what executors send ---------------------------------------------------------------
+
+    async def handle(
+        self, session: Session, request: executor_pool_service_pb2.ConnectRequest
+    ) -> None:
+        """Act on one frame from an executor.
+
+        Raises:
+            ValidationError: The frame breaks the protocol (e.g. a second hello).
+        """
+        kind = request.WhichOneof("message")
+        if kind == "heartbeat":
+            for assignment_id in request.heartbeat.assignment_ids:
+                lease = session.in_flight.get(assignment_id)
+                if lease is not None:
+                    with contextlib.suppress(Exception):
+                        await lease.msg.in_progress()
+        elif kind == "completions":
+            self._on_completions(session, request.completions.items)
+        elif kind == "rejections":
+            await self._on_rejections(session, request.rejections.items)
+        elif kind == "hello":
+            raise ValidationError("hello may only be sent once, as the first message")
+
+    def _on_completions(
+        self, session: Session, items: Sequence[executor_pool_service_pb2.Completion]
+    ) -> None:
+        self.stats.completion_frames += 1
+        outcomes: list[Outcome] = []
+        for item in items:
+            lease = self._take(session, item.assignment_id)
+            if lease is None:
+                continue  # timed out, revoked or unknown: already settled elsewhere
+            self.stats.completions += 1
+            which = item.WhichOneof("result")
+            result: Result
+            if lease.kind == "task" and which == "task_result":
+                result = item.task_result
+            elif lease.kind == "plan" and which == "plan_result":
+                result = item.plan_result
+            else:
+                result = self._failure(
+                    lease,
+                    "InvalidCompletion",
+                    f"a {lease.kind} assignment was completed with {which or 'no result'}",
+                    retryable=True,
+                )
+            outcomes.append(
+                Outcome(
+                    lease,
+                    result,
+                    finished_at=item.finished_at if item.HasField("finished_at") else _now(),
+                    started_at=item.started_at if item.HasField("started_at") else None,
+                    code_digest=item.code_digest,
+                )
+            )
+        if outcomes:
+            self._slots_freed([session])
+            self._settle_soon(outcomes)
+
+    async def _on_rejections(
+        self, session: Session, items: Sequence[executor_pool_service_pb2.Rejection]
+    ) -> None:
+        final: list[Outcome] = []
+        for item in items:
+            lease = self._take(session, item.assignment_id)
+            if lease is None:
+                continue
+            self.stats.rejections += 1
+            if lease.attempt >= steps.max_attempts(lease.retry):
+                error = item.error
+                final.append(
+                    Outcome(
+                        lease,
+                        self._failure(
+                            lease,
+                            error.type or "Rejected",
+                            f"rejected by executor {session.executor_id}: {error.message}",
+                            retryable=False,
+                        ),
+                        _now(),
+                        final=True,
+                    )
+                )
+                continue
+            self._forget(lease)
+            with contextlib.suppress(Exception):
+                await lease.msg.nak(delay=self._settings.reject_delay_s)
+        self._slots_freed([session])
+        if final:
+            self._settle_soon(final)
+
+    def _failure(self, lease: Lease, type_: str, message: str, *, retryable: bool) -> Result:
+        error = result_pb2.ErrorInfo(type=type_, message=message, retryable=retryable)
+        if lease.kind == "task":
+            return result_pb2.TaskResult(status=result_pb2.TASK_STATUS_FAILED, error=error)
+        return result_pb2.PlanResult(error=error)
+
+    # --- timeouts, cancellations ------------------------------------------------------------
+
+    def _on_deadline(self, lease: Lease) -> None:
+        """A lease's deadline passed (a loop timer): expire it with the others due this tick."""
+        lease.timer = None
+        session = lease.session
+        if lease.settling or session is None or session.in_flight.get(lease.id) is not lease:
+            return
+        if not self._expired:
+            asyncio.get_running_loop().call_soon(self._expire_due)
+        self._expired.append(lease)
+
+    def _expire_due(self) -> None:
+        leases, self._expired = self._expired, []
+        live = [
+            lease
+            for lease in leases
+            if lease.session is not None and lease.session.in_flight.get(lease.id) is lease
+        ]
+        if live:
+            self._expire(live)
+
+    async def _housekeeping_loop(self) -> None:
+        tick = min(1.0, self._settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(tick)
+            for group in list(self._groups.values()):
+                # Work delivered but not yet handed out must not hit its ack wait.
+                for lease in list(group.backlog):
+                    with contextlib.suppress(Exception):
+                        await lease.msg.in_progress()
+                # Pull requests lost without a status (e.g. a broker restart) are asked again.
+                self._want_pull(group)
+
+    def _expire(self, leases: list[Lease]) -> None:
+        per_session: dict[Session, list[tuple[str, str]]] = {}
+        outcomes: list[Outcome] = []
+        for lease in leases:
+            session = lease.session
+            assert session is not None
+            self._take(session, lease.id)
+            per_session.setdefault(session, []).append((lease.id, "deadline exceeded"))
+            if lease.cancel_reason:
+                result = self._cancelled(lease)
+            else:
+                self.stats.timeouts += 1
+                error = result_pb2.ErrorInfo(
+                    type="TimeoutError",
+                    message=f"no result within the {lease.timeout_s:g}s timeout",
+                    retryable=True,
+                )
+                result = (
+                    result_pb2.TaskResult(status=result_pb2.TASK_STATUS_TIMED_OUT, error=error)
+                    if lease.kind == "task"
+                    else result_pb2.PlanResult(error=error)
+                )
+            outcomes.append(
+                Outcome(
+                    lease,
+                    result,
+                    finished_at=_now(),
+                    started_at=lease.assigned_at,
+                    final=bool(lease.cancel_reason),
+                )
+            )
+        for session, items in per_session.items():
+            session.send(self._cancellations(items))
+        self._slots_freed(per_session)
+        self._settle_soon(outcomes)
+
+    def _cancelled(self, lease: Lease) -> Result:
+        error = result_pb2.ErrorInfo(
+            type=CANCELLED_ERROR_TYPE, message=lease.cancel_reason, retryable=False
+        )
+        if lease.kind == "task":
+            return result_pb2.TaskResult(status=result_pb2.TASK_STATUS_CANCELLED, error=error)
+        return result_pb2.PlanResult(error=error)
+
+    async def _on_cancel_msg(self, msg: Msg) -> None:
+        tenant = tenant_of_subject(msg.subject)
+        try:
+            envelope = envelope_pb2.ExecutionEnvelope.FromString(msg.data)
+        except DecodeError:
+            logger.warning("ignoring a malformed cancellation on %s", msg.subject)
+            return
+        header = envelope.header
+        if header.tenant_id != tenant or not header.lifetime_id:
+            logger.warning(
+                "ignoring a cancellation for tenant %r on %s", header.tenant_id, msg.subject
+            )
+            return
+        self.cancel(tenant, header.lifetime_id, header.execution_id)
+
+    def cancel(self, tenant: str, lifetime_id: str, execution_id: str = "") -> int:
+        """Cancel the matching work of a lifetime; return how many assignments were hit."""
+        reason = f"lifetime {lifetime_id} cancelled"
+
+        def matches(lease: Lease) -> bool:
+            header = lease.header
+            return header.lifetime_id == lifetime_id and (
+                not execution_id or header.execution_id == execution_id
+            )
+
+        hits = 0
+        for session in self._sessions:
+            if session.tenant != tenant:
+                continue
+            items = []
+            for lease in session.in_flight.values():
+                if matches(lease) and not lease.cancel_reason:
+                    lease.cancel_reason = reason
+                    items.append((lease.id, reason))
+            if items:
+                hits += len(items)
+                session.send(self._cancellations(items))
+        outcomes: list[Outcome] = []
+        for group in self._groups.values():
+            if group.tenant != tenant:
+                continue
+            for lease in [lease for lease in group.backlog if matches(lease)]:
+                group.backlog.remove(lease)
+                lease.cancel_reason = reason
+                lease.settle()
+                outcomes.append(Outcome(lease, self._cancelled(lease), _now(), final=True))
+        if outcomes:
+            self._settle_soon(outcomes)
+        self.stats.cancellations += hits + len(outcomes)
+        return hits + len(outcomes)
+
+    # --- settling: record, dead-letter, ack ---------------------------------------------------
+
+    def _settle_soon(self, outcomes: list[Outcome]) -> None:
+        self.spawn(self._settle(outcomes), name="pool:settle")
+
+    def _forget(self, lease: Lease) -> None:
+        key = (lease.group.tenant, lease.stream_seq)
+        if self._by_seq.get(key) is lease:
+            del self._by_seq[key]
+
+    def _is_cancelled(self, outcome: Outcome) -> bool:
+        result = outcome.result
+        if isinstance(result, result_pb2.TaskResult):
+            return result.status == result_pb2.TASK_STATUS_CANCELLED
+        return result.WhichOneof("decision") is None and result.error.type == CANCELLED_ERROR_TYPE
+
+    async def _settle(self, outcomes: list[Outcome]) -> None:
+        """Retry or record each outcome; one publish for all records, then the acks."""
+        publishes: list[tuple[Lease, list[Outgoing]]] = []
+        for outcome in outcomes:
+            lease = outcome.lease
+            try:
+                plan = self._classify(outcome)
+                if plan == "retry":
+                    self.stats.retries += 1
+                    self._forget(lease)
+                    await lease.msg.nak(delay=steps.backoff_seconds(lease.retry, lease.attempt))
+                elif plan == "requeue":
+                    self._forget(lease)
+                    await lease.msg.nak()
+                else:
+                    publishes.append((lease, await self._outgoing(outcome, plan == "dead")))
+            except Exception:
+                # Left unacked: JetStream redelivers it after the ack wait.
+                logger.exception("cannot settle execution %s", lease.header.execution_id)
+                self._forget(lease)
+        if publishes:
+            await self._publish_and_ack(publishes)
+
+    def _classify(self, outcome: Outcome) -> str:
+        """``record``, ``dead`` (record + dead letter), ``retry`` or ``requeue``."""
+        lease, result = outcome.lease, outcome.result
+        if self._is_cancelled(outcome):
+            # Only a cancellation the pool asked for ends the step; an executor that
+            # stopped on its own (shutting down) gives the work back.
+            return "record" if lease.cancel_reason else "requeue"
+        if isinstance(result, result_pb2.TaskResult):
+            if result.status == result_pb2.TASK_STATUS_UNSPECIFIED:
+                result.status = result_pb2.TASK_STATUS_FAILED
+                result.error.type = result.error.type or "InvalidCompletion"
+                result.error.message = result.error.message or "the executor reported no status"
+                result.error.retryable = True
+            failed = result.status != result_pb2.TASK_STATUS_SUCCEEDED
+            final = outcome.final or steps.task_attempt_is_final(lease.retry, lease.attempt, result)
+        else:
+            if result.WhichOneof("decision") is None and not result.HasField("error"):
+                result.error.CopyFrom(
+                    result_pb2.ErrorInfo(
+                        type="InvalidCompletion",
+                        message="the plan returned neither a decision nor an error",
+                        retryable=True,
+                    )
+                )
+            failed = result.WhichOneof("decision") is None
+            final = outcome.final or steps.plan_attempt_is_final(lease.retry, lease.attempt, result)
+        if not final:
+            return "retry"
+        return "dead" if failed else "record"
+
+    async def _outgoing(self, outcome: Outcome, dead: bool) -> list[Outgoing]:
+        lease = outcome.lease
+        record, replaced = await self._record(outcome)
+        messages = [record]
+        if dead or replaced:
+            error = outcome.result.error
+            reason = (
+                f"{error.type or 'Error'}: {error.message} "
+                f"(attempt {lease.attempt} of {steps.max_attempts(lease.retry)})"
+            )
+            headers = {k: v for k, v in (lease.msg.headers or {}).items() if k != HDR_MSG_ID}
+            headers[HDR_MSG_ID] = f"dlq:work:{lease.header.execution_id}:{lease.attempt}"
+            headers[HDR_REASON] = _header_value(reason)
+            headers[HDR_ATTEMPT] = str(lease.attempt)
+            messages.append(Outgoing(lease.group.names.dlq(DLQ_KIND), lease.msg.data, headers))
+        return messages
+
+    async def _record(self, outcome: Outcome) -> tuple[Outgoing, bool]:
+        """The execution record of an outcome, with large payloads offloaded.
+
+        Returns:
+            The record, and whether the executor's result had to be replaced by a
+            failure because it could not be recorded (a digest that does not match
+            its bytes, Struct details nested too deep, too large even offloaded).
+        """
+        lease = outcome.lease
+        tenant = lease.group.tenant
+        replaced = False
+        try:
+            data = await self._encode_record(outcome, self._settings.inline_limit)
+        except ValidationError:
+            # Too large with several payloads just under the limit: offload nearly all.
+            try:
+                data = await self._encode_record(outcome, _AGGRESSIVE_INLINE_LIMIT)
+            except ValidationError as exc:
+                logger.warning(
+                    "execution %s: the result cannot be recorded: %s",
+                    lease.header.execution_id,
+                    exc,
+                )
+                outcome.result = self._failure(lease, "InvalidResult", str(exc), retryable=False)
+                data = encode_envelope(self._envelope(outcome))
+                replaced = True
+        header = lease.header
+        headers = {
+            HDR_MSG_ID: f"exec:{header.execution_id}:{lease.attempt}",
+            HDR_TYPE: _RECORD_KIND[lease.kind],
+            HDR_TENANT: tenant,
+            HDR_LIFETIME: header.lifetime_id,
+            HDR_EXECUTION: header.execution_id,
+        }
+        traceparent = header.trace_context.traceparent or (lease.msg.headers or {}).get(
+            HDR_TRACEPARENT, ""
+        )
+        if traceparent:
+            headers[HDR_TRACEPARENT] = traceparent
+        return Outgoing(lease.group.names.exec(header.lifetime_id), data, headers), replaced
+
+    async def _encode_record(self, outcome: Outcome, inline_limit: int) -> bytes:
+        await self._offload(outcome.lease.group.tenant, outcome.result, inline_limit)
+        return encode_envelope(self._envelope(outcome))
+
+    def _envelope(self, outcome: Outcome) -> envelope_pb2.ExecutionEnvelope:
+        lease = outcome.lease
+        request_header = lease.header
+        session = lease.session
+        handler_digest = (
+            session.handlers.get((lease.kind, lease.group.handler), "") if session else ""
+        )
+        executor = execution_pb2.ExecutorInfo(
+            executor_id=session.executor_id if session else "",
+            runtime=session.runtime if session else "",
+            sdk_version=session.sdk_version if session else "",
+            code_digest=outcome.code_digest or handler_digest,
+        )
+        envelope = envelope_pb2.ExecutionEnvelope()
+        header = envelope.header
+        header.CopyFrom(request_header)
+        header.envelope_id = uuid7()
+        header.producer.CopyFrom(self._producer)
+        header.created_at.GetCurrentTime()
+        header.idempotency_key = f"exec:{request_header.execution_id}:{lease.attempt}"
+        record: execution_pb2.TaskExecution | execution_pb2.PlanExecution
+        if lease.kind == "task":
+            record = envelope.task_execution
+            assert isinstance(outcome.result, result_pb2.TaskResult)
+            record.result.CopyFrom(outcome.result)
+        else:
+            record = envelope.plan_execution
+            assert isinstance(outcome.result, result_pb2.PlanResult)
+            record.result.CopyFrom(outcome.result)
+        record.header.CopyFrom(request_header)
+        record.request_digest = lease.request_digest
+        record.executor.CopyFrom(executor)
+        started = outcome.started_at or lease.assigned_at
+        if started is not None:
+            record.started_at.CopyFrom(started)
+        record.finished_at.CopyFrom(outcome.finished_at)
+        return envelope
+
+    async def _offload(self, tenant: str, result: Result, limit: int) -> None:
+        """Replace every inline payload over ``limit`` bytes with a blob reference."""
+        for payload in _payloads(result):
+            if payload.WhichOneof("data") == "inline" and len(payload.inline) > limit:
+                payload.CopyFrom(
+                    await offload_payload(self._blobs, tenant, payload, inline_limit=limit)
+                )
+
+    async def _publish_and_ack(self, publishes: list[tuple[Lease, list[Outgoing]]]) -> None:
+        pending = [m for _, messages in publishes for m in messages]
+        for attempt in range(PUBLISH_RETRIES + 1):
+            try:
+                await publish_batch(self._js, pending)
+                pending = []
+                break
+            except PublishError as exc:
+                pending = [m for m, _ in exc.failures]
+                error: Exception = exc
+            except Exception as exc:  # e.g. the connection is closed
+                error = exc
+            self.stats.publish_failures += 1
+            logger.warning(
+                "publishing %d record(s) failed (try %d): %s", len(pending), attempt + 1, error
+            )
+            if attempt < PUBLISH_RETRIES:
+                await asyncio.sleep(0.1 * (attempt + 1))
+        failed = {id(m) for m in pending}
+        for lease, messages in publishes:
+            self._forget(lease)
+            if any(id(m) in failed for m in messages):
+                continue  # unacked: redelivered after the ack wait, the msg ids dedup the retry
+            self.stats.records += 1
+            if len(messages) > 1:
+                self.stats.dead_letters += 1
+            with contextlib.suppress(Exception):
+                await lease.msg.ack()
+
+    async def _dead_letter_malformed(self, malformed: list[tuple[Msg, str]]) -> None:
+        """Copy poison messages to the dead-letter subject, then terminate them."""
+        outgoing: list[Outgoing] = []
+        for msg, reason in malformed:
+            tenant = tenant_of_subject(msg.subject) or ""
+            names = TenantNames(tenant)
+            headers = {k: v for k, v in (msg.headers or {}).items() if k != HDR_MSG_ID}
+            headers[HDR_MSG_ID] = f"dlq:work:seq:{msg.metadata.sequence.stream}"
+            headers[HDR_REASON] = _header_value(reason)
+            headers[HDR_ATTEMPT] = str(msg.metadata.num_delivered)
+            outgoing.append(Outgoing(names.dlq(DLQ_KIND), msg.data, headers))
+            logger.warning("dead-lettering a malformed request on %s: %s", msg.subject, reason)
+        try:
+            await publish_batch(self._js, outgoing)
+        except Exception as exc:
+            logger.warning("cannot dead-letter %d malformed request(s): %s", len(outgoing), exc)
+            return
+        for msg, reason in malformed:
+            self.stats.malformed += 1
+            with contextlib.suppress(Exception):
+                await term(msg, reason)
+
+
+def _payloads(result: Result) -> Iterable[payload_pb2.Payload]:
+    """Every payload of a result that may be large."""
+    if isinstance(result, result_pb2.TaskResult):
+        if result.HasField("output"):
+            yield result.output
+        for action in result.tool_actions:
+            if action.HasField("input"):
+                yield action.input
+            if action.HasField("output"):
+                yield action.output
+        return
+    decision = result.WhichOneof("decision")
+    if decision == "dispatch":
+        for step in result.dispatch.steps:
+            if step.HasField("input"):
+                yield step.input
+    elif decision == "complete" and result.complete.HasField("output"):
+        yield result.complete.output
+    elif decision == "wait" and result.wait.HasField("default_payload"):
+        yield result.wait.default_payload

@@ -1,0 +1,120 @@
+"""Wiring of the executor pool: ``build`` from ready-made dependencies, ``serve`` for real."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import signal
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from tickmesh.runtime import logging as runtime_logging
+from tickmesh.runtime import nats as runtime_nats
+from tickmesh.runtime.blobs import BlobStore, LocalBlobStore
+from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.v1 import executor_pool_service_pb2, executor_pool_service_pb2_grpc
+
+from .config import ExecutorPoolSettings
+from .pool import ExecutorPool
+from .servicer import ExecutorPoolServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = executor_pool_service_pb2.DESCRIPTOR.services_by_name[
+    "ExecutorPoolService"
+].full_name
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tickmesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class ExecutorPoolService:
+    """The pool, its servicer and its gRPC server, started and stopped together."""
+
+    def __init__(self, settings: ExecutorPoolSettings, pool: ExecutorPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.servicer = ExecutorPoolServicer(pool, settings.tenants)
+        self._grpc: GrpcServer | None = None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` executors connect to (after start)."""
+        assert self._grpc is not None, "start() first"
+        return self._grpc.target
+
+    async def start(self) -> None:
+        await self.pool.start()
+        server = await create_server(
+            self.settings.grpc_listen, max_message_bytes=self.settings.max_message_bytes
+        )
+        executor_pool_service_pb2_grpc.add_ExecutorPoolServiceServicer_to_server(
+            self.servicer, server.server
+        )
+        await server.server.start()
+        await server.set_serving(SERVICE_NAME, True)
+        self._grpc = server
+        logger.info("executor pool listening on %s", server.target)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain executors (up to ``grace`` seconds), then stop the gRPC server."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        server, self._grpc = self._grpc, None
+        if server is not None:
+            await server.set_serving(SERVICE_NAME, False)
+        await self.pool.stop(grace)
+        if server is not None:
+            await server.stop(1.0)
+
+
+async def build(
+    settings: ExecutorPoolSettings,
+    *,
+    nc: NatsClient,
+    js: JetStreamContext,
+    blobs: BlobStore,
+) -> ExecutorPoolService:
+    """Assemble the service from ready-made dependencies (tests pass their own)."""
+    pool = ExecutorPool(settings, nc=nc, js=js, blobs=blobs, version=_version())
+    return ExecutorPoolService(settings, pool)
+
+
+async def serve(settings: ExecutorPoolSettings) -> None:
+    """Run the executor pool until SIGTERM or SIGINT, then drain and stop."""
+    runtime_logging.configure(
+        settings.log_level, json_output=settings.log_json, service="executor-pool"
+    )
+    nc = await runtime_nats.connect(
+        settings.nats_servers,
+        name=f"executor-pool:{settings.instance}",
+        user_credentials=settings.nats_credentials,
+        user=settings.nats_user,
+        password=settings.nats_password,
+    )
+    js = runtime_nats.jetstream(nc)
+    blobs = LocalBlobStore(settings.blob_root)
+    try:
+        for tenant in settings.tenants:
+            await ensure_tenant(js, tenant)
+        service = await build(settings, nc=nc, js=js, blobs=blobs)
+        await service.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.info("executor pool stopping")
+        await service.stop()
+    finally:
+        await blobs.close()
+        with contextlib.suppress(Exception):
+            await nc.drain()

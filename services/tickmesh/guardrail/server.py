@@ -1,0 +1,145 @@
+"""Assembles the guardrail service: per-tenant policy stores, the snapshot
+publisher that keeps every tenant's snapshot fresh, and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from tickmesh.internal.v1 import router_state_pb2
+from tickmesh.runtime import logging as tm_logging
+from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.policy import Usage
+from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.subjects import TenantNames
+from tickmesh.v1 import guardrail_service_pb2_grpc
+
+from .config import GuardrailSettings
+from .servicer import GuardrailServicer
+from .store import PolicyStore
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "tickmesh.v1.GuardrailService"
+
+
+@dataclass
+class GuardrailService:
+    settings: GuardrailSettings
+    nc: NatsClient
+    js: JetStreamContext
+    grpc: GrpcServer
+    stores: dict[str, PolicyStore]
+    servicer: GuardrailServicer | None = None
+    _refresher: asyncio.Task[None] | None = field(default=None, init=False)
+
+    @property
+    def target(self) -> str:
+        return self.grpc.target
+
+    async def start(self) -> None:
+        for tenant in self.settings.tenants:
+            await self.add_tenant(tenant)
+        self._refresher = asyncio.create_task(self._refresh(), name="guardrail-snapshots")
+        await self.grpc.server.start()
+        await self.grpc.set_serving(SERVICE_NAME, True)
+        logger.info("guardrail serving on %s", self.target)
+
+    async def add_tenant(self, tenant: str) -> None:
+        if tenant in self.stores:
+            return
+        names = await ensure_tenant(self.js, tenant)
+        self.stores[tenant] = await PolicyStore.open(self.js, names)
+        await self.publish(tenant)
+
+    async def publish(self, tenant: str) -> None:
+        await self.stores[tenant].publish_snapshot(self.settings.snapshot_lease_s)
+        if self.servicer is not None:
+            condition = self.servicer.snapshot_changed.get(tenant)
+            if condition is not None:
+                async with condition:
+                    condition.notify_all()
+
+    async def _refresh(self) -> None:
+        interval = self.settings.snapshot_lease_s * self.settings.refresh_fraction
+        while True:
+            await asyncio.sleep(interval)
+            for tenant in list(self.stores):
+                try:
+                    await self.publish(tenant)
+                except Exception as exc:  # the next round retries; routers still hold a lease
+                    logger.warning("cannot publish the snapshot of %s: %s", tenant, exc)
+
+    async def lifetime_usage(self, tenant: str, lifetime_id: str) -> Usage:
+        """What a lifetime has used so far, from the router's state of it."""
+        kv = await self.js.key_value(TenantNames(tenant).router_bucket)
+        try:
+            entry = await kv.get(f"lt.{lifetime_id}")
+        except KeyNotFoundError:
+            return Usage()
+        if entry.value is None:
+            return Usage()
+        state = router_state_pb2.RouterLifetime.FromString(entry.value)
+        usage = Usage.of(state.lifetime.totals)
+        return Usage(
+            executions=int(state.lifetime.execution_count),
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost_micros=usage.cost_micros,
+            model_calls=usage.model_calls,
+            tool_calls=usage.tool_calls,
+            iterations=max(state.iterations.values(), default=0),
+        )
+
+    async def stop(self) -> None:
+        await self.grpc.set_serving(SERVICE_NAME, False)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+
+
+async def build(settings: GuardrailSettings, *, nc: NatsClient) -> GuardrailService:
+    js = tm_nats.jetstream(nc)
+    grpc_server = await create_server(
+        settings.grpc_listen, max_message_bytes=settings.max_message_bytes
+    )
+    service = GuardrailService(settings, nc, js, grpc_server, {})
+    servicer = GuardrailServicer(
+        service.stores,
+        tenants=settings.tenants,
+        lease_s=settings.snapshot_lease_s,
+        on_change=service.publish,
+        lifetime_usage=service.lifetime_usage,
+    )
+    service.servicer = servicer
+    guardrail_service_pb2_grpc.add_GuardrailServiceServicer_to_server(servicer, grpc_server.server)
+    return service
+
+
+async def serve(settings: GuardrailSettings) -> None:
+    tm_logging.configure(settings.log_level, json_output=settings.log_json, service="guardrail")
+    nc = await tm_nats.connect(
+        settings.nats_servers,
+        name=f"guardrail {settings.instance}",
+        user=settings.nats_user,
+        password=settings.nats_password,
+        user_credentials=settings.nats_credentials,
+    )
+    service = await build(settings, nc=nc)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
+    await nc.drain()

@@ -1,0 +1,166 @@
+"""GuardrailService over gRPC: policy CRUD, validation, batched evaluation, and
+the snapshot stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from tickmesh.runtime.auth import tenant_of
+from tickmesh.runtime.errors import stream_errors, unary_errors
+from tickmesh.runtime.policy import (
+    EvaluationContext,
+    PolicyEngine,
+    Usage,
+    load_policy,
+    validate_policy,
+)
+from tickmesh.sdk import Issue
+from tickmesh.v1 import (
+    guardrail_pb2,
+    validation_pb2,
+)
+from tickmesh.v1 import (
+    guardrail_service_pb2 as pb,
+)
+from tickmesh.v1 import (
+    guardrail_service_pb2_grpc as pb_grpc,
+)
+
+from .store import PolicyStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+LifetimeUsage = Callable[[str, str], Awaitable[Usage]]
+"""(tenant, lifetime id) -> what the lifetime has used so far."""
+
+
+class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
+    def __init__(
+        self,
+        stores: dict[str, PolicyStore],
+        *,
+        tenants: Collection[str],
+        lease_s: float,
+        on_change: Callable[[str], Awaitable[None]],
+        lifetime_usage: LifetimeUsage,
+    ) -> None:
+        self._stores = stores
+        self._tenants = tenants
+        self._lease_s = lease_s
+        self._on_change = on_change
+        self._lifetime_usage = lifetime_usage
+        self._engine = PolicyEngine()
+        self.snapshot_changed: dict[str, asyncio.Condition] = {}
+
+    def _store(self, context: Context) -> PolicyStore:
+        return self._stores[tenant_of(context, self._tenants)]
+
+    @unary_errors
+    async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
+        store = self._store(context)
+        policies = await store.latest_all()
+        snapshot = guardrail_pb2.PolicySnapshot(tenant_id=store.tenant, policies=policies)
+        snapshot.issued_at.FromDatetime(datetime.now(UTC))
+        snapshot.lease.FromSeconds(60)
+        decisions = []
+        for item in request.items:
+            lifetime = (
+                await self._lifetime_usage(store.tenant, item.header.lifetime_id)
+                if item.header.lifetime_id
+                else Usage()
+            )
+            post = item.phase == guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT
+            execution = Usage.of(item.telemetry)
+            context_ = EvaluationContext(
+                phase=item.phase,
+                header=item.header,
+                execution=execution if post else Usage(),
+                estimate=Usage() if post else Usage.of(item.estimate),
+                lifetime=lifetime.plus(execution) if post else lifetime,
+                tenant_usage=lambda _window: Usage(),
+            )
+            decisions.append(
+                self._engine.evaluate(
+                    snapshot, context_, now=datetime.now(UTC), graph_id=item.header.graph.id
+                )
+            )
+        return pb.EvaluateResponse(decisions=decisions)
+
+    @unary_errors
+    async def ValidatePolicy(
+        self, request: pb.ValidatePolicyRequest, context: Context
+    ) -> pb.ValidatePolicyResponse:
+        self._store(context)
+        issues = validate_policy(request.source)
+        return pb.ValidatePolicyResponse(valid=not issues, issues=_issues(issues))
+
+    @unary_errors
+    async def PutPolicy(
+        self, request: pb.PutPolicyRequest, context: Context
+    ) -> pb.PutPolicyResponse:
+        store = self._store(context)
+        compiled = load_policy(request.source, name="request")
+        policy, created = await store.put(
+            compiled.id,
+            request.source,
+            graph_id=request.graph_id,
+            dry_run=request.dry_run or compiled.dry_run,
+        )
+        if created:
+            await self._on_change(store.tenant)
+        return pb.PutPolicyResponse(policy=policy, created=created)
+
+    @unary_errors
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: Context
+    ) -> pb.GetPolicyResponse:
+        store = self._store(context)
+        return pb.GetPolicyResponse(policy=await store.get(request.policy_id, request.version))
+
+    @unary_errors
+    async def ListPolicies(
+        self, request: pb.ListPoliciesRequest, context: Context
+    ) -> pb.ListPoliciesResponse:
+        store = self._store(context)
+        policies = [p for p in await store.latest_all() if p.policy_id > request.page_token]
+        size = min(request.page_size or 100, 1000)
+        page = policies[:size]
+        more = len(policies) > size
+        return pb.ListPoliciesResponse(
+            policies=page, next_page_token=page[-1].policy_id if more else ""
+        )
+
+    @stream_errors
+    async def WatchPolicies(
+        self, request: pb.WatchPoliciesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchPoliciesResponse]:
+        store = self._store(context)
+        condition = self.snapshot_changed.setdefault(store.tenant, asyncio.Condition())
+        last_revision = request.after_revision
+        while True:
+            snapshot = await store.publish_snapshot(self._lease_s)
+            if snapshot.revision > last_revision or last_revision == 0:
+                last_revision = max(snapshot.revision, 1)
+                yield pb.WatchPoliciesResponse(snapshot=snapshot)
+            async with condition:
+                try:
+                    async with asyncio.timeout(self._lease_s / 3):
+                        await condition.wait()
+                except TimeoutError:
+                    # Re-send before the lease runs out, even when nothing changed.
+                    yield pb.WatchPoliciesResponse(
+                        snapshot=await store.publish_snapshot(self._lease_s)
+                    )
+
+
+def _issues(issues: list[Issue]) -> list[validation_pb2.ValidationIssue]:
+    return [
+        validation_pb2.ValidationIssue(
+            source=i.source, line=i.line, column=i.column, field=i.field, message=i.message
+        )
+        for i in issues
+    ]

@@ -1,0 +1,152 @@
+"""Consumes refs to durable executions in batches and routes them.
+
+Refs of one lifetime are applied together in one compare-and-set; different
+lifetimes are handled concurrently. A ref is acked only after the decisions it
+led to are durable and published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.nats import Outgoing, publish_batch
+from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
+from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
+from tickmesh.v1 import execution_pb2, telemetry_pb2
+
+from . import core
+from .processor import Processor, Tenant
+
+logger = logging.getLogger(__name__)
+
+
+class RefConsumer:
+    def __init__(
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        processor: Processor,
+        tenant: Tenant,
+        *,
+        max_batch: int,
+        ack_wait_s: float,
+    ) -> None:
+        self._js = js
+        self._processor = processor
+        self._tenant = tenant
+        names = tenant.names
+        self._consumer = BatchConsumer(
+            nc,
+            js,
+            stream=names.ref_stream,
+            config=ConsumerConfig(
+                durable_name=names.router_consumer,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ack_wait_s,
+                max_deliver=-1,
+                filter_subject=names.ref_all,
+                max_ack_pending=50_000,
+            ),
+            handler=self._handle,
+            max_batch=max_batch,
+            name=f"router:{names.tenant}",
+        )
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def _handle(self, batch: list[Msg]) -> None:
+        by_lifetime: dict[str, list[tuple[Msg, execution_pb2.ExecutionRef, str]]] = defaultdict(
+            list
+        )
+        rejects: list[tuple[Msg, str]] = []
+        for msg in batch:
+            try:
+                envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
+                subject_tenant = tenant_of_subject(msg.subject)
+                if envelope.header.tenant_id != subject_tenant:
+                    raise ValidationError(
+                        f"envelope claims tenant {envelope.header.tenant_id!r} "
+                        f"on a subject of tenant {subject_tenant!r}"
+                    )
+                if not envelope.HasField("execution_ref"):
+                    raise ValidationError("a ref must carry an execution_ref body")
+            except ValidationError as exc:
+                rejects.append((msg, str(exc)))
+                continue
+            ref = envelope.execution_ref
+            record = ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+            key = f"ref:{record.header.execution_id}:{record.header.attempt}"
+            by_lifetime[envelope.header.lifetime_id].append((msg, ref, key))
+        if rejects:
+            await self._dead_letter(rejects)
+        await asyncio.gather(*(self._route(lid, items) for lid, items in by_lifetime.items()))
+
+    async def _route(
+        self, lifetime_id: str, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
+    ) -> None:
+        used: list[telemetry_pb2.Telemetry] = []
+
+        def mutate(lt: core.Lifetime) -> bool:
+            used.clear()
+            changed = False
+            for _, ref, _ in items:
+                if core.on_execution(lt, ref):
+                    changed = True
+                    record = (
+                        ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+                    )
+                    used.append(record.result.telemetry)
+            return changed
+
+        try:
+            await self._processor.apply(
+                self._tenant, lifetime_id, mutate, [key for _, _, key in items]
+            )
+        except NotFoundError as exc:
+            for msg, _, _ in items:
+                await term(msg, f"ref for an unknown lifetime: {exc}")
+            logger.error("refs for unknown lifetime %s dropped", lifetime_id)
+            return
+        except Exception:
+            logger.exception(
+                "routing lifetime %s failed; its refs will be redelivered", lifetime_id
+            )
+            for msg, _, _ in items:
+                await msg.nak(delay=0.2)
+            return
+        guard = self._tenant.guard
+        record_usage = getattr(guard, "record_tenant_usage", None)
+        if record_usage is not None:
+            for telemetry in used:
+                record_usage(telemetry)
+        for msg, _, _ in items:
+            await msg.ack()
+
+    async def _dead_letter(self, rejects: list[tuple[Msg, str]]) -> None:
+        names = self._tenant.names
+        await publish_batch(
+            self._js,
+            [
+                Outgoing(
+                    names.dlq("ref"),
+                    msg.data,
+                    {**(msg.headers or {}), HDR_REASON: reason[:512]},
+                )
+                for msg, reason in rejects
+            ],
+        )
+        for msg, reason in rejects:
+            logger.error("dead-lettered a ref on %s: %s", msg.subject, reason)
+            await term(msg, reason)

@@ -1,0 +1,789 @@
+"""The step loop's decisions, as pure functions over one lifetime's state.
+
+Every function here takes a :class:`Lifetime` (the stored RouterLifetime plus
+its graph) and records what to publish in ``lifetime.out``; it never touches
+the network. The caller persists the state by compare-and-set and only then
+publishes the messages, so a decision is never taken twice from stale state.
+Routing uses no randomness: replaying the same records through the same graph
+version reproduces the same decisions and execution ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
+from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime import steps
+from tickmesh.runtime.subjects import TenantNames
+from tickmesh.sdk import encode_envelope, execution_id
+from tickmesh.sdk.ids import uuid7
+from tickmesh.v1 import (
+    envelope_pb2,
+    execution_pb2,
+    graph_pb2,
+    guardrail_pb2,
+    header_pb2,
+    lifetime_pb2,
+    payload_pb2,
+    request_pb2,
+    result_pb2,
+    telemetry_pb2,
+)
+
+DEFAULT_MAX_ITERATIONS = 100
+START_GROUP = "start"
+
+LS = lifetime_pb2
+TERMINAL = frozenset(
+    {LS.LIFETIME_STATE_COMPLETED, LS.LIFETIME_STATE_FAILED, LS.LIFETIME_STATE_ABORTED}
+)
+ALLOWING = frozenset({guardrail_pb2.GUARDRAIL_ACTION_ALLOW})
+
+Guard = Callable[
+    [
+        "Lifetime",
+        "guardrail_pb2.GuardrailPhase.ValueType",
+        header_pb2.EnvelopeHeader,
+        telemetry_pb2.Telemetry,
+    ],
+    guardrail_pb2.GuardrailDecision,
+]
+"""(lifetime, phase, header, telemetry of this execution or its estimate) -> decision."""
+
+
+def allow_all(
+    lifetime: Lifetime,
+    phase: guardrail_pb2.GuardrailPhase.ValueType,
+    header: header_pb2.EnvelopeHeader,
+    usage: telemetry_pb2.Telemetry,
+) -> guardrail_pb2.GuardrailDecision:
+    return guardrail_pb2.GuardrailDecision(action=guardrail_pb2.GUARDRAIL_ACTION_ALLOW, phase=phase)
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    service: str
+    version: str
+    instance: str
+
+    def proto(self) -> header_pb2.Producer:
+        return header_pb2.Producer(
+            service=self.service, version=self.version, instance=self.instance
+        )
+
+
+class RoutingError(Exception):
+    """A plan's decision does not fit the graph (the lifetime fails with this message)."""
+
+
+@dataclass
+class Lifetime:
+    """One lifetime being decided on: its stored state, its graph, and what to publish."""
+
+    state: rs.RouterLifetime
+    graph: graph_pb2.AgentGraph
+    producer: Producer
+    now: datetime
+    guard: Guard = allow_all
+    out: list[rs.OutMessage] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    """Execution ids whose in-flight work must be cancelled (published on core NATS)."""
+
+    def __post_init__(self) -> None:
+        self.nodes = {n.id: n for n in self.graph.nodes}
+        self.names = TenantNames(self.state.lifetime.tenant_id)
+
+    @property
+    def view(self) -> lifetime_pb2.AgentLifetime:
+        return self.state.lifetime
+
+    @property
+    def terminal(self) -> bool:
+        return self.view.state in TERMINAL
+
+    def timestamp(self) -> timestamp_pb2.Timestamp:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(self.now)
+        return ts
+
+    # --- events ----------------------------------------------------------
+    def event(
+        self, kind: lifetime_pb2.LifetimeEventKind.ValueType, **fields: object
+    ) -> lifetime_pb2.LifetimeEvent:
+        self.view.last_sequence += 1
+        self.view.updated_at.CopyFrom(self.timestamp())
+        event = lifetime_pb2.LifetimeEvent(
+            sequence=self.view.last_sequence, kind=kind, at=self.timestamp(), state=self.view.state
+        )
+        for name, value in fields.items():
+            if value is None:
+                continue
+            target = getattr(event, name)
+            if hasattr(target, "CopyFrom"):
+                target.CopyFrom(value)
+            else:
+                setattr(event, name, value)
+        header = self.base_header()
+        header.sequence = event.sequence
+        header.execution_id = event.execution_id
+        if event.HasField("node"):
+            header.node.CopyFrom(event.node)
+        envelope = envelope_pb2.ExecutionEnvelope(header=header, lifetime_event=event)
+        self.out.append(
+            rs.OutMessage(
+                subject=self.names.evt(self.view.lifetime_id),
+                msg_id=f"evt:{self.view.lifetime_id}:{event.sequence}",
+                type="lifetime_event",
+                data=encode_envelope(envelope),
+            )
+        )
+        return event
+
+    def set_state(
+        self,
+        state: lifetime_pb2.LifetimeState.ValueType,
+        *,
+        message: str = "",
+        error: result_pb2.ErrorInfo | None = None,
+        output: payload_pb2.Payload | None = None,
+    ) -> None:
+        if self.view.state == state:
+            return
+        self.view.state = state
+        if error is not None:
+            self.view.error.CopyFrom(error)
+        if output is not None:
+            self.view.output.CopyFrom(output)
+        if state in TERMINAL:
+            self.view.finished_at.CopyFrom(self.timestamp())
+            self.state.ClearField("held")
+            self.state.ClearField("wait")
+            self.view.waiting_signal = ""
+            self.cancels.extend(sorted(self.state.in_flight))
+        self.event(
+            LS.LIFETIME_EVENT_KIND_STATE_CHANGED,
+            message=message or LS.LifetimeState.Name(state),
+            error=error,
+            output=output,
+        )
+
+    def fail(self, message: str, error_type: str = "LifetimeFailed") -> None:
+        self.set_state(
+            LS.LIFETIME_STATE_FAILED,
+            message=message,
+            error=result_pb2.ErrorInfo(type=error_type, message=message),
+        )
+
+    # --- headers ---------------------------------------------------------
+    def base_header(self) -> header_pb2.EnvelopeHeader:
+        return header_pb2.EnvelopeHeader(
+            envelope_id=uuid7(),
+            tenant_id=self.view.tenant_id,
+            lifetime_id=self.view.lifetime_id,
+            graph=self.view.graph,
+            created_at=self.timestamp(),
+            mode=self.view.mode or header_pb2.EXECUTION_MODE_LIVE,
+            fork_origin=self.view.fork_origin if self.view.HasField("fork_origin") else None,
+            producer=self.producer.proto(),
+            labels=dict(self.view.labels),
+        )
+
+
+# --- starting ---------------------------------------------------------------
+
+
+def new_lifetime(
+    *,
+    tenant_id: str,
+    lifetime_id: str,
+    graph: graph_pb2.AgentGraph,
+    input_payload: payload_pb2.Payload,
+    client_request_id: str,
+    labels: dict[str, str],
+) -> rs.RouterLifetime:
+    state = rs.RouterLifetime()
+    view = state.lifetime
+    view.lifetime_id = lifetime_id
+    view.tenant_id = tenant_id
+    view.graph.CopyFrom(
+        header_pb2.GraphRef(id=graph.id, version=graph.version, digest=graph.digest)
+    )
+    view.state = LS.LIFETIME_STATE_RUNNING
+    view.input.CopyFrom(input_payload)
+    view.client_request_id = client_request_id
+    view.mode = header_pb2.EXECUTION_MODE_LIVE
+    view.labels.update(labels)
+    return state
+
+
+def start(lt: Lifetime) -> None:
+    """Record STARTED and dispatch the entry node."""
+    lt.view.created_at.CopyFrom(lt.timestamp())
+    lt.event(
+        LS.LIFETIME_EVENT_KIND_STARTED, message=f"started graph {lt.graph.id} v{lt.graph.version}"
+    )
+    entry = lt.nodes[lt.graph.entry_node_id]
+    if entry.kind == graph_pb2.NODE_KIND_PLAN:
+        dispatch_plan(lt, entry, inputs=[], parents=[], edge=None)
+    else:
+        dispatch_task(lt, entry, lt.view.input, parents=[], group=START_GROUP, edge=None)
+
+
+# --- dispatching ------------------------------------------------------------
+
+
+def _next_iteration(lt: Lifetime, node: graph_pb2.Node) -> int | None:
+    iteration = lt.state.iterations.get(node.id, 0) + 1
+    cap = lt.graph.max_iterations or DEFAULT_MAX_ITERATIONS
+    if iteration > cap:
+        lt.fail(
+            f"node {node.id!r} would run {iteration} times, over the graph's max_iterations {cap}",
+            "MaxIterationsExceeded",
+        )
+        return None
+    return iteration
+
+
+def _request_header(
+    lt: Lifetime,
+    node: graph_pb2.Node,
+    iteration: int,
+    parents: Iterable[str],
+    edge: graph_pb2.Edge | None,
+) -> header_pb2.EnvelopeHeader:
+    parents = sorted(parents)
+    header = lt.base_header()
+    exec_id = execution_id(lt.view.tenant_id, lt.view.lifetime_id, parents, node.id, iteration)
+    header.execution_id = exec_id
+    header.attempt = 1
+    header.iteration = iteration
+    header.node.CopyFrom(header_pb2.NodeRef(id=node.id, kind=node.kind, handler=node.handler))
+    header.parent_execution_ids.extend(parents)
+    if edge is not None:
+        header.edge.CopyFrom(header_pb2.EdgeRef(id=edge.id, kind=edge.kind))
+    header.idempotency_key = f"req:{exec_id}"
+    timeout = node.timeout.ToTimedelta().total_seconds() if node.HasField("timeout") else 0.0
+    deadline = timestamp_pb2.Timestamp()
+    deadline.FromNanoseconds(
+        lt.timestamp().ToNanoseconds()
+        + int(steps.timeout_seconds(timeout) * steps.max_attempts(node.retry) * 1e9)
+        + int(
+            sum(
+                steps.backoff_seconds(node.retry, a)
+                for a in range(1, steps.max_attempts(node.retry))
+            )
+            * 1e9
+        )
+    )
+    header.deadline.CopyFrom(deadline)
+    return header
+
+
+def dispatch_task(
+    lt: Lifetime,
+    node: graph_pb2.Node,
+    input_payload: payload_pb2.Payload,
+    *,
+    parents: list[str],
+    group: str,
+    edge: graph_pb2.Edge | None,
+) -> str | None:
+    iteration = _next_iteration(lt, node)
+    if iteration is None:
+        return None
+    header = _request_header(lt, node, iteration, parents, edge)
+    request = request_pb2.TaskRequest(input=input_payload, config=node.config, retry=node.retry)
+    if node.HasField("timeout"):
+        request.timeout.CopyFrom(node.timeout)
+    envelope = envelope_pb2.ExecutionEnvelope(header=header, task_request=request)
+    _record_dispatch(lt, node, header, group)
+    _register_join(lt, node, header.execution_id, group)
+    _guarded_publish(lt, node, envelope, "task")
+    return header.execution_id
+
+
+def dispatch_plan(
+    lt: Lifetime,
+    node: graph_pb2.Node,
+    *,
+    inputs: list[request_pb2.PlanInput],
+    parents: list[str],
+    edge: graph_pb2.Edge | None,
+    signal: request_pb2.SignalDelivery | None = None,
+) -> str | None:
+    iteration = _next_iteration(lt, node)
+    if iteration is None:
+        return None
+    header = _request_header(lt, node, iteration, parents, edge)
+    request = request_pb2.PlanRequest(
+        goal=lt.view.input,
+        inputs=sorted(inputs, key=lambda i: i.execution_id),
+        config=node.config,
+        retry=node.retry,
+    )
+    if signal is not None:
+        request.signal.CopyFrom(signal)
+    if node.HasField("timeout"):
+        request.timeout.CopyFrom(node.timeout)
+    envelope = envelope_pb2.ExecutionEnvelope(header=header, plan_request=request)
+    _record_dispatch(lt, node, header, group=header.execution_id)
+    lt.state.in_flight[header.execution_id].plan_inputs.extend(request.inputs)
+    _guarded_publish(lt, node, envelope, "plan")
+    return header.execution_id
+
+
+def _record_dispatch(
+    lt: Lifetime, node: graph_pb2.Node, header: header_pb2.EnvelopeHeader, group: str
+) -> None:
+    lt.state.iterations[node.id] = header.iteration
+    flight = lt.state.in_flight[header.execution_id]
+    flight.node_id = node.id
+    flight.group = group
+    flight.dispatched_at.CopyFrom(lt.timestamp())
+
+
+def _register_join(lt: Lifetime, node: graph_pb2.Node, exec_id: str, group: str) -> None:
+    target = downstream_plan(lt, node)
+    if target is None:
+        return
+    join = lt.state.joins[f"{group}/{target.id}"]
+    join.plan_node_id = target.id
+    join.expected.append(exec_id)
+
+
+def downstream_plan(lt: Lifetime, task: graph_pb2.Node) -> graph_pb2.Node | None:
+    for edge in lt.graph.edges:
+        if edge.from_node_id == task.id and edge.kind != graph_pb2.EDGE_KIND_FINAL:
+            return lt.nodes.get(edge.to_node_id)
+    return None
+
+
+def _guarded_publish(
+    lt: Lifetime, node: graph_pb2.Node, envelope: envelope_pb2.ExecutionEnvelope, kind: str
+) -> None:
+    header = envelope.header
+    decision = lt.guard(
+        lt, guardrail_pb2.GUARDRAIL_PHASE_PRE_DISPATCH, header, telemetry_pb2.Telemetry()
+    )
+    message = rs.OutMessage(
+        subject=lt.names.work("task" if kind == "task" else "plan", node.handler),
+        msg_id=header.idempotency_key,
+        type=f"{kind}_request",
+        data=encode_envelope(envelope),
+    )
+    lt.event(
+        LS.LIFETIME_EVENT_KIND_STEP_DISPATCHED,
+        execution_id=header.execution_id,
+        node=header.node,
+        attempt=header.attempt,
+        message=f"dispatched {node.id} (iteration {header.iteration})",
+    )
+    if not _act_on(lt, decision, header):
+        if decision.action == guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION:
+            _publish_rejection(lt, envelope, decision)
+        return
+    if lt.view.state == LS.LIFETIME_STATE_PAUSED:
+        lt.state.held.append(message)
+    elif not lt.terminal:
+        lt.out.append(message)
+
+
+def _act_on(
+    lt: Lifetime, decision: guardrail_pb2.GuardrailDecision, header: header_pb2.EnvelopeHeader
+) -> bool:
+    """Record a non-ALLOW decision; return whether the step may proceed."""
+    action = decision.action
+    if action == guardrail_pb2.GUARDRAIL_ACTION_ALLOW:
+        if decision.dry_run and decision.violations:
+            lt.event(
+                LS.LIFETIME_EVENT_KIND_GUARDRAIL,
+                execution_id=header.execution_id,
+                node=header.node,
+                guardrail=decision,
+                message="dry run: would have acted",
+            )
+        return True
+    rules = ", ".join(v.rule_id for v in decision.violations) or decision.reason
+    lt.event(
+        LS.LIFETIME_EVENT_KIND_GUARDRAIL,
+        execution_id=header.execution_id,
+        node=header.node,
+        guardrail=decision,
+        message=f"{guardrail_pb2.GuardrailAction.Name(action)}: {rules}",
+    )
+    if action == guardrail_pb2.GUARDRAIL_ACTION_PAUSE_LIFETIME:
+        lt.set_state(LS.LIFETIME_STATE_PAUSED, message=f"paused by guardrail: {rules}")
+        return True  # the step is held until resume
+    if action == guardrail_pb2.GUARDRAIL_ACTION_ABORT_LIFETIME:
+        lt.set_state(
+            LS.LIFETIME_STATE_ABORTED,
+            message=f"aborted by guardrail: {rules}",
+            error=result_pb2.ErrorInfo(
+                type="guardrail.aborted", message=f"aborted by guardrail: {rules}"
+            ),
+        )
+        return False
+    return False  # REJECT_EXECUTION, or an unknown action: fail closed
+
+
+def _publish_rejection(
+    lt: Lifetime, request: envelope_pb2.ExecutionEnvelope, decision: guardrail_pb2.GuardrailDecision
+) -> None:
+    """A rejected step is recorded like any other: its record goes through the store."""
+    header = request.header
+    reason = ", ".join(v.message or v.rule_id for v in decision.violations) or decision.reason
+    error = result_pb2.ErrorInfo(type="guardrail.rejected", message=reason, retryable=False)
+    digest = hashlib.sha256(
+        request.task_request.SerializeToString(deterministic=True)
+        if request.HasField("task_request")
+        else request.plan_request.SerializeToString(deterministic=True)
+    ).hexdigest()
+    record = envelope_pb2.ExecutionEnvelope(header=lt.base_header())
+    record.header.CopyFrom(header)
+    record.header.envelope_id = uuid7()
+    if request.HasField("task_request"):
+        record.task_execution.CopyFrom(
+            execution_pb2.TaskExecution(
+                header=header,
+                request_digest=digest,
+                result=result_pb2.TaskResult(status=result_pb2.TASK_STATUS_REJECTED, error=error),
+                started_at=lt.timestamp(),
+                finished_at=lt.timestamp(),
+            )
+        )
+        kind = "task_execution"
+    else:
+        record.plan_execution.CopyFrom(
+            execution_pb2.PlanExecution(
+                header=header,
+                request_digest=digest,
+                result=result_pb2.PlanResult(
+                    fail=result_pb2.FailDecision(error=error), rationale="rejected by guardrail"
+                ),
+                started_at=lt.timestamp(),
+                finished_at=lt.timestamp(),
+            )
+        )
+        kind = "plan_execution"
+    lt.out.append(
+        rs.OutMessage(
+            subject=lt.names.exec(lt.view.lifetime_id),
+            msg_id=f"exec:{header.execution_id}:{header.attempt}",
+            type=kind,
+            data=encode_envelope(record),
+        )
+    )
+
+
+# --- results ----------------------------------------------------------------
+
+
+def on_execution(lt: Lifetime, ref: execution_pb2.ExecutionRef) -> bool:
+    """Apply one durable execution record. Returns False when it changes nothing
+    (a duplicate, a non-final attempt, or a record for a step not in flight)."""
+    kind = ref.WhichOneof("record")
+    if kind == "task_execution":
+        header = ref.task_execution.header
+    elif kind == "plan_execution":
+        header = ref.plan_execution.header
+    else:
+        return False
+    exec_id = header.execution_id
+    flight = lt.state.in_flight.get(exec_id)
+    if flight is None:
+        return False
+    node = lt.nodes.get(flight.node_id)
+    if node is None:  # pragma: no cover - the graph is immutable
+        return False
+    if kind == "task_execution":
+        result = ref.task_execution.result
+        if not steps.task_attempt_is_final(node.retry, header.attempt, result):
+            return False
+        telemetry = result.telemetry
+    else:
+        plan_result = ref.plan_execution.result
+        if not steps.plan_attempt_is_final(node.retry, header.attempt, plan_result):
+            return False
+        telemetry = plan_result.telemetry
+    group = flight.group
+    plan_inputs = list(flight.plan_inputs)
+    del lt.state.in_flight[exec_id]
+    _add_usage(lt.view, telemetry)
+    lt.event(
+        LS.LIFETIME_EVENT_KIND_STEP_FINISHED,
+        execution_id=exec_id,
+        node=header.node,
+        attempt=header.attempt,
+        telemetry=telemetry,
+        message=_finished_message(ref),
+    )
+    if lt.terminal:
+        return True
+    decision = lt.guard(lt, guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT, header, telemetry)
+    proceed = _act_on(lt, decision, header)
+    if lt.terminal:
+        return True
+    if kind == "task_execution":
+        rejected = None if proceed else decision
+        _task_finished(lt, node, ref.task_execution, group, rejected)
+    else:
+        if not proceed:
+            lt.fail(f"plan {node.id} rejected by guardrail after it decided", "guardrail.rejected")
+            return True
+        _plan_decided(lt, node, ref.plan_execution, plan_inputs)
+    return True
+
+
+def _finished_message(ref: execution_pb2.ExecutionRef) -> str:
+    if ref.HasField("task_execution"):
+        status = result_pb2.TaskStatus.Name(ref.task_execution.result.status)
+        return f"{ref.task_execution.header.node.id}: {status.removeprefix('TASK_STATUS_').lower()}"
+    decision = ref.plan_execution.result.WhichOneof("decision") or "error"
+    return f"{ref.plan_execution.header.node.id}: {decision}"
+
+
+def _add_usage(view: lifetime_pb2.AgentLifetime, telemetry: telemetry_pb2.Telemetry) -> None:
+    totals = view.totals
+    totals.input_tokens += telemetry.input_tokens
+    totals.output_tokens += telemetry.output_tokens
+    totals.cost_micros += telemetry.cost_micros
+    totals.model_calls += telemetry.model_calls
+    totals.tool_calls += telemetry.tool_calls
+    view.execution_count += 1
+
+
+def _task_finished(
+    lt: Lifetime,
+    node: graph_pb2.Node,
+    record: execution_pb2.TaskExecution,
+    group: str,
+    rejected: guardrail_pb2.GuardrailDecision | None,
+) -> None:
+    target = downstream_plan(lt, node)
+    if target is None:
+        lt.fail(f"task {node.id} has no plan to report to")
+        return
+    key = f"{group}/{target.id}"
+    join = lt.state.joins[key]
+    join.plan_node_id = target.id
+    result = record.result
+    item = join.finished.add(
+        execution_id=record.header.execution_id,
+        node=record.header.node,
+        status=result.status,
+        telemetry=result.telemetry,
+    )
+    if rejected is not None:
+        item.status = result_pb2.TASK_STATUS_REJECTED
+        item.guardrail.CopyFrom(rejected)
+        item.error.CopyFrom(
+            result_pb2.ErrorInfo(
+                type="guardrail.rejected",
+                message=rejected.reason or ", ".join(v.rule_id for v in rejected.violations),
+            )
+        )
+    elif result.status == result_pb2.TASK_STATUS_SUCCEEDED:
+        item.output.CopyFrom(result.output)
+    else:
+        item.error.CopyFrom(result.error)
+        if result.status == result_pb2.TASK_STATUS_REJECTED:
+            item.guardrail.action = guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION
+    if not join.fired and _join_satisfied(target.join, len(join.expected), len(join.finished)):
+        join.fired = True
+        inputs = list(join.finished)
+        parents = [i.execution_id for i in inputs]
+        edge = _edge(lt, node.id, target.id)
+        dispatch_plan(lt, target, inputs=inputs, parents=parents, edge=edge)
+    if join.fired and len(join.finished) >= len(join.expected):
+        del lt.state.joins[key]
+
+
+def _join_satisfied(policy: graph_pb2.JoinPolicy, expected: int, finished: int) -> bool:
+    if policy.mode == graph_pb2.JOIN_MODE_ANY:
+        return finished >= 1
+    if policy.mode == graph_pb2.JOIN_MODE_QUORUM:
+        return finished >= min(max(policy.quorum, 1), expected)
+    return finished >= expected
+
+
+def _edge(lt: Lifetime, from_id: str, to_id: str) -> graph_pb2.Edge | None:
+    for edge in lt.graph.edges:
+        if edge.from_node_id == from_id and edge.to_node_id == to_id:
+            return edge
+    return None
+
+
+def _plan_decided(
+    lt: Lifetime,
+    node: graph_pb2.Node,
+    record: execution_pb2.PlanExecution,
+    inputs: list[request_pb2.PlanInput],
+) -> None:
+    result = record.result
+    decision = result.WhichOneof("decision")
+    exec_id = record.header.execution_id
+    if decision is None:
+        error = result.error
+        lt.fail(f"plan {node.id} failed: {error.message or error.type}", error.type or "PlanFailed")
+        return
+    if decision == "complete":
+        if not any(
+            e.from_node_id == node.id and e.kind == graph_pb2.EDGE_KIND_FINAL
+            for e in lt.graph.edges
+        ):
+            lt.fail(f"plan {node.id} decided to complete but has no FINAL edge", "RoutingError")
+            return
+        lt.set_state(
+            LS.LIFETIME_STATE_COMPLETED,
+            message=result.rationale or "completed",
+            output=result.complete.output,
+        )
+        return
+    if decision == "fail":
+        error = result.fail.error
+        lt.set_state(
+            LS.LIFETIME_STATE_FAILED,
+            message=f"plan {node.id} decided to fail: {error.message}",
+            error=error,
+        )
+        return
+    if decision == "wait":
+        wait = result.wait
+        lt.state.wait.CopyFrom(
+            rs.WaitState(
+                signal_name=wait.signal_name,
+                plan_node_id=node.id,
+                plan_execution_id=exec_id,
+                decision=wait,
+                inputs=inputs,
+            )
+        )
+        if wait.HasField("timeout"):
+            deadline = timestamp_pb2.Timestamp()
+            deadline.FromNanoseconds(lt.timestamp().ToNanoseconds() + wait.timeout.ToNanoseconds())
+            lt.state.wait.deadline.CopyFrom(deadline)
+        lt.view.waiting_signal = wait.signal_name
+        lt.set_state(LS.LIFETIME_STATE_WAITING, message=f"waiting for signal {wait.signal_name!r}")
+        return
+    steps_ = list(result.dispatch.steps)
+    if not steps_:
+        lt.fail(f"plan {node.id} dispatched no steps", "RoutingError")
+        return
+    targets: list[tuple[graph_pb2.Node, graph_pb2.Edge, result_pb2.NextStep]] = []
+    for step in steps_:
+        edge = _edge(lt, node.id, step.node_id)
+        target = lt.nodes.get(step.node_id)
+        if edge is None or target is None or edge.kind == graph_pb2.EDGE_KIND_FINAL:
+            lt.fail(
+                f"plan {node.id} dispatched {step.node_id!r}, "
+                f"which no edge from {node.id} leads to",
+                "RoutingError",
+            )
+            return
+        targets.append((target, edge, step))
+    for target, edge, step in targets:
+        if (
+            dispatch_task(lt, target, step.input, parents=[exec_id], group=exec_id, edge=edge)
+            is None
+        ):
+            return
+
+
+# --- control ----------------------------------------------------------------
+
+
+def pause(lt: Lifetime, reason: str) -> None:
+    if lt.terminal or lt.view.state == LS.LIFETIME_STATE_PAUSED:
+        return
+    lt.set_state(LS.LIFETIME_STATE_PAUSED, message=f"paused: {reason}" if reason else "paused")
+
+
+def resume(lt: Lifetime, reason: str) -> None:
+    if lt.view.state != LS.LIFETIME_STATE_PAUSED:
+        return
+    state = LS.LIFETIME_STATE_WAITING if lt.state.HasField("wait") else LS.LIFETIME_STATE_RUNNING
+    held = list(lt.state.held)
+    lt.state.ClearField("held")
+    lt.set_state(state, message=f"resumed: {reason}" if reason else "resumed")
+    lt.out.extend(held)
+
+
+def abort(lt: Lifetime, reason: str) -> None:
+    if lt.terminal:
+        return
+    message = f"aborted: {reason}" if reason else "aborted"
+    lt.set_state(
+        LS.LIFETIME_STATE_ABORTED,
+        message=message,
+        error=result_pb2.ErrorInfo(type="aborted", message=message),
+    )
+
+
+def signal(lt: Lifetime, sig: lifetime_pb2.Signal) -> None:
+    """Deliver a signal to a waiting lifetime.
+
+    Raises:
+        RoutingError: The lifetime is not waiting for a signal of that name.
+    """
+    if sig.signal_id and sig.signal_id in lt.state.signal_ids:
+        return
+    if lt.view.state != LS.LIFETIME_STATE_WAITING or not lt.state.HasField("wait"):
+        raise RoutingError(
+            f"lifetime {lt.view.lifetime_id} is {LS.LifetimeState.Name(lt.view.state)}, "
+            "not waiting for a signal"
+        )
+    wait = lt.state.wait
+    if wait.signal_name != sig.name:
+        raise RoutingError(
+            f"lifetime {lt.view.lifetime_id} waits for signal {wait.signal_name!r}, "
+            f"not {sig.name!r}"
+        )
+    if sig.signal_id:
+        lt.state.signal_ids.append(sig.signal_id)
+    lt.event(LS.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED, signal=sig, message=f"signal {sig.name!r}")
+    _wake(
+        lt,
+        request_pb2.SignalDelivery(
+            name=sig.name, payload=sig.payload, approver=sig.approver, timed_out=False
+        ),
+    )
+
+
+def wait_timed_out(lt: Lifetime) -> None:
+    """Apply a wait's timeout action (called when its deadline has passed)."""
+    if lt.view.state != LS.LIFETIME_STATE_WAITING or not lt.state.HasField("wait"):
+        return
+    decision = lt.state.wait.decision
+    if decision.on_timeout == result_pb2.WAIT_TIMEOUT_ACTION_SIGNAL:
+        _wake(
+            lt,
+            request_pb2.SignalDelivery(
+                name=decision.signal_name, payload=decision.default_payload, timed_out=True
+            ),
+        )
+    elif decision.on_timeout == result_pb2.WAIT_TIMEOUT_ACTION_ABORT:
+        abort(lt, f"no signal {decision.signal_name!r} before the timeout")
+    else:
+        lt.fail(f"no signal {decision.signal_name!r} before the timeout", "WaitTimeout")
+
+
+def _wake(lt: Lifetime, delivery: request_pb2.SignalDelivery) -> None:
+    wait = rs.WaitState()
+    wait.CopyFrom(lt.state.wait)
+    lt.state.ClearField("wait")
+    lt.view.waiting_signal = ""
+    lt.set_state(LS.LIFETIME_STATE_RUNNING, message=f"woken by signal {delivery.name!r}")
+    plan = lt.nodes[wait.plan_node_id]
+    dispatch_plan(
+        lt,
+        plan,
+        inputs=list(wait.inputs),
+        parents=[wait.plan_execution_id],
+        edge=None,
+        signal=delivery,
+    )

@@ -1,0 +1,131 @@
+"""Assembles the router: per-tenant stores and policy watchers, the ref
+consumers, and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from datetime import timedelta
+from importlib import metadata
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from tickmesh.runtime import logging as tm_logging
+from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
+from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.policy import PolicyEngine
+from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.v1 import router_service_pb2_grpc
+
+from .config import RouterSettings
+from .consumer import RefConsumer
+from .core import Producer
+from .guard import Gate, SnapshotWatcher
+from .processor import Processor, Tenant
+from .servicer import RouterServicer
+from .store import RouterStore
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "tickmesh.v1.RouterService"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tickmesh")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+@dataclass
+class RouterService:
+    settings: RouterSettings
+    nc: NatsClient
+    js: JetStreamContext
+    processor: Processor
+    grpc: GrpcServer
+    consumers: list[RefConsumer] = field(default_factory=list)
+    watchers: list[SnapshotWatcher] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return self.grpc.target
+
+    async def start(self) -> None:
+        for tenant_id in self.settings.tenants:
+            await self.add_tenant(tenant_id)
+        await self.grpc.server.start()
+        await self.grpc.set_serving(SERVICE_NAME, True)
+        logger.info("router serving on %s for tenants %s", self.target, self.settings.tenants)
+
+    async def add_tenant(self, tenant_id: str) -> None:
+        if tenant_id in self.processor.tenants:
+            return
+        names = await ensure_tenant(self.js, tenant_id)
+        watcher = await SnapshotWatcher.open(self.js, names)
+        self.watchers.append(watcher)
+        tenant = Tenant(
+            names=names,
+            store=await RouterStore.open(self.js, names),
+            guard=Gate(watcher, PolicyEngine()),
+        )
+        self.processor.tenants[tenant_id] = tenant
+        consumer = RefConsumer(
+            self.nc,
+            self.js,
+            self.processor,
+            tenant,
+            max_batch=self.settings.max_batch,
+            ack_wait_s=self.settings.ack_wait_s,
+        )
+        await consumer.start()
+        self.consumers.append(consumer)
+
+    async def stop(self) -> None:
+        await self.grpc.set_serving(SERVICE_NAME, False)
+        for consumer in self.consumers:
+            await consumer.stop()
+        for watcher in self.watchers:
+            await watcher.stop()
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+
+
+async def build(settings: RouterSettings, *, nc: NatsClient) -> RouterService:
+    js = tm_nats.jetstream(nc)
+    processor = Processor(
+        nc,
+        js,
+        Producer("router", _version(), settings.instance),
+        outbox_retention=timedelta(seconds=settings.outbox_retention_s),
+    )
+    grpc_server = await create_server(
+        settings.grpc_listen, max_message_bytes=settings.max_message_bytes
+    )
+    servicer = RouterServicer(
+        processor, js, tenants=settings.tenants, inline_limit=DEFAULT_INLINE_LIMIT
+    )
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_server.server)
+    return RouterService(settings, nc, js, processor, grpc_server)
+
+
+async def serve(settings: RouterSettings) -> None:
+    tm_logging.configure(settings.log_level, json_output=settings.log_json, service="router")
+    nc = await tm_nats.connect(
+        settings.nats_servers,
+        name=f"router {settings.instance}",
+        user=settings.nats_user,
+        password=settings.nats_password,
+        user_credentials=settings.nats_credentials,
+    )
+    service = await build(settings, nc=nc)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
+    await nc.drain()

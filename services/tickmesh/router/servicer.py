@@ -1,0 +1,295 @@
+"""RouterService over gRPC: decode, check the caller's tenant, call the core, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+import grpc
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from tickmesh.runtime.auth import tenant_of
+from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
+from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
+from tickmesh.sdk.errors import StatusCode
+from tickmesh.sdk.ids import uuid7
+from tickmesh.v1 import (
+    lifetime_pb2,
+)
+from tickmesh.v1 import (
+    router_service_pb2 as pb,
+)
+from tickmesh.v1 import (
+    router_service_pb2_grpc as pb_grpc,
+)
+
+from . import core
+from .graphs import compile_definition, issues_to_proto, validate_definition
+from .processor import Processor, Tenant
+from .store import ConflictError
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+class RouterServicer(pb_grpc.RouterServiceServicer):
+    def __init__(
+        self,
+        processor: Processor,
+        js: JetStreamContext,
+        *,
+        tenants: Collection[str],
+        inline_limit: int,
+    ) -> None:
+        self._processor = processor
+        self._js = js
+        self._tenants = tenants
+        self._inline_limit = inline_limit
+
+    def _tenant(self, context: Context) -> Tenant:
+        return self._processor.tenant(tenant_of(context, self._tenants))
+
+    # --- graphs ------------------------------------------------------------
+    @unary_errors
+    async def RegisterGraph(
+        self, request: pb.RegisterGraphRequest, context: Context
+    ) -> pb.RegisterGraphResponse:
+        tenant = self._tenant(context)
+        graph = compile_definition(request)
+        stored, created = await tenant.store.put_graph(graph)
+        return pb.RegisterGraphResponse(graph=stored, created=created)
+
+    @unary_errors
+    async def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
+        tenant = self._tenant(context)
+        graph = await tenant.store.get_graph(request.graph_id, request.version)
+        return pb.GetGraphResponse(graph=graph)
+
+    @unary_errors
+    async def ListGraphs(
+        self, request: pb.ListGraphsRequest, context: Context
+    ) -> pb.ListGraphsResponse:
+        tenant = self._tenant(context)
+        ids = [i for i in await tenant.store.graph_ids() if i > request.page_token]
+        size = _page_size(request.page_size)
+        page = ids[:size]
+        graphs = await asyncio.gather(*(tenant.store.get_graph(i) for i in page))
+        more = len(ids) > size
+        return pb.ListGraphsResponse(graphs=graphs, next_page_token=page[-1] if more else "")
+
+    @unary_errors
+    async def ValidateGraph(
+        self, request: pb.ValidateGraphRequest, context: Context
+    ) -> pb.ValidateGraphResponse:
+        self._tenant(context)
+        graph, issues = validate_definition(request)
+        return pb.ValidateGraphResponse(
+            valid=not issues,
+            issues=issues_to_proto(issues),
+            digest=graph.digest if graph is not None and not issues else "",
+        )
+
+    # --- lifetimes ---------------------------------------------------------
+    @unary_errors
+    async def StartLifetime(
+        self, request: pb.StartLifetimeRequest, context: Context
+    ) -> pb.StartLifetimeResponse:
+        tenant = self._tenant(context)
+        if (
+            request.input.WhichOneof("data") == "inline"
+            and len(request.input.inline) > self._inline_limit
+        ):
+            raise ValidationError(
+                f"input is {len(request.input.inline)} bytes inline, over the "
+                f"{self._inline_limit}-byte limit: upload it with StateService.PutBlob and "
+                "pass the BlobRef"
+            )
+        graph = await tenant.store.get_graph(request.graph_id, request.graph_version)
+        lifetime_id = uuid7()
+        if request.client_request_id:
+            bound = await tenant.store.claim_request(request.client_request_id, lifetime_id)
+            if bound != lifetime_id:
+                existing = await tenant.store.load(bound, fresh=True)
+                if existing is not None:
+                    # Republish the first step in case the first call died before it did.
+                    applied = await self._processor.apply(
+                        tenant, bound, lambda _lt: False, ["start"]
+                    )
+                    return pb.StartLifetimeResponse(lifetime=applied.lifetime.view, created=False)
+                lifetime_id = bound  # the first call died before creating it
+        state = core.new_lifetime(
+            tenant_id=tenant.names.tenant,
+            lifetime_id=lifetime_id,
+            graph=graph,
+            input_payload=request.input,
+            client_request_id=request.client_request_id,
+            labels=dict(request.labels),
+        )
+        try:
+            lt = await self._processor.create(tenant, state)
+        except ConflictError:
+            loaded = await tenant.store.load(lifetime_id, fresh=True)
+            assert loaded is not None
+            return pb.StartLifetimeResponse(lifetime=loaded.state.lifetime, created=False)
+        return pb.StartLifetimeResponse(lifetime=lt.view, created=True)
+
+    @unary_errors
+    async def GetLifetime(
+        self, request: pb.GetLifetimeRequest, context: Context
+    ) -> pb.GetLifetimeResponse:
+        tenant = self._tenant(context)
+        return pb.GetLifetimeResponse(lifetime=await _load_view(tenant, request.lifetime_id))
+
+    @unary_errors
+    async def ListLifetimes(
+        self, request: pb.ListLifetimesRequest, context: Context
+    ) -> pb.ListLifetimesResponse:
+        tenant = self._tenant(context)
+        # UUIDv7 ids sort by creation time: newest first.
+        ids = sorted(await tenant.store.lifetime_ids(), reverse=True)
+        if request.page_token:
+            ids = [i for i in ids if i < request.page_token]
+        size = _page_size(request.page_size)
+        states = set(request.states)
+        found: list[lifetime_pb2.AgentLifetime] = []
+        last = ""
+        for start in range(0, len(ids), size):
+            chunk = ids[start : start + size]
+            loaded = await asyncio.gather(*(tenant.store.load(i, fresh=True) for i in chunk))
+            for lifetime_id, item in zip(chunk, loaded, strict=True):
+                last = lifetime_id
+                if item is None:
+                    continue
+                view = item.state.lifetime
+                if states and view.state not in states:
+                    continue
+                if request.graph_id and view.graph.id != request.graph_id:
+                    continue
+                found.append(view)
+                if len(found) == size:
+                    break
+            if len(found) == size:
+                break
+        more = bool(found) and len(found) == size and last != ids[-1]
+        return pb.ListLifetimesResponse(lifetimes=found, next_page_token=last if more else "")
+
+    @stream_errors
+    async def WatchLifetime(
+        self, request: pb.WatchLifetimeRequest, context: Context
+    ) -> AsyncIterator[pb.WatchLifetimeResponse]:
+        tenant = self._tenant(context)
+        await _load_view(tenant, request.lifetime_id)  # NOT_FOUND before streaming
+        subject = tenant.names.evt(request.lifetime_id)
+        sub = await self._js.subscribe(
+            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            async for msg in sub.messages:
+                try:
+                    envelope = decode_envelope(msg.data, expected_kind="lifetime_event")
+                except ValidationError:
+                    logger.error("unreadable event on %s", subject)
+                    continue
+                event = envelope.lifetime_event
+                if event.sequence <= request.after_sequence:
+                    continue
+                yield pb.WatchLifetimeResponse(event=event)
+                if (
+                    event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
+                    and event.state in core.TERMINAL
+                ):
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    @unary_errors
+    async def PauseLifetime(
+        self, request: pb.PauseLifetimeRequest, context: Context
+    ) -> pb.PauseLifetimeResponse:
+        view = await self._control(context, request.lifetime_id, core.pause, request.reason)
+        return pb.PauseLifetimeResponse(lifetime=view)
+
+    @unary_errors
+    async def ResumeLifetime(
+        self, request: pb.ResumeLifetimeRequest, context: Context
+    ) -> pb.ResumeLifetimeResponse:
+        view = await self._control(context, request.lifetime_id, core.resume, request.reason)
+        return pb.ResumeLifetimeResponse(lifetime=view)
+
+    @unary_errors
+    async def AbortLifetime(
+        self, request: pb.AbortLifetimeRequest, context: Context
+    ) -> pb.AbortLifetimeResponse:
+        view = await self._control(context, request.lifetime_id, core.abort, request.reason)
+        return pb.AbortLifetimeResponse(lifetime=view)
+
+    @unary_errors
+    async def SignalLifetime(
+        self, request: pb.SignalLifetimeRequest, context: Context
+    ) -> pb.SignalLifetimeResponse:
+        tenant = self._tenant(context)
+        signal = request.signal
+        if not signal.name:
+            raise ValidationError("signal.name is required")
+        duplicate = False
+
+        def mutate(lt: core.Lifetime) -> bool:
+            nonlocal duplicate
+            if signal.signal_id and signal.signal_id in lt.state.signal_ids:
+                duplicate = True
+                return False
+            try:
+                core.signal(lt, signal)
+            except core.RoutingError as exc:
+                raise StatusError(StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+            return True
+
+        key = f"signal:{signal.signal_id or uuid7()}"
+        applied = await self._processor.apply(tenant, request.lifetime_id, mutate, [key])
+        return pb.SignalLifetimeResponse(lifetime=applied.lifetime.view, duplicate=duplicate)
+
+    async def _control(
+        self, context: Context, lifetime_id: str, action: Any, reason: str
+    ) -> lifetime_pb2.AgentLifetime:
+        tenant = self._tenant(context)
+
+        def mutate(lt: core.Lifetime) -> bool:
+            before = lt.view.last_sequence
+            action(lt, reason)
+            return lt.view.last_sequence != before
+
+        applied = await self._processor.apply(tenant, lifetime_id, mutate, [f"rpc:{uuid7()}"])
+        return applied.lifetime.view
+
+    @unary_errors
+    async def ForkLifetime(
+        self, request: pb.ForkLifetimeRequest, context: Context
+    ) -> pb.ForkLifetimeResponse:
+        self._tenant(context)
+        raise StatusError(StatusCode.UNIMPLEMENTED, "ForkLifetime is not available in this release")
+
+    @unary_errors
+    async def ReplayLifetime(
+        self, request: pb.ReplayLifetimeRequest, context: Context
+    ) -> pb.ReplayLifetimeResponse:
+        self._tenant(context)
+        raise StatusError(
+            StatusCode.UNIMPLEMENTED, "ReplayLifetime is not available in this release"
+        )
+
+
+async def _load_view(tenant: Tenant, lifetime_id: str) -> lifetime_pb2.AgentLifetime:
+    loaded = await tenant.store.load(lifetime_id, fresh=True)
+    if loaded is None:
+        raise NotFoundError(f"no lifetime {lifetime_id!r}")
+    return loaded.state.lifetime
+
+
+def _page_size(requested: int) -> int:
+    return min(requested or DEFAULT_PAGE, MAX_PAGE)

@@ -1,0 +1,237 @@
+"""The router's durable state, in the tenant's router KV bucket.
+
+    graph.<id>.<version 8 digits>   AgentGraph (immutable)
+    graph.<id>.latest               AgentGraph of the newest version (updated by CAS)
+    lt.<lifetime id>                RouterLifetime (updated only by compare-and-set)
+    req.<sha256 of client request>  the lifetime id a StartLifetime request created
+
+Every write of a lifetime is a compare-and-set against the revision it was read
+at, so two router replicas never both decide from the same state: the loser
+reloads and decides again. Lifetimes are cached per replica with their revision;
+a failed CAS evicts the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.subjects import TenantNames
+from tickmesh.sdk import NotFoundError
+from tickmesh.v1 import graph_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class ConflictError(Exception):
+    """Someone else wrote the lifetime since it was read."""
+
+
+@dataclass
+class Versioned:
+    state: rs.RouterLifetime
+    revision: int
+
+
+def lifetime_key(lifetime_id: str) -> str:
+    return f"lt.{lifetime_id}"
+
+
+def request_key(client_request_id: str) -> str:
+    return "req." + hashlib.sha256(client_request_id.encode()).hexdigest()[:40]
+
+
+class RouterStore:
+    """One tenant's router bucket."""
+
+    def __init__(self, kv: KeyValue, *, cache_size: int = 20_000) -> None:
+        self._kv = kv
+        self._cache: OrderedDict[str, Versioned] = OrderedDict()
+        self._cache_size = cache_size
+        self._graphs: dict[tuple[str, int], graph_pb2.AgentGraph] = {}
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, names: TenantNames) -> RouterStore:
+        return cls(await js.key_value(names.router_bucket))
+
+    # --- lifetimes -------------------------------------------------------
+    async def load(self, lifetime_id: str, *, fresh: bool = False) -> Versioned | None:
+        if not fresh:
+            cached = self._cache.get(lifetime_id)
+            if cached is not None:
+                self._cache.move_to_end(lifetime_id)
+                return Versioned(_copy(cached.state), cached.revision)
+        try:
+            entry = await self._kv.get(lifetime_key(lifetime_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        state = rs.RouterLifetime.FromString(entry.value)
+        self._remember(lifetime_id, state, entry.revision)
+        return Versioned(_copy(state), entry.revision)
+
+    async def create(self, state: rs.RouterLifetime) -> int:
+        lifetime_id = state.lifetime.lifetime_id
+        try:
+            revision = await self._kv.create(lifetime_key(lifetime_id), state.SerializeToString())
+        except KeyWrongLastSequenceError as exc:
+            raise ConflictError(lifetime_id) from exc
+        self._remember(lifetime_id, state, revision)
+        return revision
+
+    async def update(self, state: rs.RouterLifetime, revision: int) -> int:
+        lifetime_id = state.lifetime.lifetime_id
+        try:
+            new_revision = await self._kv.update(
+                lifetime_key(lifetime_id), state.SerializeToString(), last=revision
+            )
+        except KeyWrongLastSequenceError as exc:
+            self._cache.pop(lifetime_id, None)
+            raise ConflictError(lifetime_id) from exc
+        self._remember(lifetime_id, state, new_revision)
+        return new_revision
+
+    def _remember(self, lifetime_id: str, state: rs.RouterLifetime, revision: int) -> None:
+        self._cache[lifetime_id] = Versioned(_copy(state), revision)
+        self._cache.move_to_end(lifetime_id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def forget(self, lifetime_id: str) -> None:
+        self._cache.pop(lifetime_id, None)
+
+    async def lifetime_ids(self) -> list[str]:
+        try:
+            keys = await self._kv.keys(filters=["lt.>"])
+        except NoKeysError:
+            return []
+        return [k.removeprefix("lt.") for k in keys if k.startswith("lt.")]
+
+    # --- start-request idempotency --------------------------------------
+    async def claim_request(self, client_request_id: str, lifetime_id: str) -> str:
+        """Bind a client request id to a lifetime id; return the id already bound, if any."""
+        key = request_key(client_request_id)
+        try:
+            await self._kv.create(key, lifetime_id.encode())
+            return lifetime_id
+        except KeyWrongLastSequenceError:
+            entry = await self._kv.get(key)
+            assert entry.value is not None
+            return entry.value.decode()
+
+    # --- graphs ----------------------------------------------------------
+    async def put_graph(self, graph: graph_pb2.AgentGraph) -> tuple[graph_pb2.AgentGraph, bool]:
+        """Store ``graph`` (digest filled in) as its next version, unless it equals the newest."""
+        for _ in range(10):
+            latest = await self._latest_entry(graph.id)
+            if latest is not None and latest[0].digest == graph.digest:
+                return latest[0], False
+            stored = graph_pb2.AgentGraph()
+            stored.CopyFrom(graph)
+            stored.version = (latest[0].version if latest else 0) + 1
+            try:
+                await self._kv.create(
+                    _graph_key(graph.id, stored.version), stored.SerializeToString()
+                )
+            except KeyWrongLastSequenceError:
+                continue  # a concurrent registration took this version number
+            data = stored.SerializeToString()
+            try:
+                if latest is None:
+                    await self._kv.create(_latest_key(graph.id), data)
+                else:
+                    await self._kv.update(_latest_key(graph.id), data, last=latest[1])
+            except KeyWrongLastSequenceError:
+                await self._repair_latest(graph.id)
+            self._graphs[(graph.id, stored.version)] = stored
+            return stored, True
+        raise ConflictError(f"graph {graph.id}: too many concurrent registrations")
+
+    async def _repair_latest(self, graph_id: str) -> None:
+        # Another registration moved `latest`; keep whichever version is newer.
+        for _ in range(10):
+            latest = await self._latest_entry(graph_id)
+            versions = await self._versions(graph_id)
+            if latest is None or not versions or latest[0].version >= versions[-1]:
+                return
+            newest = await self.get_graph(graph_id, versions[-1])
+            try:
+                await self._kv.update(
+                    _latest_key(graph_id), newest.SerializeToString(), last=latest[1]
+                )
+                return
+            except KeyWrongLastSequenceError:
+                continue
+
+    async def _latest_entry(self, graph_id: str) -> tuple[graph_pb2.AgentGraph, int] | None:
+        try:
+            entry = await self._kv.get(_latest_key(graph_id))
+        except KeyNotFoundError:
+            return None
+        assert entry.value is not None
+        assert entry.revision is not None
+        return graph_pb2.AgentGraph.FromString(entry.value), entry.revision
+
+    async def _versions(self, graph_id: str) -> list[int]:
+        try:
+            keys = await self._kv.keys(filters=[f"graph.{_token(graph_id)}.*"])
+        except NoKeysError:
+            return []
+        return sorted(int(k.rsplit(".", 1)[1]) for k in keys if k.rsplit(".", 1)[1].isdigit())
+
+    async def get_graph(self, graph_id: str, version: int = 0) -> graph_pb2.AgentGraph:
+        """Return one version (0 = newest). Versions are immutable, so they are cached.
+
+        Raises:
+            NotFoundError: No such graph or version.
+        """
+        if version:
+            cached = self._graphs.get((graph_id, version))
+            if cached is not None:
+                return cached
+            try:
+                entry = await self._kv.get(_graph_key(graph_id, version))
+            except KeyNotFoundError as exc:
+                raise NotFoundError(f"graph {graph_id!r} has no version {version}") from exc
+            assert entry.value is not None
+            graph = graph_pb2.AgentGraph.FromString(entry.value)
+            self._graphs[(graph_id, version)] = graph
+            return graph
+        latest = await self._latest_entry(graph_id)
+        if latest is None:
+            raise NotFoundError(f"no graph {graph_id!r}")
+        return latest[0]
+
+    async def graph_ids(self) -> list[str]:
+        try:
+            keys = await self._kv.keys(filters=["graph.*.latest"])
+        except NoKeysError:
+            return []
+        return sorted(k[len("graph.") : -len(".latest")].replace("=", ".") for k in keys)
+
+
+def _token(graph_id: str) -> str:
+    # Graph ids may contain dots; KV keys use dots as separators.
+    return graph_id.replace(".", "=")
+
+
+def _graph_key(graph_id: str, version: int) -> str:
+    return f"graph.{_token(graph_id)}.{version:08d}"
+
+
+def _latest_key(graph_id: str) -> str:
+    return f"graph.{_token(graph_id)}.latest"
+
+
+def _copy(state: rs.RouterLifetime) -> rs.RouterLifetime:
+    copy = rs.RouterLifetime()
+    copy.CopyFrom(state)
+    return copy

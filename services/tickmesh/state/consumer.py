@@ -1,0 +1,195 @@
+"""Consumes execution records and lifetime events in batches.
+
+Records: one store transaction per batch, then one ref per record (also for
+records already stored), then — only after the refs' PubAcks — the acks.
+Events: folded into lifetime rows and the event history.
+Anything unreadable is dead-lettered with its reason and an error event; it
+never stops the batch around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.nats import Outgoing, publish_batch
+from tickmesh.runtime.subjects import (
+    HDR_EXECUTION,
+    HDR_LIFETIME,
+    HDR_MSG_ID,
+    HDR_REASON,
+    HDR_TENANT,
+    HDR_TYPE,
+    TenantNames,
+)
+from tickmesh.sdk import ValidationError, decode_envelope, encode_envelope
+from tickmesh.v1 import envelope_pb2, header_pb2
+
+from . import core
+from .store import StateStore
+
+logger = logging.getLogger(__name__)
+
+
+class RecordConsumer:
+    """Appends execution records and republishes refs for one tenant."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        store: StateStore,
+        names: TenantNames,
+        producer: header_pb2.Producer,
+        *,
+        max_batch: int,
+        ack_wait_s: float,
+    ) -> None:
+        self._js = js
+        self._store = store
+        self.names = names
+        self._producer = producer
+        self.rejected = 0
+        self._records = BatchConsumer(
+            nc,
+            js,
+            stream=names.exec_stream,
+            config=ConsumerConfig(
+                durable_name=names.state_consumer,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ack_wait_s,
+                max_deliver=-1,
+                filter_subject=names.exec_all,
+                max_ack_pending=50_000,
+            ),
+            handler=self._handle_records,
+            max_batch=max_batch,
+            name=f"state:{names.tenant}",
+        )
+        self._events = BatchConsumer(
+            nc,
+            js,
+            stream=names.evt_stream,
+            config=ConsumerConfig(
+                durable_name=f"{names.state_consumer}_events",
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ack_wait_s,
+                max_deliver=-1,
+                filter_subject=names.evt_all,
+                max_ack_pending=50_000,
+            ),
+            handler=self._handle_events,
+            max_batch=max_batch,
+            name=f"state-events:{names.tenant}",
+        )
+
+    async def start(self) -> None:
+        await self._records.start()
+        await self._events.start()
+
+    async def stop(self) -> None:
+        await self._records.stop()
+        await self._events.stop()
+
+    async def _handle_records(self, batch: list[Msg]) -> None:
+        good: list[tuple[Msg, envelope_pb2.ExecutionEnvelope]] = []
+        bad: list[tuple[Msg, str]] = []
+        for msg in batch:
+            try:
+                envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
+                core.check_record(msg.subject, envelope)
+            except ValidationError as exc:
+                bad.append((msg, str(exc)))
+                continue
+            good.append((msg, envelope))
+        if bad:
+            await self.dead_letter(bad, kind="exec")
+        if not good:
+            return
+        await self.append_and_publish([(msg.data, env) for msg, env in good])
+        for msg, _ in good:
+            await msg.ack()
+
+    async def append_and_publish(
+        self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
+    ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
+        """Store records (one transaction) and publish their refs; return (record, seq, dup)."""
+        stored = await self._store.append_executions(self.names.tenant, records)
+        refs = []
+        for row, (_, env) in zip(stored, records, strict=True):
+            ref = core.ref_envelope(row, env, self._producer)
+            refs.append(
+                Outgoing(
+                    self.names.ref(env.header.lifetime_id),
+                    encode_envelope(ref),
+                    {
+                        HDR_MSG_ID: core.ref_message_id(row.execution_id, row.attempt),
+                        HDR_TYPE: "execution_ref",
+                        HDR_TENANT: self.names.tenant,
+                        HDR_LIFETIME: env.header.lifetime_id,
+                        HDR_EXECUTION: row.execution_id,
+                    },
+                )
+            )
+        await publish_batch(self._js, refs)
+        return [
+            (env, row.store_sequence, row.duplicate)
+            for row, (_, env) in zip(stored, records, strict=True)
+        ]
+
+    async def _handle_events(self, batch: list[Msg]) -> None:
+        for msg in batch:
+            try:
+                envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
+                if not envelope.HasField("lifetime_event"):
+                    raise ValidationError("expected a lifetime_event body")
+            except ValidationError as exc:
+                logger.error("unreadable event on %s: %s", msg.subject, exc)
+                await term(msg, str(exc))
+                continue
+            event = envelope.lifetime_event
+            if event.sequence > 0:
+                tenant = self.names.tenant
+                await self._store.record_event(tenant, envelope.header.lifetime_id, event)
+                previous = await self._store.get_lifetime(tenant, envelope.header.lifetime_id)
+                row = core.lifetime_row(envelope, previous)
+                await self._store.upsert_lifetime(tenant, row)
+            await msg.ack()
+
+    async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:
+        """Copy each message to the dead-letter stream with its reason, emit an
+        error event for its lifetime, and terminate it."""
+        self.rejected += len(bad)
+        out: list[Outgoing] = []
+        for msg, reason in bad:
+            headers = dict(msg.headers or {})
+            headers.pop(HDR_MSG_ID, None)
+            headers[HDR_REASON] = reason[:512]
+            out.append(Outgoing(self.names.dlq(kind), msg.data, headers))
+            lifetime = core.message_token(headers.get(HDR_LIFETIME, ""))
+            event = core.error_event(
+                self.names, lifetime, f"dead-lettered a {kind} message: {reason}", self._producer
+            )
+            out.append(
+                Outgoing(
+                    self.names.evt(lifetime),
+                    encode_envelope(event),
+                    {HDR_TYPE: "lifetime_event", HDR_TENANT: self.names.tenant},
+                )
+            )
+        await publish_batch(self._js, out)
+        for msg, reason in bad:
+            logger.error(
+                "dead-lettered %s message on %s at %s: %s",
+                kind,
+                msg.subject,
+                datetime.now(UTC).isoformat(),
+                reason,
+            )
+            await term(msg, reason)

@@ -1,0 +1,129 @@
+"""What the state service decides: which records are valid, and the refs it
+republishes for stored records (new or already stored: a redelivered record
+must still reach the router, or a crash between commit and ack would lose it).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import timestamp_pb2
+
+from tickmesh.runtime.subjects import TenantNames, tenant_of_subject
+from tickmesh.sdk import ValidationError
+from tickmesh.sdk.ids import uuid7
+from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
+
+from .store import StoredExecution
+
+RECORD_KINDS = ("task_execution", "plan_execution")
+
+
+def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None:
+    """A record's tenant must match its subject's, in the header and in the record.
+
+    Raises:
+        ValidationError: Naming the mismatch.
+    """
+    kind = envelope.WhichOneof("body")
+    if kind not in RECORD_KINDS:
+        raise ValidationError(f"expected an execution record, got a {kind} body")
+    subject_tenant = tenant_of_subject(subject)
+    record = envelope.task_execution if kind == "task_execution" else envelope.plan_execution
+    claimed = {envelope.header.tenant_id, record.header.tenant_id}
+    if claimed != {subject_tenant}:
+        raise ValidationError(
+            f"record claims tenant(s) {sorted(claimed)} but arrived on a subject of "
+            f"tenant {subject_tenant!r}"
+        )
+    if not record.header.execution_id or record.header.attempt < 1:
+        raise ValidationError("record header needs an execution_id and an attempt >= 1")
+    if record.header.lifetime_id != envelope.header.lifetime_id:
+        raise ValidationError("record and envelope disagree on the lifetime id")
+
+
+def ref_envelope(
+    stored: StoredExecution, record: envelope_pb2.ExecutionEnvelope, producer: header_pb2.Producer
+) -> envelope_pb2.ExecutionEnvelope:
+    header = header_pb2.EnvelopeHeader()
+    header.CopyFrom(record.header)
+    header.envelope_id = uuid7()
+    header.sequence = stored.store_sequence
+    header.producer.CopyFrom(producer)
+    header.created_at.FromDatetime(datetime.now(UTC))
+    env = envelope_pb2.ExecutionEnvelope(header=header)
+    env.execution_ref.store_sequence = stored.store_sequence
+    env.execution_ref.persisted_at.FromDatetime(stored.persisted_at)
+    if record.HasField("task_execution"):
+        env.execution_ref.task_execution.CopyFrom(record.task_execution)
+    else:
+        env.execution_ref.plan_execution.CopyFrom(record.plan_execution)
+    return env
+
+
+def ref_message_id(execution_id: str, attempt: int) -> str:
+    return f"ref:{execution_id}:{attempt}"
+
+
+def error_event(
+    names: TenantNames, lifetime_id: str, message: str, producer: header_pb2.Producer
+) -> envelope_pb2.ExecutionEnvelope:
+    """An out-of-band ERROR event (sequence 0: it is not part of the router's sequence)."""
+    now = timestamp_pb2.Timestamp()
+    now.FromDatetime(datetime.now(UTC))
+    header = header_pb2.EnvelopeHeader(
+        envelope_id=uuid7(),
+        tenant_id=names.tenant,
+        lifetime_id=lifetime_id,
+        created_at=now,
+        producer=producer,
+    )
+    event = lifetime_pb2.LifetimeEvent(
+        sequence=0,
+        kind=lifetime_pb2.LIFETIME_EVENT_KIND_DEAD_LETTERED,
+        at=now,
+        message=message,
+    )
+    return envelope_pb2.ExecutionEnvelope(header=header, lifetime_event=event)
+
+
+def lifetime_row(
+    envelope: envelope_pb2.ExecutionEnvelope, previous: lifetime_pb2.AgentLifetime | None
+) -> lifetime_pb2.AgentLifetime:
+    """Fold one lifetime event into the lifetime's stored row."""
+    event = envelope.lifetime_event
+    header = envelope.header
+    row = lifetime_pb2.AgentLifetime()
+    if previous is not None:
+        row.CopyFrom(previous)
+    row.lifetime_id = header.lifetime_id
+    row.tenant_id = header.tenant_id
+    if header.HasField("graph"):
+        row.graph.CopyFrom(header.graph)
+    row.labels.update(header.labels)
+    row.mode = header.mode
+    if header.HasField("fork_origin"):
+        row.fork_origin.CopyFrom(header.fork_origin)
+    row.last_sequence = max(row.last_sequence, event.sequence)
+    row.updated_at.CopyFrom(event.at)
+    if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STARTED:
+        row.created_at.CopyFrom(event.at)
+    if event.state:
+        row.state = event.state
+    if event.HasField("output"):
+        row.output.CopyFrom(event.output)
+    if event.HasField("error"):
+        row.error.CopyFrom(event.error)
+    if event.state in (
+        lifetime_pb2.LIFETIME_STATE_COMPLETED,
+        lifetime_pb2.LIFETIME_STATE_FAILED,
+        lifetime_pb2.LIFETIME_STATE_ABORTED,
+    ):
+        row.finished_at.CopyFrom(event.at)
+    return row
+
+
+def message_token(lifetime_id: str) -> str:
+    """A lifetime id fit for a subject token, or a stand-in for unusable ones."""
+    ok = bool(lifetime_id) and all(c.isalnum() or c in "_-" for c in lifetime_id)
+    return lifetime_id if ok and len(lifetime_id) <= 128 else "_invalid"

@@ -1,0 +1,211 @@
+"""StateService over gRPC: history reads, counters, blobs, and appends for
+callers that cannot publish to the bus."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable, Collection
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from tickmesh.runtime.auth import tenant_of
+from tickmesh.runtime.blobs import BlobStore
+from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
+from tickmesh.sdk import NotFoundError, ValidationError
+from tickmesh.sdk.errors import StatusCode
+from tickmesh.v1 import (
+    envelope_pb2,
+    execution_pb2,
+    payload_pb2,
+)
+from tickmesh.v1 import (
+    state_service_pb2 as pb,
+)
+from tickmesh.v1 import (
+    state_service_pb2_grpc as pb_grpc,
+)
+
+from . import core
+from .consumer import RecordConsumer
+from .store import StateStore, StoredExecution
+
+Context = grpc.aio.ServicerContext[Any, Any]
+CHUNK = 1024 * 1024
+MAX_BLOB_BYTES = 1024 * 1024 * 1024
+
+
+class StateServicer(pb_grpc.StateServiceServicer):
+    def __init__(
+        self,
+        store: StateStore,
+        blobs: BlobStore,
+        consumers: Callable[[str], RecordConsumer],
+        *,
+        tenants: Collection[str],
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._consumers = consumers
+        self._tenants = tenants
+
+    def _tenant(self, context: Context) -> str:
+        return tenant_of(context, self._tenants)
+
+    @unary_errors
+    async def AppendExecution(
+        self, request: pb.AppendExecutionRequest, context: Context
+    ) -> pb.AppendExecutionResponse:
+        tenant = self._tenant(context)
+        names = self._consumers(tenant).names
+        records = []
+        for i, envelope in enumerate(request.envelopes):
+            try:
+                core.check_record(names.exec(envelope.header.lifetime_id or "_"), envelope)
+            except ValidationError as exc:
+                raise ValidationError(f"envelopes[{i}]: {exc}") from exc
+            records.append((envelope.SerializeToString(deterministic=True), envelope))
+        outcomes = await self._consumers(tenant).append_and_publish(records)
+        return pb.AppendExecutionResponse(
+            outcomes=[
+                pb.AppendOutcome(
+                    execution_id=_record(env).header.execution_id,
+                    attempt=_record(env).header.attempt,
+                    duplicate=duplicate,
+                    store_sequence=seq,
+                )
+                for env, seq, duplicate in outcomes
+            ]
+        )
+
+    @unary_errors
+    async def GetExecution(
+        self, request: pb.GetExecutionRequest, context: Context
+    ) -> pb.GetExecutionResponse:
+        tenant = self._tenant(context)
+        stored = await self._store.get_execution(tenant, request.execution_id, request.attempt)
+        if stored is None:
+            raise NotFoundError(f"no execution {request.execution_id!r}")
+        return pb.GetExecutionResponse(execution=_ref(stored))
+
+    @unary_errors
+    async def ListExecutions(
+        self, request: pb.ListExecutionsRequest, context: Context
+    ) -> pb.ListExecutionsResponse:
+        tenant = self._tenant(context)
+        after = int(request.page_token) if request.page_token.isdigit() else 0
+        if request.page_token and not request.page_token.isdigit():
+            raise ValidationError(f"malformed page_token {request.page_token!r}")
+        size = min(request.page_size or 100, 1000)
+        rows = await self._store.list_executions(
+            tenant, request.lifetime_id, after_sequence=after, limit=size + 1
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        return pb.ListExecutionsResponse(
+            executions=[_ref(r) for r in rows],
+            next_page_token=str(rows[-1].store_sequence) if more and rows else "",
+        )
+
+    @unary_errors
+    async def GetLifetimeRecord(
+        self, request: pb.GetLifetimeRecordRequest, context: Context
+    ) -> pb.GetLifetimeRecordResponse:
+        tenant = self._tenant(context)
+        lifetime = await self._store.get_lifetime(tenant, request.lifetime_id)
+        if lifetime is None:
+            raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
+        return pb.GetLifetimeRecordResponse(lifetime=lifetime)
+
+    @unary_errors
+    async def GetCounters(
+        self, request: pb.GetCountersRequest, context: Context
+    ) -> pb.GetCountersResponse:
+        tenant = self._tenant(context)
+        since = (
+            datetime.now(UTC) - timedelta(seconds=request.window_seconds)
+            if request.window_seconds
+            else None
+        )
+        if request.scope == pb.COUNTER_SCOPE_LIFETIME:
+            if not request.lifetime_id:
+                raise ValidationError("lifetime scope needs a lifetime_id")
+            totals, count = await self._store.counters(
+                tenant, lifetime_id=request.lifetime_id, since=since
+            )
+        elif request.scope == pb.COUNTER_SCOPE_TENANT:
+            totals, count = await self._store.counters(tenant, since=since)
+        else:
+            raise ValidationError("scope must be COUNTER_SCOPE_LIFETIME or COUNTER_SCOPE_TENANT")
+        return pb.GetCountersResponse(totals=totals, executions=count)
+
+    @unary_errors
+    async def PutBlob(
+        self, request_iterator: AsyncIterator[pb.PutBlobRequest], context: Context
+    ) -> pb.PutBlobResponse:
+        tenant = self._tenant(context)
+        upload: pb.BlobUpload | None = None
+        chunks: list[bytes] = []
+        size = 0
+        async for part in request_iterator:
+            which = part.WhichOneof("part")
+            if upload is None:
+                if which != "upload":
+                    raise ValidationError("PutBlob must start with an upload description")
+                upload = part.upload
+                if upload.size > MAX_BLOB_BYTES:
+                    raise StatusError(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"blob of {upload.size} bytes is over the {MAX_BLOB_BYTES}-byte limit",
+                    )
+                continue
+            if which != "chunk":
+                raise ValidationError("only chunks may follow the upload description")
+            size += len(part.chunk)
+            if size > upload.size:
+                raise ValidationError(f"more bytes sent than the declared size {upload.size}")
+            chunks.append(part.chunk)
+        if upload is None:
+            raise ValidationError("PutBlob received nothing")
+        data = b"".join(chunks)
+        if len(data) != upload.size:
+            raise ValidationError(f"received {len(data)} bytes, declared {upload.size}")
+        digest = hashlib.sha256(data).hexdigest()
+        if upload.sha256 and upload.sha256 != digest:
+            raise ValidationError(f"sha256 mismatch: declared {upload.sha256}, received {digest}")
+        ref = await self._blobs.put(tenant, data, upload.content_type)
+        return pb.PutBlobResponse(blob=ref)
+
+    @stream_errors
+    async def GetBlob(
+        self, request: pb.GetBlobRequest, context: Context
+    ) -> AsyncIterator[pb.GetBlobResponse]:
+        tenant = self._tenant(context)
+        data = await self._blobs.get(tenant, request.uri)
+        yield pb.GetBlobResponse(
+            blob=payload_pb2.BlobRef(
+                uri=request.uri, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+            )
+        )
+        for start in range(0, len(data), CHUNK):
+            yield pb.GetBlobResponse(chunk=data[start : start + CHUNK])
+
+
+def _record(
+    envelope: envelope_pb2.ExecutionEnvelope,
+) -> execution_pb2.TaskExecution | execution_pb2.PlanExecution:
+    if envelope.HasField("task_execution"):
+        return envelope.task_execution
+    return envelope.plan_execution
+
+
+def _ref(stored: StoredExecution) -> execution_pb2.ExecutionRef:
+    envelope = envelope_pb2.ExecutionEnvelope.FromString(stored.envelope)
+    ref = execution_pb2.ExecutionRef(store_sequence=stored.store_sequence)
+    ref.persisted_at.FromDatetime(stored.persisted_at)
+    if envelope.HasField("task_execution"):
+        ref.task_execution.CopyFrom(envelope.task_execution)
+    else:
+        ref.plan_execution.CopyFrom(envelope.plan_execution)
+    return ref

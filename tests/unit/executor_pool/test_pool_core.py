@@ -1,0 +1,89 @@
+"""Executor pool pieces that need no sockets: hello checks and frame merging."""
+
+from __future__ import annotations
+
+import pytest
+
+from tickmesh.executor_pool.pool import check_hello, merge_frames
+from tickmesh.sdk import ValidationError
+from tickmesh.v1 import executor_pool_service_pb2 as pb
+from tickmesh.v1 import graph_pb2
+
+
+def hello(**overrides: object) -> pb.ExecutorHello:
+    fields: dict[str, object] = {
+        "executor_id": "x",
+        "concurrency": 4,
+        "handlers": [
+            pb.HandlerSpec(name="fetch", kind=graph_pb2.NODE_KIND_TASK, code_digest="d1"),
+            pb.HandlerSpec(name="decide", kind=graph_pb2.NODE_KIND_PLAN, code_digest="d2"),
+        ],
+    }
+    fields.update(overrides)
+    return pb.ExecutorHello(**fields)  # type: ignore[arg-type]
+
+
+def test_a_valid_hello_lists_its_handlers() -> None:
+    assert check_hello(hello()) == {("task", "fetch"): "d1", ("plan", "decide"): "d2"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"handlers": []}, "at least one handler"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"protocol_version": 2}, "protocol version"),
+        ({"handlers": [pb.HandlerSpec(name="a.b", kind=graph_pb2.NODE_KIND_TASK)]}, "handler"),
+        ({"handlers": [pb.HandlerSpec(name="a")]}, "TASK or PLAN"),
+    ],
+)
+def test_a_bad_hello_is_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        check_hello(hello(**overrides))
+
+
+def assign(*ids: str) -> pb.ConnectResponse:
+    return pb.ConnectResponse(
+        assignments=pb.Assignments(items=[pb.Assignment(assignment_id=i) for i in ids])
+    )
+
+
+def cancel(*ids: str) -> pb.ConnectResponse:
+    return pb.ConnectResponse(
+        cancellations=pb.Cancellations(items=[pb.Cancellation(assignment_id=i) for i in ids])
+    )
+
+
+def summary(frames: list[pb.ConnectResponse]) -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
+    for frame in frames:
+        kind = frame.WhichOneof("message")
+        assert kind is not None
+        items = getattr(frame, kind).items if kind in ("assignments", "cancellations") else []
+        out.append((kind, [i.assignment_id for i in items]))
+    return out
+
+
+def test_queued_frames_of_one_kind_merge_into_one() -> None:
+    frames, ended, error = merge_frames([assign("a"), assign("b", "c"), cancel("x"), cancel("y")])
+    assert summary(frames) == [("assignments", ["a", "b", "c"]), ("cancellations", ["x", "y"])]
+    assert (ended, error) == (False, None)
+
+
+def test_merging_keeps_cancellations_and_assignments_in_order() -> None:
+    frames, _, _ = merge_frames([assign("a"), cancel("a"), assign("b")])
+    assert summary(frames) == [
+        ("assignments", ["a"]),
+        ("cancellations", ["a"]),
+        ("assignments", ["b"]),
+    ]
+
+
+def test_merging_stops_at_the_end_marker() -> None:
+    drain = pb.ConnectResponse(drain=pb.Drain(reason="bye"))
+    error = ValidationError("bad frame")
+    frames, ended, raised = merge_frames([assign("a"), drain, error, assign("late")])
+    assert summary(frames) == [("assignments", ["a"]), ("drain", [])]
+    assert ended
+    assert raised is error
+    assert merge_frames([None])[1:] == (True, None)

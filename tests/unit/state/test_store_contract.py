@@ -1,0 +1,485 @@
+"""The StateStore contract, run against every implementation in STORE_FACTORIES.
+
+Today that is SQLite on a file; the PostgreSQL store joins by adding a factory
+(the same tests must pass unchanged). ``factory(tmp_path)`` called twice with the
+same folder must reopen the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.support.factories import LIFETIME_ID, make_envelope
+from tests.support.records import (
+    UNKNOWN_FIELD_NUMBER,
+    Record,
+    event,
+    exec_id,
+    execution_record,
+    lifetime,
+    unknown_field,
+    usage,
+)
+from tickmesh.sdk.errors import ValidationError
+from tickmesh.state import store as store_module
+from tickmesh.state.store import MIGRATIONS, SQLiteStateStore, StateStore, StoreClosedError
+from tickmesh.v1 import envelope_pb2, lifetime_pb2, telemetry_pb2
+
+StoreFactory = Callable[[Path], Awaitable[StateStore]]
+
+SQLITE_FILE = "state.db"
+
+
+async def _open_sqlite(folder: Path) -> StateStore:
+    return await SQLiteStateStore.open(folder / "state" / SQLITE_FILE)
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {
+    "sqlite": _open_sqlite,
+}
+
+A = "acme"
+B = "globex"
+OTHER_LIFETIME = "019a0000-0000-7000-8000-000000000002"
+
+
+@pytest.fixture(params=sorted(STORE_FACTORIES))
+def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
+    return STORE_FACTORIES[request.param]
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory, tmp_path: Path) -> AsyncIterator[StateStore]:
+    opened = await store_factory(tmp_path)
+    yield opened
+    await opened.close()
+
+
+def _sum(*records: Record) -> tuple[telemetry_pb2.Telemetry, int]:
+    totals = telemetry_pb2.Telemetry()
+    for _, env in records:
+        t = env.task_execution.result.telemetry
+        if env.WhichOneof("body") == "plan_execution":
+            t = env.plan_execution.result.telemetry
+        totals.input_tokens += t.input_tokens
+        totals.output_tokens += t.output_tokens
+        totals.cost_micros += t.cost_micros
+        totals.model_calls += t.model_calls
+        totals.tool_calls += t.tool_calls
+    return totals, len(records)
+
+
+# -- appending ---------------------------------------------------------------------------
+
+
+async def test_store_appends_new_records_with_increasing_sequences(store: StateStore) -> None:
+    records = [execution_record(i, kind="task" if i % 2 else "plan") for i in range(1, 6)]
+
+    stored = await store.append_executions(A, records)
+
+    assert [s.execution_id for s in stored] == [exec_id(i) for i in range(1, 6)]
+    assert not any(s.duplicate for s in stored)
+    sequences = [s.store_sequence for s in stored]
+    assert sequences == sorted(sequences)
+    assert len(set(sequences)) == 5
+    assert all(s > 0 for s in sequences)
+    assert [s.kind for s in stored] == ["task", "plan", "task", "plan", "task"]
+    assert all(s.tenant == A and s.lifetime_id == LIFETIME_ID and s.attempt == 1 for s in stored)
+    assert all(s.persisted_at.tzinfo is not None for s in stored)
+    assert [s.envelope for s in stored] == [raw for raw, _ in records]
+
+    later = await store.append_executions(A, [execution_record(6)])
+    assert later[0].store_sequence > sequences[-1]
+    assert later[0].persisted_at >= stored[-1].persisted_at
+
+
+async def test_store_reports_a_redelivered_record_as_duplicate_of_the_original(
+    store: StateStore,
+) -> None:
+    record = execution_record(1, node_id="generate_code")
+    [first] = await store.append_executions(A, [record])
+
+    [again] = await store.append_executions(A, [record])
+
+    assert again.duplicate
+    assert not first.duplicate
+    assert again.store_sequence == first.store_sequence
+    assert again.persisted_at == first.persisted_at
+    assert again.envelope == first.envelope
+    assert (again.execution_id, again.attempt, again.kind, again.node_id) == (
+        exec_id(1),
+        1,
+        "task",
+        "generate_code",
+    )
+    assert len(await store.list_executions(A, LIFETIME_ID)) == 1
+
+
+async def test_store_keeps_the_first_record_when_a_different_one_reuses_its_key(
+    store: StateStore,
+) -> None:
+    original = execution_record(1, telemetry=usage(input_tokens=5))
+    impostor = execution_record(1, telemetry=usage(input_tokens=500))
+    await store.append_executions(A, [original])
+
+    [result] = await store.append_executions(A, [impostor])
+
+    assert result.duplicate
+    assert result.envelope == original[0]
+    assert (await store.counters(A))[0].input_tokens == 5
+
+
+async def test_store_stores_another_attempt_as_a_new_row(store: StateStore) -> None:
+    [one] = await store.append_executions(A, [execution_record(1, attempt=1)])
+    [two] = await store.append_executions(A, [execution_record(1, attempt=2)])
+
+    assert not two.duplicate
+    assert two.store_sequence > one.store_sequence
+    listed = await store.list_executions(A, LIFETIME_ID)
+    assert [(s.execution_id, s.attempt) for s in listed] == [(exec_id(1), 1), (exec_id(1), 2)]
+
+
+async def test_store_counts_each_record_once_across_redelivery(store: StateStore) -> None:
+    batch = [
+        execution_record(1, telemetry=usage(100, 10, 1_000, 1, 0)),
+        execution_record(2, telemetry=usage(200, 20, 2_000, 2, 3), kind="plan"),
+        execution_record(3, telemetry=usage(7, 0, 1, 0, 9), lifetime_id=OTHER_LIFETIME),
+    ]
+    for _ in range(3):
+        await store.append_executions(A, batch)
+    await store.append_executions(A, list(reversed(batch)))
+
+    assert await store.counters(A) == _sum(*batch)
+    assert await store.counters(A, lifetime_id=LIFETIME_ID) == _sum(*batch[:2])
+    assert await store.counters(A, lifetime_id=OTHER_LIFETIME) == _sum(batch[2])
+
+    await store.upsert_lifetime(A, lifetime())
+    row = await store.get_lifetime(A, LIFETIME_ID)
+    assert row is not None
+    assert (row.totals, row.execution_count) == _sum(*batch[:2])
+
+
+async def test_store_handles_a_batch_mixing_new_records_and_duplicates(
+    store: StateStore,
+) -> None:
+    a, b, c, d = (execution_record(i, telemetry=usage(i, i, i, i, i)) for i in range(1, 5))
+    first = await store.append_executions(A, [a, b])
+
+    mixed = await store.append_executions(A, [c, a, d, b, c])
+
+    assert [s.execution_id for s in mixed] == [exec_id(i) for i in (3, 1, 4, 2, 3)]
+    assert [s.duplicate for s in mixed] == [False, True, False, True, True]
+    assert mixed[1].store_sequence == first[0].store_sequence
+    assert mixed[3].store_sequence == first[1].store_sequence
+    assert mixed[4].store_sequence == mixed[0].store_sequence
+    assert mixed[2].store_sequence > mixed[0].store_sequence > first[1].store_sequence
+    assert await store.counters(A) == _sum(a, b, c, d)
+    assert len(await store.list_executions(A, LIFETIME_ID)) == 4
+
+
+async def test_store_accepts_an_empty_batch(store: StateStore) -> None:
+    assert await store.append_executions(A, []) == []
+
+
+async def test_store_keeps_envelope_bytes_exactly_including_unknown_fields(
+    store: StateStore,
+) -> None:
+    raw, env = execution_record(1, extra=unknown_field(b"from a newer producer"))
+    assert envelope_pb2.ExecutionEnvelope.FromString(raw).SerializeToString() == raw
+
+    await store.append_executions(A, [(raw, env)])
+
+    stored = await store.get_execution(A, exec_id(1))
+    assert stored is not None
+    assert stored.envelope == raw
+    listed = await store.list_executions(A, LIFETIME_ID)
+    assert listed[0].envelope == raw
+    assert unknown_field(b"from a newer producer", UNKNOWN_FIELD_NUMBER) in stored.envelope
+
+
+async def test_store_gets_the_newest_attempt_by_default(store: StateStore) -> None:
+    await store.append_executions(
+        A, [execution_record(1, attempt=1), execution_record(1, attempt=3)]
+    )
+    await store.append_executions(A, [execution_record(1, attempt=2)])
+
+    newest = await store.get_execution(A, exec_id(1))
+    assert newest is not None
+    assert newest.attempt == 3
+    assert not newest.duplicate
+    second = await store.get_execution(A, exec_id(1), attempt=2)
+    assert second is not None
+    assert second.attempt == 2
+    assert await store.get_execution(A, exec_id(1), attempt=4) is None
+    assert await store.get_execution(A, exec_id(99)) is None
+
+
+async def test_store_lists_a_lifetimes_executions_in_pages(store: StateStore) -> None:
+    records = [
+        execution_record(i, lifetime_id=LIFETIME_ID if i % 3 else OTHER_LIFETIME)
+        for i in range(1, 11)
+    ]
+    stored = await store.append_executions(A, records)
+    expected = [s.store_sequence for s in stored if s.lifetime_id == LIFETIME_ID]
+
+    pages: list[list[int]] = []
+    after = 0
+    while page := await store.list_executions(A, LIFETIME_ID, after_sequence=after, limit=3):
+        pages.append([s.store_sequence for s in page])
+        after = page[-1].store_sequence
+
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [seq for p in pages for seq in p] == expected
+    other = await store.list_executions(A, OTHER_LIFETIME)
+    assert [s.execution_id for s in other] == [exec_id(3), exec_id(6), exec_id(9)]
+
+
+async def test_store_runs_concurrent_appends_without_losing_or_doubling(
+    store: StateStore,
+) -> None:
+    batches = [[execution_record(b * 10 + i) for i in range(10)] for b in range(8)]
+
+    results = await asyncio.gather(
+        *(store.append_executions(A, batch) for batch in batches + batches)
+    )
+
+    new = [s for result in results for s in result if not s.duplicate]
+    assert len(new) == 80
+    assert len({s.store_sequence for s in new}) == 80
+    assert (await store.counters(A))[1] == 80
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["task_request", "plan_request", "lifetime_event", "signal"])
+async def test_store_refuses_a_body_that_is_not_an_execution(store: StateStore, kind: str) -> None:
+    env = make_envelope(kind)  # type: ignore[arg-type]
+    env.header.tenant_id = A
+    good = execution_record(1)
+
+    with pytest.raises(ValidationError, match=kind):
+        await store.append_executions(A, [good, (env.SerializeToString(), env)])
+
+    assert await store.get_execution(A, exec_id(1)) is None, "nothing of the batch is stored"
+
+
+async def test_store_refuses_a_record_of_another_tenant(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="tenant"):
+        await store.append_executions(A, [execution_record(1, tenant=B)])
+
+
+async def test_store_refuses_a_record_without_an_attempt(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="attempt"):
+        await store.append_executions(A, [execution_record(1, attempt=0)])
+
+
+async def test_store_refuses_a_malformed_tenant_id(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="tenant"):
+        await store.counters("Acme/../x")
+
+
+# -- tenancy -----------------------------------------------------------------------------
+
+
+async def test_store_never_shows_one_tenant_another_tenants_rows(store: StateStore) -> None:
+    await store.append_executions(A, [execution_record(1, telemetry=usage(1, 1, 1, 1, 1))])
+    await store.upsert_lifetime(A, lifetime())
+    assert await store.record_event(A, LIFETIME_ID, event(1))
+
+    assert await store.get_execution(B, exec_id(1)) is None
+    assert await store.get_execution(B, exec_id(1), attempt=1) is None
+    assert await store.list_executions(B, LIFETIME_ID) == []
+    assert await store.get_lifetime(B, LIFETIME_ID) is None
+    assert await store.list_events(B, LIFETIME_ID) == []
+    assert await store.counters(B) == (telemetry_pb2.Telemetry(), 0)
+    assert await store.counters(B, lifetime_id=LIFETIME_ID) == (telemetry_pb2.Telemetry(), 0)
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    assert await store.counters(B, since=since) == (telemetry_pb2.Telemetry(), 0)
+
+    # The same ids under tenant B are B's own rows, not duplicates of A's.
+    [theirs] = await store.append_executions(B, [execution_record(1, tenant=B)])
+    assert not theirs.duplicate
+    assert await store.record_event(B, LIFETIME_ID, event(1))
+    assert (await store.counters(A))[0].input_tokens == 1
+    assert (await store.counters(B))[1] == 1
+
+
+# -- lifetimes and events ----------------------------------------------------------------
+
+
+async def test_store_never_moves_a_lifetime_row_backwards(store: StateStore) -> None:
+    await store.upsert_lifetime(A, lifetime(last_sequence=5))
+    await store.upsert_lifetime(
+        A, lifetime(last_sequence=9, state=lifetime_pb2.LIFETIME_STATE_WAITING)
+    )
+    await store.upsert_lifetime(
+        A, lifetime(last_sequence=7, state=lifetime_pb2.LIFETIME_STATE_PAUSED)
+    )
+
+    row = await store.get_lifetime(A, LIFETIME_ID)
+    assert row is not None
+    assert row.last_sequence == 9
+    assert row.state == lifetime_pb2.LIFETIME_STATE_WAITING
+    assert row.tenant_id == A
+    assert row.labels == {"team": "platform"}
+    assert row.execution_count == 0
+    assert await store.get_lifetime(A, OTHER_LIFETIME) is None
+
+    await store.upsert_lifetime(
+        A, lifetime(last_sequence=10, state=lifetime_pb2.LIFETIME_STATE_COMPLETED)
+    )
+    row = await store.get_lifetime(A, LIFETIME_ID)
+    assert row is not None
+    assert row.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+
+
+async def test_store_refuses_a_lifetime_of_another_tenant(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="tenant"):
+        await store.upsert_lifetime(A, lifetime(tenant=B))
+
+
+async def test_store_records_events_once_and_lists_them_in_order(store: StateStore) -> None:
+    for sequence in (3, 1, 2):
+        assert await store.record_event(A, LIFETIME_ID, event(sequence))
+    assert not await store.record_event(A, LIFETIME_ID, event(2, message="redelivered"))
+    assert await store.record_event(A, OTHER_LIFETIME, event(1))
+
+    events = await store.list_events(A, LIFETIME_ID)
+    assert [e.sequence for e in events] == [1, 2, 3]
+    assert events[1].message == "event 2"
+    assert events[0] == event(1)
+    later = await store.list_events(A, LIFETIME_ID, after_sequence=1, limit=1)
+    assert [e.sequence for e in later] == [2]
+
+
+async def test_store_refuses_an_event_without_a_sequence(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="sequence"):
+        await store.record_event(A, LIFETIME_ID, event(0))
+
+
+# -- counters ----------------------------------------------------------------------------
+
+
+async def test_store_counts_only_executions_since_a_time(store: StateStore) -> None:
+    old = [execution_record(1, telemetry=usage(1, 1, 1, 1, 1))]
+    new = [
+        execution_record(2, telemetry=usage(10, 20, 30, 4, 5)),
+        execution_record(3, telemetry=usage(100, 0, 7, 0, 0), lifetime_id=OTHER_LIFETIME),
+    ]
+    [first] = await store.append_executions(A, old)
+    await asyncio.sleep(0.002)
+    stored = await store.append_executions(A, new)
+    boundary = stored[0].persisted_at
+    assert boundary > first.persisted_at
+
+    assert await store.counters(A, since=boundary) == _sum(*new)
+    assert await store.counters(A, since=first.persisted_at) == _sum(*old, *new)
+    assert await store.counters(A, since=boundary + timedelta(seconds=1)) == (
+        telemetry_pb2.Telemetry(),
+        0,
+    )
+    assert await store.counters(A, lifetime_id=LIFETIME_ID, since=boundary) == _sum(new[0])
+    assert await store.counters(A) == _sum(*old, *new)
+
+
+async def test_store_refuses_a_naive_since(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="timezone"):
+        await store.counters(A, since=datetime(2026, 1, 1))
+
+
+# -- durability --------------------------------------------------------------------------
+
+
+async def test_store_keeps_everything_across_a_reopen(
+    store_factory: StoreFactory, tmp_path: Path
+) -> None:
+    records = [execution_record(1, telemetry=usage(3, 4, 5, 6, 7)), execution_record(2)]
+    first = await store_factory(tmp_path)
+    stored = await first.append_executions(A, records)
+    await first.upsert_lifetime(A, lifetime(last_sequence=4))
+    await first.record_event(A, LIFETIME_ID, event(1))
+    await first.close()
+
+    reopened = await store_factory(tmp_path)
+    try:
+        assert await reopened.list_executions(A, LIFETIME_ID) == stored
+        assert await reopened.counters(A) == _sum(*records)
+        row = await reopened.get_lifetime(A, LIFETIME_ID)
+        assert row is not None
+        assert row.last_sequence == 4
+        assert [e.sequence for e in await reopened.list_events(A, LIFETIME_ID)] == [1]
+        [again] = await reopened.append_executions(A, records[:1])
+        assert again.duplicate
+        [third] = await reopened.append_executions(A, [execution_record(3)])
+        assert third.store_sequence > stored[-1].store_sequence
+        assert third.persisted_at >= stored[-1].persisted_at
+    finally:
+        await reopened.close()
+
+
+async def test_store_refuses_use_after_close(store_factory: StoreFactory, tmp_path: Path) -> None:
+    opened = await store_factory(tmp_path)
+    await opened.close()
+    await opened.close()  # idempotent
+
+    with pytest.raises(StoreClosedError):
+        await opened.counters(A)
+
+
+# -- SQLite specifics --------------------------------------------------------------------
+
+
+def _migration_rows(path: Path) -> list[tuple[int, int]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(
+            "SELECT version, applied_at FROM schema_migrations ORDER BY version"
+        ).fetchall()
+
+
+async def test_sqlite_store_applies_migrations_once(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dirs" / SQLITE_FILE
+    async with await SQLiteStateStore.open(path) as first:
+        assert await first.schema_version() == len(MIGRATIONS)
+    applied = _migration_rows(path)
+    assert [version for version, _ in applied] == list(range(1, len(MIGRATIONS) + 1))
+
+    async with await SQLiteStateStore.open(path) as second:
+        assert await second.schema_version() == len(MIGRATIONS)
+    assert _migration_rows(path) == applied
+
+
+async def test_sqlite_store_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    store = await SQLiteStateStore.open(tmp_path / SQLITE_FILE)
+    try:
+        pragmas = await store._run(  # a peek at the connection, on its own thread
+            lambda: (
+                store._conn.execute("PRAGMA journal_mode").fetchone()[0],
+                store._conn.execute("PRAGMA synchronous").fetchone()[0],
+            )
+        )
+    finally:
+        await store.close()
+    assert pragmas == ("wal", 2)
+
+
+async def test_sqlite_store_persisted_at_never_goes_back_with_the_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await SQLiteStateStore.open(tmp_path / SQLITE_FILE) as store:
+        [first] = await store.append_executions(A, [execution_record(1)])
+        # The wall clock steps back an hour (NTP, a VM restore): store order still rules.
+        stepped_back = first.persisted_at - timedelta(hours=1)
+        fake_ns = (stepped_back - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        monkeypatch.setattr(store_module, "time", SimpleNamespace(time_ns=lambda: fake_ns * 1000))
+
+        [second] = await store.append_executions(A, [execution_record(2)])
+
+    assert second.persisted_at >= first.persisted_at
