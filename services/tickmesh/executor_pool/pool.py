@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +35,10 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from tickmesh.runtime import steps
 from tickmesh.runtime.blobs import BlobStore, offload_payload
-from tickmesh.runtime.consumer import _WAKE, BatchConsumer, message_type, term
+from tickmesh.runtime.consumer import BatchConsumer, message_type, term
 from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
 from tickmesh.runtime.subjects import (
+    HDR_ATTEMPT,
     HDR_EXECUTION,
     HDR_LIFETIME,
     HDR_MSG_ID,
@@ -70,7 +71,6 @@ PROTOCOL_VERSION = 1
 MAX_CONCURRENCY = 10_000
 """The most assignments one executor session may ask for."""
 DLQ_KIND = "work"
-HDR_ATTEMPT = "Tickmesh-Attempt"
 """Dead letters carry the attempt count that exhausted the step."""
 CANCELLED_ERROR_TYPE = "CancelledError"
 """ErrorInfo.type a plan attempt carries when it was cancelled (plans have no status)."""
@@ -281,47 +281,6 @@ class Outcome:
     """Record it whatever the retry policy says (attempts exhausted, cancelled)."""
 
 
-class _CountingQueue(asyncio.Queue[Msg]):
-    """The consumer's delivery queue, counting the messages in it (not wake-ups)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages = 0
-
-    def put_nowait(self, item: Msg) -> None:
-        super().put_nowait(item)
-        if item is not _WAKE:
-            self.messages += 1
-
-    def get_nowait(self) -> Msg:
-        item = super().get_nowait()
-        if item is not _WAKE:
-            self.messages -= 1
-        return item
-
-
-class _PoolConsumer(BatchConsumer):
-    """A BatchConsumer that tells the pool when a pull request ended, so the pool
-    can ask again for what it still has room for (``auto=False`` has no renewal),
-    and that counts messages delivered but not yet handed over."""
-
-    def __init__(self, *args: Any, on_request_end: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_request_end = on_request_end
-        self._counted = _CountingQueue()
-        self._queue = self._counted
-
-    @property
-    def queued(self) -> int:
-        """Delivered to this process but not yet handed to the pool."""
-        return self._counted.messages
-
-    def _on_status(self, status: str, msg: Msg) -> None:
-        super()._on_status(status, msg)
-        if status != "100":
-            self._on_request_end()
-
-
 class HandlerGroup:
     """The sessions serving one (tenant, kind, handler), and its consumer."""
 
@@ -333,7 +292,7 @@ class HandlerGroup:
         self.sessions: list[Session] = []
         self.backlog: deque[Lease] = deque()
         """Delivered but not yet handed out (a session serving several handlers was full)."""
-        self.consumer: _PoolConsumer | None = None
+        self.consumer: BatchConsumer | None = None
 
     @property
     def key(self) -> tuple[str, WorkKind, str]:
@@ -554,7 +513,7 @@ class ExecutorPool:
         async def handle(batch: list[Msg]) -> None:
             await self._on_batch(group, batch)
 
-        consumer = _PoolConsumer(
+        consumer = BatchConsumer(
             self._nc,
             self._js,
             stream=names.work_stream,

@@ -60,6 +60,7 @@ class BatchConsumer:
         max_batch: int = 256,
         auto: bool = True,
         name: str = "",
+        on_request_end: Callable[[], None] | None = None,
     ) -> None:
         assert config.durable_name, "durable consumers only"
         self._nc = nc
@@ -71,6 +72,8 @@ class BatchConsumer:
         self._auto = auto
         self._name = name or f"{stream}/{config.durable_name}"
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queued = 0
+        self._on_request_end = on_request_end
         self._outstanding = 0
         self._sub: Subscription | None = None
         self._inbox = ""
@@ -81,6 +84,11 @@ class BatchConsumer:
     def outstanding(self) -> int:
         """Messages requested from the server and not yet delivered."""
         return self._outstanding
+
+    @property
+    def queued(self) -> int:
+        """Messages delivered to this process and not yet handed to the handler."""
+        return self._queued
 
     async def start(self) -> None:
         await ensure_consumer(self._js, self._stream, self._config)
@@ -105,6 +113,9 @@ class BatchConsumer:
         # Delivered but never handed out: give them back at once.
         while not self._queue.empty():
             msg = self._queue.get_nowait()
+            if msg is _WAKE:
+                continue
+            self._queued -= 1
             with contextlib.suppress(Exception):
                 await msg.nak()
 
@@ -134,6 +145,7 @@ class BatchConsumer:
             self._on_status(status, msg)
             return
         self._outstanding = max(0, self._outstanding - 1)
+        self._queued += 1
         self._queue.put_nowait(msg)
 
     def _on_status(self, status: str, msg: Msg) -> None:
@@ -150,6 +162,9 @@ class BatchConsumer:
         if status not in {"404", "408"}:
             logger.debug("%s: pull status %s %s", self._name, status, msg.headers)
         self._queue.put_nowait(_WAKE)
+        if self._on_request_end is not None:
+            # auto=False owners renew their own requests: tell them one ended.
+            self._on_request_end()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -166,6 +181,7 @@ class BatchConsumer:
                 msg = self._queue.get_nowait()
                 if msg is not _WAKE:
                     batch.append(msg)
+            self._queued -= len(batch)
             if self._auto:
                 await self._safe_replenish()
             if not batch:

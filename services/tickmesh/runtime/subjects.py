@@ -34,6 +34,7 @@ HDR_TENANT = "Tickmesh-Tenant"
 HDR_LIFETIME = "Tickmesh-Lifetime"
 HDR_EXECUTION = "Tickmesh-Execution"
 HDR_REASON = "Tickmesh-Reason"
+HDR_ATTEMPT = "Tickmesh-Attempt"
 HDR_TRACEPARENT = "traceparent"
 
 
