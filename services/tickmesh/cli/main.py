@@ -6,6 +6,7 @@ tickmesh status LIFETIME          show a lifetime
 tickmesh watch LIFETIME           stream a lifetime's events
 tickmesh trace LIFETIME           print a lifetime's executions as a tree
 tickmesh graph validate FILE...   check graph files (file:line:column errors)
+tickmesh policy validate|apply|show   guardrail policies (see tickmesh.cli.policy)
 tickmesh serve SERVICE            run one service (router, guardrail, state, executor-pool)
 """
 
@@ -33,6 +34,7 @@ from tickmesh.sdk import Client, Plan, Task, ValidationError, Worker, load_graph
 from tickmesh.sdk.errors import TickmeshError
 from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
 
+from . import policy as policy_cli
 from .trace import render
 
 SERVICES = ("router", "guardrail", "state", "executor-pool")
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     graph_sub = graph.add_subparsers(dest="graph_command", metavar="ACTION", required=True)
     validate = graph_sub.add_parser("validate", help="check graph files")
     validate.add_argument("files", nargs="+", type=Path)
+
+    policy_cli.add_parser(sub)
 
     serve = sub.add_parser("serve", help="run one service with settings from the environment")
     serve.add_argument("service", choices=SERVICES)
@@ -296,6 +300,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return cmd_graph_validate(args, out)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "policy":
+            return policy_cli.run(args, out)
         commands = {
             "dev": cmd_dev,
             "run": cmd_run,

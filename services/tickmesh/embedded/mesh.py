@@ -21,6 +21,7 @@ from tickmesh.guardrail import server as guardrail_server
 from tickmesh.guardrail.config import GuardrailSettings
 from tickmesh.router import server as router_server
 from tickmesh.router.config import RouterSettings
+from tickmesh.router.usage import StoreUsageSource
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.blobs import LocalBlobStore
 from tickmesh.runtime.embedded_nats import EmbeddedNats
@@ -46,6 +47,9 @@ class MeshConfig:
     sqlite_synchronous: Synchronous = "FULL"
     ack_wait_s: float = 30.0
     """JetStream ack wait of the pool's work consumers."""
+    guardrail_lease_s: float | None = None
+    """How long routers may enforce a policy snapshot without hearing from the guardrail
+    service; None keeps the guardrail service's default."""
 
 
 @dataclass
@@ -125,6 +129,10 @@ class Mesh:
         guardrail_settings = GuardrailSettings(
             nats_url=url, tenants=tenants, log_json=False, grpc_listen=listen
         )
+        if cfg.guardrail_lease_s is not None:
+            guardrail_settings = guardrail_settings.model_copy(
+                update={"snapshot_lease_s": cfg.guardrail_lease_s}
+            )
         self.guardrail = await guardrail_server.build(
             guardrail_settings, nc=await self._connect("guardrail")
         )
@@ -157,7 +165,10 @@ class Mesh:
             log_json=False,
             grpc_listen=f"{cfg.host}:{cfg.router_port}",
         )
-        self.router = await router_server.build(router_settings, nc=await self._connect("router"))
+        # The router reads tenant usage windows straight from the store it shares the process with.
+        self.router = await router_server.build(
+            router_settings, nc=await self._connect("router"), usage_source=StoreUsageSource(store)
+        )
         await self.router.start()
 
         pool_settings = ExecutorPoolSettings(

@@ -141,10 +141,13 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         store = self._store(context)
         condition = self.snapshot_changed.setdefault(store.tenant, asyncio.Condition())
         last_revision = request.after_revision
+        sent = False
         while True:
             snapshot = await store.publish_snapshot(self._lease_s)
-            if snapshot.revision > last_revision or last_revision == 0:
-                last_revision = max(snapshot.revision, 1)
+            # The first answer is the current snapshot, even of revision 0 (no policies yet).
+            if snapshot.revision > last_revision or (not sent and last_revision == 0):
+                last_revision = snapshot.revision
+                sent = True
                 yield pb.WatchPoliciesResponse(snapshot=snapshot)
             async with condition:
                 try:

@@ -99,11 +99,12 @@ class PolicyStore:
 
     async def latest_all(self) -> list[guardrail_pb2.Policy]:
         try:
-            keys = await self._kv.keys(filters=["policy.*.latest"])
+            # nats-py's keys(filters=...) matches substrings, not subject wildcards: filter here.
+            keys = await self._kv.keys()
         except NoKeysError:
             return []
         policies = []
-        for key in sorted(keys):
+        for key in sorted(k for k in keys if k.startswith("policy.") and k.endswith(".latest")):
             entry = await self._kv.get(key)
             assert entry.value is not None
             policies.append(guardrail_pb2.Policy.FromString(entry.value))

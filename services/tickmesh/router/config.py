@@ -20,3 +20,12 @@ class RouterSettings(ServiceSettings):
     """Lifetimes kept in memory per tenant (their state lives in the KV bucket)."""
     outbox_retention_s: float = 3600.0
     """Outbox entries older than this are dropped even if their publisher never confirmed."""
+    state_target: str | None = None
+    """host:port of the state service whose GetCounters feeds tenant-scope guardrail windows
+    (TICKMESH_ROUTER_STATE_TARGET). Unset: tenant usage is counted in this process only and
+    starts from zero on every restart."""
+    tenant_usage_refresh_s: float = 0.2
+    """How often tenant usage is read again from the state service."""
+    tenant_usage_max_staleness_s: float = 30.0
+    """Tenant-scope rules reject (fail closed) when the state service has not answered for
+    this long."""

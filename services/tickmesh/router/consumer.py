@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from datetime import UTC, datetime
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -20,7 +21,7 @@ from tickmesh.runtime.consumer import BatchConsumer, message_type, term
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
-from tickmesh.v1 import execution_pb2, telemetry_pb2
+from tickmesh.v1 import execution_pb2
 
 from . import core
 from .processor import Processor, Tenant
@@ -96,18 +97,26 @@ class RefConsumer:
     async def _route(
         self, lifetime_id: str, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
     ) -> None:
-        used: list[telemetry_pb2.Telemetry] = []
+        # Every ref is a stored execution: count it in the tenant's usage (once per key)
+        # before deciding, so its own post-result rules see it.
+        record_usage = getattr(self._tenant.guard, "record_execution", None)
+        if record_usage is not None:
+            for _, ref, key in items:
+                record = (
+                    ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+                )
+                persisted = (
+                    ref.persisted_at.ToDatetime(tzinfo=UTC)
+                    if ref.HasField("persisted_at")
+                    else datetime.now(UTC)
+                )
+                record_usage(key, record.result.telemetry, persisted)
 
         def mutate(lt: core.Lifetime) -> bool:
-            used.clear()
             changed = False
             for _, ref, _ in items:
                 if core.on_execution(lt, ref):
                     changed = True
-                    record = (
-                        ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
-                    )
-                    used.append(record.result.telemetry)
             return changed
 
         try:
@@ -126,11 +135,6 @@ class RefConsumer:
             for msg, _, _ in items:
                 await msg.nak(delay=0.2)
             return
-        guard = self._tenant.guard
-        record_usage = getattr(guard, "record_tenant_usage", None)
-        if record_usage is not None:
-            for telemetry in used:
-                record_usage(telemetry)
         for msg, _, _ in items:
             await msg.ack()
 

@@ -161,6 +161,8 @@ class Lifetime:
             self.view.output.CopyFrom(output)
         if state in TERMINAL:
             self.view.finished_at.CopyFrom(self.timestamp())
+            for held in self.state.held:  # decided while paused, never published
+                self.state.in_flight.pop(held.execution_id, None)
             self.state.ClearField("held")
             self.state.ClearField("wait")
             self.view.waiting_signal = ""
@@ -375,22 +377,68 @@ def _guarded_publish(
         msg_id=header.idempotency_key,
         type=f"{kind}_request",
         data=encode_envelope(envelope),
+        execution_id=header.execution_id,
     )
+    rejecting = decision.action not in _PROCEEDING
+    if rejecting:
+        _dispatched_event(lt, header)  # decided, then refused: both are in the history
+    proceed = _act_on(lt, decision, header)
+    if lt.terminal:
+        # Aborted by this very decision: the step never leaves.
+        _forget(lt, header.execution_id)
+        return
+    if not proceed:
+        # REJECT_EXECUTION, or an action this router does not know (fail closed): the step
+        # is recorded as rejected through the store, like any finished step.
+        _publish_rejection(lt, envelope, decision)
+        return
+    if lt.view.state == LS.LIFETIME_STATE_PAUSED:
+        lt.state.held.append(message)  # STEP_DISPATCHED is recorded when it is released
+        return
+    _dispatched_event(lt, header)
+    lt.out.append(message)
+
+
+_PROCEEDING = frozenset(
+    {
+        guardrail_pb2.GUARDRAIL_ACTION_ALLOW,
+        guardrail_pb2.GUARDRAIL_ACTION_PAUSE_LIFETIME,
+        guardrail_pb2.GUARDRAIL_ACTION_ABORT_LIFETIME,
+    }
+)
+"""Actions after which the step is published, held or dropped rather than rejected."""
+
+
+def _dispatched_event(lt: Lifetime, header: header_pb2.EnvelopeHeader) -> None:
     lt.event(
         LS.LIFETIME_EVENT_KIND_STEP_DISPATCHED,
         execution_id=header.execution_id,
         node=header.node,
         attempt=header.attempt,
-        message=f"dispatched {node.id} (iteration {header.iteration})",
+        message=f"dispatched {header.node.id} (iteration {header.iteration})",
     )
-    if not _act_on(lt, decision, header):
-        if decision.action == guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION:
-            _publish_rejection(lt, envelope, decision)
-        return
-    if lt.view.state == LS.LIFETIME_STATE_PAUSED:
-        lt.state.held.append(message)
-    elif not lt.terminal:
-        lt.out.append(message)
+
+
+def _forget(lt: Lifetime, execution_id: str) -> None:
+    """Drop a step that was decided but never published."""
+    lt.state.in_flight.pop(execution_id, None)
+    if execution_id in lt.cancels:
+        lt.cancels.remove(execution_id)
+
+
+_STRICTNESS: dict[int, int] = {
+    guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION: 1,
+    guardrail_pb2.GUARDRAIL_ACTION_PAUSE_LIFETIME: 2,
+    guardrail_pb2.GUARDRAIL_ACTION_ABORT_LIFETIME: 3,
+}
+_REJECT: int = guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION
+_WOULD: dict[int, str] = {
+    guardrail_pb2.GUARDRAIL_ACTION_UNSPECIFIED: "rejected the step",
+    guardrail_pb2.GUARDRAIL_ACTION_ALLOW: "rejected the step",
+    guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION: "rejected the step",
+    guardrail_pb2.GUARDRAIL_ACTION_PAUSE_LIFETIME: "paused the lifetime",
+    guardrail_pb2.GUARDRAIL_ACTION_ABORT_LIFETIME: "aborted the lifetime",
+}
 
 
 def _act_on(
@@ -399,13 +447,20 @@ def _act_on(
     """Record a non-ALLOW decision; return whether the step may proceed."""
     action = decision.action
     if action == guardrail_pb2.GUARDRAIL_ACTION_ALLOW:
-        if decision.dry_run and decision.violations:
+        if decision.dry_run and (decision.violations or decision.reason):
+            # A dry-run policy objected: record what it would have done, enforce nothing.
+            would = max(
+                (v.action for v in decision.violations),
+                key=lambda a: _STRICTNESS.get(a, 0),
+                default=guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION,
+            )
+            rules = ", ".join(v.rule_id for v in decision.violations) or decision.reason
             lt.event(
                 LS.LIFETIME_EVENT_KIND_GUARDRAIL,
                 execution_id=header.execution_id,
                 node=header.node,
                 guardrail=decision,
-                message="dry run: would have acted",
+                message=f"dry run: would have {_WOULD.get(would, _WOULD[_REJECT])}: {rules}",
             )
         return True
     rules = ", ".join(v.rule_id for v in decision.violations) or decision.reason
@@ -476,6 +531,7 @@ def _publish_rejection(
             msg_id=f"exec:{header.execution_id}:{header.attempt}",
             type=kind,
             data=encode_envelope(record),
+            execution_id=header.execution_id,
         )
     )
 
@@ -525,6 +581,9 @@ def on_execution(lt: Lifetime, ref: execution_pb2.ExecutionRef) -> bool:
     if lt.terminal:
         return True
     decision = lt.guard(lt, guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT, header, telemetry)
+    rejecting = decision.action not in _PROCEEDING
+    if rejecting:
+        _dispatched_event(lt, header)  # decided, then refused: both are in the history
     proceed = _act_on(lt, decision, header)
     if lt.terminal:
         return True
@@ -554,6 +613,8 @@ def _add_usage(view: lifetime_pb2.AgentLifetime, telemetry: telemetry_pb2.Teleme
     totals.cost_micros += telemetry.cost_micros
     totals.model_calls += telemetry.model_calls
     totals.tool_calls += telemetry.tool_calls
+    for name, value in telemetry.custom_metrics.items():
+        totals.custom_metrics[name] += value
     view.execution_count += 1
 
 
@@ -710,6 +771,8 @@ def resume(lt: Lifetime, reason: str) -> None:
     held = list(lt.state.held)
     lt.state.ClearField("held")
     lt.set_state(state, message=f"resumed: {reason}" if reason else "resumed")
+    for message in held:
+        _dispatched_event(lt, envelope_pb2.ExecutionEnvelope.FromString(message.data).header)
     lt.out.extend(held)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
@@ -16,27 +18,38 @@ from nats.js.kv import KeyValue
 
 from tickmesh.runtime.policy import EvaluationContext, PolicyEngine, Usage
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.v1 import guardrail_pb2, header_pb2, telemetry_pb2
+from tickmesh.v1 import graph_pb2, guardrail_pb2, header_pb2, telemetry_pb2
 
 from .core import Lifetime
+from .usage import TenantUsage, tenant_windows
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_KEY = "snapshot"
+PREPARE_TIMEOUT_S = 0.5
+"""Longest a new snapshot waits for its tenant usage windows to load before it is used."""
+
+Prepare = Callable[[guardrail_pb2.PolicySnapshot], Awaitable[None]]
+"""Called with each new snapshot before it is enforced (e.g. to load tenant usage windows)."""
 
 
 class SnapshotWatcher:
     """Keeps the newest PolicySnapshot of one tenant."""
 
-    def __init__(self, kv: KeyValue, tenant: str) -> None:
+    def __init__(self, kv: KeyValue, tenant: str, *, prepare: Prepare | None = None) -> None:
         self._kv = kv
         self._tenant = tenant
+        self._prepare = prepare
         self.snapshot: guardrail_pb2.PolicySnapshot | None = None
+        self.received_at: datetime | None = None
+        """When the current snapshot was installed (for measurements and diagnostics)."""
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, js: JetStreamContext, names: TenantNames) -> SnapshotWatcher:
-        watcher = cls(await js.key_value(names.policy_bucket), names.tenant)
+    async def open(
+        cls, js: JetStreamContext, names: TenantNames, *, prepare: Prepare | None = None
+    ) -> SnapshotWatcher:
+        watcher = cls(await js.key_value(names.policy_bucket), names.tenant, prepare=prepare)
         await watcher.start()
         return watcher
 
@@ -48,17 +61,43 @@ class SnapshotWatcher:
             try:
                 watcher = await self._kv.watch(SNAPSHOT_KEY)
                 async for entry in watcher:
-                    if entry is None or entry.value is None:
+                    if entry is None:
+                        continue
+                    if entry.operation in ("DEL", "PURGE"):
+                        # The authority withdrew the snapshot: nothing is enforceable any more.
+                        self.snapshot = None
+                        self.received_at = datetime.now(UTC)
+                        continue
+                    if entry.value is None:
                         continue
                     try:
-                        self.snapshot = guardrail_pb2.PolicySnapshot.FromString(entry.value)
+                        snapshot = guardrail_pb2.PolicySnapshot.FromString(entry.value)
                     except Exception:
                         logger.exception("unreadable policy snapshot for %s", self._tenant)
+                        continue
+                    await self.install(snapshot)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.warning("policy watch for %s failed (%s); retrying", self._tenant, exc)
                 await asyncio.sleep(0.5)
+
+    async def install(self, snapshot: guardrail_pb2.PolicySnapshot) -> None:
+        """Prepare for ``snapshot`` (bounded by PREPARE_TIMEOUT_S), then enforce it."""
+        if self._prepare is not None:
+            try:
+                async with asyncio.timeout(PREPARE_TIMEOUT_S):
+                    await self._prepare(snapshot)
+            except Exception as exc:
+                # Enforced anyway: a rule whose inputs are missing fails closed on its own.
+                problem = (
+                    f"not done within {PREPARE_TIMEOUT_S}s"
+                    if isinstance(exc, TimeoutError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                logger.warning("preparing the policy snapshot of %s: %s", self._tenant, problem)
+        self.snapshot = snapshot
+        self.received_at = datetime.now(UTC)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -68,16 +107,130 @@ class SnapshotWatcher:
             self._task = None
 
 
-class Gate:
-    """The core's Guard for one tenant: the engine over the watched snapshot."""
+def lifetime_usage(
+    lifetime: Lifetime, current: telemetry_pb2.Telemetry | None = None, *, iteration: int = 0
+) -> Usage:
+    """What the lifetime has used so far (its stored totals, which already include the
+    execution being decided on after its result).
 
-    def __init__(self, watcher: SnapshotWatcher, engine: PolicyEngine) -> None:
+    Sums come from the lifetime's totals; ``executions`` is its execution count, ``wall_time_s``
+    the time since it started, ``iterations`` its highest node iteration and ``fanout`` the
+    steps in flight. The router keeps no per-execution maxima, so ``max(metric)`` sees the
+    current execution only (``current``; nothing before dispatch).
+    """
+    view = lifetime.view
+    state = lifetime.state
+    iterations = max(max(state.iterations.values(), default=0), iteration)
+    usage = Usage.of(view.totals, iteration=iterations, fanout=len(state.in_flight))
+    maxima = (
+        Usage.of(current, iteration=iterations, fanout=len(state.in_flight)).max_values
+        if current is not None
+        else {}
+    )
+    started = view.created_at.ToDatetime(tzinfo=UTC) if view.HasField("created_at") else None
+    elapsed = (lifetime.now - started).total_seconds() if started is not None else 0.0
+    return dataclasses.replace(
+        usage,
+        executions=int(view.execution_count),
+        wall_time_s=max(0.0, elapsed),
+        max_values=maxima,
+    )
+
+
+ESTIMATE_KEY = "estimate"
+"""The node config key holding a step's usage estimate, read by pre_dispatch rules."""
+_ESTIMATE_INTS = {
+    "input_tokens": 2**62,
+    "output_tokens": 2**62,
+    "cost_micros": 2**62,
+    "model_calls": 0xFFFF_FFFF,
+    "tool_calls": 0xFFFF_FFFF,
+}
+
+
+def estimate_of(node: graph_pb2.Node | None) -> telemetry_pb2.Telemetry:
+    """The step's estimated usage, from the node's ``config.estimate`` mapping.
+
+    Keys: ``input_tokens``, ``output_tokens``, ``tokens`` (counted as input tokens),
+    ``cost_usd`` or ``cost_micros``, ``model_calls``, ``tool_calls``, ``wall_time_s``, and
+    ``custom`` (a mapping of numbers). Anything else, or a non-number, is ignored: an
+    estimate only ever adds information, and its absence reads as 0.
+    """
+    estimate = telemetry_pb2.Telemetry()
+    if node is None or ESTIMATE_KEY not in node.config.fields:
+        return estimate
+    value = node.config.fields[ESTIMATE_KEY]
+    if value.WhichOneof("kind") != "struct_value":
+        return estimate
+    fields = value.struct_value.fields
+
+    def number(name: str) -> float | None:
+        item = fields.get(name)
+        if item is None or item.WhichOneof("kind") != "number_value":
+            return None
+        found = item.number_value
+        # Usage never goes negative, and NaN or infinity would only hide a violation.
+        return found if 0 <= found < 1e15 else None
+
+    for name, limit in _ESTIMATE_INTS.items():
+        found = number(name)
+        if found is not None:
+            setattr(estimate, name, min(int(found), limit))
+    tokens = number("tokens")
+    if tokens is not None and not estimate.input_tokens and not estimate.output_tokens:
+        estimate.input_tokens = int(tokens)
+    cost = number("cost_usd")
+    if cost is not None and not estimate.cost_micros:
+        estimate.cost_micros = round(cost * 1_000_000)
+    wall = number("wall_time_s")
+    if wall is not None:
+        estimate.run_time.FromNanoseconds(int(wall * 1e9))
+    custom = fields.get("custom")
+    if custom is not None and custom.WhichOneof("kind") == "struct_value":
+        for name, item in custom.struct_value.fields.items():
+            if item.WhichOneof("kind") == "number_value":
+                estimate.custom_metrics[name] = item.number_value
+    return estimate
+
+
+class Gate:
+    """The core's Guard for one tenant: the engine over the watched snapshot, with the
+    tenant's usage from ``usage``."""
+
+    def __init__(self, watcher: SnapshotWatcher, engine: PolicyEngine, usage: TenantUsage) -> None:
         self._watcher = watcher
         self._engine = engine
-        self._tenant_usage = Usage()
+        self.usage = usage
 
-    def record_tenant_usage(self, telemetry: telemetry_pb2.Telemetry) -> None:
-        self._tenant_usage = self._tenant_usage.plus(Usage.of(telemetry))
+    @classmethod
+    async def open(
+        cls,
+        js: JetStreamContext,
+        names: TenantNames,
+        engine: PolicyEngine,
+        usage: TenantUsage,
+    ) -> Gate:
+        """Watch the tenant's snapshot; each new one loads its tenant windows before use."""
+
+        async def prepare(snapshot: guardrail_pb2.PolicySnapshot) -> None:
+            await usage.track(tenant_windows(snapshot, engine))
+
+        watcher = await SnapshotWatcher.open(js, names, prepare=prepare)
+        return cls(watcher, engine, usage)
+
+    @property
+    def watcher(self) -> SnapshotWatcher:
+        return self._watcher
+
+    @property
+    def snapshot(self) -> guardrail_pb2.PolicySnapshot | None:
+        return self._watcher.snapshot
+
+    def record_execution(
+        self, key: str, telemetry: telemetry_pb2.Telemetry, persisted_at: datetime
+    ) -> bool:
+        """Count one stored execution in the tenant's usage (idempotent by ``key``)."""
+        return self.usage.record(key, telemetry, persisted_at)
 
     def __call__(
         self,
@@ -86,31 +239,27 @@ class Gate:
         header: header_pb2.EnvelopeHeader,
         telemetry: telemetry_pb2.Telemetry,
     ) -> guardrail_pb2.GuardrailDecision:
-        view = lifetime.view
-        lifetime_usage = Usage.of(view.totals)
-        lifetime_usage = Usage(
-            executions=int(view.execution_count),
-            input_tokens=lifetime_usage.input_tokens,
-            output_tokens=lifetime_usage.output_tokens,
-            cost_micros=lifetime_usage.cost_micros,
-            model_calls=lifetime_usage.model_calls,
-            tool_calls=lifetime_usage.tool_calls,
-            iterations=max(lifetime.state.iterations.values(), default=0),
-            wall_time_s=max(
-                0.0,
-                (lifetime.now - view.created_at.ToDatetime(tzinfo=UTC)).total_seconds(),
-            ),
-            fanout=len(lifetime.state.in_flight),
-        )
         post = phase == guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT
+        if not post and telemetry.ByteSize() == 0:
+            telemetry = estimate_of(lifetime.nodes.get(header.node.id))
+        step = Usage.of(telemetry, iteration=header.iteration)
         context = EvaluationContext(
             phase=phase,
             header=header,
-            execution=Usage.of(telemetry) if post else Usage(),
-            estimate=Usage() if post else Usage.of(telemetry),
-            lifetime=lifetime_usage,
-            tenant_usage=lambda _window: self._tenant_usage,
+            execution=step if post else Usage(),
+            estimate=Usage() if post else step,
+            lifetime=lifetime_usage(
+                lifetime, telemetry if post else None, iteration=header.iteration
+            ),
+            tenant_usage=self.usage.usage,
         )
         return self._engine.evaluate(
-            self._watcher.snapshot, context, now=datetime.now(UTC), graph_id=view.graph.id
+            self._watcher.snapshot,
+            context,
+            now=datetime.now(UTC),
+            graph_id=lifetime.view.graph.id,
         )
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
+        await self.usage.stop()

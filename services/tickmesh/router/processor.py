@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import (
+    HDR_EXECUTION,
     HDR_LIFETIME,
     HDR_MSG_ID,
     HDR_TENANT,
@@ -177,6 +178,7 @@ class Processor:
                     HDR_TYPE: m.type,
                     HDR_TENANT: tenant.names.tenant,
                     HDR_LIFETIME: lt.view.lifetime_id,
+                    **({HDR_EXECUTION: m.execution_id} if m.execution_id else {}),
                 },
             )
             for m in lt.out

@@ -28,6 +28,7 @@ from .guard import Gate, SnapshotWatcher
 from .processor import Processor, Tenant
 from .servicer import RouterServicer
 from .store import RouterStore
+from .usage import StateRpcUsageSource, TenantUsage, UsageSource
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "tickmesh.v1.RouterService"
@@ -47,12 +48,20 @@ class RouterService:
     js: JetStreamContext
     processor: Processor
     grpc: GrpcServer
+    usage_source: UsageSource | None = None
+    """Where tenant usage comes from; None counts in process only."""
+    engine: PolicyEngine = field(default_factory=PolicyEngine)
     consumers: list[RefConsumer] = field(default_factory=list)
-    watchers: list[SnapshotWatcher] = field(default_factory=list)
+    gates: dict[str, Gate] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
         return self.grpc.target
+
+    @property
+    def watchers(self) -> list[SnapshotWatcher]:
+        """The policy snapshot watchers, one per tenant in the order they were added."""
+        return [gate.watcher for gate in self.gates.values()]
 
     async def start(self) -> None:
         for tenant_id in self.settings.tenants:
@@ -65,13 +74,16 @@ class RouterService:
         if tenant_id in self.processor.tenants:
             return
         names = await ensure_tenant(self.js, tenant_id)
-        watcher = await SnapshotWatcher.open(self.js, names)
-        self.watchers.append(watcher)
-        tenant = Tenant(
-            names=names,
-            store=await RouterStore.open(self.js, names),
-            guard=Gate(watcher, PolicyEngine()),
+        usage = TenantUsage(
+            tenant_id,
+            self.usage_source,
+            refresh_s=self.settings.tenant_usage_refresh_s,
+            max_staleness_s=self.settings.tenant_usage_max_staleness_s,
         )
+        await usage.start()
+        gate = await Gate.open(self.js, names, self.engine, usage)
+        self.gates[tenant_id] = gate
+        tenant = Tenant(names=names, store=await RouterStore.open(self.js, names), guard=gate)
         self.processor.tenants[tenant_id] = tenant
         consumer = RefConsumer(
             self.nc,
@@ -88,13 +100,24 @@ class RouterService:
         await self.grpc.set_serving(SERVICE_NAME, False)
         for consumer in self.consumers:
             await consumer.stop()
-        for watcher in self.watchers:
-            await watcher.stop()
+        for gate in self.gates.values():
+            await gate.stop()
         await self.grpc.stop(self.settings.shutdown_grace_s)
+        if self.usage_source is not None:
+            await self.usage_source.close()
 
 
-async def build(settings: RouterSettings, *, nc: NatsClient) -> RouterService:
+async def build(
+    settings: RouterSettings, *, nc: NatsClient, usage_source: UsageSource | None = None
+) -> RouterService:
+    """Assemble the router.
+
+    ``usage_source`` feeds tenant-scope guardrail windows; by default it is the state service
+    at ``settings.state_target``, if set, else usage is counted in this process only.
+    """
     js = tm_nats.jetstream(nc)
+    if usage_source is None and settings.state_target:
+        usage_source = StateRpcUsageSource(settings.state_target)
     processor = Processor(
         nc,
         js,
@@ -108,7 +131,7 @@ async def build(settings: RouterSettings, *, nc: NatsClient) -> RouterService:
         processor, js, tenants=settings.tenants, inline_limit=DEFAULT_INLINE_LIMIT
     )
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_server.server)
-    return RouterService(settings, nc, js, processor, grpc_server)
+    return RouterService(settings, nc, js, processor, grpc_server, usage_source=usage_source)
 
 
 async def serve(settings: RouterSettings) -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import grpc
+from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
+TRAILING_EVENTS_WAIT_S = 2.0
+"""After a lifetime ends, how long a watch waits for steps still in flight to report."""
 DEFAULT_PAGE = 100
 
 
@@ -189,20 +192,34 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         sub = await self._js.subscribe(
             subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
+        ended = False
         try:
-            async for msg in sub.messages:
+            while True:
+                try:
+                    # Once the lifetime has ended, only late step results can follow.
+                    msg = await sub.next_msg(timeout=TRAILING_EVENTS_WAIT_S if ended else None)
+                except nats_errors.TimeoutError:
+                    return
                 try:
                     envelope = decode_envelope(msg.data, expected_kind="lifetime_event")
                 except ValidationError:
                     logger.error("unreadable event on %s", subject)
                     continue
                 event = envelope.lifetime_event
-                if event.sequence <= request.after_sequence:
-                    continue
-                yield pb.WatchLifetimeResponse(event=event)
+                # Out-of-band events (sequence 0, e.g. dead letters) are always shown.
+                if event.sequence == 0 or event.sequence > request.after_sequence:
+                    yield pb.WatchLifetimeResponse(event=event)
                 if (
                     event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
                     and event.state in core.TERMINAL
+                ):
+                    ended = True
+                # The check runs for skipped events too, so a watch resumed after the
+                # end ends as soon as the history is complete.
+                if (
+                    ended
+                    and event.sequence
+                    and await _history_complete(tenant, request.lifetime_id, event.sequence)
                 ):
                     return
         finally:
@@ -282,6 +299,19 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         raise StatusError(
             StatusCode.UNIMPLEMENTED, "ReplayLifetime is not available in this release"
         )
+
+
+async def _history_complete(tenant: Tenant, lifetime_id: str, sequence: int) -> bool:
+    """Whether the lifetime has ended, nothing is in flight, and ``sequence`` is its last event."""
+    loaded = await tenant.store.load(lifetime_id, fresh=True)
+    if loaded is None:
+        return True
+    state = loaded.state
+    return (
+        state.lifetime.state in core.TERMINAL
+        and not state.in_flight
+        and sequence >= state.lifetime.last_sequence
+    )
 
 
 async def _load_view(tenant: Tenant, lifetime_id: str) -> lifetime_pb2.AgentLifetime:

@@ -19,10 +19,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.kv import keys_matching
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import NotFoundError
 from tickmesh.v1 import graph_pb2
@@ -109,11 +110,7 @@ class RouterStore:
         self._cache.pop(lifetime_id, None)
 
     async def lifetime_ids(self) -> list[str]:
-        try:
-            keys = await self._kv.keys(filters=["lt.>"])
-        except NoKeysError:
-            return []
-        return [k.removeprefix("lt.") for k in keys if k.startswith("lt.")]
+        return [k.removeprefix("lt.") for k in await keys_matching(self._kv, "lt.*")]
 
     # --- start-request idempotency --------------------------------------
     async def claim_request(self, client_request_id: str, lifetime_id: str) -> str:
@@ -181,10 +178,7 @@ class RouterStore:
         return graph_pb2.AgentGraph.FromString(entry.value), entry.revision
 
     async def _versions(self, graph_id: str) -> list[int]:
-        try:
-            keys = await self._kv.keys(filters=[f"graph.{_token(graph_id)}.*"])
-        except NoKeysError:
-            return []
+        keys = await keys_matching(self._kv, f"graph.{_token(graph_id)}.*")
         return sorted(int(k.rsplit(".", 1)[1]) for k in keys if k.rsplit(".", 1)[1].isdigit())
 
     async def get_graph(self, graph_id: str, version: int = 0) -> graph_pb2.AgentGraph:
@@ -211,10 +205,7 @@ class RouterStore:
         return latest[0]
 
     async def graph_ids(self) -> list[str]:
-        try:
-            keys = await self._kv.keys(filters=["graph.*.latest"])
-        except NoKeysError:
-            return []
+        keys = await keys_matching(self._kv, "graph.*.latest")
         return sorted(k[len("graph.") : -len(".latest")].replace("=", ".") for k in keys)
 
 

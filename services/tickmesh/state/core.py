@@ -5,6 +5,7 @@ must still reach the router, or a crash between commit and ack would lose it).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -96,6 +97,8 @@ def lifetime_row(
     row = lifetime_pb2.AgentLifetime()
     if previous is not None:
         row.CopyFrom(previous)
+        if event.sequence <= previous.last_sequence:
+            return row  # redelivered or late: never take the row back
     row.lifetime_id = header.lifetime_id
     row.tenant_id = header.tenant_id
     if header.HasField("graph"):
@@ -123,7 +126,9 @@ def lifetime_row(
     return row
 
 
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
 def message_token(lifetime_id: str) -> str:
     """A lifetime id fit for a subject token, or a stand-in for unusable ones."""
-    ok = bool(lifetime_id) and all(c.isalnum() or c in "_-" for c in lifetime_id)
-    return lifetime_id if ok and len(lifetime_id) <= 128 else "_invalid"
+    return lifetime_id if _SUBJECT_TOKEN.fullmatch(lifetime_id) else "_invalid"

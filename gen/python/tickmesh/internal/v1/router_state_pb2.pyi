@@ -281,6 +281,7 @@ class OutMessage(_message.Message):
     MSG_ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """subject is the NATS subject."""
     msg_id: _builtins.str
@@ -289,6 +290,8 @@ class OutMessage(_message.Message):
     """type is sent as Tickmesh-Type (the envelope body kind)."""
     data: _builtins.bytes
     """data is the serialized ExecutionEnvelope."""
+    execution_id: _builtins.str
+    """execution_id is sent as Tickmesh-Execution when set."""
     def __init__(
         self,
         *,
@@ -296,10 +299,11 @@ class OutMessage(_message.Message):
         msg_id: _builtins.str = ...,
         type: _builtins.str = ...,
         data: _builtins.bytes = ...,
+        execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "msg_id", b"msg_id", "subject", b"subject", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "execution_id", b"execution_id", "msg_id", b"msg_id", "subject", b"subject", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

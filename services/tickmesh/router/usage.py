@@ -1,0 +1,550 @@
+"""Tenant usage for tenant-scope guardrail rules, answered synchronously from a cache.
+
+The engine asks ``tenant_usage(window_s)`` in the middle of a step, so the answer must
+already be in memory. :class:`TenantUsage` keeps, for every window the tenant's
+current policy snapshot uses (and always for all time):
+
+* the usage an authoritative :class:`UsageSource` reported for the executions persisted
+  before a *cut* instant, refreshed in the background every ``refresh_s``, and
+* the increments this router recorded since: every stored execution it receives a ref
+  for, recorded once by execution id and attempt, and only if it was persisted at or
+  after the cut (older ones are already in the source's figure).
+
+So a redelivered ref never counts twice, an execution is in the figure its own
+post-result rule reads, and executions applied by other router replicas arrive with
+the next refresh. Window semantics: the executions persisted in the last ``window``
+seconds (``None``: all time). Between refreshes a window does not slide, so an
+execution may count up to ``refresh_s`` longer than its window (never shorter).
+
+Without a source the router counts in process only (:class:`_Ledger`): exact, but
+only for the executions this router saw since it started, and reset on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Final, Protocol
+
+import grpc
+
+from tickmesh.runtime.policy import EMPTY_USAGE, PolicyEngine, Usage
+from tickmesh.sdk.errors import ValidationError
+from tickmesh.v1 import guardrail_pb2, state_service_pb2, state_service_pb2_grpc, telemetry_pb2
+
+logger = logging.getLogger(__name__)
+
+Window = float | None
+"""A window in seconds; ``None`` means all time."""
+
+TENANT_METADATA_KEY: Final = "x-tickmesh-tenant"
+_TENANT_SCOPE: Final = guardrail_pb2.GUARDRAIL_SCOPE_TENANT
+_FETCH_ATTEMPTS: Final = 3
+
+
+class TenantUsageUnavailableError(LookupError):
+    """The tenant's usage over a window is not known (not loaded yet, or stale).
+
+    The engine turns it into a rejection with its message: tenant rules fail closed.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What a source reported: usage per window over the executions persisted before ``cut``."""
+
+    usage: Mapping[Window, Usage]
+    cut: datetime
+    """Executions persisted before this instant are in ``usage``; later ones are not
+    (exactly for the embedded store; approximately, see :class:`StateRpcUsageSource`)."""
+
+
+class UsageSource(Protocol):
+    """Where authoritative tenant usage comes from (the state service's counters)."""
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        """The tenant's usage over each window ending at ``now``, and the cut it is exact to."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class CounterStore(Protocol):
+    """The part of the state service's ``StateStore`` a :class:`StoreUsageSource` reads."""
+
+    async def counters(
+        self, tenant: str, *, lifetime_id: str | None = None, since: datetime | None = None
+    ) -> tuple[telemetry_pb2.Telemetry, int]: ...
+
+
+def counted_usage(totals: telemetry_pb2.Telemetry, executions: int) -> Usage:
+    """A stored counter (summed telemetry and an execution count) as a Usage.
+
+    Counters carry sums only: no per-execution maxima, custom metrics or run time.
+    """
+    return dataclasses.replace(
+        Usage.of(totals), executions=executions, max_values=MappingProxyType({})
+    )
+
+
+_COUNTER_FIELDS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cost_micros",
+    "model_calls",
+    "tool_calls",
+)
+
+
+def _minus_counters(
+    a: tuple[telemetry_pb2.Telemetry, int], b: tuple[telemetry_pb2.Telemetry, int]
+) -> tuple[telemetry_pb2.Telemetry, int]:
+    totals = telemetry_pb2.Telemetry()
+    for name in _COUNTER_FIELDS:
+        setattr(totals, name, max(0, getattr(a[0], name) - getattr(b[0], name)))
+    return totals, max(0, a[1] - b[1])
+
+
+class StoreUsageSource:
+    """Reads the state store in the same process (the embedded mesh).
+
+    Exact: it reads what was persisted at or after ``now`` before and after the window
+    sums, and when both agree nothing landed in between, so subtracting it leaves exactly
+    the executions persisted before ``now`` (the store assigns ``persisted_at`` in commit
+    order on one thread). If writes keep interleaving it falls back to ``cut = now``
+    without the subtraction, which can count an execution persisted during the fetch
+    twice until the next refresh.
+    """
+
+    def __init__(self, store: CounterStore) -> None:
+        self._store = store
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        store = self._store
+        ordered = list(windows)
+        for _ in range(_FETCH_ATTEMPTS):
+            before = await store.counters(tenant, since=now)
+            sums = [
+                await store.counters(tenant, since=None if w is None else now - _delta(w))
+                for w in ordered
+            ]
+            after = await store.counters(tenant, since=now)
+            if after[1] == before[1] and after[0] == before[0]:
+                usage = {
+                    w: counted_usage(*_minus_counters(s, before))
+                    for w, s in zip(ordered, sums, strict=True)
+                }
+                return Fetched(usage, now)
+        logger.debug(
+            "tenant %s: usage kept changing during the fetch; counting conservatively", tenant
+        )
+        return Fetched({w: counted_usage(*s) for w, s in zip(ordered, sums, strict=True)}, now)
+
+    async def close(self) -> None:
+        return None
+
+
+class StateRpcUsageSource:
+    """Calls ``StateService.GetCounters`` (scope TENANT) on a remote state service.
+
+    The service computes each window against its own clock at the moment it reads, so
+    the cut is the instant the fetch started here: an execution persisted while the
+    calls are in flight may count twice until the next refresh (never zero times).
+    Clocks are assumed synchronised (NTP).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 5.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._target = target
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = state_service_pb2_grpc.StateServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def _one(self, tenant: str, window: Window) -> Usage:
+        request = state_service_pb2.GetCountersRequest(
+            scope=state_service_pb2.COUNTER_SCOPE_TENANT,
+            window_seconds=0 if window is None else max(1, math.ceil(window)),
+        )
+        response: state_service_pb2.GetCountersResponse = await self._stub.GetCounters(
+            request, metadata=((TENANT_METADATA_KEY, tenant),), timeout=self._timeout_s
+        )
+        return counted_usage(response.totals, int(response.executions))
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        ordered = list(windows)
+        found = await asyncio.gather(*(self._one(tenant, w) for w in ordered))
+        return Fetched(dict(zip(ordered, found, strict=True)), now)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"StateRpcUsageSource({self._target!r})"
+
+
+def _delta(window: float) -> timedelta:
+    return timedelta(seconds=window)
+
+
+def tenant_windows(snapshot: guardrail_pb2.PolicySnapshot, engine: PolicyEngine) -> set[Window]:
+    """The windows the snapshot's tenant-scope rules read (policies that do not load are
+    skipped: the engine rejects their steps anyway)."""
+    windows: set[Window] = set()
+    for policy in snapshot.policies:
+        try:
+            compiled = engine.compile(policy)
+        except ValidationError:
+            continue
+        windows.update(r.window_s for r in compiled.rules if r.scope == _TENANT_SCOPE)
+    return windows
+
+
+# --- in process only ------------------------------------------------------------------
+
+
+def _minus(a: Usage, b: Usage) -> Usage:
+    """``a`` without ``b`` for the counters; maxima and high-water marks stay (an upper bound)."""
+    custom = dict(a.custom)
+    for name, value in b.custom.items():
+        custom[name] = custom.get(name, 0.0) - value
+    return dataclasses.replace(
+        a,
+        executions=a.executions - b.executions,
+        input_tokens=a.input_tokens - b.input_tokens,
+        output_tokens=a.output_tokens - b.output_tokens,
+        cost_micros=a.cost_micros - b.cost_micros,
+        model_calls=a.model_calls - b.model_calls,
+        tool_calls=a.tool_calls - b.tool_calls,
+        wall_time_s=max(0.0, a.wall_time_s - b.wall_time_s),
+        custom=MappingProxyType(custom),
+    )
+
+
+@dataclass
+class _Sliding:
+    seconds: float
+    start: int
+    """Absolute index of the oldest bucket in the sum."""
+    total: Usage
+
+
+class _Ledger:
+    """Usage by second of persistence, summed over sliding windows (no source configured).
+
+    History is kept for the longest window in use, and at least ``min_history_s``, so a
+    window a new policy introduces starts with what the router saw in that span.
+    Maxima never expire (an upper bound over the window).
+    """
+
+    def __init__(self, *, min_history_s: float = 3600.0) -> None:
+        self._buckets: deque[tuple[int, Usage]] = deque()
+        self._first = 0
+        """Absolute index of ``_buckets[0]``."""
+        self._all = EMPTY_USAGE
+        self._windows: dict[float, _Sliding] = {}
+        self._min_history_s = min_history_s
+
+    def track(self, windows: Iterable[Window], now: float) -> None:
+        wanted = {w for w in windows if w is not None}
+        for gone in set(self._windows) - wanted:
+            del self._windows[gone]
+        for window in wanted - set(self._windows):
+            start = self._first + len(self._buckets)
+            total = EMPTY_USAGE
+            floor = math.floor(now - window)
+            for second, usage in reversed(self._buckets):
+                if second < floor:
+                    break
+                start -= 1
+                total = total.plus(usage)
+            self._windows[window] = _Sliding(window, start, total)
+        self._prune(now)
+
+    def add(self, at: float, usage: Usage) -> None:
+        second = int(at)
+        if self._buckets and second <= self._buckets[-1][0]:
+            # Late (or same-second) records join the newest bucket: they expire later, never sooner.
+            newest, held = self._buckets[-1]
+            self._buckets[-1] = (newest, held.plus(usage))
+        else:
+            self._buckets.append((second, usage))
+        self._all = self._all.plus(usage)
+        for sliding in self._windows.values():
+            sliding.total = sliding.total.plus(usage)
+
+    def usage(self, window: Window, now: float) -> Usage:
+        if window is None:
+            return self._all
+        sliding = self._windows.get(window)
+        if sliding is None:
+            raise TenantUsageUnavailableError(f"tenant usage over {window:g}s is not tracked")
+        floor = math.floor(now - window)
+        end = self._first + len(self._buckets)
+        while sliding.start < end:
+            second, usage = self._buckets[sliding.start - self._first]
+            if second >= floor:
+                break
+            sliding.total = _minus(sliding.total, usage)
+            sliding.start += 1
+        return sliding.total
+
+    def _prune(self, now: float) -> None:
+        keep = max([self._min_history_s, *self._windows])
+        floor = math.floor(now - keep)
+        oldest = min((s.start for s in self._windows.values()), default=None)
+        while self._buckets and self._buckets[0][0] < floor:
+            if oldest is not None and self._first >= oldest:
+                break  # still in some window's sum: it leaves when that window expires it
+            self._buckets.popleft()
+            self._first += 1
+
+    def expire(self, now: float) -> None:
+        for window in list(self._windows):
+            self.usage(window, now)
+        self._prune(now)
+
+
+# --- the cache --------------------------------------------------------------------------
+
+
+def _seconds(at: datetime) -> float:
+    return at.timestamp()
+
+
+class TenantUsage:
+    """One tenant's usage per window, for the engine's synchronous ``tenant_usage``.
+
+    Args:
+        tenant: The tenant.
+        source: Where authoritative usage comes from; ``None`` counts in process only.
+        refresh_s: How often the source is read again.
+        max_staleness_s: With a source, answers older than this raise (fail closed).
+        dedupe_horizon_s: Without a source, how long execution keys are remembered to
+            ignore redelivered refs.
+        clock: The wall clock (seconds since the epoch), for tests.
+    """
+
+    def __init__(
+        self,
+        tenant: str,
+        source: UsageSource | None = None,
+        *,
+        refresh_s: float = 0.2,
+        max_staleness_s: float = 30.0,
+        dedupe_horizon_s: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tenant = tenant
+        self.source = source
+        self._refresh_s = refresh_s
+        self._max_staleness_s = max_staleness_s
+        self._dedupe_horizon_s = dedupe_horizon_s
+        self._clock = clock
+        # With a source, only what tenant rules use (nothing is fetched without them); without
+        # one, all time is always counted so that a later rule sees the history.
+        self._windows: set[Window] = set() if source is not None else {None}
+        # With a source:
+        self._base: dict[Window, Usage] = {}
+        self._cut: float | None = None
+        self._increments: dict[str, tuple[float, Usage]] = {}
+        self._pending: dict[Window, Usage] = {}
+        self._cache: dict[Window, Usage] = {}
+        self._refreshed_at: float | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        # Without one:
+        self._ledger = _Ledger() if source is None else None
+        self._seen: dict[str, float] = {}
+        if self._ledger is not None:
+            self._ledger.track(self._windows, clock())
+
+    @property
+    def windows(self) -> frozenset[Window]:
+        """The windows tracked now (with any tenant rule, all time too)."""
+        return frozenset(self._windows)
+
+    # -- recording --------------------------------------------------------------------
+
+    def record(self, key: str, telemetry: telemetry_pb2.Telemetry, persisted_at: datetime) -> bool:
+        """Count one stored execution (``key``: execution id and attempt) once.
+
+        Returns False when it was already counted (a redelivered ref), or when it is
+        older than the source's last cut (the source's figure holds it).
+        """
+        at = _seconds(persisted_at)
+        if self._ledger is not None:
+            return self._record_local(key, telemetry, at)
+        if not self._windows:
+            # No tenant rule in force: the first fetch for one will include this execution.
+            return False
+        if (self._cut is not None and at < self._cut) or key in self._increments:
+            return False
+        usage = Usage.of(telemetry)
+        self._increments[key] = (at, usage)
+        for window in self._windows:
+            held = self._pending.get(window, EMPTY_USAGE)
+            self._pending[window] = held.plus(usage)
+        self._cache.clear()
+        return True
+
+    def _record_local(self, key: str, telemetry: telemetry_pb2.Telemetry, at: float) -> bool:
+        assert self._ledger is not None
+        now = self._clock()
+        seen = self._seen
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] >= now - self._dedupe_horizon_s:
+                break
+            del seen[oldest]
+        if key in seen:
+            return False
+        seen[key] = now
+        self._ledger.add(at, Usage.of(telemetry))
+        return True
+
+    # -- answering --------------------------------------------------------------------
+
+    def usage(self, window: Window) -> Usage:
+        """The tenant's usage over ``window`` (synchronous; the engine's ``tenant_usage``).
+
+        Raises:
+            TenantUsageUnavailableError: the window is not loaded yet, or the source has
+                not answered for longer than ``max_staleness_s``.
+        """
+        if self._ledger is not None:
+            return self._ledger.usage(window, self._clock())
+        found = self._cache.get(window)
+        if found is not None:
+            self._check_fresh()
+            return found
+        base = self._base.get(window)
+        if base is None:
+            shown = "all time" if window is None else f"{window:g}s"
+            raise TenantUsageUnavailableError(
+                f"tenant usage over {shown} is not loaded yet from {self.source!r}"
+            )
+        self._check_fresh()
+        pending = self._pending.get(window)
+        value = base if pending is None else base.plus(pending)
+        self._cache[window] = value
+        return value
+
+    def _check_fresh(self) -> None:
+        refreshed = self._refreshed_at
+        if refreshed is not None and time.monotonic() - refreshed > self._max_staleness_s:
+            age = time.monotonic() - refreshed
+            raise TenantUsageUnavailableError(
+                f"tenant usage is stale: {self.source!r} last answered {age:.1f}s ago"
+            )
+
+    # -- refreshing -------------------------------------------------------------------
+
+    async def track(self, windows: Iterable[Window]) -> None:
+        """Follow exactly these windows (plus all time); load new ones before returning."""
+        given = set(windows)
+        wanted = {*given, None} if given or self._ledger is not None else set()
+        new = wanted - self._windows
+        if wanted == self._windows:
+            return
+        self._windows = wanted
+        for gone in [w for w in self._base if w not in wanted]:
+            self._base.pop(gone, None)
+            self._pending.pop(gone, None)
+        self._cache.clear()
+        if self._ledger is not None:
+            self._ledger.track(wanted, self._clock())
+        elif new:
+            try:
+                await self.refresh()
+            except Exception as exc:
+                logger.warning("tenant %s: cannot load usage windows %s: %s", self.tenant, new, exc)
+
+    async def refresh(self) -> None:
+        """Read the source once (no-op without a source, beyond expiring old buckets)."""
+        if self._ledger is not None:
+            self._ledger.expire(self._clock())
+            return
+        assert self.source is not None
+        async with self._lock:
+            windows = set(self._windows)
+            if not windows:
+                self._increments.clear()
+                self._pending.clear()
+                self._base.clear()
+                self._cache.clear()
+                return
+            now = datetime.fromtimestamp(self._clock(), UTC)
+            fetched = await self.source.fetch(self.tenant, windows, now)
+            cut = _seconds(fetched.cut)
+            self._increments = {k: v for k, v in self._increments.items() if v[0] >= cut}
+            self._cut = cut
+            current = self._windows
+            self._base = {w: u for w, u in fetched.usage.items() if w in current}
+            pending: dict[Window, Usage] = {}
+            for _, usage in self._increments.values():
+                for window in current:
+                    pending[window] = pending.get(window, EMPTY_USAGE).plus(usage)
+            self._pending = pending
+            self._cache.clear()
+            self._refreshed_at = time.monotonic()
+
+    async def start(self) -> None:
+        """Load the tracked windows once, then refresh in the background."""
+        try:
+            await self.refresh()
+        except Exception as exc:
+            logger.warning("tenant %s: cannot load usage: %s", self.tenant, exc)
+        self._task = asyncio.create_task(self._run(), name=f"tenant-usage:{self.tenant}")
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+                if failing:
+                    logger.info("tenant %s: usage source answers again", self.tenant)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    logger.warning("tenant %s: cannot refresh usage: %s", self.tenant, exc)
+                failing = True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+__all__ = [
+    "CounterStore",
+    "Fetched",
+    "StateRpcUsageSource",
+    "StoreUsageSource",
+    "TenantUsage",
+    "TenantUsageUnavailableError",
+    "UsageSource",
+    "Window",
+    "counted_usage",
+    "tenant_windows",
+]

@@ -1,0 +1,221 @@
+"""What arrives on the bus, end to end: headers, duplicates and poison messages."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import cast
+
+from nats.aio.msg import Msg
+
+import examples.hello.handlers as hello
+from tests.support.audit import record_of
+from tests.support.mesh import MeshFactory, MeshHarness
+from tickmesh.runtime.subjects import (
+    HDR_EXECUTION,
+    HDR_LIFETIME,
+    HDR_MSG_ID,
+    HDR_REASON,
+    HDR_TENANT,
+    HDR_TYPE,
+)
+from tickmesh.sdk import BodyKind, decode_envelope, encode_envelope, load_graph_file, uuid7
+from tickmesh.v1 import envelope_pb2, graph_pb2, lifetime_pb2
+
+HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello" / "graph.yaml"
+
+
+async def _hello(h: MeshHarness) -> graph_pb2.AgentGraph:
+    await h.worker([hello.greet, hello.decide, hello.shout])
+    return await h.register(load_graph_file(HELLO))
+
+
+async def _run_hello(h: MeshHarness, graph: graph_pb2.AgentGraph, name: str = "ada") -> str:
+    handle = await h.start(graph, {"name": name})
+    assert await handle.result(within=10) == {"greeting": f"HELLO, {name.upper()}!"}
+    return handle.id
+
+
+async def test_every_message_carries_its_key_fields_as_headers(start_mesh: MeshFactory) -> None:
+    """DESIGN §6: tenant, lifetime, execution id, type and Nats-Msg-Id are NATS headers."""
+    h = await start_mesh()
+    graph = await _hello(h)
+    seen: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        seen.append(msg)
+
+    sub = await h.nc.subscribe(f"{h.names.root}.>", cb=keep)
+    try:
+        lifetime_id = await _run_hello(h, graph)
+        await h.audit(lifetime_id)
+        await h.nc.flush()
+    finally:
+        await sub.unsubscribe()
+
+    kinds: set[str] = set()
+    problems: list[str] = []
+    for msg in seen:
+        channel = msg.subject.split(".")[2]
+        if channel == "ctl":
+            continue
+        headers = msg.headers or {}
+        kind = headers.get(HDR_TYPE, "")
+        kinds.add(f"{channel}:{kind}")
+        envelope = decode_envelope(msg.data, expected_kind=cast(BodyKind, kind))
+        header = envelope.header
+        expected = {
+            HDR_TENANT: header.tenant_id,
+            HDR_LIFETIME: header.lifetime_id,
+        }
+        if channel in ("work", "exec", "ref"):
+            expected[HDR_EXECUTION] = header.execution_id
+        for name, value in expected.items():
+            if headers.get(name) != value:
+                problems.append(f"{msg.subject} ({kind}): {name}={headers.get(name)!r}")
+        if not headers.get(HDR_MSG_ID):
+            problems.append(f"{msg.subject} ({kind}): no {HDR_MSG_ID}")
+    assert kinds == {
+        "work:task_request",
+        "work:plan_request",
+        "exec:task_execution",
+        "exec:plan_execution",
+        "ref:execution_ref",
+        "evt:lifetime_event",
+    }
+    assert not problems, "\n".join(sorted(set(problems)))
+
+
+async def test_a_republished_execution_is_stored_once_and_changes_nothing(
+    start_mesh: MeshFactory,
+) -> None:
+    h = await start_mesh()
+    graph = await _hello(h)
+    lifetime_id = await _run_hello(h, graph)
+    before = await h.audit(lifetime_id)
+    assert h.mesh.state is not None
+    store = h.mesh.state.store
+    rows = await store.list_executions(h.tenant, lifetime_id)
+    greet = next(r for r in rows if r.node_id == "greet")
+    info_before = await h.client.get_lifetime(lifetime_id)
+    events_before = await h.stream_messages(h.names.evt_stream, h.names.evt(lifetime_id))
+
+    refs: asyncio.Queue[Msg] = asyncio.Queue()
+    sub = await h.nc.subscribe(h.names.ref(lifetime_id), cb=refs.put)
+    headers = {
+        HDR_TYPE: "task_execution",
+        HDR_TENANT: h.tenant,
+        HDR_LIFETIME: lifetime_id,
+        HDR_EXECUTION: greet.execution_id,
+    }
+    try:
+        # A new message id, so JetStream's dedup window cannot catch it: the store must.
+        ack = await h.js.publish(
+            h.names.exec(lifetime_id),
+            greet.envelope,
+            headers={**headers, HDR_MSG_ID: f"replayed:{uuid7()}"},
+        )
+        assert not ack.duplicate
+        # The original message id: JetStream drops it.
+        ack = await h.js.publish(
+            h.names.exec(lifetime_id),
+            greet.envelope,
+            headers={**headers, HDR_MSG_ID: f"exec:{greet.execution_id}:{greet.attempt}"},
+        )
+        assert ack.duplicate
+        # The state service republishes the ref of the record it already holds.
+        async with asyncio.timeout(5):
+            republished = await refs.get()
+        ref = decode_envelope(republished.data, expected_kind="execution_ref")
+        assert record_of(ref.execution_ref).header.execution_id == greet.execution_id
+        assert ref.execution_ref.store_sequence == greet.store_sequence
+        await h.wait_stream_empty(h.names.exec_stream)
+
+        # Past the dedup window the router sees that ref again: it must change nothing.
+        await h.js.publish(
+            h.names.ref(lifetime_id),
+            republished.data,
+            headers={**(republished.headers or {}), HDR_MSG_ID: f"replayed:{uuid7()}"},
+        )
+        await h.wait_stream_empty(h.names.ref_stream)
+    finally:
+        await sub.unsubscribe()
+    await asyncio.sleep(0.3)
+
+    after = await h.audit(lifetime_id)
+    assert after.stored == before.stored
+    assert len(await store.list_executions(h.tenant, lifetime_id)) == len(rows)
+    info_after = await h.client.get_lifetime(lifetime_id)
+    assert info_after.raw.last_sequence == info_before.raw.last_sequence
+    assert info_after.execution_count == info_before.execution_count
+    assert info_after.input_tokens == info_before.input_tokens
+    events_after = await h.stream_messages(h.names.evt_stream, h.names.evt(lifetime_id))
+    assert len(events_after) == len(events_before)
+    _, executions = await store.counters(h.tenant, lifetime_id=lifetime_id)
+    assert executions == len(rows)
+
+
+async def test_poison_records_are_dead_lettered_and_the_mesh_keeps_going(
+    start_mesh: MeshFactory,
+) -> None:
+    h = await start_mesh()
+    graph = await _hello(h)
+    lifetime_id = await _run_hello(h, graph)
+    assert h.mesh.state is not None
+    [stored, *_] = await h.mesh.state.store.list_executions(h.tenant, lifetime_id)
+    target = str(uuid7())  # a lifetime nobody started
+
+    wrong_kind = envelope_pb2.ExecutionEnvelope()
+    wrong_kind.CopyFrom(decode_envelope(stored.envelope, expected_kind="task_execution"))
+    wrong_kind.header.lifetime_id = target
+    wrong_kind.task_execution.header.lifetime_id = target
+    wrong_kind.lifetime_event.CopyFrom(lifetime_pb2.LifetimeEvent(sequence=1))
+    poison: list[tuple[str, bytes, dict[str, str]]] = [
+        ("random bytes", random.Random(11).randbytes(200), {HDR_TYPE: "task_execution"}),
+        (
+            "an envelope whose body is not what its header says",
+            encode_envelope(wrong_kind),
+            {HDR_TYPE: "task_execution"},
+        ),
+        (
+            "a well-formed envelope that is not an execution record",
+            encode_envelope(wrong_kind),
+            {HDR_TYPE: "lifetime_event"},
+        ),
+        ("a record without a type header", stored.envelope, {}),
+    ]
+    for n, (_, data, headers) in enumerate(poison):
+        lifetime_header = {HDR_LIFETIME: target} if headers else {}
+        await h.js.publish(
+            h.names.exec(target),
+            data,
+            headers={**headers, **lifetime_header, HDR_MSG_ID: f"poison:{n}:{uuid7()}"},
+        )
+    await h.wait_stream_empty(h.names.exec_stream)
+
+    letters = await h.stream_messages(h.names.dlq_stream, h.names.dlq("exec"))
+    assert len(letters) == len(poison)
+    reasons = [(m.headers or {}).get(HDR_REASON, "") for m in letters]
+    assert all(reasons), reasons
+    assert sorted(m.data for m in letters) == sorted(d for _, d, _ in poison)
+
+    errors: list[lifetime_pb2.LifetimeEvent] = []
+    for subject in (h.names.evt(target), h.names.evt("_invalid")):
+        for msg in await h.stream_messages(h.names.evt_stream, subject):
+            event = decode_envelope(msg.data, expected_kind="lifetime_event").lifetime_event
+            errors.append(event)
+    assert len(errors) == len(poison)
+    assert {(e.kind, e.sequence) for e in errors} == {
+        (lifetime_pb2.LIFETIME_EVENT_KIND_DEAD_LETTERED, 0)
+    }
+    assert h.mesh.state.consumer(h.tenant).rejected == len(poison)
+
+    # Nothing was stored for them, and the mesh still runs lifetimes.
+    assert await h.stored(target) == []
+    assert await h.mesh.state.store.list_executions(h.tenant, target) == []
+    before = await h.mesh.state.store.counters(h.tenant)
+    second = await _run_hello(h, graph, "bob")
+    report = await h.audit(second)
+    _, executions = await h.mesh.state.store.counters(h.tenant)
+    assert executions == before[1] + report.stored

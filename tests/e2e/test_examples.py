@@ -1,0 +1,65 @@
+"""The shipped examples, end to end on the embedded mesh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import examples.coding_agent.handlers as coding
+import examples.hello.handlers as hello
+from tests.support.audit import record_of
+from tests.support.mesh import Handler, MeshFactory
+from tickmesh.sdk import load_graph_file
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+async def test_hello_greets_ada(start_mesh: MeshFactory) -> None:
+    h = await start_mesh()
+    await h.worker([hello.greet, hello.decide, hello.shout])
+    graph = await h.register(load_graph_file(EXAMPLES / "hello" / "graph.yaml"))
+
+    output = await h.client.run_lifetime(graph.id, {"name": "ada"}, version=graph.version)
+
+    assert output == {"greeting": "HELLO, ADA!"}
+    [lifetime_id] = await h.lifetime_ids()
+    report = await h.audit(lifetime_id)
+    assert report.state == "completed"
+    assert report.by_node == {"greet": 1, "decide": 2, "shout": 1}
+    assert report.dispatched == report.stored == 4
+
+
+async def test_coding_agent_refines_once_and_its_totals_add_up(start_mesh: MeshFactory) -> None:
+    h = await start_mesh()
+    handlers: list[Handler] = [
+        coding.parse_request,
+        coding.coding_planner,
+        coding.llm_codegen,
+        coding.assembler,
+        coding.validate_code,
+        coding.reviewer,
+    ]
+    await h.worker(handlers)
+    graph = await h.register(load_graph_file(EXAMPLES / "coding_agent" / "graph.yaml"))
+
+    handle = await h.start(graph, {"task": "add numbers", "modules": ["parser", "lexer"]})
+    output = await handle.result(within=10)
+
+    assert output["rounds"] == 2
+    assert sorted(output["files"]) == ["lexer.py", "parser.py"]
+    report = await h.audit(handle.id)
+    # intake, plan, 2 x generate, assemble, validate, review, 2 x generate, assemble,
+    # validate, review.
+    assert report.by_node == {
+        "intake": 1,
+        "plan": 1,
+        "generate": 4,
+        "assemble": 2,
+        "validate": 2,
+        "review": 2,
+    }
+    telemetry = [record_of(r).result.telemetry for r in report.records]
+    info = await h.client.get_lifetime(handle.id)
+    assert info.input_tokens == sum(t.input_tokens for t in telemetry) > 0
+    assert info.output_tokens == sum(t.output_tokens for t in telemetry) > 0
+    assert info.cost_micros == sum(t.cost_micros for t in telemetry) > 0
+    assert info.execution_count == report.stored == 12

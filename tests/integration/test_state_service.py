@@ -1,0 +1,552 @@
+"""StateService over gRPC on a real grpc.aio server and a real nats-server.
+
+Most tests build the state service alone (``state.server.build``) for two fresh
+tenants, with SQLite and a blob folder under ``tmp_path``, and watch the refs
+it publishes with a plain nats-py subscription. The lifetime-row test runs a
+whole embedded mesh, since rows are folded from the router's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from tests.support.nats_server import new_tenant
+from tests.support.records import Record, exec_id, execution_record, usage
+from tests.support.service_harness import (
+    Metadata,
+    eventually,
+    expect_status,
+    open_mesh,
+    tenant_metadata,
+)
+from tickmesh.runtime import nats as runtime_nats
+from tickmesh.runtime.blobs import LocalBlobStore
+from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.subjects import HDR_LIFETIME, HDR_MSG_ID, HDR_TENANT, HDR_TYPE, TenantNames
+from tickmesh.sdk import (
+    Decision,
+    PlanContext,
+    PlanInputView,
+    TaskContext,
+    complete,
+    decode_envelope,
+    dispatch,
+    plan,
+    step,
+    task,
+)
+from tickmesh.state.config import StateSettings
+from tickmesh.state.server import StateService, build
+from tickmesh.state.store import SQLiteStateStore
+from tickmesh.v1 import (
+    envelope_pb2,
+    lifetime_pb2,
+    state_service_pb2,
+    state_service_pb2_grpc,
+    telemetry_pb2,
+)
+
+SS = state_service_pb2
+LIFETIME_A = "019a0000-0000-7000-8000-00000000000a"
+LIFETIME_B = "019a0000-0000-7000-8000-00000000000b"
+MIB = 1024 * 1024
+
+
+@dataclass
+class StateHarness:
+    """A state service serving two tenants, a client stub and a NATS connection."""
+
+    service: StateService
+    tenant: str
+    other: str
+    nc: NatsClient
+    stub: state_service_pb2_grpc.StateServiceAsyncStub
+    refs: list[Msg] = field(default_factory=list)
+
+    @property
+    def md(self) -> Metadata:
+        return tenant_metadata(self.tenant)
+
+    def record(self, n: int, **overrides: Any) -> Record:
+        overrides.setdefault("tenant", self.tenant)
+        overrides.setdefault("lifetime_id", LIFETIME_A)
+        return execution_record(n, **overrides)
+
+    async def append(self, records: Sequence[Record]) -> list[SS.AppendOutcome]:
+        response = await self.stub.AppendExecution(
+            SS.AppendExecutionRequest(envelopes=[env for _, env in records]), metadata=self.md
+        )
+        return list(response.outcomes)
+
+    async def wait_refs(self, count: int, within: float = 2.0) -> list[Msg]:
+        async def enough() -> bool:
+            return len(self.refs) >= count
+
+        await eventually(enough, within=within, what=f"{count} refs")
+        return list(self.refs)
+
+
+@pytest.fixture
+async def state(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[StateHarness]:
+    tenant, other = new_tenant("s"), new_tenant("o")
+    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+    settings = StateSettings(
+        nats_url=nats_server.url,
+        tenants=[tenant, other],
+        grpc_listen="127.0.0.1:0",
+        log_json=False,
+        store_url=f"sqlite:///{tmp_path / 'state.db'}",
+        blob_root=tmp_path / "blobs",
+    )
+    store = await SQLiteStateStore.open(tmp_path / "state.db", synchronous="OFF")
+    service = await build(
+        settings, nc=nc, store=store, blobs=LocalBlobStore(tmp_path / "blobs", fsync=False)
+    )
+    await service.start()
+    refs: list[Msg] = []
+
+    async def collect(msg: Msg) -> None:
+        refs.append(msg)
+
+    sub = await nc.subscribe(TenantNames(tenant).ref_all, cb=collect)
+    channel = grpc.aio.insecure_channel(service.target)
+    harness = StateHarness(
+        service, tenant, other, nc, state_service_pb2_grpc.StateServiceStub(channel), refs
+    )
+    try:
+        yield harness
+    finally:
+        await channel.close()
+        await sub.unsubscribe()
+        await service.stop()
+        await nc.close()
+
+
+def _tokens(telemetry: telemetry_pb2.Telemetry) -> tuple[int, int, int, int, int]:
+    return (
+        telemetry.input_tokens,
+        telemetry.output_tokens,
+        telemetry.cost_micros,
+        telemetry.model_calls,
+        telemetry.tool_calls,
+    )
+
+
+# --- appends and refs -------------------------------------------------------------------
+
+
+async def test_append_execution_stores_records_and_publishes_a_ref_for_each(
+    state: StateHarness,
+) -> None:
+    first = state.record(1)
+    second = state.record(2, lifetime_id=LIFETIME_B, kind="plan")
+    outcomes = await state.append([first, second, first])
+
+    assert [(o.execution_id, o.attempt, o.duplicate) for o in outcomes] == [
+        (exec_id(1), 1, False),
+        (exec_id(2), 1, False),
+        (exec_id(1), 1, True),
+    ]
+    assert outcomes[0].store_sequence < outcomes[1].store_sequence
+    assert outcomes[2].store_sequence == outcomes[0].store_sequence
+
+    refs = await state.wait_refs(3)
+    assert [m.subject for m in refs] == [
+        f"tm.{state.tenant}.ref.{LIFETIME_A}",
+        f"tm.{state.tenant}.ref.{LIFETIME_B}",
+        f"tm.{state.tenant}.ref.{LIFETIME_A}",
+    ]
+    for msg, (_, record), outcome in zip(refs, [first, second, first], outcomes, strict=True):
+        assert msg.headers is not None
+        assert msg.headers[HDR_MSG_ID] == f"ref:{outcome.execution_id}:1"
+        assert msg.headers[HDR_TYPE] == "execution_ref"
+        assert msg.headers[HDR_TENANT] == state.tenant
+        assert msg.headers[HDR_LIFETIME] == record.header.lifetime_id
+        ref = decode_envelope(msg.data, expected_kind="execution_ref")
+        assert ref.header.producer.service == "state"
+        assert ref.header.sequence == outcome.store_sequence
+        assert ref.execution_ref.store_sequence == outcome.store_sequence
+        body = record.WhichOneof("body")
+        assert ref.execution_ref.WhichOneof("record") == body
+        assert getattr(ref.execution_ref, str(body)) == getattr(record, str(body))
+
+    # Appending a stored record again stores nothing but still publishes its ref.
+    [again] = await state.append([second])
+    assert (again.duplicate, again.store_sequence) == (True, outcomes[1].store_sequence)
+    refs = await state.wait_refs(4)
+    assert refs[3].headers is not None
+    assert refs[3].headers[HDR_MSG_ID] == f"ref:{exec_id(2)}:1"
+    listed = await state.stub.ListExecutions(
+        SS.ListExecutionsRequest(lifetime_id=LIFETIME_A), metadata=state.md
+    )
+    assert [e.task_execution.header.execution_id for e in listed.executions] == [exec_id(1)]
+
+
+async def test_append_execution_refuses_a_record_of_another_tenant_and_stores_nothing(
+    state: StateHarness,
+) -> None:
+    good = state.record(1)
+    foreign = state.record(2, tenant=state.other)
+    details = await expect_status(
+        state.stub.AppendExecution(
+            SS.AppendExecutionRequest(envelopes=[good[1], foreign[1]]), metadata=state.md
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.startswith("envelopes[1]: ")
+    assert repr(state.other) in details
+    assert repr(state.tenant) in details
+
+    # Only the record's body claims the other tenant.
+    half = state.record(3)
+    half[1].task_execution.header.tenant_id = state.other
+    details = await expect_status(
+        state.stub.AppendExecution(
+            SS.AppendExecutionRequest(envelopes=[half[1]]), metadata=state.md
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.startswith("envelopes[0]: record claims tenant(s)")
+
+    not_a_record = envelope_pb2.ExecutionEnvelope(header=good[1].header)
+    not_a_record.task_request.SetInParent()
+    await expect_status(
+        state.stub.AppendExecution(
+            SS.AppendExecutionRequest(envelopes=[not_a_record]), metadata=state.md
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+    for n in (1, 2, 3):
+        await expect_status(
+            state.stub.GetExecution(
+                SS.GetExecutionRequest(execution_id=exec_id(n)), metadata=state.md
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
+    counters = await state.stub.GetCounters(
+        SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_TENANT), metadata=state.md
+    )
+    assert counters.executions == 0
+    await asyncio.sleep(0.2)
+    assert state.refs == []
+
+
+async def test_state_calls_need_tenant_credentials(state: StateHarness) -> None:
+    await expect_status(
+        state.stub.GetExecution(SS.GetExecutionRequest(execution_id=exec_id(1))),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    await expect_status(
+        state.stub.GetExecution(
+            SS.GetExecutionRequest(execution_id=exec_id(1)), metadata=tenant_metadata("nobody")
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+
+# --- reads ------------------------------------------------------------------------------
+
+
+async def test_get_execution_and_list_executions_page_in_store_order(state: StateHarness) -> None:
+    records = [state.record(n) for n in range(1, 6)]
+    outcomes = await state.append(records)
+    await state.append([state.record(9, lifetime_id=LIFETIME_B)])
+    [retry] = await state.append([state.record(1, attempt=2)])
+
+    newest = await state.stub.GetExecution(
+        SS.GetExecutionRequest(execution_id=exec_id(1)), metadata=state.md
+    )
+    assert newest.execution.task_execution.header.attempt == 2
+    assert newest.execution.store_sequence == retry.store_sequence
+    first = await state.stub.GetExecution(
+        SS.GetExecutionRequest(execution_id=exec_id(1), attempt=1), metadata=state.md
+    )
+    assert first.execution.task_execution == records[0][1].task_execution
+    assert first.execution.store_sequence == outcomes[0].store_sequence
+    assert first.execution.HasField("persisted_at")
+    await expect_status(
+        state.stub.GetExecution(
+            SS.GetExecutionRequest(execution_id=exec_id(1), attempt=3), metadata=state.md
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # Another tenant sees none of it.
+    await expect_status(
+        state.stub.GetExecution(
+            SS.GetExecutionRequest(execution_id=exec_id(1)), metadata=tenant_metadata(state.other)
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+    seen: list[tuple[str, int]] = []
+    sequences: list[int] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await state.stub.ListExecutions(
+            SS.ListExecutionsRequest(lifetime_id=LIFETIME_A, page_size=2, page_token=token),
+            metadata=state.md,
+        )
+        pages += 1
+        assert len(page.executions) <= 2
+        for ref in page.executions:
+            header = ref.task_execution.header
+            seen.append((header.execution_id, header.attempt))
+            sequences.append(ref.store_sequence)
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 3
+    assert seen == [(exec_id(n), 1) for n in range(1, 6)] + [(exec_id(1), 2)]
+    assert sequences == sorted(sequences)
+
+    await expect_status(
+        state.stub.ListExecutions(
+            SS.ListExecutionsRequest(lifetime_id=LIFETIME_A, page_token="not-a-token"),
+            metadata=state.md,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    empty = await state.stub.ListExecutions(
+        SS.ListExecutionsRequest(lifetime_id=LIFETIME_A), metadata=tenant_metadata(state.other)
+    )
+    assert not empty.executions
+
+
+async def test_get_counters_by_lifetime_and_tenant_and_window(state: StateHarness) -> None:
+    await state.append(
+        [
+            state.record(1, telemetry=usage(10, 5, 100, 1, 0)),
+            state.record(2, telemetry=usage(20, 0, 50, 1, 2)),
+            state.record(3, lifetime_id=LIFETIME_B, telemetry=usage(7, 3, 1, 0, 1)),
+        ]
+    )
+    await state.append([state.record(1, telemetry=usage(10, 5, 100, 1, 0))])  # a duplicate
+
+    lifetime = await state.stub.GetCounters(
+        SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_LIFETIME, lifetime_id=LIFETIME_A),
+        metadata=state.md,
+    )
+    assert (_tokens(lifetime.totals), lifetime.executions) == ((30, 5, 150, 2, 2), 2)
+    tenant = await state.stub.GetCounters(
+        SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_TENANT), metadata=state.md
+    )
+    assert (_tokens(tenant.totals), tenant.executions) == ((37, 8, 151, 2, 3), 3)
+    stranger = await state.stub.GetCounters(
+        SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_TENANT), metadata=tenant_metadata(state.other)
+    )
+    assert stranger.executions == 0
+
+    await asyncio.sleep(1.2)
+    await state.append([state.record(4, lifetime_id=LIFETIME_B, telemetry=usage(1000))])
+    recent = await state.stub.GetCounters(
+        SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_TENANT, window_seconds=1), metadata=state.md
+    )
+    assert (_tokens(recent.totals), recent.executions) == ((1000, 0, 0, 0, 0), 1)
+    recent_a = await state.stub.GetCounters(
+        SS.GetCountersRequest(
+            scope=SS.COUNTER_SCOPE_LIFETIME, lifetime_id=LIFETIME_A, window_seconds=1
+        ),
+        metadata=state.md,
+    )
+    assert recent_a.executions == 0
+    wide = await state.stub.GetCounters(
+        SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_TENANT, window_seconds=3600),
+        metadata=state.md,
+    )
+    assert (wide.totals.input_tokens, wide.executions) == (1037, 4)
+
+    await expect_status(
+        state.stub.GetCounters(SS.GetCountersRequest(), metadata=state.md),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    await expect_status(
+        state.stub.GetCounters(
+            SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_LIFETIME), metadata=state.md
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+# --- blobs ------------------------------------------------------------------------------
+
+
+async def _upload(
+    state: StateHarness,
+    data: bytes,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    content_type: str = "application/octet-stream",
+    metadata: Metadata | None = None,
+) -> SS.PutBlobResponse:
+    async def parts() -> AsyncIterator[SS.PutBlobRequest]:
+        yield SS.PutBlobRequest(
+            upload=SS.BlobUpload(
+                content_type=content_type,
+                size=len(data) if size is None else size,
+                sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
+            )
+        )
+        for start in range(0, len(data), MIB):
+            yield SS.PutBlobRequest(chunk=data[start : start + MIB])
+
+    return await state.stub.PutBlob(parts(), metadata=metadata or state.md)
+
+
+async def _download(state: StateHarness, uri: str) -> tuple[SS.GetBlobResponse, list[bytes]]:
+    call = state.stub.GetBlob(SS.GetBlobRequest(uri=uri), metadata=state.md)
+    responses = [response async for response in call]
+    return responses[0], [r.chunk for r in responses[1:]]
+
+
+async def test_put_blob_and_get_blob_round_trip_three_mib(state: StateHarness) -> None:
+    data = os.urandom(3 * MIB)
+    digest = hashlib.sha256(data).hexdigest()
+    stored = await _upload(state, data, content_type="application/x-test")
+    blob = stored.blob
+    assert (blob.sha256, blob.size, blob.content_type) == (digest, 3 * MIB, "application/x-test")
+    assert blob.uri.startswith("file://")
+    assert f"/{state.tenant}/{digest[:2]}/{digest}" in blob.uri
+
+    first, chunks = await _download(state, blob.uri)
+    assert first.WhichOneof("part") == "blob"
+    assert (first.blob.uri, first.blob.sha256, first.blob.size) == (blob.uri, digest, 3 * MIB)
+    assert [len(c) for c in chunks] == [MIB, MIB, MIB]
+    assert b"".join(chunks) == data
+
+    # Content-addressed: the same bytes again give the same reference.
+    again = await _upload(state, data, content_type="application/x-test")
+    assert again.blob == blob
+
+
+async def test_put_blob_verifies_the_declared_sha256_and_size(state: StateHarness) -> None:
+    data = os.urandom(MIB + 17)
+    details = await expect_status(
+        _upload(state, data, sha256="0" * 64), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "sha256 mismatch" in details
+    assert hashlib.sha256(data).hexdigest() in details
+    await expect_status(_upload(state, data, size=len(data) + 1), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_status(_upload(state, data, size=len(data) - 1), grpc.StatusCode.INVALID_ARGUMENT)
+
+    async def chunk_first() -> AsyncIterator[SS.PutBlobRequest]:
+        yield SS.PutBlobRequest(chunk=b"abc")
+
+    details = await expect_status(
+        state.stub.PutBlob(chunk_first(), metadata=state.md), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "upload description" in details
+    # Nothing was stored under the tenant.
+    assert not (state.service.settings.blob_root / state.tenant).exists()
+
+
+async def test_get_blob_of_another_tenants_uri_is_invalid(state: StateHarness) -> None:
+    stored = await _upload(state, b"private bytes", metadata=tenant_metadata(state.other))
+    details = await expect_status(
+        _download(state, stored.blob.uri), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert f"outside tenant {state.tenant!r}" in details
+    await expect_status(_download(state, "file:///etc/passwd"), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+# --- lifetime rows ----------------------------------------------------------------------
+
+PAIR = """\
+graph: pair
+entry: first
+nodes:
+  - {id: first, kind: task, handler: pair_first}
+  - {id: decide, kind: plan, handler: pair_decide}
+  - {id: second, kind: task, handler: pair_second}
+edges:
+  - {from: first, to: decide}
+  - {from: decide, to: second}
+  - {from: second, to: decide}
+  - {from: decide, kind: final}
+"""
+
+
+@task
+async def pair_first(ctx: TaskContext, value: Any) -> int:
+    ctx.report(input_tokens=11, output_tokens=4, cost_micros=30, model="m")
+    return 1
+
+
+@task
+async def pair_second(ctx: TaskContext, value: Any) -> int:
+    ctx.report(input_tokens=9, output_tokens=6, cost_micros=20, model="m")
+    return 2
+
+
+@plan
+async def pair_decide(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+    if inputs[-1].node_id == "first":
+        return dispatch(step("second"))
+    return complete({"done": inputs[-1].output})
+
+
+async def test_get_lifetime_record_after_a_lifetime_ran(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    async with open_mesh(nats_server.url, tmp_path) as mesh:
+        await mesh.start_worker([pair_first, pair_second, pair_decide])
+        graph = await mesh.register(PAIR)
+        started = await mesh.start("pair", {"go": True}, labels={"team": "qa"})
+        lifetime_id = started.lifetime_id
+        events = await mesh.events(lifetime_id)
+        assert events[-1].state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+
+        async def folded() -> lifetime_pb2.AgentLifetime | None:
+            try:
+                response = await mesh.state.GetLifetimeRecord(
+                    SS.GetLifetimeRecordRequest(lifetime_id=lifetime_id), metadata=mesh.md
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return None
+            row = response.lifetime
+            return row if row.last_sequence == events[-1].sequence else None
+
+        row = await eventually(folded, what="the lifetime row folded from every event")
+        assert row is not None
+        assert row.lifetime_id == lifetime_id
+        assert row.tenant_id == mesh.tenant
+        assert row.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+        assert (row.graph.id, row.graph.version, row.graph.digest) == (
+            "pair",
+            graph.version,
+            graph.digest,
+        )
+        assert dict(row.labels) == {"team": "qa"}
+        assert row.execution_count == 4
+        assert _tokens(row.totals) == (20, 10, 50, 2, 0)
+        assert row.created_at == events[0].at
+        assert row.finished_at == events[-1].at
+        assert row.output.inline == b'{"done":2}'
+
+        counters = await mesh.state.GetCounters(
+            SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_LIFETIME, lifetime_id=lifetime_id),
+            metadata=mesh.md,
+        )
+        assert (counters.totals, counters.executions) == (row.totals, 4)
+        await expect_status(
+            mesh.state.GetLifetimeRecord(
+                SS.GetLifetimeRecordRequest(lifetime_id="019a0000-0000-7000-8000-0000000000ff"),
+                metadata=mesh.md,
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
