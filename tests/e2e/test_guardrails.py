@@ -25,9 +25,9 @@ from tests.support.nats_server import new_tenant
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.guardrail import server as guardrail_server
 from tickmesh.router.guard import Gate
-from tickmesh.router.usage import StateRpcUsageSource
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.policy.sources import StateRpcUsageSource
 from tickmesh.runtime.subjects import HDR_LIFETIME, HDR_MSG_ID, HDR_TENANT, HDR_TYPE, TenantNames
 from tickmesh.sdk import (
     Client,

@@ -15,13 +15,16 @@ import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from tests.support.factories import make_envelope
 from tests.support.nats_server import new_tenant
 from tests.support.service_harness import Metadata, expect_status, tenant_metadata
 from tickmesh.guardrail.config import GuardrailSettings
 from tickmesh.guardrail.server import GuardrailService, build
 from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.policy.sources import StoreUsageSource
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.state.store import SQLiteStateStore
 from tickmesh.v1 import (
     graph_pb2,
     guardrail_pb2,
@@ -332,3 +335,73 @@ async def test_watch_policies_of_a_tenant_without_policies_sees_the_first_one(
         assert [(p.policy_id, p.version) for p in changed.policies] == [("budget", 1)]
     finally:
         stream.cancel()
+
+
+TENANT_SPEND = """\
+policy: spend
+rules:
+  - id: daily-spend
+    scope: tenant
+    window: 24h
+    when: sum(cost_usd) > 0.01
+    action: pause_lifetime
+"""
+
+
+async def _spent(store: SQLiteStateStore, tenant: str, cost_micros: int) -> None:
+    env = make_envelope("task_execution")
+    env.header.tenant_id = tenant
+    env.task_execution.header.tenant_id = tenant
+    env.task_execution.result.telemetry.cost_micros = cost_micros
+    await store.append_executions(tenant, [(env.SerializeToString(), env)])
+
+
+async def test_evaluate_reads_tenant_usage_from_its_source(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    tenant = new_tenant("g")
+    store = await SQLiteStateStore.open(tmp_path / "state.db")
+    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+    settings = GuardrailSettings(
+        nats_url=nats_server.url, tenants=[tenant], grpc_listen="127.0.0.1:0", log_json=False
+    )
+    service = await build(settings, nc=nc, usage_source=StoreUsageSource(store))
+    await service.start()
+    channel = grpc.aio.insecure_channel(service.target)
+    try:
+        harness = GuardrailHarness(
+            service, tenant, nc, guardrail_service_pb2_grpc.GuardrailServiceStub(channel)
+        )
+        await harness.put(TENANT_SPEND)
+        item = GS.EvaluationItem(
+            header=_header(tenant, "cheap"), phase=G.GUARDRAIL_PHASE_POST_RESULT
+        )
+        request = GS.EvaluateRequest(items=[item])
+        under = await harness.stub.Evaluate(request, metadata=harness.md)
+        assert under.decisions[0].action == G.GUARDRAIL_ACTION_ALLOW
+        await _spent(store, tenant, 20_000)  # $0.02, over the $0.01 daily cap
+        over = await harness.stub.Evaluate(request, metadata=harness.md)
+        decision = over.decisions[0]
+        assert decision.action == G.GUARDRAIL_ACTION_PAUSE_LIFETIME
+        assert decision.violations[0].rule_id == "daily-spend"
+        assert decision.violations[0].observed == pytest.approx(0.02)
+    finally:
+        await channel.close()
+        await service.stop()
+        await nc.close()
+        await store.close()
+
+
+async def test_evaluate_without_a_usage_source_rejects_tenant_rules(
+    guardrail: GuardrailHarness,
+) -> None:
+    await guardrail.put(TENANT_SPEND)
+    item = GS.EvaluationItem(
+        header=_header(guardrail.tenant, "cheap"), phase=G.GUARDRAIL_PHASE_POST_RESULT
+    )
+    response = await guardrail.stub.Evaluate(
+        GS.EvaluateRequest(items=[item]), metadata=guardrail.md
+    )
+    decision = response.decisions[0]
+    assert decision.action == G.GUARDRAIL_ACTION_REJECT_EXECUTION
+    assert "usage source" in decision.reason

@@ -21,10 +21,10 @@ from tickmesh.guardrail import server as guardrail_server
 from tickmesh.guardrail.config import GuardrailSettings
 from tickmesh.router import server as router_server
 from tickmesh.router.config import RouterSettings
-from tickmesh.router.usage import StoreUsageSource
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.blobs import LocalBlobStore
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.policy.sources import StoreUsageSource
 from tickmesh.state import server as state_server
 from tickmesh.state.config import StateSettings
 from tickmesh.state.store import SQLiteStateStore, Synchronous
@@ -126,18 +126,6 @@ class Mesh:
         listen = f"{cfg.host}:0"
         blobs_dir = self.data_dir / "blobs"
 
-        guardrail_settings = GuardrailSettings(
-            nats_url=url, tenants=tenants, log_json=False, grpc_listen=listen
-        )
-        if cfg.guardrail_lease_s is not None:
-            guardrail_settings = guardrail_settings.model_copy(
-                update={"snapshot_lease_s": cfg.guardrail_lease_s}
-            )
-        self.guardrail = await guardrail_server.build(
-            guardrail_settings, nc=await self._connect("guardrail")
-        )
-        await self.guardrail.start()
-
         state_settings = StateSettings(
             nats_url=url,
             tenants=tenants,
@@ -151,6 +139,20 @@ class Mesh:
             self.data_dir / "state.db",
             synchronous=state_settings.sqlite_synchronous,
         )
+        guardrail_settings = GuardrailSettings(
+            nats_url=url, tenants=tenants, log_json=False, grpc_listen=listen
+        )
+        if cfg.guardrail_lease_s is not None:
+            guardrail_settings = guardrail_settings.model_copy(
+                update={"snapshot_lease_s": cfg.guardrail_lease_s}
+            )
+        self.guardrail = await guardrail_server.build(
+            guardrail_settings,
+            nc=await self._connect("guardrail"),
+            usage_source=StoreUsageSource(store),
+        )
+        await self.guardrail.start()
+
         self.state = await state_server.build(
             state_settings,
             nc=await self._connect("state"),

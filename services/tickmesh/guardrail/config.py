@@ -15,4 +15,7 @@ class GuardrailSettings(ServiceSettings):
     snapshot_lease_s: float = 30.0
     """How long routers may enforce a snapshot without hearing from this service."""
     refresh_fraction: float = 0.3
+    state_target: str | None = None
+    """host:port of a state service, for tenant-scope rules in Evaluate; without it those
+    rules reject (fail closed)."""
     """Snapshots are re-issued every lease times this fraction, well before they expire."""

@@ -18,6 +18,7 @@ from tickmesh.runtime import logging as tm_logging
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.policy import Usage
+from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.v1 import guardrail_service_pb2_grpc
@@ -107,7 +108,9 @@ class GuardrailService:
         await self.grpc.stop(self.settings.shutdown_grace_s)
 
 
-async def build(settings: GuardrailSettings, *, nc: NatsClient) -> GuardrailService:
+async def build(
+    settings: GuardrailSettings, *, nc: NatsClient, usage_source: UsageSource | None = None
+) -> GuardrailService:
     js = tm_nats.jetstream(nc)
     grpc_server = await create_server(
         settings.grpc_listen, max_message_bytes=settings.max_message_bytes
@@ -119,6 +122,7 @@ async def build(settings: GuardrailSettings, *, nc: NatsClient) -> GuardrailServ
         lease_s=settings.snapshot_lease_s,
         on_change=service.publish,
         lifetime_usage=service.lifetime_usage,
+        usage_source=usage_source,
     )
     service.servicer = servicer
     guardrail_service_pb2_grpc.add_GuardrailServiceServicer_to_server(servicer, grpc_server.server)
@@ -134,7 +138,8 @@ async def serve(settings: GuardrailSettings) -> None:
         password=settings.nats_password,
         user_credentials=settings.nats_credentials,
     )
-    service = await build(settings, nc=nc)
+    source = StateRpcUsageSource(settings.state_target) if settings.state_target else None
+    service = await build(settings, nc=nc, usage_source=source)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

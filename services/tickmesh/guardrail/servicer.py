@@ -19,6 +19,12 @@ from tickmesh.runtime.policy import (
     load_policy,
     validate_policy,
 )
+from tickmesh.runtime.policy.sources import (
+    TenantUsageUnavailableError,
+    UsageSource,
+    Window,
+    tenant_windows,
+)
 from tickmesh.sdk import Issue
 from tickmesh.v1 import (
     guardrail_pb2,
@@ -47,12 +53,14 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         lease_s: float,
         on_change: Callable[[str], Awaitable[None]],
         lifetime_usage: LifetimeUsage,
+        usage_source: UsageSource | None = None,
     ) -> None:
         self._stores = stores
         self._tenants = tenants
         self._lease_s = lease_s
         self._on_change = on_change
         self._lifetime_usage = lifetime_usage
+        self._usage_source = usage_source
         self._engine = PolicyEngine()
         self.snapshot_changed: dict[str, asyncio.Condition] = {}
 
@@ -63,9 +71,11 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         store = self._store(context)
         policies = await store.latest_all()
+        now = datetime.now(UTC)
         snapshot = guardrail_pb2.PolicySnapshot(tenant_id=store.tenant, policies=policies)
-        snapshot.issued_at.FromDatetime(datetime.now(UTC))
+        snapshot.issued_at.FromDatetime(now)
         snapshot.lease.FromSeconds(60)
+        tenant_usage = await self._tenant_usage(store.tenant, snapshot, now)
         decisions = []
         for item in request.items:
             lifetime = (
@@ -81,14 +91,35 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 execution=execution if post else Usage(),
                 estimate=Usage() if post else Usage.of(item.estimate),
                 lifetime=lifetime.plus(execution) if post else lifetime,
-                tenant_usage=lambda _window: Usage(),
+                tenant_usage=tenant_usage,
             )
             decisions.append(
-                self._engine.evaluate(
-                    snapshot, context_, now=datetime.now(UTC), graph_id=item.header.graph.id
-                )
+                self._engine.evaluate(snapshot, context_, now=now, graph_id=item.header.graph.id)
             )
         return pb.EvaluateResponse(decisions=decisions)
+
+    async def _tenant_usage(
+        self, tenant: str, snapshot: guardrail_pb2.PolicySnapshot, now: datetime
+    ) -> Callable[[Window], Usage]:
+        """Tenant usage for the windows the tenant's rules read; without a source (or if
+        it fails) tenant rules are answered with an error, which the engine rejects."""
+        windows = tenant_windows(snapshot, self._engine)
+        if not windows:
+            return _unavailable("no tenant-scope rules")
+        if self._usage_source is None:
+            return _unavailable("the guardrail service has no tenant usage source configured")
+        try:
+            fetched = await self._usage_source.fetch(tenant, windows, now)
+        except Exception as exc:
+            return _unavailable(f"tenant usage unavailable: {exc}")
+
+        def usage(window: Window) -> Usage:
+            try:
+                return fetched.usage[window]
+            except KeyError:
+                raise TenantUsageUnavailableError(f"no tenant usage for window {window}") from None
+
+        return usage
 
     @unary_errors
     async def ValidatePolicy(
@@ -158,6 +189,13 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                     yield pb.WatchPoliciesResponse(
                         snapshot=await store.publish_snapshot(self._lease_s)
                     )
+
+
+def _unavailable(reason: str) -> Callable[[Window], Usage]:
+    def usage(window: Window) -> Usage:
+        raise TenantUsageUnavailableError(reason)
+
+    return usage
 
 
 def _issues(issues: list[Issue]) -> list[validation_pb2.ValidationIssue]:

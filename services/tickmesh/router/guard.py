@@ -17,11 +17,12 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from tickmesh.runtime.policy import EvaluationContext, PolicyEngine, Usage
+from tickmesh.runtime.policy.sources import tenant_windows
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.v1 import graph_pb2, guardrail_pb2, header_pb2, telemetry_pb2
 
 from .core import Lifetime
-from .usage import TenantUsage, tenant_windows
+from .usage import TenantUsage
 
 logger = logging.getLogger(__name__)
 

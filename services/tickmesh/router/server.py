@@ -18,6 +18,7 @@ from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.policy import PolicyEngine
+from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.v1 import router_service_pb2_grpc
 
@@ -28,7 +29,7 @@ from .guard import Gate, SnapshotWatcher
 from .processor import Processor, Tenant
 from .servicer import RouterServicer
 from .store import RouterStore
-from .usage import StateRpcUsageSource, TenantUsage, UsageSource
+from .usage import TenantUsage
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "tickmesh.v1.RouterService"

@@ -14,16 +14,16 @@ from tests.support.records import execution_record
 from tickmesh.router import core
 from tickmesh.router.config import RouterSettings
 from tickmesh.router.guard import Gate, SnapshotWatcher, estimate_of, lifetime_usage
-from tickmesh.router.usage import (
+from tickmesh.router.usage import TenantUsage
+from tickmesh.runtime.policy import PolicyEngine, Usage
+from tickmesh.runtime.policy.sources import (
     Fetched,
     StoreUsageSource,
-    TenantUsage,
     TenantUsageUnavailableError,
     Window,
     counted_usage,
     tenant_windows,
 )
-from tickmesh.runtime.policy import PolicyEngine, Usage
 from tickmesh.sdk import GraphBuilder, decode_envelope
 from tickmesh.state.store import SQLiteStateStore
 from tickmesh.v1 import (
@@ -487,3 +487,45 @@ def test_the_router_reads_its_state_target_from_the_environment(
     monkeypatch.setenv("TICKMESH_ROUTER_TENANT_USAGE_REFRESH_S", "0.5")
     settings = RouterSettings()
     assert (settings.state_target, settings.tenant_usage_refresh_s) == ("state:7003", 0.5)
+
+
+class FakeKV:
+    """A policy bucket whose watch yields the given entries, then waits."""
+
+    def __init__(self, *entries: Any) -> None:
+        self.entries = entries
+
+    async def watch(self, key: str) -> AsyncIterator[Any]:
+        async def stream() -> AsyncIterator[Any]:
+            for entry in self.entries:
+                yield entry
+            await asyncio.Event().wait()
+
+        return stream()
+
+
+class Entry:
+    def __init__(self, value: bytes | None, operation: str | None = None) -> None:
+        self.value = value
+        self.operation = operation
+
+
+async def test_the_watcher_follows_puts_and_forgets_a_deleted_snapshot() -> None:
+    snapshot = snapshot_of(TENANT_POLICY)
+    installed: list[int] = []
+
+    async def prepare(held: guardrail_pb2.PolicySnapshot) -> None:
+        installed.append(held.revision)
+
+    kv = FakeKV(Entry(snapshot.SerializeToString()), Entry(b"\xff\xff"), Entry(b"", "DEL"))
+    watcher = SnapshotWatcher(kv, "acme", prepare=prepare)  # type: ignore[arg-type]
+    await watcher.start()
+    try:
+        for _ in range(200):
+            if installed and watcher.snapshot is None:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await watcher.stop()
+    assert installed == [1]  # the unreadable entry was skipped
+    assert watcher.snapshot is None  # the deletion withdrew it

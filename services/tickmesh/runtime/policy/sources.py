@@ -1,0 +1,196 @@
+"""Where tenant usage comes from: the state service's counters, read in process
+(embedded mesh) or over ``StateService.GetCounters``. Shared by the router (which
+caches it for every step) and the guardrail service (its ``Evaluate`` RPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Final, Protocol
+
+import grpc
+
+from tickmesh.sdk.errors import ValidationError
+from tickmesh.v1 import guardrail_pb2, state_service_pb2, state_service_pb2_grpc, telemetry_pb2
+
+from .engine import PolicyEngine
+from .usage import Usage
+
+logger = logging.getLogger(__name__)
+
+Window = float | None
+"""A window in seconds; ``None`` means all time."""
+
+TENANT_METADATA_KEY: Final = "x-tickmesh-tenant"
+_TENANT_SCOPE: Final = guardrail_pb2.GUARDRAIL_SCOPE_TENANT
+_FETCH_ATTEMPTS: Final = 3
+
+
+class TenantUsageUnavailableError(LookupError):
+    """The tenant's usage over a window is not known (not loaded yet, or stale).
+
+    The engine turns it into a rejection with its message: tenant rules fail closed.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What a source reported: usage per window over the executions persisted before ``cut``."""
+
+    usage: Mapping[Window, Usage]
+    cut: datetime
+    """Executions persisted before this instant are in ``usage``; later ones are not
+    (exactly for the embedded store; approximately, see :class:`StateRpcUsageSource`)."""
+
+
+class UsageSource(Protocol):
+    """Where authoritative tenant usage comes from (the state service's counters)."""
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        """The tenant's usage over each window ending at ``now``, and the cut it is exact to."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class CounterStore(Protocol):
+    """The part of the state service's ``StateStore`` a :class:`StoreUsageSource` reads."""
+
+    async def counters(
+        self, tenant: str, *, lifetime_id: str | None = None, since: datetime | None = None
+    ) -> tuple[telemetry_pb2.Telemetry, int]: ...
+
+
+def counted_usage(totals: telemetry_pb2.Telemetry, executions: int) -> Usage:
+    """A stored counter (summed telemetry and an execution count) as a Usage.
+
+    Counters carry sums only: no per-execution maxima, custom metrics or run time.
+    """
+    return dataclasses.replace(
+        Usage.of(totals), executions=executions, max_values=MappingProxyType({})
+    )
+
+
+_COUNTER_FIELDS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cost_micros",
+    "model_calls",
+    "tool_calls",
+)
+
+
+def _minus_counters(
+    a: tuple[telemetry_pb2.Telemetry, int], b: tuple[telemetry_pb2.Telemetry, int]
+) -> tuple[telemetry_pb2.Telemetry, int]:
+    totals = telemetry_pb2.Telemetry()
+    for name in _COUNTER_FIELDS:
+        setattr(totals, name, max(0, getattr(a[0], name) - getattr(b[0], name)))
+    return totals, max(0, a[1] - b[1])
+
+
+class StoreUsageSource:
+    """Reads the state store in the same process (the embedded mesh).
+
+    Exact: it reads what was persisted at or after ``now`` before and after the window
+    sums, and when both agree nothing landed in between, so subtracting it leaves exactly
+    the executions persisted before ``now`` (the store assigns ``persisted_at`` in commit
+    order on one thread). If writes keep interleaving it falls back to ``cut = now``
+    without the subtraction, which can count an execution persisted during the fetch
+    twice until the next refresh.
+    """
+
+    def __init__(self, store: CounterStore) -> None:
+        self._store = store
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        store = self._store
+        ordered = list(windows)
+        for _ in range(_FETCH_ATTEMPTS):
+            before = await store.counters(tenant, since=now)
+            sums = [
+                await store.counters(tenant, since=None if w is None else now - _delta(w))
+                for w in ordered
+            ]
+            after = await store.counters(tenant, since=now)
+            if after[1] == before[1] and after[0] == before[0]:
+                usage = {
+                    w: counted_usage(*_minus_counters(s, before))
+                    for w, s in zip(ordered, sums, strict=True)
+                }
+                return Fetched(usage, now)
+        logger.debug(
+            "tenant %s: usage kept changing during the fetch; counting conservatively", tenant
+        )
+        return Fetched({w: counted_usage(*s) for w, s in zip(ordered, sums, strict=True)}, now)
+
+    async def close(self) -> None:
+        return None
+
+
+class StateRpcUsageSource:
+    """Calls ``StateService.GetCounters`` (scope TENANT) on a remote state service.
+
+    The service computes each window against its own clock at the moment it reads, so
+    the cut is the instant the fetch started here: an execution persisted while the
+    calls are in flight may count twice until the next refresh (never zero times).
+    Clocks are assumed synchronised (NTP).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 5.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._target = target
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = state_service_pb2_grpc.StateServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def _one(self, tenant: str, window: Window) -> Usage:
+        request = state_service_pb2.GetCountersRequest(
+            scope=state_service_pb2.COUNTER_SCOPE_TENANT,
+            window_seconds=0 if window is None else max(1, math.ceil(window)),
+        )
+        response: state_service_pb2.GetCountersResponse = await self._stub.GetCounters(
+            request, metadata=((TENANT_METADATA_KEY, tenant),), timeout=self._timeout_s
+        )
+        return counted_usage(response.totals, int(response.executions))
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        ordered = list(windows)
+        found = await asyncio.gather(*(self._one(tenant, w) for w in ordered))
+        return Fetched(dict(zip(ordered, found, strict=True)), now)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"StateRpcUsageSource({self._target!r})"
+
+
+def _delta(window: float) -> timedelta:
+    return timedelta(seconds=window)
+
+
+def tenant_windows(snapshot: guardrail_pb2.PolicySnapshot, engine: PolicyEngine) -> set[Window]:
+    """The windows the snapshot's tenant-scope rules read (policies that do not load are
+    skipped: the engine rejects their steps anyway)."""
+    windows: set[Window] = set()
+    for policy in snapshot.policies:
+        try:
+            compiled = engine.compile(policy)
+        except ValidationError:
+            continue
+        windows.update(r.window_s for r in compiled.rules if r.scope == _TENANT_SCOPE)
+    return windows
