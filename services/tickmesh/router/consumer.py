@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
@@ -95,6 +96,13 @@ class RefConsumer:
         await asyncio.gather(*(self._route(lid, items) for lid, items in by_lifetime.items()))
 
     async def _route(
+        self, lifetime_id: str, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
+    ) -> None:
+        # Each lifetime is routed in its own task, so the log context stays with it.
+        with log_context(tenant=self._tenant.names.tenant, lifetime=lifetime_id):
+            await self._route_items(lifetime_id, items)
+
+    async def _route_items(
         self, lifetime_id: str, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
     ) -> None:
         # Every ref is a stored execution: count it in the tenant's usage (once per key)

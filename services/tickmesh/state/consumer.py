@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
@@ -98,6 +99,10 @@ class RecordConsumer:
         await self._events.stop()
 
     async def _handle_records(self, batch: list[Msg]) -> None:
+        with log_context(tenant=self.names.tenant):
+            await self._append_batch(batch)
+
+    async def _append_batch(self, batch: list[Msg]) -> None:
         good: list[tuple[Msg, envelope_pb2.ExecutionEnvelope]] = []
         bad: list[tuple[Msg, str]] = []
         for msg in batch:
