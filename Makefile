@@ -15,6 +15,7 @@ export BUF_CACHE_DIR ?= $(CURDIR)/.build/buf-cache
 # The previous commit is the baseline `buf breaking` guards against.
 BREAKING_AGAINST ?= .git\#ref=HEAD~1
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help
 help: ## Show this help
@@ -23,7 +24,7 @@ help: ## Show this help
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -107,8 +108,8 @@ demo: install ## Run the coding-agent example end to end on an embedded mesh
 	  --input '{"task": "an adder library", "modules": ["parser", "lexer", "emitter"]}'
 
 .PHONY: bench
-bench: install ## Run the benchmark and print its figures
-	@echo "make bench: not yet available (lands with the mesh issue)"
+bench: install ## Run the benchmark and print its figures (BENCH_ARGS="--layout both")
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove build outputs and caches (keeps the venv)

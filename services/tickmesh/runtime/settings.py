@@ -6,12 +6,14 @@ Each service subclasses :class:`ServiceSettings` with its own prefix
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tickmesh.sdk.ids import TENANT_ID_PATTERN
 
@@ -37,7 +39,9 @@ class ServiceSettings(BaseSettings):
     """Path to a NATS .creds file (JWT + NKey seed)."""
     grpc_listen: str = "127.0.0.1:0"
     """host:port the gRPC server binds; port 0 picks a free one."""
-    tenants: list[str] = Field(default_factory=lambda: ["default"])
+    # NoDecode: the environment value is split by the validator below (comma-separated or a
+    # JSON list), not JSON-decoded by pydantic-settings first.
+    tenants: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
     """Tenants this process serves (comma-separated or a JSON list in the environment)."""
     log_level: str = "INFO"
     log_json: bool = True
@@ -51,7 +55,9 @@ class ServiceSettings(BaseSettings):
     @field_validator("tenants", mode="before")
     @classmethod
     def _split_tenants(cls, value: object) -> object:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 

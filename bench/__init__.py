@@ -1,0 +1,1 @@
+"""tickmesh benchmark: `python -m bench` (see bench/README.md)."""

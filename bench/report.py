@@ -1,0 +1,277 @@
+"""The printed table, the JSON file and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "gap_p50_ms_m1": 2.5,
+    "gap_p99_ms_m1": 6.0,
+    "steps_per_s_m1000": 3000.0,
+    "cpu_ms_per_step": 0.5,
+    "guardrail_us_per_step": 50.0,
+}
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(
+        h.rjust(w) if i else h.ljust(w)
+        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    )
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    cfg = result["config"]
+    parts = [
+        f"tickmesh bench — {m['date']}  {m['cores']} cores, {m['ram_gib']} GiB, {m['cpu_model']}, "
+        f"python {m['python']}, {m['nats_server']}, commit {m['tickmesh_commit']}",
+        f"profile {cfg['profile']}; lifetimes of {cfg['steps']} steps (no-op task ⇄ plan); "
+        f"store SQLite synchronous=FULL on {m['data_dir_filesystem']}; "
+        + (
+            f"{cfg['policy_rules']}-rule guardrail policy enforced by the router"
+            if cfg["policy_rules"]
+            else "no guardrail policy"
+        ),
+    ]
+    for layout, data in result["layouts"].items():
+        parts.append("")
+        parts.append(f"== layout: {layout} ({data['description']})")
+        rows = []
+        for ph in data["phases"]:
+            fl = ph.get("floor") or {}
+            rows.append(
+                [
+                    str(ph["concurrency"]),
+                    _f(ph["lifetimes"]),
+                    _f(ph["stored_executions"]),
+                    _f(ph["wall_s"]),
+                    _f(ph["steps_per_s"], 0),
+                    _f(ph.get("drain_s"), 1),
+                    _f(ph.get("steps_per_s_incl_drain"), 0),
+                    _f(ph["gap_ms"].get("p50")),
+                    _f(ph["gap_ms"].get("p95")),
+                    _f(ph["gap_ms"].get("p99")),
+                    _f(ph["cpu_ms_per_step"]["mesh"], 3),
+                    _f(ph["cpu_ms_per_step"]["all"], 3),
+                    _f(fl.get("steps_per_s"), 0),
+                    _f((fl.get("gap_ms") or {}).get("p50")),
+                    _f((fl.get("gap_ms") or {}).get("p99")),
+                    _f(ph.get("ratio", {}).get("throughput")),
+                    _f(ph.get("ratio", {}).get("gap_p50")),
+                    f"{ph['foreign_cpu_share'] * 100:.0f}%"
+                    + ("" if not ph["failed"] else f"  {ph['failed']} NOT COMPLETED"),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "M",
+                    "lifetimes",
+                    "steps",
+                    "wall s",
+                    "steps/s",
+                    "drain s",
+                    "incl. drain",
+                    "gap p50",
+                    "p95",
+                    "p99 ms",
+                    "CPU ms/step mesh",
+                    "all",
+                    "floor steps/s",
+                    "floor p50",
+                    "p99 ms",
+                    "x floor thr",
+                    "x floor p50",
+                    "other load",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            "  (CPU 'mesh' = services + nats-server; 'all' adds the worker and the load generator;"
+            " 'other load' = share of the machine's CPU used by other processes meanwhile;"
+            "\n   'drain s' = time after the last lifetime ended until every consumer"
+            " (lifetime events included) had caught up: CPU is counted over wall + drain)"
+        )
+        names = data["processes"]
+        rows = []
+        for name in names:
+            row = [name]
+            for ph in data["phases"]:
+                row.append(_f(ph["cpu_s_per_1000_steps"].get(name), 3))
+                row.append(_f(ph["peak_rss_mb"].get(name), 0))
+            rows.append(row)
+        headers = ["process"]
+        for ph in data["phases"]:
+            headers += [f"CPU s/1k steps M={ph['concurrency']}", "peak RSS MB"]
+        parts.append("")
+        parts.append(_table(headers, rows))
+        rows = []
+        for ph in data["phases"]:
+            p = ph["gap_parts_ms"]
+            rows.append(
+                [str(ph["concurrency"])]
+                + [
+                    f"{_f(p[k].get('p50'))} / {_f(p[k].get('p99'))}"
+                    for k in ("finished_to_stored", "stored_to_dispatched", "dispatched_to_started")
+                ]
+            )
+        parts.append("")
+        parts.append(
+            _table(
+                ["M", "finished→stored p50/p99 ms", "stored→dispatched", "dispatched→started"],
+                rows,
+            )
+        )
+        hops = data.get("hops")
+        if hops:
+            parts.append("")
+            parts.append(
+                f"  where a step's time goes at M=1 ({hops['lifetimes']} lifetimes with a tap on"
+                f" the bus; gap p50 {_f(hops['gap_ms'].get('p50'))} ms):"
+            )
+            parts.append(
+                _table(
+                    ["  hop", "p50 ms", "p95 ms", "p99 ms"],
+                    [
+                        [f"  {k}", _f(v.get("p50")), _f(v.get("p95")), _f(v.get("p99"))]
+                        for k, v in hops["segments_ms"].items()
+                    ],
+                )
+            )
+        for ph in data["phases"]:
+            fl = ph.get("floor")
+            if fl and fl.get("cpu_s_per_1000_steps"):
+                c = fl["cpu_s_per_1000_steps"]
+                parts.append(
+                    f"  floor M={ph['concurrency']}: CPU s/1k steps "
+                    + ", ".join(f"{k} {_f(v, 3)}" for k, v in c.items())
+                )
+    g = result.get("guardrail")
+    if g:
+        parts.append("")
+        parts.append("== guardrail evaluation (20 rules, post_result, none firing)")
+        ip = g["in_process"]["us"]
+        parts.append(
+            f"  in process PolicyEngine.evaluate: p50 {_f(ip['p50'])} µs, p99 {_f(ip['p99'])} µs, "
+            f"mean {_f(ip['mean'])} µs over {ip['n']:,} calls (target ≤ 50 µs per step)"
+        )
+        for key, label in (
+            ("rpc", "usage from the request only"),
+            ("rpc_lifetime", "with lifetime usage"),
+        ):
+            r = g.get(key)
+            if r:
+                parts.append(
+                    f"  Evaluate RPC, batch {r['batch']} ({label}): "
+                    f"{_f(r['us_per_item']['p50'])} µs/item p50, {_f(r['us_per_item']['p99'])} p99 "
+                    f"(call {_f(r['call_ms']['p50'])} ms p50)"
+                )
+    return "\n".join(parts)
+
+
+def write(result: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path | None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    png = out_dir / f"{stamp}.png"
+    try:
+        plot(result, png)
+    except Exception as exc:  # the figures matter more than the picture
+        print(f"(no plot: {exc})")
+        return json_path, None
+    return json_path, png
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    floor_done = False
+    colors = ("tab:blue", "tab:orange", "tab:green")
+    for i, (layout, data) in enumerate(result["layouts"].items()):
+        c = colors[i % len(colors)]
+        phases = data["phases"]
+        ms = [ph["concurrency"] for ph in phases]
+        ax1.plot(
+            ms, [ph["steps_per_s"] for ph in phases], "o-", color=c, label=f"tickmesh ({layout})"
+        )
+        ax2.plot(ms, [ph["gap_ms"]["p50"] for ph in phases], "o-", color=c, label=f"p50 ({layout})")
+        ax2.plot(
+            ms, [ph["gap_ms"]["p99"] for ph in phases], "o--", color=c, label=f"p99 ({layout})"
+        )
+        floors = [ph for ph in phases if ph.get("floor")]
+        if floors and not floor_done:
+            fm = [ph["concurrency"] for ph in floors]
+            ax1.plot(
+                fm, [ph["floor"]["steps_per_s"] for ph in floors], "s:", color="gray", label="floor"
+            )
+            ax2.plot(
+                fm,
+                [ph["floor"]["gap_ms"]["p50"] for ph in floors],
+                "s-",
+                color="gray",
+                label="floor p50",
+            )
+            ax2.plot(
+                fm,
+                [ph["floor"]["gap_ms"]["p99"] for ph in floors],
+                "s--",
+                color="gray",
+                label="floor p99",
+            )
+            floor_done = True
+    ax2.plot([1], [TARGETS["gap_p50_ms_m1"]], "g*", markersize=10, label="target p50 at M=1")
+    ax2.plot([1], [TARGETS["gap_p99_ms_m1"]], "gx", markersize=8, label="target p99 at M=1")
+    ax1.axhline(
+        TARGETS["steps_per_s_m1000"], color="green", lw=0.8, ls="--", label="target at M=1000"
+    )
+    ax1.set_xscale("log")
+    ax1.set_xlabel("concurrent lifetimes M")
+    ax1.set_ylabel("durable steps/s")
+    ax1.set_title("throughput")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("concurrent lifetimes M")
+    ax2.set_ylabel("per-step gap, ms")
+    ax2.set_title("orchestration gap (finished → next started)")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(
+        f"tickmesh bench {m['date']} — {m['cores']} cores, {m['cpu_model']}, "
+        f"{result['config']['steps']} steps/lifetime",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

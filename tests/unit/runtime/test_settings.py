@@ -1,0 +1,33 @@
+"""Service settings come from the environment, with the documented forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from tickmesh.router.config import RouterSettings
+from tickmesh.state.config import StateSettings
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("default", ["default"]), ("acme, beta", ["acme", "beta"]), ('["a","b"]', ["a", "b"])],
+)
+def test_tenants_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("TICKMESH_ROUTER_TENANTS", value)
+    assert RouterSettings().tenants == expected
+
+
+def test_bad_tenant_ids_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKMESH_STATE_TENANTS", "acme,Bad.Tenant")
+    with pytest.raises(ValueError, match=r"Bad\.Tenant"):
+        StateSettings()
+
+
+def test_each_service_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKMESH_ROUTER_NATS_URL", "nats://router:4222")
+    monkeypatch.setenv("TICKMESH_STATE_NATS_URL", "nats://state:4222")
+    assert RouterSettings().nats_url == "nats://router:4222"
+    assert StateSettings().nats_url == "nats://state:4222"
+    assert RouterSettings().nats_servers == ["nats://router:4222"]
