@@ -149,22 +149,28 @@ class RecordConsumer:
         ]
 
     async def _handle_events(self, batch: list[Msg]) -> None:
+        """One transaction per batch: events stored, lifetime rows folded, then acks."""
+        good: list[tuple[Msg, envelope_pb2.ExecutionEnvelope]] = []
         for msg in batch:
             try:
                 envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
                 if not envelope.HasField("lifetime_event"):
                     raise ValidationError("expected a lifetime_event body")
+                if envelope.header.tenant_id != self.names.tenant:
+                    raise ValidationError(
+                        f"event claims tenant {envelope.header.tenant_id!r} on a subject "
+                        f"of tenant {self.names.tenant!r}"
+                    )
             except ValidationError as exc:
                 logger.error("unreadable event on %s: %s", msg.subject, exc)
                 await term(msg, str(exc))
                 continue
-            event = envelope.lifetime_event
-            if event.sequence > 0:
-                tenant = self.names.tenant
-                await self._store.record_event(tenant, envelope.header.lifetime_id, event)
-                previous = await self._store.get_lifetime(tenant, envelope.header.lifetime_id)
-                row = core.lifetime_row(envelope, previous)
-                await self._store.upsert_lifetime(tenant, row)
+            good.append((msg, envelope))
+        # Out-of-band events (sequence 0) are for watchers only.
+        routed = [env for _, env in good if env.lifetime_event.sequence > 0]
+        if routed:
+            await self._store.apply_events(self.names.tenant, routed, core.lifetime_row)
+        for msg, _ in good:
             await msg.ack()
 
     async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:

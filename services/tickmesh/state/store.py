@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 ExecutionKind = Literal["task", "plan"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+LifetimeFold = Callable[
+    [envelope_pb2.ExecutionEnvelope, lifetime_pb2.AgentLifetime | None],
+    lifetime_pb2.AgentLifetime,
+]
+"""Folds one lifetime-event envelope into the lifetime's row (None: no row yet)."""
+
 _T = TypeVar("_T")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _UINT32_MAX: Final = 0xFFFF_FFFF
@@ -129,6 +135,16 @@ class StateStore(Protocol):
         self, tenant: str, lifetime_id: str, event: lifetime_pb2.LifetimeEvent
     ) -> bool:
         """Store a lifetime event; False if one with its sequence was already stored."""
+        ...
+
+    async def apply_events(
+        self,
+        tenant: str,
+        envelopes: Sequence[envelope_pb2.ExecutionEnvelope],
+        fold: LifetimeFold,
+    ) -> int:
+        """Store a batch of lifetime events and fold them into their lifetimes' rows, in
+        one transaction; events already stored are skipped. Returns how many were new."""
         ...
 
     async def list_events(
@@ -748,6 +764,81 @@ class SQLiteStateStore:
                 params,
             )
             return cursor.rowcount == 1
+
+        return await self._run(job)
+
+    async def apply_events(
+        self,
+        tenant: str,
+        envelopes: Sequence[envelope_pb2.ExecutionEnvelope],
+        fold: LifetimeFold,
+    ) -> int:
+        _check_tenant(tenant)
+        events = []
+        for envelope in envelopes:
+            event = envelope.lifetime_event
+            lifetime_id = envelope.header.lifetime_id
+            if not lifetime_id:
+                raise ValidationError("an event needs a lifetime_id")
+            if event.sequence < 1:
+                raise ValidationError("lifetime event sequences start at 1")
+            if envelope.header.tenant_id != tenant:
+                raise ValidationError(
+                    f"event of tenant {envelope.header.tenant_id!r} given for {tenant!r}"
+                )
+            events.append((tenant, lifetime_id, event.sequence, event.SerializeToString()))
+        if not events:
+            return 0
+        lifetime_ids = sorted({e[1] for e in events})
+
+        def job() -> int:
+            conn = self._conn
+            with _transaction(conn):
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT INTO events (tenant, lifetime_id, sequence, body)"
+                    " VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (tenant, lifetime_id, sequence) DO NOTHING",
+                    events,
+                )
+                inserted = conn.total_changes - before
+                marks = ",".join("?" * len(lifetime_ids))
+                rows: dict[str, lifetime_pb2.AgentLifetime | None] = dict.fromkeys(lifetime_ids)
+                for lifetime_id, body in conn.execute(
+                    "SELECT lifetime_id, body FROM lifetimes"
+                    f" WHERE tenant = ? AND lifetime_id IN ({marks})",
+                    (tenant, *lifetime_ids),
+                ):
+                    rows[lifetime_id] = lifetime_pb2.AgentLifetime.FromString(body)
+                for envelope in envelopes:
+                    lifetime_id = envelope.header.lifetime_id
+                    rows[lifetime_id] = fold(envelope, rows[lifetime_id])
+                params = []
+                for row in rows.values():
+                    if row is None:
+                        continue
+                    row.tenant_id = tenant
+                    row.ClearField("totals")  # derived from the counters on every read
+                    row.execution_count = 0
+                    params.append(
+                        (
+                            tenant,
+                            row.lifetime_id,
+                            row.last_sequence,
+                            row.state,
+                            row.SerializeToString(),
+                        )
+                    )
+                conn.executemany(
+                    "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body)"
+                    " VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (tenant, lifetime_id) DO UPDATE SET"
+                    " last_sequence = excluded.last_sequence, state = excluded.state,"
+                    " body = excluded.body"
+                    " WHERE excluded.last_sequence >= lifetimes.last_sequence",
+                    params,
+                )
+            return inserted
 
         return await self._run(job)
 

@@ -29,8 +29,9 @@ from tests.support.records import (
 )
 from tickmesh.sdk.errors import ValidationError
 from tickmesh.state import store as store_module
+from tickmesh.state.core import lifetime_row
 from tickmesh.state.store import MIGRATIONS, SQLiteStateStore, StateStore, StoreClosedError
-from tickmesh.v1 import envelope_pb2, lifetime_pb2, telemetry_pb2
+from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2, telemetry_pb2
 
 StoreFactory = Callable[[Path], Awaitable[StateStore]]
 
@@ -483,3 +484,30 @@ async def test_sqlite_store_persisted_at_never_goes_back_with_the_clock(
         [second] = await store.append_executions(A, [execution_record(2)])
 
     assert second.persisted_at >= first.persisted_at
+
+
+async def test_apply_events_stores_a_batch_and_folds_rows_once(store: StateStore) -> None:
+    """One transaction per batch: events idempotent on sequence, rows never go back."""
+
+    def env(
+        lifetime_id: str, sequence: int, state: lifetime_pb2.LifetimeState.ValueType
+    ) -> envelope_pb2.ExecutionEnvelope:
+        return envelope_pb2.ExecutionEnvelope(
+            header=header_pb2.EnvelopeHeader(tenant_id="acme", lifetime_id=lifetime_id),
+            lifetime_event=lifetime_pb2.LifetimeEvent(sequence=sequence, state=state),
+        )
+
+    running, done = lifetime_pb2.LIFETIME_STATE_RUNNING, lifetime_pb2.LIFETIME_STATE_COMPLETED
+    batch = [env("l1", 1, running), env("l2", 1, running), env("l1", 2, done)]
+    assert await store.apply_events("acme", batch, lifetime_row) == 3
+    # A redelivery of the whole batch plus an older event: nothing new, nothing taken back.
+    assert await store.apply_events("acme", [*batch, env("l1", 1, running)], lifetime_row) == 0
+    l1 = await store.get_lifetime("acme", "l1")
+    l2 = await store.get_lifetime("acme", "l2")
+    assert l1 is not None
+    assert l2 is not None
+    assert l1.state == done
+    assert l1.last_sequence == 2
+    assert l2.state == running
+    assert [e.sequence for e in await store.list_events("acme", "l1")] == [1, 2]
+    assert await store.get_lifetime("beta", "l1") is None
