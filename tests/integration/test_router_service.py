@@ -539,21 +539,21 @@ async def test_signal_to_a_lifetime_that_is_not_waiting_fails_precondition(
     )
 
 
-async def test_fork_and_replay_are_unimplemented_with_a_clear_message(
+async def test_fork_and_replay_of_an_unknown_lifetime_are_not_found(
     harness: MeshHarness,
 ) -> None:
-    fork = await expect_status(
-        harness.router.ForkLifetime(RS.ForkLifetimeRequest(lifetime_id="x"), metadata=harness.md),
-        grpc.StatusCode.UNIMPLEMENTED,
+    await expect_status(
+        harness.router.ForkLifetime(
+            RS.ForkLifetimeRequest(lifetime_id="x", execution_id="y"), metadata=harness.md
+        ),
+        grpc.StatusCode.NOT_FOUND,
     )
-    assert fork == "ForkLifetime is not available in this release"
-    replay = await expect_status(
+    await expect_status(
         harness.router.ReplayLifetime(
             RS.ReplayLifetimeRequest(lifetime_id="x"), metadata=harness.md
         ),
-        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.NOT_FOUND,
     )
-    assert replay == "ReplayLifetime is not available in this release"
 
 
 # --- the server -------------------------------------------------------------------------

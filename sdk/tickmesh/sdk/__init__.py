@@ -5,7 +5,14 @@ name starts with an underscore is private.
 """
 
 from . import codecs
-from ._client import Client, LifetimeEvent, LifetimeHandle, LifetimeInfo
+from ._client import (
+    Client,
+    Divergence,
+    LifetimeEvent,
+    LifetimeHandle,
+    LifetimeInfo,
+    ReplayResult,
+)
 from ._convert import (
     BODY_KINDS,
     MAX_ENVELOPE_BYTES,
@@ -68,6 +75,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceededError",
     "Decision",
+    "Divergence",
     "FileBlobResolver",
     "GraphBuilder",
     "GuardrailRejectedError",
@@ -82,6 +90,7 @@ __all__ = [
     "PlanFailedError",
     "PlanInputView",
     "RPCError",
+    "ReplayResult",
     "Retry",
     "SignalView",
     "StatusCode",

@@ -31,6 +31,7 @@ from ._transport import create_channel, map_rpc_error
 from .errors import LifetimeFailedError, TransportError, ValidationError
 
 TENANT_METADATA_KEY = "x-tickmesh-tenant"
+_UNSET: Any = object()
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -332,6 +333,78 @@ class Client:
         )
         return info_of(response.lifetime)
 
+    async def fork(
+        self,
+        lifetime_id: str,
+        execution_id: str,
+        *,
+        replacement: Any = _UNSET,
+        request_id: str = "",
+    ) -> LifetimeHandle:
+        """Start a lifetime that shares ``lifetime_id``'s history up to ``execution_id``
+        and continues live from there; steps finished before it are not run again.
+
+        Args:
+            replacement: Replaces that execution's output in the fork (for a plan: the plan
+                is asked again with it as its goal). Omit to keep the recorded output.
+            request_id: Makes the call idempotent.
+        """
+        request = pb.ForkLifetimeRequest(
+            lifetime_id=lifetime_id, execution_id=execution_id, client_request_id=request_id
+        )
+        if replacement is not _UNSET:
+            request.replacement_output.CopyFrom(to_payload(replacement))
+        response: pb.ForkLifetimeResponse = await self._call(self._stub.ForkLifetime, request)
+        return LifetimeHandle(self, response.lifetime.lifetime_id)
+
+    async def replay(self, lifetime_id: str, *, graph_version: int = 0) -> ReplayResult:
+        """Re-drive a recorded lifetime through its graph version (or ``graph_version``)
+        with its recorded results, and compare every decision."""
+        response: pb.ReplayLifetimeResponse = await self._call(
+            self._stub.ReplayLifetime,
+            pb.ReplayLifetimeRequest(lifetime_id=lifetime_id, graph_version=graph_version),
+        )
+        return ReplayResult(
+            reproduced=response.reproduced,
+            decisions_checked=response.decisions_checked,
+            divergences=tuple(
+                Divergence(
+                    sequence=d.sequence,
+                    execution_id=d.execution_id,
+                    node_id=d.node.id,
+                    expected=d.expected,
+                    actual=d.actual,
+                    message=d.message,
+                )
+                for d in response.divergences
+            ),
+            graph_version=response.graph.version,
+            raw=response,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """One decision replay did not reproduce."""
+
+    sequence: int
+    execution_id: str
+    node_id: str
+    expected: str
+    actual: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What ``Client.replay`` found."""
+
+    reproduced: bool
+    decisions_checked: int
+    divergences: tuple[Divergence, ...]
+    graph_version: int
+    raw: pb.ReplayLifetimeResponse
+
 
 class LifetimeHandle:
     """A started lifetime."""
@@ -374,6 +447,16 @@ class LifetimeHandle:
 
     async def signal(self, name: str, data: Any = None, **kwargs: Any) -> LifetimeInfo:
         return await self._client.signal(self.id, name, data, **kwargs)
+
+    async def fork(
+        self, execution_id: str, *, replacement: Any = _UNSET, request_id: str = ""
+    ) -> LifetimeHandle:
+        return await self._client.fork(
+            self.id, execution_id, replacement=replacement, request_id=request_id
+        )
+
+    async def replay(self, *, graph_version: int = 0) -> ReplayResult:
+        return await self._client.replay(self.id, graph_version=graph_version)
 
     async def pause(self, reason: str = "") -> LifetimeInfo:
         return await self._client.pause(self.id, reason)

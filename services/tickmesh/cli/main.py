@@ -3,8 +3,11 @@
 tickmesh dev                      run the embedded mesh in the foreground
 tickmesh run GRAPH.yaml --input JSON   run a lifetime end to end and print its trace
 tickmesh status LIFETIME          show a lifetime
-tickmesh watch LIFETIME           stream a lifetime's events
-tickmesh trace LIFETIME           print a lifetime's executions as a tree
+tickmesh watch LIFETIME [--after N]   stream a lifetime's events (after sequence N)
+tickmesh trace LIFETIME           print a lifetime's executions as a tree (with fork lineage)
+tickmesh signal LIFETIME NAME --data JSON [--approver WHO]   wake a waiting lifetime
+tickmesh fork LIFETIME EXECUTION [--output JSON]   continue a lifetime from one execution
+tickmesh replay LIFETIME [--graph-version N]   re-drive a lifetime and compare its decisions
 tickmesh graph validate FILE...   check graph files (file:line:column errors)
 tickmesh policy validate|apply|show   guardrail policies (see tickmesh.cli.policy)
 tickmesh serve SERVICE            run one service (router, guardrail, state, executor-pool)
@@ -73,6 +76,35 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("lifetime")
         cmd.add_argument("--router", required=True, help="router host:port")
         cmd.add_argument("--tenant", default="default")
+        if name == "watch":
+            cmd.add_argument(
+                "--after", type=int, default=0, help="resume after this event sequence"
+            )
+
+    sig = sub.add_parser("signal", help="deliver a signal to a waiting lifetime")
+    sig.add_argument("lifetime")
+    sig.add_argument("name", help="the signal's name, e.g. approval")
+    sig.add_argument("--data", default="null", help="the signal's payload, as JSON")
+    sig.add_argument("--approver", default="", help="who sends it")
+    sig.add_argument("--signal-id", default="", help="makes the signal idempotent")
+    sig.add_argument("--confirmation-token", default="")
+    sig.add_argument("--router", required=True, help="router host:port")
+    sig.add_argument("--tenant", default="default")
+
+    fork = sub.add_parser("fork", help="start a lifetime from another's history at one execution")
+    fork.add_argument("lifetime")
+    fork.add_argument("execution", help="the execution id the fork continues after")
+    fork.add_argument("--output", help="replace that execution's output (JSON)")
+    fork.add_argument("--request-id", default="", help="makes the call idempotent")
+    fork.add_argument("--router", required=True, help="router host:port")
+    fork.add_argument("--tenant", default="default")
+
+    replay = sub.add_parser("replay", help="re-drive a recorded lifetime and compare decisions")
+    replay.add_argument("lifetime")
+    replay.add_argument("--graph-version", type=int, default=0, help="replay against this version")
+    replay.add_argument("--router", required=True, help="router host:port")
+    replay.add_argument("--state", help="state service host:port (unused: the router reads it)")
+    replay.add_argument("--tenant", default="default")
 
     trace = sub.add_parser("trace", help="print a lifetime's executions as a tree")
     trace.add_argument("lifetime")
@@ -244,7 +276,7 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 async def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     async with await Client.connect(args.router, tenant=args.tenant) as client:
-        async for event in client.watch(args.lifetime):
+        async for event in client.watch(args.lifetime, after_sequence=args.after):
             _print_event(event, out)
     return 0
 
@@ -252,8 +284,78 @@ async def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     async with await Client.connect(args.router, tenant=args.tenant) as client:
         info = await client.get_lifetime(args.lifetime)
+        # Fork lineage: the origin chain, oldest last.
+        lineage: list[Any] = []
+        current = info.raw
+        while current.HasField("fork_origin") and len(lineage) < 32:
+            lineage.append(current.fork_origin)
+            try:
+                current = (await client.get_lifetime(current.fork_origin.lifetime_id)).raw
+            except TickmeshError:
+                break
+    for origin in lineage:
+        print(
+            f"forked from {origin.lifetime_id} at execution {origin.execution_id} "
+            f"(sequence {origin.sequence})",
+            file=out,
+        )
     print(await _trace(args.state, args.tenant, info.raw), file=out)
     return 0
+
+
+def _json_arg(text: str, flag: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{flag} is not JSON: {exc}") from exc
+
+
+async def cmd_signal(args: argparse.Namespace, out: TextIO) -> int:
+    data = _json_arg(args.data, "--data")
+    async with await Client.connect(args.router, tenant=args.tenant) as client:
+        info = await client.signal(
+            args.lifetime,
+            args.name,
+            data,
+            approver=args.approver,
+            signal_id=args.signal_id,
+            confirmation_token=args.confirmation_token,
+        )
+    print(f"{info.lifetime_id}  {info.state.upper()}  signal {args.name!r} delivered", file=out)
+    return 0
+
+
+async def cmd_fork(args: argparse.Namespace, out: TextIO) -> int:
+    kwargs: dict[str, Any] = {"request_id": args.request_id}
+    if args.output is not None:
+        kwargs["replacement"] = _json_arg(args.output, "--output")
+    async with await Client.connect(args.router, tenant=args.tenant) as client:
+        handle = await client.fork(args.lifetime, args.execution, **kwargs)
+        info = await handle.describe()
+    origin = info.raw.fork_origin
+    print(
+        f"{info.lifetime_id}  {info.state.upper()}  forked from {origin.lifetime_id} "
+        f"at {origin.execution_id} (sequence {origin.sequence})",
+        file=out,
+    )
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    async with await Client.connect(args.router, tenant=args.tenant) as client:
+        result = await client.replay(args.lifetime, graph_version=args.graph_version)
+    verdict = "reproduced" if result.reproduced else "DIVERGED"
+    print(
+        f"{args.lifetime}  {verdict}  {result.decisions_checked} decisions checked "
+        f"against graph v{result.graph_version}",
+        file=out,
+    )
+    for d in result.divergences:
+        node = f" {d.node_id}" if d.node_id else ""
+        print(f"  #{d.sequence}{node} {d.execution_id[:12]}: {d.message}", file=out)
+        print(f"      expected: {d.expected}", file=out)
+        print(f"      actual:   {d.actual}", file=out)
+    return 0 if result.reproduced else 1
 
 
 def cmd_graph_validate(args: argparse.Namespace, out: TextIO) -> int:
@@ -308,6 +410,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             "status": cmd_status,
             "watch": cmd_watch,
             "trace": cmd_trace,
+            "signal": cmd_signal,
+            "fork": cmd_fork,
+            "replay": cmd_replay,
         }
         result: int = asyncio.run(commands[args.command](args, out))
         return result

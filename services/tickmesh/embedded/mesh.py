@@ -21,6 +21,7 @@ from tickmesh.guardrail import server as guardrail_server
 from tickmesh.guardrail.config import GuardrailSettings
 from tickmesh.router import server as router_server
 from tickmesh.router.config import RouterSettings
+from tickmesh.router.replay import StoreHistorySource
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.blobs import LocalBlobStore
 from tickmesh.runtime.embedded_nats import EmbeddedNats
@@ -169,7 +170,10 @@ class Mesh:
         )
         # The router reads tenant usage windows straight from the store it shares the process with.
         self.router = await router_server.build(
-            router_settings, nc=await self._connect("router"), usage_source=StoreUsageSource(store)
+            router_settings,
+            nc=await self._connect("router"),
+            usage_source=StoreUsageSource(store),
+            history_source=StoreHistorySource(store),
         )
         await self.router.start()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
@@ -93,10 +93,16 @@ class Lifetime:
     out: list[rs.OutMessage] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     """Execution ids whose in-flight work must be cancelled (published on core NATS)."""
+    quiet: bool = False
+    """Re-driving recorded history (replay, fork): events are counted but not encoded, and
+    requests are kept as envelopes in ``requests`` instead of encoded messages."""
+    requests: list[envelope_pb2.ExecutionEnvelope] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.nodes = {n.id: n for n in self.graph.nodes}
         self.names = TenantNames(self.state.lifetime.tenant_id)
+        self._now_ts = timestamp_pb2.Timestamp()
+        self._now_ts.FromDatetime(self.now)
 
     @property
     def view(self) -> lifetime_pb2.AgentLifetime:
@@ -107,19 +113,19 @@ class Lifetime:
         return self.view.state in TERMINAL
 
     def timestamp(self) -> timestamp_pb2.Timestamp:
-        ts = timestamp_pb2.Timestamp()
-        ts.FromDatetime(self.now)
-        return ts
+        return timestamp_pb2.Timestamp(seconds=self._now_ts.seconds, nanos=self._now_ts.nanos)
 
     # --- events ----------------------------------------------------------
     def event(
         self, kind: lifetime_pb2.LifetimeEventKind.ValueType, **fields: object
     ) -> lifetime_pb2.LifetimeEvent:
         self.view.last_sequence += 1
-        self.view.updated_at.CopyFrom(self.timestamp())
+        self.view.updated_at.CopyFrom(self._now_ts)
         event = lifetime_pb2.LifetimeEvent(
-            sequence=self.view.last_sequence, kind=kind, at=self.timestamp(), state=self.view.state
+            sequence=self.view.last_sequence, kind=kind, at=self._now_ts, state=self.view.state
         )
+        if self.quiet:
+            return event
         for name, value in fields.items():
             if value is None:
                 continue
@@ -376,9 +382,11 @@ def _guarded_publish(
         subject=lt.names.work("task" if kind == "task" else "plan", node.handler),
         msg_id=header.idempotency_key,
         type=f"{kind}_request",
-        data=encode_envelope(envelope),
+        data=b"" if lt.quiet else encode_envelope(envelope),
         execution_id=header.execution_id,
     )
+    if lt.quiet:
+        lt.requests.append(envelope)
     rejecting = decision.action not in _PROCEEDING
     if rejecting:
         _dispatched_event(lt, header)  # decided, then refused: both are in the history
@@ -808,6 +816,7 @@ def signal(lt: Lifetime, sig: lifetime_pb2.Signal) -> None:
         )
     if sig.signal_id:
         lt.state.signal_ids.append(sig.signal_id)
+    lt.state.wakes.add(plan_execution_id=wait.plan_execution_id, signal=sig)
     lt.event(LS.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED, signal=sig, message=f"signal {sig.name!r}")
     _wake(
         lt,
@@ -822,6 +831,7 @@ def wait_timed_out(lt: Lifetime) -> None:
     if lt.view.state != LS.LIFETIME_STATE_WAITING or not lt.state.HasField("wait"):
         return
     decision = lt.state.wait.decision
+    lt.state.wakes.add(plan_execution_id=lt.state.wait.plan_execution_id, timed_out=True)
     if decision.on_timeout == result_pb2.WAIT_TIMEOUT_ACTION_SIGNAL:
         _wake(
             lt,
@@ -833,6 +843,23 @@ def wait_timed_out(lt: Lifetime) -> None:
         abort(lt, f"no signal {decision.signal_name!r} before the timeout")
     else:
         lt.fail(f"no signal {decision.signal_name!r} before the timeout", "WaitTimeout")
+
+
+def wait_deadline(state: rs.RouterLifetime) -> datetime | None:
+    """When a waiting lifetime's wait times out (None: not waiting, or no timeout)."""
+    if state.lifetime.state != LS.LIFETIME_STATE_WAITING or not state.HasField("wait"):
+        return None
+    if not state.wait.HasField("deadline"):
+        return None
+    return state.wait.deadline.ToDatetime(tzinfo=UTC)
+
+
+def redispatch(lt: Lifetime, envelope: envelope_pb2.ExecutionEnvelope) -> None:
+    """Publish an already decided request (its step is in flight) through the pre-dispatch
+    guard, as the dispatch functions do (fork uses it for the steps open at the fork point)."""
+    node = lt.nodes[envelope.header.node.id]
+    kind = "task" if envelope.HasField("task_request") else "plan"
+    _guarded_publish(lt, node, envelope, kind)
 
 
 def _wake(lt: Lifetime, delivery: request_pb2.SignalDelivery) -> None:

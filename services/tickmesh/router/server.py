@@ -27,8 +27,9 @@ from .consumer import RefConsumer
 from .core import Producer
 from .guard import Gate, SnapshotWatcher
 from .processor import Processor, Tenant
+from .replay import HistorySource, StateRpcHistorySource
 from .servicer import RouterServicer
-from .store import RouterStore
+from .timers import ObservedRouterStore, WaitTimers
 from .usage import TenantUsage
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class RouterService:
     grpc: GrpcServer
     usage_source: UsageSource | None = None
     """Where tenant usage comes from; None counts in process only."""
+    history_source: HistorySource | None = None
+    """Where fork and replay read recorded executions; None disables them."""
+    timers: WaitTimers | None = None
+    """Fires wait timeouts."""
     engine: PolicyEngine = field(default_factory=PolicyEngine)
     consumers: list[RefConsumer] = field(default_factory=list)
     gates: dict[str, Gate] = field(default_factory=dict)
@@ -84,8 +89,12 @@ class RouterService:
         await usage.start()
         gate = await Gate.open(self.js, names, self.engine, usage)
         self.gates[tenant_id] = gate
-        tenant = Tenant(names=names, store=await RouterStore.open(self.js, names), guard=gate)
+        store = ObservedRouterStore(await self.js.key_value(names.router_bucket))
+        tenant = Tenant(names=names, store=store, guard=gate)
         self.processor.tenants[tenant_id] = tenant
+        if self.timers is not None:
+            store.observer = self.timers.observer(tenant_id)
+            await self.timers.start(tenant_id)
         consumer = RefConsumer(
             self.nc,
             self.js,
@@ -99,6 +108,8 @@ class RouterService:
 
     async def stop(self) -> None:
         await self.grpc.set_serving(SERVICE_NAME, False)
+        if self.timers is not None:
+            await self.timers.stop()
         for consumer in self.consumers:
             await consumer.stop()
         for gate in self.gates.values():
@@ -106,33 +117,58 @@ class RouterService:
         await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.usage_source is not None:
             await self.usage_source.close()
+        if self.history_source is not None:
+            await self.history_source.close()
 
 
 async def build(
-    settings: RouterSettings, *, nc: NatsClient, usage_source: UsageSource | None = None
+    settings: RouterSettings,
+    *,
+    nc: NatsClient,
+    usage_source: UsageSource | None = None,
+    history_source: HistorySource | None = None,
 ) -> RouterService:
     """Assemble the router.
 
     ``usage_source`` feeds tenant-scope guardrail windows; by default it is the state service
     at ``settings.state_target``, if set, else usage is counted in this process only.
+    ``history_source`` is where ForkLifetime and ReplayLifetime read recorded executions;
+    by default the state service at ``settings.state_target`` (unset: both are unavailable).
     """
     js = tm_nats.jetstream(nc)
     if usage_source is None and settings.state_target:
         usage_source = StateRpcUsageSource(settings.state_target)
+    if history_source is None and settings.state_target:
+        history_source = StateRpcHistorySource(settings.state_target)
+    producer = Producer("router", _version(), settings.instance)
     processor = Processor(
         nc,
         js,
-        Producer("router", _version(), settings.instance),
+        producer,
         outbox_retention=timedelta(seconds=settings.outbox_retention_s),
     )
     grpc_server = await create_server(
         settings.grpc_listen, max_message_bytes=settings.max_message_bytes
     )
     servicer = RouterServicer(
-        processor, js, tenants=settings.tenants, inline_limit=DEFAULT_INLINE_LIMIT
+        processor,
+        js,
+        tenants=settings.tenants,
+        inline_limit=DEFAULT_INLINE_LIMIT,
+        history=history_source,
+        producer=producer,
     )
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_server.server)
-    return RouterService(settings, nc, js, processor, grpc_server, usage_source=usage_source)
+    return RouterService(
+        settings,
+        nc,
+        js,
+        processor,
+        grpc_server,
+        usage_source=usage_source,
+        history_source=history_source,
+        timers=WaitTimers(processor),
+    )
 
 
 async def serve(settings: RouterSettings) -> None:

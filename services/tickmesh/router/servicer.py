@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -28,6 +30,8 @@ from tickmesh.v1 import (
 )
 
 from . import core
+from . import fork as fork_
+from . import replay as replay_
 from .graphs import compile_definition, issues_to_proto, validate_definition
 from .processor import Processor, Tenant
 from .store import ConflictError
@@ -49,8 +53,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         *,
         tenants: Collection[str],
         inline_limit: int,
+        history: replay_.HistorySource | None = None,
+        producer: core.Producer | None = None,
     ) -> None:
         self._processor = processor
+        self._history = history
+        self._producer = producer or core.Producer("router", "0", "")
         self._js = js
         self._tenants = tenants
         self._inline_limit = inline_limit
@@ -288,17 +296,84 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def ForkLifetime(
         self, request: pb.ForkLifetimeRequest, context: Context
     ) -> pb.ForkLifetimeResponse:
-        self._tenant(context)
-        raise StatusError(StatusCode.UNIMPLEMENTED, "ForkLifetime is not available in this release")
+        tenant = self._tenant(context)
+        if not request.lifetime_id or not request.execution_id:
+            raise ValidationError("lifetime_id and execution_id are required")
+        history = self._require_history()
+        new_id = uuid7()
+        if request.client_request_id:
+            bound = await tenant.store.claim_request(f"fork:{request.client_request_id}", new_id)
+            if bound != new_id:
+                existing = await tenant.store.load(bound, fresh=True)
+                if existing is not None:
+                    applied = await self._processor.apply(
+                        tenant, bound, lambda _lt: False, ["fork"]
+                    )
+                    return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
+                new_id = bound  # the first call died before creating it
+        origin = await tenant.store.load(request.lifetime_id, fresh=True)
+        if origin is None:
+            raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
+        view = origin.state.lifetime
+        graph = await tenant.store.get_graph(view.graph.id, view.graph.version)
+        records = await history.executions(tenant.names.tenant, request.lifetime_id)
+        try:
+            lt = fork_.fork(
+                origin.state,
+                graph,
+                records,
+                execution=request.execution_id,
+                new_lifetime_id=new_id,
+                replacement=request.replacement_output
+                if request.HasField("replacement_output")
+                else None,
+                client_request_id=request.client_request_id,
+                producer=self._producer,
+                now=datetime.now(UTC),
+                guard=tenant.guard,
+            )
+        except fork_.ForkError as exc:
+            raise StatusError(StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        entry = lt.state.outbox.add(key="fork", messages=lt.out)
+        entry.created_at.FromDatetime(lt.now)
+        with contextlib.suppress(ConflictError):
+            # ConflictError: a concurrent call with the same client_request_id created it.
+            await tenant.store.create(lt.state)
+        # Publishes the "fork" outbox entry (idempotent by message ids).
+        applied = await self._processor.apply(tenant, new_id, lambda _lt: False, ["fork"])
+        logger.info("forked %s at %s into %s", request.lifetime_id, request.execution_id, new_id)
+        return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
 
     @unary_errors
     async def ReplayLifetime(
         self, request: pb.ReplayLifetimeRequest, context: Context
     ) -> pb.ReplayLifetimeResponse:
-        self._tenant(context)
-        raise StatusError(
-            StatusCode.UNIMPLEMENTED, "ReplayLifetime is not available in this release"
+        tenant = self._tenant(context)
+        history = self._require_history()
+        loaded = await tenant.store.load(request.lifetime_id, fresh=True)
+        if loaded is None:
+            raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
+        view = loaded.state.lifetime
+        if view.HasField("fork_origin"):
+            raise StatusError(
+                StatusCode.FAILED_PRECONDITION,
+                f"lifetime {request.lifetime_id} is a fork; replay its origin "
+                f"{view.fork_origin.lifetime_id} (replaying forks is not supported yet)",
+            )
+        graph = await tenant.store.get_graph(
+            view.graph.id, request.graph_version or view.graph.version
         )
+        records = await history.executions(tenant.names.tenant, request.lifetime_id)
+        report = replay_.replay(loaded.state, graph, records, producer=self._producer)
+        return report.proto()
+
+    def _require_history(self) -> replay_.HistorySource:
+        if self._history is None:
+            raise StatusError(
+                StatusCode.FAILED_PRECONDITION,
+                "this router has no history source: set TICKMESH_ROUTER_STATE_TARGET",
+            )
+        return self._history
 
 
 async def _history_complete(tenant: Tenant, lifetime_id: str, sequence: int) -> bool:

@@ -103,6 +103,7 @@ class RouterLifetime(_message.Message):
     HELD_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     SIGNAL_IDS_FIELD_NUMBER: _builtins.int
+    WAKES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lifetime(self) -> _lifetime_pb2.AgentLifetime:
         """lifetime is the public view of the lifetime."""
@@ -137,6 +138,12 @@ class RouterLifetime(_message.Message):
     def signal_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """signal_ids lists the ids of signals already received (deduplication)."""
 
+    @_builtins.property
+    def wakes(self) -> _containers.RepeatedCompositeFieldContainer[Global___WakeRecord]:
+        """wakes records how each wait ended (a signal or its timeout), in order, so
+        replay and fork can apply the same control inputs again.
+        """
+
     def __init__(
         self,
         *,
@@ -148,10 +155,11 @@ class RouterLifetime(_message.Message):
         held: _abc.Iterable[Global___OutMessage] | None = ...,
         wait: Global___WaitState | None = ...,
         signal_ids: _abc.Iterable[_builtins.str] | None = ...,
+        wakes: _abc.Iterable[Global___WakeRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lifetime", b"lifetime", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "wait", b"wait", "wakes", b"wakes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,3 +364,35 @@ class WaitState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitState: _TypeAlias = WaitState  # noqa: Y015
+
+@_typing.final
+class WakeRecord(_message.Message):
+    """WakeRecord is how one wait ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    plan_execution_id: _builtins.str
+    """plan_execution_id is the plan execution that decided to wait."""
+    timed_out: _builtins.bool
+    """timed_out is true when the wait's deadline passed first."""
+    @_builtins.property
+    def signal(self) -> _lifetime_pb2.Signal:
+        """signal is the signal received; unset when the wait timed out."""
+
+    def __init__(
+        self,
+        *,
+        plan_execution_id: _builtins.str = ...,
+        signal: _lifetime_pb2.Signal | None = ...,
+        timed_out: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signal", b"signal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan_execution_id", b"plan_execution_id", "signal", b"signal", "timed_out", b"timed_out"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeRecord: _TypeAlias = WakeRecord  # noqa: Y015

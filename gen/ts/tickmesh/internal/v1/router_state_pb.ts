@@ -10,7 +10,7 @@ import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { AgentLifetime } from "../../v1/lifetime_pb.js";
+import type { AgentLifetime, Signal } from "../../v1/lifetime_pb.js";
 import { file_tickmesh_v1_lifetime } from "../../v1/lifetime_pb.js";
 import type { PlanInput } from "../../v1/request_pb.js";
 import { file_tickmesh_v1_request } from "../../v1/request_pb.js";
@@ -22,7 +22,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/internal/v1/router_state.proto.
  */
 export const file_tickmesh_internal_v1_router_state: GenFile = /*@__PURE__*/
-  fileDesc("Cid0aWNrbWVzaC9pbnRlcm5hbC92MS9yb3V0ZXJfc3RhdGUucHJvdG8SFHRpY2ttZXNoLmludGVybmFsLnYxIogFCg5Sb3V0ZXJMaWZldGltZRIsCghsaWZldGltZRgBIAEoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUSRQoJaW5fZmxpZ2h0GAIgAygLMjIudGlja21lc2guaW50ZXJuYWwudjEuUm91dGVyTGlmZXRpbWUuSW5GbGlnaHRFbnRyeRI+CgVqb2lucxgDIAMoCzIvLnRpY2ttZXNoLmludGVybmFsLnYxLlJvdXRlckxpZmV0aW1lLkpvaW5zRW50cnkSSAoKaXRlcmF0aW9ucxgEIAMoCzI0LnRpY2ttZXNoLmludGVybmFsLnYxLlJvdXRlckxpZmV0aW1lLkl0ZXJhdGlvbnNFbnRyeRIxCgZvdXRib3gYBSADKAsyIS50aWNrbWVzaC5pbnRlcm5hbC52MS5PdXRib3hFbnRyeRIuCgRoZWxkGAYgAygLMiAudGlja21lc2guaW50ZXJuYWwudjEuT3V0TWVzc2FnZRItCgR3YWl0GAcgASgLMh8udGlja21lc2guaW50ZXJuYWwudjEuV2FpdFN0YXRlEhIKCnNpZ25hbF9pZHMYCCADKAkaTwoNSW5GbGlnaHRFbnRyeRILCgNrZXkYASABKAkSLQoFdmFsdWUYAiABKAsyHi50aWNrbWVzaC5pbnRlcm5hbC52MS5JbkZsaWdodDoCOAEaTQoKSm9pbnNFbnRyeRILCgNrZXkYASABKAkSLgoFdmFsdWUYAiABKAsyHy50aWNrbWVzaC5pbnRlcm5hbC52MS5Kb2luR3JvdXA6AjgBGjEKD0l0ZXJhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKA06AjgBIooBCghJbkZsaWdodBIPCgdub2RlX2lkGAEgASgJEg0KBWdyb3VwGAIgASgJEjEKDWRpc3BhdGNoZWRfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKC3BsYW5faW5wdXRzGAQgAygLMhYudGlja21lc2gudjEuUGxhbklucHV0ImwKCUpvaW5Hcm91cBIUCgxwbGFuX25vZGVfaWQYASABKAkSEAoIZXhwZWN0ZWQYAiADKAkSKAoIZmluaXNoZWQYAyADKAsyFi50aWNrbWVzaC52MS5QbGFuSW5wdXQSDQoFZmlyZWQYBCABKAgifgoLT3V0Ym94RW50cnkSCwoDa2V5GAEgASgJEjIKCG1lc3NhZ2VzGAIgAygLMiAudGlja21lc2guaW50ZXJuYWwudjEuT3V0TWVzc2FnZRIuCgpjcmVhdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJfCgpPdXRNZXNzYWdlEg8KB3N1YmplY3QYASABKAkSDgoGbXNnX2lkGAIgASgJEgwKBHR5cGUYAyABKAkSDAoEZGF0YRgEIAEoDBIUCgxleGVjdXRpb25faWQYBSABKAki1AEKCVdhaXRTdGF0ZRITCgtzaWduYWxfbmFtZRgBIAEoCRIUCgxwbGFuX25vZGVfaWQYAiABKAkSGQoRcGxhbl9leGVjdXRpb25faWQYAyABKAkSLAoIZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCGRlY2lzaW9uGAUgASgLMhkudGlja21lc2gudjEuV2FpdERlY2lzaW9uEiYKBmlucHV0cxgGIAMoCzIWLnRpY2ttZXNoLnYxLlBsYW5JbnB1dGIGcHJvdG8z", [file_google_protobuf_timestamp, file_tickmesh_v1_lifetime, file_tickmesh_v1_request, file_tickmesh_v1_result]);
+  fileDesc("Cid0aWNrbWVzaC9pbnRlcm5hbC92MS9yb3V0ZXJfc3RhdGUucHJvdG8SFHRpY2ttZXNoLmludGVybmFsLnYxIrkFCg5Sb3V0ZXJMaWZldGltZRIsCghsaWZldGltZRgBIAEoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUSRQoJaW5fZmxpZ2h0GAIgAygLMjIudGlja21lc2guaW50ZXJuYWwudjEuUm91dGVyTGlmZXRpbWUuSW5GbGlnaHRFbnRyeRI+CgVqb2lucxgDIAMoCzIvLnRpY2ttZXNoLmludGVybmFsLnYxLlJvdXRlckxpZmV0aW1lLkpvaW5zRW50cnkSSAoKaXRlcmF0aW9ucxgEIAMoCzI0LnRpY2ttZXNoLmludGVybmFsLnYxLlJvdXRlckxpZmV0aW1lLkl0ZXJhdGlvbnNFbnRyeRIxCgZvdXRib3gYBSADKAsyIS50aWNrbWVzaC5pbnRlcm5hbC52MS5PdXRib3hFbnRyeRIuCgRoZWxkGAYgAygLMiAudGlja21lc2guaW50ZXJuYWwudjEuT3V0TWVzc2FnZRItCgR3YWl0GAcgASgLMh8udGlja21lc2guaW50ZXJuYWwudjEuV2FpdFN0YXRlEhIKCnNpZ25hbF9pZHMYCCADKAkSLwoFd2FrZXMYCSADKAsyIC50aWNrbWVzaC5pbnRlcm5hbC52MS5XYWtlUmVjb3JkGk8KDUluRmxpZ2h0RW50cnkSCwoDa2V5GAEgASgJEi0KBXZhbHVlGAIgASgLMh4udGlja21lc2guaW50ZXJuYWwudjEuSW5GbGlnaHQ6AjgBGk0KCkpvaW5zRW50cnkSCwoDa2V5GAEgASgJEi4KBXZhbHVlGAIgASgLMh8udGlja21lc2guaW50ZXJuYWwudjEuSm9pbkdyb3VwOgI4ARoxCg9JdGVyYXRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgNOgI4ASKKAQoISW5GbGlnaHQSDwoHbm9kZV9pZBgBIAEoCRINCgVncm91cBgCIAEoCRIxCg1kaXNwYXRjaGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgtwbGFuX2lucHV0cxgEIAMoCzIWLnRpY2ttZXNoLnYxLlBsYW5JbnB1dCJsCglKb2luR3JvdXASFAoMcGxhbl9ub2RlX2lkGAEgASgJEhAKCGV4cGVjdGVkGAIgAygJEigKCGZpbmlzaGVkGAMgAygLMhYudGlja21lc2gudjEuUGxhbklucHV0Eg0KBWZpcmVkGAQgASgIIn4KC091dGJveEVudHJ5EgsKA2tleRgBIAEoCRIyCghtZXNzYWdlcxgCIAMoCzIgLnRpY2ttZXNoLmludGVybmFsLnYxLk91dE1lc3NhZ2USLgoKY3JlYXRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXwoKT3V0TWVzc2FnZRIPCgdzdWJqZWN0GAEgASgJEg4KBm1zZ19pZBgCIAEoCRIMCgR0eXBlGAMgASgJEgwKBGRhdGEYBCABKAwSFAoMZXhlY3V0aW9uX2lkGAUgASgJItQBCglXYWl0U3RhdGUSEwoLc2lnbmFsX25hbWUYASABKAkSFAoMcGxhbl9ub2RlX2lkGAIgASgJEhkKEXBsYW5fZXhlY3V0aW9uX2lkGAMgASgJEiwKCGRlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCghkZWNpc2lvbhgFIAEoCzIZLnRpY2ttZXNoLnYxLldhaXREZWNpc2lvbhImCgZpbnB1dHMYBiADKAsyFi50aWNrbWVzaC52MS5QbGFuSW5wdXQiXwoKV2FrZVJlY29yZBIZChFwbGFuX2V4ZWN1dGlvbl9pZBgBIAEoCRIjCgZzaWduYWwYAiABKAsyEy50aWNrbWVzaC52MS5TaWduYWwSEQoJdGltZWRfb3V0GAMgASgIYgZwcm90bzM", [file_google_protobuf_timestamp, file_tickmesh_v1_lifetime, file_tickmesh_v1_request, file_tickmesh_v1_result]);
 
 /**
  * RouterLifetime is a router's working state for one lifetime, kept in the
@@ -87,6 +87,14 @@ export type RouterLifetime = Message<"tickmesh.internal.v1.RouterLifetime"> & {
    * @generated from field: repeated string signal_ids = 8;
    */
   signalIds: string[];
+
+  /**
+   * wakes records how each wait ended (a signal or its timeout), in order, so
+   * replay and fork can apply the same control inputs again.
+   *
+   * @generated from field: repeated tickmesh.internal.v1.WakeRecord wakes = 9;
+   */
+  wakes: WakeRecord[];
 };
 
 /**
@@ -321,4 +329,39 @@ export type WaitState = Message<"tickmesh.internal.v1.WaitState"> & {
  */
 export const WaitStateSchema: GenMessage<WaitState> = /*@__PURE__*/
   messageDesc(file_tickmesh_internal_v1_router_state, 5);
+
+/**
+ * WakeRecord is how one wait ended.
+ *
+ * @generated from message tickmesh.internal.v1.WakeRecord
+ */
+export type WakeRecord = Message<"tickmesh.internal.v1.WakeRecord"> & {
+  /**
+   * plan_execution_id is the plan execution that decided to wait.
+   *
+   * @generated from field: string plan_execution_id = 1;
+   */
+  planExecutionId: string;
+
+  /**
+   * signal is the signal received; unset when the wait timed out.
+   *
+   * @generated from field: tickmesh.v1.Signal signal = 2;
+   */
+  signal?: Signal | undefined;
+
+  /**
+   * timed_out is true when the wait's deadline passed first.
+   *
+   * @generated from field: bool timed_out = 3;
+   */
+  timedOut: boolean;
+};
+
+/**
+ * Describes the message tickmesh.internal.v1.WakeRecord.
+ * Use `create(WakeRecordSchema)` to create a new message.
+ */
+export const WakeRecordSchema: GenMessage<WakeRecord> = /*@__PURE__*/
+  messageDesc(file_tickmesh_internal_v1_router_state, 6);
 

@@ -1,0 +1,442 @@
+"""Deterministic replay: re-drive a recorded lifetime through ``core``.
+
+A lifetime's decisions depend only on its graph version, its input, the stored
+execution records (applied in store order) and a few control inputs the router
+keeps in its own state (how each wait ended: ``RouterLifetime.wakes``). Replay
+starts a fresh state with the same lifetime id, feeds the recorded results back
+in store order (no executor runs) and compares every decision it arrives at with
+the recorded one:
+
+* every dispatch — (node, handler, iteration, parents), which the execution id
+  encodes, and the request body by its digest (a plan asked with other inputs,
+  a task with another input or config);
+* every plan decision — it must still fit the graph (edges, max_iterations);
+* the steps open at the end and the terminal state and output.
+
+Replay evaluates no guardrails (they read tenant usage that has moved on): a
+step rejected before dispatch is a stored record and replays as such; a result
+rejected *after* it was recorded replays as accepted, so such lifetimes may report
+a request-digest divergence at the plan that received it.
+
+:class:`Redriver` is shared with fork (``fork.py``), which replays up to one
+execution and continues live from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import grpc
+
+from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.v1 import (
+    envelope_pb2,
+    execution_pb2,
+    header_pb2,
+    lifetime_pb2,
+    state_service_pb2,
+    state_service_pb2_grpc,
+)
+from tickmesh.v1 import router_service_pb2 as pb
+
+from . import core
+
+LS = lifetime_pb2
+TENANT_METADATA_KEY = "x-tickmesh-tenant"
+MAX_DIVERGENCES = 20
+"""Replay stops collecting after this many (later ones mostly follow from the first)."""
+PAGE = 1000
+
+
+# --- where recorded history comes from ---------------------------------------------
+
+
+class HistorySource(Protocol):
+    """A lifetime's stored execution records, in store order (the state service)."""
+
+    async def executions(
+        self, tenant: str, lifetime_id: str
+    ) -> list[execution_pb2.ExecutionRef]: ...
+
+    async def close(self) -> None: ...
+
+
+class StoredRecord(Protocol):
+    """The part of the state store's ``StoredExecution`` a :class:`StoreHistorySource` reads."""
+
+    store_sequence: int
+    persisted_at: datetime
+    envelope: bytes
+
+
+class ExecutionStore(Protocol):
+    """The part of the state service's ``StateStore`` a :class:`StoreHistorySource` reads."""
+
+    async def list_executions(
+        self, tenant: str, lifetime_id: str, *, after_sequence: int = 0, limit: int = 100
+    ) -> Sequence[Any]: ...
+
+
+def ref_of(stored: StoredRecord) -> execution_pb2.ExecutionRef:
+    envelope = envelope_pb2.ExecutionEnvelope.FromString(stored.envelope)
+    ref = execution_pb2.ExecutionRef(store_sequence=stored.store_sequence)
+    ref.persisted_at.FromDatetime(stored.persisted_at)
+    if envelope.HasField("task_execution"):
+        ref.task_execution.CopyFrom(envelope.task_execution)
+    else:
+        ref.plan_execution.CopyFrom(envelope.plan_execution)
+    return ref
+
+
+class StoreHistorySource:
+    """Reads the state store in the same process (the embedded mesh)."""
+
+    def __init__(self, store: ExecutionStore) -> None:
+        self._store = store
+
+    async def executions(self, tenant: str, lifetime_id: str) -> list[execution_pb2.ExecutionRef]:
+        refs: list[execution_pb2.ExecutionRef] = []
+        after = 0
+        while True:
+            rows = await self._store.list_executions(
+                tenant, lifetime_id, after_sequence=after, limit=PAGE
+            )
+            refs.extend(ref_of(r) for r in rows)
+            if len(rows) < PAGE:
+                return refs
+            after = rows[-1].store_sequence
+
+    async def close(self) -> None:
+        return None
+
+
+class StateRpcHistorySource:
+    """Calls ``StateService.ListExecutions`` on a remote state service."""
+
+    def __init__(
+        self, target: str, *, timeout_s: float = 30.0, channel: grpc.aio.Channel | None = None
+    ) -> None:
+        self._target = target
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = state_service_pb2_grpc.StateServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def executions(self, tenant: str, lifetime_id: str) -> list[execution_pb2.ExecutionRef]:
+        refs: list[execution_pb2.ExecutionRef] = []
+        token = ""
+        while True:
+            response: state_service_pb2.ListExecutionsResponse = await self._stub.ListExecutions(
+                state_service_pb2.ListExecutionsRequest(
+                    lifetime_id=lifetime_id, page_size=PAGE, page_token=token
+                ),
+                metadata=((TENANT_METADATA_KEY, tenant),),
+                timeout=self._timeout_s,
+            )
+            refs.extend(response.executions)
+            token = response.next_page_token
+            if not token:
+                return refs
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"StateRpcHistorySource({self._target!r})"
+
+
+# --- re-driving ------------------------------------------------------------------------
+
+
+def record_of(
+    ref: execution_pb2.ExecutionRef,
+) -> execution_pb2.TaskExecution | execution_pb2.PlanExecution:
+    return ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """One request the re-driven lifetime decided to publish."""
+
+    execution_id: str
+    node_id: str
+    handler: str
+    iteration: int
+    parents: tuple[str, ...]
+    digest: str
+    envelope: envelope_pb2.ExecutionEnvelope
+
+    def describe(self) -> str:
+        return _describe(self.node_id, self.handler, self.iteration, self.parents)
+
+
+def _describe(node: str, handler: str, iteration: int, parents: Sequence[str]) -> str:
+    short = ",".join(p[:8] for p in parents) or "-"
+    return f"dispatch {node} (handler {handler}, iteration {iteration}, parents {short})"
+
+
+def request_digest(envelope: envelope_pb2.ExecutionEnvelope) -> str:
+    """The digest executors record for a request body (``request_digest``)."""
+    body = envelope.task_request if envelope.HasField("task_request") else envelope.plan_request
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+
+
+class Redriver:
+    """A fresh state for a recorded lifetime, driven by its records through ``core``.
+
+    Nothing is published: requests the lifetime decides are collected in
+    :attr:`dispatched` (in decision order), events are dropped.
+    """
+
+    def __init__(
+        self,
+        recorded: rs.RouterLifetime,
+        graph: Any,
+        producer: core.Producer,
+        now: datetime,
+    ) -> None:
+        view = recorded.lifetime
+        state = core.new_lifetime(
+            tenant_id=view.tenant_id,
+            lifetime_id=view.lifetime_id,
+            graph=graph,
+            input_payload=view.input,
+            client_request_id=view.client_request_id,
+            labels=dict(view.labels),
+        )
+        self.lt = core.Lifetime(state, graph, producer, now, core.allow_all, quiet=True)
+        self.dispatched: dict[str, Dispatch] = {}
+        self._wakes = {w.plan_execution_id: w for w in recorded.wakes}
+        core.start(self.lt)
+        self._collect()
+
+    def _collect(self) -> None:
+        for envelope in self.lt.requests:
+            header = envelope.header
+            self.dispatched.setdefault(
+                header.execution_id,
+                Dispatch(
+                    execution_id=header.execution_id,
+                    node_id=header.node.id,
+                    handler=header.node.handler,
+                    iteration=header.iteration,
+                    parents=tuple(header.parent_execution_ids),
+                    digest=request_digest(envelope),
+                    envelope=envelope,
+                ),
+            )
+        self.lt.requests.clear()
+        self.lt.out.clear()
+        self.lt.cancels.clear()
+
+    def wake(self) -> bool:
+        """If the lifetime waits and its recorded wait ended, end it the same way."""
+        lt = self.lt
+        if lt.view.state != LS.LIFETIME_STATE_WAITING or not lt.state.HasField("wait"):
+            return False
+        woke = self._wakes.get(lt.state.wait.plan_execution_id)
+        if woke is None:
+            return False
+        if woke.timed_out:
+            core.wait_timed_out(lt)
+        else:
+            core.signal(lt, woke.signal)
+        self._collect()
+        return True
+
+    def feed(self, ref: execution_pb2.ExecutionRef) -> bool:
+        """Apply one record; False when it changes nothing (not final, not in flight)."""
+        changed = core.on_execution(self.lt, ref)
+        self._collect()
+        return changed
+
+
+# --- replay -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    reproduced: bool
+    decisions_checked: int
+    divergences: list[pb.ReplayDivergence] = field(default_factory=list)
+    graph: header_pb2.GraphRef = field(default_factory=header_pb2.GraphRef)
+
+    def proto(self) -> pb.ReplayLifetimeResponse:
+        return pb.ReplayLifetimeResponse(
+            reproduced=self.reproduced,
+            decisions_checked=self.decisions_checked,
+            divergences=self.divergences,
+            graph=self.graph,
+        )
+
+
+def replay(
+    recorded: rs.RouterLifetime,
+    graph: Any,
+    records: Sequence[execution_pb2.ExecutionRef],
+    *,
+    producer: core.Producer,
+    now: datetime | None = None,
+) -> ReplayReport:
+    """Re-drive ``recorded`` through ``graph`` with ``records`` (store order); compare."""
+    now = now or datetime.now(UTC)
+    ref_graph = recorded.lifetime.graph
+    note = ""
+    if graph.digest != ref_graph.digest:
+        note = (
+            f"graph digest changed: recorded v{ref_graph.version} {ref_graph.digest[:12]}, "
+            f"replayed v{graph.version} {graph.digest[:12]}; "
+        )
+    r = Redriver(recorded, graph, producer, now)
+    divergences: list[pb.ReplayDivergence] = []
+    checked = 0
+
+    def diverge(
+        execution_id: str, node: header_pb2.NodeRef, expected: str, actual: str, message: str
+    ) -> None:
+        if len(divergences) < MAX_DIVERGENCES:
+            divergences.append(
+                pb.ReplayDivergence(
+                    sequence=r.lt.view.last_sequence,
+                    execution_id=execution_id,
+                    node=node,
+                    expected=expected,
+                    actual=actual,
+                    message=note + message,
+                )
+            )
+
+    seen: set[str] = set()
+    ended_early = False
+    for ref in records:
+        record = record_of(ref)
+        header = record.header
+        exec_id = header.execution_id
+        try:
+            r.wake()
+        except core.RoutingError as exc:
+            diverge(exec_id, header.node, "the recorded signal wakes the lifetime", str(exc), "")
+        if exec_id not in seen:
+            seen.add(exec_id)
+            expected = _describe(
+                header.node.id, header.node.handler, header.iteration, header.parent_execution_ids
+            )
+            got = r.dispatched.get(exec_id)
+            if got is None:
+                diverge(
+                    exec_id,
+                    header.node,
+                    expected,
+                    _what_replay_did(r, seen),
+                    "the recorded step was not dispatched by replay",
+                )
+                continue
+            checked += 1
+            if got.handler != header.node.handler:
+                diverge(exec_id, header.node, expected, got.describe(), "the handler changed")
+            elif record.request_digest and got.digest != record.request_digest:
+                diverge(
+                    exec_id,
+                    header.node,
+                    f"request {record.request_digest[:12]}",
+                    f"request {got.digest[:12]}",
+                    "the step would be asked with another request (input, inputs, config "
+                    "or signal)",
+                )
+        was_terminal = r.lt.terminal
+        if not r.feed(ref):
+            continue
+        if ref.HasField("plan_execution") and not was_terminal:
+            checked += 1  # the recorded plan decision, applied to this graph
+        if r.lt.terminal and not was_terminal:
+            checked += 1
+            if not _same_end(r.lt.view, recorded.lifetime):
+                ended_early = True
+                decision = (
+                    f"plan decision {ref.plan_execution.result.WhichOneof('decision')}"
+                    if ref.HasField("plan_execution")
+                    else f"result of {header.node.id}"
+                )
+                diverge(
+                    exec_id,
+                    header.node,
+                    f"{decision} leads to {_state_text(recorded.lifetime)}",
+                    _state_text(r.lt.view),
+                    "the lifetime ends here in replay, not as recorded"
+                    if r.lt.view.error.type not in ("RoutingError", "MaxIterationsExceeded")
+                    else "the recorded decision does not fit the graph",
+                )
+    try:
+        r.wake()
+    except core.RoutingError as exc:
+        diverge("", header_pb2.NodeRef(), "the recorded signal wakes the lifetime", str(exc), "")
+    view = recorded.lifetime
+    if view.state == LS.LIFETIME_STATE_ABORTED and not r.lt.terminal:
+        core.abort(r.lt, view.error.message.removeprefix("aborted: "))
+    elif view.state == LS.LIFETIME_STATE_PAUSED:
+        core.pause(r.lt, "")
+    # Steps decided but never recorded must be the ones the recorded lifetime left open.
+    still_open = set(recorded.in_flight) | {m.execution_id for m in recorded.held}
+    for exec_id, got in r.dispatched.items():
+        if exec_id in seen:
+            continue
+        checked += 1
+        if exec_id not in still_open:
+            diverge(
+                exec_id,
+                got.envelope.header.node,
+                "no such step",
+                got.describe(),
+                "replay dispatched a step the recorded lifetime never ran",
+            )
+    for exec_id in sorted(still_open - set(r.dispatched)):
+        flight = recorded.in_flight.get(exec_id)
+        diverge(
+            exec_id,
+            header_pb2.NodeRef(id=flight.node_id if flight else ""),
+            f"dispatch {flight.node_id if flight else exec_id} (left open)",
+            "not dispatched",
+            "the recorded lifetime dispatched a step replay did not",
+        )
+    checked += 1
+    if not ended_early and not _same_end(r.lt.view, view):
+        diverge(
+            "",
+            header_pb2.NodeRef(),
+            _state_text(view),
+            _state_text(r.lt.view),
+            "the lifetime ends differently",
+        )
+    return ReplayReport(
+        reproduced=not divergences,
+        decisions_checked=checked,
+        divergences=divergences,
+        graph=header_pb2.GraphRef(id=graph.id, version=graph.version, digest=graph.digest),
+    )
+
+
+def _same_end(replayed: lifetime_pb2.AgentLifetime, recorded: lifetime_pb2.AgentLifetime) -> bool:
+    if replayed.state != recorded.state or replayed.error.message != recorded.error.message:
+        return False
+    return replayed.output.SerializeToString(
+        deterministic=True
+    ) == recorded.output.SerializeToString(deterministic=True)
+
+
+def _state_text(view: lifetime_pb2.AgentLifetime) -> str:
+    text = LS.LifetimeState.Name(view.state).removeprefix("LIFETIME_STATE_")
+    if view.error.message:
+        text += f": {view.error.message}"
+    return text
+
+
+def _what_replay_did(r: Redriver, seen: set[str]) -> str:
+    if r.lt.terminal:
+        return f"lifetime already {_state_text(r.lt.view)}"
+    pending = [d.describe() for i, d in r.dispatched.items() if i not in seen]
+    if pending:
+        return "; ".join(pending[-3:])
+    return f"lifetime {_state_text(r.lt.view)}, nothing dispatched"

@@ -1,0 +1,173 @@
+"""Wait timeouts: fire ``core.wait_timed_out`` when a waiting lifetime's deadline passes.
+
+The deadline is part of the lifetime's stored state (``RouterLifetime.wait``), so
+timers are only a cache of it:
+
+* every write of a lifetime by this replica goes through :class:`ObservedRouterStore`,
+  which (re)arms or disarms the lifetime's timer;
+* on start, and every ``rescan_s`` after that, the tenant's lifetimes are scanned for
+  WAITING ones with a deadline (so a restarted replica, or a replica whose peer died,
+  takes the timers over);
+* firing goes through ``Processor.apply`` with the key ``timeout:<plan execution>``:
+  compare-and-set with an outbox, so when two replicas fire the same timer the
+  second one finds the lifetime no longer waiting (or republishes the first one's
+  messages) and decides nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.logging import log_context
+from tickmesh.sdk import NotFoundError
+
+from . import core
+from .processor import Processor
+from .store import RouterStore
+
+logger = logging.getLogger(__name__)
+
+Observer = Callable[[rs.RouterLifetime], None]
+
+
+class ObservedRouterStore(RouterStore):
+    """A RouterStore that reports every lifetime it writes to ``observer``."""
+
+    observer: Observer | None = None
+
+    async def create(self, state: rs.RouterLifetime) -> int:
+        revision = await super().create(state)
+        self._observe(state)
+        return revision
+
+    async def update(self, state: rs.RouterLifetime, revision: int) -> int:
+        new_revision = await super().update(state, revision)
+        self._observe(state)
+        return new_revision
+
+    def _observe(self, state: rs.RouterLifetime) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(state)
+            except Exception:  # pragma: no cover - a timer must never break a write
+                logger.exception("wait timer observer failed")
+
+
+class WaitTimers:
+    """One asyncio timer per waiting lifetime with a deadline, per tenant."""
+
+    def __init__(self, processor: Processor, *, rescan_s: float = 30.0) -> None:
+        self._processor = processor
+        self._rescan_s = rescan_s
+        self._timers: dict[tuple[str, str], tuple[datetime, asyncio.TimerHandle]] = {}
+        self._firing: set[asyncio.Task[None]] = set()
+        self._scanners: dict[str, asyncio.Task[None]] = {}
+        self.fired = 0
+        """Timeouts this replica applied (for tests and metrics)."""
+
+    def observer(self, tenant_id: str) -> Observer:
+        return lambda state: self.observe(tenant_id, state)
+
+    def observe(self, tenant_id: str, state: rs.RouterLifetime) -> None:
+        """Arm, move or disarm the lifetime's timer after ``state`` was written."""
+        key = (tenant_id, state.lifetime.lifetime_id)
+        deadline = core.wait_deadline(state)
+        current = self._timers.get(key)
+        if current is not None and current[0] == deadline:
+            return
+        if current is not None:
+            current[1].cancel()
+            del self._timers[key]
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+        handle = loop.call_at(loop.time() + delay, self._fire, tenant_id, key[1], deadline)
+        self._timers[key] = (deadline, handle)
+
+    def _fire(self, tenant_id: str, lifetime_id: str, deadline: datetime) -> None:
+        self._timers.pop((tenant_id, lifetime_id), None)
+        task = asyncio.get_running_loop().create_task(self._apply(tenant_id, lifetime_id, deadline))
+        self._firing.add(task)
+        task.add_done_callback(self._firing.discard)
+
+    async def _apply(self, tenant_id: str, lifetime_id: str, deadline: datetime) -> None:
+        with log_context(tenant=tenant_id, lifetime=lifetime_id):
+            try:
+                tenant = self._processor.tenant(tenant_id)
+                loaded = await tenant.store.load(lifetime_id, fresh=True)
+                if loaded is None or core.wait_deadline(loaded.state) is None:
+                    return
+                wait_id = loaded.state.wait.plan_execution_id
+                fired = False
+
+                def mutate(lt: core.Lifetime) -> bool:
+                    nonlocal fired
+                    due = core.wait_deadline(lt.state)
+                    if due is None or lt.state.wait.plan_execution_id != wait_id:
+                        return False  # woken (or fired by another replica) meanwhile
+                    if due > lt.now:
+                        return False  # early by clock skew: re-armed below
+                    core.wait_timed_out(lt)
+                    fired = True
+                    return True
+
+                applied = await self._processor.apply(
+                    tenant, lifetime_id, mutate, [f"timeout:{wait_id}"]
+                )
+                if fired:
+                    self.fired += 1
+                    logger.info("wait %s of lifetime %s timed out", wait_id, lifetime_id)
+                else:
+                    self.observe(tenant_id, applied.lifetime.state)
+            except NotFoundError:
+                return
+            except Exception:
+                logger.exception("firing the wait timeout of %s failed; retrying", lifetime_id)
+                await asyncio.sleep(1.0)
+                if (tenant_id, lifetime_id) not in self._timers:
+                    self._fire(tenant_id, lifetime_id, deadline)
+
+    async def scan(self, tenant_id: str) -> int:
+        """Arm timers for every waiting lifetime of the tenant; returns how many wait."""
+        tenant = self._processor.tenant(tenant_id)
+        armed = 0
+        for lifetime_id in await tenant.store.lifetime_ids():
+            loaded = await tenant.store.load(lifetime_id, fresh=True)
+            if loaded is not None and core.wait_deadline(loaded.state) is not None:
+                self.observe(tenant_id, loaded.state)
+                armed += 1
+        return armed
+
+    async def start(self, tenant_id: str) -> None:
+        """Scan now, then every ``rescan_s``."""
+        armed = await self.scan(tenant_id)
+        if armed:
+            logger.info("tenant %s: %d waiting lifetime(s) with a timeout", tenant_id, armed)
+        if self._rescan_s > 0 and tenant_id not in self._scanners:
+            self._scanners[tenant_id] = asyncio.create_task(self._rescan(tenant_id))
+
+    async def _rescan(self, tenant_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._rescan_s)
+            try:
+                await self.scan(tenant_id)
+            except Exception:
+                logger.exception("tenant %s: rescanning waiting lifetimes failed", tenant_id)
+
+    async def stop(self) -> None:
+        for _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = [*self._scanners.values(), *self._firing]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._scanners.clear()
