@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import importlib.metadata
 import logging
-import signal
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from tickmesh.runtime import logging as runtime_logging
 from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.blobs import BlobStore, LocalBlobStore
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.v1 import executor_pool_service_pb2, executor_pool_service_pb2_grpc
 
@@ -27,13 +23,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = executor_pool_service_pb2.DESCRIPTOR.services_by_name[
     "ExecutorPoolService"
 ].full_name
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("tickmesh")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 class ExecutorPoolService:
@@ -83,38 +72,17 @@ async def build(
     blobs: BlobStore,
 ) -> ExecutorPoolService:
     """Assemble the service from ready-made dependencies (tests pass their own)."""
-    pool = ExecutorPool(settings, nc=nc, js=js, blobs=blobs, version=_version())
+    pool = ExecutorPool(settings, nc=nc, js=js, blobs=blobs, version=version())
     return ExecutorPoolService(settings, pool)
 
 
 async def serve(settings: ExecutorPoolSettings) -> None:
     """Run the executor pool until SIGTERM or SIGINT, then drain and stop."""
-    runtime_logging.configure(
-        settings.log_level, json_output=settings.log_json, service="executor-pool"
-    )
-    nc = await runtime_nats.connect(
-        settings.nats_servers,
-        name=f"executor-pool:{settings.instance}",
-        user_credentials=settings.nats_credentials,
-        user=settings.nats_user,
-        password=settings.nats_password,
-    )
-    js = runtime_nats.jetstream(nc)
-    blobs = LocalBlobStore(settings.blob_root)
-    try:
+
+    async def make(nc: NatsClient) -> ExecutorPoolService:
+        js = runtime_nats.jetstream(nc)
         for tenant in settings.tenants:
             await ensure_tenant(js, tenant)
-        service = await build(settings, nc=nc, js=js, blobs=blobs)
-        await service.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        logger.info("executor pool stopping")
-        await service.stop()
-    finally:
-        await blobs.close()
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        return await build(settings, nc=nc, js=js, blobs=LocalBlobStore(settings.blob_root))
+
+    await serve_until_stopped(settings, "executor-pool", make)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
@@ -14,9 +13,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from tickmesh.internal.v1 import router_state_pb2
-from tickmesh.runtime import logging as tm_logging
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.lifecycle import serve_until_stopped
 from tickmesh.runtime.policy import Usage
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
@@ -130,21 +129,8 @@ async def build(
 
 
 async def serve(settings: GuardrailSettings) -> None:
-    tm_logging.configure(settings.log_level, json_output=settings.log_json, service="guardrail")
-    nc = await tm_nats.connect(
-        settings.nats_servers,
-        name=f"guardrail {settings.instance}",
-        user=settings.nats_user,
-        password=settings.nats_password,
-        user_credentials=settings.nats_credentials,
-    )
-    source = StateRpcUsageSource(settings.state_target) if settings.state_target else None
-    service = await build(settings, nc=nc, usage_source=source)
-    await service.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await service.stop()
-    await nc.drain()
+    async def make(nc: NatsClient) -> GuardrailService:
+        source = StateRpcUsageSource(settings.state_target) if settings.state_target else None
+        return await build(settings, nc=nc, usage_source=source)
+
+    await serve_until_stopped(settings, "guardrail", make)

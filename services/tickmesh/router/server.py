@@ -3,20 +3,17 @@ consumers, and the gRPC server."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
-from importlib import metadata
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from tickmesh.runtime import logging as tm_logging
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.policy import PolicyEngine
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
@@ -34,13 +31,6 @@ from .usage import TenantUsage
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "tickmesh.v1.RouterService"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("tickmesh")
-    except metadata.PackageNotFoundError:
-        return "0"
 
 
 @dataclass
@@ -140,7 +130,7 @@ async def build(
         usage_source = StateRpcUsageSource(settings.state_target)
     if history_source is None and settings.state_target:
         history_source = StateRpcHistorySource(settings.state_target)
-    producer = Producer("router", _version(), settings.instance)
+    producer = Producer("router", version(), settings.instance)
     processor = Processor(
         nc,
         js,
@@ -172,20 +162,7 @@ async def build(
 
 
 async def serve(settings: RouterSettings) -> None:
-    tm_logging.configure(settings.log_level, json_output=settings.log_json, service="router")
-    nc = await tm_nats.connect(
-        settings.nats_servers,
-        name=f"router {settings.instance}",
-        user=settings.nats_user,
-        password=settings.nats_password,
-        user_credentials=settings.nats_credentials,
-    )
-    service = await build(settings, nc=nc)
-    await service.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await service.stop()
-    await nc.drain()
+    async def make(nc: NatsClient) -> RouterService:
+        return await build(settings, nc=nc)
+
+    await serve_until_stopped(settings, "router", make)

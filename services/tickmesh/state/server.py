@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
-from importlib import metadata
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from tickmesh.runtime import logging as tm_logging
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.blobs import BlobStore, LocalBlobStore
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.sdk import ConfigError, NotFoundError
 from tickmesh.v1 import header_pb2, state_service_pb2_grpc
@@ -26,13 +23,6 @@ from .store import SQLiteStateStore, StateStore
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "tickmesh.v1.StateService"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("tickmesh")
-    except metadata.PackageNotFoundError:
-        return "0"
 
 
 @dataclass
@@ -67,7 +57,7 @@ class StateService:
             return
         names = await ensure_tenant(self.js, tenant)
         producer = header_pb2.Producer(
-            service="state", version=_version(), instance=self.settings.instance
+            service="state", version=version(), instance=self.settings.instance
         )
         consumer = RecordConsumer(
             self.nc,
@@ -114,21 +104,8 @@ async def build(
 
 
 async def serve(settings: StateSettings) -> None:
-    tm_logging.configure(settings.log_level, json_output=settings.log_json, service="state")
-    nc = await tm_nats.connect(
-        settings.nats_servers,
-        name=f"state {settings.instance}",
-        user=settings.nats_user,
-        password=settings.nats_password,
-        user_credentials=settings.nats_credentials,
-    )
-    store = await open_store(settings)
-    service = await build(settings, nc=nc, store=store, blobs=LocalBlobStore(settings.blob_root))
-    await service.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await service.stop()
-    await nc.drain()
+    async def make(nc: NatsClient) -> StateService:
+        store = await open_store(settings)
+        return await build(settings, nc=nc, store=store, blobs=LocalBlobStore(settings.blob_root))
+
+    await serve_until_stopped(settings, "state", make)
