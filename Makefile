@@ -96,6 +96,12 @@ test-py: install ## Every Python test
 test-node: install ## TypeScript build and Node tests (golden vectors)
 	npm test --silent
 
+.PHONY: conformance
+conformance: install ## Run the executor conformance kit against the Python and TypeScript workers
+	npm run build --silent
+	python -m tests.conformance.check -- python -m tests.conformance.executors.python_executor
+	python -m tests.conformance.check -- node sdk/typescript/dist/sdk/typescript/examples/conformance.js
+
 .PHONY: test
 test: lint typecheck check-gen breaking test-node test-py ## Everything CI runs
 

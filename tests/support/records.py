@@ -88,7 +88,7 @@ def execution_record(
         if node_id is not None:
             header.node.id = node_id
     body.result.telemetry.CopyFrom(telemetry or usage())
-    raw = env.SerializeToString() + extra
+    raw = env.SerializeToString(deterministic=True) + extra
     return raw, envelope_pb2.ExecutionEnvelope.FromString(raw)
 
 

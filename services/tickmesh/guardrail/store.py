@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from tickmesh.runtime.kv import keys_matching
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import NotFoundError
 from tickmesh.v1 import guardrail_pb2
@@ -98,13 +99,8 @@ class PolicyStore:
         return guardrail_pb2.Policy.FromString(entry.value)
 
     async def latest_all(self) -> list[guardrail_pb2.Policy]:
-        try:
-            # nats-py's keys(filters=...) matches substrings, not subject wildcards: filter here.
-            keys = await self._kv.keys()
-        except NoKeysError:
-            return []
         policies = []
-        for key in sorted(k for k in keys if k.startswith("policy.") and k.endswith(".latest")):
+        for key in await keys_matching(self._kv, "policy.*.latest"):
             entry = await self._kv.get(key)
             assert entry.value is not None
             policies.append(guardrail_pb2.Policy.FromString(entry.value))

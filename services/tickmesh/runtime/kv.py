@@ -6,19 +6,17 @@ from nats.js.kv import KeyValue
 
 
 async def keys_matching(kv: KeyValue, pattern: str) -> list[str]:
-    """Keys matching a NATS subject pattern such as ``graph.*.latest`` or ``lt.>``.
+    """Keys matching a NATS subject pattern such as ``graph.*.latest`` or ``lt.*``.
 
-    nats-py's ``KeyValue.keys(filters=...)`` matches substrings, not subject
-    wildcards, so listing goes through a metadata-only watch that ends once the
-    current values have been delivered.
+    Asked of the bucket's stream (stream info with a subjects filter): one request,
+    and exact. Two other ways are wrong: nats-py's ``KeyValue.keys(filters=...)``
+    matches substrings, not wildcards, and its watcher can announce "no more
+    values" before the values it should follow, so a listing could come back empty.
+    A deleted key keeps its subject (a delete marker), so callers that delete keys
+    must check the values they read.
     """
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-    keys: list[str] = []
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            keys.append(entry.key)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-    return keys
+    # KeyValue keeps its stream name, subject prefix and JetStream context privately.
+    prefix: str = kv._pre
+    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{prefix}{pattern}")
+    subjects = info.state.subjects or {}
+    return sorted(subject[len(prefix) :] for subject in subjects)

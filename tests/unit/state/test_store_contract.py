@@ -193,7 +193,9 @@ async def test_store_keeps_envelope_bytes_exactly_including_unknown_fields(
     store: StateStore,
 ) -> None:
     raw, env = execution_record(1, extra=unknown_field(b"from a newer producer"))
-    assert envelope_pb2.ExecutionEnvelope.FromString(raw).SerializeToString() == raw
+    assert (
+        envelope_pb2.ExecutionEnvelope.FromString(raw).SerializeToString(deterministic=True) == raw
+    )
 
     await store.append_executions(A, [(raw, env)])
 

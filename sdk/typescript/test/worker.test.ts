@@ -1,0 +1,185 @@
+// The Worker against a fake pool (a grpc-js server speaking ExecutorPoolService.Connect):
+// hello, batched completions, heartbeats, cancellation, deadlines, errors and drain.
+import { strict as assert } from "node:assert";
+import { test } from "node:test";
+
+import * as grpc from "@grpc/grpc-js";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
+
+import {
+  AssignmentSchema,
+  ConnectRequestSchema,
+  ConnectResponseSchema,
+  type ConnectRequest,
+  type ConnectResponse,
+} from "../../../gen/ts/tickmesh/v1/executor_pool_service_pb.js";
+import { NodeKind } from "../../../gen/ts/tickmesh/v1/graph_pb.js";
+import { TaskStatus } from "../../../gen/ts/tickmesh/v1/result_pb.js";
+import { TaskError, Worker, complete, decode, dispatch, encodeWire, step } from "../src/index.js";
+
+type Call = grpc.ServerDuplexStream<ConnectRequest, ConnectResponse>;
+
+async function fakePool(): Promise<{ target: string; calls: Call[]; frames: ConnectRequest[]; tenants: string[]; next: () => Promise<ConnectRequest>; close: () => void }> {
+  const server = new grpc.Server();
+  const calls: Call[] = [];
+  const frames: ConnectRequest[] = [];
+  const tenants: string[] = [];
+  let waiters: Array<() => void> = [];
+  let read = 0;
+  server.addService(
+    {
+      Connect: {
+        path: "/tickmesh.v1.ExecutorPoolService/Connect",
+        requestStream: true,
+        responseStream: true,
+        requestSerialize: (m: ConnectRequest) => Buffer.from(toBinary(ConnectRequestSchema, m)),
+        requestDeserialize: (b: Buffer) => fromBinary(ConnectRequestSchema, b),
+        responseSerialize: (m: ConnectResponse) => Buffer.from(toBinary(ConnectResponseSchema, m)),
+        responseDeserialize: (b: Buffer) => fromBinary(ConnectResponseSchema, b),
+      },
+    },
+    {
+      Connect: (call: Call) => {
+        calls.push(call);
+        tenants.push(String(call.metadata.get("x-tickmesh-tenant")[0] ?? ""));
+        call.on("data", (m: ConnectRequest) => {
+          frames.push(m);
+          if (m.message.case === "hello") {
+            call.write(
+              create(ConnectResponseSchema, {
+                message: { case: "welcome", value: { sessionId: "s1", heartbeatInterval: durationFromMs(100), inlinePayloadLimit: 1024n, maxMessageBytes: 1n << 20n, protocolVersion: 1 } },
+              }),
+            );
+          }
+          const w = waiters;
+          waiters = [];
+          for (const f of w) f();
+        });
+        call.on("end", () => call.end());
+        call.on("error", () => undefined);
+      },
+    },
+  );
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+  );
+  const next = async (): Promise<ConnectRequest> => {
+    while (read >= frames.length) await new Promise<void>((r) => waiters.push(r));
+    return frames[read++]!;
+  };
+  return { target: `127.0.0.1:${port}`, calls, frames, tenants, next, close: () => server.forceShutdown() };
+}
+
+function assignment(id: string, kind: "task" | "plan", handler: string, input: unknown, deadlineMs = 10_000) {
+  const header = {
+    tenantId: "acme",
+    lifetimeId: "l1",
+    executionId: `e-${id}`,
+    attempt: 1,
+    iteration: 1,
+    node: { id: `node-${handler}`, handler, kind: kind === "task" ? NodeKind.TASK : NodeKind.PLAN },
+  };
+  const body =
+    kind === "task"
+      ? { case: "taskRequest" as const, value: { input: encodeWire(input) } }
+      : { case: "planRequest" as const, value: { goal: encodeWire(input), inputs: [] } };
+  return create(AssignmentSchema, { assignmentId: id, envelope: { header, body }, deadline: timestampFromMs(Date.now() + deadlineMs) });
+}
+
+function assign(call: Call, ...items: ReturnType<typeof assignment>[]) {
+  call.write(create(ConnectResponseSchema, { message: { case: "assignments", value: { items } } }));
+}
+
+test("the worker speaks the protocol: hello, batches, heartbeats, cancel, deadline, errors, drain", async () => {
+  const pool = await fakePool();
+  const worker = new Worker({ target: pool.target, tenant: "acme", concurrency: 3, log: () => undefined })
+    .task("echo", async (_ctx, input: unknown) => input)
+    .task("wait", async (ctx) => {
+      await new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason)));
+    })
+    .task("boom", async () => {
+      throw new TaskError("bad", { type: "Boom", retryable: false, details: { a: 1 } });
+    })
+    .task("crash", async () => {
+      throw new RangeError("out of range");
+    })
+    .plan("planner", async (_ctx, goal) => (goal === "go" ? dispatch(step("n", { x: 1 })) : complete(goal)));
+  worker.start();
+  try {
+    const hello = await pool.next();
+    assert.equal(hello.message.case, "hello");
+    if (hello.message.case !== "hello") return;
+    assert.equal(hello.message.value.concurrency, 3);
+    assert.equal(hello.message.value.protocolVersion, 1);
+    assert.match(hello.message.value.runtime, /^node \d+/);
+    assert.deepEqual(hello.message.value.handlers.map((h) => h.name).sort(), ["boom", "crash", "echo", "planner", "wait"]);
+    assert.equal(pool.tenants[0], "acme");
+    await worker.waitConnected();
+    const call = pool.calls[0]!;
+
+    // Two results finishing in the same tick travel in one Completions frame.
+    assign(call, assignment("a1", "task", "echo", { n: 1 }), assignment("a2", "plan", "planner", "go"));
+    const both = await pool.next();
+    assert.equal(both.message.case, "completions");
+    if (both.message.case !== "completions") return;
+    assert.deepEqual(both.message.value.items.map((c) => c.assignmentId).sort(), ["a1", "a2"]);
+    const echo = both.message.value.items.find((c) => c.assignmentId === "a1")!;
+    assert.equal(echo.result.case, "taskResult");
+    if (echo.result.case === "taskResult") {
+      assert.equal(echo.result.value.status, TaskStatus.SUCCEEDED);
+      const out = echo.result.value.output!;
+      assert.deepEqual(decode(out.contentType, out.data.case === "inline" ? out.data.value : new Uint8Array()), { n: 1 });
+    }
+    const planned = both.message.value.items.find((c) => c.assignmentId === "a2")!;
+    assert.equal(planned.result.case === "planResult" && planned.result.value.decision.case, "dispatch");
+
+    // Errors are structured.
+    assign(call, assignment("b1", "task", "boom", null), assignment("b2", "task", "crash", null));
+    const errs = await pool.next();
+    assert.equal(errs.message.case, "completions");
+    if (errs.message.case === "completions") {
+      const byId = new Map(errs.message.value.items.map((c) => [c.assignmentId, c.result.case === "taskResult" ? c.result.value : undefined]));
+      assert.equal(byId.get("b1")?.status, TaskStatus.FAILED);
+      assert.deepEqual([byId.get("b1")?.error?.type, byId.get("b1")?.error?.retryable, byId.get("b1")?.error?.details], ["Boom", false, { a: 1 }]);
+      assert.deepEqual([byId.get("b2")?.error?.type, byId.get("b2")?.error?.retryable], ["RangeError", true]);
+    }
+
+    // Long work is heartbeated, cancellation reports CANCELLED, the deadline TIMED_OUT.
+    assign(call, assignment("c1", "task", "wait", null), assignment("c2", "task", "wait", null, 400));
+    const beat = await pool.next();
+    assert.equal(beat.message.case, "heartbeat");
+    if (beat.message.case === "heartbeat") assert.deepEqual([...beat.message.value.assignmentIds].sort(), ["c1", "c2"]);
+    call.write(create(ConnectResponseSchema, { message: { case: "cancellations", value: { items: [{ assignmentId: "c1", reason: "stop" }] } } }));
+    let cancelled: ConnectRequest;
+    do cancelled = await pool.next();
+    while (cancelled.message.case === "heartbeat");
+    assert.equal(cancelled.message.case === "completions" && cancelled.message.value.items[0]?.result.value?.$typeName, "tickmesh.v1.TaskResult");
+    if (cancelled.message.case === "completions" && cancelled.message.value.items[0]?.result.case === "taskResult") {
+      assert.equal(cancelled.message.value.items[0].assignmentId, "c1");
+      assert.equal(cancelled.message.value.items[0].result.value.status, TaskStatus.CANCELLED);
+    }
+    let timedOut: ConnectRequest;
+    do timedOut = await pool.next();
+    while (timedOut.message.case === "heartbeat");
+    if (timedOut.message.case === "completions" && timedOut.message.value.items[0]?.result.case === "taskResult") {
+      assert.equal(timedOut.message.value.items[0].assignmentId, "c2");
+      assert.equal(timedOut.message.value.items[0].result.value.status, TaskStatus.TIMED_OUT);
+      assert.equal(timedOut.message.value.items[0].result.value.error?.type, "TimeoutError");
+    } else assert.fail(`expected the timed-out completion, got ${timedOut.message.case}`);
+
+    // Over the concurrency limit: rejected.
+    assign(call, ...["d1", "d2", "d3", "d4"].map((id) => assignment(id, "task", "wait", null)));
+    let rejected: ConnectRequest;
+    do rejected = await pool.next();
+    while (rejected.message.case === "heartbeat");
+    assert.equal(rejected.message.case, "rejections");
+    if (rejected.message.case === "rejections") {
+      assert.deepEqual(rejected.message.value.items.map((r) => [r.assignmentId, r.error?.type]), [["d4", "ExecutorBusy"]]);
+    }
+  } finally {
+    await worker.shutdown(100);
+    pool.close();
+  }
+  assert.ok(worker.stats.completionFrames >= 4);
+});
