@@ -113,6 +113,13 @@ demo: install ## Run the coding-agent example end to end on an embedded mesh
 	tickmesh run examples/coding_agent/graph.yaml \
 	  --input '{"task": "an adder library", "modules": ["parser", "lexer", "emitter"]}'
 
+.PHONY: demo-ts
+demo-ts: install ## The demo with validate_code served by the TypeScript executor (Node)
+	npm run build --silent
+	tickmesh run examples/coding_agent/graph.yaml \
+	  --executor "validate_code=node sdk/typescript/dist/examples/coding_agent/ts/validate.js" \
+	  --input '{"task": "an adder library", "modules": ["parser", "lexer", "emitter"]}'
+
 .PHONY: bench
 bench: install ## Run the benchmark and print its figures (BENCH_ARGS="--layout both")
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -122,3 +122,42 @@ def test_version_prints_the_installed_version() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"tickmesh {metadata.version('tickmesh')}\n"
+
+
+CODING_AGENT = Path(__file__).resolve().parents[2] / "examples" / "coding_agent" / "graph.yaml"
+TS_VALIDATE = (
+    Path(__file__).resolve().parents[2] / "sdk/typescript/dist/examples/coding_agent/ts/validate.js"
+)
+
+
+async def test_run_serves_a_handler_with_a_typescript_executor() -> None:
+    """`make demo-ts`: validate_code runs in a Node process, the rest in Python."""
+    assert TS_VALIDATE.exists(), "build the TypeScript SDK first: npm run build (make test does)"
+    code, text = await asyncio.to_thread(
+        _run,
+        [
+            "run",
+            str(CODING_AGENT),
+            "--executor",
+            f"validate_code=node {TS_VALIDATE}",
+            "--input",
+            '{"task": "adder", "modules": ["parser", "lexer"]}',
+            "--timeout",
+            "30",
+        ],
+    )
+    assert code == 0, text
+    validate_lines = [line for line in text.splitlines() if "[task validate_code]" in line]
+    assert len(validate_lines) == 2, text
+    assert all("(node " in line for line in validate_lines), validate_lines
+    python_lines = [line for line in text.splitlines() if "[task llm_codegen]" in line]
+    assert python_lines
+    assert not any("(node " in line for line in python_lines)
+    assert '"rounds": 2' in text
+
+
+async def test_run_refuses_a_malformed_executor_option() -> None:
+    code, _ = await asyncio.to_thread(
+        _run, ["run", str(HELLO), "--executor", "no-equals-sign", "--timeout", "5"]
+    )
+    assert code == 1

@@ -21,9 +21,11 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
+import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -62,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="module or .py file whose Task/Plan objects serve the graph "
         "(default: handlers.py next to the graph)",
+    )
+    run.add_argument(
+        "--executor",
+        action="append",
+        default=[],
+        metavar="HANDLER=COMMAND",
+        help="serve HANDLER with an executor process started by COMMAND (any language; it is "
+        "given TICKMESH_POOL and TICKMESH_TENANT), instead of the Python handlers",
     )
     run.add_argument("--router", help="router host:port (default: start an embedded mesh)")
     run.add_argument("--pool", help="executor pool host:port (with --router)")
@@ -194,7 +204,8 @@ def load_handlers(spec: str) -> list[Task[Any, Any] | Plan[Any]]:
 async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     graph = load_graph_file(args.graph)
     specs = args.handlers or [str(args.graph.with_name("handlers.py"))]
-    handlers = [h for spec in specs for h in load_handlers(spec)]
+    external = dict(_executor_spec(spec) for spec in args.executor)
+    handlers = [h for spec in specs for h in load_handlers(spec) if h.name not in external]
     try:
         value = json.loads(args.input)
     except json.JSONDecodeError as exc:
@@ -209,6 +220,10 @@ async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             router, pool, state = mesh.router_target, mesh.pool_target, mesh.state_target
             if not args.quiet:
                 print(f"embedded mesh: router {router}, executor pool {pool}", file=out)
+        for handler, command in external.items():
+            await stack.enter_async_context(_executor_process(command, pool, args.tenant))
+            if not args.quiet:
+                print(f"{handler} is served by: {command}", file=out)
         client = await stack.enter_async_context(await Client.connect(router, tenant=args.tenant))
         await stack.enter_async_context(Worker(pool, tenant=args.tenant, tasks=handlers))
         stored = await client.register_graph(graph)
@@ -230,6 +245,33 @@ async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
         print(f"\noutput: {json.dumps(from_payload(info.raw.output), indent=2)}", file=out)
     return 0
+
+
+def _executor_spec(spec: str) -> tuple[str, str]:
+    handler, sep, command = spec.partition("=")
+    if not sep or not handler or not command.strip():
+        raise ValidationError(f"--executor expects HANDLER=COMMAND, got {spec!r}")
+    return handler.strip(), command.strip()
+
+
+@contextlib.asynccontextmanager
+async def _executor_process(command: str, pool: str, tenant: str) -> AsyncIterator[None]:
+    """Run an executor in another process (any language) for as long as the lifetime runs."""
+    process = await asyncio.create_subprocess_exec(
+        *shlex.split(command),
+        env={**os.environ, "TICKMESH_POOL": pool, "TICKMESH_TENANT": tenant},
+    )
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 def _print_event(event: Any, out: TextIO) -> None:

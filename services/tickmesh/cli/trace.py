@@ -25,6 +25,7 @@ class Row:
     tokens: int
     cost_micros: int
     detail: str
+    runtime: str = ""
 
 
 def rows_of(refs: Sequence[execution_pb2.ExecutionRef]) -> list[Row]:
@@ -69,6 +70,7 @@ def rows_of(refs: Sequence[execution_pb2.ExecutionRef]) -> list[Row]:
                 tokens=telemetry.input_tokens + telemetry.output_tokens,
                 cost_micros=telemetry.cost_micros,
                 detail=detail,
+                runtime=record.executor.runtime,
             )
         )
     return rows
@@ -109,8 +111,12 @@ def render(lifetime: lifetime_pb2.AgentLifetime, refs: Sequence[execution_pb2.Ex
         money = f" ${row.cost_micros / 1e6:.4f}" if row.cost_micros else ""
         tokens = f" {row.tokens:,} tok" if row.tokens else ""
         detail = f"  {row.detail}" if row.detail else ""
+        # Python is the default; any other language's executor is named.
+        runtime = (
+            f" ({row.runtime})" if row.runtime and not row.runtime.startswith("python") else ""
+        )
         lines.append(
-            f"{prefix}{branch}{row.node} #{row.iteration} [{row.kind} {row.handler}] "
+            f"{prefix}{branch}{row.node} #{row.iteration} [{row.kind} {row.handler}]{runtime} "
             f"{row.status}{attempt} {row.duration_ms:.1f} ms{tokens}{money}{joined}{detail}"
         )
         # Leaves first, so a branch that continues (e.g. into a join) is drawn last.
