@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from . import control as control_bench
 from . import guardrail as guardrail_bench
 from .cluster import REPO, Cluster, Layout, read_line
 from .hops import Tap
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--no-guardrail", action="store_true", help="skip the guardrail timing")
+    p.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure signal → next dispatch and fork latency (bench/control.py)",
+    )
     p.add_argument("--log-level", default="INFO", help="services' log level")
     p.add_argument("--timeout", type=float, default=600.0, help="per-lifetime timeout, s")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -401,9 +408,15 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"data kept in {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
+    if args.control:
+        print("lifetime control: signal and fork latency (in-process mesh) ...", flush=True)
+        result["lifetime_control"] = await control_bench.run()
     result["duration_s"] = time.perf_counter() - started
     print()
     print(render(result))
+    if "lifetime_control" in result:
+        print()
+        print(control_bench.render(result["lifetime_control"]))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     json_path, png = write(result, args.out, stamp)
     print()

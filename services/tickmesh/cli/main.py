@@ -21,7 +21,6 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import os
 import shlex
 import signal
 import sys
@@ -35,6 +34,7 @@ import grpc
 
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime.lifecycle import run as run_loop
+from tickmesh.runtime.settings import child_environment
 from tickmesh.sdk import Client, Plan, Task, ValidationError, Worker, load_graph_file
 from tickmesh.sdk.errors import TickmeshError
 from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
@@ -259,7 +259,7 @@ async def _executor_process(command: str, pool: str, tenant: str) -> AsyncIterat
     """Run an executor in another process (any language) for as long as the lifetime runs."""
     process = await asyncio.create_subprocess_exec(
         *shlex.split(command),
-        env={**os.environ, "TICKMESH_POOL": pool, "TICKMESH_TENANT": tenant},
+        env=child_environment(TICKMESH_POOL=pool, TICKMESH_TENANT=tenant),
     )
     try:
         yield

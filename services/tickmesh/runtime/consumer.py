@@ -172,9 +172,11 @@ class BatchConsumer:
                 first = await asyncio.wait_for(self._queue.get(), PULL_EXPIRES_S * 1.5)
             except TimeoutError:
                 # No message and no expiry notice: the request was lost (e.g. a
-                # broker restart). Start over.
+                # broker restart). Start over, and tell an owner that pulls for itself.
                 self._outstanding = 0
                 await self._safe_replenish()
+                if self._on_request_end is not None:
+                    self._on_request_end()
                 continue
             batch = [] if first is _WAKE else [first]
             while len(batch) < self._max_batch and not self._queue.empty():

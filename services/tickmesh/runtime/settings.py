@@ -74,3 +74,8 @@ class ServiceSettings(BaseSettings):
     @property
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, for a child process (an executor)."""
+    return {**os.environ, **extra}
