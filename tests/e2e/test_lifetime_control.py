@@ -9,6 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import examples.coding_agent.handlers as coding
 from tests.support.audit import closing, record_of
 from tests.support.mesh import Handler, MeshFactory, MeshHarness
@@ -161,11 +163,8 @@ async def test_wait_timeout_fails_the_lifetime(start_mesh: MeshFactory) -> None:
     await h.worker([draft, reviewer_plan(0.3, "fail")])
     graph = await h.register(approval_graph())
     handle = await h.start(graph, "v1")
-    try:
+    with pytest.raises(LifetimeFailedError):
         await handle.result(within=10)
-        raise AssertionError("the lifetime should have failed")
-    except LifetimeFailedError:
-        pass
     info = await handle.describe()
     assert info.state == "failed"
     assert info.raw.error.type == "WaitTimeout"

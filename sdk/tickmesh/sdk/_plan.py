@@ -8,7 +8,6 @@ results that flowed into it, and returns a :class:`Decision` built with
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,10 +15,9 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from ._task import (
     ExecutionContext,
+    HandlerDefinition,
     HandlerKind,
     _timeout_seconds,
-    check_handler_name,
-    code_digest,
     parameter_annotation,
 )
 from .errors import ConfigError
@@ -179,7 +177,7 @@ def fail(
 PlanFn = Callable[[PlanContext, In, list[PlanInputView]], Awaitable[Decision]]
 
 
-class Plan(Generic[In]):
+class Plan(HandlerDefinition, Generic[In]):
     """A plan handler: ``fn(ctx, goal, inputs) -> Decision`` with a name.
 
     Create one with :func:`plan`.
@@ -195,28 +193,12 @@ class Plan(Generic[In]):
         retries: int | None = None,
         timeout: float | timedelta | None = None,
     ) -> None:
-        if not inspect.iscoroutinefunction(fn):
-            raise ConfigError(f"@plan needs an async function, got {fn!r}")
-        if retries is not None and retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {retries}")
+        super().__init__(fn, name=name, retries=retries, timeout=timeout)
         self.fn = fn
-        self.name = check_handler_name(name or fn.__name__)
-        self.retries = retries
-        self.timeout = _timeout_seconds(timeout)
-        self.code_digest = code_digest(fn)
         self.goal_annotation = parameter_annotation(fn, 1)
-        self.__doc__ = fn.__doc__
-        self.__wrapped__ = fn
-
-    @property
-    def max_attempts(self) -> int | None:
-        return None if self.retries is None else self.retries + 1
 
     async def __call__(self, ctx: PlanContext, goal: In, inputs: list[PlanInputView]) -> Decision:
         return await self.fn(ctx, goal, inputs)
-
-    def __repr__(self) -> str:
-        return f"Plan({self.name!r})"
 
 
 @overload

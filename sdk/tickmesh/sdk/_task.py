@@ -245,7 +245,43 @@ def _timeout_seconds(timeout: float | timedelta | None) -> float | None:
     return seconds
 
 
-class Task(Generic[In, Out]):
+class HandlerDefinition:
+    """What a task and a plan handler have in common: an async function with a name,
+    an optional retry count and timeout, and a digest of its code."""
+
+    kind: HandlerKind
+
+    def __init__(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        *,
+        name: str | None,
+        retries: int | None,
+        timeout: float | timedelta | None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigError(f"@{self.kind} needs an async function, got {fn!r}")
+        if retries is not None and retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {retries}")
+        self.name = check_handler_name(name or fn.__name__)
+        self.retries = retries
+        """Retries after the first attempt (a default for graph nodes); None: the graph decides."""
+        self.timeout = _timeout_seconds(timeout)
+        """Per-attempt limit in seconds, enforced by the worker on top of the pool's deadline."""
+        self.code_digest = code_digest(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    @property
+    def max_attempts(self) -> int | None:
+        """``retries + 1``, or None when unset."""
+        return None if self.retries is None else self.retries + 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Task(HandlerDefinition, Generic[In, Out]):
     """A task handler: an async function ``fn(ctx, input) -> output`` with a name.
 
     Create one with :func:`task`. Calling the task calls the function, which
@@ -262,31 +298,12 @@ class Task(Generic[In, Out]):
         retries: int | None = None,
         timeout: float | timedelta | None = None,
     ) -> None:
-        if not inspect.iscoroutinefunction(fn):
-            raise ConfigError(f"@task needs an async function, got {fn!r}")
-        if retries is not None and retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {retries}")
+        super().__init__(fn, name=name, retries=retries, timeout=timeout)
         self.fn = fn
-        self.name = check_handler_name(name or fn.__name__)
-        self.retries = retries
-        """Retries after the first attempt (a default for graph nodes); None: the graph decides."""
-        self.timeout = _timeout_seconds(timeout)
-        """Per-attempt limit in seconds, enforced by the worker on top of the pool's deadline."""
-        self.code_digest = code_digest(fn)
         self.input_annotation = parameter_annotation(fn, 1)
-        self.__doc__ = fn.__doc__
-        self.__wrapped__ = fn
-
-    @property
-    def max_attempts(self) -> int | None:
-        """``retries + 1``, or None when unset."""
-        return None if self.retries is None else self.retries + 1
 
     async def __call__(self, ctx: TaskContext, input: In) -> Out:
         return await self.fn(ctx, input)
-
-    def __repr__(self) -> str:
-        return f"Task({self.name!r})"
 
 
 @overload

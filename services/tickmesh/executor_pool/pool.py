@@ -31,11 +31,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from tickmesh.runtime import steps
 from tickmesh.runtime.blobs import BlobStore, offload_payload
-from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
 from tickmesh.runtime.subjects import (
     HDR_ATTEMPT,
@@ -501,12 +500,10 @@ class ExecutorPool:
 
     async def _start_group(self, group: HandlerGroup) -> None:
         names = group.names
-        config = ConsumerConfig(
-            durable_name=names.work_consumer(group.kind, group.handler),
-            filter_subject=names.work(group.kind, group.handler),
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self._settings.ack_wait_s,
-            max_deliver=-1,
+        config = durable_config(
+            names.work_consumer(group.kind, group.handler),
+            names.work(group.kind, group.handler),
+            ack_wait_s=self._settings.ack_wait_s,
             max_ack_pending=self._settings.max_ack_pending,
         )
 

@@ -15,9 +15,8 @@ from datetime import UTC, datetime
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
-from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
@@ -49,14 +48,7 @@ class RefConsumer:
             nc,
             js,
             stream=names.ref_stream,
-            config=ConsumerConfig(
-                durable_name=names.router_consumer,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ack_wait_s,
-                max_deliver=-1,
-                filter_subject=names.ref_all,
-                max_ack_pending=50_000,
-            ),
+            config=durable_config(names.router_consumer, names.ref_all, ack_wait_s=ack_wait_s),
             handler=self._handle,
             max_batch=max_batch,
             name=f"router:{names.tenant}",

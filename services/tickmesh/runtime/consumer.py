@@ -26,7 +26,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import BadRequestError
 
 from tickmesh.sdk import BODY_KINDS, BodyKind, ValidationError
@@ -216,6 +216,22 @@ class _Wake(Msg):
 
 
 _WAKE: Msg = _Wake()
+
+
+def durable_config(
+    durable: str, filter_subject: str, *, ack_wait_s: float, max_ack_pending: int = 50_000
+) -> ConsumerConfig:
+    """The one policy of tickmesh's durable consumers: explicit acks, and unlimited
+    deliveries (the owner decides retries and dead letters itself), with a wide
+    ack-pending window so batches can grow."""
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending,
+    )
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:

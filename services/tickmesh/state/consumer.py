@@ -15,9 +15,8 @@ from datetime import UTC, datetime
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
-from tickmesh.runtime.consumer import BatchConsumer, message_type, term
+from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import (
@@ -61,14 +60,7 @@ class RecordConsumer:
             nc,
             js,
             stream=names.exec_stream,
-            config=ConsumerConfig(
-                durable_name=names.state_consumer,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ack_wait_s,
-                max_deliver=-1,
-                filter_subject=names.exec_all,
-                max_ack_pending=50_000,
-            ),
+            config=durable_config(names.state_consumer, names.exec_all, ack_wait_s=ack_wait_s),
             handler=self._handle_records,
             max_batch=max_batch,
             name=f"state:{names.tenant}",
@@ -77,13 +69,8 @@ class RecordConsumer:
             nc,
             js,
             stream=names.evt_stream,
-            config=ConsumerConfig(
-                durable_name=f"{names.state_consumer}_events",
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ack_wait_s,
-                max_deliver=-1,
-                filter_subject=names.evt_all,
-                max_ack_pending=50_000,
+            config=durable_config(
+                f"{names.state_consumer}_events", names.evt_all, ack_wait_s=ack_wait_s
             ),
             handler=self._handle_events,
             max_batch=max_batch,
