@@ -31,7 +31,7 @@ from .hops import Tap
 from .load import LoadGenerator
 from .machine import describe
 from .monitor import Monitor, machine_busy_seconds
-from .records import gaps, max_seq, read_records
+from .records import StoreRef, gaps, max_seq, read_records
 from .report import render, write
 
 LAYOUTS: dict[str, str] = {
@@ -240,7 +240,7 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
                     + ", ".join(f"{n}={p.pid}" for n, p in cluster.processes.items())
                 )
                 await asyncio.to_thread(input, f"[{layout}] Enter runs M={m} ... ")
-            watermark = max_seq(cluster.state_db)
+            watermark = await asyncio.to_thread(max_seq, cluster.state_db)
             print(f"[{layout}] M={m}: {lifetimes} lifetimes x {args.steps} steps ...", flush=True)
             monitor.begin()
             run = await load.run(
@@ -342,11 +342,13 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
     return out
 
 
-async def measure_hops(load: LoadGenerator, db: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def measure_hops(
+    load: LoadGenerator, db: StoreRef, args: argparse.Namespace
+) -> dict[str, Any]:
     """Sequential lifetimes with a tap on the bus: where a step's time goes at M = 1."""
     tap = Tap("default")
     subs = await load.tap(tap)
-    watermark = max_seq(db)
+    watermark = await asyncio.to_thread(max_seq, db)
     try:
         run = await load.run(
             concurrency=1, lifetimes=args.hop_lifetimes, rounds=args.steps // 2, limit_s=60

@@ -101,6 +101,12 @@ class Cluster:
     workers: int = 1
     log_level: str = "INFO"
     uvloop: bool = True
+    store_url: str | None = None
+    """The cloud profile's PostgreSQL DSN; None keeps SQLite in ``work_dir``."""
+    blob_url: str | None = None
+    """The cloud profile's ``s3://`` blob URL; None keeps a folder in ``work_dir``."""
+    usage_counter_url: str | None = None
+    """The cloud profile's ``redis://`` usage counters; None reads the state store."""
 
     nats: EmbeddedNats | None = None
     nats_url: str = ""
@@ -108,7 +114,8 @@ class Cluster:
     pool_target: str = ""
     state_target: str = ""
     guardrail_target: str = ""
-    state_db: Path = Path()
+    state_db: Path | str = Path()
+    """Where the records are read back: the SQLite file or the PostgreSQL DSN."""
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     processes: dict[str, psutil.Process] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -155,8 +162,8 @@ class Cluster:
 
     def _start_services(self) -> None:
         data = self.work_dir
-        self.state_db = data / "state.db"
-        blobs = data / "blobs"
+        self.state_db = self.store_url or data / "state.db"
+        blobs = self.blob_url or str(data / "blobs")
         for name, arg, prefix in SERVICES:
             port = free_port()
             env = dict(os.environ)
@@ -172,11 +179,13 @@ class Cluster:
                 }
             )
             if name == "state":
-                env[f"{prefix}STORE_URL"] = f"sqlite:///{self.state_db}"
-                env[f"{prefix}BLOB_ROOT"] = str(blobs)
+                env[f"{prefix}STORE_URL"] = self.store_url or f"sqlite:///{self.state_db}"
+                env[f"{prefix}BLOB_URL"] = blobs
                 env[f"{prefix}SQLITE_SYNCHRONOUS"] = "FULL"
             if name == "executor-pool":
-                env[f"{prefix}BLOB_ROOT"] = str(blobs)
+                env[f"{prefix}BLOB_URL"] = blobs
+            if self.usage_counter_url and name in ("state", "router", "guardrail"):
+                env[f"{prefix}USAGE_COUNTER_URL"] = self.usage_counter_url
             proc = self._spawn(name, [*tickmesh_command(), "serve", arg], env)
             target = f"127.0.0.1:{port}"
             wait_serving(target, proc=proc)
@@ -196,6 +205,13 @@ class Cluster:
         ]
         if not self.uvloop:
             argv.append("--no-uvloop")
+        for flag, value in (
+            ("--store-url", self.store_url),
+            ("--blob-url", self.blob_url),
+            ("--usage-counter-url", self.usage_counter_url),
+        ):
+            if value:
+                argv += [flag, value]
         proc = self._spawn("mesh", argv, pipe=True)
         assert proc.stdout is not None
         info = json.loads(read_line(proc.stdout, 60.0, proc))
@@ -203,7 +219,7 @@ class Cluster:
         self.pool_target = info["pool"]
         self.state_target = info["state"]
         self.guardrail_target = info["guardrail"]
-        self.state_db = Path(info["state_db"])
+        self.state_db = self.store_url or Path(info["state_db"])
 
     def _start_worker(self, index: int) -> None:
         name = "worker" if self.workers == 1 else f"worker-{index + 1}"

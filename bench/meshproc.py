@@ -22,6 +22,9 @@ async def serve(args: argparse.Namespace) -> None:
         nats_url=args.nats_url,
         router_port=args.router_port,
         pool_port=args.pool_port,
+        store_url=args.store_url,
+        blob_url=args.blob_url,
+        usage_counter_url=args.usage_counter_url,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -52,6 +55,9 @@ def main() -> None:
     parser.add_argument("--router-port", type=int, default=0)
     parser.add_argument("--pool-port", type=int, default=0)
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--store-url", help="postgresql:// DSN (cloud profile)")
+    parser.add_argument("--blob-url", help="s3:// blob URL (cloud profile)")
+    parser.add_argument("--usage-counter-url", help="redis:// usage counters (cloud profile)")
     args = parser.parse_args()
     if args.no_uvloop:
         asyncio.run(serve(args))

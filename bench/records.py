@@ -1,10 +1,12 @@
-"""Reads the stored execution records back from the state service's SQLite file and
-turns them into per-step orchestration gaps."""
+"""Reads the stored execution records back from the state service's store (its SQLite
+file, or its PostgreSQL database in the cloud profile) and turns them into per-step
+orchestration gaps."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,39 @@ def _seconds(ts: Any) -> float:
     return float(ts.seconds) + float(ts.nanos) / 1e9
 
 
+StoreRef = Path | str
+"""The state store: a SQLite file, or a ``postgresql://`` DSN."""
+
+_SELECT_AFTER = (
+    "SELECT lifetime_id, persisted_at, envelope FROM executions"
+    " WHERE tenant = {tenant} AND seq > {after} ORDER BY seq"
+)
+
+
+def _is_postgres(store: StoreRef) -> bool:
+    return isinstance(store, str) and store.startswith(("postgresql://", "postgres://"))
+
+
 def _connect(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
 
 
-def max_seq(db: Path) -> int:
+async def _pg_fetch(dsn: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(row) for row in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+def max_seq(store: StoreRef) -> int:
+    """The newest stored record's sequence (blocking: call it from a thread)."""
+    if _is_postgres(store):
+        rows = asyncio.run(_pg_fetch(str(store), "SELECT COALESCE(MAX(seq), 0) FROM executions"))
+        return int(rows[0][0])
+    db = Path(store)
     if not db.exists():
         return 0
     with _connect(db) as conn:
@@ -46,37 +76,42 @@ def max_seq(db: Path) -> int:
 
 
 def read_records(
-    db: Path, tenant: str, lifetime_ids: Collection[str], after_seq: int = 0
+    store: StoreRef, tenant: str, lifetime_ids: Collection[str], after_seq: int = 0
 ) -> list[Record]:
-    """The stored executions of ``lifetime_ids`` with seq > ``after_seq``."""
-    wanted = set(lifetime_ids)
+    """The stored executions of ``lifetime_ids`` with seq > ``after_seq`` (blocking)."""
+    rows: Iterable[tuple[Any, ...]]
+    if _is_postgres(store):
+        sql = _SELECT_AFTER.format(tenant="$1", after="$2")
+        rows = asyncio.run(_pg_fetch(str(store), sql, tenant, after_seq))
+    else:
+        with _connect(Path(store)) as conn:
+            sql = _SELECT_AFTER.format(tenant="?", after="?")
+            rows = conn.execute(sql, (tenant, after_seq)).fetchall()
+    return _records(rows, set(lifetime_ids))
+
+
+def _records(rows: Iterable[tuple[Any, ...]], wanted: set[str]) -> list[Record]:
     out: list[Record] = []
-    with _connect(db) as conn:
-        rows = conn.execute(
-            "SELECT lifetime_id, persisted_at, envelope FROM executions"
-            " WHERE tenant = ? AND seq > ? ORDER BY seq",
-            (tenant, after_seq),
-        )
-        for lifetime_id, persisted_ns, blob in rows:
-            if lifetime_id not in wanted:
-                continue
-            env = envelope_pb2.ExecutionEnvelope.FromString(blob)
-            kind = env.WhichOneof("body")
-            body = env.task_execution if kind == "task_execution" else env.plan_execution
-            h = body.header
-            out.append(
-                Record(
-                    execution_id=h.execution_id,
-                    lifetime_id=h.lifetime_id,
-                    attempt=h.attempt,
-                    kind="task" if kind == "task_execution" else "plan",
-                    parents=tuple(h.parent_execution_ids),
-                    created_at=_seconds(h.created_at),
-                    started_at=_seconds(body.started_at),
-                    finished_at=_seconds(body.finished_at),
-                    persisted_at=persisted_ns / 1e9,
-                )
+    for lifetime_id, persisted_ns, blob in rows:
+        if lifetime_id not in wanted:
+            continue
+        env = envelope_pb2.ExecutionEnvelope.FromString(bytes(blob))
+        kind = env.WhichOneof("body")
+        body = env.task_execution if kind == "task_execution" else env.plan_execution
+        h = body.header
+        out.append(
+            Record(
+                execution_id=h.execution_id,
+                lifetime_id=h.lifetime_id,
+                attempt=h.attempt,
+                kind="task" if kind == "task_execution" else "plan",
+                parents=tuple(h.parent_execution_ids),
+                created_at=_seconds(h.created_at),
+                started_at=_seconds(body.started_at),
+                finished_at=_seconds(body.finished_at),
+                persisted_at=persisted_ns / 1e9,
             )
+        )
     return out
 
 

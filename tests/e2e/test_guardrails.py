@@ -211,8 +211,10 @@ Factory = Callable[..., Awaitable[Guarded]]
 
 
 @pytest.fixture
-async def guarded(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Factory]:
-    """``await guarded(**mesh_config)`` -> a running mesh for a fresh tenant."""
+async def guarded(
+    nats_server: EmbeddedNats, tmp_path: Path, mesh_profile: dict[str, str]
+) -> AsyncIterator[Factory]:
+    """``await guarded(**mesh_config)`` -> a running mesh for a fresh tenant, in each profile."""
     stack = contextlib.AsyncExitStack()
     made: list[Guarded] = []
 
@@ -223,7 +225,7 @@ async def guarded(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Fa
                 nats_url=nats_server.url,
                 tenants=(tenant,),
                 data_dir=tmp_path / f"mesh{len(made)}",
-                **config,
+                **{**mesh_profile, **config},
             )
         )
         await mesh.start()

@@ -1,5 +1,17 @@
-"""Fixtures shared by these tests: a real nats-server for the session."""
+"""Fixtures shared by these tests: real nats-server, PostgreSQL, redis-server and S3 (moto)."""
 
 from tests.support.nats_server import nats_server
+from tests.support.postgres import postgres_dsn, postgres_server, start_postgres
+from tests.support.redis_server import redis_server, redis_url
+from tests.support.s3_server import s3_bucket, s3_server
 
-__all__ = ["nats_server"]
+__all__ = [
+    "nats_server",
+    "postgres_dsn",
+    "postgres_server",
+    "redis_server",
+    "redis_url",
+    "s3_bucket",
+    "s3_server",
+    "start_postgres",
+]

@@ -251,10 +251,10 @@ async def start_pool(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator
         settings = ExecutorPoolSettings(
             tenants=[tenant],
             grpc_listen="127.0.0.1:0",
-            blob_root=tmp_path / "blobs",
+            blob_url=str(tmp_path / "blobs"),
             **overrides,
         )
-        blobs = LocalBlobStore(settings.blob_root, fsync=False)
+        blobs = LocalBlobStore(settings.blob_url, fsync=False)
         service = await build(settings, nc=nc, js=js, blobs=blobs)
         await service.start()
         mesh = Mesh(tenant, names, nc, js, blobs, service)

@@ -107,7 +107,7 @@ async def state(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Stat
         grpc_listen="127.0.0.1:0",
         log_json=False,
         store_url=f"sqlite:///{tmp_path / 'state.db'}",
-        blob_root=tmp_path / "blobs",
+        blob_url=str(tmp_path / "blobs"),
     )
     store = await SQLiteStateStore.open(tmp_path / "state.db", synchronous="OFF")
     service = await build(
@@ -450,7 +450,7 @@ async def test_put_blob_verifies_the_declared_sha256_and_size(state: StateHarnes
     )
     assert "upload description" in details
     # Nothing was stored under the tenant.
-    assert not (state.service.settings.blob_root / state.tenant).exists()
+    assert not (Path(state.service.settings.blob_url) / state.tenant).exists()
 
 
 async def test_get_blob_of_another_tenants_uri_is_invalid(state: StateHarness) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -25,6 +26,7 @@ from nats.js.errors import NoKeysError
 
 from tests.support.audit import AuditReport, audit, list_executions
 from tests.support.nats_server import new_tenant
+from tests.support.s3_server import S3Bucket
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
@@ -156,16 +158,50 @@ class MeshHarness:
 MeshFactory = Callable[..., Awaitable[MeshHarness]]
 
 
+PROFILES = ("embedded", "cloud")
+
+
+@pytest.fixture(params=PROFILES)
+def mesh_profile(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The MeshConfig stores of one profile; every test that starts a mesh runs in both.
+
+    ``embedded``: SQLite, a blob folder and in-process usage counters, all in the
+    test's folder. ``cloud``: a fresh PostgreSQL database, a fresh S3 bucket (moto's
+    HTTP server) and a Redis database of the test's own. The cloud servers are only
+    requested here, so an embedded-only run never starts them.
+    """
+    if request.param == "embedded":
+        return {}
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    redis_url: str = request.getfixturevalue("redis_url")
+    endpoint = bucket.endpoint
+    # The services take S3 credentials from the standard AWS chain, as in a deployment.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_access_key)
+    query = urlencode({"endpoint_url": endpoint.endpoint_url, "region": endpoint.region})
+    return {
+        "store_url": dsn,
+        "blob_url": f"s3://{bucket.name}/e2e?{query}",
+        "usage_counter_url": redis_url,
+    }
+
+
 @pytest.fixture
-async def start_mesh(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[MeshFactory]:
-    """``await start_mesh(tenants=2)`` -> a MeshHarness on fresh tenants."""
+async def start_mesh(
+    nats_server: EmbeddedNats, tmp_path: Path, mesh_profile: dict[str, str]
+) -> AsyncIterator[MeshFactory]:
+    """``await start_mesh(tenants=2)`` -> a MeshHarness on fresh tenants, in each profile."""
     harnesses: list[MeshHarness] = []
     stack = contextlib.AsyncExitStack()
 
     async def factory(*, tenants: int = 1, **config: Any) -> MeshHarness:
         ids = tuple(new_tenant("e2e") for _ in range(tenants))
         data_dir = tmp_path / f"mesh{len(harnesses)}"
-        mesh = Mesh(MeshConfig(nats_url=nats_server.url, tenants=ids, data_dir=data_dir, **config))
+        settings = {**mesh_profile, **config}
+        mesh = Mesh(
+            MeshConfig(nats_url=nats_server.url, tenants=ids, data_dir=data_dir, **settings)
+        )
         await mesh.start()
         stack.push_async_callback(mesh.stop)
         nc = await tm_nats.connect(nats_server.url, name="e2e-test")

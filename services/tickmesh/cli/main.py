@@ -10,6 +10,8 @@ tickmesh fork LIFETIME EXECUTION [--output JSON]   continue a lifetime from one 
 tickmesh replay LIFETIME [--graph-version N]   re-drive a lifetime and compare its decisions
 tickmesh graph validate FILE...   check graph files (file:line:column errors)
 tickmesh policy validate|apply|show   guardrail policies (see tickmesh.cli.policy)
+tickmesh config show [--service S]   print the effective settings, secrets masked
+tickmesh migrate                  apply the state store's pending schema migrations
 tickmesh serve SERVICE            run one service (router, guardrail, state, executor-pool)
 """
 
@@ -39,6 +41,7 @@ from tickmesh.sdk import Client, Plan, Task, ValidationError, Worker, load_graph
 from tickmesh.sdk.errors import TickmeshError
 from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
 
+from . import config as config_cli
 from . import policy as policy_cli
 from .trace import render
 
@@ -129,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy_cli.add_parser(sub)
 
-    serve = sub.add_parser("serve", help="run one service with settings from the environment")
+    config_cli.add_parsers(sub)
+
+    serve = sub.add_parser(
+        "serve", help="run one service with settings from the environment and tickmesh.yaml"
+    )
     serve.add_argument("service", choices=SERVICES)
     return parser
 
@@ -420,14 +427,8 @@ def cmd_graph_validate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"tickmesh.{args.service.replace('-', '_')}.__main__")
-    settings_cls = {
-        "router": "RouterSettings",
-        "guardrail": "GuardrailSettings",
-        "state": "StateSettings",
-        "executor-pool": "ExecutorPoolSettings",
-    }[args.service]
-    settings = getattr(module, settings_cls)()
+    module = importlib.import_module(f"tickmesh.{args.service.replace('-', '_')}.server")
+    settings = config_cli.load_settings(args.service)
     run_loop(module.serve(settings))
     return 0
 
@@ -446,6 +447,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return cmd_serve(args)
         if args.command == "policy":
             return policy_cli.run(args, out)
+        if args.command == "config":
+            return config_cli.cmd_config_show(args, out)
+        if args.command == "migrate":
+            return config_cli.cmd_migrate(args, out)
         commands = {
             "dev": cmd_dev,
             "run": cmd_run,

@@ -23,12 +23,14 @@ from tickmesh.router import server as router_server
 from tickmesh.router.config import RouterSettings
 from tickmesh.router.replay import StoreHistorySource
 from tickmesh.runtime import nats as tm_nats
-from tickmesh.runtime.blobs import LocalBlobStore
+from tickmesh.runtime.adapters import open_blob_store, open_usage_counter
+from tickmesh.runtime.blobs import BlobStore
+from tickmesh.runtime.counters import UsageCounter
 from tickmesh.runtime.embedded_nats import EmbeddedNats
-from tickmesh.runtime.policy.sources import StoreUsageSource
+from tickmesh.runtime.policy.sources import StoreUsageSource, UsageSource
 from tickmesh.state import server as state_server
 from tickmesh.state.config import StateSettings
-from tickmesh.state.store import SQLiteStateStore, Synchronous
+from tickmesh.state.store import Synchronous
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,19 @@ class MeshConfig:
     guardrail_lease_s: float | None = None
     """How long routers may enforce a policy snapshot without hearing from the guardrail
     service; None keeps the guardrail service's default."""
+    store_url: str | None = None
+    """The state store: None keeps SQLite in ``data_dir``; ``postgresql://...`` is the
+    cloud profile's store."""
+    blob_url: str | None = None
+    """The blob store: None keeps a folder in ``data_dir``; ``s3://bucket/prefix?...``."""
+    usage_counter_url: str | None = None
+    """Tenant usage counters: None reads the state store in process; ``redis://...``."""
+
+    @property
+    def profile(self) -> str:
+        """``cloud`` when any store is external, else ``embedded``."""
+        external = (self.store_url, self.blob_url, self.usage_counter_url)
+        return "cloud" if any(external) else "embedded"
 
 
 @dataclass
@@ -72,6 +87,8 @@ class Mesh:
     data_dir: Path = Path()
     _connections: list[NatsClient] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    """Stores and clients the mesh opened; closed after the services stopped."""
 
     @property
     def router_target(self) -> str:
@@ -125,21 +142,37 @@ class Mesh:
         tenants = list(cfg.tenants)
         url = self.nats_url
         listen = f"{cfg.host}:0"
-        blobs_dir = self.data_dir / "blobs"
+        blob_url = cfg.blob_url or str(self.data_dir / "blobs")
 
         state_settings = StateSettings(
             nats_url=url,
             tenants=tenants,
             log_json=False,
             grpc_listen=listen,
-            store_url=f"sqlite:///{self.data_dir / 'state.db'}",
-            blob_root=blobs_dir,
+            store_url=cfg.store_url or f"sqlite:///{self.data_dir / 'state.db'}",
+            blob_url=blob_url,
             sqlite_synchronous=cfg.sqlite_synchronous,
+            usage_counter_url=cfg.usage_counter_url,
         )
-        store = await SQLiteStateStore.open(
-            self.data_dir / "state.db",
-            synchronous=state_settings.sqlite_synchronous,
-        )
+        store = await state_server.open_settings_store(state_settings)
+        self._resources.push_async_callback(store.close)
+
+        async def usage_counter(url: str) -> UsageCounter:
+            # Each service gets its own client, as separate processes would.
+            counter = await open_usage_counter(url)
+            self._resources.push_async_callback(counter.close)
+            return counter
+
+        async def usage_source() -> UsageSource:
+            if cfg.usage_counter_url is None:
+                return StoreUsageSource(store)
+            return await usage_counter(cfg.usage_counter_url)
+
+        async def blob_store() -> BlobStore:
+            blobs = await open_blob_store(blob_url)
+            self._resources.push_async_callback(blobs.close)
+            return blobs
+
         guardrail_settings = GuardrailSettings(
             nats_url=url, tenants=tenants, log_json=False, grpc_listen=listen
         )
@@ -150,7 +183,7 @@ class Mesh:
         self.guardrail = await guardrail_server.build(
             guardrail_settings,
             nc=await self._connect("guardrail"),
-            usage_source=StoreUsageSource(store),
+            usage_source=await usage_source(),
         )
         await self.guardrail.start()
 
@@ -158,7 +191,10 @@ class Mesh:
             state_settings,
             nc=await self._connect("state"),
             store=store,
-            blobs=LocalBlobStore(blobs_dir),
+            blobs=await blob_store(),
+            usage_counter=(
+                await usage_counter(cfg.usage_counter_url) if cfg.usage_counter_url else None
+            ),
         )
         await self.state.start()
 
@@ -172,7 +208,7 @@ class Mesh:
         self.router = await router_server.build(
             router_settings,
             nc=await self._connect("router"),
-            usage_source=StoreUsageSource(store),
+            usage_source=await usage_source(),
             history_source=StoreHistorySource(store),
         )
         await self.router.start()
@@ -182,7 +218,7 @@ class Mesh:
             tenants=tenants,
             log_json=False,
             grpc_listen=f"{cfg.host}:{cfg.pool_port}",
-            blob_root=blobs_dir,
+            blob_url=blob_url,
             ack_wait_s=cfg.ack_wait_s,
         )
         pool_nc = await self._connect("executor-pool")
@@ -190,11 +226,12 @@ class Mesh:
             pool_settings,
             nc=pool_nc,
             js=tm_nats.jetstream(pool_nc),
-            blobs=LocalBlobStore(blobs_dir),
+            blobs=await blob_store(),
         )
         await self.pool.start()
         logger.info(
-            "mesh up: nats %s, router %s, executor pool %s, state %s, guardrail %s",
+            "mesh up (%s profile): nats %s, router %s, executor pool %s, state %s, guardrail %s",
+            cfg.profile,
             self.nats_url,
             self.router.target,
             self.pool.target,
@@ -211,6 +248,8 @@ class Mesh:
             with contextlib.suppress(Exception):
                 await nc.close()
         self._connections.clear()
+        with contextlib.suppress(Exception):
+            await self._resources.aclose()
         if self.nats is not None:
             self.nats.stop()
             self.nats = None

@@ -1,22 +1,10 @@
-"""``python -m tickmesh.executor_pool``: run the executor pool service."""
+"""`python -m tickmesh.executor_pool`: run the executor pool with settings from the
+environment and tickmesh.yaml."""
 
-from __future__ import annotations
-
-import asyncio
+from tickmesh.runtime.lifecycle import run_service
 
 from .config import ExecutorPoolSettings
 from .server import serve
 
-
-def main() -> None:
-    settings = ExecutorPoolSettings()
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is not available on Windows
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_service("executor-pool", ExecutorPoolSettings, serve))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -21,9 +21,11 @@ class ExecutorPoolSettings(ServiceSettings):
         frozen=True,
         extra="ignore",
     )
+    config_section: ClassVar[str] = "executor_pool"
 
-    blob_root: Path = Path(".tickmesh/blobs")
-    """Folder of the local blob store (embedded profile)."""
+    blob_url: str = ".tickmesh/blobs"
+    """Where payloads over the inline limit go: a folder (``file://`` URL or path) or
+    ``s3://bucket/prefix?region=..&endpoint_url=..&sse=AES256``."""
     inline_limit: int = Field(default=DEFAULT_INLINE_LIMIT, ge=1)
     """Payloads larger than this many bytes are offloaded to the blob store."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)

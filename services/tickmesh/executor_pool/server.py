@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from tickmesh.runtime import nats as runtime_nats
-from tickmesh.runtime.blobs import BlobStore, LocalBlobStore
+from tickmesh.runtime.adapters import open_blob_store
+from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.streams import ensure_tenant
@@ -79,10 +81,14 @@ async def build(
 async def serve(settings: ExecutorPoolSettings) -> None:
     """Run the executor pool until SIGTERM or SIGINT, then drain and stop."""
 
-    async def make(nc: NatsClient) -> ExecutorPoolService:
-        js = runtime_nats.jetstream(nc)
-        for tenant in settings.tenants:
-            await ensure_tenant(js, tenant)
-        return await build(settings, nc=nc, js=js, blobs=LocalBlobStore(settings.blob_root))
+    async with contextlib.AsyncExitStack() as resources:
 
-    await serve_until_stopped(settings, "executor-pool", make)
+        async def make(nc: NatsClient) -> ExecutorPoolService:
+            blobs = await open_blob_store(settings.blob_url)
+            resources.push_async_callback(blobs.close)
+            js = runtime_nats.jetstream(nc)
+            for tenant in settings.tenants:
+                await ensure_tenant(js, tenant)
+            return await build(settings, nc=nc, js=js, blobs=blobs)
+
+        await serve_until_stopped(settings, "executor-pool", make)

@@ -1,9 +1,10 @@
-"""`python -m tickmesh.guardrail`: run the guardrail service with settings from the environment."""
+"""`python -m tickmesh.guardrail`: run the guardrail service with settings from the environment
+and tickmesh.yaml."""
 
-from tickmesh.runtime.lifecycle import run
+from tickmesh.runtime.lifecycle import run_service
 
 from .config import GuardrailSettings
 from .server import serve
 
 if __name__ == "__main__":
-    run(serve(GuardrailSettings()))
+    raise SystemExit(run_service("guardrail", GuardrailSettings, serve))

@@ -14,6 +14,7 @@ from nats.js.errors import KeyNotFoundError
 
 from tickmesh.internal.v1 import router_state_pb2
 from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped
 from tickmesh.runtime.policy import Usage
@@ -129,8 +130,16 @@ async def build(
 
 
 async def serve(settings: GuardrailSettings) -> None:
-    async def make(nc: NatsClient) -> GuardrailService:
-        source = StateRpcUsageSource(settings.state_target) if settings.state_target else None
-        return await build(settings, nc=nc, usage_source=source)
+    async with contextlib.AsyncExitStack() as resources:
 
-    await serve_until_stopped(settings, "guardrail", make)
+        async def make(nc: NatsClient) -> GuardrailService:
+            source: UsageSource | None = None
+            if settings.usage_counter_url:
+                source = await open_usage_counter(settings.usage_counter_url)
+            elif settings.state_target:
+                source = StateRpcUsageSource(settings.state_target)
+            if source is not None:
+                resources.push_async_callback(source.close)
+            return await build(settings, nc=nc, usage_source=source)
+
+        await serve_until_stopped(settings, "guardrail", make)

@@ -1,9 +1,10 @@
-"""`python -m tickmesh.router`: run the router with settings from the environment."""
+"""`python -m tickmesh.router`: run the router service with settings from the environment
+and tickmesh.yaml."""
 
-from tickmesh.runtime.lifecycle import run
+from tickmesh.runtime.lifecycle import run_service
 
 from .config import RouterSettings
 from .server import serve
 
 if __name__ == "__main__":
-    run(serve(RouterSettings()))
+    raise SystemExit(run_service("router", RouterSettings, serve))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic_settings import SettingsConfigDict
 
 from tickmesh.runtime.settings import ServiceSettings
@@ -11,6 +13,7 @@ class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="TICKMESH_ROUTER_", env_nested_delimiter="__", frozen=True, extra="ignore"
     )
+    config_section: ClassVar[str] = "router"
 
     max_batch: int = 512
     """Most refs taken from the bus in one batch."""

@@ -11,6 +11,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
@@ -120,13 +121,16 @@ async def build(
 ) -> RouterService:
     """Assemble the router.
 
-    ``usage_source`` feeds tenant-scope guardrail windows; by default it is the state service
-    at ``settings.state_target``, if set, else usage is counted in this process only.
+    ``usage_source`` feeds tenant-scope guardrail windows; by default it is the counters at
+    ``settings.usage_counter_url``, else the state service at ``settings.state_target``, if
+    set, else usage is counted in this process only.
     ``history_source`` is where ForkLifetime and ReplayLifetime read recorded executions;
     by default the state service at ``settings.state_target`` (unset: both are unavailable).
     """
     js = tm_nats.jetstream(nc)
-    if usage_source is None and settings.state_target:
+    if usage_source is None and settings.usage_counter_url:
+        usage_source = await open_usage_counter(settings.usage_counter_url)
+    elif usage_source is None and settings.state_target:
         usage_source = StateRpcUsageSource(settings.state_target)
     if history_source is None and settings.state_target:
         history_source = StateRpcHistorySource(settings.state_target)

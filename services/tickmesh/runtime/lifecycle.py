@@ -7,17 +7,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client as NatsClient
+from pydantic import ValidationError as SettingsError
+
+from tickmesh.sdk.errors import ConfigError, TickmeshError
 
 from . import logging as tm_logging
 from . import nats as tm_nats
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+_S = TypeVar("_S", bound=ServiceSettings)
 
 
 class Service(Protocol):
@@ -43,6 +49,67 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def nats_tls(settings: ServiceSettings) -> ssl.SSLContext | None:
+    """The TLS context ``settings`` ask for, or None for a plain connection.
+
+    Raises:
+        ConfigError: a certificate or key file cannot be loaded.
+    """
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
+        raise ConfigError("nats_tls_cert and nats_tls_key must be given together")
+    try:
+        context = ssl.create_default_context(cafile=settings.nats_tls_ca)
+        if settings.nats_tls_cert and settings.nats_tls_key:
+            context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the NATS TLS files: {exc}") from exc
+    return context
+
+
+async def connect_nats(settings: ServiceSettings, name: str) -> NatsClient:
+    """Connect a service to NATS with every credential ``settings`` carry.
+
+    Raises:
+        TransportError: NATS did not answer within ``nats_connect_timeout_s``.
+        ConfigError: the TLS files cannot be loaded.
+    """
+    return await tm_nats.connect(
+        settings.nats_servers,
+        name=f"{name} {settings.instance}",
+        user=settings.nats_user,
+        password=settings.nats_password,
+        token=settings.nats_token,
+        user_credentials=settings.nats_credentials,
+        nkeys_seed=settings.nats_nkey_seed,
+        tls=nats_tls(settings),
+        first_connect_within=settings.nats_connect_timeout_s,
+    )
+
+
+def run_service(
+    name: str,
+    settings_factory: Callable[[], _S],
+    serve: Callable[[_S], Coroutine[Any, Any, None]],
+) -> int:
+    """``python -m tickmesh.<service>``: read settings, serve, and turn a bad setting or
+    an unreachable dependency into one clear line on stderr and exit status 1."""
+    try:
+        settings = settings_factory()
+        run(serve(settings))
+    except SettingsError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        sys.stderr.write(f"tickmesh {name}: invalid settings: {problems}\n")
+        return 1
+    except TickmeshError as exc:
+        sys.stderr.write(f"tickmesh {name}: {exc}\n")
+        return 1
+    return 0
+
+
 async def serve_until_stopped(
     settings: ServiceSettings,
     name: str,
@@ -51,13 +118,7 @@ async def serve_until_stopped(
     """Configure logs, connect to NATS, build and start the service, and on SIGTERM or
     SIGINT stop it (in-flight work gets ``shutdown_grace_s``) and drain the connection."""
     tm_logging.configure(settings.log_level, json_output=settings.log_json, service=name)
-    nc = await tm_nats.connect(
-        settings.nats_servers,
-        name=f"{name} {settings.instance}",
-        user=settings.nats_user,
-        password=settings.nats_password,
-        user_credentials=settings.nats_credentials,
-    )
+    nc = await connect_nats(settings, name)
     try:
         service = await build(nc)
         await service.start()

@@ -9,11 +9,14 @@ broker outage, so both are changed here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -33,13 +36,22 @@ async def connect(
     user_credentials: str | None = None,
     user: str | None = None,
     password: str | None = None,
+    token: str | None = None,
+    nkeys_seed: str | None = None,
+    tls: ssl.SSLContext | None = None,
     connect_timeout: float = 5.0,
+    first_connect_within: float = 10.0,
     ping_interval: float = 5.0,
 ) -> NatsClient:
     """Connect with service-grade reconnect settings.
 
+    Once connected, the client reconnects forever (rotating through every server it
+    knows, including the cluster members the servers advertise). The *first*
+    connection is different: a service that cannot reach NATS at start must say so
+    and exit, not hang, so it is bounded by ``first_connect_within`` seconds.
+
     Raises:
-        TransportError: The first connection could not be made.
+        TransportError: The first connection could not be made in time.
     """
     servers = [url] if isinstance(url, str) else list(url)
 
@@ -53,25 +65,53 @@ async def connect(
     async def on_reconnected() -> None:
         logger.info("nats reconnected (%s)", name)
 
+    nc = NatsClient()
     try:
-        return await nats.connect(
-            servers=servers,
-            name=name,
-            user_credentials=user_credentials,
-            user=user,
-            password=password,
-            connect_timeout=connect_timeout,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            ping_interval=ping_interval,
-            max_outstanding_pings=3,
-            allow_reconnect=True,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
+        # nats-py annotates the timings as int though it takes seconds as float.
+        timings: dict[str, Any] = {
+            "connect_timeout": connect_timeout,
+            "reconnect_time_wait": 0.25,
+            "ping_interval": ping_interval,
+        }
+        async with asyncio.timeout(first_connect_within):
+            await nc.connect(
+                servers=servers,
+                name=name,
+                user_credentials=user_credentials,
+                user=user,
+                password=password,
+                token=token,
+                nkeys_seed=nkeys_seed,
+                tls=tls,
+                max_reconnect_attempts=-1,
+                max_outstanding_pings=3,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                **timings,
+            )
     except Exception as exc:
-        raise TransportError(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+        with contextlib.suppress(Exception):
+            await nc.close()
+        reason = (
+            f"no answer within {first_connect_within:g} s"
+            if isinstance(exc, TimeoutError)
+            else str(exc)
+        )
+        raise TransportError(
+            f"cannot connect to NATS at {', '.join(_redacted(s) for s in servers)}: {reason}"
+        ) from exc
+    return nc
+
+
+def _redacted(server: str) -> str:
+    """A server URL without the password of its userinfo."""
+    parts = urlsplit(server)
+    if parts.password is None:
+        return server
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def jetstream(nc: NatsClient, *, max_pending: int = 4000) -> JetStreamContext:

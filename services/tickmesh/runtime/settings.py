@@ -1,7 +1,9 @@
-"""Settings shared by every service, read from the environment once at start.
+"""Settings shared by every service, read once at start.
 
-Each service subclasses :class:`ServiceSettings` with its own prefix
-(``TICKMESH_ROUTER_``, ``TICKMESH_STATE_``, ...); nested values use ``__``.
+Each service subclasses :class:`ServiceSettings` with its own environment prefix
+(``TICKMESH_ROUTER_``, ``TICKMESH_STATE_``, ...) and its own section of the
+config file (see :mod:`tickmesh.runtime.config_file`). Precedence: values passed
+in code, then the environment, then the config file, then the defaults.
 """
 
 from __future__ import annotations
@@ -10,12 +12,20 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from tickmesh.sdk.ids import TENANT_ID_PATTERN
+
+from . import config_file
 
 DEFAULT_DATA_DIR = Path(".tickmesh")
 
@@ -24,19 +34,59 @@ def default_instance() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the shared values and the service's section of ``tickmesh.yaml``."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads the whole section at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = config_file.config_path(os.environ.get(config_file.CONFIG_ENV))
+        if path is None:
+            return {}
+        settings_cls = self.settings_cls
+        assert issubclass(settings_cls, ServiceSettings)
+        document = config_file.load(path)
+        section = settings_cls.config_section
+        config_file.check_fields(
+            document,
+            section,
+            set(settings_cls.model_fields),
+            set(ServiceSettings.model_fields),
+        )
+        return document.values_for(section)
+
+
 class ServiceSettings(BaseSettings):
-    """Fields every service has."""
+    """Fields every service has (the only ones allowed at the config file's top level)."""
 
     model_config = SettingsConfigDict(
         env_prefix="TICKMESH_", env_nested_delimiter="__", frozen=True, extra="ignore"
     )
+    config_section: ClassVar[str] = ""
+    """The service's section of the config file."""
 
     nats_url: str = "nats://127.0.0.1:4222"
-    """NATS server URL(s), comma-separated for a cluster."""
+    """NATS server URL(s), comma-separated for a cluster (the client fails over and
+    learns the cluster's other members from the servers it reaches)."""
     nats_user: str | None = None
     nats_password: str | None = None
     nats_credentials: str | None = None
     """Path to a NATS .creds file (JWT + NKey seed)."""
+    nats_nkey_seed: str | None = None
+    """Path to an NKey seed file (NKey authentication without a JWT)."""
+    nats_token: str | None = None
+    """A NATS authentication token."""
+    nats_tls_ca: str | None = None
+    """CA bundle that signs the NATS servers' certificates (turns TLS on)."""
+    nats_tls_cert: str | None = None
+    """Client certificate for NATS mutual TLS (with ``nats_tls_key``)."""
+    nats_tls_key: str | None = None
+    nats_connect_timeout_s: float = 10.0
+    """How long the first connection may take before the service refuses to start."""
+    usage_counter_url: str | None = None
+    """Where tenant usage counters live: ``redis://`` (shared by every router,
+    guardrail and state replica), or unset to read the state store's counters."""
     grpc_listen: str = "127.0.0.1:0"
     """host:port the gRPC server binds; port 0 picks a free one."""
     # NoDecode: the environment value is split by the validator below (comma-separated or a
@@ -70,6 +120,23 @@ class ServiceSettings(BaseSettings):
         if not value:
             raise ValueError("at least one tenant is required")
         return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            ConfigFileSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     @property
     def nats_servers(self) -> list[str]:

@@ -1,9 +1,10 @@
-"""`python -m tickmesh.state`: run the state service with settings from the environment."""
+"""`python -m tickmesh.state`: run the state service with settings from the environment
+and tickmesh.yaml."""
 
-from tickmesh.runtime.lifecycle import run
+from tickmesh.runtime.lifecycle import run_service
 
 from .config import StateSettings
 from .server import serve
 
 if __name__ == "__main__":
-    run(serve(StateSettings()))
+    raise SystemExit(run_service("state", StateSettings, serve))

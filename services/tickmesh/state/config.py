@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tickmesh.runtime.settings import ServiceSettings
@@ -15,11 +16,21 @@ class StateSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="TICKMESH_STATE_", env_nested_delimiter="__", frozen=True, extra="ignore"
     )
+    config_section: ClassVar[str] = "state"
 
     store_url: str = "sqlite:///.tickmesh/state.db"
-    """Where records live: sqlite:///path (embedded profile)."""
-    blob_root: Path = Path(".tickmesh/blobs")
-    """Local blob folder (embedded profile)."""
+    """Where records live: ``sqlite:///path`` (embedded profile) or
+    ``postgresql://user:password@host:port/database`` (cloud profile)."""
+    migrate_on_start: bool = True
+    """Apply pending schema migrations when the service starts; when False the service
+    refuses to start on an old schema (run ``tickmesh migrate`` first)."""
+    store_pool_min: int = Field(default=1, ge=1)
+    """Fewest PostgreSQL connections kept open."""
+    store_pool_max: int = Field(default=8, ge=1)
+    """Most PostgreSQL connections open at once."""
+    blob_url: str = ".tickmesh/blobs"
+    """Where payloads over the inline limit go: a folder (``file://`` URL or path) or
+    ``s3://bucket/prefix?region=..&endpoint_url=..&sse=AES256``."""
     sqlite_synchronous: Synchronous = "FULL"
     """SQLite synchronous mode: FULL keeps every commit across power loss."""
     max_batch: int = 512

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
+from tickmesh.runtime.counters import UsageCounter, counted_from_envelope
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import (
@@ -50,9 +51,11 @@ class RecordConsumer:
         *,
         max_batch: int,
         ack_wait_s: float,
+        usage_counter: UsageCounter | None = None,
     ) -> None:
         self._js = js
         self._store = store
+        self._usage_counter = usage_counter
         self.names = names
         self._producer = producer
         self.rejected = 0
@@ -130,6 +133,18 @@ class RecordConsumer:
                 )
             )
         await publish_batch(self._js, refs)
+        if self._usage_counter is not None:
+            # After the refs, so the next step never waits on the counters; before the
+            # acks, so a failure here redelivers the batch. Duplicates are passed too:
+            # the counter's own per-execution marker makes recording them again a no-op,
+            # which is what heals a crash between the store commit and this call.
+            await self._usage_counter.record(
+                self.names.tenant,
+                [
+                    counted_from_envelope(env, row.persisted_at)
+                    for row, (_, env) in zip(stored, records, strict=True)
+                ],
+            )
         return [
             (env, row.store_sequence, row.duplicate)
             for row, (_, env) in zip(stored, records, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -9,7 +10,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from tickmesh.runtime import nats as tm_nats
-from tickmesh.runtime.blobs import BlobStore, LocalBlobStore
+from tickmesh.runtime.adapters import open_blob_store, open_usage_counter
+from tickmesh.runtime.blobs import BlobStore
+from tickmesh.runtime.counters import UsageCounter
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.streams import ensure_tenant
@@ -19,7 +22,7 @@ from tickmesh.v1 import header_pb2, state_service_pb2_grpc
 from .config import StateSettings
 from .consumer import RecordConsumer
 from .servicer import StateServicer
-from .store import SQLiteStateStore, StateStore
+from .store import SQLiteStateStore, StateStore, Synchronous
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "tickmesh.v1.StateService"
@@ -33,6 +36,7 @@ class StateService:
     store: StateStore
     blobs: BlobStore
     grpc: GrpcServer
+    usage_counter: UsageCounter | None = None
     consumers: dict[str, RecordConsumer] = field(default_factory=dict)
 
     @property
@@ -67,6 +71,7 @@ class StateService:
             producer,
             max_batch=self.settings.max_batch,
             ack_wait_s=self.settings.ack_wait_s,
+            usage_counter=self.usage_counter,
         )
         await consumer.start()
         self.consumers[tenant] = consumer
@@ -78,26 +83,72 @@ class StateService:
         await self.grpc.stop(self.settings.shutdown_grace_s)
         await self.store.close()
         await self.blobs.close()
+        if self.usage_counter is not None:
+            await self.usage_counter.close()
 
 
-async def open_store(settings: StateSettings) -> StateStore:
-    url = settings.store_url
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+async def open_store(
+    url: str,
+    *,
+    migrate: bool = True,
+    sqlite_synchronous: Synchronous = "FULL",
+    pool_min: int = 1,
+    pool_max: int = 8,
+) -> StateStore:
+    """The state store ``url`` names: ``sqlite:///path`` or ``postgresql://...``.
+
+    Raises:
+        ConfigError: the URL is of neither kind, the database cannot be reached, or
+            its schema is behind (with ``migrate=False``) or ahead of this version.
+    """
     if url.startswith("sqlite:///"):
+        if not migrate:
+            logger.info("sqlite stores always migrate on open")
         return await SQLiteStateStore.open(
-            url.removeprefix("sqlite:///"),
-            synchronous=settings.sqlite_synchronous,
+            url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous
         )
-    raise ConfigError(f"unsupported store_url {url!r}: expected sqlite:///<path>")
+    if url.startswith(POSTGRES_SCHEMES):
+        try:
+            from .postgres import PostgresStateStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"PostgreSQL needs the cloud extra (pip install 'tickmesh[cloud]'): {exc}"
+            ) from exc
+        return await PostgresStateStore.open(
+            url, migrate=migrate, min_size=pool_min, max_size=pool_max
+        )
+    raise ConfigError(
+        f"unsupported store_url {url!r}: expected sqlite:///<path> or postgresql://..."
+    )
+
+
+async def open_settings_store(settings: StateSettings) -> StateStore:
+    return await open_store(
+        settings.store_url,
+        migrate=settings.migrate_on_start,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        pool_min=settings.store_pool_min,
+        pool_max=settings.store_pool_max,
+    )
 
 
 async def build(
-    settings: StateSettings, *, nc: NatsClient, store: StateStore, blobs: BlobStore
+    settings: StateSettings,
+    *,
+    nc: NatsClient,
+    store: StateStore,
+    blobs: BlobStore,
+    usage_counter: UsageCounter | None = None,
 ) -> StateService:
+    """Assemble the state service; ``usage_counter`` (if any) is fed every stored record."""
     js = tm_nats.jetstream(nc)
     grpc_server = await create_server(
         settings.grpc_listen, max_message_bytes=settings.max_message_bytes
     )
-    service = StateService(settings, nc, js, store, blobs, grpc_server)
+    service = StateService(settings, nc, js, store, blobs, grpc_server, usage_counter)
     servicer = StateServicer(store, blobs, service.consumer, tenants=settings.tenants)
     state_service_pb2_grpc.add_StateServiceServicer_to_server(servicer, grpc_server.server)
     return service
@@ -105,7 +156,19 @@ async def build(
 
 async def serve(settings: StateSettings) -> None:
     async def make(nc: NatsClient) -> StateService:
-        store = await open_store(settings)
-        return await build(settings, nc=nc, store=store, blobs=LocalBlobStore(settings.blob_root))
+        # Every adapter is opened (and checked) before anything serves: a wrong DSN,
+        # bucket or Redis URL stops the start here with its own message.
+        async with contextlib.AsyncExitStack() as opened:
+            store = await open_settings_store(settings)
+            opened.push_async_callback(store.close)
+            blobs = await open_blob_store(settings.blob_url)
+            opened.push_async_callback(blobs.close)
+            counter = None
+            if settings.usage_counter_url:
+                counter = await open_usage_counter(settings.usage_counter_url)
+                opened.push_async_callback(counter.close)
+            service = await build(settings, nc=nc, store=store, blobs=blobs, usage_counter=counter)
+            opened.pop_all()
+        return service
 
     await serve_until_stopped(settings, "state", make)

@@ -456,6 +456,26 @@ def _migrate(conn: sqlite3.Connection) -> None:
         logger.info("state store: applied schema migration %d", version)
 
 
+async def migrate_sqlite(path: str | Path) -> tuple[int, int]:
+    """Bring the SQLite store at ``path`` to the newest schema; return (before, after)."""
+
+    def job() -> tuple[int, int]:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )
+            before = _schema_version(conn)
+            _migrate(conn)
+            return before, _schema_version(conn)
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(job)
+
+
 class SQLiteStateStore:
     """A ``StateStore`` in one SQLite file (the embedded profile).
 

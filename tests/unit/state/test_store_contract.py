@@ -1,13 +1,14 @@
 """The StateStore contract, run against every implementation in STORE_FACTORIES.
 
-Today that is SQLite on a file; the PostgreSQL store joins by adding a factory
-(the same tests must pass unchanged). ``factory(tmp_path)`` called twice with the
-same folder must reopen the same database.
+SQLite on a file and PostgreSQL (a database on the session's test server) pass
+the same tests unchanged. ``factory(tmp_path)`` called twice with the same folder
+must reopen the same database. Tests that look inside SQLite run on SQLite only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.factories import LIFETIME_ID, make_envelope
+from tests.support.postgres import PostgresServer
+from tests.support.postgres import postgres_server as postgres_server  # the fixture
 from tests.support.records import (
     UNKNOWN_FIELD_NUMBER,
     Record,
@@ -30,6 +33,7 @@ from tests.support.records import (
 from tickmesh.sdk.errors import ValidationError
 from tickmesh.state import store as store_module
 from tickmesh.state.core import lifetime_row
+from tickmesh.state.postgres import PostgresStateStore
 from tickmesh.state.store import MIGRATIONS, SQLiteStateStore, StateStore, StoreClosedError
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2, telemetry_pb2
 
@@ -42,8 +46,48 @@ async def _open_sqlite(folder: Path) -> StateStore:
     return await SQLiteStateStore.open(folder / "state" / SQLITE_FILE)
 
 
+class _FolderDatabases:
+    """Maps a test's folder to a database on the PostgreSQL server the test runs against.
+
+    The factories take only a folder, so the server comes from here: ``store_factory``
+    binds it for the duration of a PostgreSQL-parametrized test, and drops the
+    databases the test opened afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.server: PostgresServer | None = None
+        self.created: set[str] = set()
+
+    async def dsn_for(self, folder: Path) -> str:
+        if self.server is None:
+            raise RuntimeError("open PostgreSQL stores through the store_factory fixture")
+        # Same folder, same database: a short hash of the folder's path names it.
+        digest = hashlib.blake2b(str(folder).encode(), digest_size=8).hexdigest()
+        name = f"contract_{digest}"
+        if name not in self.created:
+            # Fresh for this test, even if an earlier run on an external server left it.
+            await self.server.drop_database(name)
+            await self.server.create_database(name)
+            self.created.add(name)
+        return self.server.dsn_for(name)
+
+    async def release(self) -> None:
+        assert self.server is not None
+        for name in self.created:
+            await self.server.drop_database(name)
+        self.server, self.created = None, set()
+
+
+_POSTGRES = _FolderDatabases()
+
+
+async def _open_postgres(folder: Path) -> StateStore:
+    return await PostgresStateStore.open(await _POSTGRES.dsn_for(folder), max_size=4)
+
+
 STORE_FACTORIES: dict[str, StoreFactory] = {
     "sqlite": _open_sqlite,
+    "postgres": _open_postgres,
 }
 
 A = "acme"
@@ -51,9 +95,24 @@ B = "globex"
 OTHER_LIFETIME = "019a0000-0000-7000-8000-000000000002"
 
 
-@pytest.fixture(params=sorted(STORE_FACTORIES))
-def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
-    return STORE_FACTORIES[request.param]
+@pytest.fixture(
+    params=[
+        # PostgreSQL runs on a real server: marked integration, like the tests that need one.
+        pytest.param(name, marks=pytest.mark.integration if name == "postgres" else ())
+        for name in sorted(STORE_FACTORIES)
+    ]
+)
+async def store_factory(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    name: str = request.param
+    if name != "postgres":
+        yield STORE_FACTORIES[name]
+        return
+    # Asked for here rather than declared, so SQLite-only runs start no PostgreSQL.
+    _POSTGRES.server = request.getfixturevalue("postgres_server")
+    try:
+        yield STORE_FACTORIES[name]
+    finally:
+        await _POSTGRES.release()
 
 
 @pytest.fixture
