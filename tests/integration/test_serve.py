@@ -10,12 +10,15 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.nats_server import new_tenant
+from tests.support.postgres import PostgresServer
+from tests.support.s3_server import S3Endpoint
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 
 SERVICES = {
@@ -60,7 +63,7 @@ async def test_tickmesh_serve_runs_and_stops_cleanly(
         f"{prefix}TENANTS": new_tenant("s"),
         f"{prefix}GRPC_LISTEN": f"127.0.0.1:{port}",
         f"{prefix}STORE_URL": f"sqlite:///{tmp_path / 'state.db'}",
-        f"{prefix}BLOB_ROOT": str(tmp_path / "blobs"),
+        f"{prefix}BLOB_URL": str(tmp_path / "blobs"),
     }
     tickmesh = Path(sys.executable).with_name("tickmesh")
     process = await asyncio.create_subprocess_exec(
@@ -82,3 +85,113 @@ async def test_tickmesh_serve_runs_and_stops_cleanly(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def _fails_to_start(service: str, env: dict[str, str], within: float) -> tuple[str, float]:
+    """Run ``tickmesh serve service``; it must exit 1 within ``within`` s. Returns stderr."""
+    tickmesh = Path(sys.executable).with_name("tickmesh")
+    started = asyncio.get_running_loop().time()
+    process = await asyncio.create_subprocess_exec(
+        str(tickmesh),
+        "serve",
+        service,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(within):
+            _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    took = asyncio.get_running_loop().time() - started
+    text = stderr.decode()
+    assert process.returncode == 1, text
+    assert "Traceback" not in text, text
+    return text, took
+
+
+def _base_env(prefix: str, nats_url: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        f"{prefix}NATS_URL": nats_url,
+        f"{prefix}TENANTS": new_tenant("ff"),
+        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{_free_port()}",
+        f"{prefix}STORE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+        f"{prefix}BLOB_URL": str(tmp_path / "blobs"),
+        f"{prefix}NATS_CONNECT_TIMEOUT_S": "2",
+    }
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_serve_fails_fast_when_nats_is_unreachable(service: str, tmp_path: Path) -> None:
+    prefix = f"TICKMESH_{SERVICES[service]}_"
+    port = _free_port()
+    env = _base_env(prefix, f"nats://svc:s3cret@127.0.0.1:{port}", tmp_path)
+    stderr, took = await _fails_to_start(service, env, within=20)
+    assert f"cannot connect to NATS at nats://svc:***@127.0.0.1:{port}" in stderr
+    assert "s3cret" not in stderr
+    assert took < 15, took
+
+
+async def test_state_fails_fast_on_a_wrong_postgresql_dsn(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    env = _base_env("TICKMESH_STATE_", nats_server.url, tmp_path)
+    port = _free_port()
+    env["TICKMESH_STATE_STORE_URL"] = f"postgresql://tm:hunter2@127.0.0.1:{port}/state"
+    stderr, took = await _fails_to_start("state", env, within=30)
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{port}" in stderr, stderr
+    assert "hunter2" not in stderr
+    assert took < 20, took
+
+
+async def test_state_fails_fast_on_a_database_that_does_not_exist(
+    nats_server: EmbeddedNats, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    env = _base_env("TICKMESH_STATE_", nats_server.url, tmp_path)
+    env["TICKMESH_STATE_STORE_URL"] = postgres_server.dsn_for("no_such_database")
+    stderr, _ = await _fails_to_start("state", env, within=30)
+    assert "no_such_database" in stderr, stderr
+    assert "does not exist" in stderr, stderr
+
+
+@pytest.mark.parametrize("service", ["state", "executor-pool"])
+async def test_serve_fails_fast_on_a_missing_bucket(
+    service: str, nats_server: EmbeddedNats, s3_server: S3Endpoint, tmp_path: Path
+) -> None:
+    prefix = f"TICKMESH_{SERVICES[service]}_"
+    env = _base_env(prefix, nats_server.url, tmp_path)
+    query = urlencode({"endpoint_url": s3_server.endpoint_url, "region": s3_server.region})
+    env[f"{prefix}BLOB_URL"] = f"s3://no-such-bucket-here/tm?{query}"
+    env["AWS_ACCESS_KEY_ID"] = s3_server.access_key_id
+    env["AWS_SECRET_ACCESS_KEY"] = s3_server.secret_access_key
+    stderr, took = await _fails_to_start(service, env, within=30)
+    assert "no-such-bucket-here" in stderr, stderr
+    assert took < 20, took
+
+
+@pytest.mark.parametrize("service", ["router", "guardrail", "state"])
+async def test_serve_fails_fast_when_redis_is_unreachable(
+    service: str, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    prefix = f"TICKMESH_{SERVICES[service]}_"
+    env = _base_env(prefix, nats_server.url, tmp_path)
+    port = _free_port()
+    env[f"{prefix}USAGE_COUNTER_URL"] = f"redis://127.0.0.1:{port}/0"
+    stderr, took = await _fails_to_start(service, env, within=30)
+    assert f"127.0.0.1:{port}" in stderr, stderr
+    assert "Redis" in stderr, stderr
+    assert took < 20, took
+
+
+async def test_serve_names_the_line_of_an_unknown_key_in_the_config_file(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    config = tmp_path / "tickmesh.yaml"
+    config.write_text(f"nats_url: {nats_server.url}\nstate:\n  store_urll: sqlite:///x.db\n")
+    env = {"TICKMESH_CONFIG": str(config)}
+    stderr, _ = await _fails_to_start("state", env, within=20)
+    assert f"{config}:3" in stderr, stderr
+    assert "store_urll" in stderr, stderr

@@ -172,19 +172,28 @@ def mesh_profile(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """
     if request.param == "embedded":
         return {}
-    dsn: str = request.getfixturevalue("postgres_dsn")
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
-    redis_url: str = request.getfixturevalue("redis_url")
+    return cloud_profile(
+        request.getfixturevalue("postgres_dsn"),
+        request.getfixturevalue("s3_bucket"),
+        request.getfixturevalue("redis_url"),
+        monkeypatch,
+    )
+
+
+def cloud_profile(
+    store_url: str | None, bucket: S3Bucket, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """MeshConfig settings for PostgreSQL at ``store_url`` (None: the caller gives it),
+    S3 ``bucket`` and Redis at ``redis_url``."""
     endpoint = bucket.endpoint
     # The services take S3 credentials from the standard AWS chain, as in a deployment.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_access_key)
     query = urlencode({"endpoint_url": endpoint.endpoint_url, "region": endpoint.region})
-    return {
-        "store_url": dsn,
-        "blob_url": f"s3://{bucket.name}/e2e?{query}",
-        "usage_counter_url": redis_url,
-    }
+    settings = {"blob_url": f"s3://{bucket.name}/e2e?{query}", "usage_counter_url": redis_url}
+    if store_url is not None:
+        settings["store_url"] = store_url
+    return settings
 
 
 @pytest.fixture

@@ -60,6 +60,9 @@ class MeshConfig:
     """The blob store: None keeps a folder in ``data_dir``; ``s3://bucket/prefix?...``."""
     usage_counter_url: str | None = None
     """Tenant usage counters: None reads the state store in process; ``redis://...``."""
+    store_retry_s: float = 30.0
+    """How long the PostgreSQL store retries through an outage before a batch is
+    handed back to JetStream for redelivery."""
 
     @property
     def profile(self) -> str:
@@ -153,6 +156,7 @@ class Mesh:
             blob_url=blob_url,
             sqlite_synchronous=cfg.sqlite_synchronous,
             usage_counter_url=cfg.usage_counter_url,
+            store_retry_s=cfg.store_retry_s,
         )
         store = await state_server.open_settings_store(state_settings)
         self._resources.push_async_callback(store.close)

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
 PULL_EXPIRES_S = 5.0
+RETRY_FAILED_BATCH_S = 1.0
+"""How long JetStream holds back a batch whose handler raised before redelivering it."""
 _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
 
@@ -45,8 +47,9 @@ _PENDING = "Nats-Pending-Messages"
 class BatchConsumer:
     """Consume a durable pull consumer in batches.
 
-    The handler acks, naks or terms every message it is given; if it raises,
-    the batch is left unacked and JetStream redelivers it after ``ack_wait``.
+    The handler acks, naks or terms every message it is given; if it raises, the
+    messages it did not settle are naked and JetStream redelivers them after
+    ``RETRY_FAILED_BATCH_S``.
     """
 
     def __init__(
@@ -194,10 +197,20 @@ class BatchConsumer:
                 raise
             except Exception:
                 logger.exception(
-                    "%s: handler failed on a batch of %d; it will be redelivered",
+                    "%s: handler failed on a batch of %d; it will be redelivered in %g s",
                     self._name,
                     len(batch),
+                    RETRY_FAILED_BATCH_S,
                 )
+                await self._hand_back(batch)
+
+    async def _hand_back(self, batch: list[Msg]) -> None:
+        """Nak a failed batch with a short delay rather than wait out ``ack_wait``: a
+        store that was restarting is usually back within seconds. Messages the handler
+        did settle before it failed refuse the nak, which is what we want."""
+        for msg in batch:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=RETRY_FAILED_BATCH_S)
 
     async def _safe_replenish(self) -> None:
         try:

@@ -55,7 +55,10 @@ async def connect(
     """
     servers = [url] if isinstance(url, str) else list(url)
 
+    last_error: list[Exception] = []
+
     async def on_error(exc: Exception) -> None:
+        last_error[:] = [exc]
         logger.warning("nats error (%s): %s", name, exc)
 
     async def on_disconnected() -> None:
@@ -94,11 +97,12 @@ async def connect(
     except Exception as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        reason = (
-            f"no answer within {first_connect_within:g} s"
-            if isinstance(exc, TimeoutError)
-            else str(exc)
-        )
+        if isinstance(exc, TimeoutError):
+            reason = f"not connected within {first_connect_within:g} s"
+            if last_error:
+                reason += f" (last error: {last_error[0]})"
+        else:
+            reason = str(exc)
         raise TransportError(
             f"cannot connect to NATS at {', '.join(_redacted(s) for s in servers)}: {reason}"
         ) from exc

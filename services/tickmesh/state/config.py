@@ -28,6 +28,9 @@ class StateSettings(ServiceSettings):
     """Fewest PostgreSQL connections kept open."""
     store_pool_max: int = Field(default=8, ge=1)
     """Most PostgreSQL connections open at once."""
+    store_retry_s: float = Field(default=30.0, ge=0)
+    """How long a PostgreSQL operation keeps retrying while the server is unreachable or
+    restarting; past that the batch is handed back to JetStream and redelivered."""
     blob_url: str = ".tickmesh/blobs"
     """Where payloads over the inline limit go: a folder (``file://`` URL or path) or
     ``s3://bucket/prefix?region=..&endpoint_url=..&sse=AES256``."""

@@ -97,6 +97,7 @@ async def open_store(
     sqlite_synchronous: Synchronous = "FULL",
     pool_min: int = 1,
     pool_max: int = 8,
+    retry_for_s: float = 30.0,
 ) -> StateStore:
     """The state store ``url`` names: ``sqlite:///path`` or ``postgresql://...``.
 
@@ -118,7 +119,7 @@ async def open_store(
                 f"PostgreSQL needs the cloud extra (pip install 'tickmesh[cloud]'): {exc}"
             ) from exc
         return await PostgresStateStore.open(
-            url, migrate=migrate, min_size=pool_min, max_size=pool_max
+            url, migrate=migrate, min_size=pool_min, max_size=pool_max, retry_for_s=retry_for_s
         )
     raise ConfigError(
         f"unsupported store_url {url!r}: expected sqlite:///<path> or postgresql://..."
@@ -132,6 +133,7 @@ async def open_settings_store(settings: StateSettings) -> StateStore:
         sqlite_synchronous=settings.sqlite_synchronous,
         pool_min=settings.store_pool_min,
         pool_max=settings.store_pool_max,
+        retry_for_s=settings.store_retry_s,
     )
 
 
