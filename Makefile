@@ -102,6 +102,10 @@ conformance: install ## Run the executor conformance kit against the Python and 
 	python -m tests.conformance.check -- python -m tests.conformance.executors.python_executor
 	python -m tests.conformance.check -- node sdk/typescript/dist/sdk/typescript/examples/conformance.js
 
+.PHONY: servers
+servers: ## Install PostgreSQL and redis-server (apt-get) if missing; the cloud-profile tests start throwaway ones
+	bash .ci/ensure-servers
+
 .PHONY: test
 test: lint typecheck check-gen breaking test-node test-py ## Everything CI runs
 

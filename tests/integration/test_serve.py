@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.nats_server import new_tenant
 from tests.support.postgres import PostgresServer
-from tests.support.s3_server import S3Endpoint
+from tests.support.s3_server import S3Bucket, S3Endpoint
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 
 SERVICES = {
@@ -195,3 +195,59 @@ async def test_serve_names_the_line_of_an_unknown_key_in_the_config_file(
     stderr, _ = await _fails_to_start("state", env, within=20)
     assert f"{config}:3" in stderr, stderr
     assert "store_urll" in stderr, stderr
+
+
+async def test_state_serves_the_cloud_profile_from_one_config_file(
+    nats_server: EmbeddedNats,
+    postgres_dsn: str,
+    s3_bucket: S3Bucket,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    endpoint = s3_bucket.endpoint
+    query = urlencode({"endpoint_url": endpoint.endpoint_url, "region": endpoint.region})
+    port = _free_port()
+    config = tmp_path / "tickmesh.yaml"
+    config.write_text(
+        f"nats: {{url: '{nats_server.url}'}}\n"
+        f"tenants: [{new_tenant('cfg')}]\n"
+        f"usage_counter_url: '{redis_url}'\n"
+        f"s3_access_key_id: {endpoint.access_key_id}\n"
+        f"s3_secret_access_key: {endpoint.secret_access_key}\n"
+        "state:\n"
+        f"  grpc_listen: 127.0.0.1:{port}\n"
+        f"  store_url: '{postgres_dsn}'\n"
+        f"  blob_url: 's3://{s3_bucket.name}/svc?{query}'\n"
+    )
+    tickmesh = Path(sys.executable).with_name("tickmesh")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKMESH_", "AWS_"))}
+    shown = await asyncio.create_subprocess_exec(
+        str(tickmesh),
+        "config",
+        "show",
+        "--service",
+        "state",
+        env={**env, "TICKMESH_CONFIG": str(config)},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await shown.communicate()
+    assert f"store_url: {postgres_dsn}" in out.decode()
+    assert "s3_secret_access_key: '***'" in out.decode()
+    process = await asyncio.create_subprocess_exec(
+        str(tickmesh),
+        "serve",
+        "state",
+        env={**env, "TICKMESH_CONFIG": str(config)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert await _serving(f"127.0.0.1:{port}", within=30), "state never reported SERVING"
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

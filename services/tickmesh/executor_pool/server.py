@@ -84,7 +84,11 @@ async def serve(settings: ExecutorPoolSettings) -> None:
     async with contextlib.AsyncExitStack() as resources:
 
         async def make(nc: NatsClient) -> ExecutorPoolService:
-            blobs = await open_blob_store(settings.blob_url)
+            blobs = await open_blob_store(
+                settings.blob_url,
+                access_key_id=settings.s3_access_key_id,
+                secret_access_key=settings.s3_secret_access_key,
+            )
             resources.push_async_callback(blobs.close)
             js = runtime_nats.jetstream(nc)
             for tenant in settings.tenants:

@@ -20,8 +20,17 @@ from .counters import UsageCounter
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-async def open_blob_store(url: str, *, fsync: bool = True) -> BlobStore:
+async def open_blob_store(
+    url: str,
+    *,
+    fsync: bool = True,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> BlobStore:
     """A blob store for ``url``: a folder (a path or ``file://``) or ``s3://bucket/prefix``.
+
+    S3 credentials are ``access_key_id`` and ``secret_access_key`` when both are given,
+    else whatever the standard AWS chain provides.
 
     Raises:
         ConfigError: the scheme is unknown, the cloud extra is missing, or the bucket
@@ -35,7 +44,14 @@ async def open_blob_store(url: str, *, fsync: bool = True) -> BlobStore:
             raise ConfigError(
                 f"{url}: S3 blobs need the cloud extra (pip install 'tickmesh[cloud]'): {exc}"
             ) from exc
-        store = S3BlobStore.from_url(url)
+        if (access_key_id is None) != (secret_access_key is None):
+            raise ConfigError("give both s3_access_key_id and s3_secret_access_key, or neither")
+        credentials = (
+            {"access_key_id": access_key_id, "secret_access_key": secret_access_key}
+            if access_key_id is not None
+            else {}
+        )
+        store = S3BlobStore.from_url(url, **credentials)
         try:
             await store.check()
         except BaseException:

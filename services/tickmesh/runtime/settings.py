@@ -84,6 +84,10 @@ class ServiceSettings(BaseSettings):
     nats_tls_key: str | None = None
     nats_connect_timeout_s: float = 10.0
     """How long the first connection may take before the service refuses to start."""
+    s3_access_key_id: str | None = None
+    """S3 credentials for an ``s3://`` blob URL; when unset, the standard AWS chain
+    (environment, shared files, instance or task role) provides them."""
+    s3_secret_access_key: str | None = None
     usage_counter_url: str | None = None
     """Where tenant usage counters live: ``redis://`` (shared by every router,
     guardrail and state replica), or unset to read the state store's counters."""

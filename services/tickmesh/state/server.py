@@ -163,7 +163,11 @@ async def serve(settings: StateSettings) -> None:
         async with contextlib.AsyncExitStack() as opened:
             store = await open_settings_store(settings)
             opened.push_async_callback(store.close)
-            blobs = await open_blob_store(settings.blob_url)
+            blobs = await open_blob_store(
+                settings.blob_url,
+                access_key_id=settings.s3_access_key_id,
+                secret_access_key=settings.s3_secret_access_key,
+            )
             opened.push_async_callback(blobs.close)
             counter = None
             if settings.usage_counter_url:

@@ -165,3 +165,18 @@ def test_migrate_brings_a_sqlite_store_up_to_date(
     assert "from version 0 to 1" in first.getvalue()
     assert main(["migrate"], out=second) == 0
     assert "up to date (version 1)" in second.getvalue()
+
+
+def test_the_deploy_example_configures_every_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parents[3] / "deploy" / "tickmesh.yaml"
+    monkeypatch.setenv("TICKMESH_CONFIG", str(example))
+    for service in config_cli.SETTINGS:
+        settings = config_cli.load_settings(service)
+        assert settings.nats_url.count("nats://") == 3
+        assert settings.tenants == ["acme", "globex"]
+        assert settings.usage_counter_url == "redis://redis:6379/0"
+    state = config_cli.load_settings("state")
+    assert isinstance(state, StateSettings)
+    assert state.store_url.startswith("postgresql://")
+    assert state.blob_url.startswith("s3://tickmesh-blobs/prod")
+    assert not state.migrate_on_start
