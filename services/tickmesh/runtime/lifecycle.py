@@ -11,6 +11,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client as NatsClient
@@ -59,13 +60,31 @@ def nats_tls(settings: ServiceSettings) -> ssl.SSLContext | None:
         return None
     if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
         raise ConfigError("nats_tls_cert and nats_tls_key must be given together")
+    # ssl's errors don't name the file, so each load names its own.
     try:
         context = ssl.create_default_context(cafile=settings.nats_tls_ca)
-        if settings.nats_tls_cert and settings.nats_tls_key:
-            context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the NATS TLS files: {exc}") from exc
+        raise ConfigError(f"cannot load the NATS TLS CA {settings.nats_tls_ca}: {exc}") from exc
+    if settings.nats_tls_cert and settings.nats_tls_key:
+        try:
+            context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the NATS TLS client certificate {settings.nats_tls_cert} "
+                f"with key {settings.nats_tls_key}: {exc}"
+            ) from exc
     return context
+
+
+def _existing_file(setting: str, path: str | None) -> str | None:
+    """``path`` when it names a file; a missing one is a setting's fault, not the network's.
+
+    Raises:
+        ConfigError: No file at ``path``.
+    """
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{setting}={path}: no such file")
+    return path
 
 
 async def connect_nats(settings: ServiceSettings, name: str) -> NatsClient:
@@ -73,7 +92,7 @@ async def connect_nats(settings: ServiceSettings, name: str) -> NatsClient:
 
     Raises:
         TransportError: NATS did not answer within ``nats_connect_timeout_s``.
-        ConfigError: the TLS files cannot be loaded.
+        ConfigError: the TLS files cannot be loaded, or a credentials file is missing.
     """
     return await tm_nats.connect(
         settings.nats_servers,
@@ -81,8 +100,8 @@ async def connect_nats(settings: ServiceSettings, name: str) -> NatsClient:
         user=settings.nats_user,
         password=settings.nats_password,
         token=settings.nats_token,
-        user_credentials=settings.nats_credentials,
-        nkeys_seed=settings.nats_nkey_seed,
+        user_credentials=_existing_file("nats_credentials", settings.nats_credentials),
+        nkeys_seed=_existing_file("nats_nkey_seed", settings.nats_nkey_seed),
         tls=nats_tls(settings),
         first_connect_within=settings.nats_connect_timeout_s,
     )

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -53,12 +53,19 @@ async def connect(
     Raises:
         TransportError: The first connection could not be made in time.
     """
-    servers = [url] if isinstance(url, str) else list(url)
+    given = [url] if isinstance(url, str) else list(url)
+    servers = given
+    if user is None and password is None and token is None:
+        servers, user, password, token = _lift_url_credentials(given)
 
     last_error: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
-        last_error[:] = [exc]
+        # A refused TLS handshake or login is followed by resets and broken pipes from the
+        # same rejection; those must not hide the reason in the first-connect error.
+        generic = isinstance(exc, ConnectionError)
+        if not (generic and last_error and not isinstance(last_error[0], ConnectionError)):
+            last_error[:] = [exc]
         logger.warning("nats error (%s): %s", name, exc)
 
     async def on_disconnected() -> None:
@@ -104,18 +111,46 @@ async def connect(
         else:
             reason = str(exc)
         raise TransportError(
-            f"cannot connect to NATS at {', '.join(_redacted(s) for s in servers)}: {reason}"
+            f"cannot connect to NATS at {', '.join(_redacted(s) for s in given)}: {reason}"
         ) from exc
     return nc
 
 
+def _lift_url_credentials(
+    servers: list[str],
+) -> tuple[list[str], str | None, str | None, str | None]:
+    """Move the credentials in the servers' URLs into the connect options.
+
+    nats-py sends a URL's userinfo only to that URL's server: after failing over to a
+    cluster member it learned from the servers, it would log in with nothing and be
+    refused forever. Returns the URLs without userinfo, then user, password and token
+    (a user without a password is a token, as in nats-py). URLs carrying different
+    credentials are left as they are.
+    """
+    parts = [urlsplit(server) for server in servers]
+    found = {(p.username, p.password) for p in parts if p.username is not None}
+    if len(found) != 1:
+        return servers, None, None, None
+    ((username, secret),) = found
+    assert username is not None
+    stripped = [
+        urlunsplit(p._replace(netloc=p.netloc.rpartition("@")[2]))
+        if p.username is not None
+        else server
+        for p, server in zip(parts, servers, strict=True)
+    ]
+    if secret is None:
+        return stripped, None, None, unquote(username)
+    return stripped, unquote(username), unquote(secret), None
+
+
 def _redacted(server: str) -> str:
-    """A server URL without the password of its userinfo."""
+    """A server URL without the password (or token) of its userinfo."""
     parts = urlsplit(server)
-    if parts.password is None:
+    if parts.username is None:
         return server
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo = "***" if parts.password is None else f"{parts.username}:***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc.rpartition('@')[2]}"))
 
 
 def jetstream(nc: NatsClient, *, max_pending: int = 4000) -> JetStreamContext:
