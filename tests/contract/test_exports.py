@@ -28,6 +28,7 @@ EXPECTED_SDK_EXPORTS = {
     "PlanContext",
     "PlanFailedError",
     "PlanInputView",
+    "PoolBlobResolver",
     "RPCError",
     "ReplayResult",
     "Retry",

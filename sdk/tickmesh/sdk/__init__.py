@@ -47,7 +47,7 @@ from ._plan import (
     wait_for,
 )
 from ._task import Task, TaskContext, task
-from ._worker import BlobResolver, FileBlobResolver, Worker
+from ._worker import BlobResolver, FileBlobResolver, PoolBlobResolver, Worker
 from .errors import (
     ConfigError,
     DeadlineExceededError,
@@ -89,6 +89,7 @@ __all__ = [
     "PlanContext",
     "PlanFailedError",
     "PlanInputView",
+    "PoolBlobResolver",
     "RPCError",
     "ReplayResult",
     "Retry",

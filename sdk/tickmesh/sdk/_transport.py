@@ -1,5 +1,6 @@
 """The SDK's gRPC seam: channels, the mapping of gRPC errors into the SDK's
-error tree, and the executor's ``ExecutorPoolService.Connect`` stream.
+error tree, the executor's ``ExecutorPoolService.Connect`` stream, and blob
+downloads through ``ExecutorPoolService.FetchBlob``.
 
 Everything that touches grpc or the generated stubs lives here (and in
 ``_convert``), so the rest of the SDK works on plain Python values.
@@ -25,6 +26,7 @@ from tickmesh.v1 import (
 from ._convert import AssignmentData, assignment_from_proto, error_to_proto
 from ._task import ErrorData, HandlerKind
 from .errors import (
+    ConfigError,
     DeadlineExceededError,
     NotFoundError,
     RPCError,
@@ -321,6 +323,107 @@ class ExecutorStream:
             raise map_rpc_error(exc) from exc
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             raise TransportError(f"executor stream closed: {exc}") from exc
+
+
+# --- blob downloads -----------------------------------------------------------------------
+
+# Statuses that mean this blob cannot be had from this pool, however often it is asked.
+_BLOB_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.DATA_LOSS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedBlob:
+    """A blob downloaded from the pool, with the digest and size the pool announced."""
+
+    sha256: str
+    size: int
+    data: bytes
+
+
+async def fetch_blob(
+    channel: grpc.aio.Channel,
+    *,
+    tenant: str,
+    uri: str,
+    sha256: str = "",
+    size: int = 0,
+    timeout_s: float | None = None,
+) -> FetchedBlob:
+    """Download one of ``tenant``'s blobs through ``ExecutorPoolService.FetchBlob``.
+
+    The stream must be the blob's reference, then chunks adding up to exactly the
+    size it announced (which must equal ``size`` when that is given), so a
+    confused pool cannot make the SDK buffer more than expected. The caller
+    checks the bytes against their digest.
+
+    Raises:
+        NotFoundError: Nothing is stored at ``uri``.
+        ValidationError: The pool refused the URI (not one of ``tenant``'s), found
+            the stored bytes corrupt, or sent a malformed stream.
+        ConfigError: The pool does not serve FetchBlob (it predates it).
+        TickmeshError: The call failed otherwise (``TransportError`` when the pool
+            cannot be reached).
+    """
+    stub = executor_pool_service_pb2_grpc.ExecutorPoolServiceStub(channel)
+    call = stub.FetchBlob(
+        executor_pool_service_pb2.FetchBlobRequest(uri=uri, sha256=sha256),
+        metadata=((TENANT_METADATA_KEY, tenant),),
+        timeout=timeout_s,
+    )
+    try:
+        first = await _next_blob_part(call)
+        if first is None or first.WhichOneof("part") != "blob":
+            raise ValidationError(f"the pool's answer for blob {uri} did not start with its ref")
+        expected = first.blob.size
+        if size and expected != size:
+            raise ValidationError(f"the pool has blob {uri} as {expected} bytes, not {size}")
+        chunks: list[bytes] = []
+        received = 0
+        while (response := await _next_blob_part(call)) is not None:
+            if response.WhichOneof("part") != "chunk":
+                raise ValidationError(f"the pool sent blob {uri} with a second ref")
+            received += len(response.chunk)
+            if received > expected:
+                raise ValidationError(f"the pool sent more than the {expected} bytes of blob {uri}")
+            chunks.append(response.chunk)
+        if received != expected:
+            raise ValidationError(f"the pool sent {received} of the {expected} bytes of blob {uri}")
+        return FetchedBlob(sha256=first.blob.sha256, size=expected, data=b"".join(chunks))
+    except grpc.aio.AioRpcError as exc:
+        raise _fetch_error(exc, uri) from exc
+    finally:
+        # Ends the call when the download is abandoned (a bad stream, a cancelled task).
+        call.cancel()
+
+
+async def _next_blob_part(
+    call: grpc.aio.UnaryStreamCall[
+        executor_pool_service_pb2.FetchBlobRequest, executor_pool_service_pb2.FetchBlobResponse
+    ],
+) -> executor_pool_service_pb2.FetchBlobResponse | None:
+    response = await call.read()
+    if response is grpc.aio.EOF:
+        return None
+    assert isinstance(response, executor_pool_service_pb2.FetchBlobResponse)
+    return response
+
+
+def _fetch_error(exc: grpc.aio.AioRpcError, uri: str) -> TickmeshError:
+    code = exc.code()
+    details = exc.details() or code.name
+    if code in _BLOB_REFUSALS:
+        return ValidationError(f"cannot fetch blob {uri} from the pool ({code.name}): {details}")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return ConfigError(
+            f"the executor pool does not serve FetchBlob, so blob {uri} cannot be fetched: "
+            "upgrade the pool, or give the Worker a blob_resolver that can read it"
+        )
+    return map_rpc_error(exc)
 
 
 def oversized_completion(completion: Completion, max_bytes: int) -> Completion | None:

@@ -48,6 +48,7 @@ from ._transport import (
     Hello,
     WelcomeInfo,
     create_channel,
+    fetch_blob,
     oversized_completion,
 )
 from .errors import (
@@ -57,6 +58,7 @@ from .errors import (
     StatusCode,
     TaskError,
     TickmeshError,
+    TransportError,
     ValidationError,
 )
 from .ids import TENANT_ID_PATTERN, uuid7
@@ -123,6 +125,101 @@ class FileBlobResolver:
         return data
 
 
+class PoolBlobResolver:
+    """Resolves blobs of any blob store, downloading through the executor pool.
+
+    A ``file://`` blob that exists on this machine (under ``root``, when given),
+    laid out as the local blob store keeps it, is read directly, with
+    :class:`FileBlobResolver`'s checks: the embedded profile's fast path. Every
+    other blob (``s3://`` in the cloud profile, or a file this machine cannot
+    see) is downloaded from the pool's ``ExecutorPoolService.FetchBlob``, so
+    executors need no credentials for the blob store. Either way the bytes must
+    match their SHA-256 and size.
+
+    This is the Worker's default resolver, on the Worker's own channel.
+
+    Args:
+        pool: The pool's gRPC address (``host:port``), or an open channel to it.
+            A channel this resolver opens for an address is closed by :meth:`close`.
+        root: Read ``file://`` blobs directly only under this folder; others
+            are downloaded through the pool.
+        timeout_s: The longest one download may take (None: no limit).
+        max_message_bytes: The message size limit of a channel opened for ``pool``.
+
+    Example:
+        resolver = PoolBlobResolver("127.0.0.1:50051")
+        data = await resolver.resolve("acme", ref.uri, ref.sha256, ref.size)
+        await resolver.close()
+    """
+
+    def __init__(
+        self,
+        pool: str | Channel,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        timeout_s: float | None = 300.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._target = pool if isinstance(pool, str) else None
+        self._channel = None if isinstance(pool, str) else pool
+        self._owns_channel = isinstance(pool, str)
+        self._root = Path(root).resolve() if root is not None else None
+        self._files = FileBlobResolver(self._root)
+        self._timeout_s = timeout_s
+        self._max_message_bytes = max_message_bytes
+
+    async def resolve(self, tenant: str, uri: str, sha256: str, size: int) -> bytes:
+        """Return the blob's bytes, checked against ``sha256`` and ``size`` when given.
+
+        Raises:
+            ValidationError: The URI is not one of ``tenant``'s blobs, or the bytes
+                fail their SHA-256 or size check.
+            NotFoundError: The blob does not exist.
+            TickmeshError: The pool could not be asked (``TransportError``), or
+                does not serve FetchBlob (``ConfigError``).
+        """
+        if self._may_read_locally(uri):
+            try:
+                return await self._files.resolve(tenant, uri, sha256, size)
+            except NotFoundError:
+                pass  # not on this machine: the pool's blob store has it
+        fetched = await fetch_blob(
+            self._pool_channel(),
+            tenant=tenant,
+            uri=uri,
+            sha256=sha256,
+            size=size,
+            timeout_s=self._timeout_s,
+        )
+        data = fetched.data
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        if digest != fetched.sha256 or (sha256 and digest != sha256) or len(data) != fetched.size:
+            raise ValidationError(f"blob {uri} from the pool failed its sha256/size check")
+        return data
+
+    async def close(self) -> None:
+        """Close the channel this resolver opened (a channel it was given stays open)."""
+        channel, self._channel = self._channel, None
+        if channel is not None and self._owns_channel:
+            await channel.close()
+
+    def _may_read_locally(self, uri: str) -> bool:
+        parts = urlsplit(uri)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+            return False
+        if self._root is None:
+            return True
+        path = Path(unquote(parts.path))
+        return path.parts[: len(self._root.parts)] == self._root.parts
+
+    def _pool_channel(self) -> Channel:
+        if self._channel is None:
+            if self._target is None:
+                raise ConfigError("this PoolBlobResolver's channel was closed")
+            self._channel = create_channel(self._target, max_message_bytes=self._max_message_bytes)
+        return self._channel
+
+
 @dataclass
 class WorkerStats:
     """Counters of what a Worker sent and received (over all its connections)."""
@@ -166,8 +263,9 @@ class Worker:
         concurrency: The most assignments run at once.
         executor_id: Identifies this executor in records; defaults to host:pid:random.
         labels: Free-form metadata announced to the pool.
-        blob_resolver: Fetches payloads that travel as blobs; defaults to reading
-            the embedded profile's files.
+        blob_resolver: Fetches payloads that travel as blobs; defaults to a
+            :class:`PoolBlobResolver` on the worker's channel (local ``file://``
+            blobs read directly, all others downloaded through the pool).
         max_message_bytes: The channel's message size limit.
 
     Example:
@@ -209,7 +307,8 @@ class Worker:
         self._concurrency = concurrency
         self._executor_id = executor_id or f"{socket.gethostname()}:{os.getpid()}:{uuid7()[-8:]}"
         self._labels = dict(labels or {})
-        self._resolver: BlobResolver = blob_resolver or FileBlobResolver()
+        self._blob_resolver = blob_resolver
+        self._resolver: BlobResolver | None = blob_resolver
         self._max_message_bytes = max_message_bytes
         self._reconnect = (reconnect_initial_s, reconnect_max_s)
         self._stopping = False
@@ -249,6 +348,9 @@ class Worker:
         self._running = True
         self._done.clear()
         channel = create_channel(self._target, max_message_bytes=self._max_message_bytes)
+        if self._blob_resolver is None:
+            # Blob downloads share the Connect stream's channel (one connection to the pool).
+            self._resolver = PoolBlobResolver(channel)
         initial, cap = self._reconnect
         backoff = initial
         try:
@@ -271,6 +373,7 @@ class Worker:
         finally:
             self._connected.clear()
             await channel.close()
+            self._resolver = self._blob_resolver
             self._running = False
             self._done.set()
 
@@ -352,6 +455,8 @@ class Worker:
     async def _payload_bytes(self, tenant: str, payload: WirePayload) -> bytes:
         if payload.inline is not None:
             return payload.inline
+        if self._resolver is None:
+            raise TransportError("the worker is not connected to the pool")
         return await self._resolver.resolve(tenant, payload.blob_uri, payload.sha256, payload.size)
 
     async def _decode(self, tenant: str, payload: WirePayload | None, annotation: Any) -> Any:

@@ -4,6 +4,9 @@ import { createHash, randomBytes } from "node:crypto";
 /** Tenant ids are subject-safe: they appear in every NATS subject and stream name. */
 export const TENANT_ID_PATTERN = /^[a-z0-9][a-z0-9_]{0,62}$/;
 
+/** The call metadata entry that names the caller's tenant. */
+export const TENANT_METADATA_KEY = "x-tickmesh-tenant";
+
 /** Handler names nodes bind to. */
 export const HANDLER_NAME_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
 

@@ -26,8 +26,8 @@ export {
   toWirePayload,
   encodeWire,
 } from "./codecs.js";
-export { FileBlobResolver, payloadBytes, payloadContentType } from "./blobs.js";
-export type { BlobResolver } from "./blobs.js";
+export { FileBlobResolver, PoolBlobResolver, payloadBytes, payloadContentType } from "./blobs.js";
+export type { BlobResolver, PoolBlobResolverOptions } from "./blobs.js";
 export { executionId, uuid7, TENANT_ID_PATTERN, HANDLER_NAME_PATTERN } from "./ids.js";
 export { decodeEnvelope, encodeEnvelope, validateEnvelope, MAX_STRUCT_DEPTH } from "./envelope.js";
 export type { BodyKind } from "./envelope.js";

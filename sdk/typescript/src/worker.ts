@@ -29,16 +29,16 @@ import {
 import { NodeKind } from "../../../gen/ts/tickmesh/v1/graph_pb.js";
 import type { Payload as WirePayload } from "../../../gen/ts/tickmesh/v1/payload_pb.js";
 import { TaskStatus } from "../../../gen/ts/tickmesh/v1/result_pb.js";
-import { FileBlobResolver, payloadBytes, payloadContentType, type BlobResolver } from "./blobs.js";
+import { PoolBlobResolver, payloadBytes, payloadContentType, type BlobResolver } from "./blobs.js";
 import { decode, encode } from "./codecs.js";
 import { PlanContext, TaskContext, type ExecutionContext, type RawPayload } from "./context.js";
 import { completion, errorInfo, planResult, statusName, taskResult, type TaskOutcome } from "./convert.js";
 import { ConfigError, RpcError, TaskError, ValidationError, errorData, type ErrorData } from "./errors.js";
-import { HANDLER_NAME_PATTERN, TENANT_ID_PATTERN } from "./ids.js";
+import { HANDLER_NAME_PATTERN, TENANT_ID_PATTERN, TENANT_METADATA_KEY } from "./ids.js";
 import { Decision, type PlanInputView } from "./plan.js";
 import { SDK_VERSION } from "./version.js";
 
-export const TENANT_METADATA_KEY = "x-tickmesh-tenant";
+export { TENANT_METADATA_KEY } from "./ids.js";
 export const PROTOCOL_VERSION = 1;
 export const CANCELLED_ERROR_TYPE = "CancelledError";
 const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
@@ -85,7 +85,10 @@ export interface WorkerOptions {
   executorId?: string;
   /** Free-form metadata announced to the pool. */
   labels?: Record<string, string>;
-  /** Fetches payloads that travel as blobs; defaults to reading file:// blobs. */
+  /**
+   * Fetches payloads that travel as blobs; defaults to a {@link PoolBlobResolver} on the
+   * worker's client (local file:// blobs read directly, all others downloaded through the pool).
+   */
   blobResolver?: BlobResolver;
   /** The channel's message size limit (default 64 MiB; the pool's own limit also applies). */
   maxMessageBytes?: number;
@@ -160,7 +163,8 @@ export class Worker {
   };
   private readonly options: Required<Omit<WorkerOptions, "executorId" | "labels" | "blobResolver" | "log">>;
   private readonly labels: Record<string, string>;
-  private readonly resolver: BlobResolver;
+  private readonly blobResolver: BlobResolver | undefined;
+  private resolver: BlobResolver | undefined;
   private readonly log: (message: string) => void;
   private readonly handlers = new Map<string, HandlerEntry>();
   private stopping = false;
@@ -185,7 +189,8 @@ export class Worker {
     };
     this.executorId = options.executorId ?? `${hostname()}:${process.pid}:${randomBytes(4).toString("hex")}`;
     this.labels = { ...(options.labels ?? {}) };
-    this.resolver = options.blobResolver ?? new FileBlobResolver();
+    this.blobResolver = options.blobResolver;
+    this.resolver = options.blobResolver;
     this.log = options.log ?? ((m) => console.warn(`[tickmesh] ${m}`));
   }
 
@@ -266,6 +271,9 @@ export class Worker {
       "grpc.initial_reconnect_backoff_ms": 100,
       "grpc.max_reconnect_backoff_ms": 2_000,
     });
+    // Blob downloads share the Connect stream's client (one connection to the pool).
+    const pooled = this.blobResolver ? undefined : new PoolBlobResolver(client);
+    this.resolver = this.blobResolver ?? pooled;
     let backoff = this.options.reconnectInitialMs;
     try {
       while (!this.stopping) {
@@ -283,6 +291,8 @@ export class Worker {
         backoff = Math.min(this.options.reconnectMaxMs, backoff * 2);
       }
     } finally {
+      pooled?.close();
+      this.resolver = this.blobResolver;
       client.close();
     }
   }
@@ -402,10 +412,13 @@ export class Worker {
   private async decodePayload(ctx: ExecutionContext, payload: WirePayload | undefined): Promise<[unknown, RawPayload]> {
     if (!payload) return [null, { contentType: "", data: new Uint8Array() }];
     try {
+      if (!this.resolver) throw new RpcError(grpc.status.UNAVAILABLE, "the worker is not connected to the pool");
       const data = await payloadBytes(ctx.tenantId, payload, this.resolver);
       const contentType = payloadContentType(payload);
       return [decode(contentType, data), { contentType, data }];
     } catch (err) {
+      // A pool that cannot be reached right now is worth another attempt; a bad blob is not.
+      if (err instanceof RpcError || err instanceof ConfigError) throw err;
       throw new TaskError(`cannot read the input: ${err instanceof Error ? err.message : String(err)}`, {
         type: "InvalidInput",
         retryable: false,

@@ -8,6 +8,8 @@ pull consumer on the tenant's work stream and pulls exactly as much as the
 executors have free. It decides timeouts, retries with backoff and dead
 letters; offloads large payloads to the blob store; publishes the execution
 record to ``tm.<tenant>.exec.<lifetime>`` and only then acks the request.
+Executors read the blobs their work refers to through ``FetchBlob``, so only
+the pool needs credentials for the blob store.
 
 Inputs: work requests (``tm.<tenant>.work.<kind>.<handler>``), cancellations
 (``tm.<tenant>.ctl.cancel``), executor streams. Outputs: execution records,

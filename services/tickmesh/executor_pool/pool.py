@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from tickmesh.runtime import steps
-from tickmesh.runtime.blobs import BlobStore, offload_payload
+from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
 from tickmesh.runtime.subjects import (
@@ -51,7 +52,7 @@ from tickmesh.runtime.subjects import (
     tenant_of_subject,
 )
 from tickmesh.sdk import BodyKind, ValidationError, decode_envelope, encode_envelope, uuid7
-from tickmesh.sdk.errors import TransportError
+from tickmesh.sdk.errors import NotFoundError, RPCError, StatusCode, TickmeshError, TransportError
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -77,6 +78,9 @@ PUBLISH_RETRIES = 2
 """Extra tries of a failed record publish (same message ids) before leaving it to redelivery."""
 _MAX_HEADER_VALUE = 512
 _AGGRESSIVE_INLINE_LIMIT = 1024
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Hashing this much on the event loop costs well under a millisecond; more goes to a thread.
+_HASH_ON_LOOP_MAX = 256 * 1024
 
 _REQUEST_KIND: dict[WorkKind, BodyKind] = {"task": "task_request", "plan": "plan_request"}
 _RECORD_KIND: dict[WorkKind, str] = {"task": "task_execution", "plan": "plan_execution"}
@@ -107,6 +111,8 @@ class PoolStats:
     cancellations: int = 0
     requeued: int = 0
     publish_failures: int = 0
+    blob_fetches: int = 0
+    """Blobs read for executors (``FetchBlob`` calls that found their blob)."""
     max_in_flight: dict[str, int] = field(default_factory=dict)
     """Highest number of assignments each executor id held at once."""
 
@@ -115,6 +121,12 @@ def _now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()
     return stamp
+
+
+async def _sha256_off_loop(data: bytes) -> str:
+    if len(data) <= _HASH_ON_LOOP_MAX:
+        return payload_sha256(data)
+    return await asyncio.to_thread(payload_sha256, data)
 
 
 def _header_value(text: str) -> str:
@@ -944,6 +956,68 @@ class ExecutorPool:
             self._settle_soon(outcomes)
         self.stats.cancellations += hits + len(outcomes)
         return hits + len(outcomes)
+
+    # --- blob downloads --------------------------------------------------------------------
+
+    async def read_blob(
+        self, tenant: str, uri: str, sha256: str = ""
+    ) -> tuple[payload_pb2.BlobRef, bytes]:
+        """Read one of ``tenant``'s blobs for an executor, verified, with its reference.
+
+        Executors have no credentials for the blob store (S3 in the cloud
+        profile), so they read the blobs their assignments refer to through the
+        pool, which already holds a store for offloading.
+
+        Args:
+            tenant: The caller's tenant (already checked against the served tenants).
+            uri: The blob's URI; the store refuses one outside ``tenant``'s prefix.
+            sha256: The digest the caller expects, or empty for the one the URI names.
+
+        Raises:
+            ValidationError: ``uri`` is empty or ``sha256`` is not a lowercase hex digest.
+            RPCError: PERMISSION_DENIED for a URI that is not one of ``tenant``'s (another
+                tenant's, another store's, or not a blob URI at all); DATA_LOSS for stored
+                bytes that fail their digest, or do not hash to ``sha256``.
+            NotFoundError: Nothing is stored at ``uri``.
+        """
+        if not uri:
+            raise ValidationError("FetchBlob needs the blob's uri")
+        if sha256 and _SHA256_HEX.fullmatch(sha256) is None:
+            raise ValidationError(f"sha256 {sha256!r} is not 64 lowercase hex digits")
+        try:
+            data = await self._blobs.get(tenant, uri)
+        except ValidationError as exc:
+            raise await self._blob_refusal(tenant, uri, exc) from exc
+        digest = await _sha256_off_loop(data)
+        if sha256 and digest != sha256:
+            logger.warning("blob %s hashes to %s, not the %s asked for", uri, digest, sha256)
+            raise RPCError(
+                StatusCode.DATA_LOSS,
+                f"blob {uri} holds bytes with sha256 {digest}, not the expected {sha256}",
+            )
+        self.stats.blob_fetches += 1
+        return payload_pb2.BlobRef(uri=uri, sha256=digest, size=len(data)), data
+
+    async def _blob_refusal(self, tenant: str, uri: str, exc: ValidationError) -> TickmeshError:
+        """Tell a URI the store refuses from stored bytes that fail their digest.
+
+        ``BlobStore.get`` raises ValidationError for both; ``exists`` checks only
+        the URI (it refuses the same URIs, reading nothing), so asking it splits
+        them without a request on the success path.
+        """
+        try:
+            present = await self._blobs.exists(tenant, uri)
+        except ValidationError:
+            logger.warning("refused a blob URI of tenant %s: %s", tenant, exc)
+            return RPCError(
+                StatusCode.PERMISSION_DENIED,
+                f"blob URI {uri!r} is not one of tenant {tenant!r}'s blobs in this pool's "
+                f"store: {exc}",
+            )
+        if not present:  # removed since the read
+            return NotFoundError(f"blob {uri} does not exist")
+        logger.error("blob %s of tenant %s is corrupt: %s", uri, tenant, exc)
+        return RPCError(StatusCode.DATA_LOSS, str(exc))
 
     # --- settling: record, dead-letter, ack ---------------------------------------------------
 

@@ -1,8 +1,9 @@
-"""ExecutorPoolService over gRPC: one Connect stream per executor session.
+"""ExecutorPoolService over gRPC: one Connect stream per executor session, and
+FetchBlob for executors to read the blobs their work refers to.
 
-The stream is two halves: a reader task that feeds the executor's frames to
-the pool, and this method's response generator that streams the session's
-outbox. Either half ending ends the session, and the pool returns the
+The Connect stream is two halves: a reader task that feeds the executor's
+frames to the pool, and this method's response generator that streams the
+session's outbox. Either half ending ends the session, and the pool returns the
 session's unfinished work to the queue.
 """
 
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 Request = executor_pool_service_pb2.ConnectRequest
 Response = executor_pool_service_pb2.ConnectResponse
+
+FETCH_CHUNK_BYTES = 1024 * 1024
+"""The most blob bytes one FetchBlobResponse carries (the contract's limit)."""
 
 
 class ExecutorPoolServicer(executor_pool_service_pb2_grpc.ExecutorPoolServiceServicer):
@@ -66,6 +70,21 @@ class ExecutorPoolServicer(executor_pool_service_pb2_grpc.ExecutorPoolServiceSer
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
             self._pool.release(session)
+
+    @stream_errors
+    async def FetchBlob(
+        self,
+        request: executor_pool_service_pb2.FetchBlobRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[executor_pool_service_pb2.FetchBlobResponse]:
+        tenant = tenant_of(context, self._tenants)
+        ref, data = await self._pool.read_blob(tenant, request.uri, request.sha256)
+        yield executor_pool_service_pb2.FetchBlobResponse(blob=ref)
+        view = memoryview(data)
+        for start in range(0, len(data), FETCH_CHUNK_BYTES):
+            yield executor_pool_service_pb2.FetchBlobResponse(
+                chunk=bytes(view[start : start + FETCH_CHUNK_BYTES])
+            )
 
     async def _read(self, requests: AsyncIterator[Request], session: Session) -> None:
         try:

@@ -26,10 +26,11 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tickmesh.v1 import envelope_pb2 as tickmesh_dot_v1_dot_envelope__pb2
 from tickmesh.v1 import graph_pb2 as tickmesh_dot_v1_dot_graph__pb2
+from tickmesh.v1 import payload_pb2 as tickmesh_dot_v1_dot_payload__pb2
 from tickmesh.v1 import result_pb2 as tickmesh_dot_v1_dot_result__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tickmesh/v1/executor_pool_service.proto\x12\x0btickmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atickmesh/v1/envelope.proto\x1a\x17tickmesh/v1/graph.proto\x1a\x18tickmesh/v1/result.proto\"\x80\x02\n\x0e\x43onnectRequest\x12\x32\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.tickmesh.v1.ExecutorHelloH\x00R\x05hello\x12\x36\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.tickmesh.v1.HeartbeatH\x00R\theartbeat\x12<\n\x0b\x63ompletions\x18\x03 \x01(\x0b\x32\x18.tickmesh.v1.CompletionsH\x00R\x0b\x63ompletions\x12\x39\n\nrejections\x18\x04 \x01(\x0b\x32\x17.tickmesh.v1.RejectionsH\x00R\nrejectionsB\t\n\x07message\"\xfc\x01\n\x0f\x43onnectResponse\x12\x30\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.WelcomeH\x00R\x07welcome\x12<\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.tickmesh.v1.AssignmentsH\x00R\x0b\x61ssignments\x12\x42\n\rcancellations\x18\x03 \x01(\x0b\x32\x1a.tickmesh.v1.CancellationsH\x00R\rcancellations\x12*\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.tickmesh.v1.DrainH\x00R\x05\x64rainB\t\n\x07message\"m\n\x0bHandlerSpec\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x15.tickmesh.v1.NodeKindR\x04kind\x12\x1f\n\x0b\x63ode_digest\x18\x03 \x01(\tR\ncodeDigest\"\xe9\x02\n\rExecutorHello\x12\x1f\n\x0b\x65xecutor_id\x18\x01 \x01(\tR\nexecutorId\x12\x34\n\x08handlers\x18\x02 \x03(\x0b\x32\x18.tickmesh.v1.HandlerSpecR\x08handlers\x12 \n\x0b\x63oncurrency\x18\x03 \x01(\rR\x0b\x63oncurrency\x12\x18\n\x07runtime\x18\x04 \x01(\tR\x07runtime\x12\x1f\n\x0bsdk_version\x18\x05 \x01(\tR\nsdkVersion\x12)\n\x10protocol_version\x18\x06 \x01(\rR\x0fprotocolVersion\x12>\n\x06labels\x18\x07 \x03(\x0b\x32&.tickmesh.v1.ExecutorHello.LabelsEntryR\x06labels\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xfb\x01\n\x07Welcome\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12H\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x11heartbeatInterval\x12\x30\n\x14inline_payload_limit\x18\x03 \x01(\x04R\x12inlinePayloadLimit\x12*\n\x11max_message_bytes\x18\x04 \x01(\x04R\x0fmaxMessageBytes\x12)\n\x10protocol_version\x18\x05 \x01(\rR\x0fprotocolVersion\"\xa5\x01\n\nAssignment\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12:\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1e.tickmesh.v1.ExecutionEnvelopeR\x08\x65nvelope\x12\x36\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\"<\n\x0b\x41ssignments\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x17.tickmesh.v1.AssignmentR\x05items\"2\n\tHeartbeat\x12%\n\x0e\x61ssignment_ids\x18\x01 \x03(\tR\rassignmentIds\"\xcc\x02\n\nCompletion\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12:\n\x0btask_result\x18\x02 \x01(\x0b\x32\x17.tickmesh.v1.TaskResultH\x00R\ntaskResult\x12:\n\x0bplan_result\x18\x03 \x01(\x0b\x32\x17.tickmesh.v1.PlanResultH\x00R\nplanResult\x12\x39\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12\x1f\n\x0b\x63ode_digest\x18\x06 \x01(\tR\ncodeDigestB\x08\n\x06result\"<\n\x0b\x43ompletions\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x17.tickmesh.v1.CompletionR\x05items\"^\n\tRejection\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.tickmesh.v1.ErrorInfoR\x05\x65rror\":\n\nRejections\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x16.tickmesh.v1.RejectionR\x05items\"K\n\x0c\x43\x61ncellation\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\"@\n\rCancellations\x12/\n\x05items\x18\x01 \x03(\x0b\x32\x19.tickmesh.v1.CancellationR\x05items\"P\n\x05\x44rain\x12/\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationR\x05grace\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason2_\n\x13\x45xecutorPoolService\x12H\n\x07\x43onnect\x12\x1b.tickmesh.v1.ConnectRequest\x1a\x1c.tickmesh.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tickmesh/v1/executor_pool_service.proto\x12\x0btickmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atickmesh/v1/envelope.proto\x1a\x17tickmesh/v1/graph.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x18tickmesh/v1/result.proto\"\x80\x02\n\x0e\x43onnectRequest\x12\x32\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.tickmesh.v1.ExecutorHelloH\x00R\x05hello\x12\x36\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.tickmesh.v1.HeartbeatH\x00R\theartbeat\x12<\n\x0b\x63ompletions\x18\x03 \x01(\x0b\x32\x18.tickmesh.v1.CompletionsH\x00R\x0b\x63ompletions\x12\x39\n\nrejections\x18\x04 \x01(\x0b\x32\x17.tickmesh.v1.RejectionsH\x00R\nrejectionsB\t\n\x07message\"\xfc\x01\n\x0f\x43onnectResponse\x12\x30\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.WelcomeH\x00R\x07welcome\x12<\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x18.tickmesh.v1.AssignmentsH\x00R\x0b\x61ssignments\x12\x42\n\rcancellations\x18\x03 \x01(\x0b\x32\x1a.tickmesh.v1.CancellationsH\x00R\rcancellations\x12*\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.tickmesh.v1.DrainH\x00R\x05\x64rainB\t\n\x07message\"m\n\x0bHandlerSpec\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x15.tickmesh.v1.NodeKindR\x04kind\x12\x1f\n\x0b\x63ode_digest\x18\x03 \x01(\tR\ncodeDigest\"\xe9\x02\n\rExecutorHello\x12\x1f\n\x0b\x65xecutor_id\x18\x01 \x01(\tR\nexecutorId\x12\x34\n\x08handlers\x18\x02 \x03(\x0b\x32\x18.tickmesh.v1.HandlerSpecR\x08handlers\x12 \n\x0b\x63oncurrency\x18\x03 \x01(\rR\x0b\x63oncurrency\x12\x18\n\x07runtime\x18\x04 \x01(\tR\x07runtime\x12\x1f\n\x0bsdk_version\x18\x05 \x01(\tR\nsdkVersion\x12)\n\x10protocol_version\x18\x06 \x01(\rR\x0fprotocolVersion\x12>\n\x06labels\x18\x07 \x03(\x0b\x32&.tickmesh.v1.ExecutorHello.LabelsEntryR\x06labels\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xfb\x01\n\x07Welcome\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12H\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x11heartbeatInterval\x12\x30\n\x14inline_payload_limit\x18\x03 \x01(\x04R\x12inlinePayloadLimit\x12*\n\x11max_message_bytes\x18\x04 \x01(\x04R\x0fmaxMessageBytes\x12)\n\x10protocol_version\x18\x05 \x01(\rR\x0fprotocolVersion\"\xa5\x01\n\nAssignment\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12:\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1e.tickmesh.v1.ExecutionEnvelopeR\x08\x65nvelope\x12\x36\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\"<\n\x0b\x41ssignments\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x17.tickmesh.v1.AssignmentR\x05items\"2\n\tHeartbeat\x12%\n\x0e\x61ssignment_ids\x18\x01 \x03(\tR\rassignmentIds\"\xcc\x02\n\nCompletion\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12:\n\x0btask_result\x18\x02 \x01(\x0b\x32\x17.tickmesh.v1.TaskResultH\x00R\ntaskResult\x12:\n\x0bplan_result\x18\x03 \x01(\x0b\x32\x17.tickmesh.v1.PlanResultH\x00R\nplanResult\x12\x39\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12\x1f\n\x0b\x63ode_digest\x18\x06 \x01(\tR\ncodeDigestB\x08\n\x06result\"<\n\x0b\x43ompletions\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x17.tickmesh.v1.CompletionR\x05items\"^\n\tRejection\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.tickmesh.v1.ErrorInfoR\x05\x65rror\":\n\nRejections\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x16.tickmesh.v1.RejectionR\x05items\"K\n\x0c\x43\x61ncellation\x12#\n\rassignment_id\x18\x01 \x01(\tR\x0c\x61ssignmentId\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\"@\n\rCancellations\x12/\n\x05items\x18\x01 \x03(\x0b\x32\x19.tickmesh.v1.CancellationR\x05items\"P\n\x05\x44rain\x12/\n\x05grace\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationR\x05grace\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\"<\n\x10\x46\x65tchBlobRequest\x12\x10\n\x03uri\x18\x01 \x01(\tR\x03uri\x12\x16\n\x06sha256\x18\x02 \x01(\tR\x06sha256\"_\n\x11\x46\x65tchBlobResponse\x12*\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.BlobRefH\x00R\x04\x62lob\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part2\xad\x01\n\x13\x45xecutorPoolService\x12H\n\x07\x43onnect\x12\x1b.tickmesh.v1.ConnectRequest\x1a\x1c.tickmesh.v1.ConnectResponse(\x01\x30\x01\x12L\n\tFetchBlob\x12\x1d.tickmesh.v1.FetchBlobRequest\x1a\x1e.tickmesh.v1.FetchBlobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,38 +39,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTORHELLO_LABELSENTRY']._loaded_options = None
   _globals['_EXECUTORHELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CONNECTREQUEST']._serialized_start=201
-  _globals['_CONNECTREQUEST']._serialized_end=457
-  _globals['_CONNECTRESPONSE']._serialized_start=460
-  _globals['_CONNECTRESPONSE']._serialized_end=712
-  _globals['_HANDLERSPEC']._serialized_start=714
-  _globals['_HANDLERSPEC']._serialized_end=823
-  _globals['_EXECUTORHELLO']._serialized_start=826
-  _globals['_EXECUTORHELLO']._serialized_end=1187
-  _globals['_EXECUTORHELLO_LABELSENTRY']._serialized_start=1130
-  _globals['_EXECUTORHELLO_LABELSENTRY']._serialized_end=1187
-  _globals['_WELCOME']._serialized_start=1190
-  _globals['_WELCOME']._serialized_end=1441
-  _globals['_ASSIGNMENT']._serialized_start=1444
-  _globals['_ASSIGNMENT']._serialized_end=1609
-  _globals['_ASSIGNMENTS']._serialized_start=1611
-  _globals['_ASSIGNMENTS']._serialized_end=1671
-  _globals['_HEARTBEAT']._serialized_start=1673
-  _globals['_HEARTBEAT']._serialized_end=1723
-  _globals['_COMPLETION']._serialized_start=1726
-  _globals['_COMPLETION']._serialized_end=2058
-  _globals['_COMPLETIONS']._serialized_start=2060
-  _globals['_COMPLETIONS']._serialized_end=2120
-  _globals['_REJECTION']._serialized_start=2122
-  _globals['_REJECTION']._serialized_end=2216
-  _globals['_REJECTIONS']._serialized_start=2218
-  _globals['_REJECTIONS']._serialized_end=2276
-  _globals['_CANCELLATION']._serialized_start=2278
-  _globals['_CANCELLATION']._serialized_end=2353
-  _globals['_CANCELLATIONS']._serialized_start=2355
-  _globals['_CANCELLATIONS']._serialized_end=2419
-  _globals['_DRAIN']._serialized_start=2421
-  _globals['_DRAIN']._serialized_end=2501
-  _globals['_EXECUTORPOOLSERVICE']._serialized_start=2503
-  _globals['_EXECUTORPOOLSERVICE']._serialized_end=2598
+  _globals['_CONNECTREQUEST']._serialized_start=228
+  _globals['_CONNECTREQUEST']._serialized_end=484
+  _globals['_CONNECTRESPONSE']._serialized_start=487
+  _globals['_CONNECTRESPONSE']._serialized_end=739
+  _globals['_HANDLERSPEC']._serialized_start=741
+  _globals['_HANDLERSPEC']._serialized_end=850
+  _globals['_EXECUTORHELLO']._serialized_start=853
+  _globals['_EXECUTORHELLO']._serialized_end=1214
+  _globals['_EXECUTORHELLO_LABELSENTRY']._serialized_start=1157
+  _globals['_EXECUTORHELLO_LABELSENTRY']._serialized_end=1214
+  _globals['_WELCOME']._serialized_start=1217
+  _globals['_WELCOME']._serialized_end=1468
+  _globals['_ASSIGNMENT']._serialized_start=1471
+  _globals['_ASSIGNMENT']._serialized_end=1636
+  _globals['_ASSIGNMENTS']._serialized_start=1638
+  _globals['_ASSIGNMENTS']._serialized_end=1698
+  _globals['_HEARTBEAT']._serialized_start=1700
+  _globals['_HEARTBEAT']._serialized_end=1750
+  _globals['_COMPLETION']._serialized_start=1753
+  _globals['_COMPLETION']._serialized_end=2085
+  _globals['_COMPLETIONS']._serialized_start=2087
+  _globals['_COMPLETIONS']._serialized_end=2147
+  _globals['_REJECTION']._serialized_start=2149
+  _globals['_REJECTION']._serialized_end=2243
+  _globals['_REJECTIONS']._serialized_start=2245
+  _globals['_REJECTIONS']._serialized_end=2303
+  _globals['_CANCELLATION']._serialized_start=2305
+  _globals['_CANCELLATION']._serialized_end=2380
+  _globals['_CANCELLATIONS']._serialized_start=2382
+  _globals['_CANCELLATIONS']._serialized_end=2446
+  _globals['_DRAIN']._serialized_start=2448
+  _globals['_DRAIN']._serialized_end=2528
+  _globals['_FETCHBLOBREQUEST']._serialized_start=2530
+  _globals['_FETCHBLOBREQUEST']._serialized_end=2590
+  _globals['_FETCHBLOBRESPONSE']._serialized_start=2592
+  _globals['_FETCHBLOBRESPONSE']._serialized_end=2687
+  _globals['_EXECUTORPOOLSERVICE']._serialized_start=2690
+  _globals['_EXECUTORPOOLSERVICE']._serialized_end=2863
 # @@protoc_insertion_point(module_scope)

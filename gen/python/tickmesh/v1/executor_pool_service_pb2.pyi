@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from tickmesh.v1 import envelope_pb2 as _envelope_pb2
 from tickmesh.v1 import graph_pb2 as _graph_pb2
+from tickmesh.v1 import payload_pb2 as _payload_pb2
 from tickmesh.v1 import result_pb2 as _result_pb2
 import builtins as _builtins
 import sys
@@ -540,3 +541,65 @@ class Drain(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
+
+@_typing.final
+class FetchBlobRequest(_message.Message):
+    """FetchBlobRequest names a blob to download."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    """uri is the blob's URI (BlobRef.uri); it must lie under the caller's tenant
+    prefix in the pool's blob store.
+    """
+    sha256: _builtins.str
+    """sha256 is the lowercase hex SHA-256 digest the caller expects (BlobRef.sha256),
+    or empty to accept the digest the URI names.
+    """
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchBlobRequest: _TypeAlias = FetchBlobRequest  # noqa: Y015
+
+@_typing.final
+class FetchBlobResponse(_message.Message):
+    """FetchBlobResponse is one message of a blob download: the reference, then chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """chunk is the next run of the blob's bytes, at most 1 MiB."""
+    @_builtins.property
+    def blob(self) -> _payload_pb2.BlobRef:
+        """blob describes the blob being sent: its uri, sha256 and size (content_type
+        may be empty; the payload that refers to the blob carries it).
+        """
+
+    def __init__(
+        self,
+        *,
+        blob: _payload_pb2.BlobRef | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "chunk", b"chunk", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "chunk", b"chunk", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["blob", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___FetchBlobResponse: _TypeAlias = FetchBlobResponse  # noqa: Y015

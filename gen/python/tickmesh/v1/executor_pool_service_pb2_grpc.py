@@ -43,6 +43,11 @@ class ExecutorPoolServiceStub:
                 request_serializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.FetchBlob = channel.unary_stream(
+                '/tickmesh.v1.ExecutorPoolService/FetchBlob',
+                request_serializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.FetchBlobRequest.SerializeToString,
+                response_deserializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.FetchBlobResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorPoolServiceServicer:
@@ -62,6 +67,19 @@ class ExecutorPoolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchBlob(self, request, context):
+        """FetchBlob streams one of the caller's blobs from the pool's blob store: a
+        first message with its reference, then its bytes in chunks of at most
+        1 MiB. Executors read payloads that travel as a BlobRef this way, so they
+        need no credentials for the blob store. The tenant is the caller's, taken
+        from the call's credentials as for Connect. A URI that is not one of the
+        tenant's fails with PERMISSION_DENIED, a missing blob with NOT_FOUND, and
+        stored bytes that fail their digest (or the expected one) with DATA_LOSS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorPoolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -69,6 +87,11 @@ def add_ExecutorPoolServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.ConnectRequest.FromString,
                     response_serializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.ConnectResponse.SerializeToString,
+            ),
+            'FetchBlob': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBlob,
+                    request_deserializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.FetchBlobRequest.FromString,
+                    response_serializer=tickmesh_dot_v1_dot_executor__pool__service__pb2.FetchBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,6 +125,33 @@ class ExecutorPoolService:
             '/tickmesh.v1.ExecutorPoolService/Connect',
             tickmesh_dot_v1_dot_executor__pool__service__pb2.ConnectRequest.SerializeToString,
             tickmesh_dot_v1_dot_executor__pool__service__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tickmesh.v1.ExecutorPoolService/FetchBlob',
+            tickmesh_dot_v1_dot_executor__pool__service__pb2.FetchBlobRequest.SerializeToString,
+            tickmesh_dot_v1_dot_executor__pool__service__pb2.FetchBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

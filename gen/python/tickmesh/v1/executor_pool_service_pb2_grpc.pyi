@@ -43,6 +43,15 @@ class ExecutorPoolServiceStub:
     executor's concurrency. Closing the stream returns unfinished work to the
     queue for another executor.
     """
+    FetchBlob: _grpc.UnaryStreamMultiCallable[_executor_pool_service_pb2.FetchBlobRequest, _executor_pool_service_pb2.FetchBlobResponse]
+    """FetchBlob streams one of the caller's blobs from the pool's blob store: a
+    first message with its reference, then its bytes in chunks of at most
+    1 MiB. Executors read payloads that travel as a BlobRef this way, so they
+    need no credentials for the blob store. The tenant is the caller's, taken
+    from the call's credentials as for Connect. A URI that is not one of the
+    tenant's fails with PERMISSION_DENIED, a missing blob with NOT_FOUND, and
+    stored bytes that fail their digest (or the expected one) with DATA_LOSS.
+    """
 
 @_typing.type_check_only
 class ExecutorPoolServiceAsyncStub(ExecutorPoolServiceStub):
@@ -58,6 +67,15 @@ class ExecutorPoolServiceAsyncStub(ExecutorPoolServiceStub):
     hello first; the pool answers welcome, then assigns work up to the
     executor's concurrency. Closing the stream returns unfinished work to the
     queue for another executor.
+    """
+    FetchBlob: _aio.UnaryStreamMultiCallable[_executor_pool_service_pb2.FetchBlobRequest, _executor_pool_service_pb2.FetchBlobResponse]  # type: ignore[assignment]
+    """FetchBlob streams one of the caller's blobs from the pool's blob store: a
+    first message with its reference, then its bytes in chunks of at most
+    1 MiB. Executors read payloads that travel as a BlobRef this way, so they
+    need no credentials for the blob store. The tenant is the caller's, taken
+    from the call's credentials as for Connect. A URI that is not one of the
+    tenant's fails with PERMISSION_DENIED, a missing blob with NOT_FOUND, and
+    stored bytes that fail their digest (or the expected one) with DATA_LOSS.
     """
 
 class ExecutorPoolServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,6 +95,21 @@ class ExecutorPoolServiceServicer(metaclass=_abc_1.ABCMeta):
         hello first; the pool answers welcome, then assigns work up to the
         executor's concurrency. Closing the stream returns unfinished work to the
         queue for another executor.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchBlob(
+        self,
+        request: _executor_pool_service_pb2.FetchBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_pool_service_pb2.FetchBlobResponse], _abc.AsyncIterator[_executor_pool_service_pb2.FetchBlobResponse]]:
+        """FetchBlob streams one of the caller's blobs from the pool's blob store: a
+        first message with its reference, then its bytes in chunks of at most
+        1 MiB. Executors read payloads that travel as a BlobRef this way, so they
+        need no credentials for the blob store. The tenant is the caller's, taken
+        from the call's credentials as for Connect. A URI that is not one of the
+        tenant's fails with PERMISSION_DENIED, a missing blob with NOT_FOUND, and
+        stored bytes that fail their digest (or the expected one) with DATA_LOSS.
         """
 
 def add_ExecutorPoolServiceServicer_to_server(servicer: ExecutorPoolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,8 @@ import type { ExecutionEnvelope } from "./envelope_pb.js";
 import { file_tickmesh_v1_envelope } from "./envelope_pb.js";
 import type { NodeKind } from "./graph_pb.js";
 import { file_tickmesh_v1_graph } from "./graph_pb.js";
+import type { BlobRef } from "./payload_pb.js";
+import { file_tickmesh_v1_payload } from "./payload_pb.js";
 import type { ErrorInfo, PlanResult, TaskResult } from "./result_pb.js";
 import { file_tickmesh_v1_result } from "./result_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -18,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/v1/executor_pool_service.proto.
  */
 export const file_tickmesh_v1_executor_pool_service: GenFile = /*@__PURE__*/
-  fileDesc("Cid0aWNrbWVzaC92MS9leGVjdXRvcl9wb29sX3NlcnZpY2UucHJvdG8SC3RpY2ttZXNoLnYxItUBCg5Db25uZWN0UmVxdWVzdBIrCgVoZWxsbxgBIAEoCzIaLnRpY2ttZXNoLnYxLkV4ZWN1dG9ySGVsbG9IABIrCgloZWFydGJlYXQYAiABKAsyFi50aWNrbWVzaC52MS5IZWFydGJlYXRIABIvCgtjb21wbGV0aW9ucxgDIAEoCzIYLnRpY2ttZXNoLnYxLkNvbXBsZXRpb25zSAASLQoKcmVqZWN0aW9ucxgEIAEoCzIXLnRpY2ttZXNoLnYxLlJlamVjdGlvbnNIAEIJCgdtZXNzYWdlItABCg9Db25uZWN0UmVzcG9uc2USJwoHd2VsY29tZRgBIAEoCzIULnRpY2ttZXNoLnYxLldlbGNvbWVIABIvCgthc3NpZ25tZW50cxgCIAEoCzIYLnRpY2ttZXNoLnYxLkFzc2lnbm1lbnRzSAASMwoNY2FuY2VsbGF0aW9ucxgDIAEoCzIaLnRpY2ttZXNoLnYxLkNhbmNlbGxhdGlvbnNIABIjCgVkcmFpbhgEIAEoCzISLnRpY2ttZXNoLnYxLkRyYWluSABCCQoHbWVzc2FnZSJVCgtIYW5kbGVyU3BlYxIMCgRuYW1lGAEgASgJEiMKBGtpbmQYAiABKA4yFS50aWNrbWVzaC52MS5Ob2RlS2luZBITCgtjb2RlX2RpZ2VzdBgDIAEoCSKMAgoNRXhlY3V0b3JIZWxsbxITCgtleGVjdXRvcl9pZBgBIAEoCRIqCghoYW5kbGVycxgCIAMoCzIYLnRpY2ttZXNoLnYxLkhhbmRsZXJTcGVjEhMKC2NvbmN1cnJlbmN5GAMgASgNEg8KB3J1bnRpbWUYBCABKAkSEwoLc2RrX3ZlcnNpb24YBSABKAkSGAoQcHJvdG9jb2xfdmVyc2lvbhgGIAEoDRI2CgZsYWJlbHMYByADKAsyJi50aWNrbWVzaC52MS5FeGVjdXRvckhlbGxvLkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEipwEKB1dlbGNvbWUSEgoKc2Vzc2lvbl9pZBgBIAEoCRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHAoUaW5saW5lX3BheWxvYWRfbGltaXQYAyABKAQSGQoRbWF4X21lc3NhZ2VfYnl0ZXMYBCABKAQSGAoQcHJvdG9jb2xfdmVyc2lvbhgFIAEoDSKDAQoKQXNzaWdubWVudBIVCg1hc3NpZ25tZW50X2lkGAEgASgJEjAKCGVudmVsb3BlGAIgASgLMh4udGlja21lc2gudjEuRXhlY3V0aW9uRW52ZWxvcGUSLAoIZGVhZGxpbmUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjUKC0Fzc2lnbm1lbnRzEiYKBWl0ZW1zGAEgAygLMhcudGlja21lc2gudjEuQXNzaWdubWVudCIjCglIZWFydGJlYXQSFgoOYXNzaWdubWVudF9pZHMYASADKAkigwIKCkNvbXBsZXRpb24SFQoNYXNzaWdubWVudF9pZBgBIAEoCRIuCgt0YXNrX3Jlc3VsdBgCIAEoCzIXLnRpY2ttZXNoLnYxLlRhc2tSZXN1bHRIABIuCgtwbGFuX3Jlc3VsdBgDIAEoCzIXLnRpY2ttZXNoLnYxLlBsYW5SZXN1bHRIABIuCgpzdGFydGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLY29kZV9kaWdlc3QYBiABKAlCCAoGcmVzdWx0IjUKC0NvbXBsZXRpb25zEiYKBWl0ZW1zGAEgAygLMhcudGlja21lc2gudjEuQ29tcGxldGlvbiJJCglSZWplY3Rpb24SFQoNYXNzaWdubWVudF9pZBgBIAEoCRIlCgVlcnJvchgCIAEoCzIWLnRpY2ttZXNoLnYxLkVycm9ySW5mbyIzCgpSZWplY3Rpb25zEiUKBWl0ZW1zGAEgAygLMhYudGlja21lc2gudjEuUmVqZWN0aW9uIjUKDENhbmNlbGxhdGlvbhIVCg1hc3NpZ25tZW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI5Cg1DYW5jZWxsYXRpb25zEigKBWl0ZW1zGAEgAygLMhkudGlja21lc2gudjEuQ2FuY2VsbGF0aW9uIkEKBURyYWluEigKBWdyYWNlGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBnJlYXNvbhgCIAEoCTJfChNFeGVjdXRvclBvb2xTZXJ2aWNlEkgKB0Nvbm5lY3QSGy50aWNrbWVzaC52MS5Db25uZWN0UmVxdWVzdBocLnRpY2ttZXNoLnYxLkNvbm5lY3RSZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_tickmesh_v1_envelope, file_tickmesh_v1_graph, file_tickmesh_v1_result]);
+  fileDesc("Cid0aWNrbWVzaC92MS9leGVjdXRvcl9wb29sX3NlcnZpY2UucHJvdG8SC3RpY2ttZXNoLnYxItUBCg5Db25uZWN0UmVxdWVzdBIrCgVoZWxsbxgBIAEoCzIaLnRpY2ttZXNoLnYxLkV4ZWN1dG9ySGVsbG9IABIrCgloZWFydGJlYXQYAiABKAsyFi50aWNrbWVzaC52MS5IZWFydGJlYXRIABIvCgtjb21wbGV0aW9ucxgDIAEoCzIYLnRpY2ttZXNoLnYxLkNvbXBsZXRpb25zSAASLQoKcmVqZWN0aW9ucxgEIAEoCzIXLnRpY2ttZXNoLnYxLlJlamVjdGlvbnNIAEIJCgdtZXNzYWdlItABCg9Db25uZWN0UmVzcG9uc2USJwoHd2VsY29tZRgBIAEoCzIULnRpY2ttZXNoLnYxLldlbGNvbWVIABIvCgthc3NpZ25tZW50cxgCIAEoCzIYLnRpY2ttZXNoLnYxLkFzc2lnbm1lbnRzSAASMwoNY2FuY2VsbGF0aW9ucxgDIAEoCzIaLnRpY2ttZXNoLnYxLkNhbmNlbGxhdGlvbnNIABIjCgVkcmFpbhgEIAEoCzISLnRpY2ttZXNoLnYxLkRyYWluSABCCQoHbWVzc2FnZSJVCgtIYW5kbGVyU3BlYxIMCgRuYW1lGAEgASgJEiMKBGtpbmQYAiABKA4yFS50aWNrbWVzaC52MS5Ob2RlS2luZBITCgtjb2RlX2RpZ2VzdBgDIAEoCSKMAgoNRXhlY3V0b3JIZWxsbxITCgtleGVjdXRvcl9pZBgBIAEoCRIqCghoYW5kbGVycxgCIAMoCzIYLnRpY2ttZXNoLnYxLkhhbmRsZXJTcGVjEhMKC2NvbmN1cnJlbmN5GAMgASgNEg8KB3J1bnRpbWUYBCABKAkSEwoLc2RrX3ZlcnNpb24YBSABKAkSGAoQcHJvdG9jb2xfdmVyc2lvbhgGIAEoDRI2CgZsYWJlbHMYByADKAsyJi50aWNrbWVzaC52MS5FeGVjdXRvckhlbGxvLkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEipwEKB1dlbGNvbWUSEgoKc2Vzc2lvbl9pZBgBIAEoCRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHAoUaW5saW5lX3BheWxvYWRfbGltaXQYAyABKAQSGQoRbWF4X21lc3NhZ2VfYnl0ZXMYBCABKAQSGAoQcHJvdG9jb2xfdmVyc2lvbhgFIAEoDSKDAQoKQXNzaWdubWVudBIVCg1hc3NpZ25tZW50X2lkGAEgASgJEjAKCGVudmVsb3BlGAIgASgLMh4udGlja21lc2gudjEuRXhlY3V0aW9uRW52ZWxvcGUSLAoIZGVhZGxpbmUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjUKC0Fzc2lnbm1lbnRzEiYKBWl0ZW1zGAEgAygLMhcudGlja21lc2gudjEuQXNzaWdubWVudCIjCglIZWFydGJlYXQSFgoOYXNzaWdubWVudF9pZHMYASADKAkigwIKCkNvbXBsZXRpb24SFQoNYXNzaWdubWVudF9pZBgBIAEoCRIuCgt0YXNrX3Jlc3VsdBgCIAEoCzIXLnRpY2ttZXNoLnYxLlRhc2tSZXN1bHRIABIuCgtwbGFuX3Jlc3VsdBgDIAEoCzIXLnRpY2ttZXNoLnYxLlBsYW5SZXN1bHRIABIuCgpzdGFydGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLY29kZV9kaWdlc3QYBiABKAlCCAoGcmVzdWx0IjUKC0NvbXBsZXRpb25zEiYKBWl0ZW1zGAEgAygLMhcudGlja21lc2gudjEuQ29tcGxldGlvbiJJCglSZWplY3Rpb24SFQoNYXNzaWdubWVudF9pZBgBIAEoCRIlCgVlcnJvchgCIAEoCzIWLnRpY2ttZXNoLnYxLkVycm9ySW5mbyIzCgpSZWplY3Rpb25zEiUKBWl0ZW1zGAEgAygLMhYudGlja21lc2gudjEuUmVqZWN0aW9uIjUKDENhbmNlbGxhdGlvbhIVCg1hc3NpZ25tZW50X2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI5Cg1DYW5jZWxsYXRpb25zEigKBWl0ZW1zGAEgAygLMhkudGlja21lc2gudjEuQ2FuY2VsbGF0aW9uIkEKBURyYWluEigKBWdyYWNlGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBnJlYXNvbhgCIAEoCSIvChBGZXRjaEJsb2JSZXF1ZXN0EgsKA3VyaRgBIAEoCRIOCgZzaGEyNTYYAiABKAkiUgoRRmV0Y2hCbG9iUmVzcG9uc2USJAoEYmxvYhgBIAEoCzIULnRpY2ttZXNoLnYxLkJsb2JSZWZIABIPCgVjaHVuaxgCIAEoDEgAQgYKBHBhcnQyrQEKE0V4ZWN1dG9yUG9vbFNlcnZpY2USSAoHQ29ubmVjdBIbLnRpY2ttZXNoLnYxLkNvbm5lY3RSZXF1ZXN0GhwudGlja21lc2gudjEuQ29ubmVjdFJlc3BvbnNlKAEwARJMCglGZXRjaEJsb2ISHS50aWNrbWVzaC52MS5GZXRjaEJsb2JSZXF1ZXN0Gh4udGlja21lc2gudjEuRmV0Y2hCbG9iUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_tickmesh_v1_envelope, file_tickmesh_v1_graph, file_tickmesh_v1_payload, file_tickmesh_v1_result]);
 
 /**
  * ConnectRequest is one message from an executor to the pool.
@@ -564,6 +566,74 @@ export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
   messageDesc(file_tickmesh_v1_executor_pool_service, 14);
 
 /**
+ * FetchBlobRequest names a blob to download.
+ *
+ * @generated from message tickmesh.v1.FetchBlobRequest
+ */
+export type FetchBlobRequest = Message<"tickmesh.v1.FetchBlobRequest"> & {
+  /**
+   * uri is the blob's URI (BlobRef.uri); it must lie under the caller's tenant
+   * prefix in the pool's blob store.
+   *
+   * @generated from field: string uri = 1;
+   */
+  uri: string;
+
+  /**
+   * sha256 is the lowercase hex SHA-256 digest the caller expects (BlobRef.sha256),
+   * or empty to accept the digest the URI names.
+   *
+   * @generated from field: string sha256 = 2;
+   */
+  sha256: string;
+};
+
+/**
+ * Describes the message tickmesh.v1.FetchBlobRequest.
+ * Use `create(FetchBlobRequestSchema)` to create a new message.
+ */
+export const FetchBlobRequestSchema: GenMessage<FetchBlobRequest> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_executor_pool_service, 15);
+
+/**
+ * FetchBlobResponse is one message of a blob download: the reference, then chunks.
+ *
+ * @generated from message tickmesh.v1.FetchBlobResponse
+ */
+export type FetchBlobResponse = Message<"tickmesh.v1.FetchBlobResponse"> & {
+  /**
+   * part is the blob's reference (first message) or a chunk (the rest).
+   *
+   * @generated from oneof tickmesh.v1.FetchBlobResponse.part
+   */
+  part: {
+    /**
+     * blob describes the blob being sent: its uri, sha256 and size (content_type
+     * may be empty; the payload that refers to the blob carries it).
+     *
+     * @generated from field: tickmesh.v1.BlobRef blob = 1;
+     */
+    value: BlobRef;
+    case: "blob";
+  } | {
+    /**
+     * chunk is the next run of the blob's bytes, at most 1 MiB.
+     *
+     * @generated from field: bytes chunk = 2;
+     */
+    value: Uint8Array;
+    case: "chunk";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tickmesh.v1.FetchBlobResponse.
+ * Use `create(FetchBlobResponseSchema)` to create a new message.
+ */
+export const FetchBlobResponseSchema: GenMessage<FetchBlobResponse> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_executor_pool_service, 16);
+
+/**
  * ExecutorPoolService is how executors in any language receive work. An
  * executor opens one Connect stream, says hello, and from then on receives
  * assignments and returns completions in batches: every stream message carries
@@ -584,6 +654,22 @@ export const ExecutorPoolService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ConnectRequestSchema;
     output: typeof ConnectResponseSchema;
+  },
+  /**
+   * FetchBlob streams one of the caller's blobs from the pool's blob store: a
+   * first message with its reference, then its bytes in chunks of at most
+   * 1 MiB. Executors read payloads that travel as a BlobRef this way, so they
+   * need no credentials for the blob store. The tenant is the caller's, taken
+   * from the call's credentials as for Connect. A URI that is not one of the
+   * tenant's fails with PERMISSION_DENIED, a missing blob with NOT_FOUND, and
+   * stored bytes that fail their digest (or the expected one) with DATA_LOSS.
+   *
+   * @generated from rpc tickmesh.v1.ExecutorPoolService.FetchBlob
+   */
+  fetchBlob: {
+    methodKind: "server_streaming";
+    input: typeof FetchBlobRequestSchema;
+    output: typeof FetchBlobResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tickmesh_v1_executor_pool_service, 0);
