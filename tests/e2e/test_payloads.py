@@ -6,15 +6,19 @@ import hashlib
 import random
 from typing import Any
 
+import pytest
+
 from tests.support.audit import record_of
 from tests.support.mesh import MeshFactory
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.sdk import (
+    Client,
     Decision,
     GraphBuilder,
     PlanContext,
     PlanInputView,
     TaskContext,
+    ValidationError,
     complete,
     plan,
     task,
@@ -68,3 +72,32 @@ async def test_a_5_mib_output_goes_through_the_blob_store_intact(start_mesh: Mes
     # The plan's record (its decision carries the digest, not the bytes) is small too.
     [decided] = report.of_node("check")
     assert record_of(decided).ByteSize() < DEFAULT_INLINE_LIMIT
+
+
+async def test_a_large_lifetime_output_is_read_by_a_client_given_the_pool(
+    start_mesh: MeshFactory,
+) -> None:
+    h = await start_mesh()
+    data = random.Random(7).randbytes(2 * DEFAULT_INLINE_LIMIT)
+
+    @plan
+    async def finish(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        return complete(data)
+
+    await h.worker([finish])
+    graph = await h.register(GraphBuilder("big-output").plan("finish").final("finish").build())
+    handle = await h.start(graph, {})
+    if not h.mesh.config.blob_url:  # the embedded profile's file:// blobs are read directly
+        assert await handle.result(within=10) == data
+
+    async with await Client.connect(
+        h.mesh.router_target, tenant=h.tenant, pool=h.mesh.pool_target
+    ) as client:
+        output = await client.handle(handle.id).result(within=10)
+    assert output == data
+    info = await handle.describe()
+    assert info.raw.output.WhichOneof("data") == "blob"
+    if h.mesh.config.blob_url:
+        # Without the pool, an S3 blob is not readable here, and the error says what to do.
+        with pytest.raises(ValidationError, match="pool="):
+            await handle.result(within=10)

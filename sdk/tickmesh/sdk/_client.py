@@ -28,6 +28,7 @@ from tickmesh.v1 import (
 
 from . import codecs
 from ._transport import create_channel, map_rpc_error
+from ._worker import PoolBlobResolver
 from .errors import LifetimeFailedError, TransportError, ValidationError
 
 TENANT_METADATA_KEY = "x-tickmesh-tenant"
@@ -128,7 +129,7 @@ def from_payload(payload: payload_pb2.Payload, annotation: Any = None) -> Any:
         if uri.scheme != "file":
             raise ValidationError(
                 f"cannot read blob {payload.blob.uri!r}: only file:// blobs are read directly; "
-                "fetch others with StateService.GetBlob"
+                "give Client.connect the executor pool's address (pool=) to read others"
             )
         data = Path(unquote(uri.path)).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
@@ -146,16 +147,29 @@ class Client:
             print(await handle.result())
     """
 
-    def __init__(self, channel: grpc.aio.Channel, *, tenant: str, call_timeout: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        tenant: str,
+        call_timeout: float,
+        blobs: PoolBlobResolver | None = None,
+    ) -> None:
         self._channel = channel
         self._stub = pb_grpc.RouterServiceStub(channel)
         self.tenant = tenant
         self._metadata = ((TENANT_METADATA_KEY, tenant),)
         self._timeout = call_timeout
+        self._blobs = blobs
 
     @classmethod
     async def connect(
-        cls, target: str, *, tenant: str = "default", call_timeout: float = DEFAULT_TIMEOUT_S
+        cls,
+        target: str,
+        *,
+        tenant: str = "default",
+        call_timeout: float = DEFAULT_TIMEOUT_S,
+        pool: str | None = None,
     ) -> Client:
         """Connect to a router at ``host:port``.
 
@@ -163,6 +177,10 @@ class Client:
             target: The router's gRPC address.
             tenant: The tenant to act for.
             call_timeout: The deadline of each call, in seconds.
+            pool: The executor pool's gRPC address, to read lifetime outputs that were
+                too large to travel inline and sit in a blob store this machine cannot
+                read directly (S3 in the cloud profile). Without it only ``file://``
+                blobs are read.
 
         Raises:
             TransportError: The router cannot be reached within ``timeout``.
@@ -174,10 +192,28 @@ class Client:
         except TimeoutError as exc:
             await channel.close()
             raise TransportError(f"router at {target} unreachable within {call_timeout}s") from exc
-        return cls(channel, tenant=tenant, call_timeout=call_timeout)
+        blobs = PoolBlobResolver(pool) if pool is not None else None
+        return cls(channel, tenant=tenant, call_timeout=call_timeout, blobs=blobs)
 
     async def close(self) -> None:
+        if self._blobs is not None:
+            await self._blobs.close()
         await self._channel.close()
+
+    async def decode_payload(self, payload: payload_pb2.Payload, annotation: Any = None) -> Any:
+        """Decode a payload, reading a blob through the executor pool when one was given.
+
+        Raises:
+            ValidationError: The blob is not readable from here (no ``pool`` given) or
+                fails its checks.
+        """
+        if payload.WhichOneof("data") != "blob" or self._blobs is None:
+            return from_payload(payload, annotation)
+        blob = payload.blob
+        data = await self._blobs.resolve(
+            self.tenant, blob.uri, payload.sha256 or blob.sha256, payload.size or blob.size
+        )
+        return codecs.decode(payload.content_type or blob.content_type, data, annotation)
 
     async def __aenter__(self) -> Client:
         return self
@@ -443,7 +479,7 @@ class LifetimeHandle:
         info = await self.describe()
         if info.state != "completed":
             raise LifetimeFailedError(self.id, info.state.upper(), info.error or info.state)
-        return from_payload(info.raw.output)
+        return await self._client.decode_payload(info.raw.output)
 
     async def signal(self, name: str, data: Any = None, **kwargs: Any) -> LifetimeInfo:
         return await self._client.signal(self.id, name, data, **kwargs)

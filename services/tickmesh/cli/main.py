@@ -231,7 +231,9 @@ async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             await stack.enter_async_context(_executor_process(command, pool, args.tenant))
             if not args.quiet:
                 print(f"{handler} is served by: {command}", file=out)
-        client = await stack.enter_async_context(await Client.connect(router, tenant=args.tenant))
+        client = await stack.enter_async_context(
+            await Client.connect(router, tenant=args.tenant, pool=pool)
+        )
         await stack.enter_async_context(Worker(pool, tenant=args.tenant, tasks=handlers))
         stored = await client.register_graph(graph)
         handle = await client.start_lifetime(stored.id, value, version=stored.version)
