@@ -1,19 +1,23 @@
 """`python -m bench`: the tickmesh benchmark (DESIGN.md §8, issue 9).
 
-Starts the mesh (each service in its own process by default), registers a chain of
+Starts the mesh (each service in its own process by default) in each deployment profile
+(embedded: SQLite and a blob folder; cloud: PostgreSQL, S3 and Redis, throwaway servers
+started here unless --store-url/--redis-url/--blob-url name others), registers a chain of
 no-op task/plan steps, runs lifetimes at each concurrency M, reads the stored records
 back to measure the per-step orchestration gap, samples CPU and RSS per process, runs
-the unbatched floor at the same M, times guardrail evaluation, and writes
-bench/results/<timestamp>.json and .png. See bench/README.md.
+the unbatched floor at the same M on the profile's store, times guardrail evaluation, and
+writes bench/results/<timestamp>.json and .png. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,11 +30,12 @@ import psutil
 
 from . import control as control_bench
 from . import guardrail as guardrail_bench
+from .cloud import CloudServers, CloudSetupError, finish_in_thread
 from .cluster import REPO, Cluster, Layout, read_line
 from .hops import Tap
 from .load import LoadGenerator
 from .machine import describe
-from .monitor import Monitor, machine_busy_seconds
+from .monitor import Monitor, Monitored, machine_busy_seconds
 from .records import StoreRef, gaps, max_seq, read_records
 from .report import render, write
 
@@ -41,6 +46,12 @@ LAYOUTS: dict[str, str] = {
     "(tickmesh.embedded.Mesh); nats-server; one worker process; load generator in the bench "
     "process",
 }
+PROFILES: dict[str, str] = {
+    "embedded": "state in SQLite (WAL, synchronous=FULL) in the data folder, blobs in a "
+    "folder, usage counters read from the state store",
+    "cloud": "state in PostgreSQL (asyncpg pool, fsync=on, default synchronous_commit), "
+    "blobs in S3, usage counters in Redis",
+}
 MESH_EXCLUDED = ("load-generator", "floor")
 
 
@@ -48,7 +59,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,100,1000", help="comma-separated M values")
     p.add_argument("--steps", type=int, default=20, help="steps per lifetime N (even)")
-    p.add_argument("--profile", default="embedded", choices=["embedded"], help="deployment profile")
+    p.add_argument(
+        "--profile",
+        default="both",
+        choices=["embedded", "cloud", "both"],
+        help="deployment profile: embedded (SQLite, blob folder), cloud (PostgreSQL, S3, "
+        "Redis) or both, one after the other (default)",
+    )
+    p.add_argument(
+        "--store-url",
+        help="cloud profile: an external PostgreSQL database (postgresql://...) instead of a "
+        "throwaway cluster; the bench writes its records there and a floor table it drops",
+    )
+    p.add_argument(
+        "--redis-url",
+        help="cloud profile: an external Redis (redis://host:port/db) instead of a throwaway one",
+    )
+    p.add_argument(
+        "--blob-url",
+        help="cloud profile: an external S3 location (s3://bucket/prefix?endpoint_url=..&"
+        "region=..; credentials from the AWS environment) instead of moto",
+    )
     p.add_argument(
         "--layout",
         default="processes",
@@ -106,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.in_process:
         args.layout = "in-process"
+    args.profiles = ["embedded", "cloud"] if args.profile == "both" else [args.profile]
+    if "cloud" not in args.profiles and (args.store_url or args.redis_url or args.blob_url):
+        p.error("--store-url, --redis-url and --blob-url are for --profile cloud or both")
     if args.steps < 2 or args.steps % 2:
         p.error("--steps must be an even number ≥ 2 (task + plan per round)")
     args.concurrency_list = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -123,16 +157,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_floor(
-    nats_url: str, nats_proc: psutil.Process, work_dir: Path, m: int, steps: int, lifetimes: int
+    nats_url: str,
+    watched: dict[str, Monitored],
+    work_dir: Path,
+    m: int,
+    steps: int,
+    lifetimes: int,
+    dsn: str | None = None,
+    started: list[subprocess.Popen[bytes]] | None = None,
 ) -> dict[str, Any]:
+    """The floor at M = ``m``: SQLite in ``work_dir``, or a table in the ``dsn`` database.
+
+    ``watched`` are the servers it uses (nats-server, PostgreSQL), measured with it. The
+    floor's process is appended to ``started``, so an interrupted run can kill it."""
+    where = ["--dsn", dsn] if dsn else ["--db", str(work_dir / f"floor-{m}.db")]
     argv = [
         sys.executable,
         "-m",
         "bench.floor",
         "--nats-url",
         nats_url,
-        "--db",
-        str(work_dir / f"floor-{m}.db"),
+        *where,
         "--concurrency",
         str(m),
         "--steps",
@@ -143,12 +188,14 @@ def run_floor(
     proc = subprocess.Popen(
         argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    if started is not None:
+        started.append(proc)
     try:
         assert proc.stdin is not None
         assert proc.stdout is not None
         if read_line(proc.stdout, 60, proc).strip() != "ready":
             raise RuntimeError("floor did not get ready")
-        monitor = Monitor({"floor": psutil.Process(proc.pid), "nats-server": nats_proc}).start()
+        monitor = Monitor({"floor": psutil.Process(proc.pid), **watched}).start()
         monitor.begin()
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
@@ -189,27 +236,48 @@ async def wait_idle(limit_s: float, threshold: float = 0.10) -> float:
         print(f"(machine {share * 100:.0f}% busy with other work; waiting)", flush=True)
 
 
-async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+async def run_layout(
+    layout: Layout,
+    args: argparse.Namespace,
+    work_dir: Path,
+    profile: str = "embedded",
+    cloud: CloudServers | None = None,
+) -> dict[str, Any]:
+    """Every phase of one layout in one profile (``cloud`` holds the cloud profile's servers)."""
     if args.wait_idle:
         await wait_idle(args.wait_idle)
     max_m = max(args.concurrency_list)
+    stores = await cloud.stores(layout) if cloud is not None else None
+    servers: dict[str, Monitored] = dict(cloud.processes) if cloud is not None else {}
     cluster = Cluster(
         layout=layout,
         work_dir=work_dir,
         worker_concurrency=max(max_m, 16),
         workers=args.workers,
         log_level=args.log_level,
+        store_url=stores.store_url if stores else None,
+        blob_url=stores.blob_url if stores else None,
+        usage_counter_url=stores.usage_counter_url if stores else None,
+        env=dict(cloud.env) if cloud is not None else {},
     )
-    print(f"[{layout}] starting the mesh in {work_dir} ...", flush=True)
-    await asyncio.to_thread(cluster.start)
+    tag = f"{profile}/{layout}"
+    print(f"[{tag}] starting the mesh in {work_dir} ...", flush=True)
+    try:
+        await finish_in_thread(cluster.start)
+    except BaseException:
+        print(f"[{tag}] did not start; {cluster.health_report()}", file=sys.stderr, flush=True)
+        await finish_in_thread(cluster.stop)
+        raise
     out: dict[str, Any] = {"description": LAYOUTS[layout], "phases": []}
-    monitor = Monitor(cluster.processes)
+    monitor = Monitor({**cluster.processes, **servers})
     monitor.add("load-generator", psutil.Process())
     monitor.start()
     load = LoadGenerator(
         cluster.router_target, cluster.nats_url, "default", max_starting=args.max_starting
     )
     try:
+        if cloud is not None and stores is not None:
+            out["stores"] = await cloud.describe(stores)
         if args.policy_rules:
             await guardrail_bench.put_policy(cluster.guardrail_target, "default", args.policy_rules)
             await asyncio.sleep(0.5)  # the router picks the new snapshot up from the KV watch
@@ -224,7 +292,7 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
                     f"warm-up lifetimes did not complete: {dict(warm.states)} {warm.errors}"
                 )
             await load.drain()
-            print(f"[{layout}] warm-up: {args.warmup} lifetimes in {warm.wall_s:.2f}s", flush=True)
+            print(f"[{tag}] warm-up: {args.warmup} lifetimes in {warm.wall_s:.2f}s", flush=True)
         if not args.no_guardrail and args.policy_rules and layout == "processes":
             rpc = await guardrail_bench.over_rpc(cluster.guardrail_target, "default")
             rpc_lt = await guardrail_bench.over_rpc(
@@ -236,12 +304,12 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
         for m, lifetimes in zip(args.concurrency_list, args.lifetimes_list, strict=True):
             if args.pause:
                 print(
-                    f"[{layout}] pids: "
-                    + ", ".join(f"{n}={p.pid}" for n, p in cluster.processes.items())
+                    f"[{tag}] pids: "
+                    + ", ".join(f"{n}={p.pid}" for n, p in {**cluster.processes, **servers}.items())
                 )
-                await asyncio.to_thread(input, f"[{layout}] Enter runs M={m} ... ")
+                await asyncio.to_thread(input, f"[{tag}] Enter runs M={m} ... ")
             watermark = await asyncio.to_thread(max_seq, cluster.state_db)
-            print(f"[{layout}] M={m}: {lifetimes} lifetimes x {args.steps} steps ...", flush=True)
+            print(f"[{tag}] M={m}: {lifetimes} lifetimes x {args.steps} steps ...", flush=True)
             monitor.begin()
             run = await load.run(
                 concurrency=m, lifetimes=lifetimes, rounds=rounds, limit_s=args.timeout
@@ -293,7 +361,7 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
             }
             nan = float("nan")
             print(
-                f"[{layout}] M={m}: {stored} stored in {run.wall_s:.2f}s = "
+                f"[{tag}] M={m}: {stored} stored in {run.wall_s:.2f}s = "
                 f"{phase['steps_per_s']:.0f} steps/s, gap p50 {g['gap_ms'].get('p50', nan):.2f} "
                 f"p99 {g['gap_ms'].get('p99', nan):.2f} ms"
                 + (f"; then {drain_s:.2f}s to drain {backlog}" if backlog else "")
@@ -301,16 +369,27 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
                 flush=True,
             )
             if not args.no_floor and layout == args.floor_layout:
-                print(f"[{layout}] M={m}: floor ...", flush=True)
-                fl = await asyncio.to_thread(
-                    run_floor,
-                    cluster.nats_url,
-                    cluster.processes["nats-server"],
-                    work_dir,
-                    m,
-                    args.steps,
-                    lifetimes,
-                )
+                print(f"[{tag}] M={m}: floor ...", flush=True)
+                watched: dict[str, Monitored] = {"nats-server": cluster.processes["nats-server"]}
+                if "postgres" in servers:
+                    watched["postgres"] = servers["postgres"]
+                floor_procs: list[subprocess.Popen[bytes]] = []
+                try:
+                    fl = await asyncio.to_thread(
+                        run_floor,
+                        cluster.nats_url,
+                        watched,
+                        work_dir,
+                        m,
+                        args.steps,
+                        lifetimes,
+                        stores.store_url if stores else None,
+                        floor_procs,
+                    )
+                except asyncio.CancelledError:
+                    for proc in floor_procs:  # its thread then sees it exit and ends
+                        proc.kill()
+                    raise
                 phase["floor"] = fl
                 phase["ratio"] = {
                     "throughput": phase["steps_per_s"] / fl["steps_per_s"]
@@ -324,21 +403,22 @@ async def run_layout(layout: Layout, args: argparse.Namespace, work_dir: Path) -
                     else None,
                 }
                 print(
-                    f"[{layout}] M={m}: floor {fl['steps_per_s']:.0f} steps/s, gap p50 "
+                    f"[{tag}] M={m}: floor {fl['steps_per_s']:.0f} steps/s, gap p50 "
                     f"{fl['gap_ms']['p50']:.2f} p99 {fl['gap_ms']['p99']:.2f} ms",
                     flush=True,
                 )
             out["phases"].append(phase)
             if m == 1 and args.hop_lifetimes:
                 out["hops"] = await measure_hops(load, cluster.state_db, args)
-        out["processes"] = [*cluster.processes, "load-generator"]
+        out["processes"] = [*cluster.processes, *servers, "load-generator"]
     except BaseException:
-        print(f"[{layout}] failed; {cluster.health_report()}", file=sys.stderr, flush=True)
+        print(f"[{tag}] failed; {cluster.health_report()}", file=sys.stderr, flush=True)
         raise
     finally:
-        await load.close()
+        with contextlib.suppress(Exception):
+            await load.close()
         monitor.stop()
-        await asyncio.to_thread(cluster.stop)
+        await finish_in_thread(cluster.stop)
     return out
 
 
@@ -371,7 +451,40 @@ def _summ(values: list[float]) -> dict[str, float]:
     return summarize(values)
 
 
+async def run_profile(
+    profile: str, layouts: list[Layout], args: argparse.Namespace, base: Path
+) -> dict[str, Any]:
+    """Every layout in one profile; the cloud profile's servers live as long as this call."""
+    started = time.perf_counter()
+    out: dict[str, Any] = {"description": PROFILES[profile], "layouts": {}}
+    async with contextlib.AsyncExitStack() as stack:
+        cloud: CloudServers | None = None
+        if profile == "cloud":
+            print(f"[{profile}] starting PostgreSQL, Redis and S3 ...", flush=True)
+            cloud = await stack.enter_async_context(
+                CloudServers(
+                    base / "cloud-servers",
+                    store_url=args.store_url,
+                    redis_url=args.redis_url,
+                    blob_url=args.blob_url,
+                )
+            )
+            print(f"[{profile}] {cloud.summary()}", flush=True)
+        for layout in layouts:
+            data = await run_layout(layout, args, base / layout, profile, cloud)
+            rpc = data.pop("guardrail_rpc", None)
+            if rpc:
+                out["guardrail_rpc"] = rpc
+            out["layouts"][layout] = data
+    out["duration_s"] = time.perf_counter() - started
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM ends the run the way Ctrl-C does: cancelled, so every server is stopped.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     layouts: list[Layout] = ["processes", "in-process"] if args.layout == "both" else [args.layout]
     args.floor_layout = layouts[0]
     base = Path(tempfile.mkdtemp(prefix="tickmesh-bench-"))
@@ -379,6 +492,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "machine": describe(base),
         "config": {
             "profile": args.profile,
+            "profiles": args.profiles,
             "steps": args.steps,
             "concurrency": args.concurrency_list,
             "lifetimes": args.lifetimes_list,
@@ -390,7 +504,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "layouts": layouts,
             "argv": sys.argv[1:],
         },
-        "layouts": {},
+        "profiles": {},
     }
     started = time.perf_counter()
     try:
@@ -399,12 +513,8 @@ async def main_async(args: argparse.Namespace) -> int:
             result["guardrail"] = {
                 "in_process": guardrail_bench.in_process(max(1, args.policy_rules or 20))
             }
-        for layout in layouts:
-            data = await run_layout(layout, args, base / layout)
-            rpc = data.pop("guardrail_rpc", None)
-            if rpc and "guardrail" in result:
-                result["guardrail"].update(rpc)
-            result["layouts"][layout] = data
+        for profile in args.profiles:
+            result["profiles"][profile] = await run_profile(profile, layouts, args, base / profile)
     finally:
         if args.keep:
             print(f"data kept in {base}")
@@ -412,7 +522,9 @@ async def main_async(args: argparse.Namespace) -> int:
             shutil.rmtree(base, ignore_errors=True)
     if args.control:
         print("lifetime control: signal and fork latency (in-process mesh) ...", flush=True)
+        control_started = time.perf_counter()
         result["lifetime_control"] = await control_bench.run()
+        result["lifetime_control"]["duration_s"] = time.perf_counter() - control_started
     result["duration_s"] = time.perf_counter() - started
     print()
     print(render(result))
@@ -423,13 +535,25 @@ async def main_async(args: argparse.Namespace) -> int:
     json_path, png = write(result, args.out, stamp)
     print()
     print(f"results: {json_path}" + (f", plot: {png}" if png else ""))
-    failed = sum(ph["failed"] for d in result["layouts"].values() for ph in d["phases"])
+    failed = sum(
+        ph["failed"]
+        for prof in result["profiles"].values()
+        for d in prof["layouts"].values()
+        for ph in d["phases"]
+    )
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return asyncio.run(main_async(args))
+    try:
+        return asyncio.run(main_async(args))
+    except CloudSetupError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted; servers stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class Cluster:
     """The cloud profile's ``s3://`` blob URL; None keeps a folder in ``work_dir``."""
     usage_counter_url: str | None = None
     """The cloud profile's ``redis://`` usage counters; None reads the state store."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to every child's environment (the cloud profile's S3 credentials)."""
 
     nats: EmbeddedNats | None = None
     nats_url: str = ""
@@ -151,7 +153,7 @@ class Cluster:
         proc = subprocess.Popen(
             argv,
             cwd=REPO,
-            env=env or dict(os.environ),
+            env={**(env or os.environ), **self.env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else log,
             stderr=log,

@@ -1,10 +1,18 @@
 """`python -m bench.floor`: the unbatched floor, measured on the same machine.
 
 Per step: a JetStream publish that waits for its PubAck (the request), a push consumer
-delivering it (consume), one SQLite append (one row, one transaction, synchronous=FULL,
-WAL, like the state store), and the ack; then the chain's next step is published. M chains
-run concurrently (closed loop over L chains of N steps). Nothing is batched: this is the
-naive design that tickmesh must beat.
+delivering it (consume), one durable append, and the ack; then the chain's next step is
+published. M chains run concurrently (closed loop over L chains of N steps). Nothing is
+batched: this is the naive design that tickmesh must beat.
+
+The append is one row in one transaction, in the store the profile uses:
+
+* ``--db PATH`` (embedded): SQLite, WAL, synchronous=FULL, like the state store; one
+  writer thread, as SQLite has one writer.
+* ``--dsn postgresql://...`` (cloud): one ``INSERT`` through an asyncpg pool of
+  ``--pool-size`` connections (the state service's default pool size), each in its own
+  transaction with the server's default synchronous_commit. The table is created for the
+  run and dropped after it.
 
 Protocol with the parent: prints ``ready`` once set up, waits for a line on stdin, runs,
 prints one JSON line with the result.
@@ -17,13 +25,15 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import sqlite3
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import asyncpg
 import nats
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
@@ -33,6 +43,16 @@ from .stats import summarize
 
 STREAM = "BENCH_FLOOR"
 SUBJECT = "benchfloor"
+
+
+class Steps(Protocol):
+    """Where the floor appends its steps."""
+
+    async def append(self, chain: str, step: int, body: bytes) -> None: ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
 
 
 def open_db(path: Path) -> sqlite3.Connection:
@@ -48,19 +68,99 @@ def open_db(path: Path) -> sqlite3.Connection:
     return conn
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    conn = open_db(Path(args.db))
-    db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floor-sqlite")
+class SqliteSteps:
+    """One SQLite file, appended to from one thread (SQLite has one writer)."""
 
-    def append(chain: str, step: int, body: bytes) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
+    def __init__(self, path: Path) -> None:
+        self._conn = open_db(path)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floor-sqlite")
+
+    def _append(self, chain: str, step: int, body: bytes) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.execute(
             "INSERT INTO steps (chain, step, at, body) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (chain, step) DO NOTHING",
             (chain, step, time.time_ns(), body),
         )
-        conn.execute("COMMIT")
+        self._conn.execute("COMMIT")
 
+    async def append(self, chain: str, step: int, body: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._append, chain, step, body)
+
+    async def count(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+
+    async def close(self) -> None:
+        self._thread.shutdown()
+        self._conn.close()
+
+
+class PostgresSteps:
+    """A table of its own in a PostgreSQL database: one INSERT, one transaction per step."""
+
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], table: str) -> None:
+        self._pool = pool
+        self._table = table
+        self._insert = (
+            f"INSERT INTO {table} (chain, step, at, body) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (chain, step) DO NOTHING"
+        )
+
+    @classmethod
+    async def open(cls, dsn: str, pool_size: int) -> PostgresSteps:
+        table = f"bench_floor_{os.getpid()}"
+        # Every connection open before the run, so connecting is never timed.
+        pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
+        try:
+            await pool.execute(
+                f"CREATE TABLE {table} (seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                " chain TEXT NOT NULL, step INTEGER NOT NULL, at BIGINT NOT NULL,"
+                " body BYTEA NOT NULL, UNIQUE (chain, step))"
+            )
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, table)
+
+    async def append(self, chain: str, step: int, body: bytes) -> None:
+        await self._pool.execute(self._insert, chain, step, time.time_ns(), body)
+
+    async def count(self) -> int:
+        return int(await self._pool.fetchval(f"SELECT COUNT(*) FROM {self._table}"))
+
+    async def settings(self) -> dict[str, str]:
+        return {
+            name: str(await self._pool.fetchval(f"SHOW {name}"))
+            for name in ("server_version", "fsync", "synchronous_commit", "wal_sync_method")
+        }
+
+    async def close(self) -> None:
+        try:
+            await self._pool.execute(f"DROP TABLE IF EXISTS {self._table}")
+        finally:
+            await self._pool.close()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    store: Steps
+    info: dict[str, Any]
+    if args.dsn:
+        pg = await PostgresSteps.open(args.dsn, args.pool_size)
+        store = pg
+        info = {"kind": "postgresql", "pool_size": args.pool_size, **await pg.settings()}
+    else:
+        store = SqliteSteps(Path(args.db))
+        info = {"kind": "sqlite", "synchronous": "FULL", "journal_mode": "WAL"}
+    try:
+        result = await measure(args, store)
+    finally:
+        await store.close()
+    result["store"] = info
+    return result
+
+
+async def measure(args: argparse.Namespace, store: Steps) -> dict[str, Any]:
     nc = await nats.connect(args.nats_url, name="bench-floor")
     js = nc.jetstream()
     with contextlib.suppress(NotFoundError):
@@ -86,7 +186,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         step = int(rest.split(b":", 1)[0])
         name = chain.decode()
         received[name].append(now)
-        await loop.run_in_executor(db_thread, append, name, step, msg.data)
+        await store.append(name, step, msg.data)
         if step + 1 < steps:
             await js.publish(f"{SUBJECT}.{name}", chain + b":%d:" % (step + 1) + padding)
             await msg.ack()
@@ -126,10 +226,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     gaps = [(b - a) * 1000.0 for times in received.values() for a, b in itertools.pairwise(times)]
     total = sum(len(t) for t in received.values())
-    stored = conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+    stored = await store.count()
     await nc.close()
-    db_thread.shutdown()
-    conn.close()
     return {
         "concurrency": concurrency,
         "lifetimes": lifetimes,
@@ -145,7 +243,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
     parser.add_argument("--nats-url", required=True)
-    parser.add_argument("--db", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="SQLite file to create (embedded profile)")
+    where.add_argument("--dsn", help="postgresql:// database to add a table to (cloud profile)")
+    parser.add_argument(
+        "--pool-size", type=int, default=8, help="PostgreSQL connections (the state's default)"
+    )
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lifetimes", type=int, default=20)

@@ -162,12 +162,17 @@ class LoadGenerator:
         starting = asyncio.Semaphore(self.max_starting)
 
         async def lane() -> None:
+            task = asyncio.current_task()
             for _ in todo:  # shared: each lane takes the next lifetime when its own ended
                 t0 = time.perf_counter()
                 try:
                     async with starting:
                         handle = await client.start_lifetime(graph.id, value, version=graph.version)
                 except TickmeshError as exc:
+                    if task is not None and task.cancelling():
+                        # Interrupted (Ctrl-C): the call failed as CANCELLED, so the error, not
+                        # the cancellation, reached here. Stop, or the lane starts the rest.
+                        raise asyncio.CancelledError from exc
                     result.states["start_failed"] += 1
                     if len(result.errors) < 5:
                         result.errors.append(

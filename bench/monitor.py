@@ -1,4 +1,7 @@
-"""Per-process CPU and RSS, sampled with psutil every 0.2 s in a background thread."""
+"""Per-process CPU and RSS, sampled with psutil every 0.2 s in a background thread.
+
+A monitored name is one process, or a :class:`ProcessTree` (a server and its children,
+as PostgreSQL runs one backend process per connection)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,59 @@ import psutil
 SAMPLE_S = 0.2
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
+class ProcessTree:
+    """A server process and its children, measured as one.
+
+    CPU: the root's own time, the time of the children it has reaped (``children_user`` and
+    ``children_system``: PostgreSQL's ended backends) and the time of the live children.
+    Memory: the root's RSS plus each child's RSS minus its shared pages, so memory the
+    processes share (PostgreSQL's shared buffers) is not counted once per process.
+    """
+
+    def __init__(self, root: psutil.Process) -> None:
+        self.root = root
+
+    @property
+    def pid(self) -> int:
+        return self.root.pid
+
+    def _children(self) -> list[psutil.Process]:
+        try:
+            return self.root.children(recursive=True)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return []
+
+    def cpu_seconds(self) -> float:
+        try:
+            t = self.root.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return float("nan")
+        total = float(t.user + t.system + t.children_user + t.children_system)
+        for child in self._children():
+            try:
+                c = child.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue  # ended meanwhile: the root's children_* times hold it once reaped
+            total += float(c.user + c.system)
+        return total
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for i, proc in enumerate([self.root, *self._children()]):
+            try:
+                mem = proc.memory_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += int(mem.rss) if i == 0 else max(0, int(mem.rss) - int(mem.shared))
+        return total
+
+
+Monitored = psutil.Process | ProcessTree
+
+
+def cpu_seconds(proc: Monitored) -> float:
+    if isinstance(proc, ProcessTree):
+        return proc.cpu_seconds()
     try:
         t = proc.cpu_times()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -19,7 +74,9 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-def rss_bytes(proc: psutil.Process) -> int:
+def rss_bytes(proc: Monitored) -> int:
+    if isinstance(proc, ProcessTree):
+        return proc.rss_bytes()
     try:
         return int(proc.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -53,14 +110,14 @@ class Window:
 class Monitor:
     """Samples the RSS of named processes; brackets phases with CPU readings."""
 
-    def __init__(self, processes: Mapping[str, psutil.Process]) -> None:
+    def __init__(self, processes: Mapping[str, Monitored]) -> None:
         self._processes = dict(processes)
         self._lock = threading.Lock()
         self._window: Window | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
 
-    def add(self, name: str, proc: psutil.Process) -> None:
+    def add(self, name: str, proc: Monitored) -> None:
         with self._lock:
             self._processes[name] = proc
 

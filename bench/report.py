@@ -43,23 +43,97 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def profiles(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``result["profiles"]``; a result written before the cloud profile had only
+    ``result["layouts"]``, all embedded."""
+    if "profiles" in result:
+        found: dict[str, dict[str, Any]] = result["profiles"]
+        return found
+    return {"embedded": {"description": "SQLite, blob folder", "layouts": result["layouts"]}}
+
+
+def _stores_line(profile: str, data: dict[str, Any], machine: dict[str, Any]) -> str:
+    """Where the profile's state lives, as printed under its heading."""
+    if profile != "cloud":
+        return f"  store: SQLite, WAL, synchronous=FULL, on {machine['data_dir_filesystem']}"
+    for layout in data["layouts"].values():
+        st = layout.get("stores")
+        if st:
+            pg, rd = st["postgres"], st["redis"]
+            return (
+                f"  store: PostgreSQL {pg['server_version']} ({pg['where']}; fsync={pg['fsync']},"
+                f" synchronous_commit={pg['synchronous_commit']},"
+                f" wal_sync_method={pg['wal_sync_method']}, shared_buffers={pg['shared_buffers']})"
+                f"\n  usage counters: Redis {rd['version']} ({rd['where']}); blobs: {st['s3']}"
+                f"\n  floor: one INSERT per step, own transaction, through an asyncpg pool"
+            )
+    return "  store: PostgreSQL"
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     cfg = result["config"]
     parts = [
         f"tickmesh bench — {m['date']}  {m['cores']} cores, {m['ram_gib']} GiB, {m['cpu_model']}, "
         f"python {m['python']}, {m['nats_server']}, commit {m['tickmesh_commit']}",
-        f"profile {cfg['profile']}; lifetimes of {cfg['steps']} steps (no-op task ⇄ plan); "
-        f"store SQLite synchronous=FULL on {m['data_dir_filesystem']}; "
+        f"lifetimes of {cfg['steps']} steps (no-op task ⇄ plan); "
         + (
             f"{cfg['policy_rules']}-rule guardrail policy enforced by the router"
             if cfg["policy_rules"]
             else "no guardrail policy"
-        ),
+        )
+        + f"; data folder on {m['data_dir_filesystem']}",
     ]
-    for layout, data in result["layouts"].items():
+    for profile, prof in profiles(result).items():
         parts.append("")
-        parts.append(f"== layout: {layout} ({data['description']})")
+        parts.append(
+            f"==== profile: {profile} ({prof['description']})"
+            + (f" — {prof['duration_s']:.0f} s" if "duration_s" in prof else "")
+        )
+        parts.append(_stores_line(profile, prof, m))
+        parts.extend(_render_layouts(profile, prof))
+        rpc = prof.get("guardrail_rpc")
+        if rpc:
+            parts.append("")
+            parts.append(f"  guardrail Evaluate RPC ({profile}):")
+            parts.extend(_rpc_lines(rpc))
+    g = result.get("guardrail")
+    if g:
+        parts.append("")
+        parts.append("== guardrail evaluation (20 rules, post_result, none firing)")
+        ip = g["in_process"]["us"]
+        parts.append(
+            f"  in process PolicyEngine.evaluate: p50 {_f(ip['p50'])} µs, p99 {_f(ip['p99'])} µs, "
+            f"mean {_f(ip['mean'])} µs over {ip['n']:,} calls (target ≤ 50 µs per step)"
+        )
+        parts.extend(_rpc_lines(g))  # results written before the cloud profile
+    if "duration_s" in result:
+        parts.append("")
+        parts.append(f"run took {result['duration_s']:.0f} s")
+    return "\n".join(parts)
+
+
+def _rpc_lines(g: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, label in (
+        ("rpc", "usage from the request only"),
+        ("rpc_lifetime", "with lifetime usage"),
+    ):
+        r = g.get(key)
+        if r:
+            lines.append(
+                f"  Evaluate RPC, batch {r['batch']} ({label}): "
+                f"{_f(r['us_per_item']['p50'])} µs/item p50, {_f(r['us_per_item']['p99'])} p99 "
+                f"(call {_f(r['call_ms']['p50'])} ms p50)"
+            )
+    return lines
+
+
+def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
+    parts: list[str] = []
+    for layout, data in prof["layouts"].items():
+        parts.append("")
+        parts.append(f"== {profile} / {layout} ({data['description']})")
         rows = []
         for ph in data["phases"]:
             fl = ph.get("floor") or {}
@@ -112,7 +186,9 @@ def render(result: dict[str, Any]) -> str:
             )
         )
         parts.append(
-            "  (CPU 'mesh' = services + nats-server; 'all' adds the worker and the load generator;"
+            "  (CPU 'mesh' = services + nats-server"
+            + (" + PostgreSQL, Redis and S3 (moto)" if profile == "cloud" else "")
+            + "; 'all' adds the worker and the load generator;"
             " 'other load' = share of the machine's CPU used by other processes meanwhile;"
             "\n   'drain s' = time after the last lifetime ended until every consumer"
             " (lifetime events included) had caught up: CPU is counted over wall + drain)"
@@ -170,28 +246,10 @@ def render(result: dict[str, Any]) -> str:
                 parts.append(
                     f"  floor M={ph['concurrency']}: CPU s/1k steps "
                     + ", ".join(f"{k} {_f(v, 3)}" for k, v in c.items())
+                    + f" (CPU ms/step {_f(fl.get('cpu_ms_per_step'), 3)},"
+                    f" other load {fl.get('foreign_cpu_share', 0.0) * 100:.0f}%)"
                 )
-    g = result.get("guardrail")
-    if g:
-        parts.append("")
-        parts.append("== guardrail evaluation (20 rules, post_result, none firing)")
-        ip = g["in_process"]["us"]
-        parts.append(
-            f"  in process PolicyEngine.evaluate: p50 {_f(ip['p50'])} µs, p99 {_f(ip['p99'])} µs, "
-            f"mean {_f(ip['mean'])} µs over {ip['n']:,} calls (target ≤ 50 µs per step)"
-        )
-        for key, label in (
-            ("rpc", "usage from the request only"),
-            ("rpc_lifetime", "with lifetime usage"),
-        ):
-            r = g.get(key)
-            if r:
-                parts.append(
-                    f"  Evaluate RPC, batch {r['batch']} ({label}): "
-                    f"{_f(r['us_per_item']['p50'])} µs/item p50, {_f(r['us_per_item']['p99'])} p99 "
-                    f"(call {_f(r['call_ms']['p50'])} ms p50)"
-                )
-    return "\n".join(parts)
+    return parts
 
 
 def write(result: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path | None]:
@@ -214,40 +272,66 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    floor_done = False
-    colors = ("tab:blue", "tab:orange", "tab:green")
-    for i, (layout, data) in enumerate(result["layouts"].items()):
-        c = colors[i % len(colors)]
-        phases = data["phases"]
-        ms = [ph["concurrency"] for ph in phases]
-        ax1.plot(
-            ms, [ph["steps_per_s"] for ph in phases], "o-", color=c, label=f"tickmesh ({layout})"
-        )
-        ax2.plot(ms, [ph["gap_ms"]["p50"] for ph in phases], "o-", color=c, label=f"p50 ({layout})")
-        ax2.plot(
-            ms, [ph["gap_ms"]["p99"] for ph in phases], "o--", color=c, label=f"p99 ({layout})"
-        )
-        floors = [ph for ph in phases if ph.get("floor")]
-        if floors and not floor_done:
-            fm = [ph["concurrency"] for ph in floors]
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    markers = {"embedded": "o", "cloud": "^"}
+    floor_colors = {"embedded": "gray", "cloud": "black"}
+    i = 0
+    for profile, prof in profiles(result).items():
+        mark = markers.get(profile, "o")
+        floor_done = False
+        for layout, data in prof["layouts"].items():
+            c = colors[i % len(colors)]
+            i += 1
+            name = f"{profile}/{layout}"
+            phases = data["phases"]
+            ms = [ph["concurrency"] for ph in phases]
             ax1.plot(
-                fm, [ph["floor"]["steps_per_s"] for ph in floors], "s:", color="gray", label="floor"
+                ms,
+                [ph["steps_per_s"] for ph in phases],
+                f"{mark}-",
+                color=c,
+                label=f"tickmesh ({name})",
             )
             ax2.plot(
-                fm,
-                [ph["floor"]["gap_ms"]["p50"] for ph in floors],
-                "s-",
-                color="gray",
-                label="floor p50",
+                ms,
+                [ph["gap_ms"]["p50"] for ph in phases],
+                f"{mark}-",
+                color=c,
+                label=f"p50 ({name})",
             )
             ax2.plot(
-                fm,
-                [ph["floor"]["gap_ms"]["p99"] for ph in floors],
-                "s--",
-                color="gray",
-                label="floor p99",
+                ms,
+                [ph["gap_ms"]["p99"] for ph in phases],
+                f"{mark}--",
+                color=c,
+                label=f"p99 ({name})",
             )
-            floor_done = True
+            floors = [ph for ph in phases if ph.get("floor")]
+            if floors and not floor_done:
+                fc = floor_colors.get(profile, "gray")
+                fm = [ph["concurrency"] for ph in floors]
+                ax1.plot(
+                    fm,
+                    [ph["floor"]["steps_per_s"] for ph in floors],
+                    "s:",
+                    color=fc,
+                    label=f"floor ({profile})",
+                )
+                ax2.plot(
+                    fm,
+                    [ph["floor"]["gap_ms"]["p50"] for ph in floors],
+                    "s-",
+                    color=fc,
+                    label=f"floor p50 ({profile})",
+                )
+                ax2.plot(
+                    fm,
+                    [ph["floor"]["gap_ms"]["p99"] for ph in floors],
+                    "s--",
+                    color=fc,
+                    label=f"floor p99 ({profile})",
+                )
+                floor_done = True
     ax2.plot([1], [TARGETS["gap_p50_ms_m1"]], "g*", markersize=10, label="target p50 at M=1")
     ax2.plot([1], [TARGETS["gap_p99_ms_m1"]], "gx", markersize=8, label="target p99 at M=1")
     ax1.axhline(
@@ -258,18 +342,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("durable steps/s")
     ax1.set_title("throughput")
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7)
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("concurrent lifetimes M")
     ax2.set_ylabel("per-step gap, ms")
     ax2.set_title("orchestration gap (finished → next started)")
     ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(
         f"tickmesh bench {m['date']} — {m['cores']} cores, {m['cpu_model']}, "
-        f"{result['config']['steps']} steps/lifetime",
+        f"{result['config']['steps']} steps/lifetime; profiles " + ", ".join(profiles(result)),
         fontsize=10,
     )
     fig.tight_layout()
