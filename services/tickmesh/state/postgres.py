@@ -532,6 +532,16 @@ class PostgresStateStore:
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     async def _attempt(self, job: _Job[_T]) -> _T:
+        try:
+            return await self._attempt_on_a_connection(job)
+        except asyncpg.exceptions.InternalClientError as exc:
+            # The pool resets a connection as it takes it back; right after a server
+            # restart that reset can find the protocol in a bad state although the job
+            # itself finished. Replaying the job is safe (every job is idempotent), so
+            # this is a lost connection like any other.
+            raise _ConnectionLostError(f"releasing a connection: {exc}") from exc
+
+    async def _attempt_on_a_connection(self, job: _Job[_T]) -> _T:
         async with self._pool.acquire() as conn:
             try:
                 return await job(conn)
