@@ -125,7 +125,7 @@ demo-ts: install ## The demo with validate_code served by the TypeScript executo
 	  --input '{"task": "an adder library", "modules": ["parser", "lexer", "emitter"]}'
 
 .PHONY: bench
-bench: install ## Run the benchmark and print its figures (BENCH_ARGS="--layout both")
+bench: install ## Run the benchmark for both profiles and print its figures (BENCH_ARGS="--profile cloud")
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: clean
