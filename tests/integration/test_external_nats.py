@@ -41,6 +41,7 @@ from tests.support.nats_configs import (
 from tickmesh.router.config import RouterSettings
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.lifecycle import connect_nats
+from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.sdk.errors import ConfigError, TransportError
 
 REFUSE_WITHIN_S = 1.0
@@ -430,3 +431,82 @@ async def test_unreachable_cluster_names_every_server() -> None:
     urls = [f"nats://127.0.0.1:{unused_port()}", f"nats://127.0.0.1:{unused_port()}"]
     message = await _refused(_settings(",".join(urls)))
     assert f"cannot connect to NATS at {urls[0]}, {urls[1]}:" in message
+
+
+# -- replicated streams ----------------------------------------------------------------------
+
+
+async def _until_ok(attempt: Callable[[], Any], within: float, what: str) -> Any:
+    """Retry ``await attempt()`` while the cluster is electing leaders."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: still failing after {within:g} s: {exc!r}")
+            await asyncio.sleep(0.1)
+
+
+async def test_a_tenant_on_a_3_node_cluster_keeps_its_records_when_a_stream_leader_dies(
+    servers: NatsServers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With nats_replicas=3 every stream and bucket lives on all three servers, so killing
+    the node that leads the work stream loses no message and stalls publishing briefly."""
+    # A JetStream cluster needs its routes configured up front: fixed route ports for all.
+    route_ports = [unused_port() for _ in range(3)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in route_ports)
+    nodes = [
+        servers.start(
+            name,
+            server_config(
+                name,
+                jetstream_dir=tmp_path / name,
+                blocks=(f"cluster {{ name: c2, listen: 127.0.0.1:{port}, routes: [{routes}] }}",),
+            ),
+        )
+        for name, port in zip(("js1", "js2", "js3"), route_ports, strict=True)
+    ]
+    settings = _settings(",".join(n.url for n in nodes), nats_replicas=3, nats_connect_timeout_s=5)
+    tenant = f"rep_{uuid.uuid4().hex[:8]}"
+    async with _connected(settings) as nc:
+        js = tm_nats.jetstream(nc)
+        names = await _until_ok(
+            lambda: ensure_tenant(js, tenant, replicas=settings.nats_replicas),
+            within=20,
+            what="creating the tenant's streams on the cluster",
+        )
+        for stream in (
+            names.work_stream,
+            names.exec_stream,
+            names.ref_stream,
+            names.evt_stream,
+            names.dlq_stream,
+            f"KV_{names.router_bucket}",
+            f"KV_{names.policy_bucket}",
+        ):
+            info = await js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+            assert info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2, stream
+
+        subject = names.work("task", "h")
+        await _until_ok(lambda: js.publish(subject, b"before"), within=10, what="first publish")
+        info = await js.stream_info(names.work_stream)
+        assert info.cluster is not None
+        leader = next(n for n in nodes if n.name == info.cluster.leader)
+        leader.stop(kill=True)
+        killed = time.monotonic()
+        await _until_ok(lambda: js.publish(subject, b"after"), within=15, what="publish after")
+        recovered_s = time.monotonic() - killed
+        info = await _until_ok(
+            lambda: js.stream_info(names.work_stream), within=10, what="stream info"
+        )
+        assert info.state.messages == 2
+        assert info.cluster is not None
+        assert info.cluster.leader != leader.name
+    with capsys.disabled():
+        print(  # noqa: T201 - the figure is the point of this test
+            f"\nR3 work stream: leader {leader.name} killed, publishing again after "
+            f"{recovered_s * 1000:.0f} ms, no message lost"
+        )

@@ -92,7 +92,7 @@ async def serve(settings: ExecutorPoolSettings) -> None:
             resources.push_async_callback(blobs.close)
             js = runtime_nats.jetstream(nc)
             for tenant in settings.tenants:
-                await ensure_tenant(js, tenant)
+                await ensure_tenant(js, tenant, replicas=settings.nats_replicas)
             return await build(settings, nc=nc, js=js, blobs=blobs)
 
         await serve_until_stopped(settings, "executor-pool", make)

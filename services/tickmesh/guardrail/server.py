@@ -56,7 +56,7 @@ class GuardrailService:
     async def add_tenant(self, tenant: str) -> None:
         if tenant in self.stores:
             return
-        names = await ensure_tenant(self.js, tenant)
+        names = await ensure_tenant(self.js, tenant, replicas=self.settings.nats_replicas)
         self.stores[tenant] = await PolicyStore.open(self.js, names)
         await self.publish(tenant)
 

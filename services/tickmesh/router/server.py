@@ -70,7 +70,7 @@ class RouterService:
     async def add_tenant(self, tenant_id: str) -> None:
         if tenant_id in self.processor.tenants:
             return
-        names = await ensure_tenant(self.js, tenant_id)
+        names = await ensure_tenant(self.js, tenant_id, replicas=self.settings.nats_replicas)
         usage = TenantUsage(
             tenant_id,
             self.usage_source,

@@ -82,6 +82,9 @@ class ServiceSettings(BaseSettings):
     nats_tls_cert: str | None = None
     """Client certificate for NATS mutual TLS (with ``nats_tls_key``)."""
     nats_tls_key: str | None = None
+    nats_replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of each stream and KV bucket a service creates: 3 on a 3-node
+    cluster, so that losing a server loses nothing and stalls nothing."""
     nats_connect_timeout_s: float = 10.0
     """How long the first connection may take before the service refuses to start."""
     s3_access_key_id: str | None = None

@@ -28,7 +28,9 @@ EVENT_MAX_AGE_S = 7 * 24 * 3600.0
 DLQ_MAX_AGE_S = 30 * 24 * 3600.0
 
 
-def stream_configs(names: TenantNames) -> list[StreamConfig]:
+def stream_configs(names: TenantNames, *, replicas: int = 1) -> list[StreamConfig]:
+    """The tenant's streams, each kept on ``replicas`` servers of a JetStream cluster."""
+
     def cfg(
         name: str, subject: str, retention: RetentionPolicy, max_age: float = 0
     ) -> StreamConfig:
@@ -37,6 +39,7 @@ def stream_configs(names: TenantNames) -> list[StreamConfig]:
             subjects=[subject],
             retention=retention,
             storage=StorageType.FILE,
+            num_replicas=replicas,
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=max_age or None,
             discard=DiscardPolicy.OLD if max_age else DiscardPolicy.NEW,
@@ -54,10 +57,14 @@ def stream_configs(names: TenantNames) -> list[StreamConfig]:
     ]
 
 
-async def ensure_tenant(js: JetStreamContext, tenant: str) -> TenantNames:
-    """Create (or confirm) every stream and bucket of ``tenant``."""
+async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1) -> TenantNames:
+    """Create (or confirm) every stream and bucket of ``tenant``.
+
+    ``replicas`` applies to what this call creates; a stream or bucket that already exists
+    keeps its own (an operator raises it with ``nats stream edit``, not a restart).
+    """
     names = TenantNames(tenant)
-    for config in stream_configs(names):
+    for config in stream_configs(names, replicas=replicas):
         assert config.name is not None
         try:
             await js.stream_info(config.name)
@@ -74,7 +81,9 @@ async def ensure_tenant(js: JetStreamContext, tenant: str) -> TenantNames:
             await js.key_value(bucket)
         except Exception:
             await js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
+                )
             )
             logger.info("created KV bucket %s", bucket)
     return names

@@ -59,7 +59,7 @@ class StateService:
     async def add_tenant(self, tenant: str) -> None:
         if tenant in self.consumers:
             return
-        names = await ensure_tenant(self.js, tenant)
+        names = await ensure_tenant(self.js, tenant, replicas=self.settings.nats_replicas)
         producer = header_pb2.Producer(
             service="state", version=version(), instance=self.settings.instance
         )
