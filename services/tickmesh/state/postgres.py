@@ -44,12 +44,12 @@ from .store import (
     StoredExecution,
     _check_page,
     _check_tenant,
+    _counters_query,
     _from_ns,
     _Record,
     _record,
     _stored,
     _telemetry,
-    _to_ns,
 )
 
 logger = logging.getLogger(__name__)
@@ -790,25 +790,7 @@ class PostgresStateStore:
         self, tenant: str, *, lifetime_id: str | None = None, since: datetime | None = None
     ) -> tuple[telemetry_pb2.Telemetry, int]:
         _check_tenant(tenant)
-        since_ns = None if since is None else _to_ns(since)
-        columns = "input_tokens, output_tokens, cost_micros, model_calls, tool_calls, executions"
-        sql: str
-        params: tuple[object, ...]
-        if since_ns is None and lifetime_id is None:
-            sql = f"SELECT {columns} FROM tenant_counters WHERE tenant = $1"
-            params = (tenant,)
-        elif since_ns is None:
-            sql = f"SELECT {columns} FROM lifetime_counters WHERE tenant = $1 AND lifetime_id = $2"
-            params = (tenant, lifetime_id)
-        elif lifetime_id is None:
-            sql = f"SELECT {_SUMS} FROM executions WHERE tenant = $1 AND persisted_at >= $2"
-            params = (tenant, since_ns)
-        else:
-            sql = (
-                f"SELECT {_SUMS} FROM executions"
-                " WHERE tenant = $1 AND lifetime_id = $2 AND persisted_at >= $3"
-            )
-            params = (tenant, lifetime_id, since_ns)
+        sql, params = _counters_query(tenant, lifetime_id, since, lambda n: f"${n}", _SUMS)
 
         async def job(
             conn: PoolConnectionProxy[asyncpg.Record],

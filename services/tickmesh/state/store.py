@@ -383,6 +383,44 @@ def _stored(row: Sequence[Any], *, duplicate: bool) -> StoredExecution:
     )
 
 
+def _counters_query(
+    tenant: str,
+    lifetime_id: str | None,
+    since: datetime | None,
+    placeholder: Callable[[int], str],
+    sums: str = _SUMS,
+) -> tuple[str, tuple[object, ...]]:
+    """The query (and its parameters) behind ``counters()``, in either store's dialect
+    (``placeholder(n)`` is the n-th parameter, from 1; ``sums`` the aggregate columns):
+    running totals when no ``since`` is given, else a sum over the executions persisted
+    since then."""
+    columns = "input_tokens, output_tokens, cost_micros, model_calls, tool_calls, executions"
+    params: tuple[object, ...] = (tenant,)
+    if lifetime_id is not None:
+        params += (lifetime_id,)
+    if since is not None:
+        params += (_to_ns(since),)
+    p = [placeholder(n) for n in range(1, len(params) + 1)]
+    if since is None and lifetime_id is None:
+        return f"SELECT {columns} FROM tenant_counters WHERE tenant = {p[0]}", params
+    if since is None:
+        return (
+            f"SELECT {columns} FROM lifetime_counters"
+            f" WHERE tenant = {p[0]} AND lifetime_id = {p[1]}",
+            params,
+        )
+    if lifetime_id is None:
+        return (
+            f"SELECT {sums} FROM executions WHERE tenant = {p[0]} AND persisted_at >= {p[1]}",
+            params,
+        )
+    return (
+        f"SELECT {sums} FROM executions"
+        f" WHERE tenant = {p[0]} AND lifetime_id = {p[1]} AND persisted_at >= {p[2]}",
+        params,
+    )
+
+
 def _telemetry(row: tuple[int | None, ...]) -> tuple[telemetry_pb2.Telemetry, int]:
     input_tokens, output_tokens, cost_micros, model_calls, tool_calls, executions = (
         value or 0 for value in row
@@ -884,25 +922,7 @@ class SQLiteStateStore:
         self, tenant: str, *, lifetime_id: str | None = None, since: datetime | None = None
     ) -> tuple[telemetry_pb2.Telemetry, int]:
         _check_tenant(tenant)
-        since_ns = None if since is None else _to_ns(since)
-        columns = "input_tokens, output_tokens, cost_micros, model_calls, tool_calls, executions"
-        sql: str
-        params: tuple[object, ...]
-        if since_ns is None and lifetime_id is None:
-            sql = f"SELECT {columns} FROM tenant_counters WHERE tenant = ?"
-            params = (tenant,)
-        elif since_ns is None:
-            sql = f"SELECT {columns} FROM lifetime_counters WHERE tenant = ? AND lifetime_id = ?"
-            params = (tenant, lifetime_id)
-        elif lifetime_id is None:
-            sql = f"SELECT {_SUMS} FROM executions WHERE tenant = ? AND persisted_at >= ?"
-            params = (tenant, since_ns)
-        else:
-            sql = (
-                f"SELECT {_SUMS} FROM executions"
-                " WHERE tenant = ? AND lifetime_id = ? AND persisted_at >= ?"
-            )
-            params = (tenant, lifetime_id, since_ns)
+        sql, params = _counters_query(tenant, lifetime_id, since, lambda _: "?")
 
         def job() -> tuple[telemetry_pb2.Telemetry, int]:
             row = self._conn.execute(sql, params).fetchone()
