@@ -1,11 +1,13 @@
 """Fixtures shared by these tests: real nats-server, PostgreSQL, redis-server and S3 (moto)."""
 
+from tests.support.mesh import mesh_profile, start_mesh
 from tests.support.nats_server import nats_server
 from tests.support.postgres import postgres_dsn, postgres_server, start_postgres
 from tests.support.redis_server import redis_server, redis_url
 from tests.support.s3_server import s3_bucket, s3_server
 
 __all__ = [
+    "mesh_profile",
     "nats_server",
     "postgres_dsn",
     "postgres_server",
@@ -13,5 +15,6 @@ __all__ = [
     "redis_url",
     "s3_bucket",
     "s3_server",
+    "start_mesh",
     "start_postgres",
 ]

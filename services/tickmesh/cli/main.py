@@ -10,6 +10,7 @@ tickmesh fork LIFETIME EXECUTION [--output JSON]   continue a lifetime from one 
 tickmesh replay LIFETIME [--graph-version N]   re-drive a lifetime and compare its decisions
 tickmesh graph validate FILE...   check graph files (file:line:column errors)
 tickmesh policy validate|apply|show   guardrail policies (see tickmesh.cli.policy)
+tickmesh usage --state HOST:PORT [--since 7d]   tokens, cost and steps per graph and node
 tickmesh config show [--service S]   print the effective settings, secrets masked
 tickmesh migrate                  apply the state store's pending schema migrations
 tickmesh serve SERVICE            run one service (router, guardrail, state, executor-pool)
@@ -43,6 +44,7 @@ from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
 
 from . import config as config_cli
 from . import policy as policy_cli
+from . import usage as usage_cli
 from .trace import render
 
 SERVICES = ("router", "guardrail", "state", "executor-pool")
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", type=Path)
 
     policy_cli.add_parser(sub)
+
+    usage_cli.add_parser(sub)
 
     config_cli.add_parsers(sub)
 
@@ -449,6 +453,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return cmd_serve(args)
         if args.command == "policy":
             return policy_cli.run(args, out)
+        if args.command == "usage":
+            return usage_cli.run(args, out)
         if args.command == "config":
             return config_cli.cmd_config_show(args, out)
         if args.command == "migrate":

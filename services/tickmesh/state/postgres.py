@@ -42,6 +42,7 @@ from .store import (
     LifetimeFold,
     StoreClosedError,
     StoredExecution,
+    UsageRow,
     _check_page,
     _check_tenant,
     _counters_query,
@@ -50,6 +51,8 @@ from .store import (
     _record,
     _stored,
     _telemetry,
+    _usage_query,
+    _usage_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,6 +135,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (tenant, lifetime_id, sequence)
     );
     """,
+    # 2: the graph version and handler of each record, for usage reports by graph and
+    # node. A constant default adds the columns without rewriting the table; rows stored
+    # before keep the defaults and are reported under graph "".
+    """
+    ALTER TABLE executions
+        ADD COLUMN graph_id TEXT NOT NULL DEFAULT '',
+        ADD COLUMN graph_version BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN handler TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _SUMS: Final = (
@@ -160,17 +172,20 @@ _APPEND: Final = f"""
     ), inserted AS (
         INSERT INTO executions (
             tenant, execution_id, attempt, lifetime_id, kind, node_id, persisted_at,
-            input_tokens, output_tokens, cost_micros, model_calls, tool_calls, envelope
+            input_tokens, output_tokens, cost_micros, model_calls, tool_calls, envelope,
+            graph_id, graph_version, handler
         )
         SELECT $1, r.execution_id, r.attempt, r.lifetime_id, r.kind, r.node_id, floor.ns,
             r.input_tokens, r.output_tokens, r.cost_micros, r.model_calls, r.tool_calls,
-            r.envelope
+            r.envelope, r.graph_id, r.graph_version, r.handler
         FROM unnest(
             $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bytea[]
+            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bytea[],
+            $13::text[], $14::bigint[], $15::text[]
         ) WITH ORDINALITY AS r(
             execution_id, attempt, lifetime_id, kind, node_id, input_tokens, output_tokens,
-            cost_micros, model_calls, tool_calls, envelope, position
+            cost_micros, model_calls, tool_calls, envelope, graph_id, graph_version, handler,
+            position
         )
         CROSS JOIN floor
         ORDER BY r.position  -- sequences follow the batch's order
@@ -797,6 +812,25 @@ class PostgresStateStore:
         ) -> tuple[telemetry_pb2.Telemetry, int]:
             row = await conn.fetchrow(sql, *params)
             return _telemetry(tuple(row) if row else (0, 0, 0, 0, 0, 0))
+
+        return await self._run(job)
+
+    async def usage(
+        self,
+        tenant: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        graph_id: str | None = None,
+        by_node: bool = True,
+    ) -> list[UsageRow]:
+        _check_tenant(tenant)
+        sql, params = _usage_query(
+            tenant, since, until, graph_id, by_node, lambda n: f"${n}", _SUMS
+        )
+
+        async def job(conn: PoolConnectionProxy[asyncpg.Record]) -> list[UsageRow]:
+            return _usage_rows([tuple(row) for row in await conn.fetch(sql, *params)])
 
         return await self._run(job)
 

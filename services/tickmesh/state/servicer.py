@@ -19,6 +19,7 @@ from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
     payload_pb2,
+    telemetry_pb2,
 )
 from tickmesh.v1 import (
     state_service_pb2 as pb,
@@ -29,11 +30,12 @@ from tickmesh.v1 import (
 
 from . import core
 from .consumer import RecordConsumer
-from .store import StateStore, StoredExecution
+from .store import StateStore, StoredExecution, UsageRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CHUNK = 1024 * 1024
 MAX_BLOB_BYTES = 1024 * 1024 * 1024
+UINT32_MAX = 0xFFFF_FFFF
 
 
 class StateServicer(pb_grpc.StateServiceServicer):
@@ -141,6 +143,39 @@ class StateServicer(pb_grpc.StateServiceServicer):
         return pb.GetCountersResponse(totals=totals, executions=count)
 
     @unary_errors
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        tenant = self._tenant(context)
+        if request.group_by not in (
+            pb.USAGE_GROUPING_UNSPECIFIED,
+            pb.USAGE_GROUPING_GRAPH,
+            pb.USAGE_GROUPING_NODE,
+        ):
+            raise ValidationError(f"unknown group_by {request.group_by}")
+        rows = await self._store.usage(
+            tenant,
+            since=request.since.ToDatetime(UTC) if request.HasField("since") else None,
+            until=request.until.ToDatetime(UTC) if request.HasField("until") else None,
+            graph_id=request.graph_id or None,
+            by_node=request.group_by != pb.USAGE_GROUPING_GRAPH,
+        )
+        total = _total(rows)
+        return pb.GetUsageResponse(
+            rows=[
+                pb.UsageRow(
+                    graph_id=row.graph_id,
+                    graph_version=row.graph_version,
+                    node_id=row.node_id,
+                    handler=row.handler,
+                    executions=row.executions,
+                    totals=_usage_telemetry(row),
+                )
+                for row in rows
+            ],
+            totals=_usage_telemetry(total),
+            executions=total.executions,
+        )
+
+    @unary_errors
     async def PutBlob(
         self, request_iterator: AsyncIterator[pb.PutBlobRequest], context: Context
     ) -> pb.PutBlobResponse:
@@ -198,6 +233,33 @@ def _record(
     if envelope.HasField("task_execution"):
         return envelope.task_execution
     return envelope.plan_execution
+
+
+def _total(rows: list[UsageRow]) -> UsageRow:
+    """The sum of a usage report's rows."""
+    return UsageRow(
+        graph_id="",
+        graph_version=0,
+        node_id="",
+        handler="",
+        executions=sum(r.executions for r in rows),
+        input_tokens=sum(r.input_tokens for r in rows),
+        output_tokens=sum(r.output_tokens for r in rows),
+        cost_micros=sum(r.cost_micros for r in rows),
+        model_calls=sum(r.model_calls for r in rows),
+        tool_calls=sum(r.tool_calls for r in rows),
+    )
+
+
+def _usage_telemetry(row: UsageRow) -> telemetry_pb2.Telemetry:
+    return telemetry_pb2.Telemetry(
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        cost_micros=row.cost_micros,
+        # The proto's call counts are uint32; a tenant's all-time sum could outgrow them.
+        model_calls=min(row.model_calls, UINT32_MAX),
+        tool_calls=min(row.tool_calls, UINT32_MAX),
+    )
 
 
 def _ref(stored: StoredExecution) -> execution_pb2.ExecutionRef:

@@ -76,6 +76,28 @@ class StoredExecution:
     """True when an append found the record already stored (the fields are the original's)."""
 
 
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """The summed usage of one graph version, or of one node of it (see ``StateStore.usage``)."""
+
+    graph_id: str
+    """The graph's id; empty for records stored before the store kept it (schema version 1)."""
+    graph_version: int
+    """The graph's version; 0 when unknown."""
+    node_id: str
+    """The node's id; empty when grouped by graph."""
+    handler: str
+    """The node's handler; empty when grouped by graph or unknown."""
+    executions: int
+    """How many execution records (attempts included) were summed."""
+    input_tokens: int
+    output_tokens: int
+    cost_micros: int
+    """Summed cost in millionths of the currency unit, as ``Telemetry.cost_micros``."""
+    model_calls: int
+    tool_calls: int
+
+
 class StateStore(Protocol):
     """Durable storage of execution records, lifetime rows, lifetime events and counters."""
 
@@ -162,6 +184,34 @@ class StateStore(Protocol):
         """
         ...
 
+    async def usage(
+        self,
+        tenant: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        graph_id: str | None = None,
+        by_node: bool = True,
+    ) -> list[UsageRow]:
+        """Sum a tenant's executions per graph version (and per node, with ``by_node``).
+
+        Args:
+            tenant: The tenant whose executions to sum.
+            since: Counts only executions persisted at or after it (timezone-aware).
+            until: Counts only executions persisted before it (timezone-aware).
+            graph_id: Counts only this graph's executions (every version).
+            by_node: One row per node of each graph version; else one per graph version.
+
+        Returns:
+            The non-empty groups, ordered by graph id, version, node id and handler
+            (code point order). Records stored before schema version 2 have no graph
+            or handler and are summed under ``graph_id=""``.
+
+        Raises:
+            ValidationError: a time is naive, or ``until`` is before ``since``.
+        """
+        ...
+
     async def close(self) -> None:
         """Finish pending work and release the store."""
         ...
@@ -234,13 +284,21 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (tenant, lifetime_id, sequence)
     ) WITHOUT ROWID;
     """,
+    # 2: the graph version and handler of each record, for usage reports by graph and
+    # node. Rows stored before keep the defaults and are reported under graph "".
+    """
+    ALTER TABLE executions ADD COLUMN graph_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE executions ADD COLUMN graph_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE executions ADD COLUMN handler TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 _INSERT_EXECUTION: Final = """
     INSERT INTO executions (
         tenant, execution_id, attempt, lifetime_id, kind, node_id, persisted_at,
-        input_tokens, output_tokens, cost_micros, model_calls, tool_calls, envelope
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        input_tokens, output_tokens, cost_micros, model_calls, tool_calls, envelope,
+        graph_id, graph_version, handler
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (tenant, execution_id, attempt) DO NOTHING
 """
 _SUMS: Final = (
@@ -293,6 +351,10 @@ class _Record(NamedTuple):
     model_calls: int
     tool_calls: int
     envelope: bytes
+    # Last, so the columns before keep their positions in both stores' inserts.
+    graph_id: str
+    graph_version: int
+    handler: str
 
 
 def _check_tenant(tenant: str) -> None:
@@ -353,6 +415,9 @@ def _record(tenant: str, raw: bytes, env: envelope_pb2.ExecutionEnvelope) -> _Re
         t.model_calls,
         t.tool_calls,
         raw,
+        h.graph.id,
+        h.graph.version,
+        h.node.handler,
     )
 
 
@@ -360,9 +425,9 @@ def _from_ns(ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
-def _to_ns(when: datetime) -> int:
+def _to_ns(when: datetime, name: str = "since") -> int:
     if when.tzinfo is None:
-        raise ValidationError("since must be timezone-aware")
+        raise ValidationError(f"{name} must be timezone-aware")
     return (when - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
@@ -419,6 +484,72 @@ def _counters_query(
         f" WHERE tenant = {p[0]} AND lifetime_id = {p[1]} AND persisted_at >= {p[2]}",
         params,
     )
+
+
+def _usage_query(
+    tenant: str,
+    since: datetime | None,
+    until: datetime | None,
+    graph_id: str | None,
+    by_node: bool,
+    placeholder: Callable[[int], str],
+    sums: str = _SUMS,
+) -> tuple[str, tuple[object, ...]]:
+    """The query (and its parameters) behind ``usage()``, in either store's dialect
+    (as for ``_counters_query``): one GROUP BY over the tenant's executions, selecting
+    graph id, graph version, node id, handler and then ``sums``."""
+    if since is not None and until is not None and _to_ns(until, "until") < _to_ns(since):
+        raise ValidationError(f"until ({until.isoformat()}) is before since ({since.isoformat()})")
+    conditions = ["tenant = {}"]
+    params: list[object] = [tenant]
+    if since is not None:
+        conditions.append("persisted_at >= {}")
+        params.append(_to_ns(since))
+    if until is not None:
+        conditions.append("persisted_at < {}")
+        params.append(_to_ns(until, "until"))
+    if graph_id is not None:
+        conditions.append("graph_id = {}")
+        params.append(graph_id)
+    where = " AND ".join(c.format(placeholder(n)) for n, c in enumerate(conditions, start=1))
+    keys = "graph_id, graph_version, node_id, handler" if by_node else "graph_id, graph_version"
+    columns = keys if by_node else f"{keys}, '', ''"
+    return (
+        f"SELECT {columns}, {sums} FROM executions WHERE {where} GROUP BY {keys}",
+        tuple(params),
+    )
+
+
+def _usage_rows(rows: Sequence[Sequence[Any]]) -> list[UsageRow]:
+    """``UsageRow``s from the query's rows, in code point order (collations differ)."""
+    usage = [
+        UsageRow(
+            graph_id=graph_id,
+            graph_version=graph_version,
+            node_id=node_id,
+            handler=handler,
+            executions=executions,
+            input_tokens=input_tokens or 0,
+            output_tokens=output_tokens or 0,
+            cost_micros=cost_micros or 0,
+            model_calls=model_calls or 0,
+            tool_calls=tool_calls or 0,
+        )
+        for (
+            graph_id,
+            graph_version,
+            node_id,
+            handler,
+            input_tokens,
+            output_tokens,
+            cost_micros,
+            model_calls,
+            tool_calls,
+            executions,
+        ) in rows
+    ]
+    usage.sort(key=lambda r: (r.graph_id, r.graph_version, r.node_id, r.handler))
+    return usage
 
 
 def _telemetry(row: tuple[int | None, ...]) -> tuple[telemetry_pb2.Telemetry, int]:
@@ -929,3 +1060,16 @@ class SQLiteStateStore:
             return _telemetry(tuple(row) if row else (0, 0, 0, 0, 0, 0))
 
         return await self._run(job)
+
+    async def usage(
+        self,
+        tenant: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        graph_id: str | None = None,
+        by_node: bool = True,
+    ) -> list[UsageRow]:
+        _check_tenant(tenant)
+        sql, params = _usage_query(tenant, since, until, graph_id, by_node, lambda _: "?")
+        return await self._run(lambda: _usage_rows(self._conn.execute(sql, params).fetchall()))

@@ -8,12 +8,14 @@ must reopen the same database. Tests that look inside SQLite run on SQLite only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 
@@ -34,7 +36,13 @@ from tickmesh.sdk.errors import ValidationError
 from tickmesh.state import store as store_module
 from tickmesh.state.core import lifetime_row
 from tickmesh.state.postgres import PostgresStateStore
-from tickmesh.state.store import MIGRATIONS, SQLiteStateStore, StateStore, StoreClosedError
+from tickmesh.state.store import (
+    MIGRATIONS,
+    SQLiteStateStore,
+    StateStore,
+    StoreClosedError,
+    UsageRow,
+)
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2, telemetry_pb2
 
 StoreFactory = Callable[[Path], Awaitable[StateStore]]
@@ -457,6 +465,164 @@ async def test_store_refuses_a_naive_since(store: StateStore) -> None:
         await store.counters(A, since=datetime(2026, 1, 1))
 
 
+# -- usage -------------------------------------------------------------------------------
+
+
+def _step(
+    n: int,
+    graph: str,
+    node: str,
+    telemetry: telemetry_pb2.Telemetry,
+    *,
+    version: int = 1,
+    handler: str = "",
+    tenant: str = A,
+    attempt: int = 1,
+    kind: Literal["task", "plan"] = "task",
+) -> Record:
+    """An execution record of ``node`` (handler ``h_<node>`` unless given) of a graph version."""
+    _, env = execution_record(
+        n, tenant=tenant, attempt=attempt, kind=kind, node_id=node, telemetry=telemetry
+    )
+    body = env.task_execution if kind == "task" else env.plan_execution
+    for header in (env.header, body.header):
+        header.graph.id = graph
+        header.graph.version = version
+        header.node.handler = handler or f"h_{node}"
+    return env.SerializeToString(deterministic=True), env
+
+
+def _usage_row(
+    graph: str,
+    version: int,
+    node: str,
+    handler: str,
+    *records: Record,
+) -> UsageRow:
+    totals, count = _sum(*records)
+    return UsageRow(
+        graph_id=graph,
+        graph_version=version,
+        node_id=node,
+        handler=handler,
+        executions=count,
+        input_tokens=totals.input_tokens,
+        output_tokens=totals.output_tokens,
+        cost_micros=totals.cost_micros,
+        model_calls=totals.model_calls,
+        tool_calls=totals.tool_calls,
+    )
+
+
+async def test_store_sums_usage_by_graph_version_and_node(store: StateStore) -> None:
+    plan1 = _step(1, "coder", "plan", usage(100, 10, 1_000, 1, 0), kind="plan")
+    gen1 = _step(2, "coder", "generate", usage(200, 20, 2_000, 2, 3))
+    gen1_retry = _step(2, "coder", "generate", usage(50, 5, 500, 1, 0), attempt=2)
+    test1 = _step(3, "coder", "test", usage(0, 0, 0, 0, 4))
+    gen2 = _step(4, "coder", "generate", usage(7, 1, 3, 1, 0), version=2)
+    other = _step(5, "Billing", "charge", usage(1, 2, 3, 4, 5), handler="stripe")
+    await store.append_executions(A, [plan1, gen1, test1])
+    await store.append_executions(A, [gen1_retry, gen2, other])
+
+    assert await store.usage(A) == [
+        # Code point order: upper case first, whatever the database's collation.
+        _usage_row("Billing", 1, "charge", "stripe", other),
+        _usage_row("coder", 1, "generate", "h_generate", gen1, gen1_retry),
+        _usage_row("coder", 1, "plan", "h_plan", plan1),
+        _usage_row("coder", 1, "test", "h_test", test1),
+        _usage_row("coder", 2, "generate", "h_generate", gen2),
+    ]
+    assert await store.usage(A, by_node=False) == [
+        _usage_row("Billing", 1, "", "", other),
+        _usage_row("coder", 1, "", "", plan1, gen1, gen1_retry, test1),
+        _usage_row("coder", 2, "", "", gen2),
+    ]
+    totals, executions = await store.counters(A)
+    rows = await store.usage(A, by_node=False)
+    assert sum(r.executions for r in rows) == executions == 6
+    assert sum(r.cost_micros for r in rows) == totals.cost_micros
+
+
+async def test_store_filters_usage_by_graph(store: StateStore) -> None:
+    mine = [
+        _step(1, "coder", "plan", usage(1, 1, 1, 1, 1)),
+        _step(2, "coder", "plan", usage(2, 2, 2, 2, 2), version=3),
+    ]
+    await store.append_executions(A, [*mine, _step(3, "coder2", "plan", usage(9, 9, 9, 9, 9))])
+
+    assert await store.usage(A, graph_id="coder") == [
+        _usage_row("coder", 1, "plan", "h_plan", mine[0]),
+        _usage_row("coder", 3, "plan", "h_plan", mine[1]),
+    ]
+    assert await store.usage(A, graph_id="coder", by_node=False) == [
+        _usage_row("coder", 1, "", "", mine[0]),
+        _usage_row("coder", 3, "", "", mine[1]),
+    ]
+    assert await store.usage(A, graph_id="cod") == []
+    assert await store.usage(A, graph_id="") == []
+
+
+async def test_store_sums_usage_between_since_and_until(store: StateStore) -> None:
+    old = _step(1, "g", "a", usage(1, 1, 1, 1, 1))
+    middle = [_step(2, "g", "a", usage(10, 0, 5, 1, 0)), _step(3, "g", "b", usage(0, 0, 7, 0, 2))]
+    new = _step(4, "g", "a", usage(100, 100, 100, 1, 1))
+    [first] = await store.append_executions(A, [old])
+    await asyncio.sleep(0.002)
+    stored = await store.append_executions(A, middle)
+    await asyncio.sleep(0.002)
+    [last] = await store.append_executions(A, [new])
+    start, end = stored[0].persisted_at, last.persisted_at
+    assert first.persisted_at < start < end
+
+    # since is inclusive, until exclusive: [start, end) holds exactly the middle batch.
+    assert await store.usage(A, since=start, until=end) == [
+        _usage_row("g", 1, "a", "h_a", middle[0]),
+        _usage_row("g", 1, "b", "h_b", middle[1]),
+    ]
+    assert await store.usage(A, since=start, by_node=False) == [
+        _usage_row("g", 1, "", "", *middle, new)
+    ]
+    assert await store.usage(A, until=start, by_node=False) == [_usage_row("g", 1, "", "", old)]
+    assert await store.usage(A, since=end + timedelta(seconds=1)) == []
+    assert await store.usage(A, since=start, until=start) == []
+    with pytest.raises(ValidationError, match="before"):
+        await store.usage(A, since=end, until=start)
+    with pytest.raises(ValidationError, match="until must be timezone-aware"):
+        await store.usage(A, until=datetime(2026, 1, 1))
+
+
+async def test_store_never_counts_another_tenants_or_a_redelivered_record_in_usage(
+    store: StateStore,
+) -> None:
+    ours = [_step(1, "g", "a", usage(5, 5, 5, 1, 1)), _step(2, "g", "b", usage(1, 0, 0, 0, 0))]
+    theirs = _step(1, "g", "a", usage(1_000, 0, 0, 0, 0), tenant=B)
+    await store.append_executions(A, ours)
+    await store.append_executions(B, [theirs])
+    # Redelivered, alone, reordered and mixed with a record whose key another one reuses.
+    await store.append_executions(A, [ours[1], ours[0], ours[1]])
+    await store.append_executions(A, [_step(1, "g", "a", usage(777, 0, 0, 0, 0))])
+
+    expected = [_usage_row("g", 1, "a", "h_a", ours[0]), _usage_row("g", 1, "b", "h_b", ours[1])]
+    assert await store.usage(A) == expected
+    assert await store.usage(B) == [_usage_row("g", 1, "a", "h_a", theirs)]
+    assert await store.usage("initech") == []
+    with pytest.raises(ValidationError, match="tenant"):
+        await store.usage("Acme/../x")
+
+
+async def test_store_reports_records_without_a_graph_under_an_empty_graph_id(
+    store: StateStore,
+) -> None:
+    _, env = execution_record(1, telemetry=usage(3, 2, 1, 1, 0))
+    for header in (env.header, env.task_execution.header):
+        header.ClearField("graph")
+        header.node.handler = ""
+    record = (env.SerializeToString(deterministic=True), env)
+    await store.append_executions(A, [record])
+
+    assert await store.usage(A) == [_usage_row("", 0, env.header.node.id, "", record)]
+
+
 # -- durability --------------------------------------------------------------------------
 
 
@@ -516,6 +682,37 @@ async def test_sqlite_store_applies_migrations_once(tmp_path: Path) -> None:
     async with await SQLiteStateStore.open(path) as second:
         assert await second.schema_version() == len(MIGRATIONS)
     assert _migration_rows(path) == applied
+
+
+async def test_sqlite_store_upgrade_keeps_old_records_and_reports_them_without_a_graph(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / SQLITE_FILE
+    # A file written by a tickmesh that knew only schema version 1.
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER)"
+        )
+        conn.execute("INSERT INTO schema_migrations VALUES (1, 0)")
+        conn.execute(
+            "INSERT INTO executions (tenant, execution_id, attempt, lifetime_id, kind, node_id,"
+            " persisted_at, input_tokens, output_tokens, cost_micros, model_calls, tool_calls,"
+            " envelope) VALUES (?, ?, 1, ?, 'task', 'old_node', 1, 4, 3, 2, 1, 0, ?)",
+            (A, exec_id(1), LIFETIME_ID, execution_record(1)[0]),
+        )
+
+    async with await SQLiteStateStore.open(path) as upgraded:
+        assert await upgraded.schema_version() == len(MIGRATIONS)
+        await upgraded.append_executions(
+            A, [_step(2, "g", "new_node", usage(1, 1, 1, 1, 1), version=2)]
+        )
+        rows = await upgraded.usage(A)
+    assert [(r.graph_id, r.graph_version, r.node_id, r.handler, r.executions) for r in rows] == [
+        ("", 0, "old_node", "", 1),
+        ("g", 2, "new_node", "h_new_node", 1),
+    ]
+    assert rows[0].input_tokens == 4
 
 
 async def test_sqlite_store_uses_wal_and_full_sync(tmp_path: Path) -> None:

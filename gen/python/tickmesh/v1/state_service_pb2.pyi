@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tickmesh.v1 import envelope_pb2 as _envelope_pb2
@@ -47,6 +48,30 @@ COUNTER_SCOPE_LIFETIME: CounterScope.ValueType  # 1
 COUNTER_SCOPE_TENANT: CounterScope.ValueType  # 2
 """COUNTER_SCOPE_TENANT covers the caller's whole tenant."""
 Global___CounterScope: _TypeAlias = CounterScope  # noqa: Y015
+
+class _UsageGrouping:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageGroupingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageGrouping.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_GROUPING_UNSPECIFIED: _UsageGrouping.ValueType  # 0
+    """USAGE_GROUPING_UNSPECIFIED means USAGE_GROUPING_NODE."""
+    USAGE_GROUPING_GRAPH: _UsageGrouping.ValueType  # 1
+    """USAGE_GROUPING_GRAPH gives one row per graph version."""
+    USAGE_GROUPING_NODE: _UsageGrouping.ValueType  # 2
+    """USAGE_GROUPING_NODE gives one row per node of each graph version."""
+
+class UsageGrouping(_UsageGrouping, metaclass=_UsageGroupingEnumTypeWrapper):
+    """UsageGrouping says what one row of a usage report covers."""
+
+USAGE_GROUPING_UNSPECIFIED: UsageGrouping.ValueType  # 0
+"""USAGE_GROUPING_UNSPECIFIED means USAGE_GROUPING_NODE."""
+USAGE_GROUPING_GRAPH: UsageGrouping.ValueType  # 1
+"""USAGE_GROUPING_GRAPH gives one row per graph version."""
+USAGE_GROUPING_NODE: UsageGrouping.ValueType  # 2
+"""USAGE_GROUPING_NODE gives one row per node of each graph version."""
+Global___UsageGrouping: _TypeAlias = UsageGrouping  # noqa: Y015
 
 @_typing.final
 class AppendExecutionRequest(_message.Message):
@@ -341,6 +366,134 @@ class GetCountersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCountersResponse: _TypeAlias = GetCountersResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """GetUsageRequest asks for the caller's usage over a range of persist times."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    graph_id: _builtins.str
+    """graph_id limits the report to one graph (all its versions); empty means
+    every graph.
+    """
+    group_by: Global___UsageGrouping.ValueType
+    """group_by says what one row covers."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """since counts executions persisted at or after it; unset means from the
+        first one.
+        """
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """until counts executions persisted before it; unset means up to now. It
+        must not be before since.
+        """
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        graph_id: _builtins.str = ...,
+        group_by: Global___UsageGrouping.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "group_by", b"group_by", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    """UsageRow is the usage of one graph version, or of one node of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    GRAPH_VERSION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
+    EXECUTIONS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    graph_id: _builtins.str
+    """graph_id is the graph's id; empty for records stored before the store
+    kept it (schema version 1).
+    """
+    graph_version: _builtins.int
+    """graph_version is the graph's version; 0 when unknown."""
+    node_id: _builtins.str
+    """node_id is the node's id; empty when grouped by graph."""
+    handler: _builtins.str
+    """handler is the node's handler; empty when grouped by graph or unknown."""
+    executions: _builtins.int
+    """executions is the number of stored execution records (steps, attempts
+    included; a redelivered record counts once).
+    """
+    @_builtins.property
+    def totals(self) -> _telemetry_pb2.Telemetry:
+        """totals sums the telemetry of those executions (tokens, cost_micros, model
+        and tool calls; durations and per-model figures are not summed).
+        """
+
+    def __init__(
+        self,
+        *,
+        graph_id: _builtins.str = ...,
+        graph_version: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        handler: _builtins.str = ...,
+        executions: _builtins.int = ...,
+        totals: _telemetry_pb2.Telemetry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "graph_id", b"graph_id", "graph_version", b"graph_version", "handler", b"handler", "node_id", b"node_id", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    """GetUsageResponse returns a usage report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    EXECUTIONS_FIELD_NUMBER: _builtins.int
+    executions: _builtins.int
+    """executions sums every row's executions."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """rows are ordered by graph id, graph version, node id and handler."""
+
+    @_builtins.property
+    def totals(self) -> _telemetry_pb2.Telemetry:
+        """totals sums every row's totals."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        totals: _telemetry_pb2.Telemetry | None = ...,
+        executions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "rows", b"rows", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
 
 @_typing.final
 class BlobUpload(_message.Message):

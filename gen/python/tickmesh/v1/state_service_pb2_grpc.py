@@ -63,6 +63,11 @@ class StateServiceStub:
                 request_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetCountersRequest.SerializeToString,
                 response_deserializer=tickmesh_dot_v1_dot_state__service__pb2.GetCountersResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/tickmesh.v1.StateService/GetUsage',
+                request_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=tickmesh_dot_v1_dot_state__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
         self.PutBlob = channel.stream_unary(
                 '/tickmesh.v1.StateService/PutBlob',
                 request_serializer=tickmesh_dot_v1_dot_state__service__pb2.PutBlobRequest.SerializeToString,
@@ -118,6 +123,14 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GetUsage sums the caller's executions per graph version, or per node of
+        each graph version, over a range of persist times.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutBlob(self, request_iterator, context):
         """PutBlob stores a blob sent as a stream of chunks and returns its reference.
         """
@@ -159,6 +172,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.GetCounters,
                     request_deserializer=tickmesh_dot_v1_dot_state__service__pb2.GetCountersRequest.FromString,
                     response_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetCountersResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=tickmesh_dot_v1_dot_state__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetUsageResponse.SerializeToString,
             ),
             'PutBlob': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlob,
@@ -310,6 +328,33 @@ class StateService:
             '/tickmesh.v1.StateService/GetCounters',
             tickmesh_dot_v1_dot_state__service__pb2.GetCountersRequest.SerializeToString,
             tickmesh_dot_v1_dot_state__service__pb2.GetCountersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tickmesh.v1.StateService/GetUsage',
+            tickmesh_dot_v1_dot_state__service__pb2.GetUsageRequest.SerializeToString,
+            tickmesh_dot_v1_dot_state__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

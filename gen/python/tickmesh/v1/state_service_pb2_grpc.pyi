@@ -49,6 +49,10 @@ class StateServiceStub:
     """GetLifetimeRecord returns the stored row of a lifetime with its totals."""
     GetCounters: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetCountersRequest, _state_service_pb2.GetCountersResponse]
     """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetUsageRequest, _state_service_pb2.GetUsageResponse]
+    """GetUsage sums the caller's executions per graph version, or per node of
+    each graph version, over a range of persist times.
+    """
     PutBlob: _grpc.StreamUnaryMultiCallable[_state_service_pb2.PutBlobRequest, _state_service_pb2.PutBlobResponse]
     """PutBlob stores a blob sent as a stream of chunks and returns its reference."""
     GetBlob: _grpc.UnaryStreamMultiCallable[_state_service_pb2.GetBlobRequest, _state_service_pb2.GetBlobResponse]
@@ -75,6 +79,10 @@ class StateServiceAsyncStub(StateServiceStub):
     """GetLifetimeRecord returns the stored row of a lifetime with its totals."""
     GetCounters: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCountersRequest, _state_service_pb2.GetCountersResponse]  # type: ignore[assignment]
     """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetUsageRequest, _state_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """GetUsage sums the caller's executions per graph version, or per node of
+    each graph version, over a range of persist times.
+    """
     PutBlob: _aio.StreamUnaryMultiCallable[_state_service_pb2.PutBlobRequest, _state_service_pb2.PutBlobResponse]  # type: ignore[assignment]
     """PutBlob stores a blob sent as a stream of chunks and returns its reference."""
     GetBlob: _aio.UnaryStreamMultiCallable[_state_service_pb2.GetBlobRequest, _state_service_pb2.GetBlobResponse]  # type: ignore[assignment]
@@ -128,6 +136,16 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.GetCountersResponse, _abc.Awaitable[_state_service_pb2.GetCountersResponse]]:
         """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _state_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.GetUsageResponse, _abc.Awaitable[_state_service_pb2.GetUsageResponse]]:
+        """GetUsage sums the caller's executions per graph version, or per node of
+        each graph version, over a range of persist times.
+        """
 
     @_abc_1.abstractmethod
     def PutBlob(

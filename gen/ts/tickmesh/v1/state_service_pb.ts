@@ -4,6 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { ExecutionEnvelope } from "./envelope_pb.js";
 import { file_tickmesh_v1_envelope } from "./envelope_pb.js";
 import type { ExecutionRef } from "./execution_pb.js";
@@ -20,7 +22,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/v1/state_service.proto.
  */
 export const file_tickmesh_v1_state_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90aWNrbWVzaC92MS9zdGF0ZV9zZXJ2aWNlLnByb3RvEgt0aWNrbWVzaC52MSJLChZBcHBlbmRFeGVjdXRpb25SZXF1ZXN0EjEKCWVudmVsb3BlcxgBIAMoCzIeLnRpY2ttZXNoLnYxLkV4ZWN1dGlvbkVudmVsb3BlImEKDUFwcGVuZE91dGNvbWUSFAoMZXhlY3V0aW9uX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJZHVwbGljYXRlGAMgASgIEhYKDnN0b3JlX3NlcXVlbmNlGAQgASgEIkcKF0FwcGVuZEV4ZWN1dGlvblJlc3BvbnNlEiwKCG91dGNvbWVzGAEgAygLMhoudGlja21lc2gudjEuQXBwZW5kT3V0Y29tZSI8ChNHZXRFeGVjdXRpb25SZXF1ZXN0EhQKDGV4ZWN1dGlvbl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIkQKFEdldEV4ZWN1dGlvblJlc3BvbnNlEiwKCWV4ZWN1dGlvbhgBIAEoCzIZLnRpY2ttZXNoLnYxLkV4ZWN1dGlvblJlZiJTChVMaXN0RXhlY3V0aW9uc1JlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiYAoWTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRItCgpleGVjdXRpb25zGAEgAygLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIvChhHZXRMaWZldGltZVJlY29yZFJlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkiSQoZR2V0TGlmZXRpbWVSZWNvcmRSZXNwb25zZRIsCghsaWZldGltZRgBIAEoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUiawoSR2V0Q291bnRlcnNSZXF1ZXN0EigKBXNjb3BlGAEgASgOMhkudGlja21lc2gudjEuQ291bnRlclNjb3BlEhMKC2xpZmV0aW1lX2lkGAIgASgJEhYKDndpbmRvd19zZWNvbmRzGAMgASgEIlEKE0dldENvdW50ZXJzUmVzcG9uc2USJgoGdG90YWxzGAEgASgLMhYudGlja21lc2gudjEuVGVsZW1ldHJ5EhIKCmV4ZWN1dGlvbnMYAiABKAQiQAoKQmxvYlVwbG9hZBIUCgxjb250ZW50X3R5cGUYASABKAkSDAoEc2l6ZRgCIAEoBBIOCgZzaGEyNTYYAyABKAkiVAoOUHV0QmxvYlJlcXVlc3QSKQoGdXBsb2FkGAEgASgLMhcudGlja21lc2gudjEuQmxvYlVwbG9hZEgAEg8KBWNodW5rGAIgASgMSABCBgoEcGFydCI1Cg9QdXRCbG9iUmVzcG9uc2USIgoEYmxvYhgBIAEoCzIULnRpY2ttZXNoLnYxLkJsb2JSZWYiHQoOR2V0QmxvYlJlcXVlc3QSCwoDdXJpGAEgASgJIlAKD0dldEJsb2JSZXNwb25zZRIkCgRibG9iGAEgASgLMhQudGlja21lc2gudjEuQmxvYlJlZkgAEg8KBWNodW5rGAIgASgMSABCBgoEcGFydCpjCgxDb3VudGVyU2NvcGUSHQoZQ09VTlRFUl9TQ09QRV9VTlNQRUNJRklFRBAAEhoKFkNPVU5URVJfU0NPUEVfTElGRVRJTUUQARIYChRDT1VOVEVSX1NDT1BFX1RFTkFOVBACMuIECgxTdGF0ZVNlcnZpY2USXAoPQXBwZW5kRXhlY3V0aW9uEiMudGlja21lc2gudjEuQXBwZW5kRXhlY3V0aW9uUmVxdWVzdBokLnRpY2ttZXNoLnYxLkFwcGVuZEV4ZWN1dGlvblJlc3BvbnNlElMKDEdldEV4ZWN1dGlvbhIgLnRpY2ttZXNoLnYxLkdldEV4ZWN1dGlvblJlcXVlc3QaIS50aWNrbWVzaC52MS5HZXRFeGVjdXRpb25SZXNwb25zZRJZCg5MaXN0RXhlY3V0aW9ucxIiLnRpY2ttZXNoLnYxLkxpc3RFeGVjdXRpb25zUmVxdWVzdBojLnRpY2ttZXNoLnYxLkxpc3RFeGVjdXRpb25zUmVzcG9uc2USYgoRR2V0TGlmZXRpbWVSZWNvcmQSJS50aWNrbWVzaC52MS5HZXRMaWZldGltZVJlY29yZFJlcXVlc3QaJi50aWNrbWVzaC52MS5HZXRMaWZldGltZVJlY29yZFJlc3BvbnNlElAKC0dldENvdW50ZXJzEh8udGlja21lc2gudjEuR2V0Q291bnRlcnNSZXF1ZXN0GiAudGlja21lc2gudjEuR2V0Q291bnRlcnNSZXNwb25zZRJGCgdQdXRCbG9iEhsudGlja21lc2gudjEuUHV0QmxvYlJlcXVlc3QaHC50aWNrbWVzaC52MS5QdXRCbG9iUmVzcG9uc2UoARJGCgdHZXRCbG9iEhsudGlja21lc2gudjEuR2V0QmxvYlJlcXVlc3QaHC50aWNrbWVzaC52MS5HZXRCbG9iUmVzcG9uc2UwAWIGcHJvdG8z", [file_tickmesh_v1_envelope, file_tickmesh_v1_execution, file_tickmesh_v1_lifetime, file_tickmesh_v1_payload, file_tickmesh_v1_telemetry]);
+  fileDesc("Ch90aWNrbWVzaC92MS9zdGF0ZV9zZXJ2aWNlLnByb3RvEgt0aWNrbWVzaC52MSJLChZBcHBlbmRFeGVjdXRpb25SZXF1ZXN0EjEKCWVudmVsb3BlcxgBIAMoCzIeLnRpY2ttZXNoLnYxLkV4ZWN1dGlvbkVudmVsb3BlImEKDUFwcGVuZE91dGNvbWUSFAoMZXhlY3V0aW9uX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJZHVwbGljYXRlGAMgASgIEhYKDnN0b3JlX3NlcXVlbmNlGAQgASgEIkcKF0FwcGVuZEV4ZWN1dGlvblJlc3BvbnNlEiwKCG91dGNvbWVzGAEgAygLMhoudGlja21lc2gudjEuQXBwZW5kT3V0Y29tZSI8ChNHZXRFeGVjdXRpb25SZXF1ZXN0EhQKDGV4ZWN1dGlvbl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIkQKFEdldEV4ZWN1dGlvblJlc3BvbnNlEiwKCWV4ZWN1dGlvbhgBIAEoCzIZLnRpY2ttZXNoLnYxLkV4ZWN1dGlvblJlZiJTChVMaXN0RXhlY3V0aW9uc1JlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiYAoWTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRItCgpleGVjdXRpb25zGAEgAygLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIvChhHZXRMaWZldGltZVJlY29yZFJlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkiSQoZR2V0TGlmZXRpbWVSZWNvcmRSZXNwb25zZRIsCghsaWZldGltZRgBIAEoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUiawoSR2V0Q291bnRlcnNSZXF1ZXN0EigKBXNjb3BlGAEgASgOMhkudGlja21lc2gudjEuQ291bnRlclNjb3BlEhMKC2xpZmV0aW1lX2lkGAIgASgJEhYKDndpbmRvd19zZWNvbmRzGAMgASgEIlEKE0dldENvdW50ZXJzUmVzcG9uc2USJgoGdG90YWxzGAEgASgLMhYudGlja21lc2gudjEuVGVsZW1ldHJ5EhIKCmV4ZWN1dGlvbnMYAiABKAQipwEKD0dldFVzYWdlUmVxdWVzdBIpCgVzaW5jZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdW50aWwYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGdyYXBoX2lkGAMgASgJEiwKCGdyb3VwX2J5GAQgASgOMhoudGlja21lc2gudjEuVXNhZ2VHcm91cGluZyKRAQoIVXNhZ2VSb3cSEAoIZ3JhcGhfaWQYASABKAkSFQoNZ3JhcGhfdmVyc2lvbhgCIAEoDRIPCgdub2RlX2lkGAMgASgJEg8KB2hhbmRsZXIYBCABKAkSEgoKZXhlY3V0aW9ucxgFIAEoBBImCgZ0b3RhbHMYBiABKAsyFi50aWNrbWVzaC52MS5UZWxlbWV0cnkicwoQR2V0VXNhZ2VSZXNwb25zZRIjCgRyb3dzGAEgAygLMhUudGlja21lc2gudjEuVXNhZ2VSb3cSJgoGdG90YWxzGAIgASgLMhYudGlja21lc2gudjEuVGVsZW1ldHJ5EhIKCmV4ZWN1dGlvbnMYAyABKAQiQAoKQmxvYlVwbG9hZBIUCgxjb250ZW50X3R5cGUYASABKAkSDAoEc2l6ZRgCIAEoBBIOCgZzaGEyNTYYAyABKAkiVAoOUHV0QmxvYlJlcXVlc3QSKQoGdXBsb2FkGAEgASgLMhcudGlja21lc2gudjEuQmxvYlVwbG9hZEgAEg8KBWNodW5rGAIgASgMSABCBgoEcGFydCI1Cg9QdXRCbG9iUmVzcG9uc2USIgoEYmxvYhgBIAEoCzIULnRpY2ttZXNoLnYxLkJsb2JSZWYiHQoOR2V0QmxvYlJlcXVlc3QSCwoDdXJpGAEgASgJIlAKD0dldEJsb2JSZXNwb25zZRIkCgRibG9iGAEgASgLMhQudGlja21lc2gudjEuQmxvYlJlZkgAEg8KBWNodW5rGAIgASgMSABCBgoEcGFydCpjCgxDb3VudGVyU2NvcGUSHQoZQ09VTlRFUl9TQ09QRV9VTlNQRUNJRklFRBAAEhoKFkNPVU5URVJfU0NPUEVfTElGRVRJTUUQARIYChRDT1VOVEVSX1NDT1BFX1RFTkFOVBACKmIKDVVzYWdlR3JvdXBpbmcSHgoaVVNBR0VfR1JPVVBJTkdfVU5TUEVDSUZJRUQQABIYChRVU0FHRV9HUk9VUElOR19HUkFQSBABEhcKE1VTQUdFX0dST1VQSU5HX05PREUQAjKrBQoMU3RhdGVTZXJ2aWNlElwKD0FwcGVuZEV4ZWN1dGlvbhIjLnRpY2ttZXNoLnYxLkFwcGVuZEV4ZWN1dGlvblJlcXVlc3QaJC50aWNrbWVzaC52MS5BcHBlbmRFeGVjdXRpb25SZXNwb25zZRJTCgxHZXRFeGVjdXRpb24SIC50aWNrbWVzaC52MS5HZXRFeGVjdXRpb25SZXF1ZXN0GiEudGlja21lc2gudjEuR2V0RXhlY3V0aW9uUmVzcG9uc2USWQoOTGlzdEV4ZWN1dGlvbnMSIi50aWNrbWVzaC52MS5MaXN0RXhlY3V0aW9uc1JlcXVlc3QaIy50aWNrbWVzaC52MS5MaXN0RXhlY3V0aW9uc1Jlc3BvbnNlEmIKEUdldExpZmV0aW1lUmVjb3JkEiUudGlja21lc2gudjEuR2V0TGlmZXRpbWVSZWNvcmRSZXF1ZXN0GiYudGlja21lc2gudjEuR2V0TGlmZXRpbWVSZWNvcmRSZXNwb25zZRJQCgtHZXRDb3VudGVycxIfLnRpY2ttZXNoLnYxLkdldENvdW50ZXJzUmVxdWVzdBogLnRpY2ttZXNoLnYxLkdldENvdW50ZXJzUmVzcG9uc2USRwoIR2V0VXNhZ2USHC50aWNrbWVzaC52MS5HZXRVc2FnZVJlcXVlc3QaHS50aWNrbWVzaC52MS5HZXRVc2FnZVJlc3BvbnNlEkYKB1B1dEJsb2ISGy50aWNrbWVzaC52MS5QdXRCbG9iUmVxdWVzdBocLnRpY2ttZXNoLnYxLlB1dEJsb2JSZXNwb25zZSgBEkYKB0dldEJsb2ISGy50aWNrbWVzaC52MS5HZXRCbG9iUmVxdWVzdBocLnRpY2ttZXNoLnYxLkdldEJsb2JSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_timestamp, file_tickmesh_v1_envelope, file_tickmesh_v1_execution, file_tickmesh_v1_lifetime, file_tickmesh_v1_payload, file_tickmesh_v1_telemetry]);
 
 /**
  * AppendExecutionRequest carries execution envelopes to store.
@@ -324,6 +326,145 @@ export const GetCountersResponseSchema: GenMessage<GetCountersResponse> = /*@__P
   messageDesc(file_tickmesh_v1_state_service, 10);
 
 /**
+ * GetUsageRequest asks for the caller's usage over a range of persist times.
+ *
+ * @generated from message tickmesh.v1.GetUsageRequest
+ */
+export type GetUsageRequest = Message<"tickmesh.v1.GetUsageRequest"> & {
+  /**
+   * since counts executions persisted at or after it; unset means from the
+   * first one.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 1;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * until counts executions persisted before it; unset means up to now. It
+   * must not be before since.
+   *
+   * @generated from field: google.protobuf.Timestamp until = 2;
+   */
+  until?: Timestamp | undefined;
+
+  /**
+   * graph_id limits the report to one graph (all its versions); empty means
+   * every graph.
+   *
+   * @generated from field: string graph_id = 3;
+   */
+  graphId: string;
+
+  /**
+   * group_by says what one row covers.
+   *
+   * @generated from field: tickmesh.v1.UsageGrouping group_by = 4;
+   */
+  groupBy: UsageGrouping;
+};
+
+/**
+ * Describes the message tickmesh.v1.GetUsageRequest.
+ * Use `create(GetUsageRequestSchema)` to create a new message.
+ */
+export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_state_service, 11);
+
+/**
+ * UsageRow is the usage of one graph version, or of one node of it.
+ *
+ * @generated from message tickmesh.v1.UsageRow
+ */
+export type UsageRow = Message<"tickmesh.v1.UsageRow"> & {
+  /**
+   * graph_id is the graph's id; empty for records stored before the store
+   * kept it (schema version 1).
+   *
+   * @generated from field: string graph_id = 1;
+   */
+  graphId: string;
+
+  /**
+   * graph_version is the graph's version; 0 when unknown.
+   *
+   * @generated from field: uint32 graph_version = 2;
+   */
+  graphVersion: number;
+
+  /**
+   * node_id is the node's id; empty when grouped by graph.
+   *
+   * @generated from field: string node_id = 3;
+   */
+  nodeId: string;
+
+  /**
+   * handler is the node's handler; empty when grouped by graph or unknown.
+   *
+   * @generated from field: string handler = 4;
+   */
+  handler: string;
+
+  /**
+   * executions is the number of stored execution records (steps, attempts
+   * included; a redelivered record counts once).
+   *
+   * @generated from field: uint64 executions = 5;
+   */
+  executions: bigint;
+
+  /**
+   * totals sums the telemetry of those executions (tokens, cost_micros, model
+   * and tool calls; durations and per-model figures are not summed).
+   *
+   * @generated from field: tickmesh.v1.Telemetry totals = 6;
+   */
+  totals?: Telemetry | undefined;
+};
+
+/**
+ * Describes the message tickmesh.v1.UsageRow.
+ * Use `create(UsageRowSchema)` to create a new message.
+ */
+export const UsageRowSchema: GenMessage<UsageRow> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_state_service, 12);
+
+/**
+ * GetUsageResponse returns a usage report.
+ *
+ * @generated from message tickmesh.v1.GetUsageResponse
+ */
+export type GetUsageResponse = Message<"tickmesh.v1.GetUsageResponse"> & {
+  /**
+   * rows are ordered by graph id, graph version, node id and handler.
+   *
+   * @generated from field: repeated tickmesh.v1.UsageRow rows = 1;
+   */
+  rows: UsageRow[];
+
+  /**
+   * totals sums every row's totals.
+   *
+   * @generated from field: tickmesh.v1.Telemetry totals = 2;
+   */
+  totals?: Telemetry | undefined;
+
+  /**
+   * executions sums every row's executions.
+   *
+   * @generated from field: uint64 executions = 3;
+   */
+  executions: bigint;
+};
+
+/**
+ * Describes the message tickmesh.v1.GetUsageResponse.
+ * Use `create(GetUsageResponseSchema)` to create a new message.
+ */
+export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_state_service, 13);
+
+/**
  * BlobUpload describes a blob about to be uploaded.
  *
  * @generated from message tickmesh.v1.BlobUpload
@@ -356,7 +497,7 @@ export type BlobUpload = Message<"tickmesh.v1.BlobUpload"> & {
  * Use `create(BlobUploadSchema)` to create a new message.
  */
 export const BlobUploadSchema: GenMessage<BlobUpload> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 11);
+  messageDesc(file_tickmesh_v1_state_service, 14);
 
 /**
  * PutBlobRequest is one message of a blob upload: a description, then chunks.
@@ -393,7 +534,7 @@ export type PutBlobRequest = Message<"tickmesh.v1.PutBlobRequest"> & {
  * Use `create(PutBlobRequestSchema)` to create a new message.
  */
 export const PutBlobRequestSchema: GenMessage<PutBlobRequest> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 12);
+  messageDesc(file_tickmesh_v1_state_service, 15);
 
 /**
  * PutBlobResponse returns the stored blob's reference.
@@ -414,7 +555,7 @@ export type PutBlobResponse = Message<"tickmesh.v1.PutBlobResponse"> & {
  * Use `create(PutBlobResponseSchema)` to create a new message.
  */
 export const PutBlobResponseSchema: GenMessage<PutBlobResponse> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 13);
+  messageDesc(file_tickmesh_v1_state_service, 16);
 
 /**
  * GetBlobRequest names a blob to download.
@@ -435,7 +576,7 @@ export type GetBlobRequest = Message<"tickmesh.v1.GetBlobRequest"> & {
  * Use `create(GetBlobRequestSchema)` to create a new message.
  */
 export const GetBlobRequestSchema: GenMessage<GetBlobRequest> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 14);
+  messageDesc(file_tickmesh_v1_state_service, 17);
 
 /**
  * GetBlobResponse is one message of a blob download: the reference, then chunks.
@@ -472,7 +613,7 @@ export type GetBlobResponse = Message<"tickmesh.v1.GetBlobResponse"> & {
  * Use `create(GetBlobResponseSchema)` to create a new message.
  */
 export const GetBlobResponseSchema: GenMessage<GetBlobResponse> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 15);
+  messageDesc(file_tickmesh_v1_state_service, 18);
 
 /**
  * CounterScope says what a counter query covers.
@@ -507,6 +648,40 @@ export enum CounterScope {
  */
 export const CounterScopeSchema: GenEnum<CounterScope> = /*@__PURE__*/
   enumDesc(file_tickmesh_v1_state_service, 0);
+
+/**
+ * UsageGrouping says what one row of a usage report covers.
+ *
+ * @generated from enum tickmesh.v1.UsageGrouping
+ */
+export enum UsageGrouping {
+  /**
+   * USAGE_GROUPING_UNSPECIFIED means USAGE_GROUPING_NODE.
+   *
+   * @generated from enum value: USAGE_GROUPING_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * USAGE_GROUPING_GRAPH gives one row per graph version.
+   *
+   * @generated from enum value: USAGE_GROUPING_GRAPH = 1;
+   */
+  GRAPH = 1,
+
+  /**
+   * USAGE_GROUPING_NODE gives one row per node of each graph version.
+   *
+   * @generated from enum value: USAGE_GROUPING_NODE = 2;
+   */
+  NODE = 2,
+}
+
+/**
+ * Describes the enum tickmesh.v1.UsageGrouping.
+ */
+export const UsageGroupingSchema: GenEnum<UsageGrouping> = /*@__PURE__*/
+  enumDesc(file_tickmesh_v1_state_service, 1);
 
 /**
  * StateService is the data plane: it appends execution records idempotently,
@@ -567,6 +742,17 @@ export const StateService: GenService<{
     methodKind: "unary";
     input: typeof GetCountersRequestSchema;
     output: typeof GetCountersResponseSchema;
+  },
+  /**
+   * GetUsage sums the caller's executions per graph version, or per node of
+   * each graph version, over a range of persist times.
+   *
+   * @generated from rpc tickmesh.v1.StateService.GetUsage
+   */
+  getUsage: {
+    methodKind: "unary";
+    input: typeof GetUsageRequestSchema;
+    output: typeof GetUsageResponseSchema;
   },
   /**
    * PutBlob stores a blob sent as a stream of chunks and returns its reference.
