@@ -27,6 +27,7 @@ from tickmesh.runtime.adapters import open_blob_store, open_usage_counter
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.counters import UsageCounter
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy.sources import StoreUsageSource, UsageSource
 from tickmesh.state import server as state_server
 from tickmesh.state.config import StateSettings
@@ -63,6 +64,9 @@ class MeshConfig:
     store_retry_s: float = 30.0
     """How long the PostgreSQL store retries through an outage before a batch is
     handed back to JetStream for redelivery."""
+    metrics_listen: str | None = None
+    """host:port of one Prometheus endpoint for all four services (port 0: a free one;
+    ``Mesh.metrics.url`` tells which); None counts nothing."""
 
     @property
     def profile(self) -> str:
@@ -87,6 +91,8 @@ class Mesh:
     state: state_server.StateService | None = None
     guardrail: guardrail_server.GuardrailService | None = None
     pool: pool_server.ExecutorPoolService | None = None
+    metrics: Metrics | None = None
+    """The services' shared metrics, served on ``config.metrics_listen`` (None when unset)."""
     data_dir: Path = Path()
     _connections: list[NatsClient] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -146,6 +152,11 @@ class Mesh:
         url = self.nats_url
         listen = f"{cfg.host}:0"
         blob_url = cfg.blob_url or str(self.data_dir / "blobs")
+        if cfg.metrics_listen is not None:
+            # One registry and endpoint for the process: the services share it.
+            self.metrics = Metrics()
+            await self.metrics.start(cfg.metrics_listen)
+        metrics = self.metrics
 
         state_settings = StateSettings(
             nats_url=url,
@@ -188,6 +199,7 @@ class Mesh:
             guardrail_settings,
             nc=await self._connect("guardrail"),
             usage_source=await usage_source(),
+            metrics=metrics,
         )
         await self.guardrail.start()
 
@@ -199,6 +211,7 @@ class Mesh:
             usage_counter=(
                 await usage_counter(cfg.usage_counter_url) if cfg.usage_counter_url else None
             ),
+            metrics=metrics,
         )
         await self.state.start()
 
@@ -214,6 +227,7 @@ class Mesh:
             nc=await self._connect("router"),
             usage_source=await usage_source(),
             history_source=StoreHistorySource(store),
+            metrics=metrics,
         )
         await self.router.start()
 
@@ -231,6 +245,7 @@ class Mesh:
             nc=pool_nc,
             js=tm_nats.jetstream(pool_nc),
             blobs=await blob_store(),
+            metrics=metrics,
         )
         await self.pool.start()
         logger.info(
@@ -252,6 +267,10 @@ class Mesh:
             with contextlib.suppress(Exception):
                 await nc.close()
         self._connections.clear()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                await self.metrics.stop()
+            self.metrics = None
         with contextlib.suppress(Exception):
             await self._resources.aclose()
         if self.nats is not None:

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from tickmesh.runtime import steps
 from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
 from tickmesh.runtime.subjects import (
     HDR_ATTEMPT,
@@ -300,6 +301,8 @@ class HandlerGroup:
         self.kind = kind
         self.handler = handler
         self.names = TenantNames(tenant)
+        self.durable = self.names.work_consumer(kind, handler)
+        """The name of the group's durable consumer."""
         self.sessions: list[Session] = []
         self.backlog: deque[Lease] = deque()
         """Delivered but not yet handed out (a session serving several handlers was full)."""
@@ -329,8 +332,10 @@ class ExecutorPool:
         js: JetStreamContext,
         blobs: BlobStore,
         version: str = "0.0.0",
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._nc = nc
         self._js = js
         self._blobs = blobs
@@ -340,6 +345,8 @@ class ExecutorPool:
         self.stats = PoolStats()
         self._sessions: set[Session] = set()
         self._groups: dict[tuple[str, WorkKind, str], HandlerGroup] = {}
+        self._consumers: dict[tuple[str, str], str] = {}
+        """(tenant, durable) -> stream of every work consumer started in this process."""
         self._by_seq: dict[tuple[str, int], Lease] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -450,6 +457,8 @@ class ExecutorPool:
                 raise TransportError("the executor pool is shutting down")
             self._sessions.add(session)
             self.stats.sessions += 1
+            if self._metrics is not None:
+                self._metrics.executor_joined(session.tenant)
             for kind, handler in session.handlers:
                 group = self._groups.get((session.tenant, kind, handler))
                 if group is None:
@@ -477,6 +486,8 @@ class ExecutorPool:
         leases = [lease for lease in session.in_flight.values() if not lease.settling]
         session.in_flight.clear()
         async with self._lock:
+            if session in self._sessions and self._metrics is not None:
+                self._metrics.executor_left(session.tenant)
             self._sessions.discard(session)
             for kind, handler in session.handlers:
                 group = self._groups.get((session.tenant, kind, handler))
@@ -513,7 +524,7 @@ class ExecutorPool:
     async def _start_group(self, group: HandlerGroup) -> None:
         names = group.names
         config = durable_config(
-            names.work_consumer(group.kind, group.handler),
+            group.durable,
             names.work(group.kind, group.handler),
             ack_wait_s=self._settings.ack_wait_s,
             max_ack_pending=self._settings.max_ack_pending,
@@ -535,6 +546,15 @@ class ExecutorPool:
         )
         await consumer.start()
         group.consumer = consumer
+        if (group.tenant, group.durable) not in self._consumers:
+            self._consumers[(group.tenant, group.durable)] = names.work_stream
+            if self._metrics is not None:
+                self._metrics.consumers_changed()
+
+    def consumers(self) -> list[tuple[str, str, str]]:
+        """(tenant, stream, durable) of every work consumer this pool has read, including
+        those whose executors all left (their queues still fill)."""
+        return [(tenant, stream, durable) for (tenant, durable), stream in self._consumers.items()]
 
     async def _stop_group(self, group: HandlerGroup) -> None:
         consumer, group.consumer = group.consumer, None
@@ -612,6 +632,8 @@ class ExecutorPool:
             )
         if malformed:
             await self._dead_letter_malformed(malformed)
+        if self._metrics is not None:
+            self._metrics.count_redeliveries(group.tenant, group.durable, msgs)
         self._want_pull(group)
 
     def _lease(self, group: HandlerGroup, msg: Msg) -> Lease:
@@ -1222,6 +1244,8 @@ class ExecutorPool:
             self.stats.records += 1
             if len(messages) > 1:
                 self.stats.dead_letters += 1
+                if self._metrics is not None:
+                    self._metrics.dead_lettered(lease.group.tenant, DLQ_KIND)
             with contextlib.suppress(Exception):
                 await lease.msg.ack()
 
@@ -1244,6 +1268,8 @@ class ExecutorPool:
             return
         for msg, reason in malformed:
             self.stats.malformed += 1
+            if self._metrics is not None:
+                self._metrics.dead_lettered(tenant_of_subject(msg.subject) or "", DLQ_KIND)
             with contextlib.suppress(Exception):
                 await term(msg, reason)
 

@@ -13,6 +13,7 @@ from tickmesh.runtime.adapters import open_blob_store
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.v1 import executor_pool_service_pb2, executor_pool_service_pb2_grpc
 
@@ -30,9 +31,21 @@ SERVICE_NAME = executor_pool_service_pb2.DESCRIPTOR.services_by_name[
 class ExecutorPoolService:
     """The pool, its servicer and its gRPC server, started and stopped together."""
 
-    def __init__(self, settings: ExecutorPoolSettings, pool: ExecutorPool) -> None:
+    def __init__(
+        self,
+        settings: ExecutorPoolSettings,
+        pool: ExecutorPool,
+        *,
+        metrics: Metrics | None = None,
+        serve_metrics: bool = False,
+    ) -> None:
         self.settings = settings
         self.pool = pool
+        self.metrics = metrics
+        """Where the pool counts; None counts nothing."""
+        self.serve_metrics = serve_metrics
+        """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
+        rather than the process that passed them in."""
         self.servicer = ExecutorPoolServicer(pool, settings.tenants)
         self._grpc: GrpcServer | None = None
 
@@ -43,6 +56,10 @@ class ExecutorPoolService:
         return self._grpc.target
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.service_started("executor-pool", version())
+            if self.serve_metrics and self.settings.metrics_listen:
+                await self.metrics.start(self.settings.metrics_listen)
         await self.pool.start()
         server = await create_server(
             self.settings.grpc_listen, max_message_bytes=self.settings.max_message_bytes
@@ -64,6 +81,8 @@ class ExecutorPoolService:
         await self.pool.stop(grace)
         if server is not None:
             await server.stop(1.0)
+        if self.metrics is not None and self.serve_metrics:
+            await self.metrics.stop()
 
 
 async def build(
@@ -72,10 +91,20 @@ async def build(
     nc: NatsClient,
     js: JetStreamContext,
     blobs: BlobStore,
+    metrics: Metrics | None = None,
 ) -> ExecutorPoolService:
-    """Assemble the service from ready-made dependencies (tests pass their own)."""
-    pool = ExecutorPool(settings, nc=nc, js=js, blobs=blobs, version=version())
-    return ExecutorPoolService(settings, pool)
+    """Assemble the service from ready-made dependencies (tests pass their own).
+
+    ``metrics``: where to count, served by the caller; None makes the pool its own when
+    ``settings.metrics_listen`` is set (and counts nothing otherwise).
+    """
+    serve_metrics = metrics is None and settings.metrics_listen is not None
+    if serve_metrics:
+        metrics = Metrics()
+    pool = ExecutorPool(settings, nc=nc, js=js, blobs=blobs, version=version(), metrics=metrics)
+    if metrics is not None:
+        metrics.watch_consumers(js, pool.consumers)
+    return ExecutorPoolService(settings, pool, metrics=metrics, serve_metrics=serve_metrics)
 
 
 async def serve(settings: ExecutorPoolSettings) -> None:

@@ -16,7 +16,8 @@ from tickmesh.internal.v1 import router_state_pb2
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
-from tickmesh.runtime.lifecycle import serve_until_stopped
+from tickmesh.runtime.lifecycle import serve_until_stopped, version
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import Usage
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
@@ -39,6 +40,12 @@ class GuardrailService:
     grpc: GrpcServer
     stores: dict[str, PolicyStore]
     servicer: GuardrailServicer | None = None
+    metrics: Metrics | None = None
+    """The registry this service's endpoint shows (decisions are counted by the routers,
+    which enforce policies in process); None serves none."""
+    serve_metrics: bool = False
+    """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
+    rather than the process that passed them in."""
     _refresher: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
@@ -46,6 +53,10 @@ class GuardrailService:
         return self.grpc.target
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.service_started("guardrail", version())
+            if self.serve_metrics and self.settings.metrics_listen:
+                await self.metrics.start(self.settings.metrics_listen)
         for tenant in self.settings.tenants:
             await self.add_tenant(tenant)
         self._refresher = asyncio.create_task(self._refresh(), name="guardrail-snapshots")
@@ -106,16 +117,29 @@ class GuardrailService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.grpc.stop(self.settings.shutdown_grace_s)
+        if self.metrics is not None and self.serve_metrics:
+            await self.metrics.stop()
 
 
 async def build(
-    settings: GuardrailSettings, *, nc: NatsClient, usage_source: UsageSource | None = None
+    settings: GuardrailSettings,
+    *,
+    nc: NatsClient,
+    usage_source: UsageSource | None = None,
+    metrics: Metrics | None = None,
 ) -> GuardrailService:
+    """Assemble the guardrail service; ``metrics`` is served by the caller, and None makes
+    the service its own when ``settings.metrics_listen`` is set."""
     js = tm_nats.jetstream(nc)
     grpc_server = await create_server(
         settings.grpc_listen, max_message_bytes=settings.max_message_bytes
     )
-    service = GuardrailService(settings, nc, js, grpc_server, {})
+    serve_metrics = metrics is None and settings.metrics_listen is not None
+    if serve_metrics:
+        metrics = Metrics()
+    service = GuardrailService(
+        settings, nc, js, grpc_server, {}, metrics=metrics, serve_metrics=serve_metrics
+    )
     servicer = GuardrailServicer(
         service.stores,
         tenants=settings.tenants,

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.logging import log_context
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
@@ -39,10 +40,12 @@ class RefConsumer:
         *,
         max_batch: int,
         ack_wait_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._js = js
         self._processor = processor
         self._tenant = tenant
+        self._metrics = metrics
         names = tenant.names
         self._consumer = BatchConsumer(
             nc,
@@ -61,6 +64,9 @@ class RefConsumer:
         await self._consumer.stop()
 
     async def _handle(self, batch: list[Msg]) -> None:
+        if self._metrics is not None:
+            names = self._tenant.names
+            self._metrics.count_redeliveries(names.tenant, names.router_consumer, batch)
         by_lifetime: dict[str, list[tuple[Msg, execution_pb2.ExecutionRef, str]]] = defaultdict(
             list
         )
@@ -120,7 +126,7 @@ class RefConsumer:
             return changed
 
         try:
-            await self._processor.apply(
+            applied = await self._processor.apply(
                 self._tenant, lifetime_id, mutate, [key for _, _, key in items]
             )
         except NotFoundError as exc:
@@ -135,6 +141,16 @@ class RefConsumer:
             for msg, _, _ in items:
                 await msg.nak(delay=0.2)
             return
+        if applied.changed and self._metrics is not None:
+            graph = applied.lifetime.view.graph.id
+            for _, ref, _ in items:
+                record = (
+                    ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+                )
+                if record.HasField("finished_at"):
+                    self._metrics.step_applied(
+                        self._tenant.names.tenant, graph, record.finished_at.ToNanoseconds()
+                    )
         for msg, _, _ in items:
             await msg.ack()
 
@@ -151,6 +167,8 @@ class RefConsumer:
                 for msg, reason in rejects
             ],
         )
+        if self._metrics is not None:
+            self._metrics.dead_lettered(names.tenant, "ref", len(rejects))
         for msg, reason in rejects:
             logger.error("dead-lettered a ref on %s: %s", msg.subject, reason)
             await term(msg, reason)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import EvaluationContext, PolicyEngine, Usage
 from tickmesh.runtime.policy.sources import tenant_windows
 from tickmesh.runtime.subjects import TenantNames
@@ -198,10 +199,18 @@ class Gate:
     """The core's Guard for one tenant: the engine over the watched snapshot, with the
     tenant's usage from ``usage``."""
 
-    def __init__(self, watcher: SnapshotWatcher, engine: PolicyEngine, usage: TenantUsage) -> None:
+    def __init__(
+        self,
+        watcher: SnapshotWatcher,
+        engine: PolicyEngine,
+        usage: TenantUsage,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._watcher = watcher
         self._engine = engine
         self.usage = usage
+        self._metrics = metrics
 
     @classmethod
     async def open(
@@ -210,14 +219,18 @@ class Gate:
         names: TenantNames,
         engine: PolicyEngine,
         usage: TenantUsage,
+        *,
+        metrics: Metrics | None = None,
     ) -> Gate:
-        """Watch the tenant's snapshot; each new one loads its tenant windows before use."""
+        """Watch the tenant's snapshot; each new one loads its tenant windows before use.
+
+        ``metrics`` (if any) counts every decision by phase and action."""
 
         async def prepare(snapshot: guardrail_pb2.PolicySnapshot) -> None:
             await usage.track(tenant_windows(snapshot, engine))
 
         watcher = await SnapshotWatcher.open(js, names, prepare=prepare)
-        return cls(watcher, engine, usage)
+        return cls(watcher, engine, usage, metrics=metrics)
 
     @property
     def watcher(self) -> SnapshotWatcher:
@@ -254,12 +267,13 @@ class Gate:
             ),
             tenant_usage=self.usage.usage,
         )
-        return self._engine.evaluate(
-            self._watcher.snapshot,
-            context,
-            now=datetime.now(UTC),
-            graph_id=lifetime.view.graph.id,
+        graph_id = lifetime.view.graph.id
+        decision = self._engine.evaluate(
+            self._watcher.snapshot, context, now=datetime.now(UTC), graph_id=graph_id
         )
+        if self._metrics is not None:
+            self._metrics.guardrail_decision(self.usage.tenant, graph_id, phase, decision.action)
+        return decision
 
     async def stop(self) -> None:
         await self._watcher.stop()

@@ -15,6 +15,7 @@ from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import PolicyEngine
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
@@ -50,6 +51,11 @@ class RouterService:
     engine: PolicyEngine = field(default_factory=PolicyEngine)
     consumers: list[RefConsumer] = field(default_factory=list)
     gates: dict[str, Gate] = field(default_factory=dict)
+    metrics: Metrics | None = None
+    """Where the router counts; None counts nothing."""
+    serve_metrics: bool = False
+    """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
+    rather than the process that passed them in."""
 
     @property
     def target(self) -> str:
@@ -61,6 +67,10 @@ class RouterService:
         return [gate.watcher for gate in self.gates.values()]
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.service_started("router", version())
+            if self.serve_metrics and self.settings.metrics_listen:
+                await self.metrics.start(self.settings.metrics_listen)
         for tenant_id in self.settings.tenants:
             await self.add_tenant(tenant_id)
         await self.grpc.server.start()
@@ -78,7 +88,7 @@ class RouterService:
             max_staleness_s=self.settings.tenant_usage_max_staleness_s,
         )
         await usage.start()
-        gate = await Gate.open(self.js, names, self.engine, usage)
+        gate = await Gate.open(self.js, names, self.engine, usage, metrics=self.metrics)
         self.gates[tenant_id] = gate
         store = ObservedRouterStore(await self.js.key_value(names.router_bucket))
         tenant = Tenant(names=names, store=store, guard=gate)
@@ -93,9 +103,12 @@ class RouterService:
             tenant,
             max_batch=self.settings.max_batch,
             ack_wait_s=self.settings.ack_wait_s,
+            metrics=self.metrics,
         )
         await consumer.start()
         self.consumers.append(consumer)
+        if self.metrics is not None:
+            self.metrics.consumers_changed()
 
     async def stop(self) -> None:
         await self.grpc.set_serving(SERVICE_NAME, False)
@@ -110,6 +123,8 @@ class RouterService:
             await self.usage_source.close()
         if self.history_source is not None:
             await self.history_source.close()
+        if self.metrics is not None and self.serve_metrics:
+            await self.metrics.stop()
 
 
 async def build(
@@ -118,6 +133,7 @@ async def build(
     nc: NatsClient,
     usage_source: UsageSource | None = None,
     history_source: HistorySource | None = None,
+    metrics: Metrics | None = None,
 ) -> RouterService:
     """Assemble the router.
 
@@ -126,6 +142,8 @@ async def build(
     set, else usage is counted in this process only.
     ``history_source`` is where ForkLifetime and ReplayLifetime read recorded executions;
     by default the state service at ``settings.state_target`` (unset: both are unavailable).
+    ``metrics``: where to count, served by the caller; None makes the router its own when
+    ``settings.metrics_listen`` is set (and counts nothing otherwise).
     """
     js = tm_nats.jetstream(nc)
     if usage_source is None and settings.usage_counter_url:
@@ -153,6 +171,17 @@ async def build(
         producer=producer,
     )
     router_service_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_server.server)
+    serve_metrics = metrics is None and settings.metrics_listen is not None
+    if serve_metrics:
+        metrics = Metrics()
+    if metrics is not None:
+        metrics.watch_consumers(
+            js,
+            lambda: [
+                (tenant_id, tenant.names.ref_stream, tenant.names.router_consumer)
+                for tenant_id, tenant in processor.tenants.items()
+            ],
+        )
     return RouterService(
         settings,
         nc,
@@ -162,6 +191,8 @@ async def build(
         usage_source=usage_source,
         history_source=history_source,
         timers=WaitTimers(processor),
+        metrics=metrics,
+        serve_metrics=serve_metrics,
     )
 
 

@@ -96,6 +96,9 @@ class ServiceSettings(BaseSettings):
     guardrail and state replica), or unset to read the state store's counters."""
     grpc_listen: str = "127.0.0.1:0"
     """host:port the gRPC server binds; port 0 picks a free one."""
+    metrics_listen: str | None = None
+    """host:port of the Prometheus endpoint (``/metrics``); port 0 picks a free one;
+    unset serves no metrics (and counts nothing)."""
     # NoDecode: the environment value is split by the validator below (comma-separated or a
     # JSON list), not JSON-decoded by pydantic-settings first.
     tenants: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
@@ -108,6 +111,15 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     shutdown_grace_s: float = 5.0
     """How long in-flight calls and work may run on SIGTERM."""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if split_listen(value) is None:
+            raise ValueError(f"expected host:port (port 0: a free one), got {value!r}")
+        return value
 
     @field_validator("tenants", mode="before")
     @classmethod
@@ -148,6 +160,14 @@ class ServiceSettings(BaseSettings):
     @property
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """``host:port`` (or ``[v6]:port``) as (host, port); None when it is not of that form."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def child_environment(**extra: str) -> dict[str, str]:

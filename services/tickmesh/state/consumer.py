@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.counters import UsageCounter, counted_from_envelope
 from tickmesh.runtime.logging import log_context
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
@@ -52,10 +53,12 @@ class RecordConsumer:
         max_batch: int,
         ack_wait_s: float,
         usage_counter: UsageCounter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._js = js
         self._store = store
         self._usage_counter = usage_counter
+        self._metrics = metrics
         self.names = names
         self._producer = producer
         self.rejected = 0
@@ -68,13 +71,12 @@ class RecordConsumer:
             max_batch=max_batch,
             name=f"state:{names.tenant}",
         )
+        self.events_consumer = f"{names.state_consumer}_events"
         self._events = BatchConsumer(
             nc,
             js,
             stream=names.evt_stream,
-            config=durable_config(
-                f"{names.state_consumer}_events", names.evt_all, ack_wait_s=ack_wait_s
-            ),
+            config=durable_config(self.events_consumer, names.evt_all, ack_wait_s=ack_wait_s),
             handler=self._handle_events,
             max_batch=max_batch,
             name=f"state-events:{names.tenant}",
@@ -88,7 +90,17 @@ class RecordConsumer:
         await self._records.stop()
         await self._events.stop()
 
+    def consumers(self) -> list[tuple[str, str, str]]:
+        """(tenant, stream, durable) of the two durable consumers this reads."""
+        names = self.names
+        return [
+            (names.tenant, names.exec_stream, names.state_consumer),
+            (names.tenant, names.evt_stream, self.events_consumer),
+        ]
+
     async def _handle_records(self, batch: list[Msg]) -> None:
+        if self._metrics is not None:
+            self._metrics.count_redeliveries(self.names.tenant, self.names.state_consumer, batch)
         with log_context(tenant=self.names.tenant):
             await self._append_batch(batch)
 
@@ -116,6 +128,11 @@ class RecordConsumer:
     ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         """Store records (one transaction) and publish their refs; return (record, seq, dup)."""
         stored = await self._store.append_executions(self.names.tenant, records)
+        if self._metrics is not None:
+            # Counted once, at the commit: a redelivered record comes back as a duplicate.
+            for row, (_, env) in zip(stored, records, strict=True):
+                if not row.duplicate:
+                    self._metrics.record_stored(self.names.tenant, env)
         refs = []
         for row, (_, env) in zip(stored, records, strict=True):
             ref = core.ref_envelope(row, env, self._producer)
@@ -152,6 +169,8 @@ class RecordConsumer:
 
     async def _handle_events(self, batch: list[Msg]) -> None:
         """One transaction per batch: events stored, lifetime rows folded, then acks."""
+        if self._metrics is not None:
+            self._metrics.count_redeliveries(self.names.tenant, self.events_consumer, batch)
         good: list[tuple[Msg, envelope_pb2.ExecutionEnvelope]] = []
         for msg in batch:
             try:
@@ -197,6 +216,8 @@ class RecordConsumer:
                 )
             )
         await publish_batch(self._js, out)
+        if self._metrics is not None:
+            self._metrics.dead_lettered(self.names.tenant, kind, len(bad))
         for msg, reason in bad:
             logger.error(
                 "dead-lettered %s message on %s at %s: %s",

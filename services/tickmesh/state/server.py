@@ -15,6 +15,7 @@ from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.counters import UsageCounter
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
+from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.sdk import ConfigError, NotFoundError
 from tickmesh.v1 import header_pb2, state_service_pb2_grpc
@@ -38,6 +39,11 @@ class StateService:
     grpc: GrpcServer
     usage_counter: UsageCounter | None = None
     consumers: dict[str, RecordConsumer] = field(default_factory=dict)
+    metrics: Metrics | None = None
+    """Where the service counts; None counts nothing."""
+    serve_metrics: bool = False
+    """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
+    rather than the process that passed them in."""
 
     @property
     def target(self) -> str:
@@ -50,6 +56,10 @@ class StateService:
             raise NotFoundError(f"unknown tenant {tenant!r}") from None
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.service_started("state", version())
+            if self.serve_metrics and self.settings.metrics_listen:
+                await self.metrics.start(self.settings.metrics_listen)
         for tenant in self.settings.tenants:
             await self.add_tenant(tenant)
         await self.grpc.server.start()
@@ -72,15 +82,20 @@ class StateService:
             max_batch=self.settings.max_batch,
             ack_wait_s=self.settings.ack_wait_s,
             usage_counter=self.usage_counter,
+            metrics=self.metrics,
         )
         await consumer.start()
         self.consumers[tenant] = consumer
+        if self.metrics is not None:
+            self.metrics.consumers_changed()
 
     async def stop(self) -> None:
         await self.grpc.set_serving(SERVICE_NAME, False)
         for consumer in self.consumers.values():
             await consumer.stop()
         await self.grpc.stop(self.settings.shutdown_grace_s)
+        if self.metrics is not None and self.serve_metrics:
+            await self.metrics.stop()
         await self.store.close()
         await self.blobs.close()
         if self.usage_counter is not None:
@@ -144,13 +159,35 @@ async def build(
     store: StateStore,
     blobs: BlobStore,
     usage_counter: UsageCounter | None = None,
+    metrics: Metrics | None = None,
 ) -> StateService:
-    """Assemble the state service; ``usage_counter`` (if any) is fed every stored record."""
+    """Assemble the state service; ``usage_counter`` (if any) is fed every stored record.
+
+    ``metrics``: where to count, served by the caller; None makes the service its own when
+    ``settings.metrics_listen`` is set (and counts nothing otherwise).
+    """
     js = tm_nats.jetstream(nc)
     grpc_server = await create_server(
         settings.grpc_listen, max_message_bytes=settings.max_message_bytes
     )
-    service = StateService(settings, nc, js, store, blobs, grpc_server, usage_counter)
+    serve_metrics = metrics is None and settings.metrics_listen is not None
+    if serve_metrics:
+        metrics = Metrics()
+    service = StateService(
+        settings,
+        nc,
+        js,
+        store,
+        blobs,
+        grpc_server,
+        usage_counter,
+        metrics=metrics,
+        serve_metrics=serve_metrics,
+    )
+    if metrics is not None:
+        metrics.watch_consumers(
+            js, lambda: [c for consumer in service.consumers.values() for c in consumer.consumers()]
+        )
     servicer = StateServicer(store, blobs, service.consumer, tenants=settings.tenants)
     state_service_pb2_grpc.add_StateServiceServicer_to_server(servicer, grpc_server.server)
     return service
