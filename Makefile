@@ -85,11 +85,11 @@ test-integration: install ## Integration tests against real servers
 	pytest tests/integration $(PYTEST_ARGS)
 
 .PHONY: test-e2e
-test-e2e: install ## End-to-end tests of the whole mesh
+test-e2e: install browser ## End-to-end tests of the whole mesh
 	pytest tests/e2e $(PYTEST_ARGS)
 
 .PHONY: test-py
-test-py: install ## Every Python test
+test-py: install browser ## Every Python test
 	pytest $(PYTEST_ARGS)
 
 .PHONY: test-node
@@ -103,8 +103,12 @@ conformance: install ## Run the executor conformance kit against the Python and 
 	python -m tests.conformance.check -- node sdk/typescript/dist/sdk/typescript/examples/conformance.js
 
 .PHONY: servers
-servers: ## Install PostgreSQL and redis-server (apt-get) if missing; the cloud-profile tests start throwaway ones
+servers: ## Install PostgreSQL, redis-server and chromium (apt-get) if missing; the tests start throwaway servers
 	bash .ci/ensure-servers
+
+.PHONY: browser
+browser: ## Install Debian's chromium (apt-get) if missing, for the console's browser test
+	@test -x /usr/bin/chromium || bash .ci/ensure-servers
 
 .PHONY: test
 test: lint typecheck check-gen breaking test-node test-py ## Everything CI runs

@@ -19,7 +19,9 @@ ALLOWED: dict[str, set[str]] = {
     **{service: {"v1", "internal", "sdk", "runtime"} for service in SERVICES},
     # Layers above the services: they compose them (one process, or the command line).
     "embedded": {"v1", "internal", "sdk", "runtime", *SERVICES},
-    "cli": {"v1", "internal", "sdk", "runtime", "embedded", *SERVICES},
+    # The console is a client of the router: it reaches services only through the SDK.
+    "console": {"v1", "sdk"},
+    "cli": {"v1", "internal", "sdk", "runtime", "embedded", "console", *SERVICES},
 }
 # Generated modules stay behind the SDK's conversion seam (STYLE R4).
 SDK_MODULES_ALLOWED_TO_IMPORT_V1 = {

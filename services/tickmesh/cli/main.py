@@ -14,6 +14,7 @@ tickmesh usage --state HOST:PORT [--since 7d]   tokens, cost and steps per graph
 tickmesh config show [--service S]   print the effective settings, secrets masked
 tickmesh migrate                  apply the state store's pending schema migrations
 tickmesh serve SERVICE            run one service (router, guardrail, state, executor-pool)
+tickmesh console --router HOST:PORT [--listen 127.0.0.1:8080]   the live web console
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage_cli.add_parser(sub)
 
     config_cli.add_parsers(sub)
+
+    console = sub.add_parser("console", help="serve the live web console for one tenant")
+    console.add_argument("--router", required=True, help="router host:port")
+    console.add_argument("--tenant", default="default")
+    console.add_argument("--listen", default="127.0.0.1:8080", help="host:port to serve on")
 
     serve = sub.add_parser(
         "serve", help="run one service with settings from the environment and tickmesh.yaml"
@@ -432,6 +438,17 @@ def cmd_graph_validate(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+async def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
+    from tickmesh.console import serve
+
+    def ready(url: str) -> None:
+        print(f"tickmesh console (tenant {args.tenant}) at {url}; Ctrl-C stops it", file=out)
+        out.flush()
+
+    await serve(args.router, tenant=args.tenant, listen=args.listen, on_ready=ready)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"tickmesh.{args.service.replace('-', '_')}.server")
     settings = config_cli.load_settings(args.service)
@@ -468,6 +485,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             "signal": cmd_signal,
             "fork": cmd_fork,
             "replay": cmd_replay,
+            "console": cmd_console,
         }
         result: int = asyncio.run(commands[args.command](args, out))
         return result
