@@ -34,6 +34,7 @@ from tickmesh.sdk import (
     step,
     task,
 )
+from tickmesh.sdk.approvals import approval, approval_of
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".build" / "artifacts"
@@ -70,6 +71,8 @@ class Console:
     graph_id: str
     graph_version: int
     http: aiohttp.ClientSession
+    pool: str
+    """The executor pool's address, for tests that serve more handlers."""
 
     async def start(self, rounds: int, sleep: float) -> LifetimeHandle:
         return await self.client.start_lifetime(
@@ -145,7 +148,7 @@ async def console(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Co
         )
         url = await stack.enter_async_context(running(client, "127.0.0.1", 0))
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        yield Console(url, client, graph.id, graph.version, http)
+        yield Console(url, client, graph.id, graph.version, http, mesh.pool_target)
 
 
 async def wait_for_state(client: Client, lifetime_id: str, state: str, within: float) -> None:
@@ -248,6 +251,41 @@ async def test_console_pauses_resumes_signals_and_aborts(console: Console) -> No
     assert (await handle.describe()).state == "aborted"
     status, _ = await console.post("/api/lifetimes/no-such-lifetime/pause")
     assert status == 404
+
+
+@plan(name="review")
+async def review(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+    """Wait for an approval; complete with what it said."""
+    decided = approval_of(ctx)
+    if decided is None:
+        return approval(prompt="ship it?")
+    return complete({"approved": decided.approved, "by": decided.approver})
+
+
+async def test_console_signal_resumes_a_waiting_lifetime(console: Console) -> None:
+    worker = Worker(console.pool, tenant=console.client.tenant, tasks=[review])
+    await worker.__aenter__()
+    try:
+        async with asyncio.timeout(5):
+            await worker.wait_connected()
+        graph = await console.client.register_graph(
+            GraphBuilder("console-approval").plan("review").final("review").build()
+        )
+        handle = await console.client.start_lifetime(graph.id, {}, version=graph.version)
+        await wait_for_state(console.client, handle.id, "waiting", 10)
+
+        status, detail = await console.get(f"/api/lifetimes/{handle.id}")
+        assert (status, detail["state"]) == (200, "waiting")
+        status, signalled = await console.post(
+            f"/api/lifetimes/{handle.id}/signal",
+            {"name": "approval", "data": {"approved": True}, "approver": "ada"},
+        )
+        assert status == 200, signalled
+        assert await handle.result(within=10) == {"approved": True, "by": "ada"}
+        events, _ = await console.events(handle.id)
+        assert [e["kind"] for e in events].count("signal_received") == 1
+    finally:
+        await worker.shutdown(grace=1.0)
 
 
 # --- the page in Chromium ------------------------------------------------------------
