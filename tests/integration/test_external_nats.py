@@ -35,9 +35,9 @@ from tests.support.nats_configs import (
     server_config,
     tls_block,
     token_block,
-    unused_port,
     user_password_block,
 )
+from tests.support.ports import free_port
 from tickmesh.router.config import RouterSettings
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.lifecycle import connect_nats
@@ -285,7 +285,7 @@ async def test_tls_missing_ca_file_is_a_config_error_naming_it(tmp_path: Path) -
     started = time.monotonic()
     with pytest.raises(ConfigError) as caught:
         await connect_nats(
-            _settings(f"nats://127.0.0.1:{unused_port()}", nats_tls_ca=str(missing)), "test"
+            _settings(f"nats://127.0.0.1:{free_port()}", nats_tls_ca=str(missing)), "test"
         )
     assert time.monotonic() - started < 0.5
     assert str(missing) in str(caught.value)
@@ -296,7 +296,7 @@ async def test_tls_unreadable_client_key_is_a_config_error_naming_it(tmp_path: P
     with pytest.raises(ConfigError) as caught:
         await connect_nats(
             _settings(
-                f"nats://127.0.0.1:{unused_port()}",
+                f"nats://127.0.0.1:{free_port()}",
                 nats_tls_ca=str(files.ca_cert),
                 nats_tls_cert=str(files.client_cert),
                 nats_tls_key=str(files.ca_cert),  # a certificate, not a key
@@ -419,7 +419,7 @@ async def test_cluster_client_learns_the_nodes_and_fails_over_when_its_node_dies
 
 
 async def test_unreachable_server_is_refused_in_time_with_the_last_error() -> None:
-    port = unused_port()
+    port = free_port()
     message = await _refused(_settings(f"nats://127.0.0.1:{port}"))
     assert f"cannot connect to NATS at nats://127.0.0.1:{port}:" in message
     assert f"not connected within {REFUSE_WITHIN_S:g} s" in message
@@ -428,7 +428,7 @@ async def test_unreachable_server_is_refused_in_time_with_the_last_error() -> No
 
 
 async def test_unreachable_cluster_names_every_server() -> None:
-    urls = [f"nats://127.0.0.1:{unused_port()}", f"nats://127.0.0.1:{unused_port()}"]
+    urls = [f"nats://127.0.0.1:{free_port()}", f"nats://127.0.0.1:{free_port()}"]
     message = await _refused(_settings(",".join(urls)))
     assert f"cannot connect to NATS at {urls[0]}, {urls[1]}:" in message
 
@@ -454,7 +454,7 @@ async def test_a_tenant_on_a_3_node_cluster_keeps_its_records_when_a_stream_lead
     """With nats_replicas=3 every stream and bucket lives on all three servers, so killing
     the node that leads the work stream loses no message and stalls publishing briefly."""
     # A JetStream cluster needs its routes configured up front: fixed route ports for all.
-    route_ports = [unused_port() for _ in range(3)]
+    route_ports = [free_port() for _ in range(3)]
     routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in route_ports)
     nodes = [
         servers.start(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import urllib.request
 from collections import Counter
@@ -21,6 +20,7 @@ from prometheus_client.samples import Sample
 
 from tests.support.audit import list_executions
 from tests.support.nats_server import new_tenant
+from tests.support.ports import free_port
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
@@ -267,16 +267,9 @@ def test_redeliveries_count_messages_delivered_before() -> None:
     assert num_delivered(None) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_tickmesh_serve_exposes_metrics(nats_server: EmbeddedNats, tmp_path: Path) -> None:
     tenant = new_tenant("mx")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "TICKMESH_STATE_NATS_URL": nats_server.url,

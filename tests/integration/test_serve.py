@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.nats_server import new_tenant
+from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 from tests.support.s3_server import S3Bucket, S3Endpoint
 from tickmesh.runtime.embedded_nats import EmbeddedNats
@@ -27,13 +27,6 @@ SERVICES = {
     "state": "STATE",
     "executor-pool": "EXECUTOR_POOL",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _serving(target: str, within: float) -> bool:
@@ -56,7 +49,7 @@ async def test_tickmesh_serve_runs_and_stops_cleanly(
     service: str, nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     prefix = f"TICKMESH_{SERVICES[service]}_"
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         f"{prefix}NATS_URL": nats_server.url,
@@ -117,7 +110,7 @@ def _base_env(prefix: str, nats_url: str, tmp_path: Path) -> dict[str, str]:
     return {
         f"{prefix}NATS_URL": nats_url,
         f"{prefix}TENANTS": new_tenant("ff"),
-        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{_free_port()}",
+        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{free_port()}",
         f"{prefix}STORE_URL": f"sqlite:///{tmp_path / 'state.db'}",
         f"{prefix}BLOB_URL": str(tmp_path / "blobs"),
         f"{prefix}NATS_CONNECT_TIMEOUT_S": "2",
@@ -127,7 +120,7 @@ def _base_env(prefix: str, nats_url: str, tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("service", sorted(SERVICES))
 async def test_serve_fails_fast_when_nats_is_unreachable(service: str, tmp_path: Path) -> None:
     prefix = f"TICKMESH_{SERVICES[service]}_"
-    port = _free_port()
+    port = free_port()
     env = _base_env(prefix, f"nats://svc:s3cret@127.0.0.1:{port}", tmp_path)
     stderr, took = await _fails_to_start(service, env, within=20)
     assert f"cannot connect to NATS at nats://svc:***@127.0.0.1:{port}" in stderr
@@ -139,7 +132,7 @@ async def test_state_fails_fast_on_a_wrong_postgresql_dsn(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
     env = _base_env("TICKMESH_STATE_", nats_server.url, tmp_path)
-    port = _free_port()
+    port = free_port()
     env["TICKMESH_STATE_STORE_URL"] = f"postgresql://tm:hunter2@127.0.0.1:{port}/state"
     stderr, took = await _fails_to_start("state", env, within=30)
     assert f"cannot reach PostgreSQL at 127.0.0.1:{port}" in stderr, stderr
@@ -178,7 +171,7 @@ async def test_serve_fails_fast_when_redis_is_unreachable(
 ) -> None:
     prefix = f"TICKMESH_{SERVICES[service]}_"
     env = _base_env(prefix, nats_server.url, tmp_path)
-    port = _free_port()
+    port = free_port()
     env[f"{prefix}USAGE_COUNTER_URL"] = f"redis://127.0.0.1:{port}/0"
     stderr, took = await _fails_to_start(service, env, within=30)
     assert f"127.0.0.1:{port}" in stderr, stderr
@@ -206,7 +199,7 @@ async def test_state_serves_the_cloud_profile_from_one_config_file(
 ) -> None:
     endpoint = s3_bucket.endpoint
     query = urlencode({"endpoint_url": endpoint.endpoint_url, "region": endpoint.region})
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "tickmesh.yaml"
     config.write_text(
         f"nats: {{url: '{nats_server.url}'}}\n"

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -308,14 +307,6 @@ class NatsServers:
     def stop_all(self) -> None:
         for server in self._started:
             server.stop(kill=True)
-
-
-def unused_port() -> int:
-    """A loopback port that nothing listens on (bound once, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def require_nats_server() -> None:

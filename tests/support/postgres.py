@@ -32,6 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.support.ports import free_port
+
 ENV_URL = "TICKMESH_TEST_POSTGRES_URL"
 """Names a server to use when the PostgreSQL binaries are not installed."""
 
@@ -69,13 +71,6 @@ def postgres_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _check_database_name(name: str) -> None:
     if _DATABASE_NAME.fullmatch(name) is None:
         raise ValueError(f"database names here are lowercase identifiers, not {name!r}")
@@ -110,7 +105,7 @@ class PostgresServer:
         """
         base = Path(tempfile.mkdtemp(prefix="tickmesh-pg-"))
         # No TLS on a throwaway cluster: sslmode=disable also spares asyncpg's TLS probe.
-        url = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres?sslmode=disable"
+        url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?sslmode=disable"
         return cls(url, bindir=bindir, base=base)
 
     @classmethod
@@ -173,7 +168,7 @@ class PostgresServer:
                 # The free port was taken between picking and binding: pick another.
                 if not first or not tries_left or "Address already in use" not in str(exc):
                     raise
-                self._set_port(_free_port())
+                self._set_port(free_port())
         self._running = True
         self.started_in_s = time.monotonic() - started
 

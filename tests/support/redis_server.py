@@ -23,16 +23,11 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
+from tests.support.ports import free_port
+
 REDIS_URL_ENV: Final = "TICKMESH_TEST_REDIS_URL"
 _DATABASES: Final = 64
 _START_TIMEOUT_S: Final = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers_ping(port: int) -> bool:
@@ -55,7 +50,7 @@ class RedisServer:
         self._binary = binary
         self._directory = directory
         self._process: subprocess.Popen[bytes] | None = None
-        self.port = (urlsplit(url).port or 6379) if url else _free_port()
+        self.port = (urlsplit(url).port or 6379) if url else free_port()
         self.url = url or f"redis://127.0.0.1:{self.port}"
         """The server's URL (database 0); tests take theirs from the ``redis_url`` fixture."""
         self.databases = _DATABASES if binary else _external_databases(self.url)
