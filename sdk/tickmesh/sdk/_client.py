@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import grpc
+from opentelemetry.trace import TracerProvider
 
 from tickmesh.v1 import (
     graph_pb2,
@@ -170,6 +171,7 @@ class Client:
         tenant: str = "default",
         call_timeout: float = DEFAULT_TIMEOUT_S,
         pool: str | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> Client:
         """Connect to a router at ``host:port``.
 
@@ -181,11 +183,22 @@ class Client:
                 too large to travel inline and sit in a blob store this machine cannot
                 read directly (S3 in the cloud profile). Without it only ``file://``
                 blobs are read.
+            tracer_provider: Traces each call (OpenTelemetry's gRPC instrumentation) and
+                sends the caller's trace context, so a lifetime started inside a span
+                joins that span's trace. None: calls are not traced.
 
         Raises:
             TransportError: The router cannot be reached within ``timeout``.
         """
-        channel = create_channel(target)
+        interceptors: list[grpc.aio.ClientInterceptor] = []
+        if tracer_provider is not None:
+            from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+            # The instrumentation package has no type hints.
+            interceptors = aio_client_interceptors(  # type: ignore[no-untyped-call]
+                tracer_provider=tracer_provider
+            )
+        channel = create_channel(target, interceptors=interceptors)
         try:
             async with asyncio.timeout(call_timeout):
                 await channel.channel_ready()

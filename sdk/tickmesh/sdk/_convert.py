@@ -296,6 +296,9 @@ class AssignmentData:
     plan_inputs: tuple[PlanInputData, ...]
     signal: SignalData | None
     raw: executor_pool_service_pb2.Assignment
+    traceparent: str = ""
+    """The step's span (W3C), when the lifetime is traced: the parent of the handler's span."""
+    tracestate: str = ""
 
 
 def payload_to_proto(content_type: str, data: bytes) -> payload_pb2.Payload:
@@ -430,6 +433,8 @@ def assignment_from_proto(item: executor_pool_service_pb2.Assignment) -> Assignm
         plan_inputs=plan_inputs,
         signal=signal,
         raw=item,
+        traceparent=header.trace_context.traceparent,
+        tracestate=header.trace_context.tracestate,
     )
 
 

@@ -69,11 +69,14 @@ def create_channel(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """Open an (insecure) grpc.aio channel with the SDK's limits and keepalives."""
     merged = dict(channel_options(max_message_bytes))
     merged.update(dict(options))
-    return grpc.aio.insecure_channel(target, options=list(merged.items()))
+    return grpc.aio.insecure_channel(
+        target, options=list(merged.items()), interceptors=list(interceptors) or None
+    )
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError) -> TickmeshError:

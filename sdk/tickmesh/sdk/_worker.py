@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+from opentelemetry.trace import TracerProvider, get_tracer
+
 from . import codecs
 from ._convert import (
     AssignmentData,
@@ -62,6 +64,17 @@ from .errors import (
     ValidationError,
 )
 from .ids import TENANT_ID_PATTERN, uuid7
+from .tracing import (
+    ATTR_ATTEMPT,
+    ATTR_EXECUTION,
+    ATTR_HANDLER,
+    ATTR_ITERATION,
+    ATTR_KIND,
+    ATTR_LIFETIME,
+    ATTR_NODE,
+    ATTR_TENANT,
+    context_from,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +280,9 @@ class Worker:
             :class:`PoolBlobResolver` on the worker's channel (local ``file://``
             blobs read directly, all others downloaded through the pool).
         max_message_bytes: The channel's message size limit.
+        tracer_provider: Where the handlers' spans go (one ``tickmesh.execute`` span per
+            assignment of a traced lifetime, the parent of any span the handler opens);
+            None: the process's global provider (a no-op unless one is configured).
 
     Example:
         async with Worker("127.0.0.1:50051", tenant="acme", tasks=[summarize]):
@@ -286,6 +302,7 @@ class Worker:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         reconnect_initial_s: float = 0.1,
         reconnect_max_s: float = 5.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if not TENANT_ID_PATTERN.fullmatch(tenant):
             raise ConfigError(f"invalid tenant id {tenant!r}")
@@ -319,6 +336,7 @@ class Worker:
         self._session: _Session | None = None
         self._background: asyncio.Task[None] | None = None
         self.stats = WorkerStats()
+        self._tracer = get_tracer("tickmesh.executor", tracer_provider=tracer_provider)
 
     @property
     def executor_id(self) -> str:
@@ -471,6 +489,28 @@ class Worker:
             ) from exc
 
     async def _invoke(self, run: _Running) -> Any:
+        item = run.item
+        parent = context_from(item.traceparent, item.tracestate)
+        if parent is None:
+            return await self._call_handler(run)
+        with self._tracer.start_as_current_span(
+            f"tickmesh.execute {item.kind} {item.handler}",
+            context=parent,
+            attributes={
+                ATTR_TENANT: item.tenant_id,
+                ATTR_LIFETIME: item.lifetime_id,
+                ATTR_NODE: item.node_id,
+                ATTR_HANDLER: item.handler,
+                ATTR_KIND: item.kind,
+                ATTR_EXECUTION: item.execution_id,
+                ATTR_ATTEMPT: item.attempt,
+                ATTR_ITERATION: item.iteration,
+                "tickmesh.executor_id": self._executor_id,
+            },
+        ):
+            return await self._call_handler(run)
+
+    async def _call_handler(self, run: _Running) -> Any:
         item, handler, ctx = run.item, run.handler, run.ctx
         if isinstance(handler, Task):
             assert isinstance(ctx, TaskContext)

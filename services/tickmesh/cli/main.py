@@ -39,6 +39,7 @@ import grpc
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime.lifecycle import run as run_loop
 from tickmesh.runtime.settings import child_environment
+from tickmesh.runtime.tracing import Tracing
 from tickmesh.sdk import Client, Plan, Task, ValidationError, Worker, load_graph_file
 from tickmesh.sdk.errors import TickmeshError
 from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
@@ -156,6 +157,16 @@ def _mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenants", default="default", help="comma-separated tenant ids")
     parser.add_argument("--router-port", type=int, default=0)
     parser.add_argument("--pool-port", type=int, default=0)
+    parser.add_argument(
+        "--trace-exporter",
+        choices=("none", "otlp", "console"),
+        default="none",
+        help="send the services' OpenTelemetry spans (otlp: to --trace-endpoint)",
+    )
+    parser.add_argument(
+        "--trace-endpoint",
+        help="OTLP collector (default: OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317)",
+    )
 
 
 def _version() -> str:
@@ -171,6 +182,8 @@ def _mesh_config(args: argparse.Namespace) -> MeshConfig:
         tenants=tuple(t.strip() for t in args.tenants.split(",") if t.strip()),
         router_port=args.router_port,
         pool_port=args.pool_port,
+        trace_exporter=args.trace_exporter,
+        trace_endpoint=args.trace_endpoint,
     )
 
 
@@ -244,7 +257,19 @@ async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         client = await stack.enter_async_context(
             await Client.connect(router, tenant=args.tenant, pool=pool)
         )
-        await stack.enter_async_context(Worker(pool, tenant=args.tenant, tasks=handlers))
+        # The in-process executor's spans go where the services' do.
+        executor_tracing = Tracing.for_service(
+            "executor", exporter=args.trace_exporter, endpoint=args.trace_endpoint
+        )
+        stack.push_async_callback(executor_tracing.shutdown)
+        await stack.enter_async_context(
+            Worker(
+                pool,
+                tenant=args.tenant,
+                tasks=handlers,
+                tracer_provider=executor_tracing.provider,
+            )
+        )
         stored = await client.register_graph(graph)
         handle = await client.start_lifetime(stored.id, value, version=stored.version)
         if not args.quiet:

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 
 from nats.aio.client import Client as NatsClient
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from tickmesh.executor_pool import server as pool_server
 from tickmesh.executor_pool.config import ExecutorPoolSettings
@@ -29,6 +31,7 @@ from tickmesh.runtime.counters import UsageCounter
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy.sources import StoreUsageSource, UsageSource
+from tickmesh.runtime.tracing import TraceExporter, Tracing
 from tickmesh.state import server as state_server
 from tickmesh.state.config import StateSettings
 from tickmesh.state.store import Synchronous
@@ -67,6 +70,13 @@ class MeshConfig:
     metrics_listen: str | None = None
     """host:port of one Prometheus endpoint for all four services (port 0: a free one;
     ``Mesh.metrics.url`` tells which); None counts nothing."""
+    trace_exporter: TraceExporter = "none"
+    """Where the services' spans go (``otlp``, ``console``); ``none``: tracing off."""
+    trace_endpoint: str | None = None
+    """The OTLP collector; None: ``OTEL_EXPORTER_OTLP_ENDPOINT``, else localhost:4317."""
+    trace_processors: tuple[SpanProcessor, ...] = ()
+    """Span processors every service's tracer provider gets too (e.g. one over an
+    in-memory exporter); any turns tracing on. Shut down when the mesh stops."""
 
     @property
     def profile(self) -> str:
@@ -200,6 +210,7 @@ class Mesh:
             nc=await self._connect("guardrail"),
             usage_source=await usage_source(),
             metrics=metrics,
+            tracing=self._tracing("guardrail"),
         )
         await self.guardrail.start()
 
@@ -212,6 +223,7 @@ class Mesh:
                 await usage_counter(cfg.usage_counter_url) if cfg.usage_counter_url else None
             ),
             metrics=metrics,
+            tracing=self._tracing("state"),
         )
         await self.state.start()
 
@@ -228,6 +240,7 @@ class Mesh:
             usage_source=await usage_source(),
             history_source=StoreHistorySource(store),
             metrics=metrics,
+            tracing=self._tracing("router"),
         )
         await self.router.start()
 
@@ -246,6 +259,7 @@ class Mesh:
             js=tm_nats.jetstream(pool_nc),
             blobs=await blob_store(),
             metrics=metrics,
+            tracing=self._tracing("executor-pool"),
         )
         await self.pool.start()
         logger.info(
@@ -258,11 +272,23 @@ class Mesh:
             self.guardrail.target,
         )
 
+    def _tracing(self, service: str) -> Tracing:
+        cfg = self.config
+        return Tracing.for_service(
+            service,
+            exporter=cfg.trace_exporter,
+            endpoint=cfg.trace_endpoint,
+            # Shared by the four providers: each service's stop must not shut them down.
+            processors=[_Shared(p) for p in cfg.trace_processors],
+        )
+
     async def stop(self) -> None:
         for service in (self.pool, self.router, self.state, self.guardrail):
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
+        for processor in self.config.trace_processors:
+            processor.shutdown()
         for nc in self._connections:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -291,3 +317,22 @@ class Mesh:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+class _Shared(SpanProcessor):
+    """A span processor several tracer providers feed; shut down by its owner only."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)

@@ -32,6 +32,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span, SpanKind, Status, Tracer
+from opentelemetry.trace import StatusCode as SpanStatus
 
 from tickmesh.runtime import steps
 from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
@@ -52,8 +54,20 @@ from tickmesh.runtime.subjects import (
     check_token,
     tenant_of_subject,
 )
+from tickmesh.runtime.tracing import parent_of, set_parent
 from tickmesh.sdk import BodyKind, ValidationError, decode_envelope, encode_envelope, uuid7
 from tickmesh.sdk.errors import NotFoundError, RPCError, StatusCode, TickmeshError, TransportError
+from tickmesh.sdk.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_EXECUTION,
+    ATTR_GRAPH,
+    ATTR_HANDLER,
+    ATTR_ITERATION,
+    ATTR_KIND,
+    ATTR_LIFETIME,
+    ATTR_NODE,
+    ATTR_TENANT,
+)
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -263,6 +277,18 @@ class Lease:
     timer: asyncio.TimerHandle | None = None
     cancel_reason: str = ""
     settling: bool = False
+    span: Span | None = None
+    """The step's span while it is traced: from delivery until the lease is settled."""
+
+    def end_span(self, outcome: str, error: str = "") -> None:
+        """End the step's span (once) with how the attempt ended."""
+        span, self.span = self.span, None
+        if span is None:
+            return
+        span.set_attribute("tickmesh.outcome", outcome)
+        if error:
+            span.set_status(Status(SpanStatus.ERROR, error[:512]))
+        span.end()
 
     def settle(self) -> None:
         """Mark the lease as being settled; its deadline no longer applies."""
@@ -333,9 +359,11 @@ class ExecutorPool:
         blobs: BlobStore,
         version: str = "0.0.0",
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._tracer = tracer
         self._nc = nc
         self._js = js
         self._blobs = blobs
@@ -605,6 +633,8 @@ class ExecutorPool:
                     continue
                 self._revoke(previous, "redelivered: no heartbeat within the ack wait")
             self._by_seq[key] = lease
+            if self._tracer is not None:
+                self._start_span(self._tracer, lease)
             if lease.attempt > steps.max_attempts(lease.retry):
                 lease.settle()
                 exhausted.append(lease)
@@ -674,6 +704,33 @@ class ExecutorPool:
             stream_seq=metadata.sequence.stream,
         )
 
+    @staticmethod
+    def _start_span(tracer: Tracer, lease: Lease) -> None:
+        """Open the step's span under the lifetime's, and make it the parent of what the
+        step leads to: the executor's work (the assignment carries the header) and, through
+        the record's header, the state's append and the router's routing."""
+        header = lease.header
+        parent = parent_of(header)
+        if parent is None:
+            return
+        lease.span = tracer.start_span(
+            f"tickmesh.step {lease.kind} {header.node.handler}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                ATTR_TENANT: header.tenant_id,
+                ATTR_LIFETIME: header.lifetime_id,
+                ATTR_GRAPH: f"{header.graph.id}@{header.graph.version}",
+                ATTR_NODE: header.node.id,
+                ATTR_HANDLER: header.node.handler,
+                ATTR_KIND: lease.kind,
+                ATTR_EXECUTION: header.execution_id,
+                ATTR_ATTEMPT: lease.attempt,
+                ATTR_ITERATION: header.iteration,
+            },
+        )
+        set_parent(header, lease.span)
+
     def _assign(self, group: HandlerGroup, leases: Sequence[Lease]) -> None:
         """Hand out the backlog, then ``leases``: least-loaded session first, one frame each."""
         queue = group.backlog
@@ -740,6 +797,7 @@ class ExecutorPool:
         if lease in lease.group.backlog:
             lease.group.backlog.remove(lease)
         lease.settle()
+        lease.end_span("revoked", reason)
 
     @staticmethod
     def _cancellations(items: Iterable[tuple[str, str]]) -> Frame:
@@ -1047,6 +1105,7 @@ class ExecutorPool:
         self.spawn(self._settle(outcomes), name="pool:settle")
 
     def _forget(self, lease: Lease) -> None:
+        lease.end_span("settled")  # unless ended with a more precise outcome before
         key = (lease.group.tenant, lease.stream_seq)
         if self._by_seq.get(key) is lease:
             del self._by_seq[key]
@@ -1066,12 +1125,17 @@ class ExecutorPool:
                 plan = self._classify(outcome)
                 if plan == "retry":
                     self.stats.retries += 1
+                    lease.end_span("retry", _error_text(outcome.result))
                     self._forget(lease)
                     await lease.msg.nak(delay=steps.backoff_seconds(lease.retry, lease.attempt))
                 elif plan == "requeue":
+                    lease.end_span("requeued")
                     self._forget(lease)
                     await lease.msg.nak()
                 else:
+                    error = _error_text(outcome.result)
+                    if lease.span is not None and error:
+                        lease.span.set_status(Status(SpanStatus.ERROR, error[:512]))
                     publishes.append((lease, await self._outgoing(outcome, plan == "dead")))
             except Exception:
                 # Left unacked: JetStream redelivers it after the ack wait.
@@ -1238,9 +1302,13 @@ class ExecutorPool:
                 await asyncio.sleep(0.1 * (attempt + 1))
         failed = {id(m) for m in pending}
         for lease, messages in publishes:
-            self._forget(lease)
             if any(id(m) in failed for m in messages):
+                lease.end_span("unpublished", "the record could not be published")
+                self._forget(lease)
                 continue  # unacked: redelivered after the ack wait, the msg ids dedup the retry
+            dead = len(messages) > 1
+            lease.end_span("dead_lettered" if dead else "recorded")
+            self._forget(lease)
             self.stats.records += 1
             if len(messages) > 1:
                 self.stats.dead_letters += 1
@@ -1294,3 +1362,14 @@ def _payloads(result: Result) -> Iterable[payload_pb2.Payload]:
         yield result.complete.output
     elif decision == "wait" and result.wait.HasField("default_payload"):
         yield result.wait.default_payload
+
+
+def _error_text(result: Result) -> str:
+    """What went wrong in an attempt's result, or "" when it succeeded."""
+    if isinstance(result, result_pb2.TaskResult):
+        if result.status == result_pb2.TASK_STATUS_SUCCEEDED:
+            return ""
+        return f"{result.error.type or 'Error'}: {result.error.message}"
+    if result.WhichOneof("decision") is not None:
+        return ""
+    return f"{result.error.type or 'Error'}: {result.error.message}"

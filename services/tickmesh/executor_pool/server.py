@@ -15,6 +15,7 @@ from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import executor_pool_service_pb2, executor_pool_service_pb2_grpc
 
 from .config import ExecutorPoolSettings
@@ -38,8 +39,10 @@ class ExecutorPoolService:
         *,
         metrics: Metrics | None = None,
         serve_metrics: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing.off()
         self.pool = pool
         self.metrics = metrics
         """Where the pool counts; None counts nothing."""
@@ -62,7 +65,9 @@ class ExecutorPoolService:
                 await self.metrics.start(self.settings.metrics_listen)
         await self.pool.start()
         server = await create_server(
-            self.settings.grpc_listen, max_message_bytes=self.settings.max_message_bytes
+            self.settings.grpc_listen,
+            max_message_bytes=self.settings.max_message_bytes,
+            interceptors=self.tracing.server_interceptors(),
         )
         executor_pool_service_pb2_grpc.add_ExecutorPoolServiceServicer_to_server(
             self.servicer, server.server
@@ -83,6 +88,7 @@ class ExecutorPoolService:
             await server.stop(1.0)
         if self.metrics is not None and self.serve_metrics:
             await self.metrics.stop()
+        await self.tracing.shutdown()
 
 
 async def build(
@@ -92,19 +98,33 @@ async def build(
     js: JetStreamContext,
     blobs: BlobStore,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> ExecutorPoolService:
     """Assemble the service from ready-made dependencies (tests pass their own).
 
     ``metrics``: where to count, served by the caller; None makes the pool its own when
     ``settings.metrics_listen`` is set (and counts nothing otherwise).
+    ``tracing``: where spans go; None: as ``settings`` say (``trace_exporter``).
     """
+    if tracing is None:
+        tracing = Tracing.from_settings("executor-pool", settings)
     serve_metrics = metrics is None and settings.metrics_listen is not None
     if serve_metrics:
         metrics = Metrics()
-    pool = ExecutorPool(settings, nc=nc, js=js, blobs=blobs, version=version(), metrics=metrics)
+    pool = ExecutorPool(
+        settings,
+        nc=nc,
+        js=js,
+        blobs=blobs,
+        version=version(),
+        metrics=metrics,
+        tracer=tracing.tracer("tickmesh.executor_pool"),
+    )
     if metrics is not None:
         metrics.watch_consumers(js, pool.consumers)
-    return ExecutorPoolService(settings, pool, metrics=metrics, serve_metrics=serve_metrics)
+    return ExecutorPoolService(
+        settings, pool, metrics=metrics, serve_metrics=serve_metrics, tracing=tracing
+    )
 
 
 async def serve(settings: ExecutorPoolSettings) -> None:

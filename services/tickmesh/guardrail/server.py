@@ -22,6 +22,7 @@ from tickmesh.runtime.policy import Usage
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import guardrail_service_pb2_grpc
 
 from .config import GuardrailSettings
@@ -46,6 +47,7 @@ class GuardrailService:
     serve_metrics: bool = False
     """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
     rather than the process that passed them in."""
+    tracing: Tracing = field(default_factory=Tracing.off)
     _refresher: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
@@ -119,6 +121,7 @@ class GuardrailService:
         await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.metrics is not None and self.serve_metrics:
             await self.metrics.stop()
+        await self.tracing.shutdown()
 
 
 async def build(
@@ -127,18 +130,31 @@ async def build(
     nc: NatsClient,
     usage_source: UsageSource | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> GuardrailService:
     """Assemble the guardrail service; ``metrics`` is served by the caller, and None makes
-    the service its own when ``settings.metrics_listen`` is set."""
+    the service its own when ``settings.metrics_listen`` is set. ``tracing``: where spans
+    go; None: as ``settings`` say (``trace_exporter``)."""
+    if tracing is None:
+        tracing = Tracing.from_settings("guardrail", settings)
     js = tm_nats.jetstream(nc)
     grpc_server = await create_server(
-        settings.grpc_listen, max_message_bytes=settings.max_message_bytes
+        settings.grpc_listen,
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=tracing.server_interceptors(),
     )
     serve_metrics = metrics is None and settings.metrics_listen is not None
     if serve_metrics:
         metrics = Metrics()
     service = GuardrailService(
-        settings, nc, js, grpc_server, {}, metrics=metrics, serve_metrics=serve_metrics
+        settings,
+        nc,
+        js,
+        grpc_server,
+        {},
+        metrics=metrics,
+        serve_metrics=serve_metrics,
+        tracing=tracing,
     )
     servicer = GuardrailServicer(
         service.stores,
@@ -147,6 +163,7 @@ async def build(
         on_change=service.publish,
         lifetime_usage=service.lifetime_usage,
         usage_source=usage_source,
+        tracer=tracing.tracer("tickmesh.guardrail"),
     )
     service.servicer = servicer
     guardrail_service_pb2_grpc.add_GuardrailServiceServicer_to_server(servicer, grpc_server.server)

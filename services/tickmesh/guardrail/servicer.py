@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from opentelemetry.trace import Tracer
 
 from tickmesh.runtime.auth import tenant_of
 from tickmesh.runtime.errors import stream_errors, unary_errors
@@ -25,6 +26,7 @@ from tickmesh.runtime.policy.sources import (
     Window,
     tenant_windows,
 )
+from tickmesh.runtime.tracing import end_evaluation_span, evaluation_span
 from tickmesh.sdk import Issue
 from tickmesh.v1 import (
     guardrail_pb2,
@@ -54,8 +56,10 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         on_change: Callable[[str], Awaitable[None]],
         lifetime_usage: LifetimeUsage,
         usage_source: UsageSource | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._stores = stores
+        self._tracer = tracer
         self._tenants = tenants
         self._lease_s = lease_s
         self._on_change = on_change
@@ -93,9 +97,17 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 lifetime=lifetime.plus(execution) if post else lifetime,
                 tenant_usage=tenant_usage,
             )
-            decisions.append(
-                self._engine.evaluate(snapshot, context_, now=now, graph_id=item.header.graph.id)
+            span = (
+                None
+                if self._tracer is None
+                else evaluation_span(self._tracer, item.header, item.phase)
             )
+            decision = self._engine.evaluate(
+                snapshot, context_, now=now, graph_id=item.header.graph.id
+            )
+            if span is not None:
+                end_evaluation_span(span, decision)
+            decisions.append(decision)
         return pb.EvaluateResponse(decisions=decisions)
 
     async def _tenant_usage(

@@ -15,13 +15,23 @@ from datetime import UTC, datetime
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, use_span
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, publish_batch
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
+from tickmesh.runtime.tracing import parent_of
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
+from tickmesh.sdk.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_EXECUTION,
+    ATTR_ITERATION,
+    ATTR_LIFETIME,
+    ATTR_NODE,
+    ATTR_TENANT,
+)
 from tickmesh.v1 import execution_pb2
 
 from . import core
@@ -118,11 +128,19 @@ class RefConsumer:
                 )
                 record_usage(key, record.result.telemetry, persisted)
 
+        spans = self._route_spans(items)
+
         def mutate(lt: core.Lifetime) -> bool:
             changed = False
-            for _, ref, _ in items:
-                if core.on_execution(lt, ref):
-                    changed = True
+            for i, (_, ref, _) in enumerate(items):
+                span = spans[i] if spans else None
+                if span is None:
+                    applied = core.on_execution(lt, ref)
+                else:
+                    # Current while deciding, so guardrail evaluations become its children.
+                    with use_span(span, end_on_exit=False):
+                        applied = core.on_execution(lt, ref)
+                changed = changed or applied
             return changed
 
         try:
@@ -130,17 +148,20 @@ class RefConsumer:
                 self._tenant, lifetime_id, mutate, [key for _, _, key in items]
             )
         except NotFoundError as exc:
+            _end_spans(spans, f"unknown lifetime: {exc}")
             for msg, _, _ in items:
                 await term(msg, f"ref for an unknown lifetime: {exc}")
             logger.error("refs for unknown lifetime %s dropped", lifetime_id)
             return
-        except Exception:
+        except Exception as exc:
+            _end_spans(spans, f"routing failed, redelivered: {exc}")
             logger.exception(
                 "routing lifetime %s failed; its refs will be redelivered", lifetime_id
             )
             for msg, _, _ in items:
                 await msg.nak(delay=0.2)
             return
+        _end_spans(spans)
         if applied.changed and self._metrics is not None:
             graph = applied.lifetime.view.graph.id
             for _, ref, _ in items:
@@ -153,6 +174,39 @@ class RefConsumer:
                     )
         for msg, _, _ in items:
             await msg.ack()
+
+    def _route_spans(
+        self, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
+    ) -> list[Span | None]:
+        """One span per traced ref, from its delivery until what it led to is published
+        (empty when tracing is off)."""
+        tracer = self._processor.tracer
+        if tracer is None:
+            return []
+        spans: list[Span | None] = []
+        for _, ref, _ in items:
+            header = (
+                ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+            ).header
+            parent = parent_of(header)
+            spans.append(
+                None
+                if parent is None
+                else tracer.start_span(
+                    "tickmesh.router.route",
+                    context=parent,
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        ATTR_TENANT: header.tenant_id,
+                        ATTR_LIFETIME: header.lifetime_id,
+                        ATTR_NODE: header.node.id,
+                        ATTR_EXECUTION: header.execution_id,
+                        ATTR_ATTEMPT: header.attempt,
+                        ATTR_ITERATION: header.iteration,
+                    },
+                )
+            )
+        return spans
 
     async def _dead_letter(self, rejects: list[tuple[Msg, str]]) -> None:
         names = self._tenant.names
@@ -172,3 +226,12 @@ class RefConsumer:
         for msg, reason in rejects:
             logger.error("dead-lettered a ref on %s: %s", msg.subject, reason)
             await term(msg, reason)
+
+
+def _end_spans(spans: list[Span | None], error: str = "") -> None:
+    for span in spans:
+        if span is None:
+            continue
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()

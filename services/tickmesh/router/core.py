@@ -191,6 +191,10 @@ class Lifetime:
     def base_header(self) -> header_pb2.EnvelopeHeader:
         return header_pb2.EnvelopeHeader(
             envelope_id=uuid7(),
+            # The lifetime's span: each step's spans join its trace (unset: tracing off).
+            trace_context=(
+                self.state.trace_context if self.state.HasField("trace_context") else None
+            ),
             tenant_id=self.view.tenant_id,
             lifetime_id=self.view.lifetime_id,
             graph=self.view.graph,

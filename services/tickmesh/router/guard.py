@@ -15,11 +15,13 @@ from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from opentelemetry.trace import Tracer
 
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import EvaluationContext, PolicyEngine, Usage
 from tickmesh.runtime.policy.sources import tenant_windows
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.tracing import end_evaluation_span, evaluation_span
 from tickmesh.v1 import graph_pb2, guardrail_pb2, header_pb2, telemetry_pb2
 
 from .core import Lifetime
@@ -206,11 +208,13 @@ class Gate:
         usage: TenantUsage,
         *,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._watcher = watcher
         self._engine = engine
         self.usage = usage
         self._metrics = metrics
+        self._tracer = tracer
 
     @classmethod
     async def open(
@@ -221,16 +225,18 @@ class Gate:
         usage: TenantUsage,
         *,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> Gate:
         """Watch the tenant's snapshot; each new one loads its tenant windows before use.
 
-        ``metrics`` (if any) counts every decision by phase and action."""
+        ``metrics`` (if any) counts every decision by phase and action; ``tracer`` (if
+        any) records each decision of a traced lifetime as a span."""
 
         async def prepare(snapshot: guardrail_pb2.PolicySnapshot) -> None:
             await usage.track(tenant_windows(snapshot, engine))
 
         watcher = await SnapshotWatcher.open(js, names, prepare=prepare)
-        return cls(watcher, engine, usage, metrics=metrics)
+        return cls(watcher, engine, usage, metrics=metrics, tracer=tracer)
 
     @property
     def watcher(self) -> SnapshotWatcher:
@@ -268,9 +274,16 @@ class Gate:
             tenant_usage=self.usage.usage,
         )
         graph_id = lifetime.view.graph.id
+        span = (
+            None
+            if self._tracer is None or lifetime.quiet
+            else evaluation_span(self._tracer, header, phase)
+        )
         decision = self._engine.evaluate(
             self._watcher.snapshot, context, now=datetime.now(UTC), graph_id=graph_id
         )
+        if span is not None:
+            end_evaluation_span(span, decision)
         if self._metrics is not None:
             self._metrics.guardrail_decision(self.usage.tenant, graph_id, phase, decision.action)
         return decision

@@ -17,6 +17,7 @@ write once their messages are known to be out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from opentelemetry.trace import Link, Span, Tracer, get_current_span, use_span
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.nats import Outgoing, publish_batch
@@ -32,10 +34,18 @@ from tickmesh.runtime.subjects import (
     HDR_LIFETIME,
     HDR_MSG_ID,
     HDR_TENANT,
+    HDR_TRACEPARENT,
     HDR_TYPE,
     TenantNames,
 )
-from tickmesh.sdk import NotFoundError, encode_envelope
+from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
+from tickmesh.sdk.tracing import (
+    ATTR_GRAPH,
+    ATTR_LIFETIME,
+    ATTR_TENANT,
+    carrier_of,
+    context_from,
+)
 from tickmesh.v1 import envelope_pb2, lifetime_pb2
 
 from . import core
@@ -75,11 +85,14 @@ class Processor:
         producer: core.Producer,
         *,
         outbox_retention: timedelta = timedelta(hours=1),
+        tracer: Tracer | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
         self._producer = producer
         self._retention = outbox_retention
+        self.tracer = tracer
+        """Starts the lifetime spans (None: tracing off)."""
         self.tenants: dict[str, Tenant] = {}
 
     def tenant(self, tenant_id: str) -> Tenant:
@@ -92,14 +105,51 @@ class Processor:
         """Store a new lifetime and publish its first step."""
         lifetime_id = state.lifetime.lifetime_id
         graph = await tenant.store.get_graph(state.lifetime.graph.id, state.lifetime.graph.version)
-        lt = core.Lifetime(state, graph, self._producer, _now(), tenant.guard)
-        core.start(lt)
-        key = "start"
-        self._add_outbox(lt, key)
-        await tenant.store.create(lt.state)
-        await self._publish(tenant, lt)
-        tenant.published.setdefault(lifetime_id, set()).add(key)
-        return lt
+        span = self.lifetime_span(state)
+        with use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
+            lt = core.Lifetime(state, graph, self._producer, _now(), tenant.guard)
+            core.start(lt)
+            key = "start"
+            self._add_outbox(lt, key)
+            await tenant.store.create(lt.state)
+            await self._publish(tenant, lt)
+            tenant.published.setdefault(lifetime_id, set()).add(key)
+            return lt
+
+    def lifetime_span(
+        self, state: rs.RouterLifetime, *, origin: rs.RouterLifetime | None = None
+    ) -> Span | None:
+        """Start the span a new lifetime's trace hangs from (a child of the current span,
+        e.g. the StartLifetime call's) and record it in ``state``; None when tracing is off.
+
+        A fork's span links to the trace of the lifetime it was forked from.
+        """
+        if self.tracer is None:
+            return None
+        view = state.lifetime
+        links = []
+        if origin is not None and origin.HasField("trace_context"):
+            origin_ctx = context_from(
+                origin.trace_context.traceparent, origin.trace_context.tracestate
+            )
+            if origin_ctx is not None:
+                links.append(Link(get_current_span(origin_ctx).get_span_context()))
+        span = self.tracer.start_span(
+            "tickmesh.lifetime",
+            attributes={
+                ATTR_TENANT: view.tenant_id,
+                ATTR_LIFETIME: view.lifetime_id,
+                ATTR_GRAPH: f"{view.graph.id}@{view.graph.version}",
+            },
+            links=links,
+        )
+        traceparent, tracestate = carrier_of(span)
+        if traceparent:
+            state.trace_context.traceparent = traceparent
+            state.trace_context.tracestate = tracestate
+        else:
+            state.ClearField("trace_context")
+        return span
 
     async def apply(
         self, tenant: Tenant, lifetime_id: str, mutate: Mutation, keys: Sequence[str]
@@ -169,6 +219,7 @@ class Processor:
         return True
 
     async def _publish(self, tenant: Tenant, lt: core.Lifetime) -> None:
+        traced = lt.state.trace_context.traceparent
         outgoing = [
             Outgoing(
                 subject=m.subject,
@@ -179,6 +230,7 @@ class Processor:
                     HDR_TENANT: tenant.names.tenant,
                     HDR_LIFETIME: lt.view.lifetime_id,
                     **({HDR_EXECUTION: m.execution_id} if m.execution_id else {}),
+                    **({HDR_TRACEPARENT: traced} if traced else {}),
                 },
             )
             for m in lt.out
@@ -201,6 +253,18 @@ class Processor:
             encode_envelope(envelope),
             headers={HDR_TYPE: "lifetime_event", HDR_LIFETIME: lt.view.lifetime_id},
         )
+
+
+def retrace(lt: core.Lifetime) -> None:
+    """Point the already-encoded messages of ``lt.out`` at the lifetime's current trace
+    context (a fork's first messages are built before its own span exists)."""
+    for message in lt.out:
+        envelope = decode_envelope(message.data)
+        if lt.state.HasField("trace_context"):
+            envelope.header.trace_context.CopyFrom(lt.state.trace_context)
+        else:
+            envelope.header.ClearField("trace_context")
+        message.data = encode_envelope(envelope)
 
 
 def _now() -> datetime:

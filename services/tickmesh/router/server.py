@@ -19,6 +19,7 @@ from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import PolicyEngine
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import router_service_pb2_grpc
 
 from .config import RouterSettings
@@ -56,6 +57,7 @@ class RouterService:
     serve_metrics: bool = False
     """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
     rather than the process that passed them in."""
+    tracing: Tracing = field(default_factory=Tracing.off)
 
     @property
     def target(self) -> str:
@@ -88,7 +90,14 @@ class RouterService:
             max_staleness_s=self.settings.tenant_usage_max_staleness_s,
         )
         await usage.start()
-        gate = await Gate.open(self.js, names, self.engine, usage, metrics=self.metrics)
+        gate = await Gate.open(
+            self.js,
+            names,
+            self.engine,
+            usage,
+            metrics=self.metrics,
+            tracer=self.tracing.tracer("tickmesh.guardrail"),
+        )
         self.gates[tenant_id] = gate
         store = ObservedRouterStore(await self.js.key_value(names.router_bucket))
         tenant = Tenant(names=names, store=store, guard=gate)
@@ -125,6 +134,7 @@ class RouterService:
             await self.history_source.close()
         if self.metrics is not None and self.serve_metrics:
             await self.metrics.stop()
+        await self.tracing.shutdown()
 
 
 async def build(
@@ -134,6 +144,7 @@ async def build(
     usage_source: UsageSource | None = None,
     history_source: HistorySource | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> RouterService:
     """Assemble the router.
 
@@ -144,7 +155,10 @@ async def build(
     by default the state service at ``settings.state_target`` (unset: both are unavailable).
     ``metrics``: where to count, served by the caller; None makes the router its own when
     ``settings.metrics_listen`` is set (and counts nothing otherwise).
+    ``tracing``: where spans go; None: as ``settings`` say (``trace_exporter``).
     """
+    if tracing is None:
+        tracing = Tracing.from_settings("router", settings)
     js = tm_nats.jetstream(nc)
     if usage_source is None and settings.usage_counter_url:
         usage_source = await open_usage_counter(settings.usage_counter_url)
@@ -158,9 +172,12 @@ async def build(
         js,
         producer,
         outbox_retention=timedelta(seconds=settings.outbox_retention_s),
+        tracer=tracing.tracer("tickmesh.router"),
     )
     grpc_server = await create_server(
-        settings.grpc_listen, max_message_bytes=settings.max_message_bytes
+        settings.grpc_listen,
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=tracing.server_interceptors(),
     )
     servicer = RouterServicer(
         processor,
@@ -193,6 +210,7 @@ async def build(
         timers=WaitTimers(processor),
         metrics=metrics,
         serve_metrics=serve_metrics,
+        tracing=tracing,
     )
 
 

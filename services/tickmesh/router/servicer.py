@@ -33,7 +33,7 @@ from . import core
 from . import fork as fork_
 from . import replay as replay_
 from .graphs import compile_definition, issues_to_proto, validate_definition
-from .processor import Processor, Tenant
+from .processor import Processor, Tenant, retrace
 from .store import ConflictError
 
 logger = logging.getLogger(__name__)
@@ -334,6 +334,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             )
         except fork_.ForkError as exc:
             raise StatusError(StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        span = self._processor.lifetime_span(lt.state, origin=origin.state)
+        if span is not None:
+            span.set_attribute("tickmesh.fork_of", request.lifetime_id)
+            span.set_attribute("tickmesh.fork_at", request.execution_id)
+            retrace(lt)
         entry = lt.state.outbox.add(key="fork", messages=lt.out)
         entry.created_at.FromDatetime(lt.now)
         with contextlib.suppress(ConflictError):
@@ -341,6 +346,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             await tenant.store.create(lt.state)
         # Publishes the "fork" outbox entry (idempotent by message ids).
         applied = await self._processor.apply(tenant, new_id, lambda _lt: False, ["fork"])
+        if span is not None:
+            span.end()
         logger.info("forked %s at %s into %s", request.lifetime_id, request.execution_id, new_id)
         return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
 

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -99,6 +99,14 @@ class ServiceSettings(BaseSettings):
     metrics_listen: str | None = None
     """host:port of the Prometheus endpoint (``/metrics``); port 0 picks a free one;
     unset serves no metrics (and counts nothing)."""
+    trace_exporter: Literal["none", "otlp", "console"] = "none"
+    """Where spans go: ``otlp`` (OpenTelemetry protocol over gRPC), ``console`` (stdout,
+    for a look) or ``none`` — tracing off, at no cost per step."""
+    trace_endpoint: str | None = None
+    """The OTLP collector (``http://host:4317``); unset: ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    else ``localhost:4317``."""
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new lifetimes traced; a step follows its lifetime's sampling decision."""
     # NoDecode: the environment value is split by the validator below (comma-separated or a
     # JSON list), not JSON-decoded by pydantic-settings first.
     tenants: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.counters import UsageCounter, counted_from_envelope
@@ -27,10 +28,19 @@ from tickmesh.runtime.subjects import (
     HDR_MSG_ID,
     HDR_REASON,
     HDR_TENANT,
+    HDR_TRACEPARENT,
     HDR_TYPE,
     TenantNames,
 )
+from tickmesh.runtime.tracing import parent_of
 from tickmesh.sdk import ValidationError, decode_envelope, encode_envelope
+from tickmesh.sdk.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_EXECUTION,
+    ATTR_LIFETIME,
+    ATTR_NODE,
+    ATTR_TENANT,
+)
 from tickmesh.v1 import envelope_pb2, header_pb2
 
 from . import core
@@ -54,8 +64,10 @@ class RecordConsumer:
         ack_wait_s: float,
         usage_counter: UsageCounter | None = None,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._js = js
+        self._tracer = tracer
         self._store = store
         self._usage_counter = usage_counter
         self._metrics = metrics
@@ -127,7 +139,58 @@ class RecordConsumer:
         self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
     ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         """Store records (one transaction) and publish their refs; return (record, seq, dup)."""
+        spans = self._append_spans(records) if self._tracer is not None else []
+        try:
+            return await self._append_and_publish(records, spans)
+        except Exception as exc:
+            for span in spans:
+                if span is not None:
+                    span.record_exception(exc)
+            raise
+        finally:
+            for span in spans:
+                if span is not None:
+                    span.end()
+
+    def _append_spans(
+        self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
+    ) -> list[Span | None]:
+        """One span per traced record, under its step's span: from the batch's start until
+        its ref is published."""
+        assert self._tracer is not None
+        spans: list[Span | None] = []
+        for _, env in records:
+            header = env.header
+            parent = parent_of(header)
+            spans.append(
+                None
+                if parent is None
+                else self._tracer.start_span(
+                    "tickmesh.state.append",
+                    context=parent,
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        ATTR_TENANT: header.tenant_id,
+                        ATTR_LIFETIME: header.lifetime_id,
+                        ATTR_NODE: header.node.id,
+                        ATTR_EXECUTION: header.execution_id,
+                        ATTR_ATTEMPT: header.attempt,
+                        "tickmesh.batch_size": len(records),
+                    },
+                )
+            )
+        return spans
+
+    async def _append_and_publish(
+        self,
+        records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]],
+        spans: list[Span | None],
+    ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         stored = await self._store.append_executions(self.names.tenant, records)
+        for row, span in zip(stored, spans, strict=False):
+            if span is not None:
+                span.set_attribute("tickmesh.duplicate", row.duplicate)
+                span.set_attribute("tickmesh.store_sequence", row.store_sequence)
         if self._metrics is not None:
             # Counted once, at the commit: a redelivered record comes back as a duplicate.
             for row, (_, env) in zip(stored, records, strict=True):
@@ -146,6 +209,11 @@ class RecordConsumer:
                         HDR_TENANT: self.names.tenant,
                         HDR_LIFETIME: env.header.lifetime_id,
                         HDR_EXECUTION: row.execution_id,
+                        **(
+                            {HDR_TRACEPARENT: env.header.trace_context.traceparent}
+                            if env.header.trace_context.traceparent
+                            else {}
+                        ),
                     },
                 )
             )

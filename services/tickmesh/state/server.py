@@ -17,6 +17,7 @@ from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tracing import Tracing
 from tickmesh.sdk import ConfigError, NotFoundError
 from tickmesh.v1 import header_pb2, state_service_pb2_grpc
 
@@ -44,6 +45,7 @@ class StateService:
     serve_metrics: bool = False
     """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
     rather than the process that passed them in."""
+    tracing: Tracing = field(default_factory=Tracing.off)
 
     @property
     def target(self) -> str:
@@ -83,6 +85,7 @@ class StateService:
             ack_wait_s=self.settings.ack_wait_s,
             usage_counter=self.usage_counter,
             metrics=self.metrics,
+            tracer=self.tracing.tracer("tickmesh.state"),
         )
         await consumer.start()
         self.consumers[tenant] = consumer
@@ -96,6 +99,7 @@ class StateService:
         await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.metrics is not None and self.serve_metrics:
             await self.metrics.stop()
+        await self.tracing.shutdown()
         await self.store.close()
         await self.blobs.close()
         if self.usage_counter is not None:
@@ -160,15 +164,21 @@ async def build(
     blobs: BlobStore,
     usage_counter: UsageCounter | None = None,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> StateService:
     """Assemble the state service; ``usage_counter`` (if any) is fed every stored record.
 
     ``metrics``: where to count, served by the caller; None makes the service its own when
     ``settings.metrics_listen`` is set (and counts nothing otherwise).
+    ``tracing``: where spans go; None: as ``settings`` say (``trace_exporter``).
     """
+    if tracing is None:
+        tracing = Tracing.from_settings("state", settings)
     js = tm_nats.jetstream(nc)
     grpc_server = await create_server(
-        settings.grpc_listen, max_message_bytes=settings.max_message_bytes
+        settings.grpc_listen,
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=tracing.server_interceptors(),
     )
     serve_metrics = metrics is None and settings.metrics_listen is not None
     if serve_metrics:
@@ -183,6 +193,7 @@ async def build(
         usage_counter,
         metrics=metrics,
         serve_metrics=serve_metrics,
+        tracing=tracing,
     )
     if metrics is not None:
         metrics.watch_consumers(

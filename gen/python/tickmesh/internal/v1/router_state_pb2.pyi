@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from tickmesh.v1 import header_pb2 as _header_pb2
 from tickmesh.v1 import lifetime_pb2 as _lifetime_pb2
 from tickmesh.v1 import request_pb2 as _request_pb2
 from tickmesh.v1 import result_pb2 as _result_pb2
@@ -104,6 +105,7 @@ class RouterLifetime(_message.Message):
     WAIT_FIELD_NUMBER: _builtins.int
     SIGNAL_IDS_FIELD_NUMBER: _builtins.int
     WAKES_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lifetime(self) -> _lifetime_pb2.AgentLifetime:
         """lifetime is the public view of the lifetime."""
@@ -144,6 +146,13 @@ class RouterLifetime(_message.Message):
         replay and fork can apply the same control inputs again.
         """
 
+    @_builtins.property
+    def trace_context(self) -> _header_pb2.TraceContext:
+        """trace_context names the lifetime's span: every envelope the router builds
+        for this lifetime carries it, so each step's spans join the lifetime's
+        trace. Unset when tracing is off.
+        """
+
     def __init__(
         self,
         *,
@@ -156,10 +165,11 @@ class RouterLifetime(_message.Message):
         wait: Global___WaitState | None = ...,
         signal_ids: _abc.Iterable[_builtins.str] | None = ...,
         wakes: _abc.Iterable[Global___WakeRecord] | None = ...,
+        trace_context: _header_pb2.TraceContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lifetime", b"lifetime", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lifetime", b"lifetime", "trace_context", b"trace_context", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "wait", b"wait", "wakes", b"wakes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "trace_context", b"trace_context", "wait", b"wait", "wakes", b"wakes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
