@@ -10,6 +10,7 @@ EXPECTED_SDK_EXPORTS = {
     "MAX_STRUCT_DEPTH",
     "BlobResolver",
     "BodyKind",
+    "ChannelSecurity",
     "Client",
     "ConfigError",
     "DeadlineExceededError",

@@ -47,6 +47,7 @@ from ._plan import (
     wait_for,
 )
 from ._task import Task, TaskContext, task
+from ._transport import ChannelSecurity
 from ._worker import BlobResolver, FileBlobResolver, PoolBlobResolver, Worker
 from .errors import (
     ConfigError,
@@ -71,6 +72,7 @@ __all__ = [
     "MAX_STRUCT_DEPTH",
     "BlobResolver",
     "BodyKind",
+    "ChannelSecurity",
     "Client",
     "ConfigError",
     "DeadlineExceededError",

@@ -28,7 +28,7 @@ from tickmesh.v1 import (
 )
 
 from . import codecs
-from ._transport import create_channel, map_rpc_error
+from ._transport import ChannelSecurity, create_channel, map_rpc_error
 from ._worker import PoolBlobResolver
 from .errors import LifetimeFailedError, TransportError, ValidationError
 
@@ -172,6 +172,7 @@ class Client:
         call_timeout: float = DEFAULT_TIMEOUT_S,
         pool: str | None = None,
         tracer_provider: TracerProvider | None = None,
+        security: ChannelSecurity | None = None,
     ) -> Client:
         """Connect to a router at ``host:port``.
 
@@ -186,6 +187,8 @@ class Client:
             tracer_provider: Traces each call (OpenTelemetry's gRPC instrumentation) and
                 sends the caller's trace context, so a lifetime started inside a span
                 joins that span's trace. None: calls are not traced.
+            security: TLS and an API key for a router that requires them (and for the
+                pool's blob downloads).
 
         Raises:
             TransportError: The router cannot be reached within ``timeout``.
@@ -198,14 +201,14 @@ class Client:
             interceptors = aio_client_interceptors(  # type: ignore[no-untyped-call]
                 tracer_provider=tracer_provider
             )
-        channel = create_channel(target, interceptors=interceptors)
+        channel = create_channel(target, interceptors=interceptors, security=security)
         try:
             async with asyncio.timeout(call_timeout):
                 await channel.channel_ready()
         except TimeoutError as exc:
             await channel.close()
             raise TransportError(f"router at {target} unreachable within {call_timeout}s") from exc
-        blobs = PoolBlobResolver(pool) if pool is not None else None
+        blobs = PoolBlobResolver(pool, security=security) if pool is not None else None
         return cls(channel, tenant=tenant, call_timeout=call_timeout, blobs=blobs)
 
     async def close(self) -> None:

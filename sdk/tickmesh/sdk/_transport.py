@@ -64,19 +64,134 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a client proves who it is to a tickmesh service.
+
+    Args:
+        api_key: Sent as ``authorization: Bearer <key>`` on every call; the service
+            binds it to a tenant.
+        root_certificates: PEM CA bundle that signs the services' certificates (TLS on).
+        certificate_chain: PEM client certificate, for services that require mutual TLS.
+        private_key: The client certificate's PEM key.
+    """
+
+    api_key: str | None = None
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        api_key: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ) -> ChannelSecurity:
+        """Read the PEM files given (``ca``, client ``cert`` and ``key``).
+
+        Raises:
+            ConfigError: A file cannot be read, or ``cert`` comes without ``key``.
+        """
+        if bool(cert) != bool(key):
+            raise ConfigError("a client certificate and its key go together")
+
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as file:
+                    return file.read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+        return cls(api_key or None, read(ca), read(cert), read(key))
+
+    @property
+    def tls(self) -> bool:
+        return self.root_certificates is not None or self.certificate_chain is not None
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        if not self.api_key:
+            return []
+        entry = ("authorization", f"Bearer {self.api_key}")
+        return [
+            _WithMetadata(entry),
+            _StreamWithMetadata(entry),
+            _StreamUnaryWithMetadata(entry),
+            _StreamStreamWithMetadata(entry),
+        ]
+
+
+def _details_with(details: Any, entry: tuple[str, str]) -> Any:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(*entry)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _WithMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, entry: tuple[str, str]) -> None:
+        self._entry = entry
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_details_with(details, self._entry), request)
+
+
+class _StreamWithMetadata(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, entry: tuple[str, str]) -> None:
+        self._entry = entry
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_details_with(details, self._entry), request)
+
+
+class _StreamUnaryWithMetadata(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, entry: tuple[str, str]) -> None:
+        self._entry = entry
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_details_with(details, self._entry), request_iterator)
+
+
+class _StreamStreamWithMetadata(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, entry: tuple[str, str]) -> None:
+        self._entry = entry
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_details_with(details, self._entry), request_iterator)
+
+
 def create_channel(
     target: str,
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    security: ChannelSecurity | None = None,
 ) -> grpc.aio.Channel:
-    """Open an (insecure) grpc.aio channel with the SDK's limits and keepalives."""
+    """Open a grpc.aio channel with the SDK's limits and keepalives: TLS and an API key
+    on every call when ``security`` says so, plaintext otherwise."""
     merged = dict(channel_options(max_message_bytes))
     merged.update(dict(options))
-    return grpc.aio.insecure_channel(
-        target, options=list(merged.items()), interceptors=list(interceptors) or None
-    )
+    chained = [*(security.interceptors() if security else ()), *interceptors] or None
+    if security is not None and security.tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=security.root_certificates,
+            private_key=security.private_key,
+            certificate_chain=security.certificate_chain,
+        )
+        return grpc.aio.secure_channel(
+            target, credentials, options=list(merged.items()), interceptors=chained
+        )
+    return grpc.aio.insecure_channel(target, options=list(merged.items()), interceptors=chained)
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError) -> TickmeshError:

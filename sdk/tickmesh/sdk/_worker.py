@@ -43,6 +43,7 @@ from ._transport import (
     AssignmentBatch,
     CancelBatch,
     Channel,
+    ChannelSecurity,
     Completion,
     DrainRequest,
     ExecutorStream,
@@ -172,7 +173,9 @@ class PoolBlobResolver:
         root: str | os.PathLike[str] | None = None,
         timeout_s: float | None = 300.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: ChannelSecurity | None = None,
     ) -> None:
+        self._security = security
         self._target = pool if isinstance(pool, str) else None
         self._channel = None if isinstance(pool, str) else pool
         self._owns_channel = isinstance(pool, str)
@@ -229,7 +232,9 @@ class PoolBlobResolver:
         if self._channel is None:
             if self._target is None:
                 raise ConfigError("this PoolBlobResolver's channel was closed")
-            self._channel = create_channel(self._target, max_message_bytes=self._max_message_bytes)
+            self._channel = create_channel(
+                self._target, max_message_bytes=self._max_message_bytes, security=self._security
+            )
         return self._channel
 
 
@@ -283,6 +288,7 @@ class Worker:
         tracer_provider: Where the handlers' spans go (one ``tickmesh.execute`` span per
             assignment of a traced lifetime, the parent of any span the handler opens);
             None: the process's global provider (a no-op unless one is configured).
+        security: TLS and an API key for a pool that requires them.
 
     Example:
         async with Worker("127.0.0.1:50051", tenant="acme", tasks=[summarize]):
@@ -303,6 +309,7 @@ class Worker:
         reconnect_initial_s: float = 0.1,
         reconnect_max_s: float = 5.0,
         tracer_provider: TracerProvider | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
         if not TENANT_ID_PATTERN.fullmatch(tenant):
             raise ConfigError(f"invalid tenant id {tenant!r}")
@@ -336,6 +343,7 @@ class Worker:
         self._session: _Session | None = None
         self._background: asyncio.Task[None] | None = None
         self.stats = WorkerStats()
+        self._security = security
         self._tracer = get_tracer("tickmesh.executor", tracer_provider=tracer_provider)
 
     @property
@@ -365,7 +373,9 @@ class Worker:
             raise ConfigError("this Worker is already running")
         self._running = True
         self._done.clear()
-        channel = create_channel(self._target, max_message_bytes=self._max_message_bytes)
+        channel = create_channel(
+            self._target, max_message_bytes=self._max_message_bytes, security=self._security
+        )
         if self._blob_resolver is None:
             # Blob downloads share the Connect stream's channel (one connection to the pool).
             self._resolver = PoolBlobResolver(channel)

@@ -10,6 +10,8 @@ tickmesh fork LIFETIME EXECUTION [--output JSON]   continue a lifetime from one 
 tickmesh replay LIFETIME [--graph-version N]   re-drive a lifetime and compare its decisions
 tickmesh graph validate FILE...   check graph files (file:line:column errors)
 tickmesh policy validate|apply|show   guardrail policies (see tickmesh.cli.policy)
+tickmesh auth new-key TENANT | hash-key KEY   API keys for the services' RPCs
+tickmesh tenant create|list|limits|disable|enable|delete|render   tenants as NATS accounts
 tickmesh usage --state HOST:PORT [--since 7d]   tokens, cost and steps per graph and node
 tickmesh config show [--service S]   print the effective settings, secrets masked
 tickmesh migrate                  apply the state store's pending schema migrations
@@ -34,19 +36,21 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-import grpc
-
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime.lifecycle import run as run_loop
 from tickmesh.runtime.settings import child_environment
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.sdk import Client, Plan, Task, ValidationError, Worker, load_graph_file
+from tickmesh.sdk._transport import create_channel
 from tickmesh.sdk.errors import TickmeshError
 from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
 
+from . import auth as auth_cli
 from . import config as config_cli
 from . import policy as policy_cli
+from . import tenant as tenant_cli
 from . import usage as usage_cli
+from .auth import client_security
 from .trace import render
 
 SERVICES = ("router", "guardrail", "state", "executor-pool")
@@ -135,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", type=Path)
 
     policy_cli.add_parser(sub)
+    auth_cli.add_parser(sub)
+
+    tenant_cli.add_parser(sub)
 
     usage_cli.add_parser(sub)
 
@@ -255,7 +262,7 @@ async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             if not args.quiet:
                 print(f"{handler} is served by: {command}", file=out)
         client = await stack.enter_async_context(
-            await Client.connect(router, tenant=args.tenant, pool=pool)
+            await Client.connect(router, tenant=args.tenant, pool=pool, security=client_security())
         )
         # The in-process executor's spans go where the services' do.
         executor_tracing = Tracing.for_service(
@@ -268,6 +275,7 @@ async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                 tenant=args.tenant,
                 tasks=handlers,
                 tracer_provider=executor_tracing.provider,
+                security=client_security(),
             )
         )
         stored = await client.register_graph(graph)
@@ -327,7 +335,7 @@ def _print_event(event: Any, out: TextIO) -> None:
 async def _trace(state_target: str, tenant: str, lifetime: Any) -> str:
     metadata_ = (("x-tickmesh-tenant", tenant),)
     refs: list[execution_pb2.ExecutionRef] = []
-    async with grpc.aio.insecure_channel(state_target) as channel:
+    async with create_channel(state_target, security=client_security()) as channel:
         stub = state_service_pb2_grpc.StateServiceStub(channel)
         token = ""
         while True:
@@ -349,7 +357,9 @@ async def _trace(state_target: str, tenant: str, lifetime: Any) -> str:
 
 
 async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
-    async with await Client.connect(args.router, tenant=args.tenant) as client:
+    async with await Client.connect(
+        args.router, tenant=args.tenant, security=client_security()
+    ) as client:
         info = await client.get_lifetime(args.lifetime)
     print(
         f"{info.lifetime_id}  {info.state.upper()}  graph {info.graph_id} v{info.graph_version}  "
@@ -361,14 +371,18 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
-    async with await Client.connect(args.router, tenant=args.tenant) as client:
+    async with await Client.connect(
+        args.router, tenant=args.tenant, security=client_security()
+    ) as client:
         async for event in client.watch(args.lifetime, after_sequence=args.after):
             _print_event(event, out)
     return 0
 
 
 async def cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
-    async with await Client.connect(args.router, tenant=args.tenant) as client:
+    async with await Client.connect(
+        args.router, tenant=args.tenant, security=client_security()
+    ) as client:
         info = await client.get_lifetime(args.lifetime)
         # Fork lineage: the origin chain, oldest last.
         lineage: list[Any] = []
@@ -398,7 +412,9 @@ def _json_arg(text: str, flag: str) -> Any:
 
 async def cmd_signal(args: argparse.Namespace, out: TextIO) -> int:
     data = _json_arg(args.data, "--data")
-    async with await Client.connect(args.router, tenant=args.tenant) as client:
+    async with await Client.connect(
+        args.router, tenant=args.tenant, security=client_security()
+    ) as client:
         info = await client.signal(
             args.lifetime,
             args.name,
@@ -415,7 +431,9 @@ async def cmd_fork(args: argparse.Namespace, out: TextIO) -> int:
     kwargs: dict[str, Any] = {"request_id": args.request_id}
     if args.output is not None:
         kwargs["replacement"] = _json_arg(args.output, "--output")
-    async with await Client.connect(args.router, tenant=args.tenant) as client:
+    async with await Client.connect(
+        args.router, tenant=args.tenant, security=client_security()
+    ) as client:
         handle = await client.fork(args.lifetime, args.execution, **kwargs)
         info = await handle.describe()
     origin = info.raw.fork_origin
@@ -428,7 +446,9 @@ async def cmd_fork(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
-    async with await Client.connect(args.router, tenant=args.tenant) as client:
+    async with await Client.connect(
+        args.router, tenant=args.tenant, security=client_security()
+    ) as client:
         result = await client.replay(args.lifetime, graph_version=args.graph_version)
     verdict = "reproduced" if result.reproduced else "DIVERGED"
     print(
@@ -495,6 +515,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return cmd_serve(args)
         if args.command == "policy":
             return policy_cli.run(args, out)
+        if args.command == "auth":
+            return auth_cli.run(args, out)
+        if args.command == "tenant":
+            return tenant_cli.run(args, out)
         if args.command == "usage":
             return usage_cli.run(args, out)
         if args.command == "config":

@@ -21,6 +21,8 @@ from tickmesh.sdk._transport import create_channel, map_rpc_error
 from tickmesh.sdk.errors import Issue
 from tickmesh.v1 import guardrail_pb2, guardrail_service_pb2, guardrail_service_pb2_grpc
 
+from .auth import client_security
+
 TENANT_METADATA_KEY = "x-tickmesh-tenant"
 CALL_TIMEOUT_S = 30.0
 
@@ -106,7 +108,7 @@ def cmd_validate(files: list[Path], out: TextIO) -> int:
 async def _call(target: str, tenant: str, method: str, request: Any) -> Any:
     """One GuardrailService call; RPC failures become the SDK's errors."""
     metadata = ((TENANT_METADATA_KEY, tenant),)
-    async with create_channel(target) as channel:
+    async with create_channel(target, security=client_security()) as channel:
         stub = guardrail_service_pb2_grpc.GuardrailServiceStub(channel)
         try:
             return await getattr(stub, method)(request, metadata=metadata, timeout=CALL_TIMEOUT_S)

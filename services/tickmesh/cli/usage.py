@@ -26,6 +26,8 @@ import grpc
 from tickmesh.sdk._transport import create_channel, map_rpc_error
 from tickmesh.v1 import state_service_pb2, state_service_pb2_grpc, telemetry_pb2
 
+from .auth import client_security
+
 TENANT_METADATA_KEY: Final = "x-tickmesh-tenant"
 CALL_TIMEOUT_S: Final = 60.0
 _DURATION: Final = re.compile(r"(\d+)([smhdw])")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 async def _get_usage(
     target: str, tenant: str, request: state_service_pb2.GetUsageRequest
 ) -> state_service_pb2.GetUsageResponse:
-    async with create_channel(target) as channel:
+    async with create_channel(target, security=client_security()) as channel:
         stub = state_service_pb2_grpc.StateServiceStub(channel)
         try:
             response: state_service_pb2.GetUsageResponse = await stub.GetUsage(

@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.adapters import open_blob_store
 from tickmesh.runtime.blobs import BlobStore
+from tickmesh.runtime.grpc_security import ServerSecurity
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
@@ -68,6 +69,8 @@ class ExecutorPoolService:
             self.settings.grpc_listen,
             max_message_bytes=self.settings.max_message_bytes,
             interceptors=self.tracing.server_interceptors(),
+            maximum_concurrent_rpcs=self.settings.grpc_max_concurrent_rpcs,
+            security=ServerSecurity.from_settings(self.settings),
         )
         executor_pool_service_pb2_grpc.add_ExecutorPoolServiceServicer_to_server(
             self.servicer, server.server

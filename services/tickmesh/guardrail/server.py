@@ -15,6 +15,7 @@ from nats.js.errors import KeyNotFoundError
 from tickmesh.internal.v1 import router_state_pb2
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_usage_counter
+from tickmesh.runtime.grpc_security import ServerSecurity
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
@@ -142,6 +143,8 @@ async def build(
         settings.grpc_listen,
         max_message_bytes=settings.max_message_bytes,
         interceptors=tracing.server_interceptors(),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        security=ServerSecurity.from_settings(settings),
     )
     serve_metrics = metrics is None and settings.metrics_listen is not None
     if serve_metrics:

@@ -4,6 +4,7 @@ the snapshot stream."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +13,7 @@ import grpc
 from opentelemetry.trace import Tracer
 
 from tickmesh.runtime.auth import tenant_of
-from tickmesh.runtime.errors import stream_errors, unary_errors
+from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
 from tickmesh.runtime.policy import (
     EvaluationContext,
     PolicyEngine,
@@ -28,6 +29,7 @@ from tickmesh.runtime.policy.sources import (
 )
 from tickmesh.runtime.tracing import end_evaluation_span, evaluation_span
 from tickmesh.sdk import Issue
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import (
     guardrail_pb2,
     validation_pb2,
@@ -44,6 +46,9 @@ from .store import PolicyStore
 Context = grpc.aio.ServicerContext[Any, Any]
 LifetimeUsage = Callable[[str, str], Awaitable[Usage]]
 """(tenant, lifetime id) -> what the lifetime has used so far."""
+
+
+logger = logging.getLogger(__name__)
 
 
 class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
@@ -82,6 +87,19 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         tenant_usage = await self._tenant_usage(store.tenant, snapshot, now)
         decisions = []
         for item in request.items:
+            if item.header.tenant_id and item.header.tenant_id != store.tenant:
+                # The tenant comes from the caller's credentials; a body naming another is
+                # refused and logged (a bug, or an attempt to read another tenant's usage).
+                logger.warning(
+                    "Evaluate by tenant %r for a step of tenant %r refused",
+                    store.tenant,
+                    item.header.tenant_id,
+                )
+                raise StatusError(
+                    StatusCode.PERMISSION_DENIED,
+                    f"an item names tenant {item.header.tenant_id!r}; the caller is "
+                    f"{store.tenant!r}",
+                )
             lifetime = (
                 await self._lifetime_usage(store.tenant, item.header.lifetime_id)
                 if item.header.lifetime_id

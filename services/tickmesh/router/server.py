@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
+from tickmesh.runtime.grpc_security import ServerSecurity
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
@@ -178,6 +179,8 @@ async def build(
         settings.grpc_listen,
         max_message_bytes=settings.max_message_bytes,
         interceptors=tracing.server_interceptors(),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        security=ServerSecurity.from_settings(settings),
     )
     servicer = RouterServicer(
         processor,

@@ -5,6 +5,7 @@
 * Message size limits both ways (the Python default sends unlimited).
 * The standard health service, set SERVING once the service is ready and
   NOT_SERVING when it drains.
+* TLS, API keys and deadline rules from :mod:`tickmesh.runtime.grpc_security`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tickmesh.sdk import ConfigError
+
+from .grpc_security import ServerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +67,28 @@ async def create_server(
     max_message_bytes: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     maximum_concurrent_rpcs: int | None = None,
+    security: ServerSecurity | None = None,
 ) -> GrpcServer:
-    """Create and bind (but do not start) a grpc.aio server with a health service."""
+    """Create and bind (but do not start) a grpc.aio server with a health service.
+
+    ``security`` (see :mod:`tickmesh.runtime.grpc_security`): TLS and call rules; its
+    guard runs first, so an unauthenticated call reaches no other interceptor.
+    """
+    security = security or ServerSecurity()
     server = grpc.aio.server(
-        interceptors=list(interceptors),
+        interceptors=[*security.interceptors(), *interceptors],
         options=server_options(max_message_bytes),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, _, port_text = listen.rpartition(":")
+    credentials = security.credentials()
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as exc:
         raise ConfigError(f"cannot bind gRPC server to {listen}: {exc}") from exc
     if port == 0 and port_text != "0":

@@ -96,6 +96,21 @@ class ServiceSettings(BaseSettings):
     guardrail and state replica), or unset to read the state store's counters."""
     grpc_listen: str = "127.0.0.1:0"
     """host:port the gRPC server binds; port 0 picks a free one."""
+    grpc_tls_cert: str | None = None
+    """PEM certificate (chain) of the gRPC server; with ``grpc_tls_key`` it serves TLS only."""
+    grpc_tls_key: str | None = None
+    grpc_tls_client_ca: str | None = None
+    """CA whose client certificates the gRPC server requires (mutual TLS)."""
+    grpc_api_keys_file: str | None = None
+    """YAML of tenant -> SHA-256 hashes of its API keys (``*``: keys of tickmesh's own
+    services); when set, every call needs ``authorization: Bearer <key>``."""
+    grpc_require_deadline: bool = False
+    """Refuse unary calls that carry no deadline (INVALID_ARGUMENT). Off by default so
+    that ad-hoc tools (grpcurl without -max-time) work; production deployments turn it
+    on (the SDKs and the CLI always send one)."""
+    grpc_max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    """Calls (streams included) served at once; more are refused with RESOURCE_EXHAUSTED.
+    Unset: no limit."""
     metrics_listen: str | None = None
     """host:port of the Prometheus endpoint (``/metrics``); port 0 picks a free one;
     unset serves no metrics (and counts nothing)."""
@@ -181,3 +196,16 @@ def split_listen(listen: str) -> tuple[str, int] | None:
 def child_environment(**extra: str) -> dict[str, str]:
     """This process's environment plus ``extra``, for a child process (an executor)."""
     return {**os.environ, **extra}
+
+
+class ClientCredentials(BaseSettings):
+    """What a command-line client sends to secured services, from ``TICKMESH_API_KEY``,
+    ``TICKMESH_TLS_CA`` (turns TLS on), ``TICKMESH_TLS_CERT`` and ``TICKMESH_TLS_KEY``
+    (mutual TLS)."""
+
+    model_config = SettingsConfigDict(env_prefix="TICKMESH_", frozen=True, extra="ignore")
+
+    api_key: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None

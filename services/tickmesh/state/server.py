@@ -13,6 +13,7 @@ from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_blob_store, open_usage_counter
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.counters import UsageCounter
+from tickmesh.runtime.grpc_security import ServerSecurity
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
@@ -179,6 +180,8 @@ async def build(
         settings.grpc_listen,
         max_message_bytes=settings.max_message_bytes,
         interceptors=tracing.server_interceptors(),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        security=ServerSecurity.from_settings(settings),
     )
     serve_metrics = metrics is None and settings.metrics_listen is not None
     if serve_metrics:
