@@ -13,8 +13,9 @@ nats-server) and one Python ``Worker`` in the bench process:
   steps to completion; then ``ForkLifetime`` at task executions near the end, each time
   t0 (wall clock before the call) → the fork's first STEP_DISPATCHED event, plus the RPC
   round trip, and t0 → the first new step starting in the worker. The event's ``at`` is
-  stamped when the router decides the step, before its write and publish; the worker's
-  start is the stricter figure, and the one the fork target is judged by.
+  the time the fork was stamped with: after the history was read, before it was re-driven
+  and before the fork's write and publish. The worker's start is the stricter figure, and
+  the one the fork target is judged by.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 The fork's state is the origin's state as it was right after the fork execution
 was applied: the origin's records are re-driven through ``core`` in store order
 (see ``replay.Redriver``; guardrails are not evaluated for recorded history) up to
-and including that execution. Then the state is re-keyed to the new lifetime:
+and including that execution. The records before it are mostly finished steps, so
+they are fast-forwarded (``fastforward.py``: the same state, without building the
+requests of steps that finished) as far as that goes, and ``core`` takes the rest,
+always including the fork execution. Then the state is re-keyed to the new lifetime:
 
 * finished steps stay where they are — their records belong to the origin, the
   fork's later steps name them as parents, and nothing of them runs again;
@@ -39,6 +42,7 @@ from tickmesh.v1 import (
 )
 
 from . import core
+from .fastforward import fast_forward
 from .replay import Redriver, record_of
 
 LS = lifetime_pb2
@@ -60,22 +64,31 @@ def fork(
     producer: core.Producer,
     now: datetime,
     guard: core.Guard = core.allow_all,
+    fast: bool = True,
 ) -> core.Lifetime:
     """Build the forked lifetime; its first messages are in the returned ``out``.
+
+    ``fast=False`` re-drives every record through ``core``: the reference the
+    fast-forward is held to.
 
     Raises:
         NotFoundError: ``execution`` has no final record in the origin.
         ForkError: The recorded history does not replay up to the fork point.
     """
-    r = Redriver(origin, graph, producer, now)
+    if fast:
+        r, taken = fast_forward(
+            origin, graph, records, producer=producer, now=now, stop_at=execution
+        )
+    else:
+        r, taken = Redriver(origin, graph, producer, now), 0
     reask_plan = False
     found = False
-    for ref in records:
+    for ref in records[taken:]:
         record = record_of(ref)
         header = record.header
         if r.lt.view.state == LS.LIFETIME_STATE_WAITING:
             r.wake()
-        if header.execution_id not in r.dispatched:
+        if not r.decided(header.execution_id):
             raise ForkError(
                 f"the history of {origin.lifetime.lifetime_id} does not replay: execution "
                 f"{header.execution_id} ({header.node.id} iteration {header.iteration}) was not "

@@ -25,7 +25,7 @@ execution and continues live from there.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -81,10 +81,18 @@ class ExecutionStore(Protocol):
     ) -> Sequence[Any]: ...
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def ref_of(stored: StoredRecord) -> execution_pb2.ExecutionRef:
     envelope = envelope_pb2.ExecutionEnvelope.FromString(stored.envelope)
     ref = execution_pb2.ExecutionRef(store_sequence=stored.store_sequence)
-    ref.persisted_at.FromDatetime(stored.persisted_at)
+    # What Timestamp.FromDatetime computes (a naive time is UTC), at a fraction of its cost:
+    # a fork reads every record of the history before it can decide anything.
+    at = stored.persisted_at
+    since = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _EPOCH
+    ref.persisted_at.seconds = since.days * 86_400 + since.seconds
+    ref.persisted_at.nanos = since.microseconds * 1000
     if envelope.HasField("task_execution"):
         ref.task_execution.CopyFrom(envelope.task_execution)
     else:
@@ -169,6 +177,19 @@ class Dispatch:
     digest: str
     envelope: envelope_pb2.ExecutionEnvelope
 
+    @classmethod
+    def of(cls, envelope: envelope_pb2.ExecutionEnvelope) -> Dispatch:
+        header = envelope.header
+        return cls(
+            execution_id=header.execution_id,
+            node_id=header.node.id,
+            handler=header.node.handler,
+            iteration=header.iteration,
+            parents=tuple(header.parent_execution_ids),
+            digest=request_digest(envelope),
+            envelope=envelope,
+        )
+
     def describe(self) -> str:
         return _describe(self.node_id, self.handler, self.iteration, self.parents)
 
@@ -189,6 +210,10 @@ class Redriver:
 
     Nothing is published: requests the lifetime decides are collected in
     :attr:`dispatched` (in decision order), events are dropped.
+
+    A fork first fast-forwards the state without core (``fastforward.py``), which
+    keeps no requests of the steps that finished meanwhile; :meth:`adopt` takes
+    over from there, and :meth:`decided` answers for those steps too.
     """
 
     def __init__(
@@ -209,25 +234,33 @@ class Redriver:
         )
         self.lt = core.Lifetime(state, graph, producer, now, core.allow_all, quiet=True)
         self.dispatched: dict[str, Dispatch] = {}
+        self._decided_before: set[str] = set()
         self._wakes = {w.plan_execution_id: w for w in recorded.wakes}
         core.start(self.lt)
         self._collect()
 
+    def decided(self, execution_id: str) -> bool:
+        """Whether the re-driven lifetime has dispatched that step so far."""
+        return execution_id in self.dispatched or execution_id in self._decided_before
+
+    def adopt(
+        self, requests: Sequence[envelope_pb2.ExecutionEnvelope], decided: Iterable[str]
+    ) -> None:
+        """Go on from a state advanced outside core (``lt.state`` already holds it).
+
+        ``requests`` are the requests of the steps in flight there, in decision order;
+        ``decided`` names every step dispatched so far, finished or not.
+        """
+        self.dispatched = {}
+        for envelope in requests:
+            self.dispatched.setdefault(envelope.header.execution_id, Dispatch.of(envelope))
+        self._decided_before = set(decided)
+
     def _collect(self) -> None:
         for envelope in self.lt.requests:
-            header = envelope.header
-            self.dispatched.setdefault(
-                header.execution_id,
-                Dispatch(
-                    execution_id=header.execution_id,
-                    node_id=header.node.id,
-                    handler=header.node.handler,
-                    iteration=header.iteration,
-                    parents=tuple(header.parent_execution_ids),
-                    digest=request_digest(envelope),
-                    envelope=envelope,
-                ),
-            )
+            execution = envelope.header.execution_id
+            if execution not in self.dispatched:
+                self.dispatched[execution] = Dispatch.of(envelope)
         self.lt.requests.clear()
         self.lt.out.clear()
         self.lt.cancels.clear()
