@@ -70,6 +70,10 @@ export interface ExecutionInfo {
   labels: Record<string, string>;
   config: JsonObject;
   signal: AbortSignal;
+  /** W3C traceparent of the step's span when the lifetime is traced, else "". */
+  traceparent?: string;
+  /** W3C tracestate that goes with `traceparent`. */
+  tracestate?: string;
 }
 
 export class ExecutionContext implements ExecutionInfo {
@@ -95,6 +99,13 @@ export class ExecutionContext implements ExecutionInfo {
   readonly config: JsonObject;
   /** Aborted when the pool cancels the attempt, the deadline passes or the worker drops it. */
   readonly signal: AbortSignal;
+  /**
+   * W3C trace context of the step's span ("" when the lifetime is not traced): make it the
+   * parent of the handler's own spans (e.g. `propagation.extract` with `@opentelemetry/api`)
+   * and they join the lifetime's trace.
+   */
+  readonly traceparent: string;
+  readonly tracestate: string;
   /** The input (task) or goal (plan) as it arrived, before decoding. */
   rawInput: RawPayload = { contentType: "", data: new Uint8Array() };
   /** Telemetry accumulated so far. */
@@ -122,6 +133,8 @@ export class ExecutionContext implements ExecutionInfo {
     this.labels = info.labels;
     this.config = info.config;
     this.signal = info.signal;
+    this.traceparent = info.traceparent ?? "";
+    this.tracestate = info.tracestate ?? "";
   }
 
   /** Milliseconds left before the deadline (negative once it has passed). */

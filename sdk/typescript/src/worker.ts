@@ -665,6 +665,8 @@ class Session {
       labels: { ...header.labels },
       config: body.value.config ?? {},
       signal: abort.signal,
+      traceparent: header.traceContext?.traceparent ?? "",
+      tracestate: header.traceContext?.tracestate ?? "",
     };
     const ctx = kind === "task" ? new TaskContext(info) : new PlanContext(info);
     const run: Running = { item, kind, handler, ctx, abort, startedAt: now, timer: undefined, settled: false };

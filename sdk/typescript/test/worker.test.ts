@@ -16,6 +16,7 @@ import {
 } from "../../../gen/ts/tickmesh/v1/executor_pool_service_pb.js";
 import { NodeKind } from "../../../gen/ts/tickmesh/v1/graph_pb.js";
 import { TaskStatus } from "../../../gen/ts/tickmesh/v1/result_pb.js";
+import { TraceContextSchema } from "../../../gen/ts/tickmesh/v1/header_pb.js";
 import { TaskError, Worker, complete, decode, dispatch, encodeWire, step } from "../src/index.js";
 
 type Call = grpc.ServerDuplexStream<ConnectRequest, ConnectResponse>;
@@ -182,4 +183,34 @@ test("the worker speaks the protocol: hello, batches, heartbeats, cancel, deadli
     pool.close();
   }
   assert.ok(worker.stats.completionFrames >= 4);
+});
+
+test("a handler sees the step's trace context, so its own spans can join the lifetime's trace", async () => {
+  const pool = await fakePool();
+  const worker = new Worker({ target: pool.target, tenant: "acme", log: () => undefined })
+    .task("traced", async (ctx) => ({ traceparent: ctx.traceparent, tracestate: ctx.tracestate }));
+  worker.start();
+  try {
+    await pool.next(); // hello
+    await worker.waitConnected();
+    const call = pool.calls[0]!;
+    const traced = assignment("t1", "task", "traced", null);
+    const traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    traced.envelope!.header!.traceContext = create(TraceContextSchema, { traceparent, tracestate: "k=v" });
+    assign(call, traced, assignment("t2", "task", "traced", null));
+    const done = await pool.next();
+    assert.equal(done.message.case, "completions");
+    if (done.message.case !== "completions") return;
+    const outputs = new Map(
+      done.message.value.items.map((c) => {
+        const out = c.result.case === "taskResult" ? c.result.value.output : undefined;
+        return [c.assignmentId, out && out.data.case === "inline" ? decode(out.contentType, out.data.value) : undefined];
+      }),
+    );
+    assert.deepEqual(outputs.get("t1"), { traceparent, tracestate: "k=v" });
+    assert.deepEqual(outputs.get("t2"), { traceparent: "", tracestate: "" }); // an untraced lifetime
+  } finally {
+    await worker.shutdown(100);
+    pool.close();
+  }
 });
