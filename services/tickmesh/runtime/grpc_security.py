@@ -16,8 +16,8 @@ docs/operators.md, "Securing the RPCs"):
   it is either a bug or an attack.
 * **Deadlines** (``grpc_require_deadline``; off by default, on in the deployment
   examples): a unary call without a deadline is INVALID_ARGUMENT — a call that can
-  wait forever holds a slot forever. Streams (watches, the executor session) are long-lived by nature and
-  exempt, as is the health service (probes).
+  wait forever holds a slot forever. Streams (watches, the executor session) are
+  long-lived by nature and exempt, as is the health service (probes).
 * Limits set elsewhere: message size (``max_message_bytes``, RESOURCE_EXHAUSTED
   past it) and concurrency (``grpc_max_concurrent_rpcs``, RESOURCE_EXHAUSTED
   past it). No server reflection is registered.
