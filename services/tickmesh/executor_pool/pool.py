@@ -28,10 +28,8 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 from opentelemetry.trace import Span, SpanKind, Status, Tracer
 from opentelemetry.trace import StatusCode as SpanStatus
 
@@ -54,6 +52,7 @@ from tickmesh.runtime.subjects import (
     check_token,
     tenant_of_subject,
 )
+from tickmesh.runtime.tenant_links import TenantLinks
 from tickmesh.runtime.tracing import parent_of, set_parent
 from tickmesh.sdk import BodyKind, ValidationError, decode_envelope, encode_envelope, uuid7
 from tickmesh.sdk.errors import NotFoundError, RPCError, StatusCode, TickmeshError, TransportError
@@ -354,8 +353,7 @@ class ExecutorPool:
         self,
         settings: ExecutorPoolSettings,
         *,
-        nc: NatsClient,
-        js: JetStreamContext,
+        links: TenantLinks,
         blobs: BlobStore,
         version: str = "0.0.0",
         metrics: Metrics | None = None,
@@ -364,8 +362,8 @@ class ExecutorPool:
         self._settings = settings
         self._metrics = metrics
         self._tracer = tracer
-        self._nc = nc
-        self._js = js
+        self._links = links
+        """Each tenant's NATS connection: its work, records, dead letters and cancels."""
         self._blobs = blobs
         self._producer = header_pb2.Producer(
             service="executor-pool", version=version, instance=settings.instance
@@ -376,7 +374,9 @@ class ExecutorPool:
         self._consumers: dict[tuple[str, str], str] = {}
         """(tenant, durable) -> stream of every work consumer started in this process."""
         self._by_seq: dict[tuple[str, int], Lease] = {}
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
+        """Per tenant, over its handler groups: starting a group creates its consumer
+        through the tenant's link, which must not wait on another tenant's."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._subs: list[Subscription] = []
@@ -395,7 +395,8 @@ class ExecutorPool:
             return
         self._started = True
         for tenant in self._settings.tenants:
-            sub = await self._nc.subscribe(TenantNames(tenant).cancel, cb=self._on_cancel_msg)
+            link = await self._links.get(tenant)
+            sub = await link.nc.subscribe(TenantNames(tenant).cancel, cb=self._on_cancel_msg)
             self._subs.append(sub)
         self._loops = [
             asyncio.create_task(self._pull_loop(), name="pool:pull"),
@@ -413,8 +414,8 @@ class ExecutorPool:
         for session in list(self._sessions):
             session.draining = True
             session.send(Frame(drain=drain))
-        async with self._lock:
-            for group in list(self._groups.values()):
+        for group in list(self._groups.values()):
+            async with self._lock(group.tenant):
                 await self._stop_group(group)
         for sub in self._subs:
             with contextlib.suppress(Exception):
@@ -439,6 +440,9 @@ class ExecutorPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._loops.clear()
+
+    def _lock(self, tenant: str) -> asyncio.Lock:
+        return self._locks.setdefault(tenant, asyncio.Lock())
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str = "") -> None:
         """Run ``coro`` as a task owned by the pool (awaited in stop)."""
@@ -480,7 +484,7 @@ class ExecutorPool:
 
     async def register(self, session: Session) -> None:
         """Join the session to its handler groups, starting their consumers as needed."""
-        async with self._lock:
+        async with self._lock(session.tenant):
             if self._stopping:
                 raise TransportError("the executor pool is shutting down")
             self._sessions.add(session)
@@ -513,7 +517,7 @@ class ExecutorPool:
     async def _unregister(self, session: Session) -> None:
         leases = [lease for lease in session.in_flight.values() if not lease.settling]
         session.in_flight.clear()
-        async with self._lock:
+        async with self._lock(session.tenant):
             if session in self._sessions and self._metrics is not None:
                 self._metrics.executor_left(session.tenant)
             self._sessions.discard(session)
@@ -561,9 +565,10 @@ class ExecutorPool:
         async def handle(batch: list[Msg]) -> None:
             await self._on_batch(group, batch)
 
+        link = await self._links.get(group.tenant)
         consumer = BatchConsumer(
-            self._nc,
-            self._js,
+            link.nc,
+            link.js,
             stream=names.work_stream,
             config=config,
             handler=handle,
@@ -661,7 +666,7 @@ class ExecutorPool:
                 ]
             )
         if malformed:
-            await self._dead_letter_malformed(malformed)
+            await self._dead_letter_malformed(group.tenant, malformed)
         if self._metrics is not None:
             self._metrics.count_redeliveries(group.tenant, group.durable, msgs)
         self._want_pull(group)
@@ -1283,10 +1288,23 @@ class ExecutorPool:
                 )
 
     async def _publish_and_ack(self, publishes: list[tuple[Lease, list[Outgoing]]]) -> None:
+        """Publish each tenant's records through its own link, the tenants concurrently:
+        one tenant's failing publishes (retried with backoff) never delay another's."""
+        by_tenant: dict[str, list[tuple[Lease, list[Outgoing]]]] = {}
+        for lease, messages in publishes:
+            by_tenant.setdefault(lease.group.tenant, []).append((lease, messages))
+        await asyncio.gather(
+            *(self._publish_and_ack_tenant(t, items) for t, items in by_tenant.items())
+        )
+
+    async def _publish_and_ack_tenant(
+        self, tenant: str, publishes: list[tuple[Lease, list[Outgoing]]]
+    ) -> None:
         pending = [m for _, messages in publishes for m in messages]
         for attempt in range(PUBLISH_RETRIES + 1):
             try:
-                await publish_batch(self._js, pending)
+                link = await self._links.get(tenant)
+                await publish_batch(link.js, pending)
                 pending = []
                 break
             except PublishError as exc:
@@ -1317,12 +1335,12 @@ class ExecutorPool:
             with contextlib.suppress(Exception):
                 await lease.msg.ack()
 
-    async def _dead_letter_malformed(self, malformed: list[tuple[Msg, str]]) -> None:
-        """Copy poison messages to the dead-letter subject, then terminate them."""
+    async def _dead_letter_malformed(self, tenant: str, malformed: list[tuple[Msg, str]]) -> None:
+        """Copy poison messages of ``tenant``'s work to its dead-letter subject, then
+        terminate them."""
         outgoing: list[Outgoing] = []
+        names = TenantNames(tenant)
         for msg, reason in malformed:
-            tenant = tenant_of_subject(msg.subject) or ""
-            names = TenantNames(tenant)
             headers = {k: v for k, v in (msg.headers or {}).items() if k != HDR_MSG_ID}
             headers[HDR_MSG_ID] = f"dlq:work:seq:{msg.metadata.sequence.stream}"
             headers[HDR_REASON] = _header_value(reason)
@@ -1330,14 +1348,15 @@ class ExecutorPool:
             outgoing.append(Outgoing(names.dlq(DLQ_KIND), msg.data, headers))
             logger.warning("dead-lettering a malformed request on %s: %s", msg.subject, reason)
         try:
-            await publish_batch(self._js, outgoing)
+            link = await self._links.get(tenant)
+            await publish_batch(link.js, outgoing)
         except Exception as exc:
             logger.warning("cannot dead-letter %d malformed request(s): %s", len(outgoing), exc)
             return
         for msg, reason in malformed:
             self.stats.malformed += 1
             if self._metrics is not None:
-                self._metrics.dead_lettered(tenant_of_subject(msg.subject) or "", DLQ_KIND)
+                self._metrics.dead_lettered(tenant, DLQ_KIND)
             with contextlib.suppress(Exception):
                 await term(msg, reason)
 

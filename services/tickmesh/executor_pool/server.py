@@ -8,7 +8,6 @@ import logging
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.adapters import open_blob_store
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.grpc_security import ServerSecurity
@@ -16,6 +15,7 @@ from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tenant_links import EXECUTOR, TenantLinks
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import executor_pool_service_pb2, executor_pool_service_pb2_grpc
 
@@ -97,13 +97,18 @@ class ExecutorPoolService:
 async def build(
     settings: ExecutorPoolSettings,
     *,
-    nc: NatsClient,
-    js: JetStreamContext,
+    nc: NatsClient | None = None,
+    js: JetStreamContext | None = None,
+    links: TenantLinks | None = None,
     blobs: BlobStore,
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
 ) -> ExecutorPoolService:
     """Assemble the service from ready-made dependencies (tests pass their own).
+
+    ``links`` are the tenants' NATS connections, as their executor users (the caller
+    closes them); ``nc`` (with ``js``, by default a context of ``nc``'s) instead serves
+    every tenant through one connection.
 
     ``metrics``: where to count, served by the caller; None makes the pool its own when
     ``settings.metrics_listen`` is set (and counts nothing otherwise).
@@ -114,17 +119,20 @@ async def build(
     serve_metrics = metrics is None and settings.metrics_listen is not None
     if serve_metrics:
         metrics = Metrics()
+    if links is None:
+        if nc is None:
+            raise TypeError("build() needs nc or links")
+        links = TenantLinks.shared(nc, js=js)
     pool = ExecutorPool(
         settings,
-        nc=nc,
-        js=js,
+        links=links,
         blobs=blobs,
         version=version(),
         metrics=metrics,
         tracer=tracing.tracer("tickmesh.executor_pool"),
     )
     if metrics is not None:
-        metrics.watch_consumers(js, pool.consumers)
+        metrics.watch_consumers(links.js_of, pool.consumers)
     return ExecutorPoolService(
         settings, pool, metrics=metrics, serve_metrics=serve_metrics, tracing=tracing
     )
@@ -135,16 +143,20 @@ async def serve(settings: ExecutorPoolSettings) -> None:
 
     async with contextlib.AsyncExitStack() as resources:
 
-        async def make(nc: NatsClient) -> ExecutorPoolService:
+        async def make(links: TenantLinks) -> ExecutorPoolService:
             blobs = await open_blob_store(
                 settings.blob_url,
                 access_key_id=settings.s3_access_key_id,
                 secret_access_key=settings.s3_secret_access_key,
             )
             resources.push_async_callback(blobs.close)
-            js = runtime_nats.jetstream(nc)
-            for tenant in settings.tenants:
-                await ensure_tenant(js, tenant, replicas=settings.nats_replicas)
-            return await build(settings, nc=nc, js=js, blobs=blobs)
+            if not links.is_per_tenant:
+                # One connection for all: it may create the streams. A tenant's executor
+                # user may not; its streams come from `tickmesh tenant create` or the
+                # service-user services.
+                for tenant in settings.tenants:
+                    link = await links.get(tenant)
+                    await ensure_tenant(link.js, tenant, replicas=settings.nats_replicas)
+            return await build(settings, links=links, blobs=blobs)
 
-        await serve_until_stopped(settings, "executor-pool", make)
+        await serve_until_stopped(settings, "executor-pool", make, role=EXECUTOR)

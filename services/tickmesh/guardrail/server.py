@@ -9,11 +9,9 @@ import logging
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from tickmesh.internal.v1 import router_state_pb2
-from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.grpc_security import ServerSecurity
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
@@ -23,6 +21,7 @@ from tickmesh.runtime.policy import Usage
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import guardrail_service_pb2_grpc
 
@@ -37,8 +36,8 @@ SERVICE_NAME = "tickmesh.v1.GuardrailService"
 @dataclass
 class GuardrailService:
     settings: GuardrailSettings
-    nc: NatsClient
-    js: JetStreamContext
+    links: TenantLinks
+    """Each tenant's NATS connection (one shared by all, or one per tenant)."""
     grpc: GrpcServer
     stores: dict[str, PolicyStore]
     servicer: GuardrailServicer | None = None
@@ -55,6 +54,11 @@ class GuardrailService:
     def target(self) -> str:
         return self.grpc.target
 
+    @property
+    def nc(self) -> NatsClient | None:
+        """The connection all tenants share; None with a connection per tenant."""
+        return self.links.shared_connection
+
     async def start(self) -> None:
         if self.metrics is not None:
             self.metrics.service_started("guardrail", version())
@@ -70,8 +74,9 @@ class GuardrailService:
     async def add_tenant(self, tenant: str) -> None:
         if tenant in self.stores:
             return
-        names = await ensure_tenant(self.js, tenant, replicas=self.settings.nats_replicas)
-        self.stores[tenant] = await PolicyStore.open(self.js, names)
+        link = await self.links.get(tenant)
+        names = await ensure_tenant(link.js, tenant, replicas=self.settings.nats_replicas)
+        self.stores[tenant] = await PolicyStore.open(link.js, names)
         await self.publish(tenant)
 
     async def publish(self, tenant: str) -> None:
@@ -86,15 +91,20 @@ class GuardrailService:
         interval = self.settings.snapshot_lease_s * self.settings.refresh_fraction
         while True:
             await asyncio.sleep(interval)
-            for tenant in list(self.stores):
-                try:
-                    await self.publish(tenant)
-                except Exception as exc:  # the next round retries; routers still hold a lease
-                    logger.warning("cannot publish the snapshot of %s: %s", tenant, exc)
+            # Concurrently: a tenant whose link is down (its put waits for a timeout)
+            # must not let the other tenants' leases run out.
+            await asyncio.gather(*(self._refresh_one(tenant) for tenant in list(self.stores)))
+
+    async def _refresh_one(self, tenant: str) -> None:
+        try:
+            await self.publish(tenant)
+        except Exception as exc:  # the next round retries; routers still hold a lease
+            logger.warning("cannot publish the snapshot of %s: %s", tenant, exc)
 
     async def lifetime_usage(self, tenant: str, lifetime_id: str) -> Usage:
         """What a lifetime has used so far, from the router's state of it."""
-        kv = await self.js.key_value(TenantNames(tenant).router_bucket)
+        link = await self.links.get(tenant)
+        kv = await link.js.key_value(TenantNames(tenant).router_bucket)
         try:
             entry = await kv.get(f"lt.{lifetime_id}")
         except KeyNotFoundError:
@@ -128,17 +138,23 @@ class GuardrailService:
 async def build(
     settings: GuardrailSettings,
     *,
-    nc: NatsClient,
+    nc: NatsClient | None = None,
+    links: TenantLinks | None = None,
     usage_source: UsageSource | None = None,
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
 ) -> GuardrailService:
-    """Assemble the guardrail service; ``metrics`` is served by the caller, and None makes
-    the service its own when ``settings.metrics_listen`` is set. ``tracing``: where spans
-    go; None: as ``settings`` say (``trace_exporter``)."""
+    """Assemble the guardrail service; ``links`` are the tenants' NATS connections (the
+    caller closes them), or ``nc`` serves every tenant through one. ``metrics`` is
+    served by the caller, and None makes the service its own when
+    ``settings.metrics_listen`` is set. ``tracing``: where spans go; None: as
+    ``settings`` say (``trace_exporter``)."""
     if tracing is None:
         tracing = Tracing.from_settings("guardrail", settings)
-    js = tm_nats.jetstream(nc)
+    if links is None:
+        if nc is None:
+            raise TypeError("build() needs nc or links")
+        links = TenantLinks.shared(nc)
     grpc_server = await create_server(
         settings.grpc_listen,
         max_message_bytes=settings.max_message_bytes,
@@ -151,8 +167,7 @@ async def build(
         metrics = Metrics()
     service = GuardrailService(
         settings,
-        nc,
-        js,
+        links,
         grpc_server,
         {},
         metrics=metrics,
@@ -176,7 +191,7 @@ async def build(
 async def serve(settings: GuardrailSettings) -> None:
     async with contextlib.AsyncExitStack() as resources:
 
-        async def make(nc: NatsClient) -> GuardrailService:
+        async def make(links: TenantLinks) -> GuardrailService:
             source: UsageSource | None = None
             if settings.usage_counter_url:
                 source = await open_usage_counter(settings.usage_counter_url)
@@ -184,6 +199,6 @@ async def serve(settings: GuardrailSettings) -> None:
                 source = StateRpcUsageSource(settings.state_target)
             if source is not None:
                 resources.push_async_callback(source.close)
-            return await build(settings, nc=nc, usage_source=source)
+            return await build(settings, links=links, usage_source=source)
 
-        await serve_until_stopped(settings, "guardrail", make)
+        await serve_until_stopped(settings, "guardrail", make, role=SERVICE)

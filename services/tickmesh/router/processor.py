@@ -23,8 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 from opentelemetry.trace import Link, Span, Tracer, get_current_span, use_span
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
@@ -38,6 +36,7 @@ from tickmesh.runtime.subjects import (
     HDR_TYPE,
     TenantNames,
 )
+from tickmesh.runtime.tenant_links import TenantLink
 from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
@@ -62,6 +61,8 @@ class Tenant:
 
     names: TenantNames
     store: RouterStore
+    link: TenantLink
+    """The tenant's NATS connection: its steps, refs and cancels go out through it."""
     guard: core.Guard = core.allow_all
     published: dict[str, set[str]] = field(default_factory=dict)
     """lifetime id -> outbox keys this replica has published (dropped on the next write)."""
@@ -80,15 +81,11 @@ class Applied:
 class Processor:
     def __init__(
         self,
-        nc: NatsClient,
-        js: JetStreamContext,
         producer: core.Producer,
         *,
         outbox_retention: timedelta = timedelta(hours=1),
         tracer: Tracer | None = None,
     ) -> None:
-        self._nc = nc
-        self._js = js
         self._producer = producer
         self._retention = outbox_retention
         self.tracer = tracer
@@ -235,7 +232,7 @@ class Processor:
             )
             for m in lt.out
         ]
-        await publish_batch(self._js, outgoing)
+        await publish_batch(tenant.link.js, outgoing)
         if lt.cancels:
             await self._cancel(tenant, lt)
 
@@ -248,7 +245,7 @@ class Processor:
             message="cancel in-flight work",
         )
         envelope = envelope_pb2.ExecutionEnvelope(header=header, lifetime_event=event)
-        await self._nc.publish(
+        await tenant.link.nc.publish(
             tenant.names.cancel,
             encode_envelope(envelope),
             headers={HDR_TYPE: "lifetime_event", HDR_LIFETIME: lt.view.lifetime_id},

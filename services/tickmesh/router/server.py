@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 
-from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.runtime.grpc_security import ServerSecurity
@@ -20,6 +18,7 @@ from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import PolicyEngine
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import router_service_pb2_grpc
 
@@ -40,8 +39,8 @@ SERVICE_NAME = "tickmesh.v1.RouterService"
 @dataclass
 class RouterService:
     settings: RouterSettings
-    nc: NatsClient
-    js: JetStreamContext
+    links: TenantLinks
+    """Each tenant's NATS connection (one shared by all, or one per tenant)."""
     processor: Processor
     grpc: GrpcServer
     usage_source: UsageSource | None = None
@@ -83,7 +82,8 @@ class RouterService:
     async def add_tenant(self, tenant_id: str) -> None:
         if tenant_id in self.processor.tenants:
             return
-        names = await ensure_tenant(self.js, tenant_id, replicas=self.settings.nats_replicas)
+        link = await self.links.get(tenant_id)
+        names = await ensure_tenant(link.js, tenant_id, replicas=self.settings.nats_replicas)
         usage = TenantUsage(
             tenant_id,
             self.usage_source,
@@ -92,7 +92,7 @@ class RouterService:
         )
         await usage.start()
         gate = await Gate.open(
-            self.js,
+            link.js,
             names,
             self.engine,
             usage,
@@ -100,15 +100,15 @@ class RouterService:
             tracer=self.tracing.tracer("tickmesh.guardrail"),
         )
         self.gates[tenant_id] = gate
-        store = ObservedRouterStore(await self.js.key_value(names.router_bucket))
-        tenant = Tenant(names=names, store=store, guard=gate)
+        store = ObservedRouterStore(await link.js.key_value(names.router_bucket))
+        tenant = Tenant(names=names, store=store, link=link, guard=gate)
         self.processor.tenants[tenant_id] = tenant
         if self.timers is not None:
             store.observer = self.timers.observer(tenant_id)
             await self.timers.start(tenant_id)
         consumer = RefConsumer(
-            self.nc,
-            self.js,
+            link.nc,
+            link.js,
             self.processor,
             tenant,
             max_batch=self.settings.max_batch,
@@ -141,7 +141,8 @@ class RouterService:
 async def build(
     settings: RouterSettings,
     *,
-    nc: NatsClient,
+    nc: NatsClient | None = None,
+    links: TenantLinks | None = None,
     usage_source: UsageSource | None = None,
     history_source: HistorySource | None = None,
     metrics: Metrics | None = None,
@@ -149,6 +150,8 @@ async def build(
 ) -> RouterService:
     """Assemble the router.
 
+    ``links`` are the tenants' NATS connections (the caller closes them); ``nc`` instead
+    serves every tenant through one connection.
     ``usage_source`` feeds tenant-scope guardrail windows; by default it is the counters at
     ``settings.usage_counter_url``, else the state service at ``settings.state_target``, if
     set, else usage is counted in this process only.
@@ -160,7 +163,10 @@ async def build(
     """
     if tracing is None:
         tracing = Tracing.from_settings("router", settings)
-    js = tm_nats.jetstream(nc)
+    if links is None:
+        if nc is None:
+            raise TypeError("build() needs nc or links")
+        links = TenantLinks.shared(nc)
     if usage_source is None and settings.usage_counter_url:
         usage_source = await open_usage_counter(settings.usage_counter_url)
     elif usage_source is None and settings.state_target:
@@ -169,8 +175,6 @@ async def build(
         history_source = StateRpcHistorySource(settings.state_target)
     producer = Producer("router", version(), settings.instance)
     processor = Processor(
-        nc,
-        js,
         producer,
         outbox_retention=timedelta(seconds=settings.outbox_retention_s),
         tracer=tracing.tracer("tickmesh.router"),
@@ -184,7 +188,6 @@ async def build(
     )
     servicer = RouterServicer(
         processor,
-        js,
         tenants=settings.tenants,
         inline_limit=DEFAULT_INLINE_LIMIT,
         history=history_source,
@@ -196,7 +199,7 @@ async def build(
         metrics = Metrics()
     if metrics is not None:
         metrics.watch_consumers(
-            js,
+            links.js_of,
             lambda: [
                 (tenant_id, tenant.names.ref_stream, tenant.names.router_consumer)
                 for tenant_id, tenant in processor.tenants.items()
@@ -204,8 +207,7 @@ async def build(
         )
     return RouterService(
         settings,
-        nc,
-        js,
+        links,
         processor,
         grpc_server,
         usage_source=usage_source,
@@ -218,7 +220,7 @@ async def build(
 
 
 async def serve(settings: RouterSettings) -> None:
-    async def make(nc: NatsClient) -> RouterService:
-        return await build(settings, nc=nc)
+    async def make(links: TenantLinks) -> RouterService:
+        return await build(settings, links=links)
 
-    await serve_until_stopped(settings, "router", make)
+    await serve_until_stopped(settings, "router", make, role=SERVICE)

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 from nats import errors as nats_errors
-from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from tickmesh.runtime.auth import tenant_of
@@ -49,7 +48,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(
         self,
         processor: Processor,
-        js: JetStreamContext,
         *,
         tenants: Collection[str],
         inline_limit: int,
@@ -59,7 +57,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self._processor = processor
         self._history = history
         self._producer = producer or core.Producer("router", "0", "")
-        self._js = js
         self._tenants = tenants
         self._inline_limit = inline_limit
 
@@ -197,7 +194,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         tenant = self._tenant(context)
         await _load_view(tenant, request.lifetime_id)  # NOT_FOUND before streaming
         subject = tenant.names.evt(request.lifetime_id)
-        sub = await self._js.subscribe(
+        sub = await tenant.link.js.subscribe(
             subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
         ended = False

@@ -4,7 +4,6 @@ stop on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import ssl
@@ -22,6 +21,7 @@ from tickmesh.sdk.errors import ConfigError, TickmeshError
 from . import logging as tm_logging
 from . import nats as tm_nats
 from .settings import ServiceSettings
+from .tenant_links import SERVICE, TenantLinks, inbox_prefix, seed_file
 
 logger = logging.getLogger(__name__)
 _S = TypeVar("_S", bound=ServiceSettings)
@@ -107,6 +107,51 @@ async def connect_nats(settings: ServiceSettings, name: str) -> NatsClient:
     )
 
 
+async def connect_tenant_nats(
+    settings: ServiceSettings, name: str, tenant: str, role: str
+) -> NatsClient:
+    """Connect to NATS as ``tenant``'s ``role`` user, with its seed from
+    ``settings.nats_tenant_dir`` (and the TLS ``settings`` carry).
+
+    Raises:
+        ConfigError: No tenant directory, no seed file for the tenant, or bad TLS files.
+        TransportError: NATS did not answer within ``nats_connect_timeout_s``.
+    """
+    if settings.nats_tenant_dir is None:
+        raise ConfigError("per-tenant connections need nats_tenant_dir")
+    seed = seed_file(settings.nats_tenant_dir, tenant, role)
+    servers = settings.nats_servers
+    return await tm_nats.connect(
+        servers,
+        name=f"{name} {settings.instance} {tenant}",
+        nkeys_seed=seed,
+        tls=nats_tls(settings),
+        first_connect_within=settings.nats_connect_timeout_s,
+        inbox_prefix=inbox_prefix(role),
+    )
+
+
+async def open_tenant_links(
+    settings: ServiceSettings, name: str, role: str = SERVICE
+) -> TenantLinks:
+    """The links a service reaches its tenants through: with ``nats_tenant_dir``, one
+    connection per tenant as its ``role`` user (opened on first use); otherwise one
+    shared connection with the shared credentials, opened here. The caller closes them.
+
+    Raises:
+        ConfigError: A credentials or TLS file is missing.
+        TransportError: The shared connection could not be made.
+    """
+    if settings.nats_tenant_dir is not None:
+        nats_tls(settings)  # a bad TLS file is a setting's fault: say so before serving
+
+        async def connect(tenant: str) -> NatsClient:
+            return await connect_tenant_nats(settings, name, tenant, role)
+
+        return TenantLinks.per_tenant(connect)
+    return TenantLinks.shared(await connect_nats(settings, name), owned=True)
+
+
 def run_service(
     name: str,
     settings_factory: Callable[[], _S],
@@ -132,14 +177,18 @@ def run_service(
 async def serve_until_stopped(
     settings: ServiceSettings,
     name: str,
-    build: Callable[[NatsClient], Awaitable[Service]],
+    build: Callable[[TenantLinks], Awaitable[Service]],
+    *,
+    role: str = SERVICE,
 ) -> None:
-    """Configure logs, connect to NATS, build and start the service, and on SIGTERM or
-    SIGINT stop it (in-flight work gets ``shutdown_grace_s``) and drain the connection."""
+    """Configure logs, open the tenants' NATS links (see :func:`open_tenant_links`;
+    ``role`` is the tenant user the service logs in as), build and start the service,
+    and on SIGTERM or SIGINT stop it (in-flight work gets ``shutdown_grace_s``) and
+    drain the connections."""
     tm_logging.configure(settings.log_level, json_output=settings.log_json, service=name)
-    nc = await connect_nats(settings, name)
+    links = await open_tenant_links(settings, name, role)
     try:
-        service = await build(nc)
+        service = await build(links)
         await service.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -149,5 +198,4 @@ async def serve_until_stopped(
         logger.info("%s stopping", name)
         await service.stop()
     finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        await links.close()

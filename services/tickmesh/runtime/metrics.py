@@ -93,6 +93,8 @@ OVERHEAD_BUCKETS = (
 )
 
 ConsumerSource = Callable[[], Iterable[tuple[str, str, str]]]
+JetStreamOf = Callable[[str], JetStreamContext | None]
+"""A tenant's JetStream context (None: the tenant has no link yet)."""
 """Lists the durable consumers to watch, as (tenant, stream, durable name)."""
 
 _TASK_STATUS: dict[int, str] = {
@@ -264,7 +266,7 @@ class Metrics:
         self._overhead: dict[tuple[str, str], Histogram] = {}
         self._decisions: dict[tuple[str, str, int, int], Counter] = {}
         self._redeliveries: dict[tuple[str, str], Counter] = {}
-        self._sources: list[tuple[JetStreamContext, ConsumerSource]] = []
+        self._sources: list[tuple[JetStreamOf, ConsumerSource]] = []
         self._watched: set[tuple[str, str]] = set()
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -385,31 +387,49 @@ class Metrics:
 
     # --- consumer queue depths -------------------------------------------------------------
 
-    def watch_consumers(self, js: JetStreamContext, source: ConsumerSource) -> None:
-        """Poll the consumers ``source`` lists (asked again on every poll) through ``js``."""
-        self._sources.append((js, source))
+    def watch_consumers(self, js: JetStreamContext | JetStreamOf, source: ConsumerSource) -> None:
+        """Poll the consumers ``source`` lists (asked again on every poll) through ``js``:
+        one context for every tenant, or a function giving each tenant's own."""
+        if isinstance(js, JetStreamContext):
+            shared = js
+            self._sources.append((lambda _tenant: shared, source))
+        else:
+            self._sources.append((js, source))
 
     def consumers_changed(self) -> None:
         """A service added consumers: poll now rather than at the next round."""
         self._poll_now.set()
 
     async def poll_consumers(self) -> None:
-        """Read every watched consumer's pending counts once; drop the ones that are gone."""
+        """Read every watched consumer's pending counts once; drop the ones that are gone.
+
+        The reads run concurrently: a tenant whose link is down (each read waits for its
+        timeout) must not hold back the others' gauges."""
         seen: set[tuple[str, str]] = set()
-        for js, source in self._sources:
-            for tenant, stream, durable in list(source()):
-                key = (tenant, durable)
-                try:
-                    info = await js.consumer_info(stream, durable)
-                except NotFoundError:
-                    continue
-                except Exception as exc:  # disconnected: keep the last values until next time
-                    logger.debug("consumer_info %s/%s: %s", stream, durable, exc)
-                    seen.add(key)
-                    continue
+
+        async def poll(js: JetStreamContext, tenant: str, stream: str, durable: str) -> None:
+            key = (tenant, durable)
+            try:
+                info = await js.consumer_info(stream, durable)
+            except NotFoundError:
+                return
+            except Exception as exc:  # disconnected: keep the last values until next time
+                logger.debug("consumer_info %s/%s: %s", stream, durable, exc)
                 seen.add(key)
-                self.consumer_pending.labels(tenant, durable).set(info.num_pending or 0)
-                self.consumer_ack_pending.labels(tenant, durable).set(info.num_ack_pending or 0)
+                return
+            seen.add(key)
+            self.consumer_pending.labels(tenant, durable).set(info.num_pending or 0)
+            self.consumer_ack_pending.labels(tenant, durable).set(info.num_ack_pending or 0)
+
+        polls = []
+        for js_of, source in self._sources:
+            for tenant, stream, durable in list(source()):
+                js = js_of(tenant)
+                if js is None:
+                    seen.add((tenant, durable))
+                    continue
+                polls.append(poll(js, tenant, stream, durable))
+        await asyncio.gather(*polls)
         for tenant, durable in self._watched - seen:
             with contextlib.suppress(KeyError):
                 self.consumer_pending.remove(tenant, durable)

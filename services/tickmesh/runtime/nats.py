@@ -42,6 +42,7 @@ async def connect(
     connect_timeout: float = 5.0,
     first_connect_within: float = 10.0,
     ping_interval: float = 5.0,
+    inbox_prefix: str | None = None,
 ) -> NatsClient:
     """Connect with service-grade reconnect settings.
 
@@ -49,6 +50,8 @@ async def connect(
     knows, including the cluster members the servers advertise). The *first*
     connection is different: a service that cannot reach NATS at start must say so
     and exit, not hang, so it is bounded by ``first_connect_within`` seconds.
+    ``inbox_prefix`` replaces nats-py's ``_INBOX`` for reply subjects (a user allowed
+    to subscribe to its own prefix only, such as a tenant's executor user).
 
     Raises:
         TransportError: The first connection could not be made in time.
@@ -78,11 +81,13 @@ async def connect(
     nc = NatsClient()
     try:
         # nats-py annotates the timings as int though it takes seconds as float.
-        timings: dict[str, Any] = {
+        options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
             "reconnect_time_wait": 0.25,
             "ping_interval": ping_interval,
         }
+        if inbox_prefix is not None:
+            options["inbox_prefix"] = inbox_prefix
         async with asyncio.timeout(first_connect_within):
             await nc.connect(
                 servers=servers,
@@ -99,7 +104,7 @@ async def connect(
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
-                **timings,
+                **options,
             )
     except Exception as exc:
         with contextlib.suppress(Exception):

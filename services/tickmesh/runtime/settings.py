@@ -77,6 +77,11 @@ class ServiceSettings(BaseSettings):
     """Path to an NKey seed file (NKey authentication without a JWT)."""
     nats_token: str | None = None
     """A NATS authentication token."""
+    nats_tenant_dir: str | None = None
+    """A tenant directory (``tickmesh tenant``): when set, each tenant gets its own NATS
+    connection, logged in with that tenant's NKey seed (``creds/<tenant>/service.nk``;
+    the executor pool's ``executor.nk``), and the shared ``nats_*`` credentials are not
+    used. Unset: one connection, with the shared credentials, for every tenant."""
     nats_tls_ca: str | None = None
     """CA bundle that signs the NATS servers' certificates (turns TLS on)."""
     nats_tls_cert: str | None = None

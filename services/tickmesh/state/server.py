@@ -7,9 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 
-from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.adapters import open_blob_store, open_usage_counter
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.counters import UsageCounter
@@ -18,6 +16,7 @@ from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.sdk import ConfigError, NotFoundError
 from tickmesh.v1 import header_pb2, state_service_pb2_grpc
@@ -34,8 +33,8 @@ SERVICE_NAME = "tickmesh.v1.StateService"
 @dataclass
 class StateService:
     settings: StateSettings
-    nc: NatsClient
-    js: JetStreamContext
+    links: TenantLinks
+    """Each tenant's NATS connection (one shared by all, or one per tenant)."""
     store: StateStore
     blobs: BlobStore
     grpc: GrpcServer
@@ -72,13 +71,14 @@ class StateService:
     async def add_tenant(self, tenant: str) -> None:
         if tenant in self.consumers:
             return
-        names = await ensure_tenant(self.js, tenant, replicas=self.settings.nats_replicas)
+        link = await self.links.get(tenant)
+        names = await ensure_tenant(link.js, tenant, replicas=self.settings.nats_replicas)
         producer = header_pb2.Producer(
             service="state", version=version(), instance=self.settings.instance
         )
         consumer = RecordConsumer(
-            self.nc,
-            self.js,
+            link.nc,
+            link.js,
             self.store,
             names,
             producer,
@@ -160,7 +160,8 @@ async def open_settings_store(settings: StateSettings) -> StateStore:
 async def build(
     settings: StateSettings,
     *,
-    nc: NatsClient,
+    nc: NatsClient | None = None,
+    links: TenantLinks | None = None,
     store: StateStore,
     blobs: BlobStore,
     usage_counter: UsageCounter | None = None,
@@ -169,13 +170,19 @@ async def build(
 ) -> StateService:
     """Assemble the state service; ``usage_counter`` (if any) is fed every stored record.
 
+    ``links`` are the tenants' NATS connections (the caller closes them); ``nc`` instead
+    serves every tenant through one connection.
+
     ``metrics``: where to count, served by the caller; None makes the service its own when
     ``settings.metrics_listen`` is set (and counts nothing otherwise).
     ``tracing``: where spans go; None: as ``settings`` say (``trace_exporter``).
     """
     if tracing is None:
         tracing = Tracing.from_settings("state", settings)
-    js = tm_nats.jetstream(nc)
+    if links is None:
+        if nc is None:
+            raise TypeError("build() needs nc or links")
+        links = TenantLinks.shared(nc)
     grpc_server = await create_server(
         settings.grpc_listen,
         max_message_bytes=settings.max_message_bytes,
@@ -188,8 +195,7 @@ async def build(
         metrics = Metrics()
     service = StateService(
         settings,
-        nc,
-        js,
+        links,
         store,
         blobs,
         grpc_server,
@@ -200,7 +206,8 @@ async def build(
     )
     if metrics is not None:
         metrics.watch_consumers(
-            js, lambda: [c for consumer in service.consumers.values() for c in consumer.consumers()]
+            links.js_of,
+            lambda: [c for consumer in service.consumers.values() for c in consumer.consumers()],
         )
     servicer = StateServicer(store, blobs, service.consumer, tenants=settings.tenants)
     state_service_pb2_grpc.add_StateServiceServicer_to_server(servicer, grpc_server.server)
@@ -208,7 +215,7 @@ async def build(
 
 
 async def serve(settings: StateSettings) -> None:
-    async def make(nc: NatsClient) -> StateService:
+    async def make(links: TenantLinks) -> StateService:
         # Every adapter is opened (and checked) before anything serves: a wrong DSN,
         # bucket or Redis URL stops the start here with its own message.
         async with contextlib.AsyncExitStack() as opened:
@@ -224,8 +231,10 @@ async def serve(settings: StateSettings) -> None:
             if settings.usage_counter_url:
                 counter = await open_usage_counter(settings.usage_counter_url)
                 opened.push_async_callback(counter.close)
-            service = await build(settings, nc=nc, store=store, blobs=blobs, usage_counter=counter)
+            service = await build(
+                settings, links=links, store=store, blobs=blobs, usage_counter=counter
+            )
             opened.pop_all()
         return service
 
-    await serve_until_stopped(settings, "state", make)
+    await serve_until_stopped(settings, "state", make, role=SERVICE)
