@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import examples.coding_agent.handlers as coding
@@ -63,3 +64,24 @@ async def test_coding_agent_refines_once_and_its_totals_add_up(start_mesh: MeshF
     assert info.output_tokens == sum(t.output_tokens for t in telemetry) > 0
     assert info.cost_micros == sum(t.cost_micros for t in telemetry) > 0
     assert info.execution_count == report.stored == 12
+
+
+async def test_a_finished_lifetime_leaves_nothing_behind_in_the_router(
+    start_mesh: MeshFactory,
+) -> None:
+    """The router remembers which outbox entries it published until the lifetime's next
+    write prunes them; a finished lifetime is never written again, so nothing may be
+    remembered for it (it was: one entry per lifetime ever run)."""
+    h = await start_mesh()
+    await h.worker([hello.greet, hello.decide, hello.shout])
+    graph = await h.register(load_graph_file(EXAMPLES / "hello" / "graph.yaml"))
+    handles = [await h.start(graph, {"name": str(n)}) for n in range(5)]
+    for handle in handles:
+        await handle.result(within=10)
+    assert h.mesh.router is not None
+    tenant = h.mesh.router.processor.tenants[h.tenant]
+    for _ in range(50):  # the last ref's apply finishes just after the result is visible
+        if not {h.id for h in handles} & set(tenant.published):
+            break
+        await asyncio.sleep(0.05)
+    assert {h.id for h in handles} & set(tenant.published) == set()

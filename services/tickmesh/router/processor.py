@@ -100,7 +100,6 @@ class Processor:
 
     async def create(self, tenant: Tenant, state: rs.RouterLifetime) -> core.Lifetime:
         """Store a new lifetime and publish its first step."""
-        lifetime_id = state.lifetime.lifetime_id
         graph = await tenant.store.get_graph(state.lifetime.graph.id, state.lifetime.graph.version)
         span = self.lifetime_span(state)
         with use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
@@ -110,7 +109,7 @@ class Processor:
             self._add_outbox(lt, key)
             await tenant.store.create(lt.state)
             await self._publish(tenant, lt)
-            tenant.published.setdefault(lifetime_id, set()).add(key)
+            self._published(tenant, lt, key)
             return lt
 
     def lifetime_span(
@@ -180,9 +179,20 @@ class Processor:
                 lt.out[:0] = pending
             await self._publish(tenant, lt)
             if changed:
-                tenant.published.setdefault(lifetime_id, set()).add(",".join(keys))
+                self._published(tenant, lt, ",".join(keys))
             return Applied(lt, changed)
         raise ConflictError(f"lifetime {lifetime_id}: too much contention")
+
+    @staticmethod
+    def _published(tenant: Tenant, lt: core.Lifetime, key: str) -> None:
+        """Remember that ``key``'s outbox entry is out, so the lifetime's next write drops
+        it. A finished lifetime is never written again: nothing to remember (remembering
+        would keep one entry per lifetime ever run, for as long as the process lives)."""
+        lifetime_id = lt.view.lifetime_id
+        if lt.terminal:
+            tenant.published.pop(lifetime_id, None)
+        else:
+            tenant.published.setdefault(lifetime_id, set()).add(key)
 
     def _add_outbox(self, lt: core.Lifetime, key: str) -> None:
         if not lt.out and not lt.cancels:
