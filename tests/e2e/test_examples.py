@@ -71,7 +71,8 @@ async def test_a_finished_lifetime_leaves_nothing_behind_in_the_router(
 ) -> None:
     """The router remembers which outbox entries it published until the lifetime's next
     write prunes them; a finished lifetime is never written again, so nothing may be
-    remembered for it (it was: one entry per lifetime ever run)."""
+    remembered for it (it was: one entry per lifetime ever run). Its cache of lifetimes
+    keeps only those still being decided on."""
     h = await start_mesh()
     await h.worker([hello.greet, hello.decide, hello.shout])
     graph = await h.register(load_graph_file(EXAMPLES / "hello" / "graph.yaml"))
@@ -85,3 +86,8 @@ async def test_a_finished_lifetime_leaves_nothing_behind_in_the_router(
             break
         await asyncio.sleep(0.05)
     assert {h.id for h in handles} & set(tenant.published) == set()
+    # ... nor in its cache of lifetimes (a finished one is read from the KV if ever asked)
+    assert tenant.store.cached_lifetimes == 0
+    info = await h.client.get_lifetime(handles[0].id)
+    assert info.state == "completed"
+    assert tenant.store.cached_lifetimes == 0

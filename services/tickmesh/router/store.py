@@ -26,7 +26,7 @@ from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.kv import keys_matching
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import NotFoundError
-from tickmesh.v1 import graph_pb2
+from tickmesh.v1 import graph_pb2, lifetime_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ logger = logging.getLogger(__name__)
 class ConflictError(Exception):
     """Someone else wrote the lifetime since it was read."""
 
+
+_FINISHED = frozenset(
+    {
+        lifetime_pb2.LIFETIME_STATE_COMPLETED,
+        lifetime_pb2.LIFETIME_STATE_FAILED,
+        lifetime_pb2.LIFETIME_STATE_ABORTED,
+    }
+)
+"""Lifetime states after which the router decides nothing (core.TERMINAL)."""
 
 @dataclass
 class Versioned:
@@ -100,7 +109,17 @@ class RouterStore:
         self._remember(lifetime_id, state, new_revision)
         return new_revision
 
+    @property
+    def cached_lifetimes(self) -> int:
+        """How many lifetimes this replica holds in memory."""
+        return len(self._cache)
+
     def _remember(self, lifetime_id: str, state: rs.RouterLifetime, revision: int) -> None:
+        if state.lifetime.state in _FINISHED:
+            # Nothing decides on a finished lifetime again; keeping it would fill the cache
+            # with lifetimes no one routes (a redelivered ref or a GetLifetime reads the KV).
+            self._cache.pop(lifetime_id, None)
+            return
         self._cache[lifetime_id] = Versioned(_copy(state), revision)
         self._cache.move_to_end(lifetime_id)
         while len(self._cache) > self._cache_size:
