@@ -7,6 +7,8 @@ tickmesh tenant limits TENANT [--max-memory S] [--max-storage S] [--max-streams 
                               [--max-consumers N]
 tickmesh tenant disable|enable TENANT
 tickmesh tenant delete TENANT [--force]
+tickmesh tenant rotate TENANT [--role service|executor|all]
+tickmesh tenant rotate --finish TENANT [--role service|executor|all] [--force]
 tickmesh tenant render [--out FILE]
 
 Every command takes ``--dir`` (the tenant directory: registry, rendered
@@ -14,8 +16,9 @@ Every command takes ``--dir`` (the tenant directory: registry, rendered
 includes ``accounts.conf``, checked with ``nats-server -t`` after rendering). With
 ``--nats-url``, a command also acts on the running NATS through the system account:
 it checks that the limits fit the servers' JetStream, reloads every server, creates
-the tenant's streams (``create``), reads back the applied limits, and finds out
-whether a tenant's streams hold data (``delete``, ``list``).
+the tenant's streams (``create``), reads back the applied limits, finds out
+whether a tenant's streams hold data (``delete``, ``list``), and which connections
+still use a key being rotated out (``rotate --finish``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from tickmesh.runtime.tenancy import (
     parse_size,
 )
 from tickmesh.runtime.tenancy.provision import (
+    Connection,
     NatsAccess,
     StreamUsage,
     SystemAccount,
@@ -61,6 +65,7 @@ from tickmesh.sdk import ConfigError, TransportError
 
 DEFAULT_DIR = DEFAULT_DATA_DIR / "tenants"
 PURGE_WAIT_S = 10.0
+ALL_ROLES = "all"
 
 
 def add_parser(sub: Any) -> None:
@@ -103,6 +108,29 @@ def add_parser(sub: Any) -> None:
         "--force", action="store_true", help="delete the tenant's streams and what they hold"
     )
     _common_args(delete)
+
+    rotate = actions.add_parser(
+        "rotate",
+        help="give a tenant's users new NKeys; the previous ones stay authorised until --finish",
+    )
+    rotate.add_argument("tenant")
+    rotate.add_argument(
+        "--role",
+        choices=(*ROLES, ALL_ROLES),
+        default=ALL_ROLES,
+        help="the user whose key is rotated (default: both)",
+    )
+    rotate.add_argument(
+        "--finish",
+        action="store_true",
+        help="end a pending rotation: remove the previous keys (their connections are closed)",
+    )
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help="with --finish: even while connections still use a previous key",
+    )
+    _common_args(rotate)
 
     render = actions.add_parser("render", help="render and check accounts.conf again")
     render.add_argument(
@@ -164,6 +192,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         "disable": cmd_disable,
         "enable": cmd_enable,
         "delete": cmd_delete,
+        "rotate": cmd_rotate,
     }
     try:
         result: int = asyncio.run(commands[args.tenant_command](args, out))
@@ -361,7 +390,16 @@ async def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
             rows.append(row)
         print(json.dumps(rows, indent=2), file=out)
         return 0
-    header = ["TENANT", "STATE", "STORAGE", "MEMORY", "STREAMS", "CONSUMERS", "CREATED"]
+    header = [
+        "TENANT",
+        "STATE",
+        "STORAGE",
+        "MEMORY",
+        "STREAMS",
+        "CONSUMERS",
+        "CREATED",
+        "ROTATING",
+    ]
     if usage:
         header += ["USED", "MESSAGES"]
     table = [header]
@@ -375,6 +413,7 @@ async def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
             str(limits.max_streams),
             str(limits.max_consumers),
             tenant.created or "-",
+            _rotation(tenant),
         ]
         if usage:
             streams = usage.get(tenant.id, [])
@@ -390,6 +429,14 @@ async def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
             file=out,
         )
     return 0
+
+
+def _rotation(tenant: Tenant) -> str:
+    """``service,executor since <time>`` for a pending rotation, else ``-``."""
+    if not tenant.rotating:
+        return "-"
+    since = min(tenant.previous[role].since for role in tenant.rotating)
+    return ",".join(tenant.rotating) + (f" since {since}" if since else "")
 
 
 # --- limits -----------------------------------------------------------------------------
@@ -518,6 +565,137 @@ async def _wait_purged(system: SystemAccount, tenant_id: str) -> None:
                 f"the streams of {tenant_id} were still there {PURGE_WAIT_S:g} s after the purge"
             )
         await asyncio.sleep(0.1)
+
+
+# --- rotate -------------------------------------------------------------------------------
+
+
+async def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    tenant_id = check_tenant(args.tenant)
+    roles: tuple[str, ...] = ROLES if args.role == ALL_ROLES else (args.role,)
+    if args.force and not args.finish:
+        raise ConfigError("--force goes with --finish")
+    directory = TenantDirectory(args.dir)
+    with directory.locked():
+        async with _system(args, directory) as system:
+            registry = directory.load()
+            tenant = registry.get(tenant_id)
+            if args.finish:
+                await _finish_rotation(args, directory, registry, tenant, roles, system, out)
+            else:
+                await _start_rotation(args, directory, registry, tenant, roles, system, out)
+    return 0
+
+
+async def _start_rotation(
+    args: argparse.Namespace,
+    directory: TenantDirectory,
+    registry: Registry,
+    tenant: Tenant,
+    roles: tuple[str, ...],
+    system: SystemAccount | None,
+    out: TextIO,
+) -> None:
+    tenant_id = tenant.id
+    pending = [role for role in roles if role in tenant.previous]
+    if pending:
+        since = tenant.previous[pending[0]].since or "an unknown time"
+        raise ConfigError(
+            f"tenant {tenant_id}: a rotation of its {' and '.join(pending)} key is pending "
+            f"since {since}; roll the services onto the new seed, then finish it "
+            f"(`tickmesh tenant rotate --finish {tenant_id}`) before rotating again"
+        )
+    since = now_iso()
+    rotated = tenant
+    staged: list[str] = []
+    try:
+        for role in roles:
+            staged.append(role)
+            rotated = rotated.rotated(role, directory.stage_user(tenant_id, role), since)
+        _commit(args, directory, registry.with_tenant(rotated))
+    except BaseException:
+        for role in staged:
+            directory.discard_staged(tenant_id, role)
+        raise
+    print(
+        f"tenant {tenant_id}: new keys for {', '.join(roles)}; the previous ones stay "
+        "authorised until the rotation is finished",
+        file=out,
+    )
+    try:
+        # Reload before the new seeds replace the old ones, so a service restarted from
+        # here on is accepted; the seeds are installed even if the reload fails, as the
+        # registry and accounts.conf already name the new keys.
+        if system is None:
+            print(
+                "reload the NATS servers (nats-server --signal reload) before restarting any "
+                "service: until then they refuse the new keys",
+                file=out,
+            )
+        else:
+            await _reload(system, out)
+    finally:
+        for role in roles:
+            directory.install_staged(tenant_id, role)
+    for role in roles:
+        seed = directory.seed_path(tenant_id, role)
+        print(f"  {role:<9} {rotated.users[role]}  seed {seed}", file=out)
+        print(f"  {'previous':<9} {rotated.previous[role].nkey}", file=out)
+    if system is not None and not rotated.disabled:
+        for role in roles:
+            seed = directory.seed_path(tenant_id, role)
+            async with connected(_access(args), seed, f"tickmesh tenant {tenant_id}"):
+                pass
+        print(f"the server accepts the new key(s) of {tenant_id}", file=out)
+    print(
+        "next: hand the new seed(s) to the services and restart them (a rolling restart); "
+        f"then `tickmesh tenant rotate --finish {tenant_id}` removes the previous key(s)",
+        file=out,
+    )
+
+
+async def _finish_rotation(
+    args: argparse.Namespace,
+    directory: TenantDirectory,
+    registry: Registry,
+    tenant: Tenant,
+    roles: tuple[str, ...],
+    system: SystemAccount | None,
+    out: TextIO,
+) -> None:
+    tenant_id = tenant.id
+    finishing = tuple(role for role in roles if role in tenant.previous)
+    if not finishing:
+        raise ConfigError(
+            f"tenant {tenant_id}: no rotation of its {' or '.join(roles)} key is pending"
+        )
+    previous = {tenant.previous[role].nkey: role for role in finishing}
+    if system is not None and not tenant.disabled:
+        still = [c for c in await system.connections(tenant_id) if c.user in previous]
+        if still and not args.force:
+            raise ConfigError(
+                f"tenant {tenant_id}: {len(still)} connection(s) still use a previous key "
+                f"({_connections(still, previous)}): restart them with the new seed first, "
+                "or give --force to close them"
+            )
+        if still:
+            print(f"closing {_connections(still, previous)}", file=out)
+    _commit(args, directory, registry.with_tenant(tenant.finished(finishing)))
+    print(
+        f"tenant {tenant_id}: the previous {' and '.join(finishing)} key(s) are removed; "
+        "connections still using them are closed on reload",
+        file=out,
+    )
+    await _reload(system, out)
+
+
+def _connections(connections: list[Connection], previous: dict[str, str]) -> str:
+    shown = [
+        f"{previous[c.user]} {c.name or 'unnamed'!r} on {c.server} (cid {c.cid})"
+        for c in connections[:10]
+    ]
+    more = f" and {len(connections) - 10} more" if len(connections) > 10 else ""
+    return ", ".join(shown) + more
 
 
 # --- render -------------------------------------------------------------------------------

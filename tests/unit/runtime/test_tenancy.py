@@ -283,3 +283,140 @@ def test_tenants_are_looked_up_by_valid_id() -> None:
     assert registry.reserved() == (Limits().max_memory, Limits().max_storage)
     disabled = registry.with_tenant(replace(registry.get("a"), disabled=True))
     assert disabled.reserved() == registry.reserved()  # a disabled account keeps its reservation
+
+
+# --- rotating keys ---------------------------------------------------------------------------
+
+EXECUTOR_KEY = "U" + "E" * 55
+NEW_KEY = "U" + "B" * 55
+NEWER_KEY = "U" + "C" * 55
+
+
+def _keyed(tenant_id: str = "acme") -> Tenant:
+    """A tenant whose two users have different keys (``KEY`` and ``EXECUTOR_KEY``)."""
+    return Tenant(tenant_id, Limits(), {SERVICE: KEY, EXECUTOR: EXECUTOR_KEY})
+
+
+def _nkeys(document: Mapping[str, Any], account: str) -> list[str]:
+    return [user["nkey"] for user in _users(document, account)]
+
+
+def test_a_pending_rotation_renders_the_previous_key_as_a_second_user() -> None:
+    tenant = _keyed().rotated(SERVICE, NEW_KEY, "2026-01-01T00:00:00Z")
+    assert tenant.users[SERVICE] == NEW_KEY
+    assert tenant.previous[SERVICE].nkey == KEY
+    assert tenant.rotating == (SERVICE,)
+    document = render_document(_registry(tenant))
+    users = _users(document, "acme")
+    assert [user["nkey"] for user in users] == [NEW_KEY, KEY, EXECUTOR_KEY]
+    new, previous, executor = users
+    assert previous["permissions"] == new["permissions"]
+    assert previous["permissions"] != executor["permissions"]
+    assert "rotate --finish acme" in previous["#"]
+
+
+def test_finishing_a_rotation_removes_only_the_previous_keys() -> None:
+    tenant = (
+        _keyed()
+        .rotated(SERVICE, NEW_KEY, "2026-01-01T00:00:00Z")
+        .rotated(EXECUTOR, NEWER_KEY, "2026-01-01T00:00:00Z")
+    )
+    assert tenant.rotating == ROLES
+    rendered = _nkeys(render_document(_registry(tenant)), "acme")
+    assert rendered == [NEW_KEY, KEY, NEWER_KEY, EXECUTOR_KEY]
+    half = tenant.finished((EXECUTOR,))
+    assert half.rotating == (SERVICE,)
+    assert _nkeys(render_document(_registry(half)), "acme") == [NEW_KEY, KEY, NEWER_KEY]
+    done = half.finished(ROLES)
+    assert done.previous == {}
+    assert done.users == {SERVICE: NEW_KEY, EXECUTOR: NEWER_KEY}
+    # Finished, the tenant renders exactly as one created with the new keys.
+    created = Tenant("acme", Limits(), {SERVICE: NEW_KEY, EXECUTOR: NEWER_KEY})
+    assert render(_registry(done)) == render(_registry(created))
+    assert done.to_json() == created.to_json()
+
+
+def test_a_second_rotation_of_a_pending_key_is_refused() -> None:
+    tenant = _keyed().rotated(SERVICE, NEW_KEY, "2026-01-01T00:00:00Z")
+    with pytest.raises(ConfigError, match="rotation of the service key is pending") as caught:
+        tenant.rotated(SERVICE, NEWER_KEY, "2026-01-02T00:00:00Z")
+    assert "rotate --finish acme --role service" in str(caught.value)
+    assert tenant.rotated(EXECUTOR, NEWER_KEY, "2026-01-02T00:00:00Z").rotating == ROLES
+
+
+def test_rendering_a_rotation_is_deterministic() -> None:
+    since = "2026-01-01T00:00:00Z"
+    one = _keyed().rotated(SERVICE, NEW_KEY, since).rotated(EXECUTOR, NEWER_KEY, since)
+    other = _keyed().rotated(EXECUTOR, NEWER_KEY, since).rotated(SERVICE, NEW_KEY, since)
+    assert render(_registry(one)) == render(_registry(other))
+    assert json.dumps(one.to_json()) == json.dumps(other.to_json())
+    assert list(one.to_json()["previous"]) == list(ROLES)
+
+
+def test_a_disabled_tenant_with_a_pending_rotation_has_no_user() -> None:
+    tenant = replace(_keyed().rotated(SERVICE, NEW_KEY, "t"), disabled=True)
+    assert _users(render_document(_registry(tenant)), "acme") == []
+
+
+def test_a_registry_without_rotations_loads_and_saves_unchanged(tmp_path: Path) -> None:
+    example = Path(__file__).parents[3] / "deploy/nats/tenants.example/tenants.json"
+    directory = TenantDirectory(tmp_path)
+    directory.registry_path.write_text(example.read_text())
+    registry = directory.load()
+    assert registry.tenants
+    assert all(
+        tenant.previous == {} and not tenant.rotating for tenant in registry.tenants.values()
+    )
+    directory.save(registry)
+    assert directory.registry_path.read_text() == example.read_text()
+
+
+def test_a_pending_rotation_round_trips(tmp_path: Path) -> None:
+    directory = TenantDirectory(tmp_path)
+    tenant = _keyed().rotated(EXECUTOR, NEW_KEY, "2026-01-01T00:00:00Z")
+    registry = _registry(tenant)
+    directory.save(registry)
+    assert directory.load() == registry
+    data = json.loads(directory.registry_path.read_text())
+    assert data["tenants"]["acme"]["previous"] == {
+        EXECUTOR: {"nkey": EXECUTOR_KEY, "since": "2026-01-01T00:00:00Z"}
+    }
+
+
+@pytest.mark.parametrize(
+    ("previous", "message"),
+    [
+        ({"admin": {"nkey": NEW_KEY}}, "previous keys of unknown roles"),
+        ({SERVICE: {"nkey": KEY}}, "the previous service key is a current key"),
+        ({SERVICE: {"nkey": "nope"}}, "not a public user NKey"),
+        ({SERVICE: NEW_KEY}, "a previous key is"),
+        ([NEW_KEY], "previous must map roles to keys"),
+    ],
+)
+def test_bad_previous_keys_are_refused(tmp_path: Path, previous: Any, message: str) -> None:
+    data = _registry(_keyed()).to_json()
+    data["tenants"]["acme"]["previous"] = previous
+    directory = TenantDirectory(tmp_path)
+    directory.registry_path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        directory.load()
+
+
+def test_a_staged_seed_replaces_the_current_one_only_when_installed(tmp_path: Path) -> None:
+    directory = TenantDirectory(tmp_path / "tenants")
+    current = directory.new_user("acme", SERVICE)
+    seed_path = directory.seed_path("acme", SERVICE)
+    before = seed_path.read_text()
+    staged = directory.stage_user("acme", SERVICE)
+    assert staged != current
+    assert seed_path.read_text() == before
+    assert stat.S_IMODE(directory.staged_seed_path("acme", SERVICE).stat().st_mode) == 0o600
+    directory.install_staged("acme", SERVICE)
+    pair = nkeys.from_seed(bytearray(seed_path.read_text().strip().encode()))
+    assert pair.public_key.decode() == staged
+    assert stat.S_IMODE(seed_path.stat().st_mode) == 0o600
+    assert not directory.staged_seed_path("acme", SERVICE).exists()
+    directory.stage_user("acme", SERVICE)
+    directory.discard_staged("acme", SERVICE)
+    assert not directory.staged_seed_path("acme", SERVICE).exists()
+    assert sorted(p.name for p in seed_path.parent.iterdir()) == ["service.nk"]

@@ -14,6 +14,10 @@ The system account holds one ``admin`` user, which ``tickmesh tenant`` uses to
 reload the servers, read an account's JetStream usage and purge a deleted tenant's
 data. Accounts, not subject permissions, keep tenants apart: no export or import
 is rendered, and no user is granted ``>``.
+
+A user's key is rotated with an overlap: while a rotation is pending, the replaced
+key (:class:`PreviousKey`) is rendered as a second user with the same permissions,
+so connections made with the old seed keep working until the rotation is finished.
 """
 
 from .accounts import (
@@ -36,6 +40,7 @@ from .registry import (
     SYSTEM_ACCOUNT,
     SYSTEM_USER,
     Limits,
+    PreviousKey,
     Registry,
     Tenant,
     TenantDirectory,
@@ -54,6 +59,7 @@ __all__ = [
     "SYSTEM_USER",
     "Limits",
     "Permissions",
+    "PreviousKey",
     "Registry",
     "Tenant",
     "TenantDirectory",

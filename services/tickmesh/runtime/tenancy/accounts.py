@@ -148,20 +148,39 @@ def _tenant_account(tenant: Tenant) -> dict[str, Any]:
         users: list[Any] = []
         comment = "disabled: no user may connect; its streams are kept"
     else:
-        users = [
-            {
-                "#": f"{SERVICE}: router, state and guardrail services (creds/{tenant.id}/"
-                f"{SERVICE}.nk)",
-                "nkey": tenant.users[SERVICE],
-                "permissions": service_permissions(names).to_document(),
-            },
-            {
-                "#": f"{EXECUTOR}: executor pool, inbox prefix {EXECUTOR_INBOX_PREFIX} "
-                f"(creds/{tenant.id}/{EXECUTOR}.nk)",
-                "nkey": tenant.users[EXECUTOR],
-                "permissions": executor_permissions(names).to_document(),
-            },
-        ]
+        roles = (
+            (
+                SERVICE,
+                "router, state and guardrail services",
+                service_permissions(names),
+            ),
+            (
+                EXECUTOR,
+                f"executor pool, inbox prefix {EXECUTOR_INBOX_PREFIX}",
+                executor_permissions(names),
+            ),
+        )
+        users = []
+        for role, what, permissions in roles:
+            users.append(
+                {
+                    "#": f"{role}: {what} (creds/{tenant.id}/{role}.nk)",
+                    "nkey": tenant.users[role],
+                    "permissions": permissions.to_document(),
+                }
+            )
+            previous = tenant.previous.get(role)
+            if previous is not None:
+                # The key a pending rotation replaced: the same user, until the rotation
+                # is finished, so connections made with the old seed keep working.
+                users.append(
+                    {
+                        "#": f"{role}, previous key (rotated {previous.since or 'earlier'}; "
+                        f"removed by `tickmesh tenant rotate --finish {tenant.id}`)",
+                        "nkey": previous.nkey,
+                        "permissions": permissions.to_document(),
+                    }
+                )
         comment = (
             f"{format_size(limits.max_storage)} on disk, {format_size(limits.max_memory)} in "
             f"memory, {limits.max_streams} streams, {limits.max_consumers} consumers"

@@ -39,6 +39,8 @@ from .registry import KV_STREAM_PREFIX, Limits, Registry, format_size
 logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S: Final = 5.0
+CONNZ_LIMIT: Final = 100_000
+"""Connections listed per server and account (nats-server's default page is 1024)."""
 GATHER_WINDOW_S: Final = 0.5
 """How long to wait for more servers' answers after the first, when the first does not
 say how many servers there are."""
@@ -59,6 +61,18 @@ class StreamUsage:
     name: str
     messages: int
     bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A client connection to one of the servers, as its ``connz`` reports it."""
+
+    server: str
+    cid: int
+    name: str
+    """The name the client gave (tickmesh services: ``<service> <instance> <tenant>``)."""
+    user: str
+    """The public NKey it authenticated with."""
 
 
 @contextlib.asynccontextmanager
@@ -178,6 +192,23 @@ class SystemAccount:
             )
             for stream in details
         ]
+
+    async def connections(self, tenant: str) -> list[Connection]:
+        """The client connections in ``tenant``'s account, on every server."""
+        request = {"acc": tenant, "auth": True, "limit": CONNZ_LIMIT}
+        found = []
+        for answer in await self._gather("$SYS.REQ.SERVER.PING.CONNZ", request):
+            server = answer["server"].get("name") or answer["server"].get("id", "?")
+            for conn in (answer.get("data") or {}).get("connections") or []:
+                found.append(
+                    Connection(
+                        server=server,
+                        cid=int(conn.get("cid", 0)),
+                        name=str(conn.get("name", "")),
+                        user=str(conn.get("authorized_user", "")),
+                    )
+                )
+        return found
 
     async def purge(self, tenant: str) -> None:
         """Delete every stream and consumer of ``tenant``'s account, and its store files.

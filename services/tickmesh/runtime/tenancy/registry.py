@@ -6,6 +6,10 @@ system account's admin seed is ``creds/_system/admin.nk``). The registry holds p
 keys only, so it and the rendered config can be kept in version control; the seeds
 must not be. Writers hold ``.lock`` (an advisory ``flock``) and replace files
 atomically, so concurrent commands cannot lose each other's changes.
+
+A tenant with a key rotation pending also has ``previous`` (role -> the replaced key
+and when it was replaced); the field is written only then, so a registry without a
+pending rotation reads and writes exactly as before rotations existed.
 """
 
 from __future__ import annotations
@@ -135,6 +139,31 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class PreviousKey:
+    """A user's key replaced by a rotation that is not finished yet: it stays authorised
+    (with the same permissions as the new key) until ``tickmesh tenant rotate --finish``."""
+
+    nkey: str
+    """The replaced public NKey (``U...``)."""
+    since: str = ""
+    """When the rotation started (ISO-8601, UTC)."""
+
+    def __post_init__(self) -> None:
+        _check_public_key(self.nkey)
+
+    def to_json(self) -> dict[str, str]:
+        return {"nkey": self.nkey, "since": self.since}
+
+    @classmethod
+    def from_json(cls, data: Any) -> PreviousKey:
+        if not isinstance(data, Mapping) or set(data) - {"nkey", "since"}:
+            raise ValidationError(
+                f"a previous key is {{'nkey': 'U...', 'since': ...}}, not {data!r}"
+            )
+        return cls(nkey=str(data.get("nkey", "")), since=str(data.get("since", "")))
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     """One tenant: its account's limits and its users' public NKeys."""
 
@@ -146,6 +175,10 @@ class Tenant:
     """When the tenant was created (ISO-8601, UTC)."""
     disabled: bool = False
     """A disabled tenant keeps its account and data, but no user of it may connect."""
+    previous: Mapping[str, PreviousKey] = field(default_factory=dict)
+    """Role -> the key a pending rotation replaced (empty: no rotation pending). Each is
+    rendered as a second user of that role, so connections made with the old seed keep
+    working until the rotation is finished."""
 
     def __post_init__(self) -> None:
         check_tenant(self.id)
@@ -153,27 +186,74 @@ class Tenant:
             raise ValidationError(f"tenant {self.id!r} must have exactly the users {ROLES}")
         for key in self.users.values():
             _check_public_key(key)
+        unknown = set(self.previous) - set(ROLES)
+        if unknown:
+            raise ValidationError(
+                f"tenant {self.id!r}: previous keys of unknown roles {sorted(unknown)}"
+            )
+        for role, previous in self.previous.items():
+            if previous.nkey in self.users.values():
+                raise ValidationError(
+                    f"tenant {self.id!r}: the previous {role} key is a current key"
+                )
+
+    @property
+    def rotating(self) -> tuple[str, ...]:
+        """The roles whose rotation is pending (in :data:`ROLES` order)."""
+        return tuple(role for role in ROLES if role in self.previous)
+
+    def rotated(self, role: str, new_key: str, since: str) -> Tenant:
+        """This tenant with ``role``'s key replaced by ``new_key``, the old one kept as
+        its previous key.
+
+        Raises:
+            ConfigError: A rotation of ``role`` is pending already.
+        """
+        if role in self.previous:
+            raise ConfigError(
+                f"tenant {self.id!r}: a rotation of the {role} key is pending since "
+                f"{self.previous[role].since or 'an unknown time'}; finish it first "
+                f"(`tickmesh tenant rotate --finish {self.id} --role {role}`)"
+            )
+        return replace(
+            self,
+            users={**self.users, role: new_key},
+            previous={**self.previous, role: PreviousKey(self.users[role], since)},
+        )
+
+    def finished(self, roles: tuple[str, ...]) -> Tenant:
+        """This tenant without the previous keys of ``roles``."""
+        return replace(self, previous={r: k for r, k in self.previous.items() if r not in roles})
 
     @property
     def names(self) -> TenantNames:
         return TenantNames(self.id)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "created": self.created,
             "disabled": self.disabled,
             "limits": self.limits.to_json(),
             "users": {role: self.users[role] for role in ROLES},
         }
+        # Only while a rotation is pending: a registry without one is written exactly as
+        # before rotations existed.
+        if self.previous:
+            data["previous"] = {role: self.previous[role].to_json() for role in self.rotating}
+        return data
 
     @classmethod
     def from_json(cls, tenant: str, data: Mapping[str, Any]) -> Tenant:
+        previous = data.get("previous") or {}
+        if not isinstance(previous, Mapping):
+            raise ValidationError(f"tenant {tenant!r}: previous must map roles to keys")
         return cls(
             id=tenant,
             limits=Limits.from_json(data.get("limits", {})),
             users=dict(data.get("users", {})),
             created=str(data.get("created", "")),
             disabled=bool(data.get("disabled", False)),
+            previous={role: PreviousKey.from_json(key) for role, key in previous.items()},
         )
 
 
@@ -333,6 +413,27 @@ class TenantDirectory:
         seed, public = new_user_key()
         self._write_seed(self.seed_path(tenant, role), seed)
         return public
+
+    def staged_seed_path(self, tenant: str, role: str) -> Path:
+        """Where a rotation keeps a new seed until the registry naming its key is saved."""
+        path = self.seed_path(tenant, role)
+        return path.with_name(f".{path.name}.new")
+
+    def stage_user(self, tenant: str, role: str) -> str:
+        """Generate a new NKey for a tenant's user and write its seed next to the current
+        one (:meth:`staged_seed_path`), which is left as it is; return the public key.
+        :meth:`install_staged` puts it in place, :meth:`discard_staged` drops it."""
+        seed, public = new_user_key()
+        self._write_seed(self.staged_seed_path(tenant, role), seed)
+        return public
+
+    def install_staged(self, tenant: str, role: str) -> None:
+        """Replace the user's seed with the staged one, in one step."""
+        os.replace(self.staged_seed_path(tenant, role), self.seed_path(tenant, role))
+
+    def discard_staged(self, tenant: str, role: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.staged_seed_path(tenant, role).unlink()
 
     def _write_seed(self, path: Path, seed: str) -> None:
         creds = self.path / CREDS_DIR
