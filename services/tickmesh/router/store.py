@@ -44,6 +44,7 @@ _FINISHED = frozenset(
 )
 """Lifetime states after which the router decides nothing (core.TERMINAL)."""
 
+
 @dataclass
 class Versioned:
     state: rs.RouterLifetime
