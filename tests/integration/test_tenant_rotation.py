@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import gc
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 
 from tests.support.nats_configs import NatsServers, require_nats_server
 from tests.support.tenant_accounts import AccountsServer, Login, start_accounts_server, tenant_cli
+from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.tenancy import EXECUTOR, SERVICE, Limits, TenantDirectory
 from tickmesh.runtime.tenancy.registry import ROLES
 
@@ -269,3 +270,65 @@ async def test_rotation_without_nats_asks_for_a_reload_first(tmp_path: Path) -> 
     assert finished.code == 0, finished.err
     assert "reload the NATS servers" in finished.out
     assert TenantDirectory(tenants).load().get("acme").previous == {}
+
+
+# As above: the refused reconnects after `--finish` leave nats-py's sockets to the collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_services_connection_keeps_its_key_through_a_rotations_overlap(
+    server: AccountsServer,
+) -> None:
+    """tickmesh's own connections read the seed once, so a reconnect during the overlap
+    uses the key they logged in with — still authorised — instead of failing like the
+    raw client above; `rotate --finish` then closes them."""
+    directory = server.directory
+    nc = await tm_nats.connect(
+        server.url,
+        name="router r1 acme",
+        nkeys_seed=str(server.seed("acme", SERVICE)),
+        first_connect_within=5,
+    )
+    reconnected, dropped = asyncio.Event(), asyncio.Event()
+    nc._reconnected_cb = _set(reconnected)  # the runtime's own callbacks only log
+    nc._disconnected_cb = _set(dropped)
+    admin = await nats.connect(server.url, nkeys_seed=str(directory.system_seed_path))
+    try:
+        rotated = await tenant_cli(
+            "rotate", "acme", "--dir", str(directory.path), "--nats-url", server.url
+        )
+        assert rotated.code == 0, rotated.err
+        server_id, cid = nc._server_info["server_id"], nc._server_info["client_id"]
+        await admin.request(
+            f"$SYS.REQ.SERVER.{server_id}.KICK", json.dumps({"cid": cid}).encode(), timeout=2
+        )
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await reconnected.wait()
+        dropped.clear()
+        await _round_trip(nc)  # back, with the old key the overlap still accepts
+        finished = await tenant_cli(
+            "rotate",
+            "--finish",
+            "acme",
+            "--force",
+            "--dir",
+            str(directory.path),
+            "--nats-url",
+            server.url,
+        )
+        assert finished.code == 0, finished.err
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await dropped.wait()  # the server closes connections of removed keys
+        await asyncio.sleep(0.5)
+        assert not nc.is_connected  # and refuses them back
+    finally:
+        await admin.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
+        gc.collect()
+
+
+def _set(event: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    async def callback() -> None:
+        event.set()
+
+    return callback

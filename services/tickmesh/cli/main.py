@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run the embedded mesh in the foreground (Ctrl-C stops)")
     _mesh_args(dev)
+    dev.add_argument(
+        "--tenant-dir",
+        type=Path,
+        help="a tenant directory (`tickmesh tenant --dir`): tenants are NATS accounts, and "
+        "the mesh serves every enabled tenant there, including ones created while it runs "
+        "(--tenants is then ignored; a new directory is initialised)",
+    )
 
     run = sub.add_parser("run", help="run a graph's lifetime end to end and print its trace")
     run.add_argument("graph", type=Path, help="graph YAML file")
@@ -198,8 +206,13 @@ def _mesh_config(args: argparse.Namespace) -> MeshConfig:
 
 
 async def cmd_dev(args: argparse.Namespace, out: TextIO) -> int:
-    async with Mesh(_mesh_config(args)) as mesh:
+    config = _mesh_config(args)
+    if args.tenant_dir is not None:
+        config = dataclasses.replace(config, tenant_dir=args.tenant_dir)
+    async with Mesh(config) as mesh:
         print(f"nats          {mesh.nats_url}", file=out)
+        if args.tenant_dir is not None:
+            print(f"tenants       {args.tenant_dir} (tickmesh tenant ... --nats-url)", file=out)
         print(f"router        {mesh.router_target}", file=out)
         print(f"executor pool {mesh.pool_target}", file=out)
         print(f"state         {mesh.state_target}", file=out)

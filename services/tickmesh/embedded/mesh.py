@@ -2,6 +2,12 @@
 
 Each service gets its own NATS connection and gRPC server on a free loopback
 port, exactly as separate processes would; only the process is shared.
+
+With a tenant directory (``MeshConfig.tenant_dir``), tenants are NATS accounts: the
+embedded nats-server includes the directory's rendered ``accounts.conf``, and every
+service holds one connection per tenant, logged in as that tenant's user, serving the
+enabled tenants of the directory's registry as it changes (``tickmesh tenant create
+--nats-url <the mesh's NATS>`` while the mesh runs, and the tenant is served).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from opentelemetry.context import Context
@@ -29,8 +36,12 @@ from tickmesh.runtime.adapters import open_blob_store, open_usage_counter
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.counters import UsageCounter
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.lifecycle import open_tenant_links
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy.sources import StoreUsageSource, UsageSource
+from tickmesh.runtime.settings import ServiceSettings
+from tickmesh.runtime.tenancy import TenantDirectory, commit
+from tickmesh.runtime.tenant_links import EXECUTOR, SERVICE, TenantLinks
 from tickmesh.runtime.tracing import TraceExporter, Tracing
 from tickmesh.state import server as state_server
 from tickmesh.state.config import StateSettings
@@ -44,6 +55,15 @@ class MeshConfig:
     data_dir: Path | None = None
     """Where NATS, SQLite and blobs keep their data; a temporary folder when None."""
     tenants: tuple[str, ...] = ("default",)
+    """The tenants served; ignored with ``tenant_dir`` (its registry decides)."""
+    tenant_dir: Path | None = None
+    """A tenant directory (``tickmesh tenant --dir``): tenants are NATS accounts, the
+    embedded nats-server includes the directory's ``accounts.conf`` (rendered here,
+    with a new registry, if the directory has none), and each service connects once per
+    tenant as its users and serves the registry's enabled tenants, reading it again
+    every ``tenant_refresh_s``. None: one connection per service, no accounts."""
+    tenant_refresh_s: float = 2.0
+    """With ``tenant_dir``: how often the services read the tenant registry again."""
     nats_url: str | None = None
     """Use this NATS instead of starting one."""
     host: str = "127.0.0.1"
@@ -105,6 +125,7 @@ class Mesh:
     """The services' shared metrics, served on ``config.metrics_listen`` (None when unset)."""
     data_dir: Path = Path()
     _connections: list[NatsClient] = field(default_factory=list)
+    _links: list[TenantLinks] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     """Stores and clients the mesh opened; closed after the services stopped."""
@@ -137,11 +158,17 @@ class Mesh:
         else:
             self.data_dir = cfg.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        include = None
+        if cfg.tenant_dir is not None:
+            include = _prepare_tenant_dir(TenantDirectory(cfg.tenant_dir))
         if cfg.nats_url:
             self.nats_url = cfg.nats_url
         else:
             self.nats = EmbeddedNats(
-                data_dir=self.data_dir / "nats", host=cfg.host, sync_always=cfg.sync_always
+                data_dir=self.data_dir / "nats",
+                host=cfg.host,
+                sync_always=cfg.sync_always,
+                include=include,
             ).start()
             self.nats_url = self.nats.url
         try:
@@ -156,10 +183,23 @@ class Mesh:
         self._connections.append(nc)
         return nc
 
+    async def _tenant_links(self, settings: ServiceSettings, name: str, role: str) -> TenantLinks:
+        """A connection per tenant (opened as tenants are served), closed by :meth:`stop`."""
+        links = await open_tenant_links(settings, name, role)
+        self._links.append(links)
+        return links
+
     async def _start_services(self) -> None:
         cfg = self.config
-        tenants = list(cfg.tenants)
         url = self.nats_url
+        per_tenant = cfg.tenant_dir is not None
+        # With a tenant directory the services serve what its registry lists: `tenants`
+        # stays unset, so that it asks for no tenant of its own.
+        shared: dict[str, Any] = (
+            {"nats_tenant_dir": str(cfg.tenant_dir), "tenant_refresh_s": cfg.tenant_refresh_s}
+            if per_tenant
+            else {"tenants": list(cfg.tenants)}
+        )
         listen = f"{cfg.host}:0"
         blob_url = cfg.blob_url or str(self.data_dir / "blobs")
         if cfg.metrics_listen is not None:
@@ -170,7 +210,7 @@ class Mesh:
 
         state_settings = StateSettings(
             nats_url=url,
-            tenants=tenants,
+            **shared,
             log_json=False,
             grpc_listen=listen,
             store_url=cfg.store_url or f"sqlite:///{self.data_dir / 'state.db'}",
@@ -199,24 +239,31 @@ class Mesh:
             return blobs
 
         guardrail_settings = GuardrailSettings(
-            nats_url=url, tenants=tenants, log_json=False, grpc_listen=listen
+            nats_url=url,
+            **shared,
+            log_json=False,
+            grpc_listen=listen,
         )
         if cfg.guardrail_lease_s is not None:
             guardrail_settings = guardrail_settings.model_copy(
                 update={"snapshot_lease_s": cfg.guardrail_lease_s}
             )
+        nc, links = await self._nats(guardrail_settings, "guardrail", SERVICE)
         self.guardrail = await guardrail_server.build(
             guardrail_settings,
-            nc=await self._connect("guardrail"),
+            nc=nc,
+            links=links,
             usage_source=await usage_source(),
             metrics=metrics,
             tracing=self._tracing("guardrail"),
         )
         await self.guardrail.start()
 
+        nc, links = await self._nats(state_settings, "state", SERVICE)
         self.state = await state_server.build(
             state_settings,
-            nc=await self._connect("state"),
+            nc=nc,
+            links=links,
             store=store,
             blobs=await blob_store(),
             usage_counter=(
@@ -229,14 +276,16 @@ class Mesh:
 
         router_settings = RouterSettings(
             nats_url=url,
-            tenants=tenants,
+            **shared,
             log_json=False,
             grpc_listen=f"{cfg.host}:{cfg.router_port}",
         )
         # The router reads tenant usage windows straight from the store it shares the process with.
+        nc, links = await self._nats(router_settings, "router", SERVICE)
         self.router = await router_server.build(
             router_settings,
-            nc=await self._connect("router"),
+            nc=nc,
+            links=links,
             usage_source=await usage_source(),
             history_source=StoreHistorySource(store),
             metrics=metrics,
@@ -246,17 +295,17 @@ class Mesh:
 
         pool_settings = ExecutorPoolSettings(
             nats_url=url,
-            tenants=tenants,
+            **shared,
             log_json=False,
             grpc_listen=f"{cfg.host}:{cfg.pool_port}",
             blob_url=blob_url,
             ack_wait_s=cfg.ack_wait_s,
         )
-        pool_nc = await self._connect("executor-pool")
+        nc, links = await self._nats(pool_settings, "executor-pool", EXECUTOR)
         self.pool = await pool_server.build(
             pool_settings,
-            nc=pool_nc,
-            js=tm_nats.jetstream(pool_nc),
+            nc=nc,
+            links=links,
             blobs=await blob_store(),
             metrics=metrics,
             tracing=self._tracing("executor-pool"),
@@ -271,6 +320,14 @@ class Mesh:
             self.state.target,
             self.guardrail.target,
         )
+
+    async def _nats(
+        self, settings: ServiceSettings, name: str, role: str
+    ) -> tuple[NatsClient | None, TenantLinks | None]:
+        """A service's NATS: one connection, or with a tenant directory its tenants' links."""
+        if self.config.tenant_dir is not None:
+            return None, await self._tenant_links(settings, name, role)
+        return await self._connect(name), None
 
     def _tracing(self, service: str) -> Tracing:
         cfg = self.config
@@ -293,6 +350,10 @@ class Mesh:
             with contextlib.suppress(Exception):
                 await nc.close()
         self._connections.clear()
+        for links in self._links:
+            with contextlib.suppress(Exception):
+                await links.close()
+        self._links.clear()
         if self.metrics is not None:
             with contextlib.suppress(Exception):
                 await self.metrics.stop()
@@ -317,6 +378,15 @@ class Mesh:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _prepare_tenant_dir(directory: TenantDirectory) -> Path:
+    """Make sure ``directory`` has a registry and a rendered ``accounts.conf`` (a new,
+    empty registry with its system account if it has none); returns that file."""
+    with directory.locked():
+        if not (directory.exists() and directory.accounts_path.is_file()):
+            commit(directory, directory.load_or_init())
+    return directory.accounts_path
 
 
 class _Shared(SpanProcessor):

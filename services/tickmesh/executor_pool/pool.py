@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,7 +379,8 @@ class ExecutorPool:
         through the tenant's link, which must not wait on another tenant's."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._subs: list[Subscription] = []
+        self._cancel_subs: dict[str, Subscription] = {}
+        """Tenant -> its cancellation subscription; the keys are the tenants served."""
         self._pull_wanted: set[HandlerGroup] = set()
         self._pull_wake = asyncio.Event()
         self._released = asyncio.Event()
@@ -389,15 +390,40 @@ class ExecutorPool:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def served_tenants(self) -> Collection[str]:
+        """The tenants served now (a live view; see :meth:`add_tenant`)."""
+        return self._cancel_subs.keys()
+
+    async def add_tenant(self, tenant: str) -> None:
+        """Serve ``tenant``: its executors may connect, and its cancellations are heard."""
+        if tenant in self._cancel_subs:
+            return
+        link = await self._links.get(tenant)
+        sub = await link.nc.subscribe(TenantNames(tenant).cancel, cb=self._on_cancel_msg)
+        self._cancel_subs[tenant] = sub
+
+    async def remove_tenant(self, tenant: str) -> None:
+        """Stop serving ``tenant``: its executor streams end with PERMISSION_DENIED, its
+        work consumers stop, what its executors held goes back to its queue (when its
+        connection still allows), and its link closes."""
+        sub = self._cancel_subs.pop(tenant, None)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        gone = RPCError(StatusCode.PERMISSION_DENIED, f"tenant {tenant!r} is no longer served")
+        for session in [s for s in self._sessions if s.tenant == tenant]:
+            session.close(gone)
+        async with self._lock(tenant):
+            for group in [g for g in self._groups.values() if g.tenant == tenant]:
+                await self._stop_group(group)
+        await self._links.drop(tenant)
+
     async def start(self) -> None:
-        """Subscribe to cancellations and start the pull and timer loops."""
+        """Start the pull and timer loops (tenants are added by :meth:`add_tenant`)."""
         if self._started:
             return
         self._started = True
-        for tenant in self._settings.tenants:
-            link = await self._links.get(tenant)
-            sub = await link.nc.subscribe(TenantNames(tenant).cancel, cb=self._on_cancel_msg)
-            self._subs.append(sub)
         self._loops = [
             asyncio.create_task(self._pull_loop(), name="pool:pull"),
             asyncio.create_task(self._housekeeping_loop(), name="pool:housekeeping"),
@@ -417,10 +443,10 @@ class ExecutorPool:
         for group in list(self._groups.values()):
             async with self._lock(group.tenant):
                 await self._stop_group(group)
-        for sub in self._subs:
+        for sub in self._cancel_subs.values():
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        self._subs.clear()
+        self._cancel_subs.clear()
         loop = asyncio.get_running_loop()
         until = loop.time() + grace
         while any(s.in_flight for s in self._sessions) and loop.time() < until:

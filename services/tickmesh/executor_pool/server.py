@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Collection
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -16,6 +17,7 @@ from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.tenant_links import EXECUTOR, TenantLinks
+from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import executor_pool_service_pb2, executor_pool_service_pb2_grpc
 
@@ -50,8 +52,21 @@ class ExecutorPoolService:
         self.serve_metrics = serve_metrics
         """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
         rather than the process that passed them in."""
-        self.servicer = ExecutorPoolServicer(pool, settings.tenants)
+        self.servicer = ExecutorPoolServicer(pool, pool.served_tenants)
         self._grpc: GrpcServer | None = None
+        self.tenant_watcher: TenantWatcher | None = None
+        """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
+
+    @property
+    def served_tenants(self) -> Collection[str]:
+        """The tenants served now (the servicer checks callers against this view)."""
+        return self.pool.served_tenants
+
+    async def add_tenant(self, tenant: str) -> None:
+        await self.pool.add_tenant(tenant)
+
+    async def remove_tenant(self, tenant: str) -> None:
+        await self.pool.remove_tenant(tenant)
 
     @property
     def target(self) -> str:
@@ -65,6 +80,9 @@ class ExecutorPoolService:
             if self.serve_metrics and self.settings.metrics_listen:
                 await self.metrics.start(self.settings.metrics_listen)
         await self.pool.start()
+        self.tenant_watcher = await serve_tenants(
+            self.settings, self, name="executor-pool", role=EXECUTOR
+        )
         server = await create_server(
             self.settings.grpc_listen,
             max_message_bytes=self.settings.max_message_bytes,
@@ -86,6 +104,8 @@ class ExecutorPoolService:
         server, self._grpc = self._grpc, None
         if server is not None:
             await server.set_serving(SERVICE_NAME, False)
+        if self.tenant_watcher is not None:
+            await self.tenant_watcher.stop()
         await self.pool.stop(grace)
         if server is not None:
             await server.stop(1.0)

@@ -38,7 +38,8 @@ class ExecutorPoolServicer(executor_pool_service_pb2_grpc.ExecutorPoolServiceSer
 
     def __init__(self, pool: ExecutorPool, tenants: Collection[str]) -> None:
         self._pool = pool
-        self._tenants = frozenset(tenants)
+        self._tenants = tenants
+        """Live (the pool's served tenants): checked on every call."""
 
     @stream_errors
     async def Connect(

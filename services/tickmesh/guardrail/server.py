@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
@@ -22,6 +23,7 @@ from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
+from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import guardrail_service_pb2_grpc
 
@@ -48,11 +50,18 @@ class GuardrailService:
     """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
     rather than the process that passed them in."""
     tracing: Tracing = field(default_factory=Tracing.off)
+    tenant_watcher: TenantWatcher | None = None
+    """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
     _refresher: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
     def target(self) -> str:
         return self.grpc.target
+
+    @property
+    def served_tenants(self) -> Collection[str]:
+        """The tenants served now (the servicer checks callers against this view)."""
+        return self.stores.keys()
 
     @property
     def nc(self) -> NatsClient | None:
@@ -64,8 +73,9 @@ class GuardrailService:
             self.metrics.service_started("guardrail", version())
             if self.serve_metrics and self.settings.metrics_listen:
                 await self.metrics.start(self.settings.metrics_listen)
-        for tenant in self.settings.tenants:
-            await self.add_tenant(tenant)
+        self.tenant_watcher = await serve_tenants(
+            self.settings, self, name="guardrail", role=SERVICE
+        )
         self._refresher = asyncio.create_task(self._refresh(), name="guardrail-snapshots")
         await self.grpc.server.start()
         await self.grpc.set_serving(SERVICE_NAME, True)
@@ -78,6 +88,17 @@ class GuardrailService:
         names = await ensure_tenant(link.js, tenant, replicas=self.settings.nats_replicas)
         self.stores[tenant] = await PolicyStore.open(link.js, names)
         await self.publish(tenant)
+
+    async def remove_tenant(self, tenant: str) -> None:
+        """Stop serving ``tenant``: its calls are refused and its snapshot is no longer
+        renewed (routers stop enforcing it when the lease runs out); its link closes."""
+        self.stores.pop(tenant, None)
+        if self.servicer is not None:
+            condition = self.servicer.snapshot_changed.get(tenant)
+            if condition is not None:
+                async with condition:
+                    condition.notify_all()
+        await self.links.drop(tenant)
 
     async def publish(self, tenant: str) -> None:
         await self.stores[tenant].publish_snapshot(self.settings.snapshot_lease_s)
@@ -125,6 +146,8 @@ class GuardrailService:
 
     async def stop(self) -> None:
         await self.grpc.set_serving(SERVICE_NAME, False)
+        if self.tenant_watcher is not None:
+            await self.tenant_watcher.stop()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -176,7 +199,8 @@ async def build(
     )
     servicer = GuardrailServicer(
         service.stores,
-        tenants=settings.tenants,
+        # Live: tenants added or removed while serving are seen by the next call.
+        tenants=service.served_tenants,
         lease_s=settings.snapshot_lease_s,
         on_change=service.publish,
         lifetime_usage=service.lifetime_usage,

@@ -204,6 +204,9 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         last_revision = request.after_revision
         sent = False
         while True:
+            if store.tenant not in self._tenants:
+                # Disabled or deleted while watching (see remove_tenant): as for a new call.
+                raise StatusError(StatusCode.PERMISSION_DENIED, f"unknown tenant {store.tenant!r}")
             snapshot = await store.publish_snapshot(self._lease_s)
             # The first answer is the current snapshot, even of revision 0 (no policies yet).
             if snapshot.revision > last_revision or (not sent and last_revision == 0):

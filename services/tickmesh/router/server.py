@@ -4,6 +4,7 @@ consumers, and the gRPC server."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ from tickmesh.runtime.policy import PolicyEngine
 from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
+from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import router_service_pb2_grpc
 
@@ -58,10 +60,18 @@ class RouterService:
     """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
     rather than the process that passed them in."""
     tracing: Tracing = field(default_factory=Tracing.off)
+    tenant_watcher: TenantWatcher | None = None
+    """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
+    _consumer_of: dict[str, RefConsumer] = field(default_factory=dict, init=False)
 
     @property
     def target(self) -> str:
         return self.grpc.target
+
+    @property
+    def served_tenants(self) -> Collection[str]:
+        """The tenants served now (the servicer checks callers against this view)."""
+        return self.processor.tenants.keys()
 
     @property
     def watchers(self) -> list[SnapshotWatcher]:
@@ -73,11 +83,10 @@ class RouterService:
             self.metrics.service_started("router", version())
             if self.serve_metrics and self.settings.metrics_listen:
                 await self.metrics.start(self.settings.metrics_listen)
-        for tenant_id in self.settings.tenants:
-            await self.add_tenant(tenant_id)
+        self.tenant_watcher = await serve_tenants(self.settings, self, name="router", role=SERVICE)
         await self.grpc.server.start()
         await self.grpc.set_serving(SERVICE_NAME, True)
-        logger.info("router serving on %s for tenants %s", self.target, self.settings.tenants)
+        logger.info("router serving on %s for tenants %s", self.target, sorted(self.served_tenants))
 
     async def add_tenant(self, tenant_id: str) -> None:
         if tenant_id in self.processor.tenants:
@@ -91,14 +100,18 @@ class RouterService:
             max_staleness_s=self.settings.tenant_usage_max_staleness_s,
         )
         await usage.start()
-        gate = await Gate.open(
-            link.js,
-            names,
-            self.engine,
-            usage,
-            metrics=self.metrics,
-            tracer=self.tracing.tracer("tickmesh.guardrail"),
-        )
+        try:
+            gate = await Gate.open(
+                link.js,
+                names,
+                self.engine,
+                usage,
+                metrics=self.metrics,
+                tracer=self.tracing.tracer("tickmesh.guardrail"),
+            )
+        except BaseException:
+            await usage.stop()  # remove_tenant cannot reach it: no gate holds it yet
+            raise
         self.gates[tenant_id] = gate
         store = ObservedRouterStore(await link.js.key_value(names.router_bucket))
         tenant = Tenant(names=names, store=store, link=link, guard=gate)
@@ -115,13 +128,34 @@ class RouterService:
             ack_wait_s=self.settings.ack_wait_s,
             metrics=self.metrics,
         )
-        await consumer.start()
+        self._consumer_of[tenant_id] = consumer
         self.consumers.append(consumer)
+        await consumer.start()
+        if self.metrics is not None:
+            self.metrics.consumers_changed()
+
+    async def remove_tenant(self, tenant_id: str) -> None:
+        """Stop serving ``tenant_id``: its calls are refused from now on, its consumer,
+        timers and policy watcher stop, and its link closes. Lifetimes stay where they
+        are (the tenant's KV bucket and streams) for when it is served again."""
+        self.processor.tenants.pop(tenant_id, None)
+        if self.timers is not None:
+            await self.timers.stop_tenant(tenant_id)
+        consumer = self._consumer_of.pop(tenant_id, None)
+        if consumer is not None:
+            self.consumers.remove(consumer)
+            await consumer.stop()
+        gate = self.gates.pop(tenant_id, None)
+        if gate is not None:
+            await gate.stop()
+        await self.links.drop(tenant_id)
         if self.metrics is not None:
             self.metrics.consumers_changed()
 
     async def stop(self) -> None:
         await self.grpc.set_serving(SERVICE_NAME, False)
+        if self.tenant_watcher is not None:
+            await self.tenant_watcher.stop()
         if self.timers is not None:
             await self.timers.stop()
         for consumer in self.consumers:
@@ -188,7 +222,8 @@ async def build(
     )
     servicer = RouterServicer(
         processor,
-        tenants=settings.tenants,
+        # Live: tenants added or removed while serving are seen by the next call.
+        tenants=processor.tenants.keys(),
         inline_limit=DEFAULT_INLINE_LIMIT,
         history=history_source,
         producer=producer,

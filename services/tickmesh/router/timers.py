@@ -160,6 +160,16 @@ class WaitTimers:
             except Exception:
                 logger.exception("tenant %s: rescanning waiting lifetimes failed", tenant_id)
 
+    async def stop_tenant(self, tenant_id: str) -> None:
+        """Disarm the tenant's timers and stop rescanning it (it is no longer served)."""
+        for key in [key for key in self._timers if key[0] == tenant_id]:
+            self._timers.pop(key)[1].cancel()
+        scanner = self._scanners.pop(tenant_id, None)
+        if scanner is not None:
+            scanner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await scanner
+
     async def stop(self) -> None:
         for _, handle in self._timers.values():
             handle.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import signal
@@ -67,6 +68,9 @@ class EmbeddedNats:
     """fsync every write (sync_interval: always): no loss on power cut, slower."""
     extra_config: str = ""
     """Appended to the generated config (e.g. an accounts block)."""
+    include: Path | None = None
+    """A config file the generated one includes, such as a tenant directory's rendered
+    ``accounts.conf``; a reload (``tickmesh tenant ... --nats-url``) reads it again."""
     startup_timeout: float = 10.0
 
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
@@ -111,11 +115,18 @@ class EmbeddedNats:
         assert self.data_dir is not None
         sync = "\n  sync_interval: always" if self.sync_always else ""
         store = (self.data_dir / "js").as_posix()
+        include = ""
+        if self.include is not None:
+            # nats-server resolves an include against the including file's folder, even
+            # an absolute path: so the path is given relative to it.
+            relative = os.path.relpath(self.include.resolve(), self.data_dir.resolve())
+            include = f'include "{Path(relative).as_posix()}"\n'
         return (
             f"host: {self.host}\n"
             f"port: {self.port}\n"
             f'http: "{self.host}:{self.http_port}"\n'
             f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n'
+            f"{include}"
             f"{self.extra_config}\n"
         )
 

@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -21,7 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from tickmesh.sdk import TransportError
+from tickmesh.sdk import ConfigError, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ async def connect(
     Raises:
         TransportError: The first connection could not be made in time.
     """
+    seed = _read_seed(nkeys_seed) if nkeys_seed else None
     given = [url] if isinstance(url, str) else list(url)
     servers = given
     if user is None and password is None and token is None:
@@ -96,7 +98,12 @@ async def connect(
                 user=user,
                 password=password,
                 token=token,
-                nkeys_seed=nkeys_seed,
+                # The seed's contents, read once: nats-py re-reads a seed *file* on every
+                # reconnect but keeps the public key of the first connect, so a seed rotated
+                # on disk would make every reconnect fail until a restart. With the contents,
+                # a connection keeps its key (authorised through a rotation's overlap) and
+                # moves to the new one when the service restarts.
+                nkeys_seed_str=seed,
                 tls=tls,
                 max_reconnect_attempts=-1,
                 max_outstanding_pings=3,
@@ -119,6 +126,13 @@ async def connect(
             f"cannot connect to NATS at {', '.join(_redacted(s) for s in given)}: {reason}"
         ) from exc
     return nc
+
+
+def _read_seed(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the NKey seed {path}: {exc}") from exc
 
 
 def _lift_url_credentials(

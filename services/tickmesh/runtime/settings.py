@@ -81,7 +81,15 @@ class ServiceSettings(BaseSettings):
     """A tenant directory (``tickmesh tenant``): when set, each tenant gets its own NATS
     connection, logged in with that tenant's NKey seed (``creds/<tenant>/service.nk``;
     the executor pool's ``executor.nk``), and the shared ``nats_*`` credentials are not
-    used. Unset: one connection, with the shared credentials, for every tenant."""
+    used. Unset: one connection, with the shared credentials, for every tenant.
+
+    With a tenant directory, its registry (``tenants.json``) says which tenants are
+    served: every enabled one, read again every ``tenant_refresh_s``; ``tenants``, if
+    given, only names tenants that must be provisioned there when the service starts."""
+    tenant_refresh_s: float = Field(default=2.0, gt=0.0)
+    """How often a service with ``nats_tenant_dir`` reads the tenant registry again: it
+    starts serving tenants created (or enabled) since, and stops serving those disabled
+    or deleted."""
     nats_tls_ca: str | None = None
     """CA bundle that signs the NATS servers' certificates (turns TLS on)."""
     nats_tls_cert: str | None = None
@@ -130,7 +138,8 @@ class ServiceSettings(BaseSettings):
     # NoDecode: the environment value is split by the validator below (comma-separated or a
     # JSON list), not JSON-decoded by pydantic-settings first.
     tenants: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
-    """Tenants this process serves (comma-separated or a JSON list in the environment)."""
+    """Tenants this process serves (comma-separated or a JSON list in the environment).
+    With ``nats_tenant_dir`` the registry decides instead (see there)."""
     log_level: str = "INFO"
     log_json: bool = True
     instance: str = Field(default_factory=default_instance)

@@ -40,6 +40,9 @@ __all__ = [
     "seed_file",
 ]
 
+DROP_DRAIN_S = 5.0
+"""How long :meth:`TenantLinks.drop` lets a tenant's connection drain before closing it."""
+
 Connector = Callable[[str], Awaitable[NatsClient]]
 """Opens the connection of one tenant (by id)."""
 
@@ -161,6 +164,25 @@ class TenantLinks:
     def connections(self) -> dict[str, NatsClient]:
         """Tenant -> its connection, for every link made so far."""
         return {tenant: link.nc for tenant, link in self._links.items()}
+
+    async def drop(self, tenant: str) -> None:
+        """Forget ``tenant``'s link and close its own connection (a shared one stays open).
+
+        The connection is drained (up to ``DROP_DRAIN_S``), then closed: a tenant that
+        was disabled is usually cut off by the server already, and its connection
+        would otherwise keep trying to log in again.
+        """
+        link = self._links.pop(tenant, None)
+        self._locks.pop(tenant, None)
+        if link is None or self._connect is None:
+            return
+        try:
+            async with asyncio.timeout(DROP_DRAIN_S):
+                await link.nc.drain()
+        except Exception as exc:  # closed already, cut off, or the server is gone
+            logger.debug("draining the connection of %s: %s", tenant, exc)
+        with contextlib.suppress(Exception):
+            await link.nc.close()
 
     async def close(self) -> None:
         """Drain the connections this object opened (a shared one only if owned)."""

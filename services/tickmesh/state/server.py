@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
@@ -17,6 +18,7 @@ from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
+from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.sdk import ConfigError, NotFoundError
 from tickmesh.v1 import header_pb2, state_service_pb2_grpc
@@ -46,10 +48,17 @@ class StateService:
     """Whether this service serves ``metrics`` itself (on ``settings.metrics_listen``)
     rather than the process that passed them in."""
     tracing: Tracing = field(default_factory=Tracing.off)
+    tenant_watcher: TenantWatcher | None = None
+    """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
 
     @property
     def target(self) -> str:
         return self.grpc.target
+
+    @property
+    def served_tenants(self) -> Collection[str]:
+        """The tenants served now (the servicer checks callers against this view)."""
+        return self.consumers.keys()
 
     def consumer(self, tenant: str) -> RecordConsumer:
         try:
@@ -62,8 +71,7 @@ class StateService:
             self.metrics.service_started("state", version())
             if self.serve_metrics and self.settings.metrics_listen:
                 await self.metrics.start(self.settings.metrics_listen)
-        for tenant in self.settings.tenants:
-            await self.add_tenant(tenant)
+        self.tenant_watcher = await serve_tenants(self.settings, self, name="state", role=SERVICE)
         await self.grpc.server.start()
         await self.grpc.set_serving(SERVICE_NAME, True)
         logger.info("state serving on %s", self.target)
@@ -88,13 +96,25 @@ class StateService:
             metrics=self.metrics,
             tracer=self.tracing.tracer("tickmesh.state"),
         )
-        await consumer.start()
         self.consumers[tenant] = consumer
+        await consumer.start()
+        if self.metrics is not None:
+            self.metrics.consumers_changed()
+
+    async def remove_tenant(self, tenant: str) -> None:
+        """Stop serving ``tenant``: its calls are refused, its record consumers stop and
+        its link closes. What the store holds of it stays."""
+        consumer = self.consumers.pop(tenant, None)
+        if consumer is not None:
+            await consumer.stop()
+        await self.links.drop(tenant)
         if self.metrics is not None:
             self.metrics.consumers_changed()
 
     async def stop(self) -> None:
         await self.grpc.set_serving(SERVICE_NAME, False)
+        if self.tenant_watcher is not None:
+            await self.tenant_watcher.stop()
         for consumer in self.consumers.values():
             await consumer.stop()
         await self.grpc.stop(self.settings.shutdown_grace_s)
@@ -209,7 +229,13 @@ async def build(
             links.js_of,
             lambda: [c for consumer in service.consumers.values() for c in consumer.consumers()],
         )
-    servicer = StateServicer(store, blobs, service.consumer, tenants=settings.tenants)
+    servicer = StateServicer(
+        store,
+        blobs,
+        service.consumer,
+        # Live: tenants added or removed while serving are seen by the next call.
+        tenants=service.served_tenants,
+    )
     state_service_pb2_grpc.add_StateServiceServicer_to_server(servicer, grpc_server.server)
     return service
 

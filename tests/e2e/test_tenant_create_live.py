@@ -1,0 +1,206 @@
+"""Adding and disabling tenants of a running embedded mesh, with no restart.
+
+A fresh mesh is given a tenant directory: its nats-server includes the directory's
+rendered accounts and its four services serve whatever the registry lists. While it
+runs, `tickmesh tenant create acme --nats-url <the mesh's NATS>` adds a tenant: the
+services pick it up from the registry, a lifetime of acme runs, the monitoring
+endpoint shows acme's connections and streams in account acme, and the server logs
+no violation. Disabling a tenant stops the services serving it (its calls are refused
+with PERMISSION_DENIED) while another tenant keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.service_harness import eventually
+from tests.support.tenant_accounts import jsz_accounts
+from tests.support.tenant_services import connz, run_hello
+from tickmesh.cli.main import main
+from tickmesh.embedded import Mesh, MeshConfig
+from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.tenancy import tenant_streams
+from tickmesh.runtime.tenancy.registry import TenantDirectory
+from tickmesh.sdk import Client, RPCError
+from tickmesh.sdk.errors import StatusCode
+
+REFRESH_S = 0.2
+WAIT_S = 20.0
+HELLO_S = 5.0
+TICKMESH = Path(sys.executable).with_name("tickmesh")
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    config = MeshConfig(
+        data_dir=tmp_path / "mesh",
+        tenant_dir=tmp_path / "tenants",
+        tenant_refresh_s=REFRESH_S,
+        ack_wait_s=5.0,
+    )
+    async with Mesh(config) as running:
+        yield running
+
+
+def _services(mesh: Mesh) -> dict[str, object]:
+    return {
+        "router": mesh.router,
+        "state": mesh.state,
+        "guardrail": mesh.guardrail,
+        "pool": mesh.pool,
+    }
+
+
+def _served(mesh: Mesh) -> dict[str, set[str]]:
+    served: dict[str, set[str]] = {}
+    for name, service in _services(mesh).items():
+        tenants = getattr(service, "served_tenants")  # noqa: B009 - every service has it
+        served[name] = set(tenants)
+    return served
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    async def probe() -> bool:
+        return condition()
+
+    await eventually(probe, within=WAIT_S, what=what)
+
+
+async def _tickmesh(*argv: str) -> str:
+    out = io.StringIO()
+    # The CLI runs its own event loop: off this one.
+    code = await asyncio.to_thread(main, list(argv), out)
+    assert code == 0, out.getvalue()
+    return out.getvalue()
+
+
+def _log(mesh: Mesh) -> str:
+    assert mesh.nats is not None
+    return mesh.nats.log_path.read_text()
+
+
+async def test_a_tenant_created_while_the_mesh_runs_is_served_in_its_own_account(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    tenant_dir = tmp_path / "tenants"
+    assert TenantDirectory(tenant_dir).exists(), "the mesh initialises the directory"
+    assert all(not tenants for tenants in _served(mesh).values()), _served(mesh)
+
+    output = await _tickmesh(
+        "tenant", "create", "acme", "--dir", str(tenant_dir), "--nats-url", mesh.nats_url
+    )
+    assert "reloaded NATS server(s)" in output
+
+    await _until(
+        lambda: all("acme" in tenants for tenants in _served(mesh).values()),
+        f"every service serves acme: {_served(mesh)}",
+    )
+    result = await run_hello(mesh.router_target, mesh.pool_target, "acme")
+    assert result == {"greeting": "HELLO, ACME!"}
+
+    assert mesh.nats is not None
+    connections = await connz(mesh.nats.monitor_url)
+    of_acme = {c["name"]: c.get("account") for c in connections if c["name"].endswith(" acme")}
+    services = {"router", "state", "guardrail", "executor-pool"}
+    assert {name.split(" ")[0] for name in of_acme} == services, of_acme
+    assert set(of_acme.values()) == {"acme"}, of_acme
+    streams = await jsz_accounts(mesh.nats.monitor_url)
+    assert set(tenant_streams(TenantNames("acme"))) <= set(streams.get("acme", [])), streams
+    elsewhere = [n for account, names in streams.items() if account != "acme" for n in names]
+    assert not [name for name in elsewhere if "ACME" in name], streams
+    assert "Violation" not in _log(mesh)
+
+
+async def test_a_disabled_tenant_is_no_longer_served_while_another_keeps_running(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    tenant_dir = str(tmp_path / "tenants")
+    for tenant in ("acme", "beta"):
+        await _tickmesh(
+            "tenant", "create", tenant, "--dir", tenant_dir, "--nats-url", mesh.nats_url
+        )
+    await _until(
+        lambda: all({"acme", "beta"} <= tenants for tenants in _served(mesh).values()),
+        f"every service serves acme and beta: {_served(mesh)}",
+    )
+    assert await run_hello(mesh.router_target, mesh.pool_target, "acme") == {
+        "greeting": "HELLO, ACME!"
+    }
+
+    await _tickmesh("tenant", "disable", "acme", "--dir", tenant_dir, "--nats-url", mesh.nats_url)
+    await _until(
+        lambda: all(tenants == {"beta"} for tenants in _served(mesh).values()),
+        f"acme is no longer served: {_served(mesh)}",
+    )
+    async with await Client.connect(mesh.router_target, tenant="acme") as client:
+        with pytest.raises(RPCError) as refused:
+            await client.list_lifetimes()
+    assert refused.value.status == StatusCode.PERMISSION_DENIED
+    assert "unknown tenant 'acme'" in str(refused.value)
+
+    assert await run_hello(mesh.router_target, mesh.pool_target, "beta") == {
+        "greeting": "HELLO, BETA!"
+    }
+    assert "Permissions Violation" not in _log(mesh)
+
+
+async def test_tickmesh_dev_with_a_tenant_dir_serves_a_tenant_created_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    tenant_dir = tmp_path / "tenants"
+    process = await asyncio.create_subprocess_exec(
+        str(TICKMESH),
+        "dev",
+        "--tenant-dir",
+        str(tenant_dir),
+        "--data-dir",
+        str(tmp_path / "mesh"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        lines: dict[str, str] = {}
+        async with asyncio.timeout(WAIT_S):
+            while "tickmesh dev is running" not in lines.get("tickmesh", ""):
+                line = (await process.stdout.readline()).decode()
+                assert line, "tickmesh dev ended before it ran"
+                key, _, value = line.partition(" ")
+                lines[key] = value.strip() if key != "tickmesh" else line
+        assert lines["tenants"].startswith(str(tenant_dir))
+        nats_url = lines["nats"]
+        await _tickmesh(
+            "tenant", "create", "acme", "--dir", str(tenant_dir), "--nats-url", nats_url
+        )
+        router, pool = lines["router"], lines["executor"].removeprefix("pool").strip()
+        result = await eventually(
+            lambda: _hello_when_served(router, pool), within=3 * HELLO_S, what="acme is served"
+        )
+        assert result == {"greeting": "HELLO, ACME!"}
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(WAIT_S):
+            await process.communicate()
+    assert process.returncode == 0
+
+
+async def _hello_when_served(router: str, pool: str) -> dict[str, object] | None:
+    """acme's hello once every service serves acme; None while one refuses it."""
+    try:
+        # A worker refused by the pool stops without connecting: give up on it.
+        async with asyncio.timeout(HELLO_S):
+            return await run_hello(router, pool, "acme")
+    except TimeoutError:
+        return None
+    except RPCError as exc:
+        if exc.status != StatusCode.PERMISSION_DENIED:
+            raise
+        return None
