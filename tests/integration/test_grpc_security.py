@@ -17,11 +17,16 @@ from tests.support.nats_configs import TlsFiles, make_tls_files
 from tests.support.nats_server import new_tenant
 from tickmesh.guardrail.config import GuardrailSettings
 from tickmesh.guardrail.server import GuardrailService, build
+from tickmesh.router.config import RouterSettings
+from tickmesh.router.replay import StateRpcHistorySource
 from tickmesh.runtime import nats as runtime_nats
+from tickmesh.runtime.adapters import open_blob_store
 from tickmesh.runtime.embedded_nats import EmbeddedNats
-from tickmesh.runtime.grpc_security import ApiKeys, hash_key
+from tickmesh.runtime.grpc_security import ApiKeys, client_security, hash_key
 from tickmesh.sdk import ChannelSecurity, ConfigError
 from tickmesh.sdk._transport import create_channel
+from tickmesh.state import server as state_server
+from tickmesh.state.config import StateSettings
 from tickmesh.v1 import (
     guardrail_pb2,
     guardrail_service_pb2,
@@ -253,3 +258,64 @@ def test_a_keys_file_holds_hashes_of_known_tenants_only(tmp_path: Path) -> None:
             ApiKeys.load(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         ApiKeys.load(tmp_path / "missing.yaml")
+
+
+async def test_services_call_a_secured_state_service_with_their_own_credentials(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The router reads fork/replay history from the state service: over mutual TLS with
+    a service key when the state service requires them, and only then."""
+    tls = make_tls_files(tmp_path / "tls")
+    tenant = new_tenant("ss")
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text(f'"*": ["{hash_key(SERVICE_KEY)}"]\n')
+    settings = StateSettings(
+        nats_url=nats_server.url,
+        tenants=[tenant],
+        grpc_listen="127.0.0.1:0",
+        log_json=False,
+        store_url=f"sqlite:///{tmp_path / 'state.db'}",
+        blob_url=str(tmp_path / "blobs"),
+        grpc_tls_cert=str(tls.server_cert),
+        grpc_tls_key=str(tls.server_key),
+        grpc_tls_client_ca=str(tls.ca_cert),
+        grpc_api_keys_file=str(keys),
+        grpc_require_deadline=True,
+    )
+    nc = await runtime_nats.connect(nats_server.url, name="secured-state")
+    store = await state_server.open_settings_store(settings)
+    blobs = await open_blob_store(settings.blob_url)
+    state = await state_server.build(settings, nc=nc, store=store, blobs=blobs)
+    await state.start()
+    target = f"localhost:{state.grpc.port}"
+    router = RouterSettings(
+        tenants=[tenant],
+        state_target=target,
+        grpc_client_api_key=SERVICE_KEY,
+        grpc_client_tls_ca=str(tls.ca_cert),
+        grpc_client_tls_cert=str(tls.client_cert),
+        grpc_client_tls_key=str(tls.client_key),
+    )
+    with_credentials = StateRpcHistorySource(target, security=client_security(router))
+    without = StateRpcHistorySource(target)
+    plain_tls_no_key = StateRpcHistorySource(
+        target,
+        security=ChannelSecurity(
+            root_certificates=tls.ca_cert.read_bytes(),
+            certificate_chain=tls.client_cert.read_bytes(),
+            private_key=tls.client_key.read_bytes(),
+        ),
+    )
+    try:
+        assert await with_credentials.executions(tenant, "no-such-lifetime") == []
+        with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+            await without.executions(tenant, "no-such-lifetime")
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as keyless:
+            await plain_tls_no_key.executions(tenant, "no-such-lifetime")
+        assert keyless.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        for source in (with_credentials, without, plain_tls_no_key):
+            await source.close()
+        await state.stop()
+        await nc.close()

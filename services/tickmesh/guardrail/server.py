@@ -14,7 +14,7 @@ from nats.js.errors import KeyNotFoundError
 
 from tickmesh.internal.v1 import router_state_pb2
 from tickmesh.runtime.adapters import open_usage_counter
-from tickmesh.runtime.grpc_security import ServerSecurity
+from tickmesh.runtime.grpc_security import ServerSecurity, client_security
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
@@ -220,7 +220,9 @@ async def serve(settings: GuardrailSettings) -> None:
             if settings.usage_counter_url:
                 source = await open_usage_counter(settings.usage_counter_url)
             elif settings.state_target:
-                source = StateRpcUsageSource(settings.state_target)
+                source = StateRpcUsageSource(
+                    settings.state_target, security=client_security(settings)
+                )
             if source is not None:
                 resources.push_async_callback(source.close)
             return await build(settings, links=links, usage_source=source)

@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.sdk import ChannelSecurity
+from tickmesh.sdk._transport import create_channel
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -126,10 +128,15 @@ class StateRpcHistorySource:
     """Calls ``StateService.ListExecutions`` on a remote state service."""
 
     def __init__(
-        self, target: str, *, timeout_s: float = 30.0, channel: grpc.aio.Channel | None = None
+        self,
+        target: str,
+        *,
+        timeout_s: float = 30.0,
+        channel: grpc.aio.Channel | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self._target = target
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or create_channel(target, security=security)
         self._stub = state_service_pb2_grpc.StateServiceStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NatsClient
 
 from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
-from tickmesh.runtime.grpc_security import ServerSecurity
+from tickmesh.runtime.grpc_security import ServerSecurity, client_security
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
@@ -204,9 +204,13 @@ async def build(
     if usage_source is None and settings.usage_counter_url:
         usage_source = await open_usage_counter(settings.usage_counter_url)
     elif usage_source is None and settings.state_target:
-        usage_source = StateRpcUsageSource(settings.state_target)
+        usage_source = StateRpcUsageSource(
+            settings.state_target, security=client_security(settings)
+        )
     if history_source is None and settings.state_target:
-        history_source = StateRpcHistorySource(settings.state_target)
+        history_source = StateRpcHistorySource(
+            settings.state_target, security=client_security(settings)
+        )
     producer = Producer("router", version(), settings.instance)
     processor = Processor(
         producer,

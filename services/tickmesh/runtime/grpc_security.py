@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 import yaml
 
-from tickmesh.sdk import ConfigError
+from tickmesh.sdk import ChannelSecurity, ConfigError
 from tickmesh.sdk.ids import TENANT_ID_PATTERN
 
 from .auth import TENANT_METADATA_KEY
@@ -160,6 +160,19 @@ def _read(path: str | None, setting: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {setting} {path}: {exc}") from exc
+
+
+def client_security(settings: Any) -> ChannelSecurity | None:
+    """How a service calls another (``grpc_client_*`` settings); None: plaintext, no key.
+
+    Raises:
+        ConfigError: A file cannot be read, or a certificate comes without its key.
+    """
+    key, ca = settings.grpc_client_api_key, settings.grpc_client_tls_ca
+    cert, private = settings.grpc_client_tls_cert, settings.grpc_client_tls_key
+    if not any((key, ca, cert, private)):
+        return None
+    return ChannelSecurity.from_files(api_key=key, ca=ca, cert=cert, key=private)
 
 
 Rejection = tuple[grpc.StatusCode, str]

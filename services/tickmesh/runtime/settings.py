@@ -117,6 +117,14 @@ class ServiceSettings(BaseSettings):
     grpc_api_keys_file: str | None = None
     """YAML of tenant -> SHA-256 hashes of its API keys (``*``: keys of tickmesh's own
     services); when set, every call needs ``authorization: Bearer <key>``."""
+    grpc_client_api_key: str | None = None
+    """The key this service sends when it calls another tickmesh service (the router and
+    guardrail call the state service): one listed under ``*`` in that service's keys file."""
+    grpc_client_tls_ca: str | None = None
+    """CA bundle of the services this one calls (turns TLS on for those calls)."""
+    grpc_client_tls_cert: str | None = None
+    """Client certificate for those calls (mutual TLS), with ``grpc_client_tls_key``."""
+    grpc_client_tls_key: str | None = None
     grpc_require_deadline: bool = False
     """Refuse unary calls that carry no deadline (INVALID_ARGUMENT). Off by default so
     that ad-hoc tools (grpcurl without -max-time) work; production deployments turn it

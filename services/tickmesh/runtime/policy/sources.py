@@ -16,6 +16,8 @@ from typing import Final, Protocol
 
 import grpc
 
+from tickmesh.sdk import ChannelSecurity
+from tickmesh.sdk._transport import create_channel
 from tickmesh.sdk.errors import ValidationError
 from tickmesh.v1 import guardrail_pb2, state_service_pb2, state_service_pb2_grpc, telemetry_pb2
 
@@ -151,9 +153,10 @@ class StateRpcUsageSource:
         *,
         timeout_s: float = 5.0,
         channel: grpc.aio.Channel | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self._target = target
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or create_channel(target, security=security)
         self._stub = state_service_pb2_grpc.StateServiceStub(self._channel)
         self._timeout_s = timeout_s
 
