@@ -88,6 +88,10 @@ test-integration: install ## Integration tests against real servers
 test-e2e: install browser ## End-to-end tests of the whole mesh
 	pytest tests/e2e $(PYTEST_ARGS)
 
+.PHONY: chaos
+chaos: install ## The whole reliability suite (tests/chaos, RELIABILITY.md §4.2), with its summary table
+	pytest tests/chaos -m chaos -p no:cacheprovider $(PYTEST_ARGS)
+
 .PHONY: test-py
 test-py: install browser ## Every Python test
 	pytest $(PYTEST_ARGS)
@@ -129,8 +133,9 @@ demo-ts: install ## The demo with validate_code served by the TypeScript executo
 	  --input '{"task": "an adder library", "modules": ["parser", "lexer", "emitter"]}'
 
 .PHONY: bench
-bench: install ## Run the benchmark for both profiles and print its figures (BENCH_ARGS="--profile cloud")
+bench: install ## Run the benchmark for both profiles and print its figures (BENCH_ARGS="--profile cloud"), then 10,000 parked lifetimes
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.parked $(PARKED_ARGS)
 
 .PHONY: clean
 clean: ## Remove build outputs and caches (keeps the venv)

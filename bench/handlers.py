@@ -21,6 +21,7 @@ from tickmesh.sdk import (
     plan,
     step,
     task,
+    wait_for,
 )
 
 GRAPH_ID = "bench_chain"
@@ -41,7 +42,31 @@ async def loop(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Deci
     return dispatch(step(TASK_NODE))
 
 
-HANDLERS: list[Task[Any, Any] | Plan[Any]] = [noop, loop]
+PARK_GRAPH_ID = "bench_parked"
+
+
+@plan(name="bench_park")
+async def park(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+    """Waits for the ``go`` signal (holding no executor slot while it waits), then completes."""
+    if ctx.iteration == 1:
+        return wait_for("go")
+    return complete(None)
+
+
+PARK_GRAPH_YAML = f"""\
+graph: {PARK_GRAPH_ID}
+description: a lifetime that parks until it is signalled (bench/parked.py)
+entry: park
+nodes:
+  - id: park
+    kind: plan
+    handler: bench_park
+edges:
+  - {{from: park, kind: final}}
+"""
+
+
+HANDLERS: list[Task[Any, Any] | Plan[Any]] = [noop, loop, park]
 
 
 def graph_yaml(rounds: int) -> str:

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-_MARKERS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+_MARKERS = {
+    "integration": pytest.mark.integration,
+    "e2e": pytest.mark.e2e,
+    "chaos": pytest.mark.chaos,
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
