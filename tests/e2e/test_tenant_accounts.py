@@ -10,16 +10,14 @@ account, and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
-import pytest
 from nats.aio.client import Client as NatsClient
 
 import examples.hello.handlers as hello
-from tests.support.nats_configs import NatsServers, require_nats_server
+from tests.support.nats_configs import NatsServers
 from tests.support.tenant_accounts import jsz_accounts, start_including, tenant_cli
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime.subjects import TenantNames
@@ -58,16 +56,6 @@ class AccountMesh(Mesh):
         )
         self._connections.append(nc)
         return nc
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 async def test_a_created_tenant_runs_lifetimes_in_its_own_account(

@@ -29,7 +29,6 @@ from tests.support.tenant_services import (
     accounts,
     connz,
     run_hello,
-    servers,
     services,
 )
 from tickmesh.runtime.subjects import HDR_MSG_ID, HDR_TENANT, HDR_TYPE, TenantNames
@@ -40,7 +39,7 @@ from tickmesh.runtime.tenancy import (
     tenant_streams,
 )
 
-__all__ = ["accounts", "servers", "services"]  # fixtures
+__all__ = ["accounts", "services"]  # fixtures
 
 
 async def test_one_set_of_services_serves_each_tenant_through_its_own_account(

@@ -16,14 +16,13 @@ import os
 import signal
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.nats_configs import NatsServers, require_nats_server
+from tests.support.nats_configs import NatsServers
 from tests.support.ports import free_port
 from tests.support.tenant_accounts import AccountsServer, provision, start_accounts_server
 from tickmesh.runtime.tenancy import Limits
@@ -31,16 +30,6 @@ from tickmesh.runtime.tenancy import Limits
 TENANTS = ("a", "b")
 WAIT_S = 20.0
 TICKMESH = Path(sys.executable).with_name("tickmesh")
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture

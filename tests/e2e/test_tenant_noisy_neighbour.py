@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.js.errors import APIError
 
-from tests.support.nats_configs import NatsServers, require_nats_server
+from tests.support.nats_configs import NatsServers
 from tests.support.tenant_accounts import AccountsServer, login, provision, start_accounts_server
 from tests.support.tenant_services import Services
 from tickmesh.runtime.subjects import HDR_TYPE, TenantNames
@@ -69,16 +69,6 @@ GRAPH = (
     .final("loop")
     .build()
 )
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -37,16 +36,6 @@ from tickmesh.runtime.tenancy.registry import ROLES, Tenant, now_iso
 from tickmesh.sdk import ConfigError
 
 ACME = TenantNames("acme")
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture

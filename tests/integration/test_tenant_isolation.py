@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from tests.support.nats_configs import NatsServers, require_nats_server
+from tests.support.nats_configs import NatsServers
 from tests.support.tenant_accounts import (
     AccountsServer,
     Login,
@@ -46,16 +45,6 @@ A, B, C = TenantNames("a"), TenantNames("b"), TenantNames("c")
 ROLES = (SERVICE, EXECUTOR)
 QUIET_S = 0.5
 """How long a subscription must stay silent to count as having seen nothing."""
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture

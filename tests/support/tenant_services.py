@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import examples.hello.handlers as hello
-from tests.support.nats_configs import NatsServers, require_nats_server
+from tests.support.nats_configs import NatsServers
 from tests.support.tenant_accounts import AccountsServer, provision, start_accounts_server
 from tickmesh.executor_pool import server as pool_server
 from tickmesh.executor_pool.config import ExecutorPoolSettings
@@ -37,16 +37,6 @@ HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello" / "graph.yaml
 TENANTS = ("a", "b")
 INSTANCE = "e2e"
 WAIT_S = 20.0
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[NatsServers]:
-    require_nats_server()
-    started = NatsServers(tmp_path / "servers")
-    try:
-        yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture
@@ -174,4 +164,4 @@ async def run_hello(router: str, pool: str, tenant: str) -> dict[str, Any]:
         return result
 
 
-__all__ = ["Services", "accounts", "connz", "run_hello", "servers", "services"]
+__all__ = ["Services", "accounts", "connz", "run_hello", "services"]
