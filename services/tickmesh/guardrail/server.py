@@ -117,8 +117,12 @@ class GuardrailService:
             await asyncio.gather(*(self._refresh_one(tenant) for tenant in list(self.stores)))
 
     async def _refresh_one(self, tenant: str) -> None:
+        # A put sent into a dead link waits for its reply until the JetStream timeout (10 s):
+        # bounded by the refresh interval, the next round starts on time once the link is back.
+        interval = self.settings.snapshot_lease_s * self.settings.refresh_fraction
         try:
-            await self.publish(tenant)
+            async with asyncio.timeout(max(interval, 1.0)):
+                await self.publish(tenant)
         except Exception as exc:  # the next round retries; routers still hold a lease
             logger.warning("cannot publish the snapshot of %s: %s", tenant, exc)
 

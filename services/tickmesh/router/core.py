@@ -592,13 +592,18 @@ def on_execution(lt: Lifetime, ref: execution_pb2.ExecutionRef) -> bool:
     )
     if lt.terminal:
         return True
-    decision = lt.guard(lt, guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT, header, telemetry)
-    rejecting = decision.action not in _PROCEEDING
-    if rejecting:
-        _dispatched_event(lt, header)  # decided, then refused: both are in the history
-    proceed = _act_on(lt, decision, header)
-    if lt.terminal:
-        return True
+    if _refused_before_dispatch(ref):
+        # The router's own rejection record, back from the store: the guard decided on
+        # this step already. Judging it again would add a second decision (and fail a
+        # refused plan as if it had run); it finishes like any rejected step.
+        proceed = True
+    else:
+        decision = lt.guard(lt, guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT, header, telemetry)
+        # No STEP_DISPATCHED here, refused or not: the step's dispatch is in the history
+        # already, and a second one reads as a double dispatch.
+        proceed = _act_on(lt, decision, header)
+        if lt.terminal:
+            return True
     if kind == "task_execution":
         rejected = None if proceed else decision
         _task_finished(lt, node, ref.task_execution, group, rejected)
@@ -608,6 +613,28 @@ def on_execution(lt: Lifetime, ref: execution_pb2.ExecutionRef) -> bool:
             return True
         _plan_decided(lt, node, ref.plan_execution, plan_inputs)
     return True
+
+
+def _refused_before_dispatch(ref: execution_pb2.ExecutionRef) -> bool:
+    """Whether ``ref`` is a record :func:`_publish_rejection` wrote (no handler ran).
+
+    Such a record names no executor; the executor pool names the executor session in
+    every record it writes, so an executor cannot pass its result off as one of these
+    (and skip the post-result check) by reporting the same error type."""
+    if ref.HasField("task_execution"):
+        record = ref.task_execution
+        return (
+            not record.executor.executor_id
+            and record.result.status == result_pb2.TASK_STATUS_REJECTED
+            and record.result.error.type == "guardrail.rejected"
+        )
+    plan = ref.plan_execution
+    return (
+        not plan.executor.executor_id
+        and plan.result.WhichOneof("decision") == "fail"
+        and plan.result.fail.error.type == "guardrail.rejected"
+        and plan.result.rationale == "rejected by guardrail"
+    )
 
 
 def _finished_message(ref: execution_pb2.ExecutionRef) -> str:
