@@ -36,6 +36,7 @@ from opentelemetry.trace import StatusCode as SpanStatus
 from tickmesh.runtime import steps
 from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
+from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
 from tickmesh.runtime.subjects import (
@@ -1312,6 +1313,7 @@ class ExecutorPool:
                 payload.CopyFrom(
                     await offload_payload(self._blobs, tenant, payload, inline_limit=limit)
                 )
+                crash_point("pool_after_blob_put")
 
     async def _publish_and_ack(self, publishes: list[tuple[Lease, list[Outgoing]]]) -> None:
         """Publish each tenant's records through its own link, the tenants concurrently:
@@ -1344,6 +1346,7 @@ class ExecutorPool:
             )
             if attempt < PUBLISH_RETRIES:
                 await asyncio.sleep(0.1 * (attempt + 1))
+        crash_point("pool_after_record_publish")
         failed = {id(m) for m in pending}
         for lease, messages in publishes:
             if any(id(m) in failed for m in messages):

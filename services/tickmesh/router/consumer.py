@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, use_span
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
+from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, publish_batch
@@ -172,6 +173,7 @@ class RefConsumer:
                     self._metrics.step_applied(
                         self._tenant.names.tenant, graph, record.finished_at.ToNanoseconds()
                     )
+        crash_point("router_after_dispatch_before_ack")
         for msg, _, _ in items:
             await msg.ack()
 

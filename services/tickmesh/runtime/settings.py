@@ -231,3 +231,13 @@ class ClientCredentials(BaseSettings):
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+
+
+class CrashSettings(BaseSettings):
+    """Named crash points for fault tests (``TICKMESH_CRASH_AT=<name>[:n]``), read once by
+    :mod:`tickmesh.runtime.crash`; unset in production."""
+
+    model_config = SettingsConfigDict(env_prefix="TICKMESH_", frozen=True, extra="ignore")
+
+    crash_at: str | None = None
+    """``<name>`` or ``<name>:<n>``: exit with status 137 on the n-th hit (default 1)."""

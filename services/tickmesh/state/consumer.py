@@ -19,6 +19,7 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.counters import UsageCounter, counted_from_envelope
+from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, publish_batch
@@ -132,6 +133,7 @@ class RecordConsumer:
         if not good:
             return
         await self.append_and_publish([(msg.data, env) for msg, env in good])
+        crash_point("before_ack")
         for msg, _ in good:
             await msg.ack()
 
@@ -187,6 +189,7 @@ class RecordConsumer:
         spans: list[Span | None],
     ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         stored = await self._store.append_executions(self.names.tenant, records)
+        crash_point("after_store_commit")
         for row, span in zip(stored, spans, strict=False):
             if span is not None:
                 span.set_attribute("tickmesh.duplicate", row.duplicate)
@@ -218,6 +221,7 @@ class RecordConsumer:
                 )
             )
         await publish_batch(self._js, refs)
+        crash_point("after_republish")
         if self._usage_counter is not None:
             # After the refs, so the next step never waits on the counters; before the
             # acks, so a failure here redelivers the batch. Duplicates are passed too:
