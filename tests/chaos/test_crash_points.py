@@ -46,13 +46,7 @@ POINTS: tuple[tuple[str, ServiceName], ...] = (
     ("pool_after_record_publish", "executor-pool"),
 )
 
-KNOWN_FAILURES = {
-    "pool_after_record_publish": (
-        "the pool numbers an attempt by JetStream's delivery count, so the request redelivered "
-        "after the crash runs again as attempt 2 and a second record (exec:<id>:2, a new "
-        "message id) is stored for the same execution"
-    ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 """Points whose case fails today, with why: the test xfails on them (and fails if one
 starts passing, so the entry is removed with the fix)."""
 

@@ -187,7 +187,7 @@ class Mesh:
             kind = msg.headers[HDR_TYPE]
             assert kind in ("task_execution", "plan_execution")
             env = decode_envelope(msg.data, expected_kind=kind)  # type: ignore[arg-type]
-            assert msg.headers[HDR_MSG_ID] == f"exec:{env.header.execution_id}:{env.header.attempt}"
+            assert msg.headers[HDR_MSG_ID] == f"exec:{env.header.execution_id}"
             assert msg.headers[HDR_TENANT] == self.tenant
             assert msg.headers[HDR_LIFETIME] == env.header.lifetime_id
             assert msg.headers[HDR_EXECUTION] == env.header.execution_id

@@ -1251,7 +1251,11 @@ class ExecutorPool:
                 replaced = True
         header = lease.header
         headers = {
-            HDR_MSG_ID: f"exec:{header.execution_id}:{lease.attempt}",
+            # One id per execution, not per attempt: only a final attempt is ever recorded, and
+            # a request redelivered after the pool died between publishing its record and
+            # acking it runs again; its second record is then dropped by JetStream's
+            # deduplication window instead of being stored as another attempt.
+            HDR_MSG_ID: record_message_id(header.execution_id),
             HDR_TYPE: _RECORD_KIND[lease.kind],
             HDR_TENANT: tenant,
             HDR_LIFETIME: header.lifetime_id,
@@ -1287,7 +1291,7 @@ class ExecutorPool:
         header.envelope_id = uuid7()
         header.producer.CopyFrom(self._producer)
         header.created_at.GetCurrentTime()
-        header.idempotency_key = f"exec:{request_header.execution_id}:{lease.attempt}"
+        header.idempotency_key = record_message_id(request_header.execution_id)
         record: execution_pb2.TaskExecution | execution_pb2.PlanExecution
         if lease.kind == "task":
             record = envelope.task_execution
@@ -1410,6 +1414,11 @@ def _payloads(result: Result) -> Iterable[payload_pb2.Payload]:
         yield result.complete.output
     elif decision == "wait" and result.wait.HasField("default_payload"):
         yield result.wait.default_payload
+
+
+def record_message_id(execution_id: str) -> str:
+    """The ``Nats-Msg-Id`` (and idempotency key) of an execution's record."""
+    return f"exec:{execution_id}"
 
 
 def _error_text(result: Result) -> str:
