@@ -27,18 +27,21 @@ from tests.chaos.harness import Cluster
 from tests.chaos.proxy import FaultProxy
 from tests.support.audit import AuditReport, audit
 from tests.support.postgres import PostgresFactory, start_postgres
+from tests.support.records import execution_record
 from tickmesh.sdk import (
     Decision,
     GraphBuilder,
     PlanContext,
     PlanInputView,
     TaskContext,
+    TransportError,
     complete,
     dispatch,
     plan,
     step,
     task,
 )
+from tickmesh.state.postgres import PostgresStateStore
 
 __all__ = ["start_postgres"]  # a fixture these tests use
 
@@ -222,3 +225,41 @@ async def test_records_wait_in_the_stream_through_a_postgresql_outage_and_drain_
         assert a.problems == [], a.summary()
         assert a.stored == a.dispatched == 2 * ROUNDS + 1
     assert lost == duplicates == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_silently_dropped_postgresql_link_fails_a_call_in_bounded_time(
+    start_postgres: PostgresFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A blackholed link (packets swallowed, no reset) would hold a statement until the
+    kernel gave up on the socket, minutes later; the command timeout drops the connection,
+    the store retries on a new one (whose connect is bounded too) and then gives the
+    batch back — within its timeouts."""
+    pg = start_postgres()
+    dsn = await pg.create_database("dropped")
+    parts = urlsplit(dsn)
+    async with FaultProxy("127.0.0.1", pg.port) as proxy:
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        store = await PostgresStateStore.open(
+            urlunsplit(parts._replace(netloc=netloc)),
+            retry_for_s=1.0,
+            command_timeout_s=0.5,
+        )
+        try:
+            raw, env = execution_record(1, tenant="t")
+            assert not (await store.append_executions("t", [(raw, env)]))[0].duplicate
+            proxy.set("blackhole")
+            t0 = time.monotonic()
+            with pytest.raises(TransportError, match="unreachable"):
+                await store.append_executions("t", [execution_record(2, tenant="t")])
+            took = time.monotonic() - t0
+        finally:
+            proxy.set("pass")
+            await store.close()
+    with capsys.disabled():
+        print(  # noqa: T201 - the figure this test is about
+            f"\n[7] blackholed PostgreSQL link: the call failed after {took:.1f} s "
+            "(command timeout 0.5 s, then one reconnect bounded by the 10 s connect timeout), "
+            "instead of hanging"
+        )
+    assert took < 0.5 + 10.0 + 3.0

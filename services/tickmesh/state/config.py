@@ -31,6 +31,9 @@ class StateSettings(ServiceSettings):
     store_retry_s: float = Field(default=30.0, ge=0)
     """How long a PostgreSQL operation keeps retrying while the server is unreachable or
     restarting; past that the batch is handed back to JetStream and redelivered."""
+    store_command_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest a PostgreSQL statement may take before its connection is dropped and the
+    statement retried on another (a silently dropped link would otherwise hang a batch)."""
     blob_url: str = ".tickmesh/blobs"
     """Where payloads over the inline limit go: a folder (``file://`` URL or path) or
     ``s3://bucket/prefix?region=..&endpoint_url=..&sse=AES256``."""

@@ -426,6 +426,7 @@ class PostgresStateStore:
         max_size: int = 8,
         schema: str = "public",
         retry_for_s: float = 30.0,
+        command_timeout_s: float | None = 30.0,
     ) -> PostgresStateStore:
         """Connect a pool to ``dsn`` and check (or bring up to date) the schema.
 
@@ -437,6 +438,10 @@ class PostgresStateStore:
             schema: The PostgreSQL schema holding the tables (created if missing).
             retry_for_s: How long an operation keeps retrying while the server is
                 unreachable or restarting before it raises ``TransportError``.
+            command_timeout_s: Longest a statement may take. A link that drops packets
+                silently would otherwise hold a call (and its batch) until the kernel gives
+                up on the socket, minutes later; a statement that times out is retried
+                on a fresh connection like any lost one (every job is idempotent).
 
         Raises:
             ConfigError: the server cannot be reached, a parameter is invalid, or the
@@ -456,6 +461,7 @@ class PostgresStateStore:
                 min_size=min_size,
                 max_size=max_size,
                 timeout=_CONNECT_TIMEOUT_S,
+                command_timeout=command_timeout_s,
                 server_settings=_server_settings(schema),
             )
         except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

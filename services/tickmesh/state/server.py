@@ -138,6 +138,7 @@ async def open_store(
     pool_min: int = 1,
     pool_max: int = 8,
     retry_for_s: float = 30.0,
+    command_timeout_s: float | None = 30.0,
 ) -> StateStore:
     """The state store ``url`` names: ``sqlite:///path`` or ``postgresql://...``.
 
@@ -159,7 +160,12 @@ async def open_store(
                 f"PostgreSQL needs the cloud extra (pip install 'tickmesh[cloud]'): {exc}"
             ) from exc
         return await PostgresStateStore.open(
-            url, migrate=migrate, min_size=pool_min, max_size=pool_max, retry_for_s=retry_for_s
+            url,
+            migrate=migrate,
+            min_size=pool_min,
+            max_size=pool_max,
+            retry_for_s=retry_for_s,
+            command_timeout_s=command_timeout_s,
         )
     raise ConfigError(
         f"unsupported store_url {url!r}: expected sqlite:///<path> or postgresql://..."
@@ -174,6 +180,7 @@ async def open_settings_store(settings: StateSettings) -> StateStore:
         pool_min=settings.store_pool_min,
         pool_max=settings.store_pool_max,
         retry_for_s=settings.store_retry_s,
+        command_timeout_s=settings.store_command_timeout_s,
     )
 
 
