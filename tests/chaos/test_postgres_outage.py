@@ -132,7 +132,11 @@ async def test_records_wait_in_the_stream_through_a_postgresql_outage_and_drain_
         netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
         c = await start_cluster(
             store_url=urlunsplit(parts._replace(netloc=netloc)),
-            env={"TICKMESH_STATE_STORE_RETRY_S": "2"},
+            env={
+                "TICKMESH_STATE_STORE_RETRY_S": "2",
+                # A blackholed statement times out (and the health turns) within the outage.
+                "TICKMESH_STATE_STORE_COMMAND_TIMEOUT_S": "1",
+            },
         )
         pid = c.services["state"].pid
         await c.worker([loop, work])
@@ -160,6 +164,9 @@ async def test_records_wait_in_the_stream_through_a_postgresql_outage_and_drain_
         health_in_outage = await state_health(c)
         proxy.set("pass")
         figures.append((f"PostgreSQL blackholed {BLACKHOLE_S:g} s", peak, await until_drained(c)))
+        # Records wait in the stream while the database is away, and the health says so.
+        assert health_in_outage == "NOT_SERVING"
+        assert await state_health(c) == "SERVING"
         assert peak > 0, "nothing backed up in the stream during the blackhole"
 
         # 2. Every open connection reset at once.

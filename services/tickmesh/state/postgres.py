@@ -414,6 +414,8 @@ class PostgresStateStore:
         self._where = where
         self._schema = schema
         self._retry_for_s = retry_for_s
+        self._unreachable = False
+        self._on_reachability: Callable[[bool], None] | None = None
         self._closed = False
 
     @classmethod
@@ -529,13 +531,14 @@ class PostgresStateStore:
             if self._closed:
                 raise StoreClosedError(f"state store {self._where} is closed")
             try:
-                return await self._attempt(job)
+                result = await self._attempt(job)
             except asyncpg.InterfaceError as exc:
                 if self._closed:  # the pool closed while this call waited for it
                     raise StoreClosedError(f"state store {self._where} is closed") from exc
                 raise
             except _TRANSIENT as exc:
                 failures += 1
+                self._reachable(False)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TransportError(
@@ -551,6 +554,24 @@ class PostgresStateStore:
                     )
                 await asyncio.sleep(min(backoff, left))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            else:
+                self._reachable(True)
+                return result
+
+    def watch_reachability(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(False)`` when calls start failing for want of the server, and
+        ``callback(True)`` at the first success after that (the state service turns its
+        health NOT_SERVING and back)."""
+        self._on_reachability = callback
+
+    def _reachable(self, reachable: bool) -> None:
+        if self._unreachable == (not reachable):
+            return
+        self._unreachable = not reachable
+        if reachable:
+            logger.info("state store %s: reachable again", self._where)
+        if self._on_reachability is not None:
+            self._on_reachability(reachable)
 
     async def _attempt(self, job: _Job[_T]) -> _T:
         try:

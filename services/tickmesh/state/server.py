@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Collection
@@ -50,6 +51,7 @@ class StateService:
     tracing: Tracing = field(default_factory=Tracing.off)
     tenant_watcher: TenantWatcher | None = None
     """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
+    _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def target(self) -> str:
@@ -74,7 +76,19 @@ class StateService:
         self.tenant_watcher = await serve_tenants(self.settings, self, name="state", role=SERVICE)
         await self.grpc.server.start()
         await self.grpc.set_serving(SERVICE_NAME, True)
+        watch = getattr(self.store, "watch_reachability", None)
+        if watch is not None:
+            # While the database is unreachable, records wait in the stream: say so in the
+            # health status (NOT_SERVING), so orchestrators and operators see it.
+            watch(self._store_reachability)
         logger.info("state serving on %s", self.target)
+
+    def _store_reachability(self, reachable: bool) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.grpc.set_serving(SERVICE_NAME, reachable), name="state:health"
+        )
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def add_tenant(self, tenant: str) -> None:
         if tenant in self.consumers:
