@@ -13,6 +13,7 @@ Worker, and task and plan outcomes packed into TaskResult / PlanResult.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -212,19 +213,26 @@ def _deepest_struct(msg: message.Message, path: str = "") -> tuple[int, str]:
 
 def _measure(value: message.Message, path: str) -> tuple[int, str]:
     if isinstance(value, struct_pb2.Struct | struct_pb2.ListValue):
-        return _value_depth(value), path
+        return _value_depth(value, path), path
     return _deepest_struct(value, path)
 
 
-def _value_depth(value: struct_pb2.Struct | struct_pb2.ListValue) -> int:
+def _value_depth(value: struct_pb2.Struct | struct_pb2.ListValue, path: str) -> int:
+    """The nesting of ``value``; a NaN or infinite number in it is refused (a Struct is a
+    JSON value, and JSON has neither)."""
     children = value.fields.values() if isinstance(value, struct_pb2.Struct) else value.values
     deepest = 0
     for child in children:
         kind = child.WhichOneof("kind")
         if kind == "struct_value":
-            deepest = max(deepest, _value_depth(child.struct_value))
+            deepest = max(deepest, _value_depth(child.struct_value, path))
         elif kind == "list_value":
-            deepest = max(deepest, _value_depth(child.list_value))
+            deepest = max(deepest, _value_depth(child.list_value, path))
+        elif kind == "number_value" and not math.isfinite(child.number_value):
+            raise ValidationError(
+                f"ExecutionEnvelope field {path} holds {child.number_value} in a Struct; "
+                "Struct numbers must be finite"
+            )
     return deepest + 1
 
 

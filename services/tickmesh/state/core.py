@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
-from tickmesh.runtime.subjects import TenantNames, tenant_of_subject
+from tickmesh.runtime.subjects import TenantNames, check_token, tenant_of_subject
 from tickmesh.sdk import ValidationError
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
@@ -21,7 +21,8 @@ RECORD_KINDS = ("task_execution", "plan_execution")
 
 
 def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None:
-    """A record's tenant must match its subject's, in the header and in the record.
+    """A record's tenant must match its subject's, in the header and in the record, and
+    the two headers must name the same lifetime, execution and attempt.
 
     Raises:
         ValidationError: Naming the mismatch.
@@ -37,10 +38,18 @@ def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None
             f"record claims tenant(s) {sorted(claimed)} but arrived on a subject of "
             f"tenant {subject_tenant!r}"
         )
-    if not record.header.execution_id or record.header.attempt < 1:
+    inner, outer = record.header, envelope.header
+    if not inner.execution_id or inner.attempt < 1:
         raise ValidationError("record header needs an execution_id and an attempt >= 1")
-    if record.header.lifetime_id != envelope.header.lifetime_id:
+    if inner.lifetime_id != outer.lifetime_id:
         raise ValidationError("record and envelope disagree on the lifetime id")
+    # What the store refuses must be refused here: a record the store rejects after it
+    # passed this check would fail its whole batch, which is then redelivered forever.
+    if not inner.lifetime_id:
+        raise ValidationError("record header needs a lifetime_id")
+    check_token(inner.lifetime_id, "lifetime id")  # its ref is published under it
+    if (inner.execution_id, inner.attempt) != (outer.execution_id, outer.attempt):
+        raise ValidationError("record and envelope disagree on the execution id or attempt")
 
 
 def ref_envelope(
