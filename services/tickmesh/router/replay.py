@@ -13,10 +13,19 @@ the recorded one:
 * every plan decision — it must still fit the graph (edges, max_iterations);
 * the steps open at the end and the terminal state and output.
 
-Replay evaluates no guardrails (they read tenant usage that has moved on): a
-step rejected before dispatch is a stored record and replays as such; a result
-rejected *after* it was recorded replays as accepted, so such lifetimes may report
-a request-digest divergence at the plan that received it.
+By default replay evaluates no guardrails (they read tenant usage that has moved
+on): a step rejected before dispatch is a stored record and replays as such; a
+result rejected *after* it was recorded replays as accepted, so such lifetimes may
+report a request-digest divergence at the plan that received it.
+
+Given :class:`Guardrails` (a guard, e.g. the router's ``Gate`` for the tenant, and
+the policy versions it enforces and those the lifetime ran under), replay evaluates
+them as the router does, so that a policy change shows as the decisions it changes:
+a step the guard now refuses before dispatch (or no longer refuses), a result it now
+rejects, a lifetime it now pauses or aborts. Every divergence then names the policy
+versions that changed (``ReplayReport.policy_changes``), as it names a changed graph
+digest. The router keeps no record of the policy versions a lifetime ran under: the
+caller says which they were.
 
 :class:`Redriver` is shared with fork (``fork.py``), which replays up to one
 execution and continues live from there.
@@ -38,6 +47,7 @@ from tickmesh.sdk._transport import create_channel
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
+    guardrail_pb2,
     header_pb2,
     lifetime_pb2,
     state_service_pb2,
@@ -183,9 +193,12 @@ class Dispatch:
     parents: tuple[str, ...]
     digest: str
     envelope: envelope_pb2.ExecutionEnvelope
+    refused: str = ""
+    """Why the guard refused the step before dispatch (its rejection record's error);
+    empty when it was published."""
 
     @classmethod
-    def of(cls, envelope: envelope_pb2.ExecutionEnvelope) -> Dispatch:
+    def of(cls, envelope: envelope_pb2.ExecutionEnvelope, refused: str = "") -> Dispatch:
         header = envelope.header
         return cls(
             execution_id=header.execution_id,
@@ -195,6 +208,7 @@ class Dispatch:
             parents=tuple(header.parent_execution_ids),
             digest=request_digest(envelope),
             envelope=envelope,
+            refused=refused,
         )
 
     def describe(self) -> str:
@@ -216,7 +230,8 @@ class Redriver:
     """A fresh state for a recorded lifetime, driven by its records through ``core``.
 
     Nothing is published: requests the lifetime decides are collected in
-    :attr:`dispatched` (in decision order), events are dropped.
+    :attr:`dispatched` (in decision order), events are dropped. ``guard`` decides on
+    each step as in the router (by default it allows everything).
 
     A fork first fast-forwards the state without core (``fastforward.py``), which
     keeps no requests of the steps that finished meanwhile; :meth:`adopt` takes
@@ -229,6 +244,7 @@ class Redriver:
         graph: Any,
         producer: core.Producer,
         now: datetime,
+        guard: core.Guard = core.allow_all,
     ) -> None:
         view = recorded.lifetime
         state = core.new_lifetime(
@@ -239,7 +255,7 @@ class Redriver:
             client_request_id=view.client_request_id,
             labels=dict(view.labels),
         )
-        self.lt = core.Lifetime(state, graph, producer, now, core.allow_all, quiet=True)
+        self.lt = core.Lifetime(state, graph, producer, now, guard, quiet=True)
         self.dispatched: dict[str, Dispatch] = {}
         self._decided_before: set[str] = set()
         self._wakes = {w.plan_execution_id: w for w in recorded.wakes}
@@ -264,10 +280,13 @@ class Redriver:
         self._decided_before = set(decided)
 
     def _collect(self) -> None:
+        refused = {m.execution_id: m for m in self.lt.out if m.type in _REJECTION_RECORDS}
         for envelope in self.lt.requests:
             execution = envelope.header.execution_id
             if execution not in self.dispatched:
-                self.dispatched[execution] = Dispatch.of(envelope)
+                rejection = refused.get(execution)
+                reason = "" if rejection is None else _rejection_reason(rejection)
+                self.dispatched[execution] = Dispatch.of(envelope, reason)
         self.lt.requests.clear()
         self.lt.out.clear()
         self.lt.cancels.clear()
@@ -294,7 +313,55 @@ class Redriver:
         return changed
 
 
+_REJECTION_RECORDS = frozenset({"task_execution", "plan_execution"})
+"""``OutMessage.type`` of the record ``core`` writes for a step its guard refused."""
+
+
+def _rejection_reason(message: rs.OutMessage) -> str:
+    record = envelope_pb2.ExecutionEnvelope.FromString(message.data)
+    if record.HasField("task_execution"):
+        return _recorded_refusal(record.task_execution) or "rejected"
+    return _recorded_refusal(record.plan_execution) or "rejected"
+
+
 # --- replay -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Guardrails:
+    """Guardrails for a replay to evaluate (by default it evaluates none)."""
+
+    guard: core.Guard
+    """Decides on each step, e.g. the router's ``Gate`` for the lifetime's tenant."""
+    policies: Sequence[guardrail_pb2.Policy]
+    """The policy versions ``guard`` enforces."""
+    recorded: Sequence[guardrail_pb2.Policy]
+    """The policy versions in force when the lifetime ran."""
+
+
+def policy_changes(
+    recorded: Sequence[guardrail_pb2.Policy], replayed: Sequence[guardrail_pb2.Policy]
+) -> list[str]:
+    """How the policies replayed against differ from the recorded ones, by policy id."""
+    before = {p.policy_id: p for p in recorded}
+    after = {p.policy_id: p for p in replayed}
+    changes: list[str] = []
+    for policy_id in sorted(before.keys() | after.keys()):
+        old, new = before.get(policy_id), after.get(policy_id)
+        if old is None and new is not None:
+            changes.append(f"{policy_id} added: v{new.version} {new.digest[:12]}")
+        elif new is None and old is not None:
+            changes.append(f"{policy_id} removed: recorded v{old.version} {old.digest[:12]}")
+        elif old is not None and new is not None and _policy_key(old) != _policy_key(new):
+            changes.append(
+                f"{policy_id}: recorded v{old.version} {old.digest[:12]}, "
+                f"replayed v{new.version} {new.digest[:12]}"
+            )
+    return changes
+
+
+def _policy_key(policy: guardrail_pb2.Policy) -> tuple[int, str, str, bool]:
+    return policy.version, policy.digest, policy.graph_id, policy.dry_run
 
 
 @dataclass
@@ -303,6 +370,11 @@ class ReplayReport:
     decisions_checked: int
     divergences: list[pb.ReplayDivergence] = field(default_factory=list)
     graph: header_pb2.GraphRef = field(default_factory=header_pb2.GraphRef)
+    policy_changes: list[str] = field(default_factory=list)
+    """With :class:`Guardrails`: the policy versions that differ from the recorded ones
+    (:func:`policy_changes`); every divergence message starts with them too."""
+    dispatched: list[Dispatch] = field(default_factory=list)
+    """Every step replay decided on, in decision order (refused ones included)."""
 
     def proto(self) -> pb.ReplayLifetimeResponse:
         return pb.ReplayLifetimeResponse(
@@ -320,8 +392,11 @@ def replay(
     *,
     producer: core.Producer,
     now: datetime | None = None,
+    guardrails: Guardrails | None = None,
 ) -> ReplayReport:
-    """Re-drive ``recorded`` through ``graph`` with ``records`` (store order); compare."""
+    """Re-drive ``recorded`` through ``graph`` with ``records`` (store order); compare.
+
+    With ``guardrails``, steps are also decided by ``guardrails.guard``."""
     now = now or datetime.now(UTC)
     ref_graph = recorded.lifetime.graph
     note = ""
@@ -330,7 +405,13 @@ def replay(
             f"graph digest changed: recorded v{ref_graph.version} {ref_graph.digest[:12]}, "
             f"replayed v{graph.version} {graph.digest[:12]}; "
         )
-    r = Redriver(recorded, graph, producer, now)
+    changes: list[str] = []
+    if guardrails is not None:
+        changes = policy_changes(guardrails.recorded, guardrails.policies)
+        if changes:
+            note += f"guardrail policy changed: {'; '.join(changes)}; "
+    guard = core.allow_all if guardrails is None else guardrails.guard
+    r = Redriver(recorded, graph, producer, now, guard)
     divergences: list[pb.ReplayDivergence] = []
     checked = 0
 
@@ -386,6 +467,23 @@ def replay(
                     "the step would be asked with another request (input, inputs, config "
                     "or signal)",
                 )
+            elif guardrails is not None and bool(got.refused) != core._refused_before_dispatch(ref):
+                if got.refused:
+                    diverge(
+                        exec_id,
+                        header.node,
+                        expected,
+                        f"refused: {got.refused}",
+                        "the guardrail now rejects the step before dispatch",
+                    )
+                else:
+                    diverge(
+                        exec_id,
+                        header.node,
+                        f"refused: {_recorded_refusal(record)}",
+                        expected,
+                        "the guardrail no longer rejects the step before dispatch",
+                    )
         was_terminal = r.lt.terminal
         if not r.feed(ref):
             continue
@@ -455,7 +553,15 @@ def replay(
         decisions_checked=checked,
         divergences=divergences,
         graph=header_pb2.GraphRef(id=graph.id, version=graph.version, digest=graph.digest),
+        policy_changes=changes,
+        dispatched=list(r.dispatched.values()),
     )
+
+
+def _recorded_refusal(record: execution_pb2.TaskExecution | execution_pb2.PlanExecution) -> str:
+    if isinstance(record, execution_pb2.TaskExecution):
+        return record.result.error.message
+    return record.result.fail.error.message
 
 
 def _same_end(replayed: lifetime_pb2.AgentLifetime, recorded: lifetime_pb2.AgentLifetime) -> bool:

@@ -20,6 +20,7 @@ from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
     graph_pb2,
+    guardrail_pb2,
     lifetime_pb2,
     result_pb2,
 )
@@ -39,7 +40,8 @@ class Recorder(Sim):
         if fn is core.on_execution:
             ref: execution_pb2.ExecutionRef = args[0]
             record = ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
-            record.request_digest = self._digest
+            # The router's own rejection records carry the digest already.
+            record.request_digest = record.request_digest or self._digest
             stored = execution_pb2.ExecutionRef()
             stored.CopyFrom(ref)
             stored.store_sequence = len(self.refs) + 1
@@ -215,3 +217,107 @@ def test_a_record_replay_did_not_dispatch_is_the_first_divergence() -> None:
     assert not report.reproduced
     assert report.divergences[0].execution_id == "x" * 20
     assert "not dispatched by replay" in report.divergences[0].message
+
+
+# --- guardrails --------------------------------------------------------------------------
+
+
+def _policy(version: int) -> guardrail_pb2.Policy:
+    return guardrail_pb2.Policy(policy_id="caps", version=version, digest=f"{version:064x}")
+
+
+def _reject_work_from(iteration: int) -> core.Guard:
+    """Refuses ``work`` before dispatch from its ``iteration``-th run on."""
+
+    def guard(
+        lt: core.Lifetime, phase: Any, header: Any, usage: Any
+    ) -> guardrail_pb2.GuardrailDecision:
+        if (
+            phase == guardrail_pb2.GUARDRAIL_PHASE_PRE_DISPATCH
+            and header.node.id == "work"
+            and header.iteration >= iteration
+        ):
+            return guardrail_pb2.GuardrailDecision(
+                action=guardrail_pb2.GUARDRAIL_ACTION_REJECT_EXECUTION,
+                phase=phase,
+                policy_id="caps",
+                violations=[guardrail_pb2.Violation(rule_id="work-cap", message="work capped")],
+            )
+        return guardrail_pb2.GuardrailDecision(action=guardrail_pb2.GUARDRAIL_ACTION_ALLOW)
+
+    return guard
+
+
+def run_guarded(guard: core.Guard) -> Recorder:
+    """plan -> work x3 (those the guard refuses come back as rejection records) -> merge."""
+    sim = Recorder(fanout_graph(), guard)
+    sim.decide(sim.take("plan"), dispatch("work", "work", "work"))
+    for request in [sim.take("work") for _ in range(len(sim.pending))]:
+        sim.finish_task(request, request.header.iteration)
+    for record in list(sim.records):
+        sim.run(core.on_execution, execution_pb2.ExecutionRef(task_execution=record.task_execution))
+    sim.decide(sim.take("merge"), complete("ok"))
+    assert sim.view.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+    return sim
+
+
+def test_replay_under_the_recorded_policy_reproduces_its_refusals() -> None:
+    guard = _reject_work_from(3)
+    sim = run_guarded(guard)
+    v1 = [_policy(1)]
+    report = replay.replay(
+        sim.state,
+        sim.graph,
+        sim.refs,
+        producer=PRODUCER,
+        guardrails=replay.Guardrails(guard, policies=v1, recorded=v1),
+    )
+    assert report.reproduced, report.divergences
+    assert report.policy_changes == []
+    assert [(d.node_id, d.iteration, d.refused) for d in report.dispatched] == [
+        ("plan", 1, ""),
+        ("work", 1, ""),
+        ("work", 2, ""),
+        ("work", 3, "work capped"),
+        ("merge", 1, ""),
+    ]
+    # Without guardrails, the recorded refusal replays as the stored record it is.
+    assert replayed(sim).reproduced
+
+
+def test_a_stricter_policy_diverges_where_it_now_refuses_and_names_the_versions() -> None:
+    sim = run_guarded(_reject_work_from(3))
+    report = replay.replay(
+        sim.state,
+        sim.graph,
+        sim.refs,
+        producer=PRODUCER,
+        guardrails=replay.Guardrails(
+            _reject_work_from(2), policies=[_policy(2)], recorded=[_policy(1)]
+        ),
+    )
+    assert not report.reproduced
+    assert report.policy_changes == [f"caps: recorded v1 {'0' * 12}, replayed v2 {'0' * 12}"]
+    [first] = report.divergences
+    assert first.node.id == "work"
+    assert first.message == (
+        f"guardrail policy changed: {report.policy_changes[0]}; "
+        "the guardrail now rejects the step before dispatch"
+    )
+    assert first.actual == "refused: work capped"
+
+
+def test_a_looser_policy_diverges_where_it_no_longer_refuses() -> None:
+    sim = run_guarded(_reject_work_from(3))
+    v1 = [_policy(1)]
+    report = replay.replay(
+        sim.state,
+        sim.graph,
+        sim.refs,
+        producer=PRODUCER,
+        guardrails=replay.Guardrails(core.allow_all, policies=[], recorded=v1),
+    )
+    assert report.policy_changes == [f"caps removed: recorded v1 {'0' * 12}"]
+    [first] = report.divergences
+    assert "the guardrail no longer rejects the step before dispatch" in first.message
+    assert first.expected == "refused: work capped"
