@@ -121,6 +121,12 @@ class RouterStore:
             # with lifetimes no one routes (a redelivered ref or a GetLifetime reads the KV).
             self._cache.pop(lifetime_id, None)
             return
+        cached = self._cache.get(lifetime_id)
+        if cached is not None and cached.revision > revision:
+            # A read that began before this replica's own newer write (a rescan of every
+            # lifetime, a GetLifetime) must not put the older state back: a ref decided on
+            # it would find its step not in flight, change nothing, and be acked unapplied.
+            return
         self._cache[lifetime_id] = Versioned(_copy(state), revision)
         self._cache.move_to_end(lifetime_id)
         while len(self._cache) > self._cache_size:
