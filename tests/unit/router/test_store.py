@@ -1,0 +1,87 @@
+"""RouterStore's per-replica cache against a KV that answers reads out of order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from nats.js.kv import KeyValue
+
+from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.router.store import RouterStore
+from tickmesh.v1 import lifetime_pb2
+
+
+@dataclass
+class Entry:
+    value: bytes | None
+    revision: int | None
+
+
+class SlowReadKV:
+    """Writes apply at once; ``get`` returns what was stored when ``hold_reads`` was set,
+    as a read that began before a concurrent write would."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.value: bytes | None = None
+        self.held: Entry | None = None
+
+    def hold_reads(self) -> None:
+        self.held = Entry(self.value, self.revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        return self._put(value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        assert last == self.revision
+        return self._put(value)
+
+    async def get(self, key: str) -> Entry:
+        return self.held if self.held is not None else Entry(self.value, self.revision)
+
+    def _put(self, value: bytes) -> int:
+        self.revision += 1
+        self.value = value
+        return self.revision
+
+
+def lifetime(state: int, step: str) -> rs.RouterLifetime:
+    out = rs.RouterLifetime()
+    out.lifetime.lifetime_id = "lt1"
+    out.lifetime.state = cast(Any, state)
+    out.lifetime.labels["step"] = step
+    return out
+
+
+async def test_a_read_that_began_before_a_write_does_not_put_the_older_state_back() -> None:
+    kv = SlowReadKV()
+    store = RouterStore(cast(KeyValue, kv))
+    running = lifetime_pb2.LIFETIME_STATE_RUNNING
+    first = await store.create(lifetime(running, "a"))
+    kv.hold_reads()  # a rescan reads revision 1 ...
+    second = await store.update(lifetime(running, "b"), first)  # ... while this writes 2
+    stale = await store.load("lt1", fresh=True)
+    assert stale is not None
+    assert stale.revision == first
+
+    cached = await store.load("lt1")
+
+    assert cached is not None
+    assert (cached.revision, cached.state.lifetime.labels["step"]) == (second, "b")
+
+
+async def test_a_newer_revision_read_from_the_kv_replaces_the_cached_one() -> None:
+    kv = SlowReadKV()
+    store = RouterStore(cast(KeyValue, kv))
+    running = lifetime_pb2.LIFETIME_STATE_RUNNING
+    await store.create(lifetime(running, "a"))
+    kv._put(lifetime(running, "by another replica").SerializeToString())
+
+    fresh = await store.load("lt1", fresh=True)
+    cached = await store.load("lt1")
+
+    assert fresh is not None
+    assert cached is not None
+    assert cached.revision == fresh.revision == 2
+    assert cached.state.lifetime.labels["step"] == "by another replica"
