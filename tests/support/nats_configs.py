@@ -115,6 +115,8 @@ class TlsFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+    ca_key: Path
+    """The CA's private key, to issue more certificates (:func:`issue_client_cert`)."""
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -135,8 +137,13 @@ def _issue(
     issuer_key: ec.EllipticCurvePrivateKey,
     usage: x509.ObjectIdentifier | None,
     sans: list[x509.GeneralName] | None = None,
+    valid: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = valid or (
+        now - datetime.timedelta(minutes=5),
+        now + datetime.timedelta(days=1),
+    )
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     issuer_name = issuer.subject if issuer is not None else name
     issuer_public = issuer_key.public_key()
@@ -146,8 +153,8 @@ def _issue(
         .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False
@@ -207,13 +214,43 @@ def make_tls_files(directory: Path) -> TlsFiles:
         server_key=directory / "server-key.pem",
         client_cert=directory / "client.pem",
         client_key=directory / "client-key.pem",
+        ca_key=directory / "ca-key.pem",
     )
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.ca_key, ca_key)
     files.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     files.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
     _write_key(files.server_key, server_key)
     _write_key(files.client_key, client_key)
     return files
+
+
+def issue_client_cert(
+    files: TlsFiles,
+    name: str,
+    *,
+    valid: tuple[datetime.datetime, datetime.datetime],
+) -> tuple[Path, Path]:
+    """Another client certificate from ``files``' CA, valid from ``valid[0]`` to
+    ``valid[1]`` (an expired one, say), written beside the others as ``<name>.pem`` and
+    ``<name>-key.pem``; returns (certificate, key)."""
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        name,
+        key,
+        issuer=ca,
+        issuer_key=ca_key,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        valid=valid,
+    )
+    cert_path = files.ca_cert.parent / f"{name}.pem"
+    key_path = files.ca_cert.parent / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return cert_path, key_path
 
 
 # -- server processes -----------------------------------------------------------------------
