@@ -110,8 +110,14 @@ class GuardrailService:
 
     async def _refresh(self) -> None:
         interval = self.settings.snapshot_lease_s * self.settings.refresh_fraction
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         while True:
-            await asyncio.sleep(interval)
+            # An interval after the previous round *began*: a round that waited out a lost
+            # put (bounded by the interval) is followed by the next at once, not an interval
+            # later (which let two lost puts in a row outlast the lease).
+            await asyncio.sleep(max(0.0, began + interval - loop.time()))
+            began = loop.time()
             # Concurrently: a tenant whose link is down (its put waits for a timeout)
             # must not let the other tenants' leases run out.
             await asyncio.gather(*(self._refresh_one(tenant) for tenant in list(self.stores)))
