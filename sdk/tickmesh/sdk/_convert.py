@@ -192,29 +192,70 @@ def _may_hold_struct_walk(desc: descriptor.Descriptor, seen: frozenset[str]) -> 
     )
 
 
+_SINGULAR, _REPEATED, _MAP, _ONEOF = 0, 1, 2, 3
+_StructField = tuple[str, int, bool, Mapping[str, bool]]
+"""(field name, or oneof name; kind; whether the field is a Struct/ListValue itself; for a
+oneof, the same for each member that can hold a Struct)."""
+
+
+@cache
+def _struct_fields(desc: descriptor.Descriptor) -> tuple[_StructField, ...]:
+    """The fields of ``desc`` that can hold a Struct, in field-number order (as
+    ``ListFields`` lists them); the members of a oneof as one entry, asked with one
+    ``WhichOneof``."""
+    found: list[_StructField] = []
+    oneofs: dict[str, dict[str, bool]] = {}
+    for f in sorted(desc.fields, key=lambda f: f.number):
+        sub = f.message_type
+        if sub is None or not _may_hold_struct(sub):
+            continue
+        if _is_map(f):
+            kind, sub = _MAP, sub.fields_by_name["value"].message_type
+        else:
+            kind = _REPEATED if f.is_repeated else _SINGULAR
+        is_struct = sub is not None and sub.full_name in _STRUCT_NAMES
+        oneof = f.containing_oneof
+        if oneof is not None and kind == _SINGULAR:
+            if oneof.name not in oneofs:
+                oneofs[oneof.name] = {}
+                found.append((oneof.name, _ONEOF, False, oneofs[oneof.name]))
+            oneofs[oneof.name][f.name] = is_struct
+            continue
+        found.append((f.name, kind, is_struct, {}))
+    return tuple(found)
+
+
 def _deepest_struct(msg: message.Message, path: str = "") -> tuple[int, str]:
     """Return the deepest Struct/ListValue nesting below ``msg`` and where it is."""
     best = (0, "")
-    for field, value in msg.ListFields():
-        sub = field.message_type
-        if sub is None or not _may_hold_struct(sub):
+    # Only the fields that can hold a Struct are visited (listing every set field, as
+    # ListFields does, wraps each in a Python object: most of the cost, per envelope).
+    for name, kind, is_struct, members in _struct_fields(msg.DESCRIPTOR):
+        if kind == _ONEOF:
+            chosen = msg.WhichOneof(name)
+            if chosen is None or chosen not in members:
+                continue
+            name, kind, is_struct = chosen, _SINGULAR, members[chosen]
+        elif kind == _SINGULAR and not msg.HasField(name):
             continue
-        name = f"{path}.{field.name}" if path else field.name
-        if field.is_repeated:
-            items = value.values() if _is_map(field) else value
-            for item in items:
-                if isinstance(item, message.Message):
-                    found = _measure(item, name)
-                    best = max(best, found)
-        else:
-            best = max(best, _measure(value, name))
+        if kind == _SINGULAR:
+            where = f"{path}.{name}" if path else name
+            value = getattr(msg, name)
+            found = (
+                (_value_depth(value, where), where) if is_struct else _deepest_struct(value, where)
+            )
+            best = max(best, found)
+            continue
+        container = getattr(msg, name)
+        if not container:
+            continue
+        where = f"{path}.{name}" if path else name
+        for item in container.values() if kind == _MAP else container:
+            found = (
+                (_value_depth(item, where), where) if is_struct else _deepest_struct(item, where)
+            )
+            best = max(best, found)
     return best
-
-
-def _measure(value: message.Message, path: str) -> tuple[int, str]:
-    if isinstance(value, struct_pb2.Struct | struct_pb2.ListValue):
-        return _value_depth(value, path), path
-    return _deepest_struct(value, path)
 
 
 def _value_depth(value: struct_pb2.Struct | struct_pb2.ListValue, path: str) -> int:

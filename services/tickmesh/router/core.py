@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime import steps
@@ -36,6 +37,7 @@ from tickmesh.v1 import (
 )
 
 DEFAULT_MAX_ITERATIONS = 100
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 START_GROUP = "start"
 
 LS = lifetime_pb2
@@ -101,8 +103,14 @@ class Lifetime:
     def __post_init__(self) -> None:
         self.nodes = {n.id: n for n in self.graph.nodes}
         self.names = TenantNames(self.state.lifetime.tenant_id)
-        self._now_ts = timestamp_pb2.Timestamp()
-        self._now_ts.FromDatetime(self.now)
+        # As Timestamp.FromDatetime would (a naive ``now`` is UTC), without its calendar work.
+        delta = (self.now if self.now.tzinfo else self.now.replace(tzinfo=UTC)) - _EPOCH
+        seconds = delta.days * 86_400 + delta.seconds
+        self._now_ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
+        self.now_ns = seconds * 1_000_000_000 + delta.microseconds * 1000
+        """``now`` in nanoseconds since the epoch."""
+        self._header: header_pb2.EnvelopeHeader | None = None
+        """What every header of this decision shares (see ``base_header``)."""
 
     @property
     def view(self) -> lifetime_pb2.AgentLifetime:
@@ -119,31 +127,38 @@ class Lifetime:
     def event(
         self, kind: lifetime_pb2.LifetimeEventKind.ValueType, **fields: object
     ) -> lifetime_pb2.LifetimeEvent:
-        self.view.last_sequence += 1
-        self.view.updated_at.CopyFrom(self._now_ts)
-        event = lifetime_pb2.LifetimeEvent(
-            sequence=self.view.last_sequence, kind=kind, at=self._now_ts, state=self.view.state
-        )
+        view = self.state.lifetime
+        view.last_sequence += 1
+        view.updated_at.CopyFrom(self._now_ts)
         if self.quiet:
-            return event
+            return lifetime_pb2.LifetimeEvent(
+                sequence=view.last_sequence, kind=kind, at=self._now_ts, state=view.state
+            )
+        # Built in place: constructing the parts first and then the envelope copies each.
+        envelope = envelope_pb2.ExecutionEnvelope()
+        event = envelope.lifetime_event
+        event.sequence = view.last_sequence
+        event.kind = kind
+        event.at.CopyFrom(self._now_ts)
+        event.state = view.state
         for name, value in fields.items():
             if value is None:
                 continue
-            target = getattr(event, name)
-            if hasattr(target, "CopyFrom"):
-                target.CopyFrom(value)
+            if isinstance(value, Message):
+                getattr(event, name).CopyFrom(value)
             else:
                 setattr(event, name, value)
-        header = self.base_header()
+        header = envelope.header
+        self.fill_header(header)
         header.sequence = event.sequence
         header.execution_id = event.execution_id
         if event.HasField("node"):
             header.node.CopyFrom(event.node)
-        envelope = envelope_pb2.ExecutionEnvelope(header=header, lifetime_event=event)
+        lifetime_id = view.lifetime_id
         self.out.append(
             rs.OutMessage(
-                subject=self.names.evt(self.view.lifetime_id),
-                msg_id=f"evt:{self.view.lifetime_id}:{event.sequence}",
+                subject=self.names.evt(lifetime_id),
+                msg_id=f"evt:{lifetime_id}:{event.sequence}",
                 type="lifetime_event",
                 data=encode_envelope(envelope),
             )
@@ -189,20 +204,41 @@ class Lifetime:
 
     # --- headers ---------------------------------------------------------
     def base_header(self) -> header_pb2.EnvelopeHeader:
+        header = header_pb2.EnvelopeHeader()
+        self.fill_header(header)
+        return header
+
+    def fill_header(self, header: header_pb2.EnvelopeHeader) -> None:
+        """Make ``header`` (empty) this lifetime's base header, with a new envelope id."""
+        shared = self._header
+        if shared is None:
+            shared = self._header = self._shared_header()
+        header.CopyFrom(shared)
+        header.envelope_id = uuid7()
+
+    def identity_changed(self) -> None:
+        """Call after changing what headers carry (the trace context, the lifetime's
+        identity): the next header is built from the state again."""
+        self._header = None
+
+    def _shared_header(self) -> header_pb2.EnvelopeHeader:
+        # Built once per decision and copied into each header: the fields come from the
+        # lifetime's identity and the decision's clock, which a decision does not change
+        # (see identity_changed).
+        view = self.state.lifetime
         return header_pb2.EnvelopeHeader(
-            envelope_id=uuid7(),
             # The lifetime's span: each step's spans join its trace (unset: tracing off).
             trace_context=(
                 self.state.trace_context if self.state.HasField("trace_context") else None
             ),
-            tenant_id=self.view.tenant_id,
-            lifetime_id=self.view.lifetime_id,
-            graph=self.view.graph,
-            created_at=self.timestamp(),
-            mode=self.view.mode or header_pb2.EXECUTION_MODE_LIVE,
-            fork_origin=self.view.fork_origin if self.view.HasField("fork_origin") else None,
+            tenant_id=view.tenant_id,
+            lifetime_id=view.lifetime_id,
+            graph=view.graph,
+            created_at=self._now_ts,
+            mode=view.mode or header_pb2.EXECUTION_MODE_LIVE,
+            fork_origin=view.fork_origin if view.HasField("fork_origin") else None,
             producer=self.producer.proto(),
-            labels=dict(self.view.labels),
+            labels=view.labels,
         )
 
 
@@ -261,39 +297,40 @@ def _next_iteration(lt: Lifetime, node: graph_pb2.Node) -> int | None:
     return iteration
 
 
-def _request_header(
+def _fill_request_header(
     lt: Lifetime,
+    header: header_pb2.EnvelopeHeader,
     node: graph_pb2.Node,
     iteration: int,
     parents: Iterable[str],
     edge: graph_pb2.Edge | None,
-) -> header_pb2.EnvelopeHeader:
+) -> None:
     parents = sorted(parents)
-    header = lt.base_header()
+    lt.fill_header(header)
     exec_id = execution_id(lt.view.tenant_id, lt.view.lifetime_id, parents, node.id, iteration)
     header.execution_id = exec_id
     header.attempt = 1
     header.iteration = iteration
-    header.node.CopyFrom(header_pb2.NodeRef(id=node.id, kind=node.kind, handler=node.handler))
+    target = header.node
+    target.id = node.id
+    target.kind = node.kind
+    target.handler = node.handler
     header.parent_execution_ids.extend(parents)
     if edge is not None:
-        header.edge.CopyFrom(header_pb2.EdgeRef(id=edge.id, kind=edge.kind))
+        header.edge.id = edge.id
+        header.edge.kind = edge.kind
     header.idempotency_key = f"req:{exec_id}"
+    header.deadline.FromNanoseconds(lt.timestamp().ToNanoseconds() + _deadline_ns(node))
+
+
+def _deadline_ns(node: graph_pb2.Node) -> int:
+    """How long after its dispatch a step of ``node`` may still finish: every attempt's
+    timeout plus the backoff between attempts."""
     timeout = node.timeout.ToTimedelta().total_seconds() if node.HasField("timeout") else 0.0
-    deadline = timestamp_pb2.Timestamp()
-    deadline.FromNanoseconds(
-        lt.timestamp().ToNanoseconds()
-        + int(steps.timeout_seconds(timeout) * steps.max_attempts(node.retry) * 1e9)
-        + int(
-            sum(
-                steps.backoff_seconds(node.retry, a)
-                for a in range(1, steps.max_attempts(node.retry))
-            )
-            * 1e9
-        )
+    attempts = steps.max_attempts(node.retry)
+    return int(steps.timeout_seconds(timeout) * attempts * 1e9) + int(
+        sum(steps.backoff_seconds(node.retry, a) for a in range(1, attempts)) * 1e9
     )
-    header.deadline.CopyFrom(deadline)
-    return header
 
 
 def dispatch_task(
@@ -308,11 +345,16 @@ def dispatch_task(
     iteration = _next_iteration(lt, node)
     if iteration is None:
         return None
-    header = _request_header(lt, node, iteration, parents, edge)
-    request = request_pb2.TaskRequest(input=input_payload, config=node.config, retry=node.retry)
+    # Built in place: constructing the parts first and then the envelope copies each.
+    envelope = envelope_pb2.ExecutionEnvelope()
+    header = envelope.header
+    _fill_request_header(lt, header, node, iteration, parents, edge)
+    request = envelope.task_request
+    request.input.CopyFrom(input_payload)
+    request.config.CopyFrom(node.config)
+    request.retry.CopyFrom(node.retry)
     if node.HasField("timeout"):
         request.timeout.CopyFrom(node.timeout)
-    envelope = envelope_pb2.ExecutionEnvelope(header=header, task_request=request)
     _record_dispatch(lt, node, header, group)
     _register_join(lt, node, header.execution_id, group)
     _guarded_publish(lt, node, envelope, "task")
@@ -331,18 +373,18 @@ def dispatch_plan(
     iteration = _next_iteration(lt, node)
     if iteration is None:
         return None
-    header = _request_header(lt, node, iteration, parents, edge)
-    request = request_pb2.PlanRequest(
-        goal=lt.view.input,
-        inputs=sorted(inputs, key=lambda i: i.execution_id),
-        config=node.config,
-        retry=node.retry,
-    )
+    envelope = envelope_pb2.ExecutionEnvelope()
+    header = envelope.header
+    _fill_request_header(lt, header, node, iteration, parents, edge)
+    request = envelope.plan_request
+    request.goal.CopyFrom(lt.view.input)
+    request.inputs.extend(sorted(inputs, key=lambda i: i.execution_id))
+    request.config.CopyFrom(node.config)
+    request.retry.CopyFrom(node.retry)
     if signal is not None:
         request.signal.CopyFrom(signal)
     if node.HasField("timeout"):
         request.timeout.CopyFrom(node.timeout)
-    envelope = envelope_pb2.ExecutionEnvelope(header=header, plan_request=request)
     _record_dispatch(lt, node, header, group=header.execution_id)
     lt.state.in_flight[header.execution_id].plan_inputs.extend(request.inputs)
     _guarded_publish(lt, node, envelope, "plan")

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from types import MappingProxyType
 
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry.trace import Tracer
 
 from tickmesh.runtime.metrics import Metrics
-from tickmesh.runtime.policy import EvaluationContext, PolicyEngine, Usage
+from tickmesh.runtime.policy import EMPTY_USAGE, EvaluationContext, PolicyEngine, Usage
 from tickmesh.runtime.policy.sources import tenant_windows
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.runtime.tracing import end_evaluation_span, evaluation_span
@@ -112,7 +112,11 @@ class SnapshotWatcher:
 
 
 def lifetime_usage(
-    lifetime: Lifetime, current: telemetry_pb2.Telemetry | None = None, *, iteration: int = 0
+    lifetime: Lifetime,
+    current: telemetry_pb2.Telemetry | None = None,
+    *,
+    iteration: int = 0,
+    step: Usage | None = None,
 ) -> Usage:
     """What the lifetime has used so far (its stored totals, which already include the
     execution being decided on after its result).
@@ -120,24 +124,41 @@ def lifetime_usage(
     Sums come from the lifetime's totals; ``executions`` is its execution count, ``wall_time_s``
     the time since it started, ``iterations`` its highest node iteration and ``fanout`` the
     steps in flight. The router keeps no per-execution maxima, so ``max(metric)`` sees the
-    current execution only (``current``; nothing before dispatch).
+    current execution only (``current``; nothing before dispatch). ``step`` is
+    ``Usage.of(current)`` when the caller has it already.
     """
-    view = lifetime.view
     state = lifetime.state
+    view = state.lifetime
     iterations = max(max(state.iterations.values(), default=0), iteration)
-    usage = Usage.of(view.totals, iteration=iterations, fanout=len(state.in_flight))
-    maxima = (
-        Usage.of(current, iteration=iterations, fanout=len(state.in_flight)).max_values
-        if current is not None
-        else {}
-    )
-    started = view.created_at.ToDatetime(tzinfo=UTC) if view.HasField("created_at") else None
-    elapsed = (lifetime.now - started).total_seconds() if started is not None else 0.0
-    return dataclasses.replace(
-        usage,
+    fanout = len(state.in_flight)
+    maxima: dict[str, float] = {}
+    if current is not None:
+        if step is None:
+            step = Usage.of(current)
+        # The current execution's maxima, with the lifetime's high-water marks.
+        maxima.update(step.max_values)
+        maxima["iterations"] = iterations
+        maxima["fanout"] = fanout
+    elapsed = 0.0
+    if view.HasField("created_at"):
+        created = view.created_at
+        # Whole microseconds, as datetimes hold them.
+        created_ns = created.seconds * 1_000_000_000 + created.nanos // 1000 * 1000
+        elapsed = max(0.0, (lifetime.now_ns - created_ns) / 1e9)
+    totals = view.totals
+    # One Usage built directly: this runs twice per step.
+    return Usage(
         executions=int(view.execution_count),
-        wall_time_s=max(0.0, elapsed),
-        max_values=maxima,
+        input_tokens=totals.input_tokens,
+        output_tokens=totals.output_tokens,
+        cost_micros=totals.cost_micros,
+        model_calls=totals.model_calls,
+        tool_calls=totals.tool_calls,
+        iterations=iterations,
+        wall_time_s=elapsed,
+        fanout=fanout,
+        max_values=MappingProxyType(maxima),
+        custom=MappingProxyType(dict(totals.custom_metrics)),
     )
 
 
@@ -266,10 +287,13 @@ class Gate:
         context = EvaluationContext(
             phase=phase,
             header=header,
-            execution=step if post else Usage(),
-            estimate=Usage() if post else step,
+            execution=step if post else EMPTY_USAGE,
+            estimate=EMPTY_USAGE if post else step,
             lifetime=lifetime_usage(
-                lifetime, telemetry if post else None, iteration=header.iteration
+                lifetime,
+                telemetry if post else None,
+                iteration=header.iteration,
+                step=step if post else None,
             ),
             tenant_usage=self.usage.usage,
         )

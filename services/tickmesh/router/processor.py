@@ -198,7 +198,7 @@ class Processor:
         if not lt.out and not lt.cancels:
             return
         entry = lt.state.outbox.add(key=key, messages=lt.out)
-        entry.created_at.FromDatetime(lt.now)
+        entry.created_at.CopyFrom(lt.timestamp())
 
     @staticmethod
     def _pending_for(state: rs.RouterLifetime, keys: Sequence[str]) -> list[rs.OutMessage]:
@@ -213,11 +213,16 @@ class Processor:
         self, tenant: Tenant, lifetime_id: str, state: rs.RouterLifetime, now: datetime
     ) -> bool:
         mine = tenant.published.pop(lifetime_id, set())
-        cutoff = now - self._retention
+        if not state.outbox:
+            return False
+        # In nanoseconds, to the microsecond as datetimes hold it (Timestamp.ToDatetime
+        # per entry costs more than the rest of the pruning).
+        cutoff = _nanoseconds(now - self._retention)
         keep = [
             e
             for e in state.outbox
-            if e.key not in mine and e.created_at.ToDatetime(tzinfo=UTC) > cutoff
+            if e.key not in mine
+            and e.created_at.seconds * 1_000_000_000 + e.created_at.nanos // 1000 * 1000 > cutoff
         ]
         if len(keep) == len(state.outbox):
             return False
@@ -227,21 +232,21 @@ class Processor:
 
     async def _publish(self, tenant: Tenant, lt: core.Lifetime) -> None:
         traced = lt.state.trace_context.traceparent
-        outgoing = [
-            Outgoing(
-                subject=m.subject,
-                data=m.data,
-                headers={
-                    HDR_MSG_ID: m.msg_id,
-                    HDR_TYPE: m.type,
-                    HDR_TENANT: tenant.names.tenant,
-                    HDR_LIFETIME: lt.view.lifetime_id,
-                    **({HDR_EXECUTION: m.execution_id} if m.execution_id else {}),
-                    **({HDR_TRACEPARENT: traced} if traced else {}),
-                },
-            )
-            for m in lt.out
-        ]
+        tenant_id = tenant.names.tenant
+        lifetime_id = lt.view.lifetime_id
+        outgoing = []
+        for m in lt.out:
+            headers = {
+                HDR_MSG_ID: m.msg_id,
+                HDR_TYPE: m.type,
+                HDR_TENANT: tenant_id,
+                HDR_LIFETIME: lifetime_id,
+            }
+            if m.execution_id:
+                headers[HDR_EXECUTION] = m.execution_id
+            if traced:
+                headers[HDR_TRACEPARENT] = traced
+            outgoing.append(Outgoing(subject=m.subject, data=m.data, headers=headers))
         await publish_batch(tenant.link.js, outgoing)
         if lt.cancels:
             await self._cancel(tenant, lt)
@@ -265,6 +270,7 @@ class Processor:
 def retrace(lt: core.Lifetime) -> None:
     """Point the already-encoded messages of ``lt.out`` at the lifetime's current trace
     context (a fork's first messages are built before its own span exists)."""
+    lt.identity_changed()
     for message in lt.out:
         envelope = decode_envelope(message.data)
         if lt.state.HasField("trace_context"):
@@ -276,3 +282,12 @@ def retrace(lt: core.Lifetime) -> None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _nanoseconds(at: datetime) -> int:
+    """``at`` (timezone-aware) in nanoseconds since the epoch."""
+    delta = at - _EPOCH
+    return ((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000

@@ -69,6 +69,10 @@ def _minus(a: Usage, b: Usage) -> Usage:
     )
 
 
+_MAX_PENDING = 4096
+"""Most records a ledger holds unfolded (the periodic expiry folds them sooner)."""
+
+
 @dataclass
 class _Sliding:
     seconds: float
@@ -92,8 +96,13 @@ class _Ledger:
         self._all = EMPTY_USAGE
         self._windows: dict[float, _Sliding] = {}
         self._min_history_s = min_history_s
+        self._pending: list[tuple[int, Usage]] = []
+        """Records added since the sums were last read, with the second of their bucket.
+        Folded in on the next read: every step adds one, and a tenant rule (the only
+        reader besides the periodic expiry) is rare."""
 
     def track(self, windows: Iterable[Window], now: float) -> None:
+        self._flush()
         wanted = {w for w in windows if w is not None}
         for gone in set(self._windows) - wanted:
             del self._windows[gone]
@@ -111,17 +120,41 @@ class _Ledger:
 
     def add(self, at: float, usage: Usage) -> None:
         second = int(at)
-        if self._buckets and second <= self._buckets[-1][0]:
+        pending = self._pending
+        newest = pending[-1][0] if pending else self._buckets[-1][0] if self._buckets else None
+        if newest is not None and second <= newest:
             # Late (or same-second) records join the newest bucket: they expire later, never sooner.
-            newest, held = self._buckets[-1]
-            self._buckets[-1] = (newest, held.plus(usage))
-        else:
-            self._buckets.append((second, usage))
-        self._all = self._all.plus(usage)
+            second = newest
+        pending.append((second, usage))
+        if len(pending) >= _MAX_PENDING:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Fold the pending records into the buckets and sums, as adding each in turn would."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        buckets = self._buckets
+        i = 0
+        while i < len(pending):
+            second = pending[i][0]
+            j = i + 1
+            while j < len(pending) and pending[j][0] == second:
+                j += 1
+            group = [usage for _, usage in pending[i:j]]
+            if buckets and buckets[-1][0] == second:
+                buckets[-1] = (second, buckets[-1][1].plus_all(group))
+            else:
+                buckets.append((second, group[0].plus_all(group[1:]) if j - i > 1 else group[0]))
+            i = j
+        usages = [usage for _, usage in pending]
+        self._all = self._all.plus_all(usages)
         for sliding in self._windows.values():
-            sliding.total = sliding.total.plus(usage)
+            sliding.total = sliding.total.plus_all(usages)
 
     def usage(self, window: Window, now: float) -> Usage:
+        self._flush()
         if window is None:
             return self._all
         sliding = self._windows.get(window)
@@ -138,6 +171,7 @@ class _Ledger:
         return sliding.total
 
     def _prune(self, now: float) -> None:
+        self._flush()
         keep = max([self._min_history_s, *self._windows])
         floor = math.floor(now - keep)
         oldest = min((s.start for s in self._windows.values()), default=None)
@@ -148,6 +182,7 @@ class _Ledger:
             self._first += 1
 
     def expire(self, now: float) -> None:
+        self._flush()
         for window in list(self._windows):
             self.usage(window, now)
         self._prune(now)

@@ -459,3 +459,28 @@ def test_usage_plus_adds_counters_and_keeps_high_water_marks() -> None:
     assert total.max_values["input_tokens"] == 30
     assert total.max_values["iterations"] == 3
     assert Usage().plus(total) == total
+
+
+def test_usage_plus_all_equals_adding_one_at_a_time() -> None:
+    items = [
+        Usage.of(
+            telemetry_pb2.Telemetry(
+                input_tokens=i,
+                cost_micros=7 * i,
+                run_time=duration_pb2.Duration(nanos=100_000_007 * i),
+                custom_metrics={"x": 0.1 * i} if i % 2 else {"y": float("nan") if i == 4 else i},
+            ),
+            iteration=i % 3,
+            fanout=i % 4,
+            depth=i,
+        )
+        for i in range(1, 9)
+    ]
+    base = Usage.of(telemetry_pb2.Telemetry(output_tokens=3, custom_metrics={"x": 0.3}))
+    one_by_one = base
+    for item in items:
+        one_by_one = one_by_one.plus(item)
+    together = base.plus_all(items)
+    assert repr(together) == repr(one_by_one)  # NaN != NaN, but prints the same
+    assert together.wall_time_s == one_by_one.wall_time_s
+    assert base.plus_all([]) == base

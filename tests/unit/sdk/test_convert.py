@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import descriptor, message, struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -135,3 +136,60 @@ def test_mutated_vectors_decode_or_fail_cleanly(data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(golden)))
     with contextlib.suppress(ValidationError):
         decode_envelope(bytes(golden[:cut]))
+
+
+def _struct_paths(
+    desc: descriptor.Descriptor, prefix: tuple[descriptor.FieldDescriptor, ...] = ()
+) -> list[tuple[descriptor.FieldDescriptor, ...]]:
+    """Every field path from ``desc`` to a Struct field (each message type once per path)."""
+    found = []
+    for field in desc.fields:
+        sub = field.message_type
+        if sub is None or any(f.message_type is sub for f in prefix):
+            continue
+        path = (*prefix, field)
+        if sub.full_name == "google.protobuf.Struct":
+            found.append(path)
+        elif not sub.GetOptions().map_entry:
+            found.extend(_struct_paths(sub, path))
+    return found
+
+
+def _put(env: message.Message, path: tuple[descriptor.FieldDescriptor, ...]) -> message.Message:
+    target = env
+    for field in path:
+        if field.is_repeated:
+            target = getattr(target, field.name).add()
+        else:
+            target = getattr(target, field.name)
+    return target
+
+
+STRUCT_PATHS = _struct_paths(envelope_pb2.ExecutionEnvelope.DESCRIPTOR)
+
+
+def test_struct_paths_reach_every_kind_of_body() -> None:
+    bodies = {path[0].name for path in STRUCT_PATHS}
+    assert {"task_request", "plan_request", "execution_ref", "lifetime_event"} <= bodies
+    assert any(any(f.is_repeated for f in path) for path in STRUCT_PATHS)
+
+
+@pytest.mark.parametrize(
+    "path", STRUCT_PATHS, ids=[".".join(f.name for f in p) for p in STRUCT_PATHS]
+)
+def test_every_place_a_struct_sits_is_checked(
+    path: tuple[descriptor.FieldDescriptor, ...],
+) -> None:
+    name = ".".join(f.name for f in path)
+    env = make_envelope(path[0].name)  # type: ignore[arg-type]
+    struct = _put(env, path)
+    assert isinstance(struct, struct_pb2.Struct)
+    struct.CopyFrom(nested_struct(MAX_STRUCT_DEPTH))
+    encode_envelope(env)  # at the limit: fine
+    struct.CopyFrom(nested_struct(MAX_STRUCT_DEPTH + 1))
+    with pytest.raises(ValidationError, match=f"field {name} nests a Struct 33 levels"):
+        encode_envelope(env)
+    struct.CopyFrom(nested_struct(2))
+    struct.fields["n"].struct_value.fields["bad"].number_value = math.nan
+    with pytest.raises(ValidationError, match=f"field {name} holds nan"):
+        encode_envelope(env)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -121,6 +121,53 @@ class Usage:
             wall_time_s=self.wall_time_s + other.wall_time_s,
             fanout=max(self.fanout, other.fanout),
             depth=max(self.depth, other.depth),
+            max_values=MappingProxyType(maxima),
+            custom=MappingProxyType(custom),
+        )
+
+    def plus_all(self, others: Iterable[Usage]) -> Usage:
+        """This usage combined with each of ``others`` in turn: the same result as
+        ``self.plus(a).plus(b)…`` (floats are added in the same order), built once."""
+        executions = self.executions
+        input_tokens = self.input_tokens
+        output_tokens = self.output_tokens
+        cost_micros = self.cost_micros
+        model_calls = self.model_calls
+        tool_calls = self.tool_calls
+        iterations = self.iterations
+        wall_time_s = self.wall_time_s
+        fanout = self.fanout
+        depth = self.depth
+        maxima = dict(self.max_values)
+        custom = dict(self.custom)
+        for other in others:
+            executions += other.executions
+            input_tokens += other.input_tokens
+            output_tokens += other.output_tokens
+            cost_micros += other.cost_micros
+            model_calls += other.model_calls
+            tool_calls += other.tool_calls
+            iterations = max(iterations, other.iterations)
+            wall_time_s += other.wall_time_s
+            fanout = max(fanout, other.fanout)
+            depth = max(depth, other.depth)
+            for name, value in other.max_values.items():
+                mine = maxima.get(name)
+                if mine is None or not mine >= value:  # as in plus: NaN never hides a value
+                    maxima[name] = value
+            for name, value in other.custom.items():
+                custom[name] = custom.get(name, 0.0) + value
+        return Usage(
+            executions=executions,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_micros=cost_micros,
+            model_calls=model_calls,
+            tool_calls=tool_calls,
+            iterations=iterations,
+            wall_time_s=wall_time_s,
+            fanout=fanout,
+            depth=depth,
             max_values=MappingProxyType(maxima),
             custom=MappingProxyType(custom),
         )
