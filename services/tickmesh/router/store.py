@@ -107,6 +107,11 @@ class RouterStore:
         except KeyWrongLastSequenceError as exc:
             self._cache.pop(lifetime_id, None)
             raise ConflictError(lifetime_id) from exc
+        except Exception:
+            # Unanswered (e.g. the connection dropped): the write may have landed, so the
+            # cached revision is no longer known to be the latest; the retry reads afresh.
+            self._cache.pop(lifetime_id, None)
+            raise
         self._remember(lifetime_id, state, new_revision)
         return new_revision
 

@@ -4,8 +4,10 @@ owner whatever is queued, as one batch.
 Batches grow with load and shrink to one message when idle, with no linger:
 the loop waits only for the first message, then takes every message already
 delivered. (nats-py's ``fetch(n)`` waits for n messages or its timeout, which
-at low load turns into latency.) Pull requests expire and are renewed, so a
-request lost in a broker restart is replaced within seconds.
+at low load turns into latency.) Pull requests expire and are renewed. After a
+reconnect they are renewed at once, on a new inbox: a restarted server lost
+them, and one that kept them (the client only lost its link) must not count
+against the new ones.
 
 Two ways to ask for messages:
 
@@ -20,7 +22,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -31,6 +34,7 @@ from nats.js.errors import BadRequestError
 
 from tickmesh.sdk import BODY_KINDS, BodyKind, ValidationError
 
+from .nats import watch
 from .subjects import HDR_TYPE
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 PULL_EXPIRES_S = 5.0
 RETRY_FAILED_BATCH_S = 1.0
 """How long JetStream holds back a batch whose handler raised before redelivering it."""
+RETIRED_INBOX_S = PULL_EXPIRES_S * 2
+"""How long an inbox replaced at a reconnect still takes messages: pull requests the
+server kept across the reconnect deliver there until they expire."""
+NO_RESPONDERS_RETRY_S = 0.25
+"""The pause before asking again when JetStream did not answer a pull request (503:
+e.g. a server just restarted whose JetStream is not ready yet)."""
 _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
 
@@ -82,6 +92,9 @@ class BatchConsumer:
         self._inbox = ""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._unwatch: Callable[[], None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self._retired: dict[Subscription, asyncio.Task[None]] = {}
 
     @property
     def outstanding(self) -> int:
@@ -96,7 +109,8 @@ class BatchConsumer:
     async def start(self) -> None:
         await ensure_consumer(self._js, self._stream, self._config)
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._receiver(self._inbox))
+        self._unwatch = watch(self._nc).on_reconnect(self._on_reconnected)
         if self._auto:
             await self._replenish()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self._name}")
@@ -104,11 +118,24 @@ class BatchConsumer:
     async def stop(self) -> None:
         """Stop taking batches; the one being handled is allowed to finish."""
         self._stopping = True
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        if self._renewal is not None:
+            # Quick (a subscribe is only queued): let it finish, so its inbox is released.
+            with contextlib.suppress(Exception):
+                await self._renewal
+            self._renewal = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for sub, dropping in list(self._retired.items()):
+            dropping.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._retired.clear()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -140,16 +167,57 @@ class BatchConsumer:
         if self._outstanding <= self._max_batch // 2:
             await self.pull(self._max_batch - self._outstanding)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _receiver(self, inbox: str) -> Callable[[Msg], Coroutine[Any, Any, None]]:
+        async def receive(msg: Msg) -> None:
+            self._on_msg(msg, current=inbox == self._inbox)
+
+        return receive
+
+    def _on_msg(self, msg: Msg, *, current: bool = True) -> None:
+        """A delivery or a status. On a retired inbox (``current`` False) only the
+        deliveries count: they are handled like any other, but the requests they
+        answer are no longer in :attr:`outstanding`."""
         status = msg.headers.get(_STATUS) if msg.headers else None
         if status is None and not msg.data and msg.headers and "Nats-Last-Consumer" in msg.headers:
             status = "100"
         if status is not None:
-            self._on_status(status, msg)
+            if current:
+                self._on_status(status, msg)
             return
-        self._outstanding = max(0, self._outstanding - 1)
+        if current:
+            self._outstanding = max(0, self._outstanding - 1)
         self._queued += 1
         self._queue.put_nowait(msg)
+
+    def _on_reconnected(self) -> None:
+        """The connection is back: what was requested before is lost (a restarted server)
+        or is on its way to an inbox that is about to be retired. Ask again at once
+        rather than wait for the lost requests' expiry to be noticed."""
+        if self._stopping or self._sub is None:
+            return  # not started, stopping, or a renewal is already under way
+        old, self._sub = self._sub, None  # no pull until the new inbox is subscribed
+        self._renewal = asyncio.create_task(self._renew(old), name=f"renew:{self._name}")
+
+    async def _renew(self, old: Subscription) -> None:
+        try:
+            inbox = self._nc.new_inbox()
+            sub = await self._nc.subscribe(inbox, cb=self._receiver(inbox))
+        except Exception as exc:  # dropped again: keep the old inbox, ask again on it
+            logger.warning("%s: cannot renew the pull inbox: %s", self._name, exc)
+            self._sub = old
+        else:
+            self._inbox, self._sub = inbox, sub
+            self._retired[old] = asyncio.create_task(self._retire(old))
+        self._outstanding = 0
+        self._queue.put_nowait(_WAKE)
+        if self._on_request_end is not None:
+            self._on_request_end()
+
+    async def _retire(self, sub: Subscription) -> None:
+        await asyncio.sleep(RETIRED_INBOX_S)
+        self._retired.pop(sub, None)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
     def _on_status(self, status: str, msg: Msg) -> None:
         if status == "100":  # idle heartbeat / flow control
@@ -164,6 +232,16 @@ class BatchConsumer:
             self._outstanding = 0
         if status not in {"404", "408"}:
             logger.debug("%s: pull status %s %s", self._name, status, msg.headers)
+        if status == "503":
+            # Nothing answered the request: asking again at once would spin until
+            # JetStream is back.
+            asyncio.get_running_loop().call_later(NO_RESPONDERS_RETRY_S, self._request_ended)
+        else:
+            self._request_ended()
+
+    def _request_ended(self) -> None:
+        if self._stopping:
+            return
         self._queue.put_nowait(_WAKE)
         if self._on_request_end is not None:
             # auto=False owners renew their own requests: tell them one ended.
