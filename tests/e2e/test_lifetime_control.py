@@ -266,6 +266,12 @@ async def test_fork_from_the_third_iteration_of_a_loop_runs_only_later_steps(
     first = min(fork_records, key=lambda r: r.store_sequence)
     assert list(record_of(first).header.parent_execution_ids) == [third.execution_id]
 
+    # Replaying the fork re-drives the origin up to the fork point, with the replacement,
+    # then the fork's own records.
+    replayed = await forked.replay(handlers=[seed, step_, loop_])
+    assert replayed.reproduced, replayed.divergences
+    assert replayed.decisions_checked >= len(fork_records)
+
     # The trace shows the lineage; the CLI can fork too.
     code, text = await run_cli(
         "trace",
@@ -369,3 +375,46 @@ async def test_replay_after_a_graph_change_reports_the_first_divergence(
     assert code == 1
     assert "DIVERGED" in text
     assert "expected:" in text
+
+
+async def test_replay_with_changed_handler_code_names_the_handler(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    h = await start_mesh()
+    _, [lifetime_id] = await _coding_lifetimes(h, 1)
+    result = await h.client.replay(lifetime_id, handlers=CODING_HANDLERS)
+    assert result.reproduced, result.divergences
+
+    # Same name, other code: the records were written by the code above.
+    @plan(name="coding_planner")
+    async def coding_planner_v2(
+        ctx: PlanContext, goal: Any, inputs: list[PlanInputView]
+    ) -> Decision:
+        return complete("nothing to do")
+
+    others = [h for h in CODING_HANDLERS if h.name != "coding_planner"]
+    result = await h.client.replay(lifetime_id, handlers=[*others, coding_planner_v2])
+    assert not result.reproduced
+    [changed] = result.divergences
+    assert changed.message.startswith("handler code changed: coding_planner recorded ")
+    assert changed.node_id == "plan"
+    assert changed.expected == coding.coding_planner.code_digest
+    assert changed.actual == coding_planner_v2.code_digest
+
+    # The CLI loads handler modules as `tickmesh run --handlers` does.
+    target = ("--router", h.mesh.router_target, "--tenant", h.tenant)
+    code, text = await run_cli(
+        "replay", lifetime_id, "--handlers", str(CODING.with_name("handlers.py")), *target
+    )
+    assert code == 0, text
+    assert "reproduced" in text
+    edited = tmp_path / "handlers.py"
+    edited.write_text(
+        "from tickmesh.sdk import complete, plan\n\n\n"
+        '@plan(name="coding_planner")\n'
+        "async def coding_planner(ctx, goal, inputs):\n"
+        '    return complete("nothing to do")\n'
+    )
+    code, text = await run_cli("replay", lifetime_id, "--handlers", str(edited), *target)
+    assert code == 1, text
+    assert "handler code changed: coding_planner" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,9 +28,11 @@ from tickmesh.v1 import (
 )
 
 from . import codecs
+from ._plan import Plan
+from ._task import Task
 from ._transport import ChannelSecurity, create_channel, map_rpc_error
 from ._worker import PoolBlobResolver
-from .errors import LifetimeFailedError, TransportError, ValidationError
+from .errors import ConfigError, LifetimeFailedError, TransportError, ValidationError
 
 TENANT_METADATA_KEY = "x-tickmesh-tenant"
 _UNSET: Any = object()
@@ -409,12 +411,40 @@ class Client:
         response: pb.ForkLifetimeResponse = await self._call(self._stub.ForkLifetime, request)
         return LifetimeHandle(self, response.lifetime.lifetime_id)
 
-    async def replay(self, lifetime_id: str, *, graph_version: int = 0) -> ReplayResult:
+    async def replay(
+        self,
+        lifetime_id: str,
+        *,
+        graph_version: int = 0,
+        handlers: Iterable[Task[Any, Any] | Plan[Any]] = (),
+    ) -> ReplayResult:
         """Re-drive a recorded lifetime through its graph version (or ``graph_version``)
-        with its recorded results, and compare every decision."""
+        with its recorded results, and compare every decision.
+
+        Replay runs no handler, so handler code is compared by digest instead: for each
+        of ``handlers`` (the code the caller runs now), the recorded executions of a
+        handler of that name that ran other code are reported, at the first of them, as
+        a divergence whose message starts with ``handler code changed:``. Handlers not
+        given are not compared.
+
+        Args:
+            lifetime_id: The lifetime to replay.
+            graph_version: Another version of the lifetime's graph; 0 means the one it ran.
+            handlers: Task and plan handlers whose code digests the records are held to.
+
+        Returns:
+            Whether every decision was reproduced, and the first divergences.
+
+        Raises:
+            ConfigError: Two handlers share a name but not their code.
+        """
         response: pb.ReplayLifetimeResponse = await self._call(
             self._stub.ReplayLifetime,
-            pb.ReplayLifetimeRequest(lifetime_id=lifetime_id, graph_version=graph_version),
+            pb.ReplayLifetimeRequest(
+                lifetime_id=lifetime_id,
+                graph_version=graph_version,
+                handler_code_digests=_code_digests(handlers),
+            ),
         )
         return ReplayResult(
             reproduced=response.reproduced,
@@ -433,6 +463,16 @@ class Client:
             graph_version=response.graph.version,
             raw=response,
         )
+
+
+def _code_digests(handlers: Iterable[Task[Any, Any] | Plan[Any]]) -> dict[str, str]:
+    digests: dict[str, str] = {}
+    for handler in handlers:
+        known = digests.setdefault(handler.name, handler.code_digest)
+        if known != handler.code_digest:
+            # Which code would the records be held to? Neither answer is right.
+            raise ConfigError(f"two handlers named {handler.name!r} with different code")
+    return digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,8 +547,10 @@ class LifetimeHandle:
             self.id, execution_id, replacement=replacement, request_id=request_id
         )
 
-    async def replay(self, *, graph_version: int = 0) -> ReplayResult:
-        return await self._client.replay(self.id, graph_version=graph_version)
+    async def replay(
+        self, *, graph_version: int = 0, handlers: Iterable[Task[Any, Any] | Plan[Any]] = ()
+    ) -> ReplayResult:
+        return await self._client.replay(self.id, graph_version=graph_version, handlers=handlers)
 
     async def pause(self, reason: str = "") -> LifetimeInfo:
         return await self._client.pause(self.id, reason)

@@ -7,7 +7,8 @@ tickmesh watch LIFETIME [--after N]   stream a lifetime's events (after sequence
 tickmesh trace LIFETIME           print a lifetime's executions as a tree (with fork lineage)
 tickmesh signal LIFETIME NAME --data JSON [--approver WHO]   wake a waiting lifetime
 tickmesh fork LIFETIME EXECUTION [--output JSON]   continue a lifetime from one execution
-tickmesh replay LIFETIME [--graph-version N]   re-drive a lifetime and compare its decisions
+tickmesh replay LIFETIME [--graph-version N] [--handlers PATH]   re-drive a lifetime and
+                                  compare its decisions (and its handlers' code digests)
 tickmesh graph validate FILE...   check graph files (file:line:column errors)
 tickmesh policy validate|apply|show   guardrail policies (see tickmesh.cli.policy)
 tickmesh auth new-key TENANT | hash-key KEY   API keys for the services' RPCs
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="re-drive a recorded lifetime and compare decisions")
     replay.add_argument("lifetime")
     replay.add_argument("--graph-version", type=int, default=0, help="replay against this version")
+    replay.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        help="module or .py file whose Task/Plan objects are the code run now: recorded "
+        "executions of those handlers that ran other code are reported",
+    )
     replay.add_argument("--router", required=True, help="router host:port")
     replay.add_argument("--state", help="state service host:port (unused: the router reads it)")
     replay.add_argument("--tenant", default="default")
@@ -462,7 +470,11 @@ async def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     async with await Client.connect(
         args.router, tenant=args.tenant, security=client_security()
     ) as client:
-        result = await client.replay(args.lifetime, graph_version=args.graph_version)
+        result = await client.replay(
+            args.lifetime,
+            graph_version=args.graph_version,
+            handlers=[h for spec in args.handlers for h in load_handlers(spec)],
+        )
     verdict = "reproduced" if result.reproduced else "DIVERGED"
     print(
         f"{args.lifetime}  {verdict}  {result.decisions_checked} decisions checked "

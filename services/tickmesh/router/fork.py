@@ -19,13 +19,14 @@ always including the fork execution. Then the state is re-keyed to the new lifet
 
 With ``replacement_output`` a task's recorded output is replaced (as if it had
 succeeded with it) before it is routed; a plan is asked again, with the
-replacement as its goal.
+replacement as its goal. The replacement is kept in the fork's state
+(``fork_replacement``), so :func:`replay_fork` can build the same starting state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
@@ -39,11 +40,12 @@ from tickmesh.v1 import (
     lifetime_pb2,
     payload_pb2,
     result_pb2,
+    router_service_pb2,
 )
 
 from . import core
 from .fastforward import fast_forward
-from .replay import Redriver, record_of
+from .replay import Redriver, ReplayReport, record_of, replay
 
 LS = lifetime_pb2
 
@@ -65,11 +67,13 @@ def fork(
     now: datetime,
     guard: core.Guard = core.allow_all,
     fast: bool = True,
+    quiet: bool = False,
 ) -> core.Lifetime:
     """Build the forked lifetime; its first messages are in the returned ``out``.
 
     ``fast=False`` re-drives every record through ``core``: the reference the
-    fast-forward is held to.
+    fast-forward is held to. ``quiet=True`` keeps the open steps' requests as
+    envelopes in ``requests`` instead (``core.Lifetime.quiet``), for a replay.
 
     Raises:
         NotFoundError: ``execution`` has no final record in the origin.
@@ -123,6 +127,86 @@ def fork(
         reask_plan=reask_plan,
         client_request_id=client_request_id,
         guard=guard,
+        quiet=quiet,
+    )
+
+
+def replay_fork(
+    recorded: rs.RouterLifetime,
+    origin: rs.RouterLifetime,
+    graph: graph_pb2.AgentGraph,
+    origin_records: Sequence[execution_pb2.ExecutionRef],
+    records: Sequence[execution_pb2.ExecutionRef],
+    *,
+    producer: core.Producer,
+    now: datetime | None = None,
+    code_digests: Mapping[str, str] | None = None,
+) -> ReplayReport:
+    """Replay the fork ``recorded``: rebuild its starting state from ``origin`` and
+    ``origin_records`` as :func:`fork` did, then re-drive its own ``records`` and compare.
+
+    The origin's records are held to the execution ids the re-drive computes (as by
+    :func:`fork`); their requests and code are compared by replaying the origin.
+    """
+    now = now or datetime.now(UTC)
+    view = recorded.lifetime
+    at = view.fork_origin
+    try:
+        lt = fork(
+            origin,
+            graph,
+            origin_records,
+            execution=at.execution_id,
+            new_lifetime_id=view.lifetime_id,
+            replacement=recorded.fork_replacement
+            if recorded.HasField("fork_replacement")
+            else None,
+            client_request_id=view.client_request_id,
+            producer=producer,
+            now=now,
+            quiet=True,
+        )
+    except (ForkError, NotFoundError) as exc:
+        return _not_forked(view, graph, f"the fork of {at.lifetime_id} at {at.execution_id}", exc)
+    if lt.view.fork_origin.sequence != at.sequence:
+        # The fork point's sequence counts the origin's events up to it: another count
+        # means the origin's history decided something else on the way there.
+        return _not_forked(
+            view,
+            graph,
+            f"the fork point at sequence {at.sequence}",
+            f"the fork point at sequence {lt.view.fork_origin.sequence}",
+        )
+    return replay(
+        recorded,
+        graph,
+        records,
+        producer=producer,
+        now=now,
+        code_digests=code_digests,
+        start=Redriver.resuming(lt, recorded.wakes),
+    )
+
+
+def _not_forked(
+    view: lifetime_pb2.AgentLifetime,
+    graph: graph_pb2.AgentGraph,
+    expected: str,
+    actual: object,
+) -> ReplayReport:
+    return ReplayReport(
+        reproduced=False,
+        decisions_checked=1,
+        divergences=[
+            router_service_pb2.ReplayDivergence(
+                sequence=view.fork_origin.sequence,
+                execution_id=view.fork_origin.execution_id,
+                expected=expected,
+                actual=str(actual),
+                message="the fork's starting state is not reproduced from its origin's history",
+            )
+        ],
+        graph=header_pb2.GraphRef(id=graph.id, version=graph.version, digest=graph.digest),
     )
 
 
@@ -148,6 +232,7 @@ def _rekey(
     reask_plan: bool,
     client_request_id: str,
     guard: core.Guard,
+    quiet: bool,
 ) -> core.Lifetime:
     state = _copy(r.lt.state)
     sequence = state.lifetime.last_sequence
@@ -159,11 +244,13 @@ def _rekey(
     view.fork_origin.CopyFrom(
         header_pb2.ForkOrigin(lifetime_id=origin_id, execution_id=execution, sequence=sequence)
     )
-    if reask_plan and replacement is not None:
-        view.input.CopyFrom(replacement)
+    if replacement is not None:
+        state.fork_replacement.CopyFrom(replacement)
+        if reask_plan:
+            view.input.CopyFrom(replacement)
     state.ClearField("outbox")
     state.ClearField("held")
-    lt = core.Lifetime(state, r.lt.graph, r.lt.producer, r.lt.now, guard)
+    lt = core.Lifetime(state, r.lt.graph, r.lt.producer, r.lt.now, guard, quiet=quiet)
     view.created_at.CopyFrom(lt.timestamp())
     lt.event(
         LS.LIFETIME_EVENT_KIND_STARTED,

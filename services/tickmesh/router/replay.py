@@ -27,14 +27,21 @@ versions that changed (``ReplayReport.policy_changes``), as it names a changed g
 digest. The router keeps no record of the policy versions a lifetime ran under: the
 caller says which they were.
 
+Replay runs no handler, so a change of handler code cannot show as a decision. Given
+the code digests the caller runs now (handler name -> digest), replay compares them
+with the digest each executor recorded (``ExecutorInfo.code_digest``) and reports each
+handler whose recorded code differs, at its first such execution.
+
 :class:`Redriver` is shared with fork (``fork.py``), which replays up to one
-execution and continues live from there.
+execution and continues live from there. A fork is replayed from the state it was
+created with (``fork.replay_fork`` rebuilds it from the origin's records), then
+through its own records as here.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -255,12 +262,24 @@ class Redriver:
             client_request_id=view.client_request_id,
             labels=dict(view.labels),
         )
-        self.lt = core.Lifetime(state, graph, producer, now, guard, quiet=True)
-        self.dispatched: dict[str, Dispatch] = {}
-        self._decided_before: set[str] = set()
-        self._wakes = {w.plan_execution_id: w for w in recorded.wakes}
+        self._begin(core.Lifetime(state, graph, producer, now, guard, quiet=True), recorded.wakes)
         core.start(self.lt)
         self._collect()
+
+    @classmethod
+    def resuming(cls, lt: core.Lifetime, wakes: Iterable[rs.WakeRecord]) -> Redriver:
+        """Go on from a lifetime built outside a redrive (a fork's first state); the
+        requests it published quietly (``lt.quiet``) are the steps decided so far."""
+        r = cls.__new__(cls)
+        r._begin(lt, wakes)
+        r._collect()
+        return r
+
+    def _begin(self, lt: core.Lifetime, wakes: Iterable[rs.WakeRecord]) -> None:
+        self.lt = lt
+        self.dispatched: dict[str, Dispatch] = {}
+        self._decided_before: set[str] = set()
+        self._wakes = {w.plan_execution_id: w for w in wakes}
 
     def decided(self, execution_id: str) -> bool:
         """Whether the re-driven lifetime has dispatched that step so far."""
@@ -393,10 +412,16 @@ def replay(
     producer: core.Producer,
     now: datetime | None = None,
     guardrails: Guardrails | None = None,
+    code_digests: Mapping[str, str] | None = None,
+    start: Redriver | None = None,
 ) -> ReplayReport:
     """Re-drive ``recorded`` through ``graph`` with ``records`` (store order); compare.
 
-    With ``guardrails``, steps are also decided by ``guardrails.guard``."""
+    With ``guardrails``, steps are also decided by ``guardrails.guard``. With
+    ``code_digests`` (handler name -> the code digest run now), recorded executions of
+    those handlers are compared by code digest too (:func:`code_changes`). ``start``
+    is where the re-drive begins when it is not a fresh lifetime (a fork's first state,
+    see ``fork.replay_fork``)."""
     now = now or datetime.now(UTC)
     ref_graph = recorded.lifetime.graph
     note = ""
@@ -411,7 +436,7 @@ def replay(
         if changes:
             note += f"guardrail policy changed: {'; '.join(changes)}; "
     guard = core.allow_all if guardrails is None else guardrails.guard
-    r = Redriver(recorded, graph, producer, now, guard)
+    r = start if start is not None else Redriver(recorded, graph, producer, now, guard)
     divergences: list[pb.ReplayDivergence] = []
     checked = 0
 
@@ -430,9 +455,10 @@ def replay(
                 )
             )
 
+    changed_code = code_changes(records, code_digests or {})
     seen: set[str] = set()
     ended_early = False
-    for ref in records:
+    for position, ref in enumerate(records):
         record = record_of(ref)
         header = record.header
         exec_id = header.execution_id
@@ -440,6 +466,9 @@ def replay(
             r.wake()
         except core.RoutingError as exc:
             diverge(exec_id, header.node, "the recorded signal wakes the lifetime", str(exc), "")
+        code = changed_code.get(position)
+        if code is not None:
+            diverge(exec_id, header.node, code.recorded, code.current, code.message())
         if exec_id not in seen:
             seen.add(exec_id)
             expected = _describe(
@@ -556,6 +585,56 @@ def replay(
         policy_changes=changes,
         dispatched=list(r.dispatched.values()),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CodeChange:
+    """A handler whose recorded code differs from the code the caller runs now."""
+
+    handler: str
+    recorded: str
+    """The code digest recorded at the handler's first execution that differs."""
+    current: str
+    differing: int
+    """How many of the handler's recorded executions ran other code than ``current``."""
+    compared: int
+    """How many of the handler's recorded executions carry a code digest."""
+
+    def message(self) -> str:
+        return (
+            f"handler code changed: {self.handler} recorded {self.recorded[:12]}, "
+            f"current {self.current[:12]} ({self.differing} of {self.compared} recorded "
+            "executions)"
+        )
+
+
+def code_changes(
+    records: Sequence[execution_pb2.ExecutionRef], current: Mapping[str, str]
+) -> dict[int, CodeChange]:
+    """The handlers of ``current`` whose recorded code differs, by the position in
+    ``records`` of their first differing execution.
+
+    Records without a code digest (the router's own rejection records, executors that
+    report none) are not compared: they say nothing about the code.
+    """
+    first: dict[str, tuple[int, str]] = {}
+    differing: dict[str, int] = {}
+    compared: dict[str, int] = {}
+    for position, ref in enumerate(records):
+        record = record_of(ref)
+        handler, digest = record.header.node.handler, record.executor.code_digest
+        if handler not in current or not digest:
+            continue
+        compared[handler] = compared.get(handler, 0) + 1
+        if digest != current[handler]:
+            differing[handler] = differing.get(handler, 0) + 1
+            first.setdefault(handler, (position, digest))
+    return {
+        position: CodeChange(
+            handler, digest, current[handler], differing[handler], compared[handler]
+        )
+        for handler, (position, digest) in first.items()
+    }
 
 
 def _recorded_refusal(record: execution_pb2.TaskExecution | execution_pb2.PlanExecution) -> str:

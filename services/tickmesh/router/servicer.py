@@ -13,6 +13,7 @@ import grpc
 from nats import errors as nats_errors
 from nats.js.api import DeliverPolicy
 
+from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.auth import tenant_of
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
@@ -358,17 +359,33 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if loaded is None:
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
         view = loaded.state.lifetime
-        if view.HasField("fork_origin"):
-            raise StatusError(
-                StatusCode.FAILED_PRECONDITION,
-                f"lifetime {request.lifetime_id} is a fork; replay its origin "
-                f"{view.fork_origin.lifetime_id} (replaying forks is not supported yet)",
-            )
         graph = await tenant.store.get_graph(
             view.graph.id, request.graph_version or view.graph.version
         )
         records = await history.executions(tenant.names.tenant, request.lifetime_id)
-        report = replay_.replay(loaded.state, graph, records, producer=self._producer)
+        code_digests = dict(request.handler_code_digests)
+        if view.HasField("fork_origin"):
+            origin = await _fork_origin(tenant, view)
+            origin_records = await history.executions(
+                tenant.names.tenant, view.fork_origin.lifetime_id
+            )
+            report = fork_.replay_fork(
+                loaded.state,
+                origin,
+                graph,
+                origin_records,
+                records,
+                producer=self._producer,
+                code_digests=code_digests,
+            )
+        else:
+            report = replay_.replay(
+                loaded.state,
+                graph,
+                records,
+                producer=self._producer,
+                code_digests=code_digests,
+            )
         return report.proto()
 
     def _require_history(self) -> replay_.HistorySource:
@@ -391,6 +408,25 @@ async def _history_complete(tenant: Tenant, lifetime_id: str, sequence: int) -> 
         and not state.in_flight
         and sequence >= state.lifetime.last_sequence
     )
+
+
+async def _fork_origin(tenant: Tenant, fork: lifetime_pb2.AgentLifetime) -> rs.RouterLifetime:
+    """The state of the lifetime ``fork`` was forked from, which its replay starts with."""
+    origin_id = fork.fork_origin.lifetime_id
+    loaded = await tenant.store.load(origin_id, fresh=True)
+    if loaded is None:
+        raise StatusError(
+            StatusCode.FAILED_PRECONDITION,
+            f"lifetime {fork.lifetime_id} is a fork of {origin_id}, which no longer exists",
+        )
+    if loaded.state.lifetime.HasField("fork_origin"):
+        # ForkLifetime cannot fork a fork (its re-drive starts a fresh lifetime, whose
+        # execution ids are not the fork's), so no fork should have one for its origin.
+        raise StatusError(
+            StatusCode.FAILED_PRECONDITION,
+            f"the origin {origin_id} of fork {fork.lifetime_id} is a fork itself",
+        )
+    return loaded.state
 
 
 async def _load_view(tenant: Tenant, lifetime_id: str) -> lifetime_pb2.AgentLifetime:

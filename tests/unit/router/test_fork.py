@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.router.test_core import NOW, PRODUCER, complete, dispatch, fanout_graph, payload
 from tests.unit.router.test_replay import Recorder, run_hello
-from tickmesh.router import core, fork
+from tickmesh.router import core, fork, replay
 from tickmesh.sdk import NotFoundError, decode_envelope, execution_id
 from tickmesh.v1 import envelope_pb2, execution_pb2, header_pb2, lifetime_pb2, result_pb2
 
@@ -145,3 +145,72 @@ def test_fork_latency_on_a_long_history() -> None:
     elapsed = (datetime.now(UTC) - started).total_seconds()
     assert requests(lt)
     logger.info("fork of 1000 records at record 500: %.1f ms", elapsed * 1000)
+
+
+# --- replaying a fork --------------------------------------------------------------------
+
+
+def run_fork(sim: Recorder, execution: str, replacement: object = None) -> Recorder:
+    """The fork of ``sim`` at ``execution``, run to completion (its own records only)."""
+    lt = forked(sim, execution, replacement)
+    run = Recorder(sim.graph)
+    run.state, run.pending, run.refs = lt.state, requests(lt), []
+    while run.pending:
+        request = run.pending[0]
+        if request.HasField("task_request"):
+            run.finish_task(run.take(request.header.node.id), "again")
+        elif request.header.iteration < 5:
+            run.decide(run.take("decide"), dispatch("shout"))
+        else:
+            run.decide(run.take("decide"), complete("forked"))
+    assert run.view.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+    return run
+
+
+def replayed_fork(
+    run: Recorder, sim: Recorder, origin_records: list[execution_pb2.ExecutionRef] | None = None
+) -> replay.ReplayReport:
+    return fork.replay_fork(
+        run.state,
+        sim.state,
+        sim.graph,
+        sim.refs if origin_records is None else origin_records,
+        run.refs,
+        producer=PRODUCER,
+    )
+
+
+def test_a_fork_replays_from_its_origin_with_the_replacement_it_was_given() -> None:
+    sim = run_hello(rounds=3)
+    second = [r for r in sim.refs if r.task_execution.header.node.id == "shout"][1]
+    run = run_fork(sim, second.task_execution.header.execution_id, {"replaced": True})
+    assert run.state.fork_replacement == payload({"replaced": True})
+    report = replayed_fork(run, sim)
+    assert report.reproduced, report.divergences
+    # decide 3..5 and shout 3..4 dispatched and decided in the fork, and how it ended.
+    assert report.decisions_checked == 5 + 3 + 2
+
+    # Without the replacement the fork's first plan is asked another question.
+    run.state.ClearField("fork_replacement")
+    first = replayed_fork(run, sim).divergences[0]
+    assert first.node.id == "decide"
+    assert "another request" in first.message
+
+
+def test_a_fork_that_asked_a_plan_again_replays() -> None:
+    sim = run_hello(rounds=1)
+    decide = next(r for r in sim.refs if r.HasField("plan_execution"))
+    run = run_fork(sim, decide.plan_execution.header.execution_id, {"goal": "other"})
+    report = replayed_fork(run, sim)
+    assert report.reproduced, report.divergences
+
+
+def test_a_fork_whose_origin_no_longer_replays_to_the_fork_point_diverges_there() -> None:
+    sim = run_hello(rounds=3)
+    second = [r for r in sim.refs if r.task_execution.header.node.id == "shout"][1]
+    run = run_fork(sim, second.task_execution.header.execution_id)
+    report = replayed_fork(run, sim, origin_records=sim.refs[:2])
+    assert not report.reproduced
+    [only] = report.divergences
+    assert only.message == "the fork's starting state is not reproduced from its origin's history"
+    assert only.execution_id == second.task_execution.header.execution_id

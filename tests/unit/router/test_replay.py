@@ -219,6 +219,75 @@ def test_a_record_replay_did_not_dispatch_is_the_first_divergence() -> None:
     assert "not dispatched by replay" in report.divergences[0].message
 
 
+# --- handler code -----------------------------------------------------------------------
+
+
+def _digest(name: str) -> str:
+    return f"{name}-code".encode().hex().ljust(64, "0")
+
+
+def stamped(sim: Recorder, **digests: str) -> list[execution_pb2.ExecutionRef]:
+    """The records, as executors running each handler's code (``_digest``) write them;
+    ``digests`` overrides the code of a handler from its second execution on."""
+    refs: list[execution_pb2.ExecutionRef] = []
+    runs: dict[str, int] = {}
+    for ref in sim.refs:
+        copy = execution_pb2.ExecutionRef()
+        copy.CopyFrom(ref)
+        record = replay.record_of(copy)
+        handler = record.header.node.handler
+        runs[handler] = runs.get(handler, 0) + 1
+        code = digests[handler] if handler in digests and runs[handler] > 1 else None
+        record.executor.code_digest = code or _digest(handler)
+        refs.append(copy)
+    return refs
+
+
+def test_unchanged_handler_code_reproduces() -> None:
+    sim = run_hello(rounds=3)
+    current = {h: _digest(h) for h in ("greet", "decide", "shout")}
+    report = replay.replay(
+        sim.state, sim.graph, stamped(sim), producer=PRODUCER, code_digests=current
+    )
+    assert report.reproduced, report.divergences
+
+
+def test_changed_handler_code_diverges_at_its_first_execution_that_ran_other_code() -> None:
+    sim = run_hello(rounds=3)
+    # decide ran its old code once, then the new one: 1 of 4 executions differs from now.
+    refs = stamped(sim, decide=_digest("decide-v2"))
+    current = {"greet": _digest("greet"), "decide": _digest("decide-v2")}
+    report = replay.replay(sim.state, sim.graph, refs, producer=PRODUCER, code_digests=current)
+    assert not report.reproduced
+    [only] = report.divergences
+    first_decide = next(r for r in refs if replay.record_of(r).header.node.id == "decide")
+    assert only.execution_id == replay.record_of(first_decide).header.execution_id
+    assert only.node.handler == "decide"
+    assert only.expected == _digest("decide")
+    assert only.actual == _digest("decide-v2")
+    assert only.message == (
+        f"handler code changed: decide recorded {_digest('decide')[:12]}, "
+        f"current {_digest('decide-v2')[:12]} (1 of 4 recorded executions)"
+    )
+
+
+def test_handler_code_is_compared_only_for_the_handlers_given() -> None:
+    sim = run_hello()
+    refs = stamped(sim)
+    everything_else = {"greet": "0" * 64, "shout": "1" * 64}
+    report = replay.replay(
+        sim.state, sim.graph, refs, producer=PRODUCER, code_digests=everything_else
+    )
+    assert [d.node.handler for d in report.divergences] == ["greet", "shout"]
+    assert all(d.message.startswith("handler code changed: ") for d in report.divergences)
+    assert report.divergences[0].sequence < report.divergences[1].sequence
+    # Records without a code digest say nothing about the code.
+    assert replay.replay(
+        sim.state, sim.graph, sim.refs, producer=PRODUCER, code_digests=everything_else
+    ).reproduced
+    assert replay.replay(sim.state, sim.graph, refs, producer=PRODUCER).reproduced
+
+
 # --- guardrails --------------------------------------------------------------------------
 
 

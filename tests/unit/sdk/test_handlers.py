@@ -22,6 +22,7 @@ from tickmesh.sdk import (
     ValidationError,
     codecs,
 )
+from tickmesh.sdk._client import _code_digests
 from tickmesh.sdk._convert import (
     error_to_proto,
     payload_to_proto,
@@ -107,6 +108,16 @@ def test_code_digest_falls_back_to_the_qualified_name() -> None:
     made = task(fn)
     expected = f"{fn.__module__}.{fn.__qualname__}".encode()
     assert made.code_digest == hashlib.sha256(expected).hexdigest()
+
+
+def test_replay_holds_records_to_one_code_digest_per_handler_name() -> None:
+    assert _code_digests([bare, configured, bare]) == {
+        bare.name: bare.code_digest,
+        configured.name: configured.code_digest,
+    }
+    renamed = task(name=bare.name)(configured.fn)
+    with pytest.raises(ConfigError, match="two handlers named"):
+        _code_digests([bare, renamed])
 
 
 def test_decorators_reject_bad_definitions() -> None:

@@ -777,23 +777,54 @@ class ReplayLifetimeRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HandlerCodeDigestsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LIFETIME_ID_FIELD_NUMBER: _builtins.int
     GRAPH_VERSION_FIELD_NUMBER: _builtins.int
+    HANDLER_CODE_DIGESTS_FIELD_NUMBER: _builtins.int
     lifetime_id: _builtins.str
     """lifetime_id is the lifetime to replay."""
     graph_version: _builtins.int
     """graph_version replays against another version of the same graph; 0 means
     the version the lifetime ran.
     """
+    @_builtins.property
+    def handler_code_digests(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """handler_code_digests maps a handler name to the code digest the caller
+        runs now (ExecutorInfo.code_digest of its executors). Replay compares each
+        recorded execution of a listed handler with it and reports the handlers
+        whose recorded code differs, each at its first such execution. Handlers
+        not listed, and records without a code digest, are not compared.
+        """
+
     def __init__(
         self,
         *,
         lifetime_id: _builtins.str = ...,
         graph_version: _builtins.int = ...,
+        handler_code_digests: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_version", b"graph_version", "lifetime_id", b"lifetime_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_version", b"graph_version", "handler_code_digests", b"handler_code_digests", "lifetime_id", b"lifetime_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

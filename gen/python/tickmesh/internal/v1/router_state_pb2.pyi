@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from tickmesh.v1 import header_pb2 as _header_pb2
 from tickmesh.v1 import lifetime_pb2 as _lifetime_pb2
+from tickmesh.v1 import payload_pb2 as _payload_pb2
 from tickmesh.v1 import request_pb2 as _request_pb2
 from tickmesh.v1 import result_pb2 as _result_pb2
 import builtins as _builtins
@@ -106,6 +107,7 @@ class RouterLifetime(_message.Message):
     SIGNAL_IDS_FIELD_NUMBER: _builtins.int
     WAKES_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    FORK_REPLACEMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lifetime(self) -> _lifetime_pb2.AgentLifetime:
         """lifetime is the public view of the lifetime."""
@@ -153,6 +155,12 @@ class RouterLifetime(_message.Message):
         trace. Unset when tracing is off.
         """
 
+    @_builtins.property
+    def fork_replacement(self) -> _payload_pb2.Payload:
+        """fork_replacement is the replacement_output a fork was created with (unset
+        when none): replaying the fork rebuilds its starting state with it.
+        """
+
     def __init__(
         self,
         *,
@@ -166,10 +174,11 @@ class RouterLifetime(_message.Message):
         signal_ids: _abc.Iterable[_builtins.str] | None = ...,
         wakes: _abc.Iterable[Global___WakeRecord] | None = ...,
         trace_context: _header_pb2.TraceContext | None = ...,
+        fork_replacement: _payload_pb2.Payload | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lifetime", b"lifetime", "trace_context", b"trace_context", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fork_replacement", b"fork_replacement", "lifetime", b"lifetime", "trace_context", b"trace_context", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "trace_context", b"trace_context", "wait", b"wait", "wakes", b"wakes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fork_replacement", b"fork_replacement", "held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "trace_context", b"trace_context", "wait", b"wait", "wakes", b"wakes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
