@@ -25,7 +25,9 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from tickmesh.executor_pool.pool import record_message_id
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.state.core import ref_message_id
 
 from .records import Record
 from .stats import summarize
@@ -70,8 +72,9 @@ class Tap:
                 parent = by_id.get(pid)
                 if parent is None:
                     continue
-                t_exec = self.by_msg_id.get(f"exec:{parent.execution_id}:{parent.attempt}")
-                t_ref = self.by_msg_id.get(f"ref:{parent.execution_id}:{parent.attempt}")
+                # The ids the services give these messages (the tap cannot rely on copies).
+                t_exec = self.by_msg_id.get(record_message_id(parent.execution_id))
+                t_ref = self.by_msg_id.get(ref_message_id(parent.execution_id, parent.attempt))
                 t_req = self.by_msg_id.get(f"req:{child.execution_id}")
                 kv_times = self.kv.get(child.lifetime_id, [])
                 i = bisect.bisect_left(kv_times, child.created_at)
