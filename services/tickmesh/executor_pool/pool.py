@@ -38,7 +38,7 @@ from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.metrics import Metrics
-from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch
+from tickmesh.runtime.nats import Outgoing, PublishError, ack_all, publish_batch
 from tickmesh.runtime.subjects import (
     HDR_ATTEMPT,
     HDR_EXECUTION,
@@ -1352,6 +1352,7 @@ class ExecutorPool:
                 await asyncio.sleep(0.1 * (attempt + 1))
         crash_point("pool_after_record_publish")
         failed = {id(m) for m in pending}
+        acks: list[Msg] = []
         for lease, messages in publishes:
             if any(id(m) in failed for m in messages):
                 lease.end_span("unpublished", "the record could not be published")
@@ -1365,8 +1366,13 @@ class ExecutorPool:
                 self.stats.dead_letters += 1
                 if self._metrics is not None:
                     self._metrics.dead_lettered(lease.group.tenant, DLQ_KIND)
-            with contextlib.suppress(Exception):
-                await lease.msg.ack()
+            acks.append(lease.msg)
+        try:
+            await ack_all(acks)
+        except Exception:  # e.g. one already settled: ack the others one by one
+            for msg in acks:
+                with contextlib.suppress(Exception):
+                    await msg.ack()
 
     async def _dead_letter_malformed(self, tenant: str, malformed: list[tuple[Msg, str]]) -> None:
         """Copy poison messages of ``tenant``'s work to its dead-letter subject, then

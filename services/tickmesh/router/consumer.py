@@ -21,7 +21,7 @@ from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_typ
 from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
-from tickmesh.runtime.nats import Outgoing, publish_batch
+from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
 from tickmesh.runtime.tracing import parent_of
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
@@ -174,8 +174,7 @@ class RefConsumer:
                         self._tenant.names.tenant, graph, record.finished_at.ToNanoseconds()
                     )
         crash_point("router_after_dispatch_before_ack")
-        for msg, _, _ in items:
-            await msg.ack()
+        await ack_all([msg for msg, _, _ in items])
 
     def _route_spans(
         self, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]

@@ -158,9 +158,12 @@ def lifetime_usage(
         wall_time_s=elapsed,
         fanout=fanout,
         max_values=MappingProxyType(maxima),
-        custom=MappingProxyType(dict(totals.custom_metrics)),
+        # dict() of a protobuf map walks it through the Mapping ABC, even when empty.
+        custom=MappingProxyType(dict(totals.custom_metrics)) if totals.custom_metrics else _NONE,
     )
 
+
+_NONE: MappingProxyType[str, float] = MappingProxyType({})
 
 ESTIMATE_KEY = "estimate"
 """The node config key holding a step's usage estimate, read by pre_dispatch rules."""

@@ -14,6 +14,7 @@ from tickmesh.runtime.adapters import open_usage_counter
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.runtime.grpc_security import ServerSecurity, client_security
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
+from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import PolicyEngine
@@ -113,7 +114,8 @@ class RouterService:
             await usage.stop()  # remove_tenant cannot reach it: no gate holds it yet
             raise
         self.gates[tenant_id] = gate
-        store = ObservedRouterStore(await link.js.key_value(names.router_bucket))
+        bucket = await link.js.key_value(names.router_bucket)
+        store = ObservedRouterStore(bucket, writer=CasWriter(bucket))
         tenant = Tenant(names=names, store=store, link=link, guard=gate)
         self.processor.tenants[tenant_id] = tenant
         if self.timers is not None:

@@ -17,13 +17,14 @@ import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.runtime.kv import keys_matching
+from tickmesh.runtime.kv import CasWriter, keys_matching
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import NotFoundError
 from tickmesh.v1 import graph_pb2, lifetime_pb2
@@ -59,18 +60,30 @@ def request_key(client_request_id: str) -> str:
     return "req." + hashlib.sha256(client_request_id.encode()).hexdigest()[:40]
 
 
+class Updater(Protocol):
+    """What writes a lifetime by compare-and-set (``KeyValue.update``'s shape)."""
+
+    async def update(self, key: str, value: bytes, last: int) -> int: ...
+
+
 class RouterStore:
     """One tenant's router bucket."""
 
-    def __init__(self, kv: KeyValue, *, cache_size: int = 20_000) -> None:
+    def __init__(
+        self, kv: KeyValue, *, cache_size: int = 20_000, writer: Updater | None = None
+    ) -> None:
+        """``writer`` makes the lifetime writes of the step loop (default: ``kv``;
+        services pass a :class:`~tickmesh.runtime.kv.CasWriter` on the bucket)."""
         self._kv = kv
+        self._writer: Updater = writer if writer is not None else kv
         self._cache: OrderedDict[str, Versioned] = OrderedDict()
         self._cache_size = cache_size
         self._graphs: dict[tuple[str, int], graph_pb2.AgentGraph] = {}
 
     @classmethod
     async def open(cls, js: JetStreamContext, names: TenantNames) -> RouterStore:
-        return cls(await js.key_value(names.router_bucket))
+        kv = await js.key_value(names.router_bucket)
+        return cls(kv, writer=CasWriter(kv))
 
     # --- lifetimes -------------------------------------------------------
     async def load(self, lifetime_id: str, *, fresh: bool = False) -> Versioned | None:
@@ -101,7 +114,7 @@ class RouterStore:
     async def update(self, state: rs.RouterLifetime, revision: int) -> int:
         lifetime_id = state.lifetime.lifetime_id
         try:
-            new_revision = await self._kv.update(
+            new_revision = await self._writer.update(
                 lifetime_key(lifetime_id), state.SerializeToString(), last=revision
             )
         except KeyWrongLastSequenceError as exc:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
+from nats.js.errors import APIError, InvalidKeyError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from .nats import Outgoing, PublishError, publish_batch
+
+_WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+"""JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr."""
+_VALID_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 
 async def keys_matching(kv: KeyValue, pattern: str) -> list[str]:
@@ -20,3 +30,44 @@ async def keys_matching(kv: KeyValue, pattern: str) -> list[str]:
     info = await kv._js.stream_info(kv._stream, subjects_filter=f"{prefix}{pattern}")
     subjects = info.state.subjects or {}
     return sorted(subject[len(prefix) :] for subject in subjects)
+
+
+def is_wrong_last_sequence(error: BaseException) -> bool:
+    """Whether JetStream refused a compare-and-set: the key's last revision was not
+    the one expected."""
+    return isinstance(error, APIError) and error.err_code in _WRONG_LAST_SEQUENCE
+
+
+class CasWriter:
+    """Compare-and-set writes to one bucket, as ``KeyValue.update`` makes them (a
+    publish to the key's subject expecting its last revision), through the runtime's
+    batched publisher: no request inbox, timer and PubAck dataclass per write, and a
+    write waiting when the connection drops fails at once.
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        # KeyValue keeps its subject prefix and JetStream context privately.
+        self._js = kv._js
+        self._prefix: str = kv._pre
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Write ``value`` if the key's newest revision is ``last``; the new revision.
+
+        Raises:
+            KeyWrongLastSequenceError: The key has another newest revision.
+            InvalidKeyError: ``key`` is not a valid KV key.
+            Exception: The write was not answered (e.g. ``LinkLostError`` when the
+                connection dropped, or ``TimeoutError``): it may or may not have landed.
+        """
+        if not _VALID_KEY.fullmatch(key) or key[0] == "." or key[-1] == ".":
+            raise InvalidKeyError(key)
+        headers = {_EXPECTED_LAST: str(last)}
+        try:
+            (ack,) = await publish_batch(self._js, [Outgoing(self._prefix + key, value, headers)])
+        except PublishError as exc:
+            ((_, error),) = exc.failures
+            if is_wrong_last_sequence(error):
+                assert isinstance(error, APIError)
+                raise KeyWrongLastSequenceError(description=error.description) from exc
+            raise error from exc
+        return ack.seq

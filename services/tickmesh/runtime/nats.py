@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import ssl
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +28,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from nats import errors as nats_errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import APIError, NoStreamResponseError
 
 from tickmesh.sdk import ConfigError, TransportError
 
@@ -322,6 +326,217 @@ class PublishError(TransportError):
         self.failures = tuple(failures)
 
 
+MAX_IN_FLIGHT = 4000
+"""Messages one connection may have published to JetStream and not yet seen a PubAck
+for; a batch that would go past it waits for room (a batch alone may exceed it)."""
+
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
+_BAD_SUBJECT = re.compile(r"[ \t\r\n]")
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_KEYS_SEEN: set[str] = set()
+"""Header keys already found valid (a few constants, mostly): checked once."""
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """A message's NATS header block, as nats-py writes it: keys and values trimmed,
+    a CR or LF in a value made a space (it could not inject protocol), empty keys
+    skipped.
+
+    Raises:
+        nats.errors.BadHeaderError: A key holds a character a header name may not.
+    """
+    lines = ["NATS/1.0\r\n"]
+    for key, value in headers.items():
+        if key not in _KEYS_SEEN:
+            stripped = key.strip()
+            if not stripped:
+                continue
+            if not _HEADER_KEY.fullmatch(stripped):
+                raise nats_errors.BadHeaderError(stripped)
+            if stripped != key:
+                key = stripped
+            elif len(_KEYS_SEEN) < 1024:
+                _KEYS_SEEN.add(key)
+        value = value.strip()
+        if "\r" in value or "\n" in value:
+            value = value.translate(_NEWLINES)
+        lines.append(f"{key}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
+def parse_puback(data: bytes) -> PubAck | Exception:
+    """What JetStream answered a publish: its PubAck, or the error it reported as the
+    exception nats-py raises for it (``err_code`` 10071 is a compare-and-set on the
+    wrong last sequence). Only the fields tickmesh reads are taken."""
+    try:
+        resp = json.loads(data)
+        error = resp.get("error")
+        if error is not None:
+            try:
+                APIError.from_error(error)  # raises the class that fits the code
+            except APIError as exc:
+                return exc
+            return APIError(description=str(error))
+        return PubAck(
+            stream=resp["stream"],
+            seq=resp["seq"],
+            domain=resp.get("domain"),
+            duplicate=resp.get("duplicate"),
+        )
+    except Exception:
+        return APIError(description=f"unreadable PubAck: {data[:200]!r}")
+
+
+class _Round:
+    """One send of (some of) a batch's messages and the answers that came for them."""
+
+    __slots__ = ("left", "outcomes", "woken")
+
+    def __init__(self, size: int, woken: asyncio.Future[None]) -> None:
+        self.outcomes: list[PubAck | Exception | None] = [None] * size
+        self.left = size
+        self.woken = woken
+
+
+class _Publisher:
+    """Publishes to JetStream over one connection, with one reply subscription for
+    every PubAck and one future per batch (nats-py's ``publish_async`` takes a future,
+    a semaphore slot, a random token and a JSON-to-dataclass parse per message).
+
+    A message's reply subject is ``<prefix><round>.<index>``, so an answer finds its
+    batch and place; answers to a round no one waits on any more are dropped. When
+    the connection drops, every round is woken (one callback on the watch's
+    ``lost``, not one per round: a future's ``remove_done_callback`` scans them all).
+    """
+
+    def __init__(self, link: ConnectionWatch) -> None:
+        # Holds no reference to its client: it is the value of a weak mapping keyed by it.
+        self._link = link
+        link.lost.add_done_callback(self._on_lost)
+        self._prefix = ""
+        self._lock = asyncio.Lock()
+        self._rounds: dict[str, _Round] = {}
+        self._next = 0
+        self._in_flight = 0
+        self._freed = asyncio.Event()
+
+    async def _start(self, nc: NatsClient) -> None:
+        async with self._lock:
+            if self._prefix:
+                return
+            prefix = f"{nc._inbox_prefix.decode()}.{nc._nuid.next().decode()}."
+            await nc.subscribe(prefix + ">", cb=self._on_reply)
+            self._prefix = prefix
+
+    async def send(
+        self, nc: NatsClient, messages: Sequence[Outgoing], woken: asyncio.Future[None]
+    ) -> tuple[str, _Round]:
+        """Write ``messages`` to ``nc`` (one flush); the round's ``woken`` resolves when
+        every one of them is answered."""
+        if not self._prefix:
+            await self._start(nc)
+        count = len(messages)
+        while self._in_flight and self._in_flight + count > MAX_IN_FLIGHT:
+            self._freed.clear()
+            await self._freed.wait()
+        name = f"{self._next:x}"
+        self._next += 1
+        round_ = self._rounds[name] = _Round(count, woken)
+        self._in_flight += count
+        reply = f"{self._prefix}{name}."
+        size = 0
+        try:
+            for i, msg in enumerate(messages):
+                data = msg.data
+                _check_publishable(nc, msg.subject, len(data))
+                if msg.headers:
+                    hdr = encode_headers(msg.headers)
+                    head = f"HPUB {msg.subject} {reply}{i} {len(hdr)} {len(hdr) + len(data)}\r\n"
+                    await nc._send_command(b"".join((head.encode(), hdr, data, b"\r\n")))
+                else:
+                    head = f"PUB {msg.subject} {reply}{i} {len(data)}\r\n"
+                    await nc._send_command(b"".join((head.encode(), data, b"\r\n")))
+                size += len(data)
+        except BaseException:
+            self.release(name)
+            raise
+        finally:
+            nc.stats["out_msgs"] += count
+            nc.stats["out_bytes"] += size
+        await _flush(nc)
+        return name, round_
+
+    def _on_lost(self, _: object) -> None:
+        for round_ in self._rounds.values():
+            if not round_.woken.done():
+                round_.woken.set_result(None)
+        self._link.lost.add_done_callback(self._on_lost)
+
+    def release(self, name: str) -> None:
+        """Nothing waits on the round any more: free its messages' places."""
+        round_ = self._rounds.pop(name, None)
+        if round_ is not None:
+            self._in_flight -= len(round_.outcomes)
+            self._freed.set()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        name, _, place = msg.subject[len(self._prefix) :].partition(".")
+        round_ = self._rounds.get(name)
+        if round_ is None or not place.isdigit():
+            return
+        i = int(place)
+        if i >= len(round_.outcomes) or round_.outcomes[i] is not None:
+            return
+        if not msg.data and msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+            outcome: PubAck | Exception = NoStreamResponseError()
+        else:
+            outcome = parse_puback(msg.data)
+        round_.outcomes[i] = outcome
+        round_.left -= 1
+        if not round_.left and not round_.woken.done():
+            round_.woken.set_result(None)
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
+
+
+def _check_publishable(nc: NatsClient, subject: str, size: int) -> None:
+    """nats-py's checks before a publish, raising what its ``publish`` would."""
+    if not subject or _BAD_SUBJECT.search(subject):
+        raise nats_errors.BadSubjectError
+    if nc.is_closed:
+        raise nats_errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats_errors.ConnectionDrainingError
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
+    ):
+        raise nats_errors.OutboundBufferLimitError
+    if size > nc._max_payload:
+        raise nats_errors.MaxPayloadError
+
+
+async def _flush(nc: NatsClient) -> None:
+    """Have the client's flusher write what was queued (as nats-py's publish does)."""
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+_PUBLISHERS: weakref.WeakKeyDictionary[NatsClient, _Publisher] = weakref.WeakKeyDictionary()
+
+
+def _publisher(nc: NatsClient) -> _Publisher:
+    found = _PUBLISHERS.get(nc)
+    if found is None:
+        found = _PUBLISHERS[nc] = _Publisher(watch(nc))
+    return found
+
+
 async def publish_batch(
     js: JetStreamContext, messages: Sequence[Outgoing], *, ack_timeout: float = PUBLISH_ACK_TIMEOUT
 ) -> list[PubAck]:
@@ -339,32 +554,41 @@ async def publish_batch(
 
     Raises:
         PublishError: Any message was not acknowledged within ``ack_timeout`` (retries
-            included); the caller must not ack its inputs (they will be redelivered,
-            and deterministic message ids make the retry safe).
+            included), or JetStream answered it with an error (``failures`` holds it,
+            e.g. an ``APIError`` with ``err_code`` 10071 for a compare-and-set on the
+            wrong last sequence); the caller must not ack its inputs (they will be
+            redelivered, and deterministic message ids make the retry safe).
     """
     if not messages:
         return []
-    link = watch(js._nc)
+    nc: NatsClient = js._nc
+    publisher = _publisher(nc)
+    link = watch(nc)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ack_timeout
-    outcomes: dict[int, PubAck | BaseException] = {}
+    outcomes: list[PubAck | BaseException | None] = [None] * len(messages)
     todo = list(range(len(messages)))
     while todo:
         lost = link.lost
-        futures = await _publish_async(js, [messages[i] for i in todo])
-        gathered: asyncio.Future[Any] = asyncio.gather(*futures, return_exceptions=True)
-        await asyncio.wait(
-            {gathered, lost},
-            timeout=max(0.0, deadline - loop.time()),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        woken: asyncio.Future[None] = loop.create_future()
+        sending = messages if len(todo) == len(messages) else [messages[i] for i in todo]
+        name, round_ = await publisher.send(nc, sending, woken)
+
+        # The publisher wakes its rounds when the connection drops; one that dropped
+        # while this round was being sent may have come before the round was known.
+        timer = loop.call_at(deadline, _wake, woken)
+        try:
+            if round_.left and not lost.done():
+                await woken
+        finally:
+            timer.cancel()
+            publisher.release(name)
         unanswered: list[int] = []
-        for i, fut in zip(todo, futures, strict=True):
-            if fut.done() and not fut.cancelled():
-                outcomes[i] = exc if (exc := fut.exception()) is not None else fut.result()
-            else:
-                fut.cancel()
+        for i, outcome in zip(todo, round_.outcomes, strict=True):
+            if outcome is None:
                 unanswered.append(i)
+            else:
+                outcomes[i] = outcome
         if not unanswered:
             break
         if not lost.done() or loop.time() >= deadline:
@@ -383,29 +607,33 @@ async def publish_batch(
             logger.info("publishing %d message(s) again after a reconnect", len(todo))
     acks: list[PubAck] = []
     failures: list[tuple[Outgoing, BaseException]] = []
-    for i, msg in enumerate(messages):
-        outcome = outcomes[i]
-        if isinstance(outcome, BaseException):
-            failures.append((msg, outcome))
+    for msg, result in zip(messages, outcomes, strict=True):
+        if isinstance(result, PubAck):
+            acks.append(result)
         else:
-            acks.append(outcome)
+            failures.append((msg, result or TimeoutError("no PubAck")))
     if failures:
         raise PublishError(failures)
     return acks
 
 
-async def _publish_async(
-    js: JetStreamContext, messages: Sequence[Outgoing]
-) -> list[asyncio.Future[PubAck]]:
-    futures: list[asyncio.Future[PubAck]] = []
-    try:
-        for msg in messages:
-            futures.append(
-                await js.publish_async(msg.subject, msg.data, headers=dict(msg.headers) or None)
-            )
-    except BaseException:
-        # Nothing will await these: free their places in the client's in-flight limit.
-        for fut in futures:
-            fut.cancel()
-        raise
-    return futures
+async def ack_all(msgs: Sequence[Msg]) -> None:
+    """Ack every message with one write per connection (``Msg.ack`` is a publish and
+    a flush each). Each is marked acked, so a later nak or ack is refused, as after
+    ``Msg.ack``.
+
+    Raises:
+        nats.js.errors.NotJSMessageError, MsgAlreadyAckdError: As ``Msg.ack`` would,
+            before anything is sent.
+    """
+    by_client: dict[NatsClient, list[str]] = {}
+    for msg in msgs:
+        msg._check_reply()
+        by_client.setdefault(msg._client, []).append(f"PUB {msg.reply} 0\r\n\r\n")
+    for nc, commands in by_client.items():
+        _check_publishable(nc, "ack", 0)
+        await nc._send_command("".join(commands).encode())
+        nc.stats["out_msgs"] += len(commands)
+        await _flush(nc)
+    for msg in msgs:
+        msg._ackd = True

@@ -22,7 +22,7 @@ from tickmesh.runtime.counters import UsageCounter, counted_from_envelope
 from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
-from tickmesh.runtime.nats import Outgoing, publish_batch
+from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
     HDR_LIFETIME,
@@ -134,8 +134,7 @@ class RecordConsumer:
             return
         await self.append_and_publish([(msg.data, env) for msg, env in good])
         crash_point("before_ack")
-        for msg, _ in good:
-            await msg.ack()
+        await ack_all([msg for msg, _ in good])
 
     async def append_and_publish(
         self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
@@ -263,8 +262,7 @@ class RecordConsumer:
         routed = [env for _, env in good if env.lifetime_event.sequence > 0]
         if routed:
             await self._store.apply_events(self.names.tenant, routed, core.lifetime_row)
-        for msg, _ in good:
-            await msg.ack()
+        await ack_all([msg for msg, _ in good])
 
     async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:
         """Copy each message to the dead-letter stream with its reason, emit an

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
+import pytest
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.router.store import RouterStore
+from tickmesh.router.store import ConflictError, RouterStore
 from tickmesh.v1 import lifetime_pb2
 
 
@@ -85,3 +87,30 @@ async def test_a_newer_revision_read_from_the_kv_replaces_the_cached_one() -> No
     assert cached is not None
     assert cached.revision == fresh.revision == 2
     assert cached.state.lifetime.labels["step"] == "by another replica"
+
+
+class RefusingWriter:
+    """A compare-and-set writer that finds another revision each time (another replica)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, int]] = []
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        self.writes.append((key, last))
+        raise KeyWrongLastSequenceError(description=f"wrong last sequence: {last + 1}")
+
+
+async def test_a_refused_write_through_the_writer_is_a_conflict_and_drops_the_cached_state() -> (
+    None
+):
+    kv = SlowReadKV()
+    writer = RefusingWriter()
+    store = RouterStore(cast(KeyValue, kv), writer=writer)
+    running = lifetime_pb2.LIFETIME_STATE_RUNNING
+    first = await store.create(lifetime(running, "a"))
+
+    with pytest.raises(ConflictError):
+        await store.update(lifetime(running, "b"), first)
+
+    assert writer.writes == [("lt.lt1", first)]
+    assert store.cached_lifetimes == 0  # the next load reads the KV
