@@ -1325,6 +1325,12 @@ class ExecutorPool:
         by_tenant: dict[str, list[tuple[Lease, list[Outgoing]]]] = {}
         for lease, messages in publishes:
             by_tenant.setdefault(lease.group.tenant, []).append((lease, messages))
+        if len(by_tenant) == 1:
+            # One tenant (nearly always): publish from this task. gather() would wrap the
+            # call in a new task and put a loop hop (~0.07 ms at M = 1) before the publish.
+            [(tenant, items)] = by_tenant.items()
+            await self._publish_and_ack_tenant(tenant, items)
+            return
         await asyncio.gather(
             *(self._publish_and_ack_tenant(t, items) for t, items in by_tenant.items())
         )

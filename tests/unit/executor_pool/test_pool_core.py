@@ -1,10 +1,18 @@
-"""Executor pool pieces that need no sockets: hello checks and frame merging."""
+"""Executor pool pieces that need no sockets: hello checks, frame merging, publishing."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
 
-from tickmesh.executor_pool.pool import check_hello, merge_frames
+from tickmesh.executor_pool.config import ExecutorPoolSettings
+from tickmesh.executor_pool.pool import ExecutorPool, Lease, check_hello, merge_frames
+from tickmesh.runtime.blobs import BlobStore
+from tickmesh.runtime.nats import Outgoing
+from tickmesh.runtime.tenant_links import TenantLinks
 from tickmesh.sdk import ValidationError
 from tickmesh.v1 import executor_pool_service_pb2 as pb
 from tickmesh.v1 import graph_pb2
@@ -87,3 +95,46 @@ def test_merging_stops_at_the_end_marker() -> None:
     assert ended
     assert raised is error
     assert merge_frames([None])[1:] == (True, None)
+
+
+def _pool() -> ExecutorPool:
+    return ExecutorPool(
+        ExecutorPoolSettings(),
+        links=cast(TenantLinks, None),
+        blobs=cast(BlobStore, None),
+    )
+
+
+def _publish(tenant: str) -> tuple[Lease, list[Outgoing]]:
+    lease = cast(Lease, SimpleNamespace(group=SimpleNamespace(tenant=tenant)))
+    return lease, [Outgoing(f"tm.{tenant}.exec.l", b"", {})]
+
+
+async def test_one_tenants_records_are_published_from_the_settling_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A task per tenant would put a loop hop before the publish (latency at M = 1).
+    pool = _pool()
+    ran: list[tuple[str, asyncio.Task[Any] | None]] = []
+
+    async def publish_and_ack_tenant(tenant: str, items: object) -> None:
+        ran.append((tenant, asyncio.current_task()))
+
+    monkeypatch.setattr(pool, "_publish_and_ack_tenant", publish_and_ack_tenant)
+    await pool._publish_and_ack([_publish("acme"), _publish("acme")])
+    assert ran == [("acme", asyncio.current_task())]
+
+
+async def test_several_tenants_are_published_concurrently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = _pool()
+    ran: list[tuple[str, int]] = []
+
+    async def publish_and_ack_tenant(tenant: str, items: list[object]) -> None:
+        ran.append((tenant, len(items)))
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(pool, "_publish_and_ack_tenant", publish_and_ack_tenant)
+    await pool._publish_and_ack([_publish("acme"), _publish("beta"), _publish("acme")])
+    assert sorted(ran) == [("acme", 2), ("beta", 1)]
