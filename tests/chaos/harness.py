@@ -76,6 +76,33 @@ def figure(line: str) -> None:
     print(f"\n{line}", flush=True)  # noqa: T201
 
 
+TERMINAL_STATES = ("completed", "failed", "aborted")
+
+
+async def wait_terminal(client: Client, ids: list[str], within: float) -> dict[str, str]:
+    """The state of every lifetime, once each is terminal (or ``within`` has passed).
+
+    Reads that fail (a service down in a fault) are retried on the next round."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    states: dict[str, str] = {}
+    pending = list(ids)
+    gate = asyncio.Semaphore(8)
+
+    async def read(lifetime_id: str) -> None:
+        async with gate:
+            with contextlib.suppress(Exception):
+                states[lifetime_id] = (await client.get_lifetime(lifetime_id)).state
+
+    while pending:
+        await asyncio.gather(*(read(lt) for lt in pending))
+        pending = [lt for lt in pending if states.get(lt) not in TERMINAL_STATES]
+        if not pending or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    return states
+
+
 class HarnessError(AssertionError):
     """The harness could not do what the test asked (a service did not start, exit, ...)."""
 

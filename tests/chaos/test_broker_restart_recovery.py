@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 
 from tests.chaos import report
 from tests.chaos.conftest import ClusterFactory
-from tests.chaos.harness import figure
+from tests.chaos.harness import figure, wait_terminal
 from tickmesh.sdk import (
     Client,
     Decision,
@@ -172,7 +172,7 @@ async def test_lifetimes_complete_soon_after_nats_server_is_back(
         stopping.set()
         await asyncio.gather(*starters, return_exceptions=True)
 
-    states = await wait_completed(client, started, SETTLE_S)
+    states = await wait_terminal(client, started, SETTLE_S)
     completed = sum(1 for s in states.values() if s == "completed")
     report.record(
         report.Row(
@@ -197,25 +197,3 @@ async def test_lifetimes_complete_soon_after_nats_server_is_back(
         f"{max(recoveries):.2f}s after "
         f"(bound {RECOVERY_BOUND_S:g}s): {recoveries}"
     )
-
-
-async def wait_completed(client: Client, ids: list[str], within: float) -> dict[str, str]:
-    """The state of every lifetime, once each is terminal (or ``within`` has passed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    states: dict[str, str] = {}
-    pending = list(ids)
-    gate = asyncio.Semaphore(8)
-
-    async def read(lifetime_id: str) -> None:
-        async with gate:
-            with contextlib.suppress(Exception):
-                states[lifetime_id] = (await client.get_lifetime(lifetime_id)).state
-
-    while pending:
-        await asyncio.gather(*(read(lt) for lt in pending))
-        pending = [lt for lt in pending if states.get(lt) not in ("completed", "failed", "aborted")]
-        if not pending or loop.time() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    return states

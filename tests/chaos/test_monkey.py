@@ -73,7 +73,7 @@ from nats.aio.msg import Msg
 from tests.chaos import report
 from tests.chaos.auditor import audit_lifetime
 from tests.chaos.conftest import ClusterFactory
-from tests.chaos.harness import SERVICES, Cluster, ServiceName, figure
+from tests.chaos.harness import SERVICES, Cluster, ServiceName, figure, wait_terminal
 from tests.support.audit import AuditReport, record_of
 from tickmesh.sdk import (
     Client,
@@ -515,28 +515,6 @@ async def check_alive(cluster: Cluster, busy: set[str]) -> None:
             raise AssertionError(
                 f"{name} exited on its own (status {code}); log:\n{cluster.log_tail(name)}"
             )
-
-
-async def wait_terminal(client: Client, ids: list[str], within: float) -> dict[str, str]:
-    """The state of every lifetime, once each is terminal (or ``within`` has passed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    states: dict[str, str] = {}
-    pending = list(ids)
-    gate = asyncio.Semaphore(8)
-
-    async def read(lifetime_id: str) -> None:
-        async with gate:
-            with contextlib.suppress(Exception):
-                states[lifetime_id] = (await client.get_lifetime(lifetime_id)).state
-
-    while pending:
-        await asyncio.gather(*(read(lt) for lt in pending))
-        pending = [lt for lt in pending if states.get(lt) not in ("completed", "failed", "aborted")]
-        if not pending or loop.time() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    return states
 
 
 async def audit_all(cluster: Cluster, ids: list[str]) -> tuple[dict[str, AuditReport], list[str]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import uuid
 
-import pytest
-
 from tickmesh.sdk import execution_id, ids, uuid7
 from tickmesh.sdk.ids import is_valid_tenant_id
 
@@ -50,7 +48,6 @@ def test_uuid7_embeds_the_current_millisecond() -> None:
     assert before <= value <= after + 1
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_does_not_reuse_the_parents_random_pool() -> None:
     uuid7()  # the parent holds a partly used pool
     with ids._lock:
