@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime import steps
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.timestamps import timestamp_ns, timestamp_of
 from tickmesh.sdk import encode_envelope, execution_id
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import (
@@ -37,7 +38,6 @@ from tickmesh.v1 import (
 )
 
 DEFAULT_MAX_ITERATIONS = 100
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 START_GROUP = "start"
 
 LS = lifetime_pb2
@@ -103,11 +103,8 @@ class Lifetime:
     def __post_init__(self) -> None:
         self.nodes = {n.id: n for n in self.graph.nodes}
         self.names = TenantNames(self.state.lifetime.tenant_id)
-        # As Timestamp.FromDatetime would (a naive ``now`` is UTC), without its calendar work.
-        delta = (self.now if self.now.tzinfo else self.now.replace(tzinfo=UTC)) - _EPOCH
-        seconds = delta.days * 86_400 + delta.seconds
-        self._now_ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
-        self.now_ns = seconds * 1_000_000_000 + delta.microseconds * 1000
+        self._now_ts = timestamp_of(self.now)
+        self.now_ns = timestamp_ns(self._now_ts)
         """``now`` in nanoseconds since the epoch."""
         self._header: header_pb2.EnvelopeHeader | None = None
         """What every header of this decision shares (see ``base_header``)."""

@@ -21,6 +21,7 @@ from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import EMPTY_USAGE, EvaluationContext, PolicyEngine, Usage
 from tickmesh.runtime.policy.sources import tenant_windows
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.timestamps import timestamp_ns
 from tickmesh.runtime.tracing import end_evaluation_span, evaluation_span
 from tickmesh.v1 import graph_pb2, guardrail_pb2, header_pb2, telemetry_pb2
 
@@ -141,10 +142,7 @@ def lifetime_usage(
         maxima["fanout"] = fanout
     elapsed = 0.0
     if view.HasField("created_at"):
-        created = view.created_at
-        # Whole microseconds, as datetimes hold them.
-        created_ns = created.seconds * 1_000_000_000 + created.nanos // 1000 * 1000
-        elapsed = max(0.0, (lifetime.now_ns - created_ns) / 1e9)
+        elapsed = max(0.0, (lifetime.now_ns - timestamp_ns(view.created_at)) / 1e9)
     totals = view.totals
     # One Usage built directly: this runs twice per step.
     return Usage(

@@ -37,6 +37,7 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tenant_links import TenantLink
+from tickmesh.runtime.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
@@ -215,14 +216,10 @@ class Processor:
         mine = tenant.published.pop(lifetime_id, set())
         if not state.outbox:
             return False
-        # In nanoseconds, to the microsecond as datetimes hold it (Timestamp.ToDatetime
-        # per entry costs more than the rest of the pruning).
-        cutoff = _nanoseconds(now - self._retention)
+        # In nanoseconds (Timestamp.ToDatetime per entry costs more than the rest of it).
+        cutoff = epoch_ns(now - self._retention)
         keep = [
-            e
-            for e in state.outbox
-            if e.key not in mine
-            and e.created_at.seconds * 1_000_000_000 + e.created_at.nanos // 1000 * 1000 > cutoff
+            e for e in state.outbox if e.key not in mine and timestamp_ns(e.created_at) > cutoff
         ]
         if len(keep) == len(state.outbox):
             return False
@@ -282,12 +279,3 @@ def retrace(lt: core.Lifetime) -> None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _nanoseconds(at: datetime) -> int:
-    """``at`` (timezone-aware) in nanoseconds since the epoch."""
-    delta = at - _EPOCH
-    return ((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000

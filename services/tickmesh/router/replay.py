@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.timestamps import set_timestamp
 from tickmesh.sdk import ChannelSecurity
 from tickmesh.sdk._transport import create_channel
 from tickmesh.v1 import (
@@ -100,18 +101,12 @@ class ExecutionStore(Protocol):
     ) -> Sequence[Any]: ...
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def ref_of(stored: StoredRecord) -> execution_pb2.ExecutionRef:
     envelope = envelope_pb2.ExecutionEnvelope.FromString(stored.envelope)
     ref = execution_pb2.ExecutionRef(store_sequence=stored.store_sequence)
-    # What Timestamp.FromDatetime computes (a naive time is UTC), at a fraction of its cost:
-    # a fork reads every record of the history before it can decide anything.
-    at = stored.persisted_at
-    since = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _EPOCH
-    ref.persisted_at.seconds = since.days * 86_400 + since.seconds
-    ref.persisted_at.nanos = since.microseconds * 1000
+    # Not Timestamp.FromDatetime: a fork reads every record of the history before it can
+    # decide anything.
+    set_timestamp(ref.persisted_at, stored.persisted_at)
     if envelope.HasField("task_execution"):
         ref.task_execution.CopyFrom(envelope.task_execution)
     else:

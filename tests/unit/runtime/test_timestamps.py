@@ -1,0 +1,49 @@
+"""The runtime's epoch arithmetic gives what protobuf's Timestamp conversions give."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from tickmesh.runtime.timestamps import (
+    epoch_ns,
+    epoch_parts,
+    set_timestamp,
+    timestamp_ns,
+    timestamp_of,
+)
+
+MOMENTS = [
+    datetime(2026, 12, 5, 9, 10, 11, 123456, tzinfo=UTC),
+    datetime(2026, 12, 5, 9, 10, 11, 123456),  # naive: UTC
+    datetime(2026, 12, 5, 11, 10, 11, 999999, tzinfo=timezone(timedelta(hours=2))),
+    datetime(1970, 1, 1, tzinfo=UTC),
+    datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC),  # before the epoch
+]
+
+
+def from_datetime(at: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+@pytest.mark.parametrize("at", MOMENTS, ids=str)
+def test_a_datetime_converts_as_from_datetime_converts_it(at: datetime) -> None:
+    expected = from_datetime(at)
+    assert epoch_parts(at) == (expected.seconds, expected.nanos)
+    assert timestamp_of(at) == expected
+    target = timestamp_pb2.Timestamp()
+    set_timestamp(target, at)
+    assert target == expected
+    assert epoch_ns(at) == expected.ToNanoseconds()
+
+
+@pytest.mark.parametrize("at", MOMENTS, ids=str)
+def test_timestamp_ns_keeps_whole_microseconds_as_to_datetime_does(at: datetime) -> None:
+    ts = from_datetime(at)
+    ts.nanos += 789  # below a microsecond: a datetime cannot hold it
+    assert timestamp_ns(ts) == epoch_ns(ts.ToDatetime(tzinfo=UTC))
+    assert timestamp_ns(ts) == epoch_ns(at)
