@@ -41,6 +41,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.support.nats_configs import make_tls_files
+from tests.support.settings import load_settings
 from tickmesh.cli.config import SETTINGS
 from tickmesh.cli.main import SERVICES, build_parser, main
 from tickmesh.runtime.embedded_nats import nats_server_path
@@ -112,18 +113,6 @@ def render_tenants(directory: Path, *tenants: str) -> None:
         code = main(["tenant", "create", tenant, "--dir", str(directory)], out=out)
         assert code == 0, out.getvalue()
     assert (directory / "accounts.conf").is_file()
-
-
-def load_settings(
-    monkeypatch: pytest.MonkeyPatch, service: str, env: Mapping[str, str]
-) -> ServiceSettings:
-    """``service``'s settings with exactly ``env`` in the environment."""
-    with monkeypatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("TICKMESH_")]:
-            patch.delenv(name)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        return SETTINGS[service]()
 
 
 def host_port(url: str) -> tuple[str | None, int | None]:

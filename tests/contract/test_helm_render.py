@@ -5,18 +5,17 @@ extra), so what a cluster would receive is checked, not only the templates' text
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tickmesh.cli.config import SETTINGS
+from tests.support.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "tickmesh"
@@ -66,16 +65,6 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
-def settings_with(monkeypatch: pytest.MonkeyPatch, component: str, env: Mapping[str, str]) -> Any:
-    """``component``'s settings with exactly ``env`` in the environment."""
-    with monkeypatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("TICKMESH_")]:
-            patch.delenv(name)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        return SETTINGS[component]()
-
-
 def test_chart_passes_helm_lint_strict() -> None:
     out = run_helm("lint", str(CHART), "--strict", "--set", "config.tenants={acme,globex}")
     assert "0 chart(s) failed" in out
@@ -119,7 +108,7 @@ def test_rendered_config_is_every_services_tickmesh_yaml(
         mounted = {m["mountPath"] for m in container["volumeMounts"]}
         assert env["TICKMESH_CONFIG"] in mounted, component
         # The service's settings as the pod would load them: its environment, the mounted file.
-        settings = settings_with(monkeypatch, component, {**env, "TICKMESH_CONFIG": str(path)})
+        settings = load_settings(monkeypatch, component, {**env, "TICKMESH_CONFIG": str(path)})
         assert settings.tenants == ["acme", "globex"], component
         assert settings.nats_tenant_dir == "/etc/tickmesh/tenants", component
         assert len(settings.nats_servers) == settings.nats_replicas == 3, component

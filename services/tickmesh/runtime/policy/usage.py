@@ -101,29 +101,7 @@ class Usage:
 
     def plus(self, other: Usage) -> Usage:
         """This usage combined with another (counters add, high-water marks and maxima max)."""
-        maxima = dict(self.max_values)
-        for name, value in other.max_values.items():
-            mine = maxima.get(name)
-            # `not mine >= value` also replaces a NaN already held, so NaN never hides a value.
-            if mine is None or not mine >= value:
-                maxima[name] = value
-        custom = dict(self.custom)
-        for name, value in other.custom.items():
-            custom[name] = custom.get(name, 0.0) + value
-        return Usage(
-            executions=self.executions + other.executions,
-            input_tokens=self.input_tokens + other.input_tokens,
-            output_tokens=self.output_tokens + other.output_tokens,
-            cost_micros=self.cost_micros + other.cost_micros,
-            model_calls=self.model_calls + other.model_calls,
-            tool_calls=self.tool_calls + other.tool_calls,
-            iterations=max(self.iterations, other.iterations),
-            wall_time_s=self.wall_time_s + other.wall_time_s,
-            fanout=max(self.fanout, other.fanout),
-            depth=max(self.depth, other.depth),
-            max_values=MappingProxyType(maxima),
-            custom=MappingProxyType(custom),
-        )
+        return self.plus_all((other,))
 
     def plus_all(self, others: Iterable[Usage]) -> Usage:
         """This usage combined with each of ``others`` in turn: the same result as
@@ -153,7 +131,8 @@ class Usage:
             depth = max(depth, other.depth)
             for name, value in other.max_values.items():
                 mine = maxima.get(name)
-                if mine is None or not mine >= value:  # as in plus: NaN never hides a value
+                # `not mine >= value` also replaces a NaN already held, so NaN never hides a value.
+                if mine is None or not mine >= value:
                     maxima[name] = value
             for name, value in other.custom.items():
                 custom[name] = custom.get(name, 0.0) + value
