@@ -1,13 +1,14 @@
 """Consumes refs to durable executions in batches and routes them.
 
-Refs of one lifetime are applied together in one compare-and-set; different
-lifetimes are handled concurrently. A ref is acked only after the decisions it
-led to are durable and published.
+Refs of one lifetime are applied together in one compare-and-set. A batch is
+routed in phases: every lifetime's decision, then one round of compare-and-set
+writes for all of them, one round of publishes, one write of acks (per lifetime,
+each of those would be a round trip and a flush of its own). A ref is acked only
+after the decisions it led to are durable and published.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from tickmesh.sdk.tracing import (
 from tickmesh.v1 import execution_pb2
 
 from . import core
-from .processor import Processor, Tenant
+from .processor import Applied, Job, Mutation, Processor, Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -102,79 +103,81 @@ class RefConsumer:
             by_lifetime[envelope.header.lifetime_id].append((msg, ref, key))
         if rejects:
             await self._dead_letter(rejects)
-        await asyncio.gather(*(self._route(lid, items) for lid, items in by_lifetime.items()))
+        await self._route(by_lifetime)
 
     async def _route(
-        self, lifetime_id: str, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
+        self, by_lifetime: dict[str, list[tuple[Msg, execution_pb2.ExecutionRef, str]]]
     ) -> None:
-        # Each lifetime is routed in its own task, so the log context stays with it.
-        with log_context(tenant=self._tenant.names.tenant, lifetime=lifetime_id):
-            await self._route_items(lifetime_id, items)
+        """Decide for every lifetime of the batch, then write all their states in one
+        round, publish all they decided in another, and ack in one write."""
+        tenant_id = self._tenant.names.tenant
+        jobs: list[Job] = []
+        spans: list[list[Span | None]] = []
+        for lifetime_id, items in by_lifetime.items():
+            self._record_usage(items)
+            item_spans = self._route_spans(items)
+            spans.append(item_spans)
+            jobs.append(
+                Job(
+                    lifetime_id,
+                    _mutation(tenant_id, lifetime_id, items, item_spans),
+                    [key for _, _, key in items],
+                )
+            )
+        results = await self._processor.apply_batch(self._tenant, jobs)
 
-    async def _route_items(
-        self, lifetime_id: str, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
-    ) -> None:
+        acks: list[Msg] = []
+        for job, item_spans, result in zip(jobs, spans, results, strict=True):
+            items = by_lifetime[job.lifetime_id]
+            if isinstance(result, Applied):
+                _end_spans(item_spans)
+                self._count_steps(result, items)
+                acks.extend(msg for msg, _, _ in items)
+            elif isinstance(result, NotFoundError):
+                _end_spans(item_spans, f"unknown lifetime: {result}")
+                for msg, _, _ in items:
+                    await term(msg, f"ref for an unknown lifetime: {result}")
+                logger.error("refs for unknown lifetime %s dropped", job.lifetime_id)
+            else:
+                _end_spans(item_spans, f"routing failed, redelivered: {result}")
+                with log_context(tenant=tenant_id, lifetime=job.lifetime_id):
+                    logger.error(
+                        "routing lifetime %s failed; its refs will be redelivered",
+                        job.lifetime_id,
+                        exc_info=result,
+                    )
+                for msg, _, _ in items:
+                    await msg.nak(delay=0.2)
+        crash_point("router_after_dispatch_before_ack")
+        await ack_all(acks)
+
+    def _record_usage(self, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]) -> None:
         # Every ref is a stored execution: count it in the tenant's usage (once per key)
         # before deciding, so its own post-result rules see it.
         record_usage = getattr(self._tenant.guard, "record_execution", None)
-        if record_usage is not None:
-            for _, ref, key in items:
-                record = (
-                    ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
-                )
-                persisted = (
-                    ref.persisted_at.ToDatetime(tzinfo=UTC)
-                    if ref.HasField("persisted_at")
-                    else datetime.now(UTC)
-                )
-                record_usage(key, record.result.telemetry, persisted)
-
-        spans = self._route_spans(items)
-
-        def mutate(lt: core.Lifetime) -> bool:
-            changed = False
-            for i, (_, ref, _) in enumerate(items):
-                span = spans[i] if spans else None
-                if span is None:
-                    applied = core.on_execution(lt, ref)
-                else:
-                    # Current while deciding, so guardrail evaluations become its children.
-                    with use_span(span, end_on_exit=False):
-                        applied = core.on_execution(lt, ref)
-                changed = changed or applied
-            return changed
-
-        try:
-            applied = await self._processor.apply(
-                self._tenant, lifetime_id, mutate, [key for _, _, key in items]
-            )
-        except NotFoundError as exc:
-            _end_spans(spans, f"unknown lifetime: {exc}")
-            for msg, _, _ in items:
-                await term(msg, f"ref for an unknown lifetime: {exc}")
-            logger.error("refs for unknown lifetime %s dropped", lifetime_id)
+        if record_usage is None:
             return
-        except Exception as exc:
-            _end_spans(spans, f"routing failed, redelivered: {exc}")
-            logger.exception(
-                "routing lifetime %s failed; its refs will be redelivered", lifetime_id
+        for _, ref, key in items:
+            record = ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+            persisted = (
+                ref.persisted_at.ToDatetime(tzinfo=UTC)
+                if ref.HasField("persisted_at")
+                else datetime.now(UTC)
             )
-            for msg, _, _ in items:
-                await msg.nak(delay=0.2)
+            record_usage(key, record.result.telemetry, persisted)
+
+    def _count_steps(
+        self, applied: Applied, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
+    ) -> None:
+        if not applied.changed or self._metrics is None:
             return
-        _end_spans(spans)
-        if applied.changed and self._metrics is not None:
-            graph = applied.lifetime.view.graph.id
-            for _, ref, _ in items:
-                record = (
-                    ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+        graph = applied.lifetime.view.graph.id
+        for _, ref, _ in items:
+            record = ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
+            if record.HasField("finished_at"):
+                self._metrics.step_applied(
+                    self._tenant.names.tenant, graph, record.finished_at.ToNanoseconds()
                 )
-                if record.HasField("finished_at"):
-                    self._metrics.step_applied(
-                        self._tenant.names.tenant, graph, record.finished_at.ToNanoseconds()
-                    )
-        crash_point("router_after_dispatch_before_ack")
-        await ack_all([msg for msg, _, _ in items])
 
     def _route_spans(
         self, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
@@ -236,3 +239,29 @@ def _end_spans(spans: list[Span | None], error: str = "") -> None:
         if error:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
+
+
+def _mutation(
+    tenant_id: str,
+    lifetime_id: str,
+    items: list[tuple[Msg, execution_pb2.ExecutionRef, str]],
+    spans: list[Span | None],
+) -> Mutation:
+    """Apply the lifetime's refs in order (with the lifetime's log context, and each
+    ref's span current while it is decided, so guardrail evaluations become its
+    children)."""
+
+    def mutate(lt: core.Lifetime) -> bool:
+        changed = False
+        with log_context(tenant=tenant_id, lifetime=lifetime_id):
+            for i, (_, ref, _) in enumerate(items):
+                span = spans[i] if spans else None
+                if span is None:
+                    applied = core.on_execution(lt, ref)
+                else:
+                    with use_span(span, end_on_exit=False):
+                        applied = core.on_execution(lt, ref)
+                changed = changed or applied
+        return changed
+
+    return mutate

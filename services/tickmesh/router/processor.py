@@ -17,16 +17,18 @@ write once their messages are known to be out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from nats.js.api import PubAck
 from opentelemetry.trace import Link, Span, Tracer, get_current_span, use_span
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.runtime.nats import Outgoing, publish_batch
+from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch, publish_each
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
     HDR_LIFETIME,
@@ -77,6 +79,34 @@ Mutation = Callable[[core.Lifetime], bool]
 class Applied:
     lifetime: core.Lifetime
     changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Inputs to apply to one lifetime (see :meth:`Processor.apply`)."""
+
+    lifetime_id: str
+    mutate: Mutation
+    keys: Sequence[str]
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A decision taken and not yet durable: what to write and publish."""
+
+    job: Job
+    lt: core.Lifetime
+    revision: int
+    """The lifetime's revision the decision was taken on (the compare-and-set's)."""
+    changed: bool
+    write: bool
+    pending: list[rs.OutMessage]
+    """Messages recorded for these inputs before (a redelivery) and maybe never out."""
+
+    def queue_pending(self) -> None:
+        # Ahead of the new messages, as they were decided first.
+        if self.pending:
+            self.lt.out[:0] = self.pending
 
 
 class Processor:
@@ -156,33 +186,115 @@ class Processor:
         ``keys`` name the inputs being applied (e.g. one per ref); an input whose
         key already has an outbox entry is republished rather than decided again.
         """
+        job = Job(lifetime_id, mutate, keys)
         for attempt in range(MAX_CAS_RETRIES):
-            loaded = await tenant.store.load(lifetime_id, fresh=attempt > 0)
-            if loaded is None:
-                raise NotFoundError(f"no lifetime {lifetime_id!r}")
-            state = loaded.state
-            graph = await tenant.store.get_graph(
-                state.lifetime.graph.id, state.lifetime.graph.version
-            )
-            lt = core.Lifetime(state, graph, self._producer, _now(), tenant.guard)
-            pending = self._pending_for(state, keys)
-            pruned = self._prune(tenant, lifetime_id, state, lt.now)
-            changed = mutate(lt)
-            if changed:
-                self._add_outbox(lt, ",".join(keys))
-            if changed or pruned:
+            staged = await self._stage(tenant, job, fresh=attempt > 0)
+            if staged.write:
                 try:
-                    await tenant.store.update(lt.state, loaded.revision)
+                    await tenant.store.update(staged.lt.state, staged.revision)
                 except ConflictError:
                     continue
-            if pending:
-                # Redelivered input whose decision was recorded but maybe never published.
-                lt.out[:0] = pending
-            await self._publish(tenant, lt)
-            if changed:
-                self._published(tenant, lt, ",".join(keys))
-            return Applied(lt, changed)
+            staged.queue_pending()
+            await self._publish(tenant, staged.lt)
+            return self._settled(tenant, staged)
         raise ConflictError(f"lifetime {lifetime_id}: too much contention")
+
+    async def apply_batch(self, tenant: Tenant, jobs: Sequence[Job]) -> list[Applied | Exception]:
+        """:meth:`apply` for jobs on different lifetimes, with one round of
+        compare-and-set writes and one round of publishes for all of them: for each
+        job, what it applied or why it did not (each job stands alone, so one failure
+        leaves the others applied). A job whose write lost a race is applied again on
+        its own, from the lifetime's stored state.
+        """
+        results: list[Applied | Exception | None] = [None] * len(jobs)
+        # Lifetimes not in the cache (e.g. after a restart) are read concurrently, not
+        # one after another while deciding; a failed read fails its job below.
+        await asyncio.gather(
+            *(
+                tenant.store.load(job.lifetime_id)
+                for job in jobs
+                if not tenant.store.is_cached(job.lifetime_id)
+            ),
+            return_exceptions=True,
+        )
+        staged: list[tuple[int, _Staged]] = []
+        for i, job in enumerate(jobs):
+            try:
+                staged.append((i, await self._stage(tenant, job, fresh=False)))
+            except Exception as exc:
+                results[i] = exc
+
+        writing = [(i, s) for i, s in staged if s.write]
+        written = await tenant.store.update_many([(s.lt.state, s.revision) for _, s in writing])
+        lost_race: list[int] = []
+        for (i, _), outcome in zip(writing, written, strict=True):
+            if isinstance(outcome, ConflictError):
+                lost_race.append(i)
+            elif isinstance(outcome, Exception):
+                results[i] = outcome
+
+        ready = [(i, s) for i, s in staged if results[i] is None and i not in lost_race]
+        outgoing: list[Outgoing] = []
+        spans: list[tuple[int, _Staged, int, int]] = []
+        for i, s in ready:
+            s.queue_pending()
+            first = len(outgoing)
+            outgoing.extend(self._outgoing(tenant, s.lt))
+            spans.append((i, s, first, len(outgoing)))
+        try:
+            answers: list[PubAck | BaseException] = await publish_each(tenant.link.js, outgoing)
+        except Exception as exc:  # not sent at all (e.g. the connection is closed)
+            answers = [exc] * len(outgoing)
+        for i, s, first, end in spans:
+            failures = [
+                (outgoing[k], answer)
+                for k, answer in enumerate(answers[first:end], first)
+                if isinstance(answer, BaseException)
+            ]
+            if failures:
+                results[i] = PublishError(failures)
+                continue
+            try:
+                if s.lt.cancels:
+                    await self._cancel(tenant, s.lt)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            results[i] = self._settled(tenant, s)
+
+        if lost_race:
+            retried = await asyncio.gather(
+                *(
+                    self.apply(tenant, jobs[i].lifetime_id, jobs[i].mutate, jobs[i].keys)
+                    for i in lost_race
+                ),
+                return_exceptions=True,
+            )
+            for i, again in zip(lost_race, retried, strict=True):
+                if not isinstance(again, Applied | Exception):
+                    raise again
+                results[i] = again
+        return [r if r is not None else RuntimeError("job not applied") for r in results]
+
+    async def _stage(self, tenant: Tenant, job: Job, *, fresh: bool) -> _Staged:
+        """Load the lifetime and decide: what is to be written and published."""
+        loaded = await tenant.store.load(job.lifetime_id, fresh=fresh)
+        if loaded is None:
+            raise NotFoundError(f"no lifetime {job.lifetime_id!r}")
+        state = loaded.state
+        graph = await tenant.store.get_graph(state.lifetime.graph.id, state.lifetime.graph.version)
+        lt = core.Lifetime(state, graph, self._producer, _now(), tenant.guard)
+        pending = self._pending_for(state, job.keys)
+        pruned = self._prune(tenant, job.lifetime_id, state, lt.now)
+        changed = job.mutate(lt)
+        if changed:
+            self._add_outbox(lt, ",".join(job.keys))
+        return _Staged(job, lt, loaded.revision, changed, changed or pruned, pending)
+
+    def _settled(self, tenant: Tenant, staged: _Staged) -> Applied:
+        if staged.changed:
+            self._published(tenant, staged.lt, ",".join(staged.job.keys))
+        return Applied(staged.lt, staged.changed)
 
     @staticmethod
     def _published(tenant: Tenant, lt: core.Lifetime, key: str) -> None:
@@ -228,6 +340,12 @@ class Processor:
         return True
 
     async def _publish(self, tenant: Tenant, lt: core.Lifetime) -> None:
+        await publish_batch(tenant.link.js, self._outgoing(tenant, lt))
+        if lt.cancels:
+            await self._cancel(tenant, lt)
+
+    @staticmethod
+    def _outgoing(tenant: Tenant, lt: core.Lifetime) -> list[Outgoing]:
         traced = lt.state.trace_context.traceparent
         tenant_id = tenant.names.tenant
         lifetime_id = lt.view.lifetime_id
@@ -244,9 +362,7 @@ class Processor:
             if traced:
                 headers[HDR_TRACEPARENT] = traced
             outgoing.append(Outgoing(subject=m.subject, data=m.data, headers=headers))
-        await publish_batch(tenant.link.js, outgoing)
-        if lt.cancels:
-            await self._cancel(tenant, lt)
+        return outgoing
 
     async def _cancel(self, tenant: Tenant, lt: core.Lifetime) -> None:
         """Ask executor pools (core NATS, best effort) to stop the lifetime's work."""

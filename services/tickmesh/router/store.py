@@ -13,11 +13,13 @@ a failed CAS evicts the entry.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -127,6 +129,50 @@ class RouterStore:
             raise
         self._remember(lifetime_id, state, new_revision)
         return new_revision
+
+    async def update_many(
+        self, writes: Sequence[tuple[rs.RouterLifetime, int]]
+    ) -> list[int | Exception]:
+        """:meth:`update` for lifetimes of different ids in one round of writes: for each,
+        its new revision, a :class:`ConflictError`, or why it is not known to be written.
+        Each write stands alone."""
+        if not isinstance(self._writer, CasWriter):  # a writer of one key at a time
+            results = await asyncio.gather(
+                *(self.update(state, revision) for state, revision in writes),
+                return_exceptions=True,
+            )
+            for result in results:
+                if not isinstance(result, int | Exception):
+                    raise result
+            return cast(list[int | Exception], results)
+        answers = await self._writer.update_many(
+            [
+                (lifetime_key(state.lifetime.lifetime_id), state.SerializeToString(), revision)
+                for state, revision in writes
+            ]
+        )
+        outcomes: list[int | Exception] = []
+        for (state, _), answer in zip(writes, answers, strict=True):
+            lifetime_id = state.lifetime.lifetime_id
+            if isinstance(answer, int):
+                self._remember(lifetime_id, state, answer)
+                outcomes.append(answer)
+                continue
+            # Refused or unanswered: the cached revision is no longer known to be the
+            # latest (see update).
+            self._cache.pop(lifetime_id, None)
+            if isinstance(answer, KeyWrongLastSequenceError):
+                conflict = ConflictError(lifetime_id)
+                conflict.__cause__ = answer
+                outcomes.append(conflict)
+            elif isinstance(answer, Exception):
+                outcomes.append(answer)
+            else:
+                raise answer
+        return outcomes
+
+    def is_cached(self, lifetime_id: str) -> bool:
+        return lifetime_id in self._cache
 
     @property
     def cached_lifetimes(self) -> int:

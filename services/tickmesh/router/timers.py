@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
@@ -49,6 +49,15 @@ class ObservedRouterStore(RouterStore):
         new_revision = await super().update(state, revision)
         self._observe(state)
         return new_revision
+
+    async def update_many(
+        self, writes: Sequence[tuple[rs.RouterLifetime, int]]
+    ) -> list[int | Exception]:
+        outcomes = await super().update_many(writes)
+        for (state, _), outcome in zip(writes, outcomes, strict=True):
+            if isinstance(outcome, int):
+                self._observe(state)
+        return outcomes
 
     def _observe(self, state: rs.RouterLifetime) -> None:
         if self.observer is not None:

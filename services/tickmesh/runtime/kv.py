@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from nats.js.errors import APIError, InvalidKeyError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from .nats import Outgoing, PublishError, publish_batch
+from .nats import Outgoing, publish_each
 
 _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 """JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr."""
@@ -59,15 +60,39 @@ class CasWriter:
             Exception: The write was not answered (e.g. ``LinkLostError`` when the
                 connection dropped, or ``TimeoutError``): it may or may not have landed.
         """
-        if not _VALID_KEY.fullmatch(key) or key[0] == "." or key[-1] == ".":
-            raise InvalidKeyError(key)
-        headers = {_EXPECTED_LAST: str(last)}
-        try:
-            (ack,) = await publish_batch(self._js, [Outgoing(self._prefix + key, value, headers)])
-        except PublishError as exc:
-            ((_, error),) = exc.failures
-            if is_wrong_last_sequence(error):
-                assert isinstance(error, APIError)
-                raise KeyWrongLastSequenceError(description=error.description) from exc
-            raise error from exc
-        return ack.seq
+        (outcome,) = await self.update_many([(key, value, last)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def update_many(
+        self, writes: Sequence[tuple[str, bytes, int]]
+    ) -> list[int | BaseException]:
+        """:meth:`update` for several keys at once (one publish round): for each write,
+        its new revision or what :meth:`update` would have raised. Each write stands
+        alone: one refused leaves the others as they are."""
+        outcomes: list[int | BaseException] = [InvalidKeyError(key) for key, _, _ in writes]
+        valid = [
+            i
+            for i, (key, _, _) in enumerate(writes)
+            if _VALID_KEY.fullmatch(key) and key[0] != "." and key[-1] != "."
+        ]
+        sent = [
+            Outgoing(self._prefix + writes[i][0], writes[i][1], {_EXPECTED_LAST: str(writes[i][2])})
+            for i in valid
+        ]
+        for i, answer in zip(valid, await publish_each(self._js, sent), strict=True):
+            if isinstance(answer, BaseException):
+                outcomes[i] = _as_update_error(answer)
+            else:
+                outcomes[i] = answer.seq
+        return outcomes
+
+
+def _as_update_error(error: BaseException) -> BaseException:
+    if is_wrong_last_sequence(error):
+        assert isinstance(error, APIError)
+        wrong = KeyWrongLastSequenceError(description=error.description)
+        wrong.__cause__ = error
+        return wrong
+    return error

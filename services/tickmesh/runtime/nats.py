@@ -559,6 +559,25 @@ async def publish_batch(
             wrong last sequence); the caller must not ack its inputs (they will be
             redelivered, and deterministic message ids make the retry safe).
     """
+    outcomes = await publish_each(js, messages, ack_timeout=ack_timeout)
+    acks: list[PubAck] = []
+    failures: list[tuple[Outgoing, BaseException]] = []
+    for msg, result in zip(messages, outcomes, strict=True):
+        if isinstance(result, PubAck):
+            acks.append(result)
+        else:
+            failures.append((msg, result))
+    if failures:
+        raise PublishError(failures)
+    return acks
+
+
+async def publish_each(
+    js: JetStreamContext, messages: Sequence[Outgoing], *, ack_timeout: float = PUBLISH_ACK_TIMEOUT
+) -> list[PubAck | BaseException]:
+    """:func:`publish_batch`, answering for each message on its own: its PubAck, or why
+    it is not known to be stored (for a batch that carries the work of several
+    independent callers, each of which settles its own inputs)."""
     if not messages:
         return []
     nc: NatsClient = js._nc
@@ -605,16 +624,7 @@ async def publish_batch(
             break
         if todo:
             logger.info("publishing %d message(s) again after a reconnect", len(todo))
-    acks: list[PubAck] = []
-    failures: list[tuple[Outgoing, BaseException]] = []
-    for msg, result in zip(messages, outcomes, strict=True):
-        if isinstance(result, PubAck):
-            acks.append(result)
-        else:
-            failures.append((msg, result or TimeoutError("no PubAck")))
-    if failures:
-        raise PublishError(failures)
-    return acks
+    return [outcome if outcome is not None else TimeoutError("no PubAck") for outcome in outcomes]
 
 
 async def ack_all(msgs: Sequence[Msg]) -> None:

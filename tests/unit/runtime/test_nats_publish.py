@@ -17,6 +17,7 @@ from nats.js.api import PubAck
 from nats.js.errors import (
     APIError,
     BadRequestError,
+    InvalidKeyError,
     KeyWrongLastSequenceError,
     ServiceUnavailableError,
 )
@@ -207,6 +208,31 @@ async def test_a_cas_write_expects_the_last_revision_and_maps_a_refusal_to_a_con
     with pytest.raises(KeyWrongLastSequenceError):
         await writer.update("lt.x", b"v", last=4)
     assert [s for s, _, _, _ in nc.sent] == ["$KV.b.lt.x", "$KV.b.lt.x"]
+
+
+async def test_cas_writes_of_several_keys_go_out_in_one_round_and_fail_alone() -> None:
+    def answer(subject: str, headers: dict[str, str], data: bytes) -> bytes:
+        if subject.endswith(".b"):
+            return wrong_last(9)
+        last = int(headers["Nats-Expected-Last-Subject-Sequence"])
+        return json.dumps({"stream": "KV_b", "seq": last + 1}).encode()
+
+    nc = FakeServer(answer)
+    kv = cast(KeyValue, SimpleNamespace(_js=tm_nats.jetstream(nc), _pre="$KV.b."))
+    writer = CasWriter(kv)
+
+    outcomes = await writer.update_many(
+        [("lt.a", b"1", 3), ("lt.b", b"2", 4), ("bad key", b"3", 5), ("lt.c", b"4", 7)]
+    )
+
+    assert outcomes[0] == 4
+    assert outcomes[3] == 8
+    assert isinstance(outcomes[1], KeyWrongLastSequenceError)
+    assert isinstance(outcomes[2], InvalidKeyError)
+    # The invalid key is never sent; the other three go out as one round (one reply
+    # subject prefix, one future).
+    assert [s for s, _, _, _ in nc.sent] == ["$KV.b.lt.a", "$KV.b.lt.b", "$KV.b.lt.c"]
+    assert len({reply.rsplit(".", 1)[0] for _, reply, _, _ in nc.sent}) == 1
 
 
 async def test_acks_go_out_in_one_write_and_are_refused_a_second_time() -> None:

@@ -1,0 +1,127 @@
+"""The router applies a consumer batch in phases (one round of compare-and-set writes,
+one round of publishes) and each lifetime of it still stands alone: an unknown one,
+one whose write lost a race and one whose publish JetStream refused change nothing
+for the others. Against a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import nats
+import pytest
+from nats.js.api import DeliverPolicy
+
+from tests.support.nats_server import new_tenant
+from tests.unit.router.test_core import PRODUCER, hello_graph, payload
+from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.router import core
+from tickmesh.router.processor import Applied, Job, Mutation, Processor, Tenant
+from tickmesh.router.store import RouterStore
+from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.kv import CasWriter
+from tickmesh.runtime.nats import PublishError, jetstream
+from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.tenant_links import TenantLink
+from tickmesh.sdk import NotFoundError, decode_envelope
+from tickmesh.v1 import lifetime_pb2
+
+LS = lifetime_pb2
+
+
+@pytest.fixture
+async def tenant(nats_server: EmbeddedNats) -> AsyncIterator[Tenant]:
+    nc = await nats.connect(nats_server.url)
+    js = jetstream(nc)
+    names = await ensure_tenant(js, new_tenant("batch"))
+    bucket = await js.key_value(names.router_bucket)
+    store = RouterStore(bucket, writer=CasWriter(bucket))
+    yield Tenant(names=names, store=store, link=TenantLink(names.tenant, nc, js))
+    await nc.close()
+
+
+async def started(processor: Processor, tenant: Tenant, lifetime_id: str) -> None:
+    graph, _ = await tenant.store.put_graph(hello_graph())
+    state = core.new_lifetime(
+        tenant_id=tenant.names.tenant,
+        lifetime_id=lifetime_id,
+        graph=graph,
+        input_payload=payload({"goal": lifetime_id}),
+        client_request_id="",
+        labels={},
+    )
+    await processor.create(tenant, state)
+
+
+async def events_of(tenant: Tenant, lifetime_id: str) -> list[str]:
+    sub = await tenant.link.js.subscribe(
+        tenant.names.evt(lifetime_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    kinds: list[str] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.3)
+            except nats.errors.TimeoutError:
+                return kinds
+            event = decode_envelope(msg.data).lifetime_event
+            kinds.append(LS.LifetimeEventKind.Name(event.kind))
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_batch_applies_each_lifetime_alone(tenant: Tenant) -> None:
+    processor = Processor(PRODUCER)
+    for lifetime_id in ("calm", "raced", "refused"):
+        await started(processor, tenant, lifetime_id)
+
+    # Another replica pauses "raced" behind this one's cache: its write will conflict.
+    other = RouterStore(tenant.store._kv, writer=CasWriter(tenant.store._kv))
+    behind = await other.load("raced")
+    assert behind is not None
+    graph = await other.get_graph("hello", 1)
+    lt = core.Lifetime(behind.state, graph, PRODUCER, datetime.now(UTC), core.allow_all)
+    core.pause(lt, "elsewhere")
+    await other.update(lt.state, behind.revision)
+
+    seen: dict[str, list[int]] = {"calm": [], "raced": [], "refused": []}
+
+    def pausing(lifetime_id: str) -> Mutation:
+        def mutate(lt: core.Lifetime) -> bool:
+            before = lt.view.state
+            seen[lifetime_id].append(before)
+            core.pause(lt, "batch")
+            if lifetime_id == "refused":
+                # A message no stream listens on: JetStream answers no one (503).
+                lt.out.append(
+                    rs.OutMessage(subject="nowhere.at.all", msg_id="x", type="x", data=b"x")
+                )
+            return lt.view.state != before
+
+        return mutate
+
+    jobs = [Job(lid, pausing(lid), [f"k:{lid}"]) for lid in ("calm", "ghost", "raced", "refused")]
+    results = await processor.apply_batch(tenant, jobs)
+
+    calm, ghost, raced, refused = results
+    assert isinstance(calm, Applied)
+    assert calm.changed
+    assert isinstance(ghost, NotFoundError)
+    assert isinstance(refused, PublishError)
+    assert [m.subject for m, _ in refused.failures] == ["nowhere.at.all"]
+    # Decided on the stale cached state first, then again on the stored one, which the
+    # other replica had paused already: nothing more to record.
+    assert seen["raced"] == [LS.LIFETIME_STATE_RUNNING, LS.LIFETIME_STATE_PAUSED]
+    assert isinstance(raced, Applied)
+    assert not raced.changed
+
+    fresh = RouterStore(tenant.store._kv)
+    for lifetime_id in ("calm", "raced", "refused"):
+        loaded = await fresh.load(lifetime_id)
+        assert loaded is not None
+        assert loaded.state.lifetime.state == LS.LIFETIME_STATE_PAUSED, lifetime_id
+    # The calm lifetime's pause went out; the refused one's decision is durable (in
+    # its outbox) and is published when its input comes again.
+    assert (await events_of(tenant, "calm"))[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"
+    refused_state = (await fresh.load("refused")).state  # type: ignore[union-attr]
+    assert [entry.key for entry in refused_state.outbox][-1] == "k:refused"
