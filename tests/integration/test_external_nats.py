@@ -40,6 +40,7 @@ from tests.support.nats_configs import (
 from tests.support.ports import free_port
 from tickmesh.router.config import RouterSettings
 from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.lifecycle import connect_nats
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.sdk.errors import ConfigError, TransportError
@@ -510,3 +511,17 @@ async def test_a_tenant_on_a_3_node_cluster_keeps_its_records_when_a_stream_lead
             f"\nR3 work stream: leader {leader.name} killed, publishing again after "
             f"{recovered_s * 1000:.0f} ms, no message lost"
         )
+
+
+async def test_a_connection_reads_message_headers_with_the_runtime_parser(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await tm_nats.connect(nats_server.url, name="headers")
+    try:
+        assert nc._parse_header_lines is tm_nats.parse_header_lines
+        sub = await nc.subscribe("hdr.test")
+        await nc.publish("hdr.test", b"x", headers={"Tickmesh-Tenant": "acme", "K": "a: b"})
+        msg = await sub.next_msg(timeout=2)
+        assert msg.headers == {"Tickmesh-Tenant": "acme", "K": "a: b"}
+    finally:
+        await nc.close()

@@ -272,3 +272,19 @@ async def test_a_drop_fails_at_once_what_has_no_id_and_sends_again_what_has_one(
     ((failed, error),) = raised.value.failures
     assert (failed.subject, type(error)) == ("s.b", tm_nats.LinkLostError)
     assert [subject for subject, _, _, _ in nc.sent] == ["s.a", "s.b", "s.a"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Nats-Msg-Id: ref:1:2\r\nTickmesh-Type: execution_ref\r\n\r\n",
+        b"A:b\r\nA:\tc\r\n  Spaced : v \r\n",  # repeated key: the last wins
+        b"Bad Name: x\r\nGood: y\r\n",  # whitespace inside a name: skipped
+        b"N\xc3\xa4me: x\r\nOk: \xff\xfe\r\n",  # non-ASCII name skipped; bad UTF-8 replaced
+        b"no colon here\r\n\r\n: empty name\r\nK: a: b\r\n",
+        b"",
+    ],
+)
+def test_header_blocks_read_as_nats_py_reads_them(raw: bytes) -> None:
+    for _ in range(2):  # the second time from the names already seen
+        assert tm_nats.parse_header_lines(raw) == NatsClient._parse_header_lines(raw)
