@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.sdk import Client, TickmeshError
+from tickmesh.sdk import Client, TickmeshError, events_of
 from tickmesh.v1 import envelope_pb2, graph_pb2, lifetime_pb2
 
 from .handlers import graph_yaml
@@ -38,14 +38,14 @@ class EndWatcher:
         self.events = 0
 
     async def on_msg(self, msg: Msg) -> None:
-        self.events += 1
         env = envelope_pb2.ExecutionEnvelope.FromString(msg.data)
-        if env.WhichOneof("body") != "lifetime_event":
+        events = events_of(env)
+        self.events += len(events)
+        ended = [e for e in events if e.state in TERMINAL]
+        if not ended:
             return
-        event = env.lifetime_event
-        state = TERMINAL.get(event.state)
-        if state is None:
-            return
+        event = ended[-1]
+        state = TERMINAL[event.state]
         lifetime_id = env.header.lifetime_id or msg.subject.rsplit(".", 1)[-1]
         if event.error.message:
             self._errors[lifetime_id] = event.error.message

@@ -36,6 +36,7 @@ from tickmesh.sdk import (
     TaskContext,
     complete,
     dispatch,
+    events_of,
     plan,
     step,
     task,
@@ -99,10 +100,10 @@ async def test_lifetimes_complete_soon_after_nats_server_is_back(
     async def on_event(msg: Msg) -> None:
         with contextlib.suppress(Exception):
             envelope = envelope_pb2.ExecutionEnvelope.FromString(msg.data)
-            event = envelope.lifetime_event
-            if event.kind == STATE_CHANGED and event.state == COMPLETED:
-                completions.setdefault(envelope.header.lifetime_id, loop_time())
-                completed_now.set()
+            for event in events_of(envelope):
+                if event.kind == STATE_CHANGED and event.state == COMPLETED:
+                    completions.setdefault(envelope.header.lifetime_id, loop_time())
+                    completed_now.set()
 
     assert cluster.nc is not None
     await cluster.nc.subscribe(cluster.names.evt_all, cb=on_event)

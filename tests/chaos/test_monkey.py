@@ -85,6 +85,7 @@ from tickmesh.sdk import (
     TaskContext,
     complete,
     dispatch,
+    events_of,
     fail,
     plan,
     step,
@@ -288,9 +289,10 @@ async def run(monkey: Monkey, start_cluster: ClusterFactory) -> None:
         """Progress, for the recovery times: a lifetime completed (seen on the core subject;
         what is missed while nats-server is down only makes a recovery look longer)."""
         with contextlib.suppress(Exception):
-            event = envelope_pb2.ExecutionEnvelope.FromString(msg.data).lifetime_event
-            if event.kind == STATE_CHANGED and event.state == COMPLETED:
-                monkey.completions.append(loop_time())
+            envelope = envelope_pb2.ExecutionEnvelope.FromString(msg.data)
+            for event in events_of(envelope):
+                if event.kind == STATE_CHANGED and event.state == COMPLETED:
+                    monkey.completions.append(loop_time())
 
     assert cluster.nc is not None
     events = await cluster.nc.subscribe(names.evt_all, cb=on_event)

@@ -49,6 +49,7 @@ EXPECTED_SDK_EXPORTS = {
     "decode_envelope",
     "dispatch",
     "encode_envelope",
+    "events_of",
     "execution_id",
     "fail",
     "graph_digest",

@@ -10,6 +10,7 @@ from tests.support.mesh import MeshFactory
 from tickmesh.router import server as router_server
 from tickmesh.router.config import RouterSettings
 from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.consumer import message_type
 from tickmesh.sdk import (
     Client,
     Decision,
@@ -20,6 +21,7 @@ from tickmesh.sdk import (
     complete,
     decode_envelope,
     dispatch,
+    events_of,
     plan,
     step,
     task,
@@ -102,9 +104,10 @@ async def test_two_router_replicas_dispatch_every_step_exactly_once(
     # Both replicas routed refs: events carry the instance of the router that wrote them.
     finished_by: Counter[str] = Counter()
     for msg in await h.stream_messages(h.names.evt_stream, h.names.evt_all):
-        envelope = decode_envelope(msg.data, expected_kind="lifetime_event")
-        if envelope.lifetime_event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED:
-            finished_by[envelope.header.producer.instance] += 1
+        envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
+        for event in events_of(envelope):
+            if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED:
+                finished_by[envelope.header.producer.instance] += 1
     assert sum(finished_by.values()) == dispatched
     assert "router-b" in finished_by, finished_by
     assert len(finished_by) == 2, finished_by

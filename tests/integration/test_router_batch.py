@@ -23,7 +23,7 @@ from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.nats import PublishError, jetstream
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.tenant_links import TenantLink
-from tickmesh.sdk import NotFoundError, decode_envelope
+from tickmesh.sdk import NotFoundError, decode_envelope, events_of
 from tickmesh.v1 import lifetime_pb2
 
 LS = lifetime_pb2
@@ -53,7 +53,7 @@ async def started(processor: Processor, tenant: Tenant, lifetime_id: str) -> Non
     await processor.create(tenant, state)
 
 
-async def events_of(tenant: Tenant, lifetime_id: str) -> list[str]:
+async def event_kinds(tenant: Tenant, lifetime_id: str) -> list[str]:
     sub = await tenant.link.js.subscribe(
         tenant.names.evt(lifetime_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
@@ -64,8 +64,8 @@ async def events_of(tenant: Tenant, lifetime_id: str) -> list[str]:
                 msg = await sub.next_msg(timeout=0.3)
             except nats.errors.TimeoutError:
                 return kinds
-            event = decode_envelope(msg.data).lifetime_event
-            kinds.append(LS.LifetimeEventKind.Name(event.kind))
+            for event in events_of(decode_envelope(msg.data)):
+                kinds.append(LS.LifetimeEventKind.Name(event.kind))
     finally:
         await sub.unsubscribe()
 
@@ -122,6 +122,6 @@ async def test_a_batch_applies_each_lifetime_alone(tenant: Tenant) -> None:
         assert loaded.state.lifetime.state == LS.LIFETIME_STATE_PAUSED, lifetime_id
     # The calm lifetime's pause went out; the refused one's decision is durable (in
     # its outbox) and is published when its input comes again.
-    assert (await events_of(tenant, "calm"))[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"
+    assert (await event_kinds(tenant, "calm"))[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"
     refused_state = (await fresh.load("refused")).state  # type: ignore[union-attr]
     assert [entry.key for entry in refused_state.outbox][-1] == "k:refused"

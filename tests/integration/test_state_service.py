@@ -21,6 +21,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from tests.support.factories import make_envelope
 from tests.support.nats_server import new_tenant
 from tests.support.records import Record, exec_id, execution_record, usage
 from tests.support.service_harness import (
@@ -42,6 +43,7 @@ from tickmesh.sdk import (
     complete,
     decode_envelope,
     dispatch,
+    encode_envelope,
     plan,
     step,
     task,
@@ -508,6 +510,8 @@ async def test_get_lifetime_record_after_a_lifetime_ran(
         lifetime_id = started.lifetime_id
         events = await mesh.events(lifetime_id)
         assert events[-1].state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+        # Each decision publishes its events as one message; the watch shows each event.
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
 
         async def folded() -> lifetime_pb2.AgentLifetime | None:
             try:
@@ -550,3 +554,43 @@ async def test_get_lifetime_record_after_a_lifetime_ran(
             ),
             grpc.StatusCode.NOT_FOUND,
         )
+
+
+async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
+    state: StateHarness,
+) -> None:
+    names = TenantNames(state.tenant)
+    batch = make_envelope("lifetime_events")
+    batch.header.tenant_id = state.tenant
+    batch.header.lifetime_id = LIFETIME_A
+    single = make_envelope("lifetime_event")
+    single.header.tenant_id = state.tenant
+    single.header.lifetime_id = LIFETIME_A
+    single.lifetime_event.sequence = single.header.sequence = 9
+    for envelope, kind, msg_id in (
+        (batch, "lifetime_events", "evt:a:7-8"),
+        (single, "lifetime_event", "evt:a:9"),
+    ):
+        await state.nc.jetstream().publish(
+            names.evt(LIFETIME_A),
+            encode_envelope(envelope),
+            headers={HDR_TYPE: kind, HDR_MSG_ID: msg_id, HDR_TENANT: state.tenant},
+        )
+
+    store = state.service.store
+
+    async def stored() -> list[lifetime_pb2.LifetimeEvent] | None:
+        events = await store.list_events(state.tenant, LIFETIME_A)
+        return events if len(events) == 3 else None
+
+    events = await eventually(stored, what="three stored events")
+    assert events is not None
+    assert [e.sequence for e in events] == [7, 8, 9]
+    assert list(events[:2]) == list(batch.lifetime_events.events)
+    assert [e.kind for e in events][:2] == [
+        lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED,
+        lifetime_pb2.LIFETIME_EVENT_KIND_STEP_DISPATCHED,
+    ]
+    row = await store.get_lifetime(state.tenant, LIFETIME_A)
+    assert row is not None
+    assert row.last_sequence == 9

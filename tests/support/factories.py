@@ -297,6 +297,29 @@ def make_envelope(kind: BodyKind) -> envelope_pb2.ExecutionEnvelope:
                 telemetry=telemetry(),
             )
         )
+    elif kind == "lifetime_events":
+        env.header.CopyFrom(header(sequence=7))
+        finished = env.lifetime_events.events.add(
+            sequence=7,
+            kind=lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED,
+            at=ts(1_520),
+            state=lifetime_pb2.LIFETIME_STATE_RUNNING,
+            execution_id=header().execution_id,
+            node=header().node,
+            attempt=1,
+            message="finished search: succeeded",
+            telemetry=telemetry(),
+        )
+        env.lifetime_events.events.add(
+            sequence=8,
+            kind=lifetime_pb2.LIFETIME_EVENT_KIND_STEP_DISPATCHED,
+            at=finished.at,
+            state=lifetime_pb2.LIFETIME_STATE_RUNNING,
+            execution_id="33" * 16,
+            node=PLAN_NODE,
+            attempt=1,
+            message="dispatched decide (iteration 3)",
+        )
     elif kind == "signal":
         env.header.CopyFrom(header(node=PLAN_NODE, iteration=3))
         env.signal.CopyFrom(

@@ -21,6 +21,7 @@ from ._convert import (
     body_kind,
     decode_envelope,
     encode_envelope,
+    events_of,
     validate_envelope,
 )
 from ._graph import (
@@ -111,6 +112,7 @@ __all__ = [
     "decode_envelope",
     "dispatch",
     "encode_envelope",
+    "events_of",
     "execution_id",
     "fail",
     "graph_digest",

@@ -32,6 +32,7 @@ from google.protobuf import (
 from tickmesh.v1 import (
     envelope_pb2,
     executor_pool_service_pb2,
+    lifetime_pb2,
     payload_pb2,
     result_pb2,
     telemetry_pb2,
@@ -51,6 +52,7 @@ BodyKind = Literal[
     "lifetime_event",
     "signal",
     "execution_ref",
+    "lifetime_events",
 ]
 BODY_KINDS: tuple[BodyKind, ...] = get_args(BodyKind)
 
@@ -115,6 +117,18 @@ def encode_envelope(
             "store large payloads in the blob store and send a BlobRef"
         )
     return data
+
+
+def events_of(envelope: envelope_pb2.ExecutionEnvelope) -> Sequence[lifetime_pb2.LifetimeEvent]:
+    """The lifetime events an envelope carries, in sequence order: its ``lifetime_event``,
+    or each of its ``lifetime_events`` (what one decision recorded); none for any other
+    body."""
+    kind = envelope.WhichOneof("body")
+    if kind == "lifetime_event":
+        return (envelope.lifetime_event,)
+    if kind == "lifetime_events":
+        return envelope.lifetime_events.events
+    return ()
 
 
 def validate_envelope(

@@ -79,6 +79,10 @@ class Producer:
         )
 
 
+_OPEN_EVENTS = rs.OutMessage()
+"""Holds the place of a decision's events message until it is sealed (see Lifetime.out)."""
+
+
 class RoutingError(Exception):
     """A plan's decision does not fit the graph (the lifetime fails with this message)."""
 
@@ -92,7 +96,9 @@ class Lifetime:
     producer: Producer
     now: datetime
     guard: Guard = allow_all
-    out: list[rs.OutMessage] = field(default_factory=list)
+    emitted: list[rs.OutMessage] = field(default_factory=list)
+    """What the decision publishes so far; its events message may still be open (read
+    ``out``)."""
     cancels: list[str] = field(default_factory=list)
     """Execution ids whose in-flight work must be cancelled (published on core NATS)."""
     quiet: bool = False
@@ -108,6 +114,9 @@ class Lifetime:
         """``now`` in nanoseconds since the epoch."""
         self._header: header_pb2.EnvelopeHeader | None = None
         """What every header of this decision shares (see ``base_header``)."""
+        self._events: envelope_pb2.ExecutionEnvelope | None = None
+        """The decision's events message while it is open (see ``out``)."""
+        self._events_at = 0
 
     @property
     def view(self) -> lifetime_pb2.AgentLifetime:
@@ -131,9 +140,14 @@ class Lifetime:
             return lifetime_pb2.LifetimeEvent(
                 sequence=view.last_sequence, kind=kind, at=self._now_ts, state=view.state
             )
-        # Built in place: constructing the parts first and then the envelope copies each.
-        envelope = envelope_pb2.ExecutionEnvelope()
-        event = envelope.lifetime_event
+        # One message per decision: its events go into one envelope (built in place), which
+        # takes the place in `emitted` where the first of them happened (see `out`).
+        batch = self._events
+        if batch is None:
+            batch = self._events = envelope_pb2.ExecutionEnvelope()
+            self._events_at = len(self.emitted)
+            self.emitted.append(_OPEN_EVENTS)
+        event = batch.lifetime_events.events.add()
         event.sequence = view.last_sequence
         event.kind = kind
         event.at.CopyFrom(self._now_ts)
@@ -145,22 +159,44 @@ class Lifetime:
                 getattr(event, name).CopyFrom(value)
             else:
                 setattr(event, name, value)
+        return event
+
+    @property
+    def out(self) -> list[rs.OutMessage]:
+        """The messages the decision publishes, in the order they were decided; its events
+        are one message, where the first of them happened."""
+        if self._events is not None:
+            self._seal_events()
+        return self.emitted
+
+    def _seal_events(self) -> None:
+        envelope = self._events
+        assert envelope is not None
+        self._events = None
+        events = envelope.lifetime_events.events
+        first = events[0]
         header = envelope.header
         self.fill_header(header)
-        header.sequence = event.sequence
-        header.execution_id = event.execution_id
-        if event.HasField("node"):
-            header.node.CopyFrom(event.node)
-        lifetime_id = view.lifetime_id
-        self.out.append(
-            rs.OutMessage(
-                subject=self.names.evt(lifetime_id),
-                msg_id=f"evt:{lifetime_id}:{event.sequence}",
-                type="lifetime_event",
-                data=encode_envelope(envelope),
-            )
+        header.sequence = first.sequence
+        lifetime_id = self.view.lifetime_id
+        if len(events) == 1:
+            # One event travels as it always has (a lifetime_event body, its own id).
+            single = lifetime_pb2.LifetimeEvent()
+            single.CopyFrom(first)
+            envelope.lifetime_event.CopyFrom(single)
+            header.execution_id = single.execution_id
+            if single.HasField("node"):
+                header.node.CopyFrom(single.node)
+            msg_id, kind = f"evt:{lifetime_id}:{single.sequence}", "lifetime_event"
+        else:
+            last = events[-1].sequence
+            msg_id, kind = f"evt:{lifetime_id}:{first.sequence}-{last}", "lifetime_events"
+        self.emitted[self._events_at] = rs.OutMessage(
+            subject=self.names.evt(lifetime_id),
+            msg_id=msg_id,
+            type=kind,
+            data=encode_envelope(envelope),
         )
-        return event
 
     def set_state(
         self,
@@ -447,7 +483,7 @@ def _guarded_publish(
         lt.state.held.append(message)  # STEP_DISPATCHED is recorded when it is released
         return
     _dispatched_event(lt, header)
-    lt.out.append(message)
+    lt.emitted.append(message)
 
 
 _PROCEEDING = frozenset(
@@ -576,7 +612,7 @@ def _publish_rejection(
             )
         )
         kind = "plan_execution"
-    lt.out.append(
+    lt.emitted.append(
         rs.OutMessage(
             subject=lt.names.exec(lt.view.lifetime_id),
             msg_id=f"exec:{header.execution_id}:{header.attempt}",
@@ -851,7 +887,7 @@ def resume(lt: Lifetime, reason: str) -> None:
     lt.set_state(state, message=f"resumed: {reason}" if reason else "resumed")
     for message in held:
         _dispatched_event(lt, envelope_pb2.ExecutionEnvelope.FromString(message.data).header)
-    lt.out.extend(held)
+    lt.emitted.extend(held)
 
 
 def abort(lt: Lifetime, reason: str) -> None:

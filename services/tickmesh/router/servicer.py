@@ -15,8 +15,9 @@ from nats.js.api import DeliverPolicy
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.auth import tenant_of
+from tickmesh.runtime.consumer import message_type
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
-from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
+from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope, events_of
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import (
@@ -207,26 +208,26 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 except nats_errors.TimeoutError:
                     return
                 try:
-                    envelope = decode_envelope(msg.data, expected_kind="lifetime_event")
+                    envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
+                    events = events_of(envelope)
+                    if not events:
+                        raise ValidationError("not a lifetime event")
                 except ValidationError:
                     logger.error("unreadable event on %s", subject)
                     continue
-                event = envelope.lifetime_event
-                # Out-of-band events (sequence 0, e.g. dead letters) are always shown.
-                if event.sequence == 0 or event.sequence > request.after_sequence:
-                    yield pb.WatchLifetimeResponse(event=event)
-                if (
-                    event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
-                    and event.state in core.TERMINAL
-                ):
-                    ended = True
+                for event in events:
+                    # Out-of-band events (sequence 0, e.g. dead letters) are always shown.
+                    if event.sequence == 0 or event.sequence > request.after_sequence:
+                        yield pb.WatchLifetimeResponse(event=event)
+                    if (
+                        event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
+                        and event.state in core.TERMINAL
+                    ):
+                        ended = True
+                last = events[-1].sequence
                 # The check runs for skipped events too, so a watch resumed after the
                 # end ends as soon as the history is complete.
-                if (
-                    ended
-                    and event.sequence
-                    and await _history_complete(tenant, request.lifetime_id, event.sequence)
-                ):
+                if ended and last and await _history_complete(tenant, request.lifetime_id, last):
                     return
         finally:
             await sub.unsubscribe()

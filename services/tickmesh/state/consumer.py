@@ -34,7 +34,7 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tracing import parent_of
-from tickmesh.sdk import ValidationError, decode_envelope, encode_envelope
+from tickmesh.sdk import ValidationError, decode_envelope, encode_envelope, events_of
 from tickmesh.sdk.tracing import (
     ATTR_ATTEMPT,
     ATTR_EXECUTION,
@@ -246,8 +246,8 @@ class RecordConsumer:
         for msg in batch:
             try:
                 envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
-                if not envelope.HasField("lifetime_event"):
-                    raise ValidationError("expected a lifetime_event body")
+                if not events_of(envelope):
+                    raise ValidationError("expected a lifetime_event or lifetime_events body")
                 if envelope.header.tenant_id != self.names.tenant:
                     raise ValidationError(
                         f"event claims tenant {envelope.header.tenant_id!r} on a subject "
@@ -259,7 +259,12 @@ class RecordConsumer:
                 continue
             good.append((msg, envelope))
         # Out-of-band events (sequence 0) are for watchers only.
-        routed = [env for _, env in good if env.lifetime_event.sequence > 0]
+        routed = [
+            one
+            for _, envelope in good
+            for one in _one_per_event(envelope)
+            if one.lifetime_event.sequence > 0
+        ]
         if routed:
             await self._store.apply_events(self.names.tenant, routed, core.lifetime_row)
         await ack_all([msg for msg, _ in good])
@@ -297,3 +302,18 @@ class RecordConsumer:
                 reason,
             )
             await term(msg, reason)
+
+
+def _one_per_event(
+    envelope: envelope_pb2.ExecutionEnvelope,
+) -> list[envelope_pb2.ExecutionEnvelope]:
+    """The envelope as the store takes events: one ``lifetime_event`` each (a decision's
+    ``lifetime_events`` split, each with the batch's header and its own sequence)."""
+    if envelope.HasField("lifetime_event"):
+        return [envelope]
+    split = []
+    for event in envelope.lifetime_events.events:
+        one = envelope_pb2.ExecutionEnvelope(header=envelope.header, lifetime_event=event)
+        one.header.sequence = event.sequence
+        split.append(one)
+    return split

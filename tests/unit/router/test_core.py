@@ -10,7 +10,7 @@ import pytest
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.router import core
-from tickmesh.sdk import GraphBuilder, decode_envelope
+from tickmesh.sdk import GraphBuilder, decode_envelope, events_of
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -62,8 +62,8 @@ class Sim:
             kind = env.WhichOneof("body")
             if kind in ("task_request", "plan_request"):
                 self.pending.append(env)
-            elif kind == "lifetime_event":
-                self.events.append(env.lifetime_event)
+            elif kind in ("lifetime_event", "lifetime_events"):
+                self.events.extend(events_of(env))
             else:
                 self.records.append(env)
         return result
@@ -397,3 +397,43 @@ def test_outbox_messages_are_valid_envelopes() -> None:
     for m in lt.out:
         assert m.msg_id.startswith("evt:l1:")
         assert m.subject == "tm.acme.evt.l1"
+
+
+def test_a_decision_publishes_its_events_as_one_message() -> None:
+    sim = Sim(hello_graph())
+    greet = sim.take("greet")
+    before = sim.view.last_sequence
+    lt = core.Lifetime(sim.state, sim.graph, PRODUCER, NOW)
+    header = greet.header
+    result = result_pb2.TaskResult(status=result_pb2.TASK_STATUS_SUCCEEDED, output=payload("hi"))
+    ref = execution_pb2.ExecutionRef(
+        task_execution=execution_pb2.TaskExecution(header=header, result=result)
+    )
+    assert core.on_execution(lt, ref)
+
+    kinds = [m.type for m in lt.out]
+    # The events come first (the step finished before the plan was dispatched).
+    assert kinds == ["lifetime_events", "plan_request"]
+    message = lt.out[0]
+    envelope = decode_envelope(message.data, expected_kind="lifetime_events")
+    events = list(events_of(envelope))
+    assert [e.kind for e in events] == [
+        lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED,
+        lifetime_pb2.LIFETIME_EVENT_KIND_STEP_DISPATCHED,
+    ]
+    assert [e.sequence for e in events] == [before + 1, before + 2]
+    assert envelope.header.sequence == before + 1
+    assert message.msg_id == f"evt:l1:{before + 1}-{before + 2}"
+    assert message.subject == "tm.acme.evt.l1"
+
+
+def test_events_after_the_messages_were_read_go_out_as_another_message() -> None:
+    sim = Sim(hello_graph())
+    lt = core.Lifetime(sim.state, sim.graph, PRODUCER, NOW)
+    core.pause(lt, "first")
+    assert [m.type for m in lt.out] == ["lifetime_event"]  # one event: the single form
+    core.resume(lt, "then")
+    ids = [m.msg_id for m in lt.out]
+    assert len(ids) == 2
+    assert len(set(ids)) == 2
+    assert all(decode_envelope(m.data).header.sequence for m in lt.out)

@@ -10,7 +10,7 @@ import pytest
 from tests.unit.router.test_core import NOW, PRODUCER, complete, dispatch, fanout_graph, payload
 from tests.unit.router.test_replay import Recorder, run_hello
 from tickmesh.router import core, fork, replay
-from tickmesh.sdk import NotFoundError, decode_envelope, execution_id
+from tickmesh.sdk import NotFoundError, decode_envelope, events_of, execution_id
 from tickmesh.v1 import envelope_pb2, execution_pb2, header_pb2, lifetime_pb2, result_pb2
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def test_fork_inside_a_loop_continues_after_the_fork_execution_with_a_new_output
     assert given.output == payload({"replaced": True})
     assert list(lt.state.in_flight) == [decide.header.execution_id]
     # Events go on after the origin's sequence at the fork point.
-    kinds = [decode_envelope(m.data).lifetime_event for m in lt.out if m.type == "lifetime_event"]
+    kinds = [e for m in lt.out for e in events_of(decode_envelope(m.data))]
     assert kinds[0].kind == lifetime_pb2.LIFETIME_EVENT_KIND_STARTED
     assert kinds[0].sequence == view.fork_origin.sequence + 1
     assert kinds[1].kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_DISPATCHED

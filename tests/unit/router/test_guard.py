@@ -24,7 +24,7 @@ from tickmesh.runtime.policy.sources import (
     counted_usage,
     tenant_windows,
 )
-from tickmesh.sdk import GraphBuilder, decode_envelope
+from tickmesh.sdk import GraphBuilder, decode_envelope, events_of
 from tickmesh.state.store import SQLiteStateStore
 from tickmesh.v1 import (
     graph_pb2,
@@ -472,7 +472,7 @@ def test_a_dry_run_decision_is_recorded_and_the_step_proceeds() -> None:
     # The entry plan is dispatched, and the dry-run objection is on record.
     assert [m.type for m in lt.out if m.type.endswith("_request")] == ["plan_request"]
     assert lt.view.state == lifetime_pb2.LIFETIME_STATE_RUNNING
-    events = [decode_envelope(m.data).lifetime_event for m in lt.out if m.type == "lifetime_event"]
+    events = [e for m in lt.out for e in events_of(decode_envelope(m.data))]
     [guard] = [e for e in events if e.kind == lifetime_pb2.LIFETIME_EVENT_KIND_GUARDRAIL]
     assert guard.message == "dry run: would have aborted the lifetime: cap, big"
     assert guard.guardrail.dry_run

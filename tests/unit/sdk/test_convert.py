@@ -16,6 +16,7 @@ from tickmesh.sdk import (
     ValidationError,
     decode_envelope,
     encode_envelope,
+    events_of,
 )
 from tickmesh.v1 import envelope_pb2
 
@@ -193,3 +194,11 @@ def test_every_place_a_struct_sits_is_checked(
     struct.fields["n"].struct_value.fields["bad"].number_value = math.nan
     with pytest.raises(ValidationError, match=f"field {name} holds nan"):
         encode_envelope(env)
+
+
+def test_events_of_reads_one_event_a_decisions_events_or_none() -> None:
+    single = make_envelope("lifetime_event")
+    assert [e.sequence for e in events_of(single)] == [12]
+    batch = make_envelope("lifetime_events")
+    assert [e.sequence for e in events_of(batch)] == [7, 8]
+    assert events_of(make_envelope("task_request")) == ()

@@ -329,7 +329,9 @@ async def test_store_runs_concurrent_appends_without_losing_or_doubling(
 # -- validation --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["task_request", "plan_request", "lifetime_event", "signal"])
+@pytest.mark.parametrize(
+    "kind", ["task_request", "plan_request", "lifetime_event", "lifetime_events", "signal"]
+)
 async def test_store_refuses_a_body_that_is_not_an_execution(store: StateStore, kind: str) -> None:
     env = make_envelope(kind)  # type: ignore[arg-type]
     env.header.tenant_id = A

@@ -37,6 +37,7 @@ class ExecutionEnvelope(_message.Message):
     LIFETIME_EVENT_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
     EXECUTION_REF_FIELD_NUMBER: _builtins.int
+    LIFETIME_EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> _header_pb2.EnvelopeHeader:
         """header identifies the message and the execution it belongs to."""
@@ -69,6 +70,13 @@ class ExecutionEnvelope(_message.Message):
     def execution_ref(self) -> _execution_pb2.ExecutionRef:
         """execution_ref says an execution is durable, for routers."""
 
+    @_builtins.property
+    def lifetime_events(self) -> _lifetime_pb2.LifetimeEvents:
+        """lifetime_events are consecutive events of one lifetime that one decision
+        recorded, for watchers and the state service (header.sequence is the
+        first one's sequence).
+        """
+
     def __init__(
         self,
         *,
@@ -80,12 +88,13 @@ class ExecutionEnvelope(_message.Message):
         lifetime_event: _lifetime_pb2.LifetimeEvent | None = ...,
         signal: _lifetime_pb2.Signal | None = ...,
         execution_ref: _execution_pb2.ExecutionRef | None = ...,
+        lifetime_events: _lifetime_pb2.LifetimeEvents | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "lifetime_events", b"lifetime_events", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "lifetime_events", b"lifetime_events", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task_request", "plan_request", "task_execution", "plan_execution", "lifetime_event", "signal", "execution_ref"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task_request", "plan_request", "task_execution", "plan_execution", "lifetime_event", "signal", "execution_ref", "lifetime_events"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -330,6 +330,33 @@ class LifetimeEvent(_message.Message):
 Global___LifetimeEvent: _TypeAlias = LifetimeEvent  # noqa: Y015
 
 @_typing.final
+class LifetimeEvents(_message.Message):
+    """LifetimeEvents is what one decision of the router recorded: consecutive
+    events of one lifetime, published as one message on its event subject
+    instead of one message per event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifetimeEvent]:
+        """events are in sequence order, without gaps."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___LifetimeEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifetimeEvents: _TypeAlias = LifetimeEvents  # noqa: Y015
+
+@_typing.final
 class Signal(_message.Message):
     """Signal is data sent to a lifetime from outside, typically a human decision."""
 

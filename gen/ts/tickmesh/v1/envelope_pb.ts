@@ -8,7 +8,7 @@ import type { ExecutionRef, PlanExecution, TaskExecution } from "./execution_pb.
 import { file_tickmesh_v1_execution } from "./execution_pb.js";
 import type { EnvelopeHeader } from "./header_pb.js";
 import { file_tickmesh_v1_header } from "./header_pb.js";
-import type { LifetimeEvent, Signal } from "./lifetime_pb.js";
+import type { LifetimeEvent, LifetimeEvents, Signal } from "./lifetime_pb.js";
 import { file_tickmesh_v1_lifetime } from "./lifetime_pb.js";
 import type { PlanRequest, TaskRequest } from "./request_pb.js";
 import { file_tickmesh_v1_request } from "./request_pb.js";
@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/v1/envelope.proto.
  */
 export const file_tickmesh_v1_envelope: GenFile = /*@__PURE__*/
-  fileDesc("Chp0aWNrbWVzaC92MS9lbnZlbG9wZS5wcm90bxILdGlja21lc2gudjEiqQMKEUV4ZWN1dGlvbkVudmVsb3BlEisKBmhlYWRlchgBIAEoCzIbLnRpY2ttZXNoLnYxLkVudmVsb3BlSGVhZGVyEjAKDHRhc2tfcmVxdWVzdBgCIAEoCzIYLnRpY2ttZXNoLnYxLlRhc2tSZXF1ZXN0SAASMAoMcGxhbl9yZXF1ZXN0GAMgASgLMhgudGlja21lc2gudjEuUGxhblJlcXVlc3RIABI0Cg50YXNrX2V4ZWN1dGlvbhgEIAEoCzIaLnRpY2ttZXNoLnYxLlRhc2tFeGVjdXRpb25IABI0Cg5wbGFuX2V4ZWN1dGlvbhgFIAEoCzIaLnRpY2ttZXNoLnYxLlBsYW5FeGVjdXRpb25IABI0Cg5saWZldGltZV9ldmVudBgGIAEoCzIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lRXZlbnRIABIlCgZzaWduYWwYByABKAsyEy50aWNrbWVzaC52MS5TaWduYWxIABIyCg1leGVjdXRpb25fcmVmGAggASgLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmSABCBgoEYm9keWIGcHJvdG8z", [file_tickmesh_v1_execution, file_tickmesh_v1_header, file_tickmesh_v1_lifetime, file_tickmesh_v1_request]);
+  fileDesc("Chp0aWNrbWVzaC92MS9lbnZlbG9wZS5wcm90bxILdGlja21lc2gudjEi4QMKEUV4ZWN1dGlvbkVudmVsb3BlEisKBmhlYWRlchgBIAEoCzIbLnRpY2ttZXNoLnYxLkVudmVsb3BlSGVhZGVyEjAKDHRhc2tfcmVxdWVzdBgCIAEoCzIYLnRpY2ttZXNoLnYxLlRhc2tSZXF1ZXN0SAASMAoMcGxhbl9yZXF1ZXN0GAMgASgLMhgudGlja21lc2gudjEuUGxhblJlcXVlc3RIABI0Cg50YXNrX2V4ZWN1dGlvbhgEIAEoCzIaLnRpY2ttZXNoLnYxLlRhc2tFeGVjdXRpb25IABI0Cg5wbGFuX2V4ZWN1dGlvbhgFIAEoCzIaLnRpY2ttZXNoLnYxLlBsYW5FeGVjdXRpb25IABI0Cg5saWZldGltZV9ldmVudBgGIAEoCzIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lRXZlbnRIABIlCgZzaWduYWwYByABKAsyEy50aWNrbWVzaC52MS5TaWduYWxIABIyCg1leGVjdXRpb25fcmVmGAggASgLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmSAASNgoPbGlmZXRpbWVfZXZlbnRzGAkgASgLMhsudGlja21lc2gudjEuTGlmZXRpbWVFdmVudHNIAEIGCgRib2R5YgZwcm90bzM", [file_tickmesh_v1_execution, file_tickmesh_v1_header, file_tickmesh_v1_lifetime, file_tickmesh_v1_request]);
 
 /**
  * ExecutionEnvelope is the one message type on the bus. The body's kind is
@@ -96,6 +96,16 @@ export type ExecutionEnvelope = Message<"tickmesh.v1.ExecutionEnvelope"> & {
      */
     value: ExecutionRef;
     case: "executionRef";
+  } | {
+    /**
+     * lifetime_events are consecutive events of one lifetime that one decision
+     * recorded, for watchers and the state service (header.sequence is the
+     * first one's sequence).
+     *
+     * @generated from field: tickmesh.v1.LifetimeEvents lifetime_events = 9;
+     */
+    value: LifetimeEvents;
+    case: "lifetimeEvents";
   } | { case: undefined; value?: undefined };
 };
 
