@@ -282,30 +282,36 @@ class Gate:
         telemetry: telemetry_pb2.Telemetry,
     ) -> guardrail_pb2.GuardrailDecision:
         post = phase == guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT
-        if not post and telemetry.ByteSize() == 0:
-            telemetry = estimate_of(lifetime.nodes.get(header.node.id))
-        step = Usage.of(telemetry, iteration=header.iteration)
-        context = EvaluationContext(
-            phase=phase,
-            header=header,
-            execution=step if post else EMPTY_USAGE,
-            estimate=EMPTY_USAGE if post else step,
-            lifetime=lifetime_usage(
-                lifetime,
-                telemetry if post else None,
-                iteration=header.iteration,
-                step=step if post else None,
-            ),
-            tenant_usage=self.usage.usage,
-        )
         graph_id = lifetime.view.graph.id
+        snapshot = self._watcher.snapshot
+        if self._engine.reads_usage(snapshot, phase, graph_id):
+            if not post and telemetry.ByteSize() == 0:
+                telemetry = estimate_of(lifetime.nodes.get(header.node.id))
+            step = Usage.of(telemetry, iteration=header.iteration)
+            context = EvaluationContext(
+                phase=phase,
+                header=header,
+                execution=step if post else EMPTY_USAGE,
+                estimate=EMPTY_USAGE if post else step,
+                lifetime=lifetime_usage(
+                    lifetime,
+                    telemetry if post else None,
+                    iteration=header.iteration,
+                    step=step if post else None,
+                ),
+                tenant_usage=self.usage.usage,
+            )
+        else:
+            # No rule of this phase applies: the evaluation reads no usage (it still checks
+            # the snapshot's lease and tenant, and fails closed as always).
+            context = EvaluationContext(phase=phase, header=header)
         span = (
             None
             if self._tracer is None or lifetime.quiet
             else evaluation_span(self._tracer, header, phase)
         )
         decision = self._engine.evaluate(
-            self._watcher.snapshot, context, now=datetime.now(UTC), graph_id=graph_id
+            snapshot, context, now=datetime.now(UTC), graph_id=graph_id
         )
         if span is not None:
             end_evaluation_span(span, decision)

@@ -484,3 +484,30 @@ def test_usage_plus_all_equals_adding_one_at_a_time() -> None:
     assert repr(together) == repr(one_by_one)  # NaN != NaN, but prints the same
     assert together.wall_time_s == one_by_one.wall_time_s
     assert base.plus_all([]) == base
+
+
+def test_reads_usage_only_when_a_rule_of_the_phase_applies(engine: PolicyEngine) -> None:
+    post_only = policy(one_rule("sum(tokens) > 10"))
+    pre_bound = policy(one_rule("tokens > 5", phase="pre_dispatch"), graph_id="other")
+    snap = snapshot(post_only, pre_bound)
+    assert engine.reads_usage(snap, POST, "g")
+    # The only pre_dispatch rule is bound to another graph.
+    assert not engine.reads_usage(snap, PRE, "g")
+    assert engine.reads_usage(snap, PRE, "other")
+    # Whatever makes evaluate fail closed is left to evaluate, with usage built.
+    assert engine.reads_usage(None, PRE, "g")
+    broken = policy("policy: p\nrules: [", policy_id="p")
+    assert engine.reads_usage(snapshot(broken), PRE, "g")
+    assert not engine.reads_usage(snapshot(), PRE, "g")
+
+
+def test_a_phase_without_rules_decides_the_same_without_usage(engine: PolicyEngine) -> None:
+    snap = snapshot(policy(one_rule("sum(tokens) > 10")))
+    assert not engine.reads_usage(snap, PRE, "g")
+    empty = EvaluationContext(phase=PRE, header=context(phase=PRE).header)
+    full = context(phase=PRE, lifetime=Usage(input_tokens=50))
+    assert engine.evaluate(snap, empty, now=NOW) == engine.evaluate(snap, full, now=NOW)
+    assert engine.evaluate(snap, empty, now=NOW).action == ALLOW
+    # An expired snapshot still refuses, usage or not.
+    late = NOW + timedelta(minutes=5)
+    assert engine.evaluate(snap, empty, now=late).reason == "snapshot_expired"

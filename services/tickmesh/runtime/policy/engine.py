@@ -170,6 +170,27 @@ class PolicyEngine:
         cache[key] = result
         return result
 
+    def reads_usage(
+        self,
+        snapshot: guardrail_pb2.PolicySnapshot | None,
+        phase: int,
+        graph_id: str,
+    ) -> bool:
+        """Whether :meth:`evaluate` of ``phase`` could read any usage in ``ctx``: False only
+        when every policy of the snapshot that applies to ``graph_id`` compiles and has no
+        rule in ``phase`` (the caller may then pass empty usage and skip building it). A
+        missing snapshot or a policy that does not compile answers True, so the caller
+        builds what it would anyway and ``evaluate`` decides as it always does."""
+        if snapshot is None:
+            return True
+        for policy in snapshot.policies:
+            if policy.graph_id and policy.graph_id != graph_id:
+                continue
+            found = self._lookup(policy)
+            if isinstance(found, ValidationError) or found.steps.get(phase):
+                return True
+        return False
+
     def evaluate(
         self,
         snapshot: guardrail_pb2.PolicySnapshot | None,
