@@ -54,6 +54,7 @@ from tickmesh.runtime.subjects import (
     tenant_of_subject,
 )
 from tickmesh.runtime.tenant_links import TenantLinks
+from tickmesh.runtime.timestamps import now_timestamp, set_now, timestamp_from_ns
 from tickmesh.runtime.tracing import parent_of, set_parent
 from tickmesh.sdk import BodyKind, ValidationError, decode_envelope, encode_envelope, uuid7
 from tickmesh.sdk.errors import NotFoundError, RPCError, StatusCode, TickmeshError, TransportError
@@ -133,9 +134,7 @@ class PoolStats:
 
 
 def _now() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
+    return now_timestamp()
 
 
 async def _sha256_off_loop(data: bytes) -> str:
@@ -784,8 +783,10 @@ class ExecutorPool:
             lease.session = session
             lease.assigned_at = _now()
             lease.timer = loop.call_at(loop.time() + lease.timeout_s, self._on_deadline, lease)
-            deadline = timestamp_pb2.Timestamp()
-            deadline.FromNanoseconds(lease.assigned_at.ToNanoseconds() + int(lease.timeout_s * 1e9))
+            assigned = lease.assigned_at
+            deadline = timestamp_from_ns(
+                assigned.seconds * 1_000_000_000 + assigned.nanos + int(lease.timeout_s * 1e9)
+            )
             session.in_flight[lease.id] = lease
             frames.setdefault(session, []).append(
                 executor_pool_service_pb2.Assignment(
@@ -1290,7 +1291,7 @@ class ExecutorPool:
         header.CopyFrom(request_header)
         header.envelope_id = uuid7()
         header.producer.CopyFrom(self._producer)
-        header.created_at.GetCurrentTime()
+        set_now(header.created_at)
         header.idempotency_key = record_message_id(request_header.execution_id)
         record: execution_pb2.TaskExecution | execution_pb2.PlanExecution
         if lease.kind == "task":

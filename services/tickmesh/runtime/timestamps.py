@@ -8,6 +8,7 @@ converted Timestamp with a converted datetime gives what comparing datetimes wou
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -44,3 +45,19 @@ def timestamp_ns(ts: timestamp_pb2.Timestamp) -> int:
     """``ts`` in nanoseconds since the epoch, cut to whole microseconds (what
     ``epoch_ns(ts.ToDatetime())`` gives)."""
     return ts.seconds * _NS + ts.nanos // 1000 * 1000
+
+
+def timestamp_from_ns(ns: int) -> timestamp_pb2.Timestamp:
+    """A Timestamp of ``ns`` nanoseconds since the epoch (``FromNanoseconds``'s result)."""
+    seconds, nanos = divmod(ns, _NS)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    """The current time as a Timestamp, to the nanosecond (``GetCurrentTime``'s result)."""
+    return timestamp_from_ns(time.time_ns())
+
+
+def set_now(target: timestamp_pb2.Timestamp) -> None:
+    """Fill ``target`` (a message field) with the current time, as ``GetCurrentTime``."""
+    target.seconds, target.nanos = divmod(time.time_ns(), _NS)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 
 from tickmesh.runtime.subjects import TenantNames, check_token, tenant_of_subject
+from tickmesh.runtime.timestamps import set_now, set_timestamp
 from tickmesh.sdk import ValidationError
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
@@ -60,10 +61,10 @@ def ref_envelope(
     header.envelope_id = uuid7()
     header.sequence = stored.store_sequence
     header.producer.CopyFrom(producer)
-    header.created_at.FromDatetime(datetime.now(UTC))
+    set_now(header.created_at)
     env = envelope_pb2.ExecutionEnvelope(header=header)
     env.execution_ref.store_sequence = stored.store_sequence
-    env.execution_ref.persisted_at.FromDatetime(stored.persisted_at)
+    set_timestamp(env.execution_ref.persisted_at, stored.persisted_at)
     if record.HasField("task_execution"):
         env.execution_ref.task_execution.CopyFrom(record.task_execution)
     else:

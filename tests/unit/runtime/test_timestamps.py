@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from google.protobuf import timestamp_pb2
 
+from tickmesh.runtime import timestamps
 from tickmesh.runtime.timestamps import (
     epoch_ns,
     epoch_parts,
@@ -47,3 +49,21 @@ def test_timestamp_ns_keeps_whole_microseconds_as_to_datetime_does(at: datetime)
     ts.nanos += 789  # below a microsecond: a datetime cannot hold it
     assert timestamp_ns(ts) == epoch_ns(ts.ToDatetime(tzinfo=UTC))
     assert timestamp_ns(ts) == epoch_ns(at)
+
+
+@pytest.mark.parametrize("ns", [0, 1, 999_999_999, 1_000_000_000, 1_796_475_418_188_947_673, -1])
+def test_timestamp_from_ns_is_what_from_nanoseconds_gives(ns: int) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromNanoseconds(ns)
+    assert timestamps.timestamp_from_ns(ns) == expected
+
+
+def test_now_is_the_current_time_to_the_nanosecond() -> None:
+    before = time.time_ns()
+    now = timestamps.now_timestamp()
+    field = timestamp_pb2.Timestamp()
+    timestamps.set_now(field)
+    after = time.time_ns()
+    for stamp in (now, field):
+        assert 0 <= stamp.nanos < 1_000_000_000
+        assert before <= stamp.ToNanoseconds() <= after
