@@ -233,7 +233,8 @@ class Processor:
             elif isinstance(outcome, Exception):
                 results[i] = outcome
 
-        ready = [(i, s) for i, s in staged if results[i] is None and i not in lost_race]
+        raced = set(lost_race)
+        ready = [(i, s) for i, s in staged if results[i] is None and i not in raced]
         outgoing: list[Outgoing] = []
         spans: list[tuple[int, _Staged, int, int]] = []
         for i, s in ready:
