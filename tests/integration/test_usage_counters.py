@@ -561,3 +561,13 @@ async def test_redis_open_names_the_server_without_its_password() -> None:
 def test_redis_counter_refuses_bad_options(option: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RedisUsageCounter("redis://127.0.0.1:1", **{option: value})  # type: ignore[arg-type]
+
+
+async def test_counter_says_which_executions_it_holds(backend: Backend) -> None:
+    writer, reader = await backend.open(), await backend.open()
+    a, b, c = ex(1, cost=10), ex(2, cost=20), ex(3, cost=40)
+    assert await writer.record("acme", [a, b]) == 2
+    asked = [(e.execution_id, e.attempt) for e in (a, b, c)]
+    assert await reader.counted("acme", asked) == set(asked[:2])
+    assert await reader.counted("other", asked) == set()
+    assert await reader.counted("acme", []) == set()

@@ -10,6 +10,13 @@ current policy snapshot uses (and always for all time):
   for, recorded once by execution id and attempt, and only if it was persisted at or
   after the cut (older ones are already in the source's figure).
 
+A source that is written after the store's commit (the usage counters: the state service
+records them after it publishes the ref) can be read between an execution's commit and
+its counting, so its cut does not prove the execution is in its figure. Such a source says
+which executions it holds (``counted``); an increment is kept until the source holds it,
+whatever the cut, and is asked about before each read, so it is never counted zero times
+(at worst twice, until the next refresh).
+
 So a redelivered ref never counts twice, an execution is in the figure its own
 post-result rule reads, and executions applied by other router replicas arrive with
 the next refresh. Window semantics: the executions persisted in the last ``window``
@@ -29,11 +36,11 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Protocol
 
 from tickmesh.runtime.policy import EMPTY_USAGE, Usage
 from tickmesh.runtime.policy.sources import (
@@ -195,6 +202,27 @@ def _seconds(at: datetime) -> float:
     return at.timestamp()
 
 
+UNCOUNTED_HORIZON_S: Final = 600.0
+"""With a source that says which executions it holds: how long before the cut an
+execution the source never recorded is still counted here (the state service records it
+right after its ref; one it never records, counters lost, stops counting then)."""
+
+
+class _Counted(Protocol):
+    async def __call__(
+        self, tenant: str, executions: Collection[tuple[str, int]]
+    ) -> set[tuple[str, int]]: ...
+
+
+def _execution_of(key: str) -> tuple[str, int] | None:
+    """(execution id, attempt) of an increment key such as ``ref:<execution id>:<attempt>``."""
+    head, _, attempt = key.rpartition(":")
+    execution_id = head.rpartition(":")[2]
+    if not execution_id or not attempt.isdigit():
+        return None
+    return execution_id, int(attempt)
+
+
 class TenantUsage:
     """One tenant's usage per window, for the engine's synchronous ``tenant_usage``.
 
@@ -231,6 +259,11 @@ class TenantUsage:
         self._base: dict[Window, Usage] = {}
         self._cut: float | None = None
         self._increments: dict[str, tuple[float, Usage]] = {}
+        self._counted: _Counted | None = getattr(source, "counted", None)
+        """The source says which executions it holds (see the module docstring)."""
+        self._settled: dict[str, float] = {}
+        """Keys the source was found to hold (persisted_at), so a redelivered ref is not
+        counted again."""
         self._pending: dict[Window, Usage] = {}
         self._cache: dict[Window, Usage] = {}
         self._refreshed_at: float | None = None
@@ -261,8 +294,14 @@ class TenantUsage:
         if not self._windows:
             # No tenant rule in force: the first fetch for one will include this execution.
             return False
-        if (self._cut is not None and at < self._cut) or key in self._increments:
+        if key in self._increments or key in self._settled:
             return False
+        if self._cut is not None:
+            # A source that says what it holds may not hold an execution persisted before its
+            # cut yet; one that does not is exact to the cut.
+            horizon = UNCOUNTED_HORIZON_S if self._counted is not None else 0.0
+            if at < self._cut - horizon:
+                return False
         usage = Usage.of(telemetry)
         self._increments[key] = (at, usage)
         for window in self._windows:
@@ -353,14 +392,31 @@ class TenantUsage:
             windows = set(self._windows)
             if not windows:
                 self._increments.clear()
+                self._settled.clear()
                 self._pending.clear()
                 self._base.clear()
                 self._cache.clear()
                 return
+            held: set[str] = set()
+            if self._counted is not None and self._increments:
+                # Asked before the read: what the source held then is in what it reads.
+                asked = {k: e for k in self._increments if (e := _execution_of(k)) is not None}
+                found = await self._counted(self.tenant, list(asked.values()))
+                held = {k for k, e in asked.items() if e in found}
             now = datetime.fromtimestamp(self._clock(), UTC)
             fetched = await self.source.fetch(self.tenant, windows, now)
             cut = _seconds(fetched.cut)
-            self._increments = {k: v for k, v in self._increments.items() if v[0] >= cut}
+            if self._counted is None:
+                self._increments = {k: v for k, v in self._increments.items() if v[0] >= cut}
+            else:
+                oldest = cut - UNCOUNTED_HORIZON_S
+                for key in held:
+                    if key in self._increments:
+                        self._settled[key] = self._increments[key][0]
+                self._increments = {
+                    k: v for k, v in self._increments.items() if k not in held and v[0] >= oldest
+                }
+                self._settled = {k: at for k, at in self._settled.items() if at >= oldest}
             self._cut = cut
             current = self._windows
             self._base = {w: u for w, u in fetched.usage.items() if w in current}

@@ -124,6 +124,15 @@ class UsageCounter(UsageSource, Protocol):
         """
         ...
 
+    async def counted(
+        self, tenant: str, executions: Collection[tuple[str, int]]
+    ) -> set[tuple[str, int]]:
+        """Which of these (execution id, attempt) were recorded (and are still remembered:
+        ``marker_ttl_s``). The state service records after the store's commit, so a read
+        can come between the two; a router asks this to know which of its own increments
+        the counters hold."""
+        ...
+
 
 def usage_of(sums: Sums) -> Usage:
     """Summed counters as the :class:`Usage` a tenant rule reads.
@@ -292,6 +301,15 @@ class InProcessUsageCounter:
         state.series.add(new)
         state.series.prune_before(state.newest_us - self._keep_us)
         return len(new)
+
+    async def counted(
+        self, tenant: str, executions: Collection[tuple[str, int]]
+    ) -> set[tuple[str, int]]:
+        check_tenant(tenant)
+        state = self._tenants.get(tenant)
+        if state is None:
+            return set()
+        return {e for e in executions if e in state.seen}
 
     async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
         check_tenant(tenant)

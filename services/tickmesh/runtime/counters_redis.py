@@ -348,6 +348,21 @@ class RedisUsageCounter:
             )
         return int(await self._call(self._record_script, keys, args))
 
+    async def counted(
+        self, tenant: str, executions: Collection[tuple[str, int]]
+    ) -> set[tuple[str, int]]:
+        check_tenant(tenant)
+        asked = list(executions)
+        if not asked:
+            return set()
+        keys = [self._key(tenant, f"seen:{e}:{a}") for e, a in asked]
+        try:
+            # One slot (the tenant's hash tag): one MGET, legal on a cluster too.
+            values = await self._redis.mget(keys)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise TransportError(f"cannot reach Redis at {self._where}: {exc}") from exc
+        return {e for e, value in zip(asked, values, strict=True) if value is not None}
+
     async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
         check_tenant(tenant)
         end_us = epoch_us(now, "now")

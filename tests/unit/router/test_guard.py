@@ -529,3 +529,33 @@ async def test_the_watcher_follows_puts_and_forgets_a_deleted_snapshot() -> None
         await watcher.stop()
     assert installed == [1]  # the unreadable entry was skipped
     assert watcher.snapshot is None  # the deletion withdrew it
+
+
+async def test_a_counter_that_lags_the_store_never_loses_an_execution() -> None:
+    """The state service records the counters after it publishes a ref, so a refresh can
+    read them after the execution was persisted and before it was counted. The router's
+    own increment must stay until the counter holds it, not be dropped by the cut."""
+    from tickmesh.runtime.counters import CountedExecution, InProcessUsageCounter
+
+    counter = InProcessUsageCounter()
+    persisted = T0
+    clock = [T0.timestamp() + 0.001]
+    usage = TenantUsage("acme", counter, clock=lambda: clock[0])
+    await usage.track([60.0])
+    execution = CountedExecution("e1", 1, persisted, input_tokens=7, cost_micros=4000)
+
+    # The ref arrives; then a refresh reads the counter before the state recorded it.
+    assert usage.record("ref:e1:1", tokens(7, cost_micros=4000), persisted)
+    await usage.refresh()
+    assert usage.usage(60.0).cost_micros == 4000
+    assert usage.usage(None).executions == 1
+
+    # Once counted, it is in the counter's figure and no longer an increment: once.
+    await counter.record("acme", [execution])
+    clock[0] += 0.5
+    await usage.refresh()
+    assert usage.usage(60.0).cost_micros == 4000
+    assert usage.usage(None).executions == 1
+    # A redelivered ref changes nothing.
+    assert not usage.record("ref:e1:1", tokens(7, cost_micros=4000), persisted)
+    assert usage.usage(None).executions == 1
