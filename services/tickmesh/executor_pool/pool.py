@@ -37,6 +37,7 @@ from tickmesh.runtime import steps
 from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.crash import crash_point
+from tickmesh.runtime.delivery import Delivery, delivery_of
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, PublishError, ack_all, publish_batch
 from tickmesh.runtime.subjects import (
@@ -721,18 +722,21 @@ class ExecutorPool:
         check_token(header.lifetime_id, "lifetime id")
         check_token(header.execution_id, "execution id")
         body = envelope.task_request if group.kind == "task" else envelope.plan_request
-        metadata = msg.metadata
-        header.attempt = metadata.num_delivered
+        delivery = delivery_of(msg.reply)
+        if delivery is None:  # not a JetStream delivery: nats-py raises its own error
+            metadata = msg.metadata
+            delivery = Delivery(metadata.num_delivered, metadata.sequence.stream)
+        header.attempt = delivery.delivered
         timeout = body.timeout.ToTimedelta().total_seconds() if body.HasField("timeout") else 0.0
         return Lease(
             msg=msg,
             envelope=envelope,
             group=group,
-            attempt=metadata.num_delivered,
+            attempt=delivery.delivered,
             retry=body.retry,
             timeout_s=steps.timeout_seconds(timeout),
             request_digest=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
-            stream_seq=metadata.sequence.stream,
+            stream_seq=delivery.stream_seq,
         )
 
     @staticmethod

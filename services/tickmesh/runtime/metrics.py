@@ -70,6 +70,7 @@ from prometheus_client import (
 from tickmesh.sdk import ConfigError
 from tickmesh.v1 import envelope_pb2, guardrail_pb2, result_pb2
 
+from .delivery import delivery_of
 from .settings import split_listen
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ _TASK_STATUS: dict[int, str] = {
     result_pb2.TASK_STATUS_CANCELLED: "cancelled",
 }
 _PLAN_CANCELLED_ERROR = "CancelledError"
-_V1_ACK_TOKENS = 9
-_V2_ACK_TOKENS = 12
 _PHASES: dict[int, str] = {
     value: name.removeprefix("GUARDRAIL_PHASE_").lower()
     for name, value in guardrail_pb2.GuardrailPhase.items()
@@ -135,23 +134,9 @@ def step_status(envelope: envelope_pb2.ExecutionEnvelope) -> tuple[str, str]:
 
 def num_delivered(reply: str | None) -> int:
     """How often JetStream delivered the message whose ack subject is ``reply`` (0 when it
-    is not one). A tenth of the cost of nats-py's ``Msg.metadata``, which also parses the
-    timestamp: this runs on every message of a batch when metrics are on.
-    """
-    if not reply:
-        return 0
-    tokens = reply.split(".")
-    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
-    # v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>... (11 or 12 tokens)
-    if len(tokens) == _V1_ACK_TOKENS:
-        delivered = tokens[4]
-    elif len(tokens) >= _V2_ACK_TOKENS - 1:
-        delivered = tokens[6]
-    else:
-        return 0
-    if tokens[0] != "$JS" or tokens[1] != "ACK" or not delivered.isdigit():
-        return 0
-    return int(delivered)
+    is not one). Runs on every message of a batch when metrics are on."""
+    delivery = delivery_of(reply)
+    return 0 if delivery is None else delivery.delivered
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
