@@ -1,17 +1,18 @@
 """Where a step's time goes at M = 1: the hops of the step loop, timed from outside.
 
 A core NATS subscription in the bench process taps every message of the tenant (work
-requests, execution records, refs, events) and the router's KV writes, and notes when
-each passed. Joined with the stored records' timestamps (executor finished/started,
-state insert, router request built), each parent → child gap splits into:
+requests, execution records, events) and the router's KV writes, and notes when each
+passed. Joined with the stored records' timestamps (executor finished/started, router
+request built), each parent → child gap splits into:
 
   executor finished        → pool published the record   (gRPC completion frame, pool)
-  record published         → state inserted it           (state consumer, SQLite queue)
-  state inserted           → state published the ref     (commit + fsync, ref publish)
-  ref published            → router built the request    (router consumer, load, decide)
+  record published         → router built the request    (router consumer, load, decide)
   request built            → router's KV write passed    (encode, compare-and-set)
   KV write passed          → request published           (KV PubAck, then publish)
   request published        → executor started            (pool consumer, assignment frame)
+
+The state service stores the same record meanwhile, off that path; the time from the
+record's publish to its insert is reported beside the segments.
 
 All clocks are this machine's wall clock; the tap adds its own delivery delay (~0.05 ms).
 """
@@ -27,20 +28,18 @@ from nats.aio.msg import Msg
 
 from tickmesh.executor_pool.pool import record_message_id
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.state.core import ref_message_id
 
 from .records import Record
 from .stats import summarize
 
 SEGMENTS = (
     "executor finished → record published",
-    "record published → state inserted",
-    "state inserted → ref published",
-    "ref published → request built (router)",
+    "record published → request built (router)",
     "request built → router KV write",
     "router KV write → request published",
     "request published → executor started",
 )
+BESIDE = "record published → state inserted (off the path)"
 
 
 class Tap:
@@ -66,7 +65,7 @@ class Tap:
 
     def segments(self, records: list[Record]) -> dict[str, Any]:
         by_id = {r.execution_id: r for r in records}
-        parts: dict[str, list[float]] = {s: [] for s in SEGMENTS}
+        parts: dict[str, list[float]] = {s: [] for s in (*SEGMENTS, BESIDE)}
         for child in records:
             for pid in child.parents:
                 parent = by_id.get(pid)
@@ -74,18 +73,15 @@ class Tap:
                     continue
                 # The ids the services give these messages (the tap cannot rely on copies).
                 t_exec = self.by_msg_id.get(record_message_id(parent.execution_id))
-                t_ref = self.by_msg_id.get(ref_message_id(parent.execution_id, parent.attempt))
                 t_req = self.by_msg_id.get(f"req:{child.execution_id}")
                 kv_times = self.kv.get(child.lifetime_id, [])
                 i = bisect.bisect_left(kv_times, child.created_at)
                 t_kv = kv_times[i] if i < len(kv_times) else None
-                if t_exec is None or t_ref is None or t_req is None or t_kv is None:
+                if t_exec is None or t_req is None or t_kv is None:
                     continue
                 points = [
                     parent.finished_at,
                     t_exec,
-                    parent.persisted_at,
-                    t_ref,
                     child.created_at,
                     t_kv,
                     t_req,
@@ -93,4 +89,5 @@ class Tap:
                 ]
                 for name, a, b in zip(SEGMENTS, points, points[1:], strict=False):
                     parts[name].append((b - a) * 1000.0)
+                parts[BESIDE].append((parent.persisted_at - t_exec) * 1000.0)
         return {name: summarize(v) for name, v in parts.items()}

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import cast
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 import examples.hello.handlers as hello
 from tests.support.audit import record_of
+from tests.support.factories import make_envelope
 from tests.support.mesh import MeshFactory, MeshHarness
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
@@ -20,7 +22,14 @@ from tickmesh.runtime.subjects import (
     HDR_TENANT,
     HDR_TYPE,
 )
-from tickmesh.sdk import BodyKind, decode_envelope, encode_envelope, load_graph_file, uuid7
+from tickmesh.sdk import (
+    BodyKind,
+    decode_envelope,
+    encode_envelope,
+    events_of,
+    load_graph_file,
+    uuid7,
+)
 from tickmesh.v1 import envelope_pb2, graph_pb2, lifetime_pb2
 
 HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello" / "graph.yaml"
@@ -81,7 +90,8 @@ async def test_every_message_carries_its_key_fields_as_headers(start_mesh: MeshF
         "work:plan_request",
         "exec:task_execution",
         "exec:plan_execution",
-        "ref:execution_ref",
+        # No refs: the router reads the records themselves (refs are only for records
+        # appended through the state API).
         # Every decision of a run without pauses or signals records several events.
         "evt:lifetime_events",
     }
@@ -125,20 +135,23 @@ async def test_a_republished_execution_is_stored_once_and_changes_nothing(
             headers={**headers, HDR_MSG_ID: f"exec:{greet.execution_id}"},
         )
         assert ack.duplicate
-        # The state service republishes the ref of the record it already holds.
+        # Both readers took the republished record: the store found it already stored, the
+        # router found its step no longer in flight.
+        await h.wait_stream_empty(h.names.exec_stream)
+        await asyncio.sleep(0.2)
+        assert refs.empty()  # a record from the bus gets no ref
+
+        # The same record appended through the state API: stored already, so its ref is
+        # published again, and the router must change nothing for it either.
+        consumer = h.mesh.state.consumer(h.tenant)
+        record = decode_envelope(greet.envelope, expected_kind="task_execution")
+        [(_, sequence, duplicate)] = await consumer.append_and_publish([(greet.envelope, record)])
+        assert (sequence, duplicate) == (greet.store_sequence, True)
         async with asyncio.timeout(5):
             republished = await refs.get()
         ref = decode_envelope(republished.data, expected_kind="execution_ref")
         assert record_of(ref.execution_ref).header.execution_id == greet.execution_id
         assert ref.execution_ref.store_sequence == greet.store_sequence
-        await h.wait_stream_empty(h.names.exec_stream)
-
-        # Past the dedup window the router sees that ref again: it must change nothing.
-        await h.js.publish(
-            h.names.ref(lifetime_id),
-            republished.data,
-            headers={**(republished.headers or {}), HDR_MSG_ID: f"replayed:{uuid7()}"},
-        )
         await h.wait_stream_empty(h.names.ref_stream)
     finally:
         await sub.unsubscribe()
@@ -164,6 +177,7 @@ async def test_poison_records_are_dead_lettered_and_the_mesh_keeps_going(
     graph = await _hello(h)
     lifetime_id = await _run_hello(h, graph)
     assert h.mesh.state is not None
+    await h.records_stored()
     [stored, *_] = await h.mesh.state.store.list_executions(h.tenant, lifetime_id)
     target = str(uuid7())  # a lifetime nobody started
 
@@ -220,3 +234,60 @@ async def test_poison_records_are_dead_lettered_and_the_mesh_keeps_going(
     report = await h.audit(second)
     _, executions = await h.mesh.state.store.counters(h.tenant)
     assert executions == before[1] + report.stored
+
+
+async def test_a_record_the_state_service_refuses_is_never_routed(start_mesh: MeshFactory) -> None:
+    """The router reads the records from the bus itself: it runs the state service's check
+    on them, so a record the state service dead-letters cannot finish a step."""
+    h = await start_mesh()
+    graph = await h.register(load_graph_file(HELLO))
+    handle = await h.start(graph, {"name": "ada"})  # no executor yet: greet stays in flight
+    work_subject = h.names.work("task", "greet")
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                request = await h.js.get_last_msg(h.names.work_stream, work_subject)
+                break
+            except NotFoundError:
+                await asyncio.sleep(0.05)
+    assert request.data is not None
+    asked = decode_envelope(request.data, expected_kind="task_request")
+
+    # A well-formed record of the step in flight, but its record header claims another
+    # tenant: one the router would apply, were it not checked.
+    forged = make_envelope("task_execution")
+    forged.header.CopyFrom(asked.header)
+    forged.task_execution.header.CopyFrom(asked.header)
+    forged.task_execution.header.tenant_id = "intruder"
+    await h.js.publish(
+        h.names.exec(handle.id),
+        encode_envelope(forged),
+        headers={
+            HDR_TYPE: "task_execution",
+            HDR_TENANT: h.tenant,
+            HDR_LIFETIME: handle.id,
+            HDR_EXECUTION: asked.header.execution_id,
+            HDR_MSG_ID: f"forged:{uuid7()}",
+        },
+    )
+    # Both readers are done with it once the stream is empty.
+    await h.wait_stream_empty(h.names.exec_stream)
+
+    letters = await h.stream_messages(h.names.dlq_stream, h.names.dlq("exec"))
+    assert len(letters) == 1
+    assert "intruder" in (letters[0].headers or {}).get(HDR_REASON, "")
+    finished = [
+        event
+        for msg in await h.stream_messages(h.names.evt_stream, h.names.evt(handle.id))
+        for event in events_of(decode_envelope(msg.data))
+        if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED
+    ]
+    assert finished == []
+
+    # The step's own result still finishes it.
+    await h.worker([hello.greet, hello.decide, hello.shout])
+    assert await handle.result(within=10) == {"greeting": "HELLO, ADA!"}
+    # (No audit: the dead letter left an out-of-band event on this lifetime.)
+    stored = await h.stored(handle.id)
+    assert [record_of(r).header.node.id for r in stored] == ["greet", "decide", "shout", "decide"]
+    assert {record_of(r).header.tenant_id for r in stored} == {h.tenant}

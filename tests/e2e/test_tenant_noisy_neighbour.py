@@ -99,6 +99,9 @@ def _p99(values: list[float]) -> float:
 async def _gaps(services: Services, tenant: str, lifetime_ids: list[str]) -> list[float]:
     """Step finished → next step started, in ms, over the lifetimes' stored records."""
     assert services.store is not None
+    assert services.state is not None
+    # The router decides on a record before the store has it: wait for the store.
+    assert await services.state.consumer(tenant).caught_up()
     gaps: list[float] = []
     for lifetime_id in lifetime_ids:
         rows = await services.store.list_executions(tenant, lifetime_id, limit=1000)

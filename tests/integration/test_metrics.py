@@ -166,7 +166,14 @@ async def test_mesh_metrics_match_what_the_state_service_stored(mesh: Mesh) -> N
                 and s.labels["tenant"] == tenant
             }
 
-        consumers = {"router", "state", "state_events", "pool_task_llm", "pool_plan_loop"}
+        consumers = {
+            "router",
+            "router_records",
+            "state",
+            "state_events",
+            "pool_task_llm",
+            "pool_plan_loop",
+        }
 
         async def settled() -> bool:
             samples = await asyncio.to_thread(scrape, url)

@@ -594,3 +594,65 @@ async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
     row = await store.get_lifetime(state.tenant, LIFETIME_A)
     assert row is not None
     assert row.last_sequence == 9
+
+
+# --- records from the bus -------------------------------------------------------------
+
+
+async def publish_record(state: StateHarness, record: Record) -> None:
+    raw, env = record
+    names = TenantNames(state.tenant)
+    js = runtime_nats.jetstream(state.nc)
+    await js.publish(
+        names.exec(env.header.lifetime_id),
+        raw,
+        headers={
+            HDR_TYPE: env.WhichOneof("body") or "",
+            HDR_TENANT: state.tenant,
+            HDR_LIFETIME: env.header.lifetime_id,
+            HDR_MSG_ID: f"exec:{env.header.execution_id}:{env.header.attempt}",
+        },
+    )
+
+
+async def listed_ids(state: StateHarness, lifetime_id: str = LIFETIME_A) -> list[str]:
+    listed = await state.stub.ListExecutions(
+        SS.ListExecutionsRequest(lifetime_id=lifetime_id), metadata=state.md
+    )
+    return [e.task_execution.header.execution_id for e in listed.executions]
+
+
+async def test_a_record_from_the_bus_is_stored_without_a_ref(state: StateHarness) -> None:
+    # The router reads it from the record stream itself.
+    await publish_record(state, state.record(1))
+    assert await listed_ids(state) == [exec_id(1)]
+    await asyncio.sleep(0.2)
+    assert state.refs == []
+
+
+async def test_a_history_read_waits_for_the_records_already_on_the_bus(
+    state: StateHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store's appends are held back, as a slow commit would hold them.
+    store = state.service.store
+    append = store.append_executions
+    released = asyncio.Event()
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await released.wait()
+        return await append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append_executions", held_back)
+    records = state.service.consumer(state.tenant)
+    await publish_record(state, state.record(1))
+    await publish_record(state, state.record(2))
+    # Nothing is stored while the commit is held: a bounded wait says so.
+    assert not await records.caught_up(within_s=0.2)
+    read = asyncio.create_task(listed_ids(state))
+    await asyncio.sleep(0.3)
+    assert not read.done()
+
+    released.set()
+    # The read answers once both are stored, and has both.
+    assert await asyncio.wait_for(read, 5) == [exec_id(1), exec_id(2)]
+    assert await records.caught_up(within_s=0.2)

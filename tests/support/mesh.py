@@ -98,6 +98,14 @@ class MeshHarness:
     ) -> list[execution_pb2.ExecutionRef]:
         return await list_executions(self.mesh.state_target, tenant or self.tenant, lifetime_id)
 
+    async def records_stored(self, *, tenant: str | None = None) -> None:
+        """Wait until the state service has stored every record on the bus: the router
+        decides on a record before the store has it, so a test reading the store
+        directly (not through StateService, whose reads wait the same way) waits here."""
+        assert self.mesh.state is not None
+        caught_up = await self.mesh.state.consumer(tenant or self.tenant).caught_up()
+        assert caught_up, "the state service did not store the records on the bus within 5 s"
+
     async def lifetime_ids(self, *, tenant: str | None = None) -> list[str]:
         """The ids of every lifetime the router stored (read from its KV bucket)."""
         kv = await self.js.key_value(TenantNames(tenant or self.tenant).router_bucket)

@@ -230,7 +230,13 @@ class Mesh:
 
         async def usage_source() -> UsageSource:
             if cfg.usage_counter_url is None:
-                return StoreUsageSource(store)
+
+                async def caught_up(tenant: str) -> bool:
+                    # The state service is built after the sources; read it when asked.
+                    assert self.state is not None
+                    return await self.state.consumer(tenant).caught_up()
+
+                return StoreUsageSource(store, caught_up=caught_up)
             return await usage_counter(cfg.usage_counter_url)
 
         async def blob_store() -> BlobStore:

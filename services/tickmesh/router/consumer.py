@@ -1,10 +1,16 @@
-"""Consumes refs to durable executions in batches and routes them.
+"""Consumes durable execution records in batches and routes them.
 
-Refs of one lifetime are applied together in one compare-and-set. A batch is
+The records come from two streams: the record stream itself, which the router reads
+while the state service stores the same records (the record is durable on the bus when
+it is read, so routing does not wait for the store's commit), and the ref stream, where
+the state service publishes a ref for each record appended through its API. A record
+carries the same key either way, so it is applied once.
+
+Records of one lifetime are applied together in one compare-and-set. A batch is
 routed in phases: every lifetime's decision, then one round of compare-and-set
 writes for all of them, one round of publishes, one write of acks (per lifetime,
-each of those would be a round trip and a flush of its own). A ref is acked only
-after the decisions it led to are durable and published.
+each of those would be a round trip and a flush of its own). A record or ref is acked
+only after the decisions it led to are durable and published.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch
+from tickmesh.runtime.records import check_record
 from tickmesh.runtime.subjects import HDR_REASON, tenant_of_subject
 from tickmesh.runtime.tracing import parent_of
 from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope
@@ -40,6 +47,9 @@ from . import core
 from .processor import Applied, Job, Mutation, Processor, Tenant
 
 logger = logging.getLogger(__name__)
+
+Item = tuple[Msg, core.Recorded, str]
+"""A message, the record it carries, and the record's key (applied once per lifetime)."""
 
 
 class RefConsumer:
@@ -68,20 +78,51 @@ class RefConsumer:
             max_batch=max_batch,
             name=f"router:{names.tenant}",
         )
+        self._records = BatchConsumer(
+            nc,
+            js,
+            stream=names.exec_stream,
+            config=durable_config(
+                names.router_record_consumer, names.exec_all, ack_wait_s=ack_wait_s
+            ),
+            handler=self._handle_records,
+            max_batch=max_batch,
+            name=f"router-records:{names.tenant}",
+        )
 
     async def start(self) -> None:
+        await self._records.start()
         await self._consumer.start()
 
     async def stop(self) -> None:
+        await self._records.stop()
         await self._consumer.stop()
+
+    async def _handle_records(self, batch: list[Msg]) -> None:
+        names = self._tenant.names
+        if self._metrics is not None:
+            self._metrics.count_redeliveries(names.tenant, names.router_record_consumer, batch)
+        by_lifetime: dict[str, list[Item]] = defaultdict(list)
+        for msg in batch:
+            try:
+                envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
+                check_record(msg.subject, envelope)
+            except ValidationError as exc:
+                # The state service runs the same check on the same message and
+                # dead-letters it (with an error event); here it is only dropped.
+                logger.warning("record on %s not routed: %s", msg.subject, exc)
+                await term(msg, str(exc))
+                continue
+            header = envelope.header
+            key = f"ref:{header.execution_id}:{header.attempt}"
+            by_lifetime[header.lifetime_id].append((msg, envelope, key))
+        await self._route(by_lifetime)
 
     async def _handle(self, batch: list[Msg]) -> None:
         if self._metrics is not None:
             names = self._tenant.names
             self._metrics.count_redeliveries(names.tenant, names.router_consumer, batch)
-        by_lifetime: dict[str, list[tuple[Msg, execution_pb2.ExecutionRef, str]]] = defaultdict(
-            list
-        )
+        by_lifetime: dict[str, list[Item]] = defaultdict(list)
         rejects: list[tuple[Msg, str]] = []
         for msg in batch:
             try:
@@ -105,9 +146,7 @@ class RefConsumer:
             await self._dead_letter(rejects)
         await self._route(by_lifetime)
 
-    async def _route(
-        self, by_lifetime: dict[str, list[tuple[Msg, execution_pb2.ExecutionRef, str]]]
-    ) -> None:
+    async def _route(self, by_lifetime: dict[str, list[Item]]) -> None:
         """Decide for every lifetime of the batch, then write all their states in one
         round, publish all they decided in another, and ack in one write."""
         tenant_id = self._tenant.names.tenant
@@ -151,9 +190,10 @@ class RefConsumer:
         crash_point("router_after_dispatch_before_ack")
         await ack_all(acks)
 
-    def _record_usage(self, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]) -> None:
-        # Every ref is a stored execution: count it in the tenant's usage (once per key)
-        # before deciding, so its own post-result rules see it.
+    def _record_usage(self, items: list[Item]) -> None:
+        # Every record is durable: count it in the tenant's usage (once per key) before
+        # deciding, so its own post-result rules see it. A record read from the record
+        # stream has no commit time yet; it is counted now.
         record_usage = getattr(self._tenant.guard, "record_execution", None)
         if record_usage is None:
             return
@@ -161,14 +201,12 @@ class RefConsumer:
             record = ref.task_execution if ref.HasField("task_execution") else ref.plan_execution
             persisted = (
                 ref.persisted_at.ToDatetime(tzinfo=UTC)
-                if ref.HasField("persisted_at")
+                if isinstance(ref, execution_pb2.ExecutionRef) and ref.HasField("persisted_at")
                 else datetime.now(UTC)
             )
             record_usage(key, record.result.telemetry, persisted)
 
-    def _count_steps(
-        self, applied: Applied, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
-    ) -> None:
+    def _count_steps(self, applied: Applied, items: list[Item]) -> None:
         if not applied.changed or self._metrics is None:
             return
         graph = applied.lifetime.view.graph.id
@@ -179,9 +217,7 @@ class RefConsumer:
                     self._tenant.names.tenant, graph, record.finished_at.ToNanoseconds()
                 )
 
-    def _route_spans(
-        self, items: list[tuple[Msg, execution_pb2.ExecutionRef, str]]
-    ) -> list[Span | None]:
+    def _route_spans(self, items: list[Item]) -> list[Span | None]:
         """One span per traced ref, from its delivery until what it led to is published
         (empty when tracing is off)."""
         tracer = self._processor.tracer
@@ -244,7 +280,7 @@ def _end_spans(spans: list[Span | None], error: str = "") -> None:
 def _mutation(
     tenant_id: str,
     lifetime_id: str,
-    items: list[tuple[Msg, execution_pb2.ExecutionRef, str]],
+    items: list[Item],
     spans: list[Span | None],
 ) -> Mutation:
     """Apply the lifetime's refs in order (with the lifetime's log context, and each

@@ -626,10 +626,24 @@ def _publish_rejection(
 # --- results ----------------------------------------------------------------
 
 
-def on_execution(lt: Lifetime, ref: execution_pb2.ExecutionRef) -> bool:
+Recorded = execution_pb2.ExecutionRef | envelope_pb2.ExecutionEnvelope
+"""A durable execution record as the router reads it: a ref the state service published
+for a record appended through its API, or the record's own envelope, read from the
+record stream (both carry it as ``task_execution`` or ``plan_execution``)."""
+
+
+def record_kind(recorded: Recorded) -> str | None:
+    """``task_execution``, ``plan_execution``, or None when it carries no record."""
+    if isinstance(recorded, execution_pb2.ExecutionRef):
+        return recorded.WhichOneof("record")
+    kind = recorded.WhichOneof("body")
+    return kind if kind in ("task_execution", "plan_execution") else None
+
+
+def on_execution(lt: Lifetime, ref: Recorded) -> bool:
     """Apply one durable execution record. Returns False when it changes nothing
     (a duplicate, a non-final attempt, or a record for a step not in flight)."""
-    kind = ref.WhichOneof("record")
+    kind = record_kind(ref)
     if kind == "task_execution":
         header = ref.task_execution.header
     elif kind == "plan_execution":
@@ -690,7 +704,7 @@ def on_execution(lt: Lifetime, ref: execution_pb2.ExecutionRef) -> bool:
     return True
 
 
-def _refused_before_dispatch(ref: execution_pb2.ExecutionRef) -> bool:
+def _refused_before_dispatch(ref: Recorded) -> bool:
     """Whether ``ref`` is a record :func:`_publish_rejection` wrote (no handler ran).
 
     Such a record names no executor; the executor pool names the executor session in
@@ -712,7 +726,7 @@ def _refused_before_dispatch(ref: execution_pb2.ExecutionRef) -> bool:
     )
 
 
-def _finished_message(ref: execution_pb2.ExecutionRef) -> str:
+def _finished_message(ref: Recorded) -> str:
     if ref.HasField("task_execution"):
         status = result_pb2.TaskStatus.Name(ref.task_execution.result.status)
         return f"{ref.task_execution.header.node.id}: {status.removeprefix('TASK_STATUS_').lower()}"

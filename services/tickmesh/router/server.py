@@ -242,8 +242,12 @@ async def build(
         metrics.watch_consumers(
             links.js_of,
             lambda: [
-                (tenant_id, tenant.names.ref_stream, tenant.names.router_consumer)
+                consumer
                 for tenant_id, tenant in processor.tenants.items()
+                for consumer in (
+                    (tenant_id, tenant.names.exec_stream, tenant.names.router_record_consumer),
+                    (tenant_id, tenant.names.ref_stream, tenant.names.router_consumer),
+                )
             ],
         )
     return RouterService(

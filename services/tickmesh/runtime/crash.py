@@ -7,7 +7,8 @@ the variable is unset every call is one comparison with None.
 
 Points (see docs/configuration.md, "Crash points (testing)"):
 
-* state: ``after_store_commit``, ``after_republish``, ``before_ack``;
+* state: ``after_store_commit``, ``before_ack``; ``after_republish`` (appends through
+  the state API only: records from the bus need no ref);
 * router: ``router_after_dispatch_before_ack``;
 * executor pool: ``pool_after_blob_put``, ``pool_after_record_publish``.
 """

@@ -135,6 +135,7 @@ class TenantNames:
 
     state_consumer = "state"
     router_consumer = "router"
+    router_record_consumer = "router_records"
 
     # --- KV buckets -------------------------------------------------------
     @property

@@ -1,7 +1,9 @@
 """Consumes execution records and lifetime events in batches.
 
-Records: one store transaction per batch, then one ref per record (also for
-records already stored), then — only after the refs' PubAcks — the acks.
+Records: one store transaction per batch, then the acks. The router reads the same
+records from the record stream, so none of them needs a ref; records appended
+through the API (``append_and_publish``) get one ref each (also when already
+stored), and are acked to the caller only after the refs' PubAcks.
 Events: folded into lifetime rows and the event history.
 Anything unreadable is dead-lettered with its reason and an error event; it
 never stops the batch around it.
@@ -9,7 +11,9 @@ never stops the batch around it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NatsClient
@@ -45,13 +49,18 @@ from tickmesh.sdk.tracing import (
 from tickmesh.v1 import envelope_pb2, header_pb2
 
 from . import core
-from .store import StateStore
+from .store import StateStore, StoredExecution
 
 logger = logging.getLogger(__name__)
 
+READ_BARRIER_S = 5.0
+"""How long a history read waits for the records already on the bus to be stored."""
+READ_BARRIER_POLL_S = 0.005
+
 
 class RecordConsumer:
-    """Appends execution records and republishes refs for one tenant."""
+    """Appends execution records (and publishes refs for those appended through the
+    API) for one tenant."""
 
     def __init__(
         self,
@@ -103,6 +112,34 @@ class RecordConsumer:
         await self._records.stop()
         await self._events.stop()
 
+    async def caught_up(self, *, within_s: float = READ_BARRIER_S) -> bool:
+        """Wait until every record the record stream held when this was called is stored
+        (or dead-lettered); False if that took longer than ``within_s``.
+
+        The router decides on a record as soon as it is on the bus, so a caller may see
+        a step's effect (an event, the lifetime's state) a moment before the record is
+        stored. Reads of the history wait here first: whatever a caller saw before its
+        read is in what the read returns."""
+        names = self.names
+        info = await self._js.consumer_info(names.exec_stream, names.state_consumer)
+        if not info.num_pending and not info.num_ack_pending:
+            return True
+        # Everything up to the last record delivered or waiting now must be acked.
+        target = (info.delivered.stream_seq or 0) + (info.num_pending or 0)
+        deadline = time.monotonic() + within_s
+        while (info.ack_floor.stream_seq or 0) < target:
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "records of tenant %s up to stream sequence %d not stored within %.1f s",
+                    names.tenant,
+                    target,
+                    within_s,
+                )
+                return False
+            await asyncio.sleep(READ_BARRIER_POLL_S)
+            info = await self._js.consumer_info(names.exec_stream, names.state_consumer)
+        return True
+
     def consumers(self) -> list[tuple[str, str, str]]:
         """(tenant, stream, durable) of the two durable consumers this reads."""
         names = self.names
@@ -132,7 +169,7 @@ class RecordConsumer:
             await self.dead_letter(bad, kind="exec")
         if not good:
             return
-        await self.append_and_publish([(msg.data, env) for msg, env in good])
+        await self._append([(msg.data, env) for msg, env in good], publish_refs=False)
         crash_point("before_ack")
         await ack_all([msg for msg, _ in good])
 
@@ -140,9 +177,14 @@ class RecordConsumer:
         self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
     ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         """Store records (one transaction) and publish their refs; return (record, seq, dup)."""
+        return await self._append(records, publish_refs=True)
+
+    async def _append(
+        self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]], *, publish_refs: bool
+    ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         spans = self._append_spans(records) if self._tracer is not None else []
         try:
-            return await self._append_and_publish(records, spans)
+            return await self._append_and_publish(records, spans, publish_refs=publish_refs)
         except Exception as exc:
             for span in spans:
                 if span is not None:
@@ -157,7 +199,7 @@ class RecordConsumer:
         self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
     ) -> list[Span | None]:
         """One span per traced record, under its step's span: from the batch's start until
-        its ref is published."""
+        it is stored (and its ref published, for a record appended through the API)."""
         assert self._tracer is not None
         spans: list[Span | None] = []
         for _, env in records:
@@ -186,6 +228,8 @@ class RecordConsumer:
         self,
         records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]],
         spans: list[Span | None],
+        *,
+        publish_refs: bool,
     ) -> list[tuple[envelope_pb2.ExecutionEnvelope, int, bool]]:
         stored = await self._store.append_executions(self.names.tenant, records)
         crash_point("after_store_commit")
@@ -198,6 +242,31 @@ class RecordConsumer:
             for row, (_, env) in zip(stored, records, strict=True):
                 if not row.duplicate:
                     self._metrics.record_stored(self.names.tenant, env)
+        if publish_refs:
+            await self._publish_refs(stored, records)
+        if self._usage_counter is not None:
+            # After the commit (and the refs), never holding up the next step: the router
+            # decides without waiting for the counters. Before the acks, so a failure
+            # here redelivers the batch. Duplicates are passed too: the counter's own
+            # per-execution marker makes recording them again a no-op, which is what
+            # heals a crash between the store commit and this call.
+            await self._usage_counter.record(
+                self.names.tenant,
+                [
+                    counted_from_envelope(env, row.persisted_at)
+                    for row, (_, env) in zip(stored, records, strict=True)
+                ],
+            )
+        return [
+            (env, row.store_sequence, row.duplicate)
+            for row, (_, env) in zip(stored, records, strict=True)
+        ]
+
+    async def _publish_refs(
+        self,
+        stored: list[StoredExecution],
+        records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]],
+    ) -> None:
         refs = []
         for row, (_, env) in zip(stored, records, strict=True):
             ref = core.ref_envelope(row, env, self._producer)
@@ -221,22 +290,6 @@ class RecordConsumer:
             )
         await publish_batch(self._js, refs)
         crash_point("after_republish")
-        if self._usage_counter is not None:
-            # After the refs, so the next step never waits on the counters; before the
-            # acks, so a failure here redelivers the batch. Duplicates are passed too:
-            # the counter's own per-execution marker makes recording them again a no-op,
-            # which is what heals a crash between the store commit and this call.
-            await self._usage_counter.record(
-                self.names.tenant,
-                [
-                    counted_from_envelope(env, row.persisted_at)
-                    for row, (_, env) in zip(stored, records, strict=True)
-                ],
-            )
-        return [
-            (env, row.store_sequence, row.duplicate)
-            for row, (_, env) in zip(stored, records, strict=True)
-        ]
 
     async def _handle_events(self, batch: list[Msg]) -> None:
         """One transaction per batch: events stored, lifetime rows folded, then acks."""

@@ -1,6 +1,7 @@
 """What the state service decides: which records are valid, and the refs it
-republishes for stored records (new or already stored: a redelivered record
-must still reach the router, or a crash between commit and ack would lose it).
+publishes for records appended through its API (new or already stored: a retried
+append must still reach the router). Records from the bus need no ref: the router
+reads them from the record stream itself.
 """
 
 from __future__ import annotations
@@ -10,47 +11,16 @@ from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
-from tickmesh.runtime.subjects import TenantNames, check_token, tenant_of_subject
+# check_record is shared with the router, which runs it on the records it reads: a
+# record this service dead-letters is never routed.
+from tickmesh.runtime.records import RECORD_KINDS as RECORD_KINDS
+from tickmesh.runtime.records import check_record as check_record
+from tickmesh.runtime.subjects import TenantNames
 from tickmesh.runtime.timestamps import set_now, set_timestamp
-from tickmesh.sdk import ValidationError
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
 
 from .store import StoredExecution
-
-RECORD_KINDS = ("task_execution", "plan_execution")
-
-
-def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None:
-    """A record's tenant must match its subject's, in the header and in the record, and
-    the two headers must name the same lifetime, execution and attempt.
-
-    Raises:
-        ValidationError: Naming the mismatch.
-    """
-    kind = envelope.WhichOneof("body")
-    if kind not in RECORD_KINDS:
-        raise ValidationError(f"expected an execution record, got a {kind} body")
-    subject_tenant = tenant_of_subject(subject)
-    record = envelope.task_execution if kind == "task_execution" else envelope.plan_execution
-    claimed = {envelope.header.tenant_id, record.header.tenant_id}
-    if claimed != {subject_tenant}:
-        raise ValidationError(
-            f"record claims tenant(s) {sorted(claimed)} but arrived on a subject of "
-            f"tenant {subject_tenant!r}"
-        )
-    inner, outer = record.header, envelope.header
-    if not inner.execution_id or inner.attempt < 1:
-        raise ValidationError("record header needs an execution_id and an attempt >= 1")
-    if inner.lifetime_id != outer.lifetime_id:
-        raise ValidationError("record and envelope disagree on the lifetime id")
-    # What the store refuses must be refused here: a record the store rejects after it
-    # passed this check would fail its whole batch, which is then redelivered forever.
-    if not inner.lifetime_id:
-        raise ValidationError("record header needs a lifetime_id")
-    check_token(inner.lifetime_id, "lifetime id")  # its ref is published under it
-    if (inner.execution_id, inner.attempt) != (outer.execution_id, outer.attempt):
-        raise ValidationError("record and envelope disagree on the execution id or attempt")
 
 
 def ref_envelope(

@@ -1,5 +1,10 @@
 """StateService over gRPC: history reads, counters, blobs, and appends for
-callers that cannot publish to the bus."""
+callers that cannot publish to the bus.
+
+Reads of records, counters and usage first wait for the records already on the bus
+to be stored (``RecordConsumer.caught_up``): the router acts on a record before the
+store has it, and a caller that saw the act must find the record. A read that cannot
+wait long enough answers UNAVAILABLE rather than miss one."""
 
 from __future__ import annotations
 
@@ -55,6 +60,16 @@ class StateServicer(pb_grpc.StateServiceServicer):
     def _tenant(self, context: Context) -> str:
         return tenant_of(context, self._tenants)
 
+    async def _stored_so_far(self, tenant: str) -> None:
+        """Wait until every record on the bus now is stored; UNAVAILABLE if that takes
+        longer than the consumer's bound (a read must not miss what a caller saw)."""
+        if not await self._consumers(tenant).caught_up():
+            raise StatusError(
+                StatusCode.UNAVAILABLE,
+                "the state service is still storing the execution records on the bus "
+                "(retry shortly)",
+            )
+
     @unary_errors
     async def AppendExecution(
         self, request: pb.AppendExecutionRequest, context: Context
@@ -86,6 +101,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.GetExecutionRequest, context: Context
     ) -> pb.GetExecutionResponse:
         tenant = self._tenant(context)
+        await self._stored_so_far(tenant)
         stored = await self._store.get_execution(tenant, request.execution_id, request.attempt)
         if stored is None:
             raise NotFoundError(f"no execution {request.execution_id!r}")
@@ -100,6 +116,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         if request.page_token and not request.page_token.isdigit():
             raise ValidationError(f"malformed page_token {request.page_token!r}")
         size = min(request.page_size or 100, 1000)
+        await self._stored_so_far(tenant)
         rows = await self._store.list_executions(
             tenant, request.lifetime_id, after_sequence=after, limit=size + 1
         )
@@ -133,10 +150,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
         if request.scope == pb.COUNTER_SCOPE_LIFETIME:
             if not request.lifetime_id:
                 raise ValidationError("lifetime scope needs a lifetime_id")
+            await self._stored_so_far(tenant)
             totals, count = await self._store.counters(
                 tenant, lifetime_id=request.lifetime_id, since=since
             )
         elif request.scope == pb.COUNTER_SCOPE_TENANT:
+            # Routers read these sums every 200 ms and drop their own increments for the
+            # records they saw before the call: those must be in the sums.
+            await self._stored_so_far(tenant)
             totals, count = await self._store.counters(tenant, since=since)
         else:
             raise ValidationError("scope must be COUNTER_SCOPE_LIFETIME or COUNTER_SCOPE_TENANT")
@@ -151,6 +172,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
             pb.USAGE_GROUPING_NODE,
         ):
             raise ValidationError(f"unknown group_by {request.group_by}")
+        await self._stored_so_far(tenant)
         rows = await self._store.usage(
             tenant,
             since=request.since.ToDatetime(UTC) if request.HasField("since") else None,

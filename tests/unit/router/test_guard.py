@@ -250,6 +250,43 @@ async def test_the_store_source_falls_back_when_writes_keep_landing() -> None:
     assert fetched.cut == T0
 
 
+async def test_the_store_source_waits_for_the_bus_and_never_drops_a_record_read_before_its_cut(
+    store: SQLiteStateStore,
+) -> None:
+    """A router counts a record it read from the bus at the time it read it, before the
+    store commits it. With the wait, a record read before the cut is in the figure even
+    when its commit comes after the cut; the subtraction that makes the store source
+    exact would have taken it out, and the router drops its own increment: zero."""
+    tenant = "acme"
+    waits: list[str] = []
+    read_at = datetime.now(UTC)  # the router read record 1 from the bus
+    cut = read_at + timedelta(milliseconds=1)
+
+    async def caught_up(asked: str) -> bool:
+        waits.append(asked)
+        # The state service commits record 1 only now, after the cut.
+        await store.append_executions(tenant, [execution_record(1, telemetry=tokens(100))])
+        return True
+
+    usage = TenantUsage(tenant, StoreUsageSource(store, caught_up=caught_up), clock=cut.timestamp)
+    await usage.track([60.0])
+    assert waits == [tenant]
+    # Read before the cut: the figure holds it, so the router's increment is dropped...
+    assert not usage.record("ref:1:1", tokens(100), read_at)
+    # ...and it is counted exactly once.
+    assert (usage.usage(60.0).executions, usage.usage(60.0).input_tokens) == (1, 100)
+
+
+async def test_the_store_source_fails_when_the_records_on_the_bus_are_not_stored(
+    store: SQLiteStateStore,
+) -> None:
+    async def stuck(tenant: str) -> bool:
+        return False
+
+    with pytest.raises(TenantUsageUnavailableError, match="not stored yet"):
+        await StoreUsageSource(store, caught_up=stuck).fetch("acme", [None], T0)
+
+
 def test_counted_usage_has_sums_and_no_maxima() -> None:
     usage = counted_usage(tokens(10, cost_micros=20), 3)
     assert (usage.executions, usage.input_tokens, usage.cost_micros) == (3, 10, 20)

@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -102,20 +102,44 @@ def _minus_counters(
 class StoreUsageSource:
     """Reads the state store in the same process (the embedded mesh).
 
-    Exact: it reads what was persisted at or after ``now`` before and after the window
-    sums, and when both agree nothing landed in between, so subtracting it leaves exactly
-    the executions persisted before ``now`` (the store assigns ``persisted_at`` in commit
-    order on one thread). If writes keep interleaving it falls back to ``cut = now``
-    without the subtraction, which can count an execution persisted during the fetch
-    twice until the next refresh.
+    Without ``caught_up``, exact to ``now`` for what is stored: it reads what was
+    persisted at or after ``now`` before and after the window sums, and when both agree
+    nothing landed in between, so subtracting it leaves exactly the executions persisted
+    before ``now`` (the store assigns ``persisted_at`` in commit order on one thread). If
+    writes keep interleaving it falls back to ``cut = now`` without the subtraction,
+    which can count an execution persisted during the fetch twice until the next refresh.
+
+    With ``caught_up`` (the state service's wait for the records on the bus, as the
+    embedded mesh passes it), the cut is about what was *on the bus* at ``now``: a
+    router counts a record it read from the bus before the store committed it, at the
+    time it read it. The fetch waits until every record on the bus at ``now`` is stored
+    and sums all that is stored, so a record read before ``now`` is in the figure, and
+    one read after it may count twice until the next refresh (never zero times). If the
+    wait fails the fetch fails, and tenant rules fail closed.
     """
 
-    def __init__(self, store: CounterStore) -> None:
+    def __init__(
+        self,
+        store: CounterStore,
+        *,
+        caught_up: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
         self._store = store
+        self._caught_up = caught_up
 
     async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
         store = self._store
         ordered = list(windows)
+        if self._caught_up is not None:
+            if not await self._caught_up(tenant):
+                raise TenantUsageUnavailableError(
+                    f"tenant {tenant}: the execution records on the bus are not stored yet"
+                )
+            sums = [
+                await store.counters(tenant, since=None if w is None else now - _delta(w))
+                for w in ordered
+            ]
+            return Fetched({w: counted_usage(*s) for w, s in zip(ordered, sums, strict=True)}, now)
         for _ in range(_FETCH_ATTEMPTS):
             before = await store.counters(tenant, since=now)
             sums = [
@@ -141,9 +165,11 @@ class StoreUsageSource:
 class StateRpcUsageSource:
     """Calls ``StateService.GetCounters`` (scope TENANT) on a remote state service.
 
-    The service computes each window against its own clock at the moment it reads, so
-    the cut is the instant the fetch started here: an execution persisted while the
-    calls are in flight may count twice until the next refresh (never zero times).
+    The service first waits until every execution record on the bus is stored, then
+    computes each window against its own clock at the moment it reads, so the cut is
+    the instant the fetch started here: every record a router read before it is in the
+    figure, and one read or persisted while the calls are in flight may count twice
+    until the next refresh (never zero times).
     Clocks are assumed synchronised (NTP).
     """
 
