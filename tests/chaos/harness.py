@@ -446,7 +446,8 @@ class Cluster:
 
     async def wait_quiet(self, within: float = 30.0) -> float:
         """Wait until the state service's records and events consumers and the router's
-        refs consumer (those whose services are running) have nothing pending or unacked.
+        records and refs consumers (those whose services are running) have nothing pending
+        or unacked.
 
         Returns:
             The seconds it took.
@@ -457,6 +458,7 @@ class Cluster:
             durables.append((names.exec_stream, names.state_consumer))
             durables.append((names.evt_stream, f"{names.state_consumer}_events"))
         if self.services["router"].running:
+            durables.append((names.exec_stream, names.router_record_consumer))
             durables.append((names.ref_stream, names.router_consumer))
         loop = asyncio.get_running_loop()
         began = loop.time()

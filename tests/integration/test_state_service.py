@@ -656,3 +656,30 @@ async def test_a_history_read_waits_for_the_records_already_on_the_bus(
     # The read answers once both are stored, and has both.
     assert await asyncio.wait_for(read, 5) == [exec_id(1), exec_id(2)]
     assert await records.caught_up(within_s=0.2)
+
+
+async def test_records_are_stored_in_the_streams_order_when_the_store_fails_a_batch(
+    state: StateHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router applies records in the stream's order and replay follows the store's:
+    a batch the store refused is retried in place, never overtaken by the ones behind."""
+    store = state.service.store
+    append = store.append_executions
+    calls: list[int] = []
+
+    async def fails_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise ConnectionError("the store dropped the connection")
+        return await append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append_executions", fails_once)
+    await publish_record(state, state.record(1))
+
+    async def refused() -> bool:
+        return len(calls) >= 1
+
+    await eventually(refused, within=5, what="the first append")
+    await publish_record(state, state.record(2))
+
+    assert await listed_ids(state) == [exec_id(1), exec_id(2)]

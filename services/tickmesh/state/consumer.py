@@ -12,6 +12,7 @@ never stops the batch around it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 READ_BARRIER_S = 5.0
 """How long a history read waits for the records already on the bus to be stored."""
 READ_BARRIER_POLL_S = 0.005
+STORE_RETRY_S = 0.2
+"""First wait before a batch the store refused is tried again (doubling, up to the max)."""
+STORE_RETRY_MAX_S = 5.0
 
 
 class RecordConsumer:
@@ -169,9 +173,40 @@ class RecordConsumer:
             await self.dead_letter(bad, kind="exec")
         if not good:
             return
-        await self._append([(msg.data, env) for msg, env in good], publish_refs=False)
+        await self._store_in_order(good)
         crash_point("before_ack")
         await ack_all([msg for msg, _ in good])
+
+    async def _store_in_order(self, good: list[tuple[Msg, envelope_pb2.ExecutionEnvelope]]) -> None:
+        """Store a batch, retrying it in place until the store takes it.
+
+        Records are stored in the stream's order, the order the router applied them in
+        (replay follows the store's order). Handing a failed batch back to be redelivered
+        later would let the records behind it be stored first: a step's record could
+        then precede the record of the step that led to it. So a failing store holds
+        this tenant's records back, kept leased, while the router goes on deciding."""
+        records = [(msg.data, env) for msg, env in good]
+        failures = 0
+        while True:
+            try:
+                await self._append(records, publish_refs=False)
+                return
+            except Exception as exc:
+                failures += 1
+                delay = min(STORE_RETRY_MAX_S, STORE_RETRY_S * 2 ** (failures - 1))
+                logger.warning(
+                    "storing %d record(s) of tenant %s failed (try %d); again in %.1f s: %s",
+                    len(records),
+                    self.names.tenant,
+                    failures,
+                    delay,
+                    exc,
+                )
+            await asyncio.sleep(delay)
+            for msg, _ in good:
+                # Still ours: JetStream must not hand them out again meanwhile.
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
     async def append_and_publish(
         self, records: list[tuple[bytes, envelope_pb2.ExecutionEnvelope]]
