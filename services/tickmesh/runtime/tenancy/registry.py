@@ -61,8 +61,9 @@ def tenant_streams(names: TenantNames) -> tuple[str, ...]:
 MIN_STREAMS: Final = len(tenant_streams(TenantNames("x")))
 """A tenant's account must hold at least its own streams and buckets."""
 MIN_CONSUMERS: Final = 8
-"""The state service's two durables, the router's, a work consumer per handler and the
-watchers of policies and lifetimes: fewer than this cannot run one graph."""
+"""The state service's two durables, the router's two (records and refs), a work consumer
+per handler (two for a graph of one task and one plan) and the watchers of policies and of
+one lifetime: fewer than this cannot run one graph."""
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(I?B?)", re.IGNORECASE)
 _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
