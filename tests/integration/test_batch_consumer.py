@@ -58,3 +58,67 @@ async def test_a_batch_whose_handler_raises_is_redelivered_well_before_ack_wait(
     assert sorted(d for _, d in again) == sorted(d for _, d in first) == [b"m0", b"m1", b"m2"]
     waited = again[0][0] - first[-1][0]
     assert RETRY_FAILED_BATCH_S * 0.8 <= waited < ACK_WAIT_S / 3, waited
+
+
+async def batches_of(
+    nats_server: EmbeddedNats, *, linger_s: float, max_batch: int, publish: list[list[bytes]]
+) -> list[list[bytes]]:
+    """The batches a consumer hands over when ``publish``'s groups arrive 0.1 s apart."""
+    nc = await tm_nats.connect(nats_server.url, name="batch-consumer-linger")
+    js = tm_nats.jetstream(nc)
+    stream = new_tenant("bl")
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"]))
+    batches: list[list[bytes]] = []
+    expected = sum(len(group) for group in publish)
+    done = asyncio.Event()
+
+    async def handler(batch: list[Msg]) -> None:
+        batches.append([m.data for m in batch])
+        for m in batch:
+            await m.ack()
+        if sum(len(b) for b in batches) >= expected:
+            done.set()
+
+    consumer = BatchConsumer(
+        nc,
+        js,
+        stream=stream,
+        config=durable_config("c", f"{stream}.>", ack_wait_s=ACK_WAIT_S),
+        handler=handler,
+        max_batch=max_batch,
+        linger_s=linger_s,
+    )
+    try:
+        await consumer.start()
+        for group in publish:
+            for data in group:
+                await js.publish(f"{stream}.x", data)
+            await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            await done.wait()
+    finally:
+        await consumer.stop()
+        await js.delete_stream(stream)
+        await nc.close()
+    return batches
+
+
+async def test_a_lingering_consumer_lets_a_small_batch_grow(nats_server: EmbeddedNats) -> None:
+    groups = [[b"a"], [b"b", b"c"]]
+    # Without a linger the first message is handed over alone, at once.
+    at_once = await batches_of(nats_server, linger_s=0, max_batch=16, publish=groups)
+    assert at_once[0] == [b"a"]
+    assert [m for batch in at_once for m in batch] == [b"a", b"b", b"c"]
+    # Messages arriving within the linger join the first batch.
+    assert await batches_of(nats_server, linger_s=0.5, max_batch=16, publish=groups) == [
+        [b"a", b"b", b"c"]
+    ]
+
+
+async def test_a_full_batch_does_not_linger(nats_server: EmbeddedNats) -> None:
+    began = time.monotonic()
+    batches = await batches_of(
+        nats_server, linger_s=30.0, max_batch=2, publish=[[b"a", b"b"], [b"c", b"d"]]
+    )
+    assert batches == [[b"a", b"b"], [b"c", b"d"]]
+    assert time.monotonic() - began < 5

@@ -228,15 +228,15 @@ class Mesh:
             self._resources.push_async_callback(counter.close)
             return counter
 
+        async def records_stored(tenant: str) -> bool:
+            # Readers of the store in this process wait as StateService reads do. The
+            # state service is built after them: it is looked up when asked.
+            assert self.state is not None
+            return await self.state.consumer(tenant).caught_up()
+
         async def usage_source() -> UsageSource:
             if cfg.usage_counter_url is None:
-
-                async def caught_up(tenant: str) -> bool:
-                    # The state service is built after the sources; read it when asked.
-                    assert self.state is not None
-                    return await self.state.consumer(tenant).caught_up()
-
-                return StoreUsageSource(store, caught_up=caught_up)
+                return StoreUsageSource(store, caught_up=records_stored)
             return await usage_counter(cfg.usage_counter_url)
 
         async def blob_store() -> BlobStore:
@@ -293,7 +293,7 @@ class Mesh:
             nc=nc,
             links=links,
             usage_source=await usage_source(),
-            history_source=StoreHistorySource(store),
+            history_source=StoreHistorySource(store, caught_up=records_stored),
             metrics=metrics,
             tracing=self._tracing("router"),
         )

@@ -41,7 +41,7 @@ through its own records as here.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -49,9 +49,11 @@ from typing import Any, Protocol
 import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.errors import StatusError
 from tickmesh.runtime.timestamps import set_timestamp
 from tickmesh.sdk import ChannelSecurity
 from tickmesh.sdk._transport import create_channel
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -115,12 +117,29 @@ def ref_of(stored: StoredRecord) -> execution_pb2.ExecutionRef:
 
 
 class StoreHistorySource:
-    """Reads the state store in the same process (the embedded mesh)."""
+    """Reads the state store in the same process (the embedded mesh).
 
-    def __init__(self, store: ExecutionStore) -> None:
+    With ``caught_up`` (the state service's wait for the records on the bus), a read
+    first waits until every record on the bus is stored, as ``StateService`` reads do:
+    the router decides on a record before the store has it, so a lifetime that has
+    ended may still have its last records on the way to the store."""
+
+    def __init__(
+        self,
+        store: ExecutionStore,
+        *,
+        caught_up: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
         self._store = store
+        self._caught_up = caught_up
 
     async def executions(self, tenant: str, lifetime_id: str) -> list[execution_pb2.ExecutionRef]:
+        if self._caught_up is not None and not await self._caught_up(tenant):
+            raise StatusError(
+                StatusCode.UNAVAILABLE,
+                "the state service is still storing the execution records on the bus "
+                "(retry shortly)",
+            )
         refs: list[execution_pb2.ExecutionRef] = []
         after = 0
         while True:

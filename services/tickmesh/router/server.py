@@ -18,7 +18,12 @@ from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import PolicyEngine
-from tickmesh.runtime.policy.sources import StateRpcUsageSource, UsageSource
+from tickmesh.runtime.policy.sources import (
+    AfterRecordsStored,
+    StateRpcUsageSource,
+    UsageSource,
+)
+from tickmesh.runtime.records import records_stored
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
 from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
@@ -94,9 +99,19 @@ class RouterService:
             return
         link = await self.links.get(tenant_id)
         names = await ensure_tenant(link.js, tenant_id, replicas=self.settings.nats_replicas)
+        source = self.usage_source
+        if source is not None and getattr(source, "counted", None) is not None:
+            # Counters the state service records after each commit: read them once it
+            # has stored what is on the bus (the router acts on records before that).
+            js = link.js
+
+            async def stored(tenant: str) -> bool:
+                return await records_stored(js, names)
+
+            source = AfterRecordsStored(source, stored)
         usage = TenantUsage(
             tenant_id,
-            self.usage_source,
+            source,
             refresh_s=self.settings.tenant_usage_refresh_s,
             max_staleness_s=self.settings.tenant_usage_max_staleness_s,
         )

@@ -1,13 +1,27 @@
-"""What makes an execution record acceptable: the one check the state service (before
-it stores a record) and the router (before it decides on one) both run, so a record
-the state service dead-letters is never routed."""
+"""The execution records both readers of the record stream share: the one check the
+state service (before it stores a record) and the router (before it decides on one)
+both run, so a record the state service dead-letters is never routed; and the wait for
+the state service to have stored what is on the stream, which readers of the store run
+because the router acts on a record before the store has it."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.js import JetStreamContext
 
 from tickmesh.sdk import ValidationError
 from tickmesh.v1 import envelope_pb2
 
-from .subjects import check_token, tenant_of_subject
+from .subjects import TenantNames, check_token, tenant_of_subject
+
+logger = logging.getLogger(__name__)
+
+STORED_WAIT_S = 5.0
+"""How long a reader waits for the records already on the bus to be stored."""
+STORED_POLL_S = 0.005
 
 RECORD_KINDS = ("task_execution", "plan_execution")
 
@@ -42,3 +56,33 @@ def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None
     check_token(inner.lifetime_id, "lifetime id")  # its ref is published under it
     if (inner.execution_id, inner.attempt) != (outer.execution_id, outer.attempt):
         raise ValidationError("record and envelope disagree on the execution id or attempt")
+
+
+async def records_stored(
+    js: JetStreamContext, names: TenantNames, *, within_s: float = STORED_WAIT_S
+) -> bool:
+    """Wait until every record the tenant's record stream held when this was called is
+    stored (or dead-lettered) by the state service; False if that took longer than
+    ``within_s``.
+
+    The state service acks a record once it is committed and counted, so its consumer's
+    ack floor says how far the store has come. One consumer-info request when it is idle.
+    """
+    info = await js.consumer_info(names.exec_stream, names.state_consumer)
+    if not info.num_pending and not info.num_ack_pending:
+        return True
+    # Everything up to the last record delivered or waiting now must be acked.
+    target = (info.delivered.stream_seq or 0) + (info.num_pending or 0)
+    deadline = time.monotonic() + within_s
+    while (info.ack_floor.stream_seq or 0) < target:
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "records of tenant %s up to stream sequence %d not stored within %.1f s",
+                names.tenant,
+                target,
+                within_s,
+            )
+            return False
+        await asyncio.sleep(STORED_POLL_S)
+        info = await js.consumer_info(names.exec_stream, names.state_consumer)
+    return True

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NatsClient
@@ -28,6 +27,7 @@ from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch
+from tickmesh.runtime.records import STORED_WAIT_S, records_stored
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
     HDR_LIFETIME,
@@ -54,9 +54,6 @@ from .store import StateStore, StoredExecution
 
 logger = logging.getLogger(__name__)
 
-READ_BARRIER_S = 5.0
-"""How long a history read waits for the records already on the bus to be stored."""
-READ_BARRIER_POLL_S = 0.005
 STORE_RETRY_S = 0.2
 """First wait before a batch the store refused is tried again (doubling, up to the max)."""
 STORE_RETRY_MAX_S = 5.0
@@ -76,6 +73,7 @@ class RecordConsumer:
         *,
         max_batch: int,
         ack_wait_s: float,
+        linger_s: float = 0.0,
         usage_counter: UsageCounter | None = None,
         metrics: Metrics | None = None,
         tracer: Tracer | None = None,
@@ -96,6 +94,7 @@ class RecordConsumer:
             handler=self._handle_records,
             max_batch=max_batch,
             name=f"state:{names.tenant}",
+            linger_s=linger_s,
         )
         self.events_consumer = f"{names.state_consumer}_events"
         self._events = BatchConsumer(
@@ -106,6 +105,7 @@ class RecordConsumer:
             handler=self._handle_events,
             max_batch=max_batch,
             name=f"state-events:{names.tenant}",
+            linger_s=linger_s,
         )
 
     async def start(self) -> None:
@@ -116,7 +116,7 @@ class RecordConsumer:
         await self._records.stop()
         await self._events.stop()
 
-    async def caught_up(self, *, within_s: float = READ_BARRIER_S) -> bool:
+    async def caught_up(self, *, within_s: float = STORED_WAIT_S) -> bool:
         """Wait until every record the record stream held when this was called is stored
         (or dead-lettered); False if that took longer than ``within_s``.
 
@@ -124,25 +124,7 @@ class RecordConsumer:
         a step's effect (an event, the lifetime's state) a moment before the record is
         stored. Reads of the history wait here first: whatever a caller saw before its
         read is in what the read returns."""
-        names = self.names
-        info = await self._js.consumer_info(names.exec_stream, names.state_consumer)
-        if not info.num_pending and not info.num_ack_pending:
-            return True
-        # Everything up to the last record delivered or waiting now must be acked.
-        target = (info.delivered.stream_seq or 0) + (info.num_pending or 0)
-        deadline = time.monotonic() + within_s
-        while (info.ack_floor.stream_seq or 0) < target:
-            if time.monotonic() >= deadline:
-                logger.warning(
-                    "records of tenant %s up to stream sequence %d not stored within %.1f s",
-                    names.tenant,
-                    target,
-                    within_s,
-                )
-                return False
-            await asyncio.sleep(READ_BARRIER_POLL_S)
-            info = await self._js.consumer_info(names.exec_stream, names.state_consumer)
-        return True
+        return await records_stored(self._js, self.names, within_s=within_s)
 
     def consumers(self) -> list[tuple[str, str, str]]:
         """(tenant, stream, durable) of the two durable consumers this reads."""

@@ -106,6 +106,7 @@ class StateService:
             producer,
             max_batch=self.settings.max_batch,
             ack_wait_s=self.settings.ack_wait_s,
+            linger_s=self.settings.batch_linger_s,
             usage_counter=self.usage_counter,
             metrics=self.metrics,
             tracer=self.tracing.tracer("tickmesh.state"),

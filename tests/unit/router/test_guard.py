@@ -17,6 +17,7 @@ from tickmesh.router.guard import Gate, SnapshotWatcher, estimate_of, lifetime_u
 from tickmesh.router.usage import TenantUsage
 from tickmesh.runtime.policy import PolicyEngine, Usage
 from tickmesh.runtime.policy.sources import (
+    AfterRecordsStored,
     Fetched,
     StoreUsageSource,
     TenantUsageUnavailableError,
@@ -285,6 +286,45 @@ async def test_the_store_source_fails_when_the_records_on_the_bus_are_not_stored
 
     with pytest.raises(TenantUsageUnavailableError, match="not stored yet"):
         await StoreUsageSource(store, caught_up=stuck).fetch("acme", [None], T0)
+
+
+async def test_counters_are_read_only_once_the_records_on_the_bus_are_stored() -> None:
+    """The state service counts a record after its commit; the router saw it before.
+    A rule coming into force must not read counters that lack it."""
+    order: list[str] = []
+
+    class Counters:
+        async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+            order.append("fetch")
+            return Fetched({None: counted_usage(tokens(1), 1)}, now)
+
+        async def counted(
+            self, tenant: str, executions: Collection[tuple[str, int]]
+        ) -> set[tuple[str, int]]:
+            return set(executions)
+
+        async def close(self) -> None:
+            order.append("close")
+
+    async def stored(tenant: str) -> bool:
+        order.append(f"stored {tenant}")
+        return True
+
+    counters = Counters()
+    source = AfterRecordsStored(counters, stored)
+    fetched = await source.fetch("acme", [None], T0)
+    assert fetched.usage[None].executions == 1
+    assert order == ["stored acme", "fetch"]
+    # TenantUsage asks the counters what they hold through the wrapper.
+    assert await source.counted("acme", [("e", 1)]) == {("e", 1)}
+
+    async def not_yet(tenant: str) -> bool:
+        return False
+
+    with pytest.raises(TenantUsageUnavailableError, match="not stored yet"):
+        await AfterRecordsStored(counters, not_yet).fetch("acme", [None], T0)
+    await source.close()
+    assert order[-1] == "close"
 
 
 def test_counted_usage_has_sums_and_no_maxima() -> None:

@@ -162,6 +162,37 @@ class StoreUsageSource:
         return None
 
 
+class AfterRecordsStored:
+    """A source whose figure follows the state service's acks (its usage counters, which
+    it records after each commit, before the ack): each fetch first waits until the
+    records on the bus are stored, and so counted.
+
+    Without this, a rule coming into force would read a figure that lacks records the
+    router saw before the rule (and did not keep: it keeps no increments while no tenant
+    rule is in force). If the wait fails the fetch fails, and tenant rules fail closed.
+    """
+
+    def __init__(self, source: UsageSource, stored: Callable[[str], Awaitable[bool]]) -> None:
+        self._source = source
+        self._stored = stored
+        counted = getattr(source, "counted", None)
+        if counted is not None:
+            self.counted = counted  # what TenantUsage asks the counters
+
+    async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
+        if not await self._stored(tenant):
+            raise TenantUsageUnavailableError(
+                f"tenant {tenant}: the execution records on the bus are not stored yet"
+            )
+        return await self._source.fetch(tenant, windows, now)
+
+    async def close(self) -> None:
+        await self._source.close()
+
+    def __repr__(self) -> str:
+        return f"AfterRecordsStored({self._source!r})"
+
+
 class StateRpcUsageSource:
     """Calls ``StateService.GetCounters`` (scope TENANT) on a remote state service.
 
