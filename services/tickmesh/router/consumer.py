@@ -52,7 +52,9 @@ Item = tuple[Msg, core.Recorded, str]
 """A message, the record it carries, and the record's key (applied once per lifetime)."""
 
 
-class RefConsumer:
+class RecordConsumer:
+    """Routes one tenant's execution records: from the record stream, and as refs."""
+
     def __init__(
         self,
         nc: NatsClient,
@@ -218,7 +220,7 @@ class RefConsumer:
                 )
 
     def _route_spans(self, items: list[Item]) -> list[Span | None]:
-        """One span per traced ref, from its delivery until what it led to is published
+        """One span per traced record, from its delivery until what it led to is published
         (empty when tracing is off)."""
         tracer = self._processor.tracer
         if tracer is None:

@@ -31,7 +31,7 @@ from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import router_service_pb2_grpc
 
 from .config import RouterSettings
-from .consumer import RefConsumer
+from .consumer import RecordConsumer
 from .core import Producer
 from .guard import Gate, SnapshotWatcher
 from .processor import Processor, Tenant
@@ -58,7 +58,7 @@ class RouterService:
     timers: WaitTimers | None = None
     """Fires wait timeouts."""
     engine: PolicyEngine = field(default_factory=PolicyEngine)
-    consumers: list[RefConsumer] = field(default_factory=list)
+    consumers: list[RecordConsumer] = field(default_factory=list)
     gates: dict[str, Gate] = field(default_factory=dict)
     metrics: Metrics | None = None
     """Where the router counts; None counts nothing."""
@@ -68,7 +68,7 @@ class RouterService:
     tracing: Tracing = field(default_factory=Tracing.off)
     tenant_watcher: TenantWatcher | None = None
     """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
-    _consumer_of: dict[str, RefConsumer] = field(default_factory=dict, init=False)
+    _consumer_of: dict[str, RecordConsumer] = field(default_factory=dict, init=False)
 
     @property
     def target(self) -> str:
@@ -136,7 +136,7 @@ class RouterService:
         if self.timers is not None:
             store.observer = self.timers.observer(tenant_id)
             await self.timers.start(tenant_id)
-        consumer = RefConsumer(
+        consumer = RecordConsumer(
             link.nc,
             link.js,
             self.processor,
