@@ -49,11 +49,10 @@ from typing import Any, Protocol
 import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.runtime.errors import StatusError
+from tickmesh.runtime.records import require_records_stored
 from tickmesh.runtime.timestamps import set_timestamp
 from tickmesh.sdk import ChannelSecurity
 from tickmesh.sdk._transport import create_channel
-from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -134,12 +133,8 @@ class StoreHistorySource:
         self._caught_up = caught_up
 
     async def executions(self, tenant: str, lifetime_id: str) -> list[execution_pb2.ExecutionRef]:
-        if self._caught_up is not None and not await self._caught_up(tenant):
-            raise StatusError(
-                StatusCode.UNAVAILABLE,
-                "the state service is still storing the execution records on the bus "
-                "(retry shortly)",
-            )
+        if self._caught_up is not None:
+            await require_records_stored(self._caught_up, tenant)
         refs: list[execution_pb2.ExecutionRef] = []
         after = 0
         while True:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
 
 from tickmesh.sdk import ValidationError
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import envelope_pb2
 
+from .errors import StatusError
 from .subjects import TenantNames, check_token, tenant_of_subject
 
 logger = logging.getLogger(__name__)
@@ -86,3 +89,14 @@ async def records_stored(
         await asyncio.sleep(STORED_POLL_S)
         info = await js.consumer_info(names.exec_stream, names.state_consumer)
     return True
+
+
+async def require_records_stored(stored: Callable[[str], Awaitable[bool]], tenant: str) -> None:
+    """For a reader of the store: wait with ``stored`` (e.g. the state service's
+    ``caught_up``); UNAVAILABLE if the wait fails, rather than answer without a record
+    the caller may have seen the effect of."""
+    if not await stored(tenant):
+        raise StatusError(
+            StatusCode.UNAVAILABLE,
+            "the state service is still storing the execution records on the bus (retry shortly)",
+        )

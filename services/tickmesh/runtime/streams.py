@@ -99,20 +99,12 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
     return names
 
 
-def record_consumers(
-    names: TenantNames, *, ack_wait_s: float = RECORD_ACK_WAIT_S
-) -> list[tuple[str, ConsumerConfig]]:
+def record_consumers(names: TenantNames) -> list[tuple[str, ConsumerConfig]]:
     """(stream, config) of the two durable consumers of the records: the state service's
     and the router's."""
     return [
-        (
-            names.exec_stream,
-            durable_config(names.state_consumer, names.exec_all, ack_wait_s=ack_wait_s),
-        ),
-        (
-            names.exec_stream,
-            durable_config(names.router_record_consumer, names.exec_all, ack_wait_s=ack_wait_s),
-        ),
+        (names.exec_stream, durable_config(durable, names.exec_all, ack_wait_s=RECORD_ACK_WAIT_S))
+        for durable in (names.state_consumer, names.router_record_consumer)
     ]
 
 

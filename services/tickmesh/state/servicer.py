@@ -18,6 +18,7 @@ import grpc
 from tickmesh.runtime.auth import tenant_of
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
+from tickmesh.runtime.records import require_records_stored
 from tickmesh.sdk import NotFoundError, ValidationError
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import (
@@ -61,14 +62,9 @@ class StateServicer(pb_grpc.StateServiceServicer):
         return tenant_of(context, self._tenants)
 
     async def _stored_so_far(self, tenant: str) -> None:
-        """Wait until every record on the bus now is stored; UNAVAILABLE if that takes
-        longer than the consumer's bound (a read must not miss what a caller saw)."""
-        if not await self._consumers(tenant).caught_up():
-            raise StatusError(
-                StatusCode.UNAVAILABLE,
-                "the state service is still storing the execution records on the bus "
-                "(retry shortly)",
-            )
+        """Wait until every record on the bus now is stored (a read must not miss what a
+        caller saw); UNAVAILABLE if that takes longer than the consumer's bound."""
+        await require_records_stored(lambda t: self._consumers(t).caught_up(), tenant)
 
     @unary_errors
     async def AppendExecution(

@@ -131,10 +131,7 @@ class StoreUsageSource:
         store = self._store
         ordered = list(windows)
         if self._caught_up is not None:
-            if not await self._caught_up(tenant):
-                raise TenantUsageUnavailableError(
-                    f"tenant {tenant}: the execution records on the bus are not stored yet"
-                )
+            await _records_stored(self._caught_up, tenant)
             sums = [
                 await store.counters(tenant, since=None if w is None else now - _delta(w))
                 for w in ordered
@@ -180,10 +177,7 @@ class AfterRecordsStored:
             self.counted = counted  # what TenantUsage asks the counters
 
     async def fetch(self, tenant: str, windows: Collection[Window], now: datetime) -> Fetched:
-        if not await self._stored(tenant):
-            raise TenantUsageUnavailableError(
-                f"tenant {tenant}: the execution records on the bus are not stored yet"
-            )
+        await _records_stored(self._stored, tenant)
         return await self._source.fetch(tenant, windows, now)
 
     async def close(self) -> None:
@@ -237,6 +231,15 @@ class StateRpcUsageSource:
 
     def __repr__(self) -> str:
         return f"StateRpcUsageSource({self._target!r})"
+
+
+async def _records_stored(stored: Callable[[str], Awaitable[bool]], tenant: str) -> None:
+    """Wait with ``stored``; a usage figure that may lack a record the router saw is
+    unavailable (tenant rules fail closed)."""
+    if not await stored(tenant):
+        raise TenantUsageUnavailableError(
+            f"tenant {tenant}: the execution records on the bus are not stored yet"
+        )
 
 
 def _delta(window: float) -> timedelta:
