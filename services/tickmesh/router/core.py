@@ -87,6 +87,44 @@ class RoutingError(Exception):
     """A plan's decision does not fit the graph (the lifetime fails with this message)."""
 
 
+@dataclass(frozen=True, slots=True)
+class GraphIndex:
+    """What decisions look up in a graph, read from it once rather than on every step."""
+
+    nodes: dict[str, graph_pb2.Node]
+    plans: dict[str, graph_pb2.Node | None]
+    """node id -> the plan its results go to (see :func:`downstream_plan`)."""
+    deadlines_ns: dict[str, int]
+    """node id -> how long after its dispatch a step of it may still finish."""
+
+
+_INDEXES: dict[int, tuple[graph_pb2.AgentGraph, GraphIndex]] = {}
+_MAX_INDEXES = 1024
+
+
+def index_of(graph: graph_pb2.AgentGraph) -> GraphIndex:
+    """The graph's index, built once per graph object (a graph version is immutable; the
+    router holds each one it routes on). Keyed by identity, with the graph kept in the
+    entry so its id cannot be reused while the entry lives."""
+    entry = _INDEXES.get(id(graph))
+    if entry is not None and entry[0] is graph:
+        return entry[1]
+    nodes = {n.id: n for n in graph.nodes}
+    plans: dict[str, graph_pb2.Node | None] = {}
+    for edge in graph.edges:
+        if edge.kind != graph_pb2.EDGE_KIND_FINAL and edge.from_node_id not in plans:
+            plans[edge.from_node_id] = nodes.get(edge.to_node_id)
+    index = GraphIndex(
+        nodes=nodes,
+        plans=plans,
+        deadlines_ns={node.id: _deadline_ns(node) for node in graph.nodes},
+    )
+    if len(_INDEXES) >= _MAX_INDEXES:
+        _INDEXES.clear()
+    _INDEXES[id(graph)] = (graph, index)
+    return index
+
+
 @dataclass
 class Lifetime:
     """One lifetime being decided on: its stored state, its graph, and what to publish."""
@@ -107,7 +145,8 @@ class Lifetime:
     requests: list[envelope_pb2.ExecutionEnvelope] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.nodes = {n.id: n for n in self.graph.nodes}
+        self.index = index_of(self.graph)
+        self.nodes = self.index.nodes
         self.names = TenantNames(self.state.lifetime.tenant_id)
         self._now_ts = timestamp_of(self.now)
         self.now_ns = timestamp_ns(self._now_ts)
@@ -353,7 +392,10 @@ def _fill_request_header(
         header.edge.id = edge.id
         header.edge.kind = edge.kind
     header.idempotency_key = f"req:{exec_id}"
-    header.deadline.FromNanoseconds(lt.timestamp().ToNanoseconds() + _deadline_ns(node))
+    deadline_ns = lt.index.deadlines_ns.get(node.id)
+    if deadline_ns is None:  # pragma: no cover - every node of the graph is indexed
+        deadline_ns = _deadline_ns(node)
+    header.deadline.FromNanoseconds(lt.now_ns + deadline_ns)
 
 
 def _deadline_ns(node: graph_pb2.Node) -> int:
@@ -444,10 +486,8 @@ def _register_join(lt: Lifetime, node: graph_pb2.Node, exec_id: str, group: str)
 
 
 def downstream_plan(lt: Lifetime, task: graph_pb2.Node) -> graph_pb2.Node | None:
-    for edge in lt.graph.edges:
-        if edge.from_node_id == task.id and edge.kind != graph_pb2.EDGE_KIND_FINAL:
-            return lt.nodes.get(edge.to_node_id)
-    return None
+    """The plan ``task``'s results go to: the target of its first non-final edge."""
+    return lt.index.plans.get(task.id)
 
 
 def _guarded_publish(

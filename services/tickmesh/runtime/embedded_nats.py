@@ -72,6 +72,13 @@ class EmbeddedNats:
     """A config file the generated one includes, such as a tenant directory's rendered
     ``accounts.conf``; a reload (``tickmesh tenant ... --nats-url``) reads it again."""
     startup_timeout: float = 10.0
+    max_procs: int | None = 1
+    """Go's GOMAXPROCS for the server: how many cores it runs on at once (None: every
+    core). One by default, as the embedded server shares the machine with the services:
+    with more, Go's scheduler keeps idle threads spinning for work on the services' cores
+    (on 2 cores, a fifth of the server's CPU per step, and a tenth fewer steps per
+    second at 1,000 concurrent lifetimes; docs/configuration.md). A GOMAXPROCS in the
+    environment wins."""
 
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     client_port: int = field(default=0, init=False)
@@ -106,10 +113,17 @@ class EmbeddedNats:
             [str(nats_server_path()), "-c", str(config), "-l", str(self.log_path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=self._environment(),
         )
         self._wait_ready()
         logger.info("nats-server listening on %s (monitor %s)", self.url, self.monitor_url)
         return self
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.max_procs is not None and not env.get("GOMAXPROCS"):
+            env["GOMAXPROCS"] = str(self.max_procs)
+        return env
 
     def _render_config(self) -> str:
         assert self.data_dir is not None
