@@ -76,8 +76,7 @@ class EmbeddedNats:
     """Go's GOMAXPROCS for the server: how many cores it runs on at once (None: every
     core). One by default, as the embedded server shares the machine with the services:
     with more, Go's scheduler keeps idle threads spinning for work on the services' cores
-    (on 2 cores, a fifth of the server's CPU per step, and a tenth fewer steps per
-    second at 1,000 concurrent lifetimes; docs/configuration.md). A GOMAXPROCS in the
+    (docs/configuration.md has what that cost on 2 cores). A GOMAXPROCS in the
     environment wins."""
 
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)

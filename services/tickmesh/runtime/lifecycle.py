@@ -45,8 +45,8 @@ def version() -> str:
 GC_YOUNG_THRESHOLD = 50_000
 """Allocations between two collections of the youngest generation (CPython's default is
 700). A service allocates a few hundred short-lived objects per step, nearly none of them
-in cycles: at the default, the collector ran every few steps and took ~5% of the router's
-CPU at 1,000 concurrent lifetimes (docs/configuration.md)."""
+in cycles; collecting less often saved a few percent of the router's CPU at 1,000
+concurrent lifetimes (docs/configuration.md)."""
 
 
 def tune_gc() -> None:
