@@ -24,6 +24,8 @@ from types import TracebackType
 
 from tickmesh.sdk import ConfigError
 
+from .settings import child_environment
+
 logger = logging.getLogger(__name__)
 
 _CLIENT_RE = re.compile(r"Listening for client connections on ([\d.]+):(\d+)")
@@ -119,10 +121,9 @@ class EmbeddedNats:
         return self
 
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.max_procs is not None and not env.get("GOMAXPROCS"):
-            env["GOMAXPROCS"] = str(self.max_procs)
-        return env
+        if self.max_procs is None:
+            return child_environment()
+        return child_environment({"GOMAXPROCS": str(self.max_procs)})
 
     def _render_config(self) -> str:
         assert self.data_dir is not None

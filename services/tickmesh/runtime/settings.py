@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -215,9 +216,15 @@ def split_listen(listen: str) -> tuple[str, int] | None:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-def child_environment(**extra: str) -> dict[str, str]:
-    """This process's environment plus ``extra``, for a child process (an executor)."""
-    return {**os.environ, **extra}
+def child_environment(defaults: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, for a child process (an executor, the
+    embedded nats-server); ``defaults`` apply only where the environment sets nothing."""
+    env = dict(os.environ)
+    for name, value in (defaults or {}).items():
+        if not env.get(name):
+            env[name] = value
+    env.update(extra)
+    return env
 
 
 class ClientCredentials(BaseSettings):
