@@ -658,6 +658,47 @@ async def test_a_history_read_waits_for_the_records_already_on_the_bus(
     assert await records.caught_up(within_s=0.2)
 
 
+async def test_a_lifetime_record_read_waits_for_the_records_already_on_the_bus(
+    state: StateHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row's execution_count and totals come from the counters the records feed: a
+    caller who saw the lifetime complete must read every execution in them."""
+    store = state.service.store
+    await store.upsert_lifetime(
+        state.tenant,
+        lifetime_pb2.AgentLifetime(
+            lifetime_id=LIFETIME_A,
+            tenant_id=state.tenant,
+            state=lifetime_pb2.LIFETIME_STATE_COMPLETED,
+            last_sequence=3,
+        ),
+    )
+    append = store.append_executions
+    released = asyncio.Event()
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await released.wait()
+        return await append(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append_executions", held_back)
+    await publish_record(state, state.record(1))
+    await publish_record(state, state.record(2))
+
+    async def lifetime_record() -> SS.GetLifetimeRecordResponse:
+        return await state.stub.GetLifetimeRecord(
+            SS.GetLifetimeRecordRequest(lifetime_id=LIFETIME_A), metadata=state.md
+        )
+
+    read = asyncio.create_task(lifetime_record())
+    await asyncio.sleep(0.3)
+    assert not read.done()
+
+    released.set()
+    response = await asyncio.wait_for(read, 5)
+    assert response.lifetime.execution_count == 2
+    assert response.lifetime.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+
+
 async def test_records_are_stored_in_the_streams_order_when_the_store_fails_a_batch(
     state: StateHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

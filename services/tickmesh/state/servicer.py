@@ -1,10 +1,11 @@
 """StateService over gRPC: history reads, counters, blobs, and appends for
 callers that cannot publish to the bus.
 
-Reads of records, counters and usage first wait for the records already on the bus
-to be stored (``RecordConsumer.caught_up``): the router acts on a record before the
-store has it, and a caller that saw the act must find the record. A read that cannot
-wait long enough answers UNAVAILABLE rather than miss one."""
+Reads of records, lifetime rows (their execution counts and totals), counters and usage
+first wait for the records already on the bus to be stored (``RecordConsumer.caught_up``):
+the router acts on a record before the store has it, and a caller that saw the act must
+find the record. A read that cannot wait long enough answers UNAVAILABLE rather than miss
+one."""
 
 from __future__ import annotations
 
@@ -128,6 +129,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.GetLifetimeRecordRequest, context: Context
     ) -> pb.GetLifetimeRecordResponse:
         tenant = self._tenant(context)
+        # The row's execution_count and totals come from the counters the records feed.
+        await self._stored_so_far(tenant)
         lifetime = await self._store.get_lifetime(tenant, request.lifetime_id)
         if lifetime is None:
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
