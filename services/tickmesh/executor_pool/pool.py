@@ -772,7 +772,9 @@ class ExecutorPool:
         queue.extend(leases)
         if not queue:
             return
-        frames: dict[Session, list[executor_pool_service_pb2.Assignment]] = {}
+        # Each session's frame is built in place: protobuf copies a message into any field
+        # or list it is given, and an envelope carries the step's whole input.
+        frames: dict[Session, Frame] = {}
         loop = asyncio.get_running_loop()
         while queue:
             session = max(
@@ -792,14 +794,16 @@ class ExecutorPool:
                 assigned.seconds * 1_000_000_000 + assigned.nanos + int(lease.timeout_s * 1e9)
             )
             session.in_flight[lease.id] = lease
-            frames.setdefault(session, []).append(
-                executor_pool_service_pb2.Assignment(
-                    assignment_id=lease.id, envelope=lease.envelope, deadline=deadline
-                )
-            )
-        for session, items in frames.items():
-            session.send(Frame(assignments=executor_pool_service_pb2.Assignments(items=items)))
-            self.stats.assignments += len(items)
+            frame = frames.get(session)
+            if frame is None:
+                frame = frames[session] = Frame()
+            item = frame.assignments.items.add()
+            item.assignment_id = lease.id
+            item.envelope.CopyFrom(lease.envelope)
+            item.deadline.CopyFrom(deadline)
+        for session, frame in frames.items():
+            session.send(frame)
+            self.stats.assignments += len(frame.assignments.items)
             peak = self.stats.max_in_flight
             peak[session.executor_id] = max(
                 peak.get(session.executor_id, 0), len(session.in_flight)

@@ -54,6 +54,16 @@ class Versioned:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    """A lifetime as this replica last wrote or read it: the bytes the bucket holds at
+    ``revision``. Each load parses its own copy, so no caller shares a state with the
+    cache or with another caller (and the bytes are the write's own, made once)."""
+
+    data: bytes
+    revision: int
+
+
 def lifetime_key(lifetime_id: str) -> str:
     return f"lt.{lifetime_id}"
 
@@ -78,7 +88,7 @@ class RouterStore:
         services pass a :class:`~tickmesh.runtime.kv.CasWriter` on the bucket)."""
         self._kv = kv
         self._writer: Updater = writer if writer is not None else kv
-        self._cache: OrderedDict[str, Versioned] = OrderedDict()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._graphs: dict[tuple[str, int], graph_pb2.AgentGraph] = {}
 
@@ -93,7 +103,7 @@ class RouterStore:
             cached = self._cache.get(lifetime_id)
             if cached is not None:
                 self._cache.move_to_end(lifetime_id)
-                return Versioned(_copy(cached.state), cached.revision)
+                return Versioned(rs.RouterLifetime.FromString(cached.data), cached.revision)
         try:
             entry = await self._kv.get(lifetime_key(lifetime_id))
         except KeyNotFoundError:
@@ -101,24 +111,24 @@ class RouterStore:
         if entry.value is None or entry.revision is None:
             return None
         state = rs.RouterLifetime.FromString(entry.value)
-        self._remember(lifetime_id, state, entry.revision)
-        return Versioned(_copy(state), entry.revision)
+        self._remember(lifetime_id, state, entry.revision, entry.value)
+        return Versioned(state, entry.revision)
 
     async def create(self, state: rs.RouterLifetime) -> int:
         lifetime_id = state.lifetime.lifetime_id
+        data = state.SerializeToString()
         try:
-            revision = await self._kv.create(lifetime_key(lifetime_id), state.SerializeToString())
+            revision = await self._kv.create(lifetime_key(lifetime_id), data)
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(lifetime_id) from exc
-        self._remember(lifetime_id, state, revision)
+        self._remember(lifetime_id, state, revision, data)
         return revision
 
     async def update(self, state: rs.RouterLifetime, revision: int) -> int:
         lifetime_id = state.lifetime.lifetime_id
+        data = state.SerializeToString()
         try:
-            new_revision = await self._writer.update(
-                lifetime_key(lifetime_id), state.SerializeToString(), last=revision
-            )
+            new_revision = await self._writer.update(lifetime_key(lifetime_id), data, last=revision)
         except KeyWrongLastSequenceError as exc:
             self._cache.pop(lifetime_id, None)
             raise ConflictError(lifetime_id) from exc
@@ -127,7 +137,7 @@ class RouterStore:
             # cached revision is no longer known to be the latest; the retry reads afresh.
             self._cache.pop(lifetime_id, None)
             raise
-        self._remember(lifetime_id, state, new_revision)
+        self._remember(lifetime_id, state, new_revision, data)
         return new_revision
 
     async def update_many(
@@ -145,17 +155,18 @@ class RouterStore:
                 if not isinstance(result, int | Exception):
                     raise result
             return cast(list[int | Exception], results)
+        values = [state.SerializeToString() for state, _ in writes]
         answers = await self._writer.update_many(
             [
-                (lifetime_key(state.lifetime.lifetime_id), state.SerializeToString(), revision)
-                for state, revision in writes
+                (lifetime_key(state.lifetime.lifetime_id), data, revision)
+                for (state, revision), data in zip(writes, values, strict=True)
             ]
         )
         outcomes: list[int | Exception] = []
-        for (state, _), answer in zip(writes, answers, strict=True):
+        for (state, _), data, answer in zip(writes, values, answers, strict=True):
             lifetime_id = state.lifetime.lifetime_id
             if isinstance(answer, int):
-                self._remember(lifetime_id, state, answer)
+                self._remember(lifetime_id, state, answer, data)
                 outcomes.append(answer)
                 continue
             # Refused or unanswered: the cached revision is no longer known to be the
@@ -179,7 +190,11 @@ class RouterStore:
         """How many lifetimes this replica holds in memory."""
         return len(self._cache)
 
-    def _remember(self, lifetime_id: str, state: rs.RouterLifetime, revision: int) -> None:
+    def _remember(
+        self, lifetime_id: str, state: rs.RouterLifetime, revision: int, data: bytes
+    ) -> None:
+        """Keep ``data`` (``state`` serialized, as written at ``revision``) for the next
+        load of the lifetime."""
         if state.lifetime.state in _FINISHED:
             # Nothing decides on a finished lifetime again; keeping it would fill the cache
             # with lifetimes no one routes (a redelivered ref or a GetLifetime reads the KV).
@@ -191,7 +206,7 @@ class RouterStore:
             # lifetime, a GetLifetime) must not put the older state back: a ref decided on
             # it would find its step not in flight, change nothing, and be acked unapplied.
             return
-        self._cache[lifetime_id] = Versioned(_copy(state), revision)
+        self._cache[lifetime_id] = _Cached(data, revision)
         self._cache.move_to_end(lifetime_id)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -310,9 +325,3 @@ def _graph_key(graph_id: str, version: int) -> str:
 
 def _latest_key(graph_id: str) -> str:
     return f"graph.{_token(graph_id)}.latest"
-
-
-def _copy(state: rs.RouterLifetime) -> rs.RouterLifetime:
-    copy = rs.RouterLifetime()
-    copy.CopyFrom(state)
-    return copy

@@ -329,14 +329,17 @@ class RecordConsumer:
                 continue
             good.append((msg, envelope))
         # Out-of-band events (sequence 0) are for watchers only.
-        routed = [
-            one
-            for _, envelope in good
-            for one in _one_per_event(envelope)
-            if one.lifetime_event.sequence > 0
-        ]
+        routed: list[envelope_pb2.ExecutionEnvelope] = []
+        for _, envelope in good:
+            events = events_of(envelope)
+            if all(event.sequence > 0 for event in events):
+                routed.append(envelope)  # a decision's events go to the store as they came
+            else:
+                routed.extend(
+                    one for one in _one_per_event(envelope) if one.lifetime_event.sequence > 0
+                )
         if routed:
-            await self._store.apply_events(self.names.tenant, routed, core.lifetime_row)
+            await self._store.apply_events(self.names.tenant, routed, core.fold_event)
         await ack_all([msg for msg, _ in good])
 
     async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:

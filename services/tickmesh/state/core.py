@@ -71,14 +71,28 @@ def error_event(
 def lifetime_row(
     envelope: envelope_pb2.ExecutionEnvelope, previous: lifetime_pb2.AgentLifetime | None
 ) -> lifetime_pb2.AgentLifetime:
-    """Fold one lifetime event into the lifetime's stored row."""
-    event = envelope.lifetime_event
-    header = envelope.header
-    row = lifetime_pb2.AgentLifetime()
+    """Fold one lifetime event into a copy of the lifetime's stored row."""
+    row = None
     if previous is not None:
+        row = lifetime_pb2.AgentLifetime()
         row.CopyFrom(previous)
-        if event.sequence <= previous.last_sequence:
-            return row  # redelivered or late: never take the row back
+    return fold_event(envelope.header, envelope.lifetime_event, row)
+
+
+def fold_event(
+    header: header_pb2.EnvelopeHeader,
+    event: lifetime_pb2.LifetimeEvent,
+    row: lifetime_pb2.AgentLifetime | None,
+) -> lifetime_pb2.AgentLifetime:
+    """Fold one lifetime event, with the header of the envelope that carried it, into
+    ``row`` in place (None: a new row) and return the row.
+
+    The stores fold a batch's events into rows they read for it and write back, so each
+    event is folded without copying the row (a copy is a serialization and a parse)."""
+    if row is None:
+        row = lifetime_pb2.AgentLifetime()
+    elif event.sequence <= row.last_sequence:
+        return row  # redelivered or late: never take the row back
     row.lifetime_id = header.lifetime_id
     row.tenant_id = header.tenant_id
     if header.HasField("graph"):
@@ -87,7 +101,7 @@ def lifetime_row(
     row.mode = header.mode
     if header.HasField("fork_origin"):
         row.fork_origin.CopyFrom(header.fork_origin)
-    row.last_sequence = max(row.last_sequence, event.sequence)
+    row.last_sequence = event.sequence
     row.updated_at.CopyFrom(event.at)
     if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STARTED:
         row.created_at.CopyFrom(event.at)
@@ -97,14 +111,18 @@ def lifetime_row(
         row.output.CopyFrom(event.output)
     if event.HasField("error"):
         row.error.CopyFrom(event.error)
-    if event.state in (
-        lifetime_pb2.LIFETIME_STATE_COMPLETED,
-        lifetime_pb2.LIFETIME_STATE_FAILED,
-        lifetime_pb2.LIFETIME_STATE_ABORTED,
-    ):
+    if event.state in _TERMINAL:
         row.finished_at.CopyFrom(event.at)
     return row
 
+
+_TERMINAL = frozenset(
+    {
+        lifetime_pb2.LIFETIME_STATE_COMPLETED,
+        lifetime_pb2.LIFETIME_STATE_FAILED,
+        lifetime_pb2.LIFETIME_STATE_ABORTED,
+    }
+)
 
 _SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 

@@ -53,6 +53,8 @@ from .store import (
     _telemetry,
     _usage_query,
     _usage_rows,
+    fold_rows,
+    stored_events,
 )
 
 logger = logging.getLogger(__name__)
@@ -759,22 +761,14 @@ class PostgresStateStore:
         fold: LifetimeFold,
     ) -> int:
         _check_tenant(tenant)
-        for envelope in envelopes:
-            if not envelope.header.lifetime_id:
-                raise ValidationError("an event needs a lifetime_id")
-            if envelope.lifetime_event.sequence < 1:
-                raise ValidationError("lifetime event sequences start at 1")
-            if envelope.header.tenant_id != tenant:
-                raise ValidationError(
-                    f"event of tenant {envelope.header.tenant_id!r} given for {tenant!r}"
-                )
-        if not envelopes:
+        stored = stored_events(tenant, envelopes)
+        if not stored:
             return 0
-        lifetime_ids = sorted({e.header.lifetime_id for e in envelopes})
+        lifetime_ids = sorted({e.lifetime_id for e in stored})
         events = (
-            [e.header.lifetime_id for e in envelopes],
-            [e.lifetime_event.sequence for e in envelopes],
-            [e.lifetime_event.SerializeToString() for e in envelopes],
+            [e.lifetime_id for e in stored],
+            [e.sequence for e in stored],
+            [e.body for e in stored],
         )
         lock = _lock_key("lifetimes", self._schema, tenant)
 
@@ -792,9 +786,7 @@ class PostgresStateStore:
                     lifetime_ids,
                 ):
                     rows[lifetime_id] = lifetime_pb2.AgentLifetime.FromString(body)
-                for envelope in envelopes:
-                    lifetime_id = envelope.header.lifetime_id
-                    rows[lifetime_id] = fold(envelope, rows[lifetime_id])
+                fold_rows(envelopes, rows, fold)
                 folded = [row for row in rows.values() if row is not None]
                 if folded:
                     await conn.execute(

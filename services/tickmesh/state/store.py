@@ -30,9 +30,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, NamedTuple, Protocol, TypeVar, get_args
 
+from tickmesh.sdk import events_of
 from tickmesh.sdk.errors import ConfigError, TickmeshError, ValidationError
 from tickmesh.sdk.ids import TENANT_ID_PATTERN
-from tickmesh.v1 import envelope_pb2, execution_pb2, lifetime_pb2, telemetry_pb2
+from tickmesh.v1 import envelope_pb2, execution_pb2, header_pb2, lifetime_pb2, telemetry_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,55 @@ ExecutionKind = Literal["task", "plan"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 LifetimeFold = Callable[
-    [envelope_pb2.ExecutionEnvelope, lifetime_pb2.AgentLifetime | None],
+    [header_pb2.EnvelopeHeader, lifetime_pb2.LifetimeEvent, lifetime_pb2.AgentLifetime | None],
     lifetime_pb2.AgentLifetime,
 ]
-"""Folds one lifetime-event envelope into the lifetime's row (None: no row yet)."""
+"""Folds one lifetime event (with the header of its envelope) into the lifetime's row,
+which it may change in place (None: no row yet), and returns the row."""
+
+
+class StoredEvent(NamedTuple):
+    """A lifetime event as the stores keep it."""
+
+    lifetime_id: str
+    sequence: int
+    body: bytes
+
+
+def stored_events(
+    tenant: str, envelopes: Sequence[envelope_pb2.ExecutionEnvelope]
+) -> list[StoredEvent]:
+    """The events ``envelopes`` carry (``lifetime_event`` or a decision's
+    ``lifetime_events``), checked as every store takes them."""
+    stored = []
+    for envelope in envelopes:
+        header = envelope.header
+        if not header.lifetime_id:
+            raise ValidationError("an event needs a lifetime_id")
+        if header.tenant_id != tenant:
+            raise ValidationError(f"event of tenant {header.tenant_id!r} given for {tenant!r}")
+        for event in events_of(envelope):
+            if event.sequence < 1:
+                raise ValidationError("lifetime event sequences start at 1")
+            stored.append(
+                StoredEvent(header.lifetime_id, event.sequence, event.SerializeToString())
+            )
+    return stored
+
+
+def fold_rows(
+    envelopes: Sequence[envelope_pb2.ExecutionEnvelope],
+    rows: dict[str, lifetime_pb2.AgentLifetime | None],
+    fold: LifetimeFold,
+) -> None:
+    """Fold every event of ``envelopes`` into ``rows`` (lifetime id -> its row, None: no
+    row yet), in order."""
+    for envelope in envelopes:
+        header = envelope.header
+        lifetime_id = header.lifetime_id
+        for event in events_of(envelope):
+            rows[lifetime_id] = fold(header, event, rows[lifetime_id])
+
 
 _T = TypeVar("_T")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -166,7 +212,10 @@ class StateStore(Protocol):
         fold: LifetimeFold,
     ) -> int:
         """Store a batch of lifetime events and fold them into their lifetimes' rows, in
-        one transaction; events already stored are skipped. Returns how many were new."""
+        one transaction; events already stored are skipped. Returns how many were new.
+
+        Each envelope carries one ``lifetime_event`` or a decision's ``lifetime_events``
+        (sequences from 1, in order), under one header."""
         ...
 
     async def list_events(
@@ -963,19 +1012,7 @@ class SQLiteStateStore:
         fold: LifetimeFold,
     ) -> int:
         _check_tenant(tenant)
-        events = []
-        for envelope in envelopes:
-            event = envelope.lifetime_event
-            lifetime_id = envelope.header.lifetime_id
-            if not lifetime_id:
-                raise ValidationError("an event needs a lifetime_id")
-            if event.sequence < 1:
-                raise ValidationError("lifetime event sequences start at 1")
-            if envelope.header.tenant_id != tenant:
-                raise ValidationError(
-                    f"event of tenant {envelope.header.tenant_id!r} given for {tenant!r}"
-                )
-            events.append((tenant, lifetime_id, event.sequence, event.SerializeToString()))
+        events = [(tenant, *event) for event in stored_events(tenant, envelopes)]
         if not events:
             return 0
         lifetime_ids = sorted({e[1] for e in events})
@@ -999,9 +1036,7 @@ class SQLiteStateStore:
                     (tenant, *lifetime_ids),
                 ):
                     rows[lifetime_id] = lifetime_pb2.AgentLifetime.FromString(body)
-                for envelope in envelopes:
-                    lifetime_id = envelope.header.lifetime_id
-                    rows[lifetime_id] = fold(envelope, rows[lifetime_id])
+                fold_rows(envelopes, rows, fold)
                 params = []
                 for row in rows.values():
                     if row is None:

@@ -114,3 +114,24 @@ async def test_a_refused_write_through_the_writer_is_a_conflict_and_drops_the_ca
 
     assert writer.writes == [("lt.lt1", first)]
     assert store.cached_lifetimes == 0  # the next load reads the KV
+
+
+async def test_the_cache_shares_no_state_with_the_writer_or_the_loaders() -> None:
+    """A decision changes the state it loaded before its write lands: neither that nor a
+    change to the state after its write may reach what the next load returns."""
+    kv = SlowReadKV()
+    store = RouterStore(cast(KeyValue, kv))
+    running = lifetime_pb2.LIFETIME_STATE_RUNNING
+    written = lifetime(running, "a")
+    revision = await store.create(written)
+    written.lifetime.labels["step"] = "changed after the write"
+
+    first = await store.load("lt1")
+    assert first is not None
+    first.state.lifetime.labels["step"] = "a decision not written"
+    second = await store.load("lt1")
+
+    assert second is not None
+    assert second.state is not first.state
+    assert (second.revision, second.state.lifetime.labels["step"]) == (revision, "a")
+    assert kv.value == lifetime(running, "a").SerializeToString()

@@ -102,6 +102,29 @@ def test_a_puback_gives_its_stream_sequence_and_duplicate_flag() -> None:
     assert ack == PubAck(stream="S", seq=7, duplicate=True)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"stream":"TM_ACME_WORK","seq":18446744073709551615}',
+        b'{"stream":"S","seq":2,"duplicate": true}',
+        b'{"stream":"S","seq":3,"domain":"hub"}',
+        b'{"stream": "S", "seq": 4}',
+        b'{"stream":"S","seq":5}\n',
+    ],
+)
+def test_a_plain_puback_reads_as_the_json_parser_reads_it(answer: bytes) -> None:
+    """The common answer is read without the JSON parser; any other shape goes through it."""
+    fields = json.loads(answer)
+    expected = PubAck(
+        stream=fields["stream"],
+        seq=fields["seq"],
+        domain=fields.get("domain"),
+        duplicate=fields.get("duplicate"),
+    )
+
+    assert tm_nats.parse_puback(answer) == expected
+
+
 def test_a_compare_and_set_refusal_is_parsed_as_the_api_error_nats_py_raises() -> None:
     error = tm_nats.parse_puback(wrong_last(4))
 

@@ -297,6 +297,21 @@ def test_lifetime_row_does_not_change_the_previous_row() -> None:
     assert previous.SerializeToString(deterministic=True) == snapshot
 
 
+def test_fold_event_changes_the_row_in_place_as_lifetime_row_folds_a_copy() -> None:
+    envelopes = [
+        _event_envelope(1, LS.LIFETIME_EVENT_KIND_STARTED),
+        _event_envelope(2, LS.LIFETIME_EVENT_KIND_STATE_CHANGED, LS.LIFETIME_STATE_COMPLETED),
+    ]
+    row = core.fold_event(envelopes[0].header, envelopes[0].lifetime_event, None)
+    same = core.fold_event(envelopes[1].header, envelopes[1].lifetime_event, row)
+    assert same is row
+    assert row == _fold(*envelopes)
+    # An older event leaves the row as it is, in place too.
+    older = core.fold_event(envelopes[0].header, envelopes[0].lifetime_event, row)
+    assert older is row
+    assert (row.last_sequence, row.state) == (2, LS.LIFETIME_STATE_COMPLETED)
+
+
 # --- message_token ----------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from tests.support.records import (
 )
 from tickmesh.sdk.errors import ValidationError
 from tickmesh.state import store as store_module
-from tickmesh.state.core import lifetime_row
+from tickmesh.state.core import fold_event
 from tickmesh.state.postgres import PostgresStateStore
 from tickmesh.state.store import (
     MIGRATIONS,
@@ -759,9 +759,9 @@ async def test_apply_events_stores_a_batch_and_folds_rows_once(store: StateStore
 
     running, done = lifetime_pb2.LIFETIME_STATE_RUNNING, lifetime_pb2.LIFETIME_STATE_COMPLETED
     batch = [env("l1", 1, running), env("l2", 1, running), env("l1", 2, done)]
-    assert await store.apply_events("acme", batch, lifetime_row) == 3
+    assert await store.apply_events("acme", batch, fold_event) == 3
     # A redelivery of the whole batch plus an older event: nothing new, nothing taken back.
-    assert await store.apply_events("acme", [*batch, env("l1", 1, running)], lifetime_row) == 0
+    assert await store.apply_events("acme", [*batch, env("l1", 1, running)], fold_event) == 0
     l1 = await store.get_lifetime("acme", "l1")
     l2 = await store.get_lifetime("acme", "l2")
     assert l1 is not None
@@ -771,3 +771,48 @@ async def test_apply_events_stores_a_batch_and_folds_rows_once(store: StateStore
     assert l2.state == running
     assert [e.sequence for e in await store.list_events("acme", "l1")] == [1, 2]
     assert await store.get_lifetime("beta", "l1") is None
+
+
+async def test_apply_events_takes_a_decisions_events_in_one_envelope(store: StateStore) -> None:
+    """A decision's events arrive as one lifetime_events body under one header: each is
+    stored under its own sequence and folded in order."""
+    header = header_pb2.EnvelopeHeader(
+        tenant_id="acme", lifetime_id="l1", labels={"team": "qa"}, sequence=1
+    )
+    decision = envelope_pb2.ExecutionEnvelope(header=header)
+    decision.lifetime_events.events.add(
+        sequence=1,
+        kind=lifetime_pb2.LIFETIME_EVENT_KIND_STARTED,
+        state=lifetime_pb2.LIFETIME_STATE_RUNNING,
+    )
+    decision.lifetime_events.events.add(
+        sequence=2,
+        kind=lifetime_pb2.LIFETIME_EVENT_KIND_STEP_DISPATCHED,
+        state=lifetime_pb2.LIFETIME_STATE_RUNNING,
+    )
+    ended = envelope_pb2.ExecutionEnvelope(header=header)
+    ended.header.sequence = 3
+    ended.lifetime_event.sequence = 3
+    ended.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_COMPLETED
+    assert await store.apply_events("acme", [decision, ended], fold_event) == 3
+    assert await store.apply_events("acme", [decision], fold_event) == 0  # a redelivery
+    events = await store.list_events("acme", "l1")
+    assert [(e.sequence, e.kind) for e in events] == [
+        (1, lifetime_pb2.LIFETIME_EVENT_KIND_STARTED),
+        (2, lifetime_pb2.LIFETIME_EVENT_KIND_STEP_DISPATCHED),
+        (3, lifetime_pb2.LIFETIME_EVENT_KIND_UNSPECIFIED),
+    ]
+    row = await store.get_lifetime("acme", "l1")
+    assert row is not None
+    assert (row.last_sequence, row.state, dict(row.labels)) == (
+        3,
+        lifetime_pb2.LIFETIME_STATE_COMPLETED,
+        {"team": "qa"},
+    )
+
+    bad = envelope_pb2.ExecutionEnvelope(header=header)
+    bad.lifetime_events.events.add(sequence=4)
+    bad.lifetime_events.events.add(sequence=0)
+    with pytest.raises(ValidationError, match="sequences start at 1"):
+        await store.apply_events("acme", [bad], fold_event)
+    assert [e.sequence for e in await store.list_events("acme", "l1")] == [1, 2, 3]
