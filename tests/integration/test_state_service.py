@@ -513,20 +513,13 @@ async def test_get_lifetime_record_after_a_lifetime_ran(
         # Each decision publishes its events as one message; the watch shows each event.
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
 
-        async def folded() -> lifetime_pb2.AgentLifetime | None:
-            try:
-                response = await mesh.state.GetLifetimeRecord(
-                    SS.GetLifetimeRecordRequest(lifetime_id=lifetime_id), metadata=mesh.md
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                return None
-            row = response.lifetime
-            return row if row.last_sequence == events[-1].sequence else None
-
-        row = await eventually(folded, what="the lifetime row folded from every event")
-        assert row is not None
+        # What the watch showed is in the row at once: the read waits for the events and
+        # the records on the bus to be stored.
+        response = await mesh.state.GetLifetimeRecord(
+            SS.GetLifetimeRecordRequest(lifetime_id=lifetime_id), metadata=mesh.md
+        )
+        row = response.lifetime
+        assert row.last_sequence == events[-1].sequence
         assert row.lifetime_id == lifetime_id
         assert row.tenant_id == mesh.tenant
         assert row.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
@@ -594,6 +587,68 @@ async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
     row = await store.get_lifetime(state.tenant, LIFETIME_A)
     assert row is not None
     assert row.last_sequence == 9
+
+
+async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_the_bus(
+    state: StateHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that watched a lifetime complete reads a row that says so: the read waits
+    for the events on the bus to be folded into the row."""
+    names = TenantNames(state.tenant)
+    store = state.service.store
+    apply_events = store.apply_events
+    released = asyncio.Event()
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await released.wait()
+        return await apply_events(*args, **kwargs)
+
+    started = make_envelope("lifetime_event")
+    started.header.tenant_id = state.tenant
+    started.header.lifetime_id = LIFETIME_A
+    started.lifetime_event.sequence = started.header.sequence = 1
+    started.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_RUNNING
+    ended = make_envelope("lifetime_event")
+    ended.CopyFrom(started)
+    ended.lifetime_event.sequence = ended.header.sequence = 2
+    ended.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_COMPLETED
+    js = state.nc.jetstream()
+
+    async def publish(envelope: envelope_pb2.ExecutionEnvelope) -> None:
+        await js.publish(
+            names.evt(LIFETIME_A),
+            encode_envelope(envelope),
+            headers={
+                HDR_TYPE: "lifetime_event",
+                HDR_MSG_ID: f"evt:{LIFETIME_A}:{envelope.lifetime_event.sequence}",
+                HDR_TENANT: state.tenant,
+            },
+        )
+
+    async def lifetime_record() -> SS.GetLifetimeRecordResponse:
+        return await state.stub.GetLifetimeRecord(
+            SS.GetLifetimeRecordRequest(lifetime_id=LIFETIME_A), metadata=state.md
+        )
+
+    await publish(started)
+
+    async def running() -> lifetime_pb2.AgentLifetime | None:
+        row = await store.get_lifetime(state.tenant, LIFETIME_A)
+        return row if row is not None and row.last_sequence == 1 else None
+
+    await eventually(running, what="the first event folded")
+    monkeypatch.setattr(store, "apply_events", held_back)
+    await publish(ended)
+    read = asyncio.create_task(lifetime_record())
+    await asyncio.sleep(0.3)
+    assert not read.done()
+
+    released.set()
+    response = await asyncio.wait_for(read, 5)
+    assert (response.lifetime.last_sequence, response.lifetime.state) == (
+        2,
+        lifetime_pb2.LIFETIME_STATE_COMPLETED,
+    )
 
 
 # --- records from the bus -------------------------------------------------------------

@@ -71,23 +71,34 @@ async def records_stored(
     The state service acks a record once it is committed and counted, so its consumer's
     ack floor says how far the store has come. One consumer-info request when it is idle.
     """
-    info = await js.consumer_info(names.exec_stream, names.state_consumer)
+    return await consumer_caught_up(
+        js, names.exec_stream, names.state_consumer, within_s=within_s, what="records"
+    )
+
+
+async def consumer_caught_up(
+    js: JetStreamContext, stream: str, durable: str, *, within_s: float, what: str
+) -> bool:
+    """Wait until durable consumer ``durable`` has acked every message ``stream`` held
+    for it when this was called; False if that took longer than ``within_s``."""
+    info = await js.consumer_info(stream, durable)
     if not info.num_pending and not info.num_ack_pending:
         return True
-    # Everything up to the last record delivered or waiting now must be acked.
+    # Everything up to the last message delivered or waiting now must be acked.
     target = (info.delivered.stream_seq or 0) + (info.num_pending or 0)
     deadline = time.monotonic() + within_s
     while (info.ack_floor.stream_seq or 0) < target:
         if time.monotonic() >= deadline:
             logger.warning(
-                "records of tenant %s up to stream sequence %d not stored within %.1f s",
-                names.tenant,
+                "%s on %s up to stream sequence %d not stored within %.1f s",
+                what,
+                stream,
                 target,
                 within_s,
             )
             return False
         await asyncio.sleep(STORED_POLL_S)
-        info = await js.consumer_info(names.exec_stream, names.state_consumer)
+        info = await js.consumer_info(stream, durable)
     return True
 
 

@@ -27,7 +27,7 @@ from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch
-from tickmesh.runtime.records import STORED_WAIT_S, records_stored
+from tickmesh.runtime.records import STORED_WAIT_S, consumer_caught_up, records_stored
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
     HDR_LIFETIME,
@@ -125,6 +125,19 @@ class RecordConsumer:
         stored. Reads of the history wait here first: whatever a caller saw before its
         read is in what the read returns."""
         return await records_stored(self._js, self.names, within_s=within_s)
+
+    async def events_stored(self, *, within_s: float = STORED_WAIT_S) -> bool:
+        """Wait until every lifetime event the event stream held when this was called is
+        stored and folded into its lifetime's row; False if that took longer than
+        ``within_s``. A caller that watched a lifetime reach a state then reads a row
+        that has reached it too."""
+        return await consumer_caught_up(
+            self._js,
+            self.names.evt_stream,
+            self.events_consumer,
+            within_s=within_s,
+            what="lifetime events",
+        )
 
     def consumers(self) -> list[tuple[str, str, str]]:
         """(tenant, stream, durable) of the two durable consumers this reads."""

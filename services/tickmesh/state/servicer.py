@@ -4,7 +4,8 @@ callers that cannot publish to the bus.
 Reads of records, lifetime rows (their execution counts and totals), counters and usage
 first wait for the records already on the bus to be stored (``RecordConsumer.caught_up``):
 the router acts on a record before the store has it, and a caller that saw the act must
-find the record. A read that cannot wait long enough answers UNAVAILABLE rather than miss
+find the record. A lifetime row also waits for the lifetime events on the bus, which it is
+folded from. A read that cannot wait long enough answers UNAVAILABLE rather than miss
 one."""
 
 from __future__ import annotations
@@ -129,8 +130,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.GetLifetimeRecordRequest, context: Context
     ) -> pb.GetLifetimeRecordResponse:
         tenant = self._tenant(context)
-        # The row's execution_count and totals come from the counters the records feed.
+        # The row's execution_count and totals come from the counters the records feed,
+        # the rest from the lifetime events folded into it: both as far as the caller saw.
         await self._stored_so_far(tenant)
+        if not await self._consumers(tenant).events_stored():
+            raise StatusError(
+                StatusCode.UNAVAILABLE,
+                "the state service is still storing the lifetime events on the bus (retry shortly)",
+            )
         lifetime = await self._store.get_lifetime(tenant, request.lifetime_id)
         if lifetime is None:
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
