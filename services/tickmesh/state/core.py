@@ -68,17 +68,6 @@ def error_event(
     return envelope_pb2.ExecutionEnvelope(header=header, lifetime_event=event)
 
 
-def lifetime_row(
-    envelope: envelope_pb2.ExecutionEnvelope, previous: lifetime_pb2.AgentLifetime | None
-) -> lifetime_pb2.AgentLifetime:
-    """Fold one lifetime event into a copy of the lifetime's stored row."""
-    row = None
-    if previous is not None:
-        row = lifetime_pb2.AgentLifetime()
-        row.CopyFrom(previous)
-    return fold_event(envelope.header, envelope.lifetime_event, row)
-
-
 def fold_event(
     header: header_pb2.EnvelopeHeader,
     event: lifetime_pb2.LifetimeEvent,

@@ -196,7 +196,7 @@ def _event_envelope(
 def _fold(*envelopes: envelope_pb2.ExecutionEnvelope) -> lifetime_pb2.AgentLifetime:
     row: lifetime_pb2.AgentLifetime | None = None
     for env in envelopes:
-        row = core.lifetime_row(env, row)
+        row = core.fold_event(env.header, env.lifetime_event, row)
     assert row is not None
     return row
 
@@ -280,24 +280,15 @@ def test_lifetime_row_is_not_taken_back_by_a_redelivered_older_event() -> None:
         _event_envelope(1, LS.LIFETIME_EVENT_KIND_STARTED),
         _event_envelope(2, LS.LIFETIME_EVENT_KIND_STATE_CHANGED, LS.LIFETIME_STATE_COMPLETED),
     )
-    again = core.lifetime_row(_event_envelope(1, LS.LIFETIME_EVENT_KIND_STARTED), done)
+    redelivered = _event_envelope(1, LS.LIFETIME_EVENT_KIND_STARTED)
+    again = core.fold_event(redelivered.header, redelivered.lifetime_event, done)
     assert again.last_sequence == 2
     assert again.state == LS.LIFETIME_STATE_COMPLETED
     assert again.updated_at == done.updated_at
     assert again.created_at == done.created_at
 
 
-def test_lifetime_row_does_not_change_the_previous_row() -> None:
-    previous = _fold(_event_envelope(1, LS.LIFETIME_EVENT_KIND_STARTED))
-    snapshot = previous.SerializeToString(deterministic=True)
-    core.lifetime_row(
-        _event_envelope(2, LS.LIFETIME_EVENT_KIND_STATE_CHANGED, LS.LIFETIME_STATE_ABORTED),
-        previous,
-    )
-    assert previous.SerializeToString(deterministic=True) == snapshot
-
-
-def test_fold_event_changes_the_row_in_place_as_lifetime_row_folds_a_copy() -> None:
+def test_fold_event_changes_the_row_in_place() -> None:
     envelopes = [
         _event_envelope(1, LS.LIFETIME_EVENT_KIND_STARTED),
         _event_envelope(2, LS.LIFETIME_EVENT_KIND_STATE_CHANGED, LS.LIFETIME_STATE_COMPLETED),
