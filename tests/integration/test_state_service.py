@@ -596,13 +596,6 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
     for the events on the bus to be folded into the row."""
     names = TenantNames(state.tenant)
     store = state.service.store
-    apply_events = store.apply_events
-    released = asyncio.Event()
-
-    async def held_back(*args: Any, **kwargs: Any) -> Any:
-        await released.wait()
-        return await apply_events(*args, **kwargs)
-
     started = make_envelope("lifetime_event")
     started.header.tenant_id = state.tenant
     started.header.lifetime_id = LIFETIME_A
@@ -625,11 +618,6 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
             },
         )
 
-    async def lifetime_record() -> SS.GetLifetimeRecordResponse:
-        return await state.stub.GetLifetimeRecord(
-            SS.GetLifetimeRecordRequest(lifetime_id=LIFETIME_A), metadata=state.md
-        )
-
     await publish(started)
 
     async def running() -> lifetime_pb2.AgentLifetime | None:
@@ -637,9 +625,9 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
         return row if row is not None and row.last_sequence == 1 else None
 
     await eventually(running, what="the first event folded")
-    monkeypatch.setattr(store, "apply_events", held_back)
+    released = hold_back(monkeypatch, store, "apply_events")
     await publish(ended)
-    read = asyncio.create_task(lifetime_record())
+    read = asyncio.create_task(lifetime_record(state))
     await asyncio.sleep(0.3)
     assert not read.done()
 
@@ -677,6 +665,25 @@ async def listed_ids(state: StateHarness, lifetime_id: str = LIFETIME_A) -> list
     return [e.task_execution.header.execution_id for e in listed.executions]
 
 
+async def lifetime_record(state: StateHarness) -> SS.GetLifetimeRecordResponse:
+    return await state.stub.GetLifetimeRecord(
+        SS.GetLifetimeRecordRequest(lifetime_id=LIFETIME_A), metadata=state.md
+    )
+
+
+def hold_back(monkeypatch: pytest.MonkeyPatch, store: Any, method: str) -> asyncio.Event:
+    """Hold the store's ``method`` back (as a slow commit would) until the event is set."""
+    original = getattr(store, method)
+    released = asyncio.Event()
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await released.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(store, method, held_back)
+    return released
+
+
 async def test_a_record_from_the_bus_is_stored_without_a_ref(state: StateHarness) -> None:
     # The router reads it from the record stream itself.
     await publish_record(state, state.record(1))
@@ -688,16 +695,7 @@ async def test_a_record_from_the_bus_is_stored_without_a_ref(state: StateHarness
 async def test_a_history_read_waits_for_the_records_already_on_the_bus(
     state: StateHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The store's appends are held back, as a slow commit would hold them.
-    store = state.service.store
-    append = store.append_executions
-    released = asyncio.Event()
-
-    async def held_back(*args: Any, **kwargs: Any) -> Any:
-        await released.wait()
-        return await append(*args, **kwargs)
-
-    monkeypatch.setattr(store, "append_executions", held_back)
+    released = hold_back(monkeypatch, state.service.store, "append_executions")
     records = state.service.consumer(state.tenant)
     await publish_record(state, state.record(1))
     await publish_record(state, state.record(2))
@@ -728,23 +726,10 @@ async def test_a_lifetime_record_read_waits_for_the_records_already_on_the_bus(
             last_sequence=3,
         ),
     )
-    append = store.append_executions
-    released = asyncio.Event()
-
-    async def held_back(*args: Any, **kwargs: Any) -> Any:
-        await released.wait()
-        return await append(*args, **kwargs)
-
-    monkeypatch.setattr(store, "append_executions", held_back)
+    released = hold_back(monkeypatch, store, "append_executions")
     await publish_record(state, state.record(1))
     await publish_record(state, state.record(2))
-
-    async def lifetime_record() -> SS.GetLifetimeRecordResponse:
-        return await state.stub.GetLifetimeRecord(
-            SS.GetLifetimeRecordRequest(lifetime_id=LIFETIME_A), metadata=state.md
-        )
-
-    read = asyncio.create_task(lifetime_record())
+    read = asyncio.create_task(lifetime_record(state))
     await asyncio.sleep(0.3)
     assert not read.done()
 
