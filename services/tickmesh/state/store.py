@@ -68,7 +68,10 @@ def stored_events(
             raise ValidationError("an event needs a lifetime_id")
         if header.tenant_id != tenant:
             raise ValidationError(f"event of tenant {header.tenant_id!r} given for {tenant!r}")
-        for event in events_of(envelope):
+        events = events_of(envelope)
+        if not events:
+            raise ValidationError("expected a lifetime_event or lifetime_events body")
+        for event in events:
             if event.sequence < 1:
                 raise ValidationError("lifetime event sequences start at 1")
             stored.append(

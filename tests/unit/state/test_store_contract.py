@@ -815,4 +815,8 @@ async def test_apply_events_takes_a_decisions_events_in_one_envelope(store: Stat
     bad.lifetime_events.events.add(sequence=0)
     with pytest.raises(ValidationError, match="sequences start at 1"):
         await store.apply_events("acme", [bad], fold_event)
+    not_an_event = envelope_pb2.ExecutionEnvelope(header=header)
+    not_an_event.task_request.SetInParent()
+    with pytest.raises(ValidationError, match="lifetime_event or lifetime_events"):
+        await store.apply_events("acme", [not_an_event], fold_event)
     assert [e.sequence for e in await store.list_events("acme", "l1")] == [1, 2, 3]
