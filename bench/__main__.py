@@ -34,7 +34,7 @@ from .cloud import CloudServers, CloudSetupError, finish_in_thread
 from .cluster import REPO, Cluster, Layout, read_line
 from .hops import Tap
 from .load import LoadGenerator
-from .machine import describe
+from .machine import describe, speed_probe
 from .monitor import Monitor, Monitored, machine_busy_seconds
 from .records import StoreRef, gaps, max_seq, read_records
 from .report import render, write
@@ -309,6 +309,7 @@ async def run_layout(
                 )
                 await asyncio.to_thread(input, f"[{tag}] Enter runs M={m} ... ")
             watermark = await asyncio.to_thread(max_seq, cluster.state_db)
+            probe_us = speed_probe()
             print(f"[{tag}] M={m}: {lifetimes} lifetimes x {args.steps} steps ...", flush=True)
             monitor.begin()
             run = await load.run(
@@ -358,6 +359,8 @@ async def run_layout(
                 "foreign_cpu_share": window.foreign_cpu()
                 / ((run.wall_s + drain_s) * (os.cpu_count() or 1)),
                 "load_average_after": list(os.getloadavg()),
+                # The machine's speed just before the phase (machine.speed_probe).
+                "speed_probe_us": probe_us,
             }
             nan = float("nan")
             print(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
+import statistics
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import psutil
 
 from tickmesh.runtime.embedded_nats import nats_server_path
+from tickmesh.v1 import envelope_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,3 +68,28 @@ def describe(data_dir: Path) -> dict[str, Any]:
         "data_dir_filesystem": _filesystem(data_dir),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def speed_probe(ops: int = 2000, runs: int = 5) -> float:
+    """Microseconds one fixed piece of step-like work takes on this machine now (the
+    median of ``runs`` runs of ``ops``): an envelope built, serialized, hashed and parsed.
+
+    A shared machine's speed can move by a quarter within an hour, with no other load
+    visible from inside it. Taken before each phase, with the mesh idle, this says how
+    fast the machine was when the phase ran, so runs can be compared."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for i in range(ops):
+            envelope = envelope_pb2.ExecutionEnvelope()
+            header = envelope.header
+            header.tenant_id = "probe"
+            header.lifetime_id = f"019a0000-0000-7000-8000-{i:012d}"
+            header.execution_id = hashlib.sha256(header.lifetime_id.encode()).hexdigest()[:32]
+            header.node.id = "noop"
+            header.labels["probe"] = "1"
+            envelope.task_request.input.inline = b"null"
+            data = envelope.SerializeToString(deterministic=True)
+            envelope_pb2.ExecutionEnvelope.FromString(data)
+        samples.append((time.perf_counter() - start) / ops * 1e6)
+    return statistics.median(samples)

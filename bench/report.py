@@ -156,7 +156,8 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
                     _f((fl.get("gap_ms") or {}).get("p99")),
                     _f(ph.get("ratio", {}).get("throughput")),
                     _f(ph.get("ratio", {}).get("gap_p50")),
-                    f"{ph['foreign_cpu_share'] * 100:.0f}%"
+                    f"{ph['foreign_cpu_share'] * 100:.0f}%",
+                    _f(ph.get("speed_probe_us"), 1)
                     + ("" if not ph["failed"] else f"  {ph['failed']} NOT COMPLETED"),
                 ]
             )
@@ -181,6 +182,7 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
                     "x floor thr",
                     "x floor p50",
                     "other load",
+                    "probe µs",
                 ],
                 rows,
             )
@@ -191,7 +193,9 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
             + "; 'all' adds the worker and the load generator;"
             " 'other load' = share of the machine's CPU used by other processes meanwhile;"
             "\n   'drain s' = time after the last lifetime ended until every consumer"
-            " (lifetime events included) had caught up: CPU is counted over wall + drain)"
+            " (lifetime events included) had caught up: CPU is counted over wall + drain;"
+            "\n   'probe µs' = a fixed piece of work timed just before the phase: higher means"
+            " the machine was slower then)"
         )
         names = data["processes"]
         rows = []
