@@ -76,8 +76,8 @@ def fold_event(
     """Fold one lifetime event, with the header of the envelope that carried it, into
     ``row`` in place (None: a new row) and return the row.
 
-    The stores fold a batch's events into rows they read for it and write back, so each
-    event is folded without copying the row (a copy is a serialization and a parse)."""
+    The stores fold a batch's events into rows they read for it and write back, so no
+    event needs a copy of the whole row."""
     if row is None:
         row = lifetime_pb2.AgentLifetime()
     elif event.sequence <= row.last_sequence:
