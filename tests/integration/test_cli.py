@@ -124,6 +124,46 @@ def test_version_prints_the_installed_version() -> None:
     assert done.stdout == f"tickmesh {metadata.version('tickmesh')}\n"
 
 
+# --- bench ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["bench"], "usage: python -m bench "),
+        (["bench", "parked"], "usage: python -m bench.parked"),
+    ],
+)
+def test_bench_runs_the_checkouts_benchmark_with_its_options_from_any_directory(
+    tmp_path: Path, argv: list[str], usage: str
+) -> None:
+    done = subprocess.run(
+        [str(TICKMESH), *argv, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(usage)
+
+
+def test_bench_passes_the_benchmarks_exit_code_on(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(TICKMESH), "bench", "--no-such-option"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in done.stderr
+
+
 CODING_AGENT = Path(__file__).resolve().parents[2] / "examples" / "coding_agent" / "graph.yaml"
 TS_VALIDATE = (
     Path(__file__).resolve().parents[2] / "sdk/typescript/dist/examples/coding_agent/ts/validate.js"

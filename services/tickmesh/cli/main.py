@@ -48,6 +48,7 @@ from tickmesh.sdk.errors import TickmeshError
 from tickmesh.v1 import execution_pb2, state_service_pb2, state_service_pb2_grpc
 
 from . import auth as auth_cli
+from . import bench as bench_cli
 from . import config as config_cli
 from . import policy as policy_cli
 from . import tenant as tenant_cli
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_cli.add_parser(sub)
 
     usage_cli.add_parser(sub)
+
+    bench_cli.add_parser(sub)
 
     config_cli.add_parsers(sub)
 
@@ -528,8 +531,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["bench"]:
+        # The benchmark's options are its own: passed through, not parsed here.
+        return bench_cli.run(given[1:], sys.stderr)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
