@@ -71,15 +71,17 @@ def describe(data_dir: Path) -> dict[str, Any]:
 
 
 def speed_probe(ops: int = 2000, runs: int = 5) -> float:
-    """Microseconds one fixed piece of step-like work takes on this machine now (the
+    """Microseconds of CPU one fixed piece of step-like work takes on this machine now (the
     median of ``runs`` runs of ``ops``): an envelope built, serialized, hashed and parsed.
 
     A shared machine's speed can move by a quarter within an hour, with no other load
-    visible from inside it. Taken before each phase, with the mesh idle, this says how
-    fast the machine was when the phase ran, so runs can be compared."""
+    visible from inside it. Taken before each phase, this says how fast the machine ran
+    code then, so runs can be compared. It counts this thread's CPU time, not wall time,
+    so the machine's own other work (a mesh still settling) hardly moves it (by 2% with both
+    cores busy)."""
     samples = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = time.thread_time()
         for i in range(ops):
             envelope = envelope_pb2.ExecutionEnvelope()
             header = envelope.header
@@ -91,5 +93,5 @@ def speed_probe(ops: int = 2000, runs: int = 5) -> float:
             envelope.task_request.input.inline = b"null"
             data = envelope.SerializeToString(deterministic=True)
             envelope_pb2.ExecutionEnvelope.FromString(data)
-        samples.append((time.perf_counter() - start) / ops * 1e6)
+        samples.append((time.thread_time() - start) / ops * 1e6)
     return statistics.median(samples)
