@@ -102,12 +102,14 @@ async def consumer_caught_up(
     return True
 
 
-async def require_records_stored(stored: Callable[[str], Awaitable[bool]], tenant: str) -> None:
+async def require_records_stored(
+    stored: Callable[[str], Awaitable[bool]], tenant: str, *, what: str = "execution records"
+) -> None:
     """For a reader of the store: wait with ``stored`` (e.g. the state service's
-    ``caught_up``); UNAVAILABLE if the wait fails, rather than answer without a record
-    the caller may have seen the effect of."""
+    ``caught_up``, or ``events_stored`` for ``what`` = lifetime events); UNAVAILABLE if the
+    wait fails, rather than answer without a record the caller may have seen the effect of."""
     if not await stored(tenant):
         raise StatusError(
             StatusCode.UNAVAILABLE,
-            "the state service is still storing the execution records on the bus (retry shortly)",
+            f"the state service is still storing the {what} on the bus (retry shortly)",
         )

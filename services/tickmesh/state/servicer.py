@@ -133,11 +133,9 @@ class StateServicer(pb_grpc.StateServiceServicer):
         # The row's execution_count and totals come from the counters the records feed,
         # the rest from the lifetime events folded into it: both as far as the caller saw.
         await self._stored_so_far(tenant)
-        if not await self._consumers(tenant).events_stored():
-            raise StatusError(
-                StatusCode.UNAVAILABLE,
-                "the state service is still storing the lifetime events on the bus (retry shortly)",
-            )
+        await require_records_stored(
+            lambda t: self._consumers(t).events_stored(), tenant, what="lifetime events"
+        )
         lifetime = await self._store.get_lifetime(tenant, request.lifetime_id)
         if lifetime is None:
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
