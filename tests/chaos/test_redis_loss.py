@@ -33,6 +33,7 @@ from tests.support.nats_server import nats_server
 from tests.support.postgres import postgres_dsn, postgres_server
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import S3Bucket, s3_bucket, s3_server
+from tests.support.service_harness import eventually
 from tickmesh.sdk import (
     Decision,
     GraphBuilder,
@@ -151,13 +152,14 @@ async def router_cost(h: MeshHarness) -> int:
 async def router_agrees_with_store(h: MeshHarness, within_s: float = 10.0) -> None:
     """Wait until the router's 24 h window shows what the store holds: every record it
     counted itself is confirmed by the counters."""
-    deadline = time.monotonic() + within_s
-    while True:
+
+    async def agreed() -> tuple[int, int] | None:
         truth, seen = await store_cost(h), await router_cost(h)
-        if seen == truth:
-            return
-        assert time.monotonic() < deadline, f"router sees {seen}, the store holds {truth}"
-        await asyncio.sleep(0.1)
+        return (seen, truth) if seen == truth else None
+
+    await eventually(
+        agreed, within=within_s, interval=0.1, what="the router's 24 h cost matching the store's"
+    )
 
 
 async def run_through(h: MeshHarness, fault: Any) -> tuple[list[AuditReport], float]:
