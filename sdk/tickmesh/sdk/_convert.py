@@ -16,7 +16,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, Literal, get_args
 
@@ -43,6 +43,7 @@ from ._plan import Decision
 from ._task import ErrorData, HandlerKind, ToolActionRecord, Usage
 from .errors import ValidationError
 from .ids import TENANT_ID_PATTERN
+from .timestamps import datetime_of, set_timestamp
 
 BodyKind = Literal[
     "task_request",
@@ -154,8 +155,14 @@ def validate_envelope(
         raise ValidationError(
             f"ExecutionEnvelope body is {kind!r} but the message type header says {expected_kind!r}"
         )
-    depth, path = _deepest_struct(envelope)
-    if depth > MAX_STRUCT_DEPTH:
+    try:
+        within = _struct_depth_of(envelope) <= MAX_STRUCT_DEPTH
+    except _NotFiniteError:
+        within = False
+    if not within:
+        # Walked again to say where (raising on a non-finite number, with its field):
+        # keeping paths on every walk costs more than this rare second walk.
+        depth, path = _locate_deepest(envelope)
         raise ValidationError(
             f"ExecutionEnvelope field {path} nests a Struct {depth} levels deep; "
             f"the limit is {MAX_STRUCT_DEPTH}"
@@ -239,9 +246,23 @@ def _struct_fields(desc: descriptor.Descriptor) -> tuple[_StructField, ...]:
     return tuple(found)
 
 
-def _deepest_struct(msg: message.Message, path: str = "") -> tuple[int, str]:
-    """Return the deepest Struct/ListValue nesting below ``msg`` and where it is."""
-    best = (0, "")
+class _NotFiniteError(Exception):
+    """A Struct holds a NaN or an infinite number (a Struct is a JSON value, and JSON has
+    neither)."""
+
+    def __init__(self, number: float) -> None:
+        super().__init__(number)
+        self.number = number
+
+
+def _struct_depth_of(msg: message.Message) -> int:
+    """The deepest Struct/ListValue nesting below ``msg`` (the check every envelope
+    passes: where it is is found only when it is too deep, by :func:`_locate_deepest`).
+
+    Raises:
+        _NotFiniteError: A Struct below ``msg`` holds a NaN or infinite number.
+    """
+    best = 0
     # Only the fields that can hold a Struct are visited (listing every set field, as
     # ListFields does, wraps each in a Python object: most of the cost, per envelope).
     for name, kind, is_struct, members in _struct_fields(msg.DESCRIPTOR):
@@ -252,43 +273,66 @@ def _deepest_struct(msg: message.Message, path: str = "") -> tuple[int, str]:
             name, kind, is_struct = chosen, _SINGULAR, members[chosen]
         elif kind == _SINGULAR and not msg.HasField(name):
             continue
-        if kind == _SINGULAR:
-            where = f"{path}.{name}" if path else name
-            value = getattr(msg, name)
-            found = (
-                (_value_depth(value, where), where) if is_struct else _deepest_struct(value, where)
-            )
-            best = max(best, found)
-            continue
-        container = getattr(msg, name)
-        if not container:
-            continue
-        where = f"{path}.{name}" if path else name
-        for item in container.values() if kind == _MAP else container:
-            found = (
-                (_value_depth(item, where), where) if is_struct else _deepest_struct(item, where)
-            )
-            best = max(best, found)
+        value = getattr(msg, name)
+        for item in (value,) if kind == _SINGULAR else value.values() if kind == _MAP else value:
+            found = _value_depth(item) if is_struct else _struct_depth_of(item)
+            if found > best:
+                best = found
     return best
 
 
-def _value_depth(value: struct_pb2.Struct | struct_pb2.ListValue, path: str) -> int:
-    """The nesting of ``value``; a NaN or infinite number in it is refused (a Struct is a
-    JSON value, and JSON has neither)."""
+def _value_depth(value: struct_pb2.Struct | struct_pb2.ListValue) -> int:
+    """The nesting of ``value``.
+
+    Raises:
+        _NotFiniteError: It holds a NaN or infinite number.
+    """
     children = value.fields.values() if isinstance(value, struct_pb2.Struct) else value.values
     deepest = 0
     for child in children:
         kind = child.WhichOneof("kind")
         if kind == "struct_value":
-            deepest = max(deepest, _value_depth(child.struct_value, path))
+            deepest = max(deepest, _value_depth(child.struct_value))
         elif kind == "list_value":
-            deepest = max(deepest, _value_depth(child.list_value, path))
+            deepest = max(deepest, _value_depth(child.list_value))
         elif kind == "number_value" and not math.isfinite(child.number_value):
-            raise ValidationError(
-                f"ExecutionEnvelope field {path} holds {child.number_value} in a Struct; "
-                "Struct numbers must be finite"
-            )
+            raise _NotFiniteError(child.number_value)
     return deepest + 1
+
+
+def _locate_deepest(msg: message.Message, path: str = "") -> tuple[int, str]:
+    """The deepest Struct/ListValue nesting below ``msg`` and the field it is in, for the
+    error of an envelope that failed :func:`_struct_depth_of` (slower: it lists every set
+    field).
+
+    Raises:
+        ValidationError: A Struct holds a NaN or infinite number (naming its field).
+    """
+    best = (0, "")
+    for field, value in msg.ListFields():
+        sub = field.message_type
+        if sub is None:
+            continue
+        where = f"{path}.{field.name}" if path else field.name
+        if _is_map(field):
+            sub = sub.fields_by_name["value"].message_type
+            if sub is None:
+                continue
+            items = list(value.values())
+        else:
+            items = list(value) if field.is_repeated else [value]
+        for item in items:
+            if sub.full_name not in _STRUCT_NAMES:
+                best = max(best, _locate_deepest(item, where))
+                continue
+            try:
+                best = max(best, (_value_depth(item), where))
+            except _NotFiniteError as exc:
+                raise ValidationError(
+                    f"ExecutionEnvelope field {where} holds {exc.number} in a Struct; "
+                    "Struct numbers must be finite"
+                ) from None
+    return best
 
 
 def _is_map(field: descriptor.FieldDescriptor) -> bool:
@@ -409,7 +453,7 @@ def _dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
 
 
 def _datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
-    return stamp.ToDatetime(tzinfo=UTC)
+    return datetime_of(stamp)
 
 
 def _status_name(status: result_pb2.TaskStatus.ValueType) -> str:
@@ -655,6 +699,7 @@ def completion_to_proto(
         completion.task_result.CopyFrom(result)
     else:
         completion.plan_result.CopyFrom(result)
-    completion.started_at.FromDatetime(started_at)
-    completion.finished_at.FromDatetime(finished_at)
+    # Per step: protobuf's FromDatetime does calendar work the arithmetic does not need.
+    set_timestamp(completion.started_at, started_at)
+    set_timestamp(completion.finished_at, finished_at)
     return completion

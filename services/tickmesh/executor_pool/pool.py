@@ -55,10 +55,10 @@ from tickmesh.runtime.subjects import (
     tenant_of_subject,
 )
 from tickmesh.runtime.tenant_links import TenantLinks
-from tickmesh.runtime.timestamps import now_timestamp, set_now, timestamp_from_ns
 from tickmesh.runtime.tracing import parent_of, set_parent
 from tickmesh.sdk import BodyKind, ValidationError, decode_envelope, encode_envelope, uuid7
 from tickmesh.sdk.errors import NotFoundError, RPCError, StatusCode, TickmeshError, TransportError
+from tickmesh.sdk.timestamps import now_timestamp, set_now, timestamp_from_ns
 from tickmesh.sdk.tracing import (
     ATTR_ATTEMPT,
     ATTR_EXECUTION,

@@ -14,16 +14,16 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache, lru_cache
 
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import Message
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime import steps
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.runtime.timestamps import timestamp_ns, timestamp_of
 from tickmesh.sdk import encode_envelope, execution_id
 from tickmesh.sdk.ids import uuid7
+from tickmesh.sdk.timestamps import timestamp_ns, timestamp_of
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -77,6 +77,18 @@ class Producer:
         return header_pb2.Producer(
             service=self.service, version=self.version, instance=self.instance
         )
+
+
+@lru_cache(maxsize=1024)
+def _tenant_names(tenant_id: str) -> TenantNames:
+    """A tenant's names, checked and built once per tenant rather than per decision."""
+    return TenantNames(tenant_id)
+
+
+@cache
+def _producer_proto(producer: Producer) -> header_pb2.Producer:
+    """The producer's proto, built once (headers copy it, never change it)."""
+    return producer.proto()
 
 
 _OPEN_EVENTS = rs.OutMessage()
@@ -147,7 +159,7 @@ class Lifetime:
     def __post_init__(self) -> None:
         self.index = index_of(self.graph)
         self.nodes = self.index.nodes
-        self.names = TenantNames(self.state.lifetime.tenant_id)
+        self.names = _tenant_names(self.state.lifetime.tenant_id)
         self._now_ts = timestamp_of(self.now)
         self.now_ns = timestamp_ns(self._now_ts)
         """``now`` in nanoseconds since the epoch."""
@@ -186,19 +198,14 @@ class Lifetime:
             batch = self._events = envelope_pb2.ExecutionEnvelope()
             self._events_at = len(self.emitted)
             self.emitted.append(_OPEN_EVENTS)
-        event = batch.lifetime_events.events.add()
-        event.sequence = view.last_sequence
-        event.kind = kind
-        event.at.CopyFrom(self._now_ts)
-        event.state = view.state
-        for name, value in fields.items():
-            if value is None:
-                continue
-            if isinstance(value, Message):
-                getattr(event, name).CopyFrom(value)
-            else:
-                setattr(event, name, value)
-        return event
+        # One call that sets (and copies) every field in C, rather than one per field.
+        return batch.lifetime_events.events.add(
+            sequence=view.last_sequence,
+            kind=kind,
+            at=self._now_ts,
+            state=view.state,
+            **{name: value for name, value in fields.items() if value is not None},
+        )
 
     @property
     def out(self) -> list[rs.OutMessage]:
@@ -309,8 +316,9 @@ class Lifetime:
             created_at=self._now_ts,
             mode=view.mode or header_pb2.EXECUTION_MODE_LIVE,
             fork_origin=view.fork_origin if view.HasField("fork_origin") else None,
-            producer=self.producer.proto(),
-            labels=view.labels,
+            producer=_producer_proto(self.producer),
+            # A protobuf map is copied through the Mapping ABC, even when empty.
+            labels=view.labels if view.labels else None,
         )
 
 

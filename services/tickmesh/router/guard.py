@@ -20,9 +20,10 @@ from opentelemetry.trace import Tracer
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.policy import EMPTY_USAGE, EvaluationContext, PolicyEngine, Usage
 from tickmesh.runtime.policy.sources import tenant_windows
+from tickmesh.runtime.policy.usage import new_usage
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.runtime.timestamps import timestamp_ns
 from tickmesh.runtime.tracing import end_evaluation_span, evaluation_span
+from tickmesh.sdk.timestamps import timestamp_ns
 from tickmesh.v1 import graph_pb2, guardrail_pb2, header_pb2, telemetry_pb2
 
 from .core import Lifetime
@@ -145,7 +146,8 @@ def lifetime_usage(
         elapsed = max(0.0, (lifetime.now_ns - timestamp_ns(view.created_at)) / 1e9)
     totals = view.totals
     # One Usage built directly: this runs twice per step.
-    return Usage(
+    return new_usage(
+        depth=0,
         executions=int(view.execution_count),
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,

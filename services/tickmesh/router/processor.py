@@ -39,8 +39,8 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tenant_links import TenantLink
-from tickmesh.runtime.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
+from tickmesh.sdk.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
     ATTR_LIFETIME,

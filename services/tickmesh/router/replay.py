@@ -50,9 +50,9 @@ import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.records import require_records_stored
-from tickmesh.runtime.timestamps import set_timestamp
 from tickmesh.sdk import ChannelSecurity
 from tickmesh.sdk._transport import create_channel
+from tickmesh.sdk.timestamps import set_timestamp
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,

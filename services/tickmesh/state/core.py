@@ -16,8 +16,8 @@ from google.protobuf import timestamp_pb2
 from tickmesh.runtime.records import RECORD_KINDS as RECORD_KINDS
 from tickmesh.runtime.records import check_record as check_record
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.runtime.timestamps import set_now, set_timestamp
 from tickmesh.sdk.ids import uuid7
+from tickmesh.sdk.timestamps import set_now, set_timestamp
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
 
 from .store import StoredExecution

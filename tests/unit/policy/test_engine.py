@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
+from types import MappingProxyType
+from typing import Any
 
 import pytest
 from google.protobuf import duration_pb2
@@ -23,6 +26,7 @@ from tests.unit.policy.helpers import (
 )
 from tickmesh.runtime.policy import EvaluationContext, PolicyEngine, Usage, load_policy
 from tickmesh.runtime.policy import engine as engine_module
+from tickmesh.runtime.policy.usage import new_usage
 from tickmesh.v1 import guardrail_pb2, telemetry_pb2
 
 LIFETIME = guardrail_pb2.GUARDRAIL_SCOPE_LIFETIME
@@ -484,6 +488,32 @@ def test_usage_plus_all_equals_adding_one_at_a_time() -> None:
     assert repr(together) == repr(one_by_one)  # NaN != NaN, but prints the same
     assert together.wall_time_s == one_by_one.wall_time_s
     assert base.plus_all([]) == base
+
+
+def test_new_usage_is_the_same_frozen_usage_as_the_constructor_builds() -> None:
+    values: dict[str, Any] = {
+        "executions": 3,
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "cost_micros": 7,
+        "model_calls": 2,
+        "tool_calls": 1,
+        "iterations": 4,
+        "wall_time_s": 1.5,
+        "fanout": 2,
+        "depth": 6,
+        "max_values": MappingProxyType({"tokens": 15.0}),
+        "custom": MappingProxyType({"score": 0.5}),
+    }
+    assert set(values) == {f.name for f in dataclasses.fields(Usage)}  # every field, set
+    built = new_usage(**values)
+    assert built == Usage(**values)
+    assert repr(built) == repr(Usage(**values))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.executions = 4  # type: ignore[misc]
+    missing = {k: v for k, v in values.items() if k != "depth"}
+    with pytest.raises(TypeError):
+        new_usage(**missing)
 
 
 def test_reads_usage_only_when_a_rule_of_the_phase_applies(engine: PolicyEngine) -> None:

@@ -66,7 +66,8 @@ class Usage:
         """
         run = telemetry.run_time
         wall = run.seconds + run.nanos / 1e9
-        custom = dict(telemetry.custom_metrics)
+        # dict() of a protobuf map walks it through the Mapping ABC, even when empty.
+        custom = dict(telemetry.custom_metrics) if telemetry.custom_metrics else {}
         tokens_in = telemetry.input_tokens
         tokens_out = telemetry.output_tokens
         maxima: dict[str, float] = {
@@ -84,7 +85,7 @@ class Usage:
         }
         for name, value in custom.items():
             maxima["custom." + name] = value
-        return Usage(
+        return new_usage(
             executions=1,
             input_tokens=tokens_in,
             output_tokens=tokens_out,
@@ -136,7 +137,7 @@ class Usage:
                     maxima[name] = value
             for name, value in other.custom.items():
                 custom[name] = custom.get(name, 0.0) + value
-        return Usage(
+        return new_usage(
             executions=executions,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
@@ -155,4 +156,58 @@ class Usage:
 EMPTY_USAGE = Usage()
 """The usage of an empty scope."""
 
-__all__ = ["EMPTY_USAGE", "Usage"]
+# The slots' own setters (the member descriptors of the class).
+_SLOTS = Usage.__dict__
+_set_executions = _SLOTS["executions"].__set__
+_set_input_tokens = _SLOTS["input_tokens"].__set__
+_set_output_tokens = _SLOTS["output_tokens"].__set__
+_set_cost_micros = _SLOTS["cost_micros"].__set__
+_set_model_calls = _SLOTS["model_calls"].__set__
+_set_tool_calls = _SLOTS["tool_calls"].__set__
+_set_iterations = _SLOTS["iterations"].__set__
+_set_wall_time_s = _SLOTS["wall_time_s"].__set__
+_set_fanout = _SLOTS["fanout"].__set__
+_set_depth = _SLOTS["depth"].__set__
+_set_max_values = _SLOTS["max_values"].__set__
+_set_custom = _SLOTS["custom"].__set__
+_new = object.__new__
+
+
+def new_usage(
+    *,
+    executions: int,
+    input_tokens: int,
+    output_tokens: int,
+    cost_micros: int,
+    model_calls: int,
+    tool_calls: int,
+    iterations: int,
+    wall_time_s: float,
+    fanout: int,
+    depth: int,
+    max_values: Mapping[str, float],
+    custom: Mapping[str, float],
+) -> Usage:
+    """``Usage(...)`` with every field given, for the step loop (a few per step).
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; the
+    slots' own setters do the same in well under half the time. The result is an ordinary
+    frozen ``Usage``: equal to, and as immutable as, one built by ``Usage(...)``.
+    """
+    usage: Usage = _new(Usage)
+    _set_executions(usage, executions)
+    _set_input_tokens(usage, input_tokens)
+    _set_output_tokens(usage, output_tokens)
+    _set_cost_micros(usage, cost_micros)
+    _set_model_calls(usage, model_calls)
+    _set_tool_calls(usage, tool_calls)
+    _set_iterations(usage, iterations)
+    _set_wall_time_s(usage, wall_time_s)
+    _set_fanout(usage, fanout)
+    _set_depth(usage, depth)
+    _set_max_values(usage, max_values)
+    _set_custom(usage, custom)
+    return usage
+
+
+__all__ = ["EMPTY_USAGE", "Usage", "new_usage"]

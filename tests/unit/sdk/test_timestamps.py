@@ -1,4 +1,4 @@
-"""The runtime's epoch arithmetic gives what protobuf's Timestamp conversions give."""
+"""The epoch arithmetic gives what protobuf's Timestamp conversions give."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from google.protobuf import timestamp_pb2
 
-from tickmesh.runtime import timestamps
-from tickmesh.runtime.timestamps import (
+from tickmesh.sdk import timestamps
+from tickmesh.sdk.timestamps import (
+    datetime_of,
     epoch_ns,
     epoch_parts,
     set_timestamp,
@@ -49,6 +50,15 @@ def test_timestamp_ns_keeps_whole_microseconds_as_to_datetime_does(at: datetime)
     ts.nanos += 789  # below a microsecond: a datetime cannot hold it
     assert timestamp_ns(ts) == epoch_ns(ts.ToDatetime(tzinfo=UTC))
     assert timestamp_ns(ts) == epoch_ns(at)
+
+
+@pytest.mark.parametrize("at", MOMENTS, ids=str)
+def test_datetime_of_is_what_to_datetime_gives(at: datetime) -> None:
+    ts = from_datetime(at)
+    ts.nanos += 789  # below a microsecond: dropped, as ToDatetime drops it
+    assert datetime_of(ts) == ts.ToDatetime(tzinfo=UTC)
+    assert epoch_ns(datetime_of(ts)) == epoch_ns(at)
+    assert datetime_of(ts).tzinfo is UTC
 
 
 @pytest.mark.parametrize("ns", [0, 1, 999_999_999, 1_000_000_000, 1_796_475_418_188_947_673, -1])

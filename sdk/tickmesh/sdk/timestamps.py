@@ -9,7 +9,7 @@ converted Timestamp with a converted datetime gives what comparing datetimes wou
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 
@@ -45,6 +45,12 @@ def timestamp_ns(ts: timestamp_pb2.Timestamp) -> int:
     """``ts`` in nanoseconds since the epoch, cut to whole microseconds (what
     ``epoch_ns(ts.ToDatetime())`` gives)."""
     return ts.seconds * _NS + ts.nanos // 1000 * 1000
+
+
+def datetime_of(ts: timestamp_pb2.Timestamp) -> datetime:
+    """``ts`` as an aware UTC datetime, equal to ``ts.ToDatetime(tzinfo=UTC)`` (whole
+    microseconds)."""
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def timestamp_from_ns(ns: int) -> timestamp_pb2.Timestamp:
