@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tests.support.nats_server import new_tenant
+from tests.support.service_harness import eventually
 from tickmesh.executor_pool.config import ExecutorPoolSettings
 from tickmesh.executor_pool.server import ExecutorPoolService, build
 from tickmesh.runtime import nats as runtime_nats
@@ -449,6 +450,34 @@ async def test_pool_times_out_attempts_and_retries_them(start_pool: PoolFactory)
     assert len(seen_cancel) == 2
     assert len(await mesh.dead_letters(1)) == 1
     await mesh.wait_work_drained()
+
+
+async def test_a_handler_that_ignores_its_cancellation_is_reported_after_the_grace(
+    start_pool: PoolFactory,
+) -> None:
+    mesh = await start_pool()
+    released = asyncio.Event()
+
+    @task
+    async def stubborn(ctx: TaskContext, value: Any) -> None:
+        while not released.is_set():  # every cancellation ignored, until the test ends it
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    worker = await mesh.start_worker([stubborn])
+    started = time.monotonic()
+    await mesh.submit("stubborn", retry=_retry(1), timeout_s=0.3)
+    [record] = await mesh.records(1)
+    assert _status(record) == "TASK_STATUS_TIMED_OUT"  # the pool's own deadline
+
+    # The worker cancels the handler at the deadline and, as it does not stop, reports the
+    # time-out once the one-second grace is over: neither before, nor never.
+    async def reported() -> bool:
+        return worker.stats.completions == 1
+
+    await eventually(reported, within=5, what="the worker's report")
+    assert time.monotonic() - started >= 1.2
+    released.set()
 
 
 async def test_pool_offloads_large_outputs_to_the_blob_store(start_pool: PoolFactory) -> None:
