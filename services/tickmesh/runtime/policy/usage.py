@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -156,20 +157,22 @@ class Usage:
 EMPTY_USAGE = Usage()
 """The usage of an empty scope."""
 
-# The slots' own setters (the member descriptors of the class).
-_SLOTS = Usage.__dict__
-_set_executions = _SLOTS["executions"].__set__
-_set_input_tokens = _SLOTS["input_tokens"].__set__
-_set_output_tokens = _SLOTS["output_tokens"].__set__
-_set_cost_micros = _SLOTS["cost_micros"].__set__
-_set_model_calls = _SLOTS["model_calls"].__set__
-_set_tool_calls = _SLOTS["tool_calls"].__set__
-_set_iterations = _SLOTS["iterations"].__set__
-_set_wall_time_s = _SLOTS["wall_time_s"].__set__
-_set_fanout = _SLOTS["fanout"].__set__
-_set_depth = _SLOTS["depth"].__set__
-_set_max_values = _SLOTS["max_values"].__set__
-_set_custom = _SLOTS["custom"].__set__
+# The slots' own setters (the member descriptors of the class), in field order: unpacked by
+# name, so a field added to Usage and not here fails at import.
+(
+    _set_executions,
+    _set_input_tokens,
+    _set_output_tokens,
+    _set_cost_micros,
+    _set_model_calls,
+    _set_tool_calls,
+    _set_iterations,
+    _set_wall_time_s,
+    _set_fanout,
+    _set_depth,
+    _set_max_values,
+    _set_custom,
+) = (Usage.__dict__[f.name].__set__ for f in dataclasses.fields(Usage))
 _new = object.__new__
 
 
