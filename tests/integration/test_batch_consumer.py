@@ -122,3 +122,56 @@ async def test_a_full_batch_does_not_linger(nats_server: EmbeddedNats) -> None:
     )
     assert batches == [[b"a", b"b"], [b"c", b"d"]]
     assert time.monotonic() - began < 5
+
+
+async def test_a_hurried_consumer_hands_over_a_lingering_batch_at_once_and_lingers_no_more(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await tm_nats.connect(nats_server.url, name="batch-consumer-hurry")
+    js = tm_nats.jetstream(nc)
+    stream = new_tenant("bh")
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"]))
+    handed: list[tuple[float, list[bytes]]] = []
+    arrived = asyncio.Event()
+
+    async def handler(batch: list[Msg]) -> None:
+        handed.append((time.monotonic(), [m.data for m in batch]))
+        for m in batch:
+            await m.ack()
+        arrived.set()
+
+    consumer = BatchConsumer(
+        nc,
+        js,
+        stream=stream,
+        config=durable_config("c", f"{stream}.>", ack_wait_s=ACK_WAIT_S),
+        handler=handler,
+        max_batch=16,
+        linger_s=30.0,
+    )
+
+    async def handed_within(seconds: float) -> list[bytes]:
+        async with asyncio.timeout(seconds):
+            await arrived.wait()
+        arrived.clear()
+        return handed[-1][1]
+
+    try:
+        await consumer.start()
+        await js.publish(f"{stream}.x", b"a")
+        await asyncio.sleep(0.3)
+        assert handed == []  # lingering: it would wait 30 s for more
+        with consumer.hurrying():
+            # The lingering batch is handed over now, and while a reader is hurrying
+            # a new message is handed over alone, at once.
+            assert await handed_within(2) == [b"a"]
+            await js.publish(f"{stream}.x", b"b")
+            assert await handed_within(2) == [b"b"]
+        # Once nobody hurries, a small batch lingers again.
+        await js.publish(f"{stream}.x", b"c")
+        await asyncio.sleep(0.3)
+        assert [data for _, data in handed] == [[b"a"], [b"b"]]
+    finally:
+        await consumer.stop()
+        await js.delete_stream(stream)
+        await nc.close()

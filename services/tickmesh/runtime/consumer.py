@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -78,7 +78,8 @@ class BatchConsumer:
     ) -> None:
         """``linger_s``: how long a batch smaller than ``max_batch`` waits for more
         messages before it is handled (0: handled at once). For consumers off a step's
-        critical path, where fewer, larger batches cost less CPU per message."""
+        critical path, where fewer, larger batches cost less CPU per message; a reader
+        waiting for what is on the bus calls :meth:`hurrying` meanwhile."""
         assert config.durable_name, "durable consumers only"
         self._nc = nc
         self._js = js
@@ -87,6 +88,8 @@ class BatchConsumer:
         self._handler = handler
         self._max_batch = max_batch
         self._linger_s = linger_s
+        self._hurried = 0
+        """Readers inside :meth:`hurrying`: while any is, batches do not linger."""
         self._auto = auto
         self._name = name or f"{stream}/{config.durable_name}"
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -119,6 +122,18 @@ class BatchConsumer:
         if self._auto:
             await self._replenish()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self._name}")
+
+    @contextlib.contextmanager
+    def hurrying(self) -> Iterator[None]:
+        """While inside, no batch lingers, and one lingering now is handled at once: for
+        a reader that waits until what is on the bus has been handled, who would
+        otherwise wait out each linger."""
+        self._hurried += 1
+        self._queue.put_nowait(_WAKE)  # ends a linger under way
+        try:
+            yield
+        finally:
+            self._hurried -= 1
 
     async def stop(self) -> None:
         """Stop taking batches; the one being handled is allowed to finish."""
@@ -266,7 +281,7 @@ class BatchConsumer:
                 continue
             batch = [] if first is _WAKE else [first]
             self._take_queued(batch)
-            if batch and self._linger_s > 0 and len(batch) < self._max_batch:
+            if batch and self._linger_s > 0 and not self._hurried and len(batch) < self._max_batch:
                 await self._linger(batch)
             self._queued -= len(batch)
             if self._auto:
@@ -296,7 +311,7 @@ class BatchConsumer:
         """Let ``batch`` grow for up to ``linger_s`` (or until it is full)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._linger_s
-        while len(batch) < self._max_batch:
+        while len(batch) < self._max_batch and not self._hurried:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

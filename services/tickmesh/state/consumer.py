@@ -124,20 +124,22 @@ class RecordConsumer:
         a step's effect (an event, the lifetime's state) a moment before the record is
         stored. Reads of the history wait here first: whatever a caller saw before its
         read is in what the read returns."""
-        return await records_stored(self._js, self.names, within_s=within_s)
+        with self._records.hurrying():
+            return await records_stored(self._js, self.names, within_s=within_s)
 
     async def events_stored(self, *, within_s: float = STORED_WAIT_S) -> bool:
         """Wait until every lifetime event the event stream held when this was called is
         stored and folded into its lifetime's row; False if that took longer than
         ``within_s``. A caller that watched a lifetime reach a state then reads a row
         that has reached it too."""
-        return await consumer_caught_up(
-            self._js,
-            self.names.evt_stream,
-            self.events_consumer,
-            within_s=within_s,
-            what="lifetime events",
-        )
+        with self._events.hurrying():
+            return await consumer_caught_up(
+                self._js,
+                self.names.evt_stream,
+                self.events_consumer,
+                within_s=within_s,
+                what="lifetime events",
+            )
 
     def consumers(self) -> list[tuple[str, str, str]]:
         """(tenant, stream, durable) of the two durable consumers this reads."""
