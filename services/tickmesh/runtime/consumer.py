@@ -22,8 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -35,6 +34,7 @@ from nats.js.errors import BadRequestError
 from tickmesh.sdk import BODY_KINDS, BodyKind, ValidationError
 
 from .nats import watch
+from .nats_wire import deliver_inline
 from .subjects import HDR_TYPE
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class BatchConsumer:
     async def start(self) -> None:
         await ensure_consumer(self._js, self._stream, self._config)
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._receiver(self._inbox))
+        self._sub = await self._subscribe(self._inbox)
         self._unwatch = watch(self._nc).on_reconnect(self._on_reconnected)
         if self._auto:
             await self._replenish()
@@ -187,11 +187,19 @@ class BatchConsumer:
         if self._outstanding <= self._max_batch // 2:
             await self.pull(self._max_batch - self._outstanding)
 
-    def _receiver(self, inbox: str) -> Callable[[Msg], Coroutine[Any, Any, None]]:
-        async def receive(msg: Msg) -> None:
+    async def _subscribe(self, inbox: str) -> Subscription:
+        """Subscribe to a pull inbox; its messages are taken in the client's read loop
+        where the client can (nats_wire.deliver_inline), else by the callback."""
+
+        def take(msg: Msg) -> None:
             self._on_msg(msg, current=inbox == self._inbox)
 
-        return receive
+        async def receive(msg: Msg) -> None:
+            take(msg)
+
+        sub = await self._nc.subscribe(inbox, cb=receive)
+        deliver_inline(self._nc, sub, take)
+        return sub
 
     def _on_msg(self, msg: Msg, *, current: bool = True) -> None:
         """A delivery or a status. On a retired inbox (``current`` False) only the
@@ -221,7 +229,7 @@ class BatchConsumer:
     async def _renew(self, old: Subscription) -> None:
         try:
             inbox = self._nc.new_inbox()
-            sub = await self._nc.subscribe(inbox, cb=self._receiver(inbox))
+            sub = await self._subscribe(inbox)
         except Exception as exc:  # dropped again: keep the old inbox, ask again on it
             logger.warning("%s: cannot renew the pull inbox: %s", self._name, exc)
             self._sub = old

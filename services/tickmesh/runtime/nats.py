@@ -35,6 +35,8 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from tickmesh.sdk import ConfigError, TransportError
 
+from . import nats_wire
+from .nats_wire import parse_header_lines as parse_header_lines  # re-exported
 from .subjects import HDR_MSG_ID
 
 logger = logging.getLogger(__name__)
@@ -94,9 +96,7 @@ async def connect(
         logger.info("nats reconnected (%s)", name)
 
     nc = NatsClient()
-    # Every delivered JetStream message carries a header block; nats-py's own parser
-    # costs about three times this one's (it re-validates each key's characters).
-    nc._parse_header_lines = parse_header_lines  # type: ignore[method-assign]
+    nats_wire.install(nc)
     try:
         # nats-py annotates the timings as int though it takes seconds as float.
         options: dict[str, Any] = {
@@ -143,34 +143,6 @@ async def connect(
         ) from exc
     watch(nc)
     return nc
-
-
-_HEADER_KEYS: dict[bytes, str] = {}
-"""Header names already found valid, as they appear on the wire: a few constants, mostly."""
-
-
-def parse_header_lines(raw: bytes) -> dict[str, str]:
-    """A NATS header block (``Name: Value`` lines) as nats-py's ``_parse_header_lines``
-    reads it: the same result for every input, with each name checked once per process
-    rather than once per message. Names with non-ASCII bytes or whitespace inside are
-    skipped; values are stripped and decoded as UTF-8, malformed bytes replaced."""
-    out: dict[str, str] = {}
-    for line in raw.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        key = _HEADER_KEYS.get(name)
-        if key is None:
-            try:
-                key = name.strip().decode("ascii")
-            except UnicodeDecodeError:
-                continue
-            if any(c.isspace() for c in key):
-                continue
-            if len(_HEADER_KEYS) < 1024:
-                _HEADER_KEYS[name] = key
-        out[key] = value.strip().decode("utf-8", "replace")
-    return out
 
 
 def _read_seed(path: str) -> str:
@@ -467,7 +439,8 @@ class _Publisher:
             if self._prefix:
                 return
             prefix = f"{nc._inbox_prefix.decode()}.{nc._nuid.next().decode()}."
-            await nc.subscribe(prefix + ">", cb=self._on_reply)
+            sub = await nc.subscribe(prefix + ">", cb=self._on_reply)
+            nats_wire.deliver_inline(nc, sub, self._take_reply)
             self._prefix = prefix
 
     async def send(
@@ -522,6 +495,9 @@ class _Publisher:
             self._freed.set()
 
     async def _on_reply(self, msg: Msg) -> None:
+        self._take_reply(msg)
+
+    def _take_reply(self, msg: Msg) -> None:
         name, _, place = msg.subject[len(self._prefix) :].partition(".")
         round_ = self._rounds.get(name)
         if round_ is None or not place.isdigit():
