@@ -4,6 +4,8 @@
     graph.<id>.latest               AgentGraph of the newest version (updated by CAS)
     lt.<lifetime id>                RouterLifetime (updated only by compare-and-set)
     req.<sha256 of client request>  the lifetime id a StartLifetime request created
+    wt.<lifetime id>                the lifetime waits (or lately waited) with a deadline:
+                                    the index the wait timers rescan (see timers.py)
 
 Every write of a lifetime is a compare-and-set against the revision it was read
 at, so two router replicas never both decide from the same state: the loser
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.runtime.kv import CasWriter, keys_matching
+from tickmesh.runtime.kv import CasWriter, is_wrong_last_sequence, keys_matching
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import NotFoundError
 from tickmesh.v1 import graph_pb2, lifetime_pb2
@@ -66,6 +69,20 @@ class _Cached:
 
 def lifetime_key(lifetime_id: str) -> str:
     return f"lt.{lifetime_id}"
+
+
+def wait_key(lifetime_id: str) -> str:
+    return f"wt.{lifetime_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitIndexEntry:
+    """One entry of the index of waiting lifetimes, as read."""
+
+    lifetime_id: str
+    revision: int
+    indexed_at: float
+    """When it was written, in seconds since the epoch (0: unreadable)."""
 
 
 def request_key(client_request_id: str) -> str:
@@ -216,6 +233,41 @@ class RouterStore:
 
     async def lifetime_ids(self) -> list[str]:
         return [k.removeprefix("lt.") for k in await keys_matching(self._kv, "lt.*")]
+
+    # --- the index of waiting lifetimes ----------------------------------
+    async def index_wait(self, lifetime_id: str) -> None:
+        """Enter the lifetime in the index of waiting lifetimes (again: a new revision,
+        written now). Called before a state that waits with a deadline is written, so
+        every such lifetime has an entry."""
+        await self._kv.put(wait_key(lifetime_id), repr(time.time()).encode())
+
+    async def wait_index(self) -> list[WaitIndexEntry]:
+        """Every entry of the index, each read at its latest revision."""
+        entries: list[WaitIndexEntry] = []
+        for key in await keys_matching(self._kv, "wt.*"):
+            try:
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:  # removed meanwhile (a delete marker keeps the key)
+                continue
+            if entry.value is None or entry.revision is None:
+                continue
+            try:
+                indexed_at = float(entry.value.decode())
+            except (UnicodeDecodeError, ValueError):
+                indexed_at = 0.0
+            entries.append(WaitIndexEntry(key.removeprefix("wt."), entry.revision, indexed_at))
+        return entries
+
+    async def unindex_wait(self, entry: WaitIndexEntry) -> bool:
+        """Remove ``entry`` from the index, unless it was written again since it was read
+        (the lifetime entered another wait meanwhile): False then."""
+        try:
+            await self._kv.delete(wait_key(entry.lifetime_id), last=entry.revision)
+        except Exception as exc:
+            if isinstance(exc, KeyWrongLastSequenceError) or is_wrong_last_sequence(exc):
+                return False
+            raise
+        return True
 
     # --- start-request idempotency --------------------------------------
     async def claim_request(self, client_request_id: str, lifetime_id: str) -> str:

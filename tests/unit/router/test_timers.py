@@ -70,6 +70,7 @@ def test_timeout_actions(action: A.WaitTimeoutAction.ValueType, state: int) -> N
 @dataclass
 class FakeStore:
     states: dict[str, rs.RouterLifetime]
+    index: set[str] = field(default_factory=set)
 
     async def load(self, lifetime_id: str, *, fresh: bool = False) -> Versioned | None:
         state = self.states.get(lifetime_id)
@@ -77,6 +78,9 @@ class FakeStore:
 
     async def lifetime_ids(self) -> list[str]:
         return list(self.states)
+
+    async def index_wait(self, lifetime_id: str) -> None:
+        self.index.add(lifetime_id)
 
 
 @dataclass
@@ -129,6 +133,7 @@ async def test_timers_scan_fire_once_and_disarm_when_woken() -> None:
     processor = FakeProcessor(graph, {"acme": FakeTenant(store)})
     timers = WaitTimers(processor, rescan_s=0)  # type: ignore[arg-type]
     assert await timers.scan("acme") == 2
+    assert store.index == {"due", "signalled"}  # entered in the index as they were found
     # Signalled before its deadline: the write disarms the timer.
     lt = core.Lifetime(store.states["signalled"], graph, PRODUCER, datetime.now(UTC))
     core.signal(lt, lifetime_pb2.Signal(name="approval"))
