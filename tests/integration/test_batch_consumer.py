@@ -1,28 +1,59 @@
-"""BatchConsumer against a real JetStream: a failed batch comes back soon, not after ack_wait."""
+"""BatchConsumer against a real JetStream: a failed batch comes back soon (not after
+ack_wait), a small batch lingers for more, and a hurried consumer hands it over at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from tests.support.nats_server import new_tenant
 from tickmesh.runtime import nats as tm_nats
-from tickmesh.runtime.consumer import RETRY_FAILED_BATCH_S, BatchConsumer, durable_config
+from tickmesh.runtime.consumer import (
+    RETRY_FAILED_BATCH_S,
+    BatchConsumer,
+    BatchHandler,
+    durable_config,
+)
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 
 ACK_WAIT_S = 30.0
 
 
-async def test_a_batch_whose_handler_raises_is_redelivered_well_before_ack_wait(
-    nats_server: EmbeddedNats,
-) -> None:
+@contextlib.asynccontextmanager
+async def consumer_of_new_stream(
+    nats_server: EmbeddedNats, handler: BatchHandler, *, max_batch: int, linger_s: float = 0.0
+) -> AsyncIterator[tuple[JetStreamContext, str, BatchConsumer]]:
+    """A stream of its own and a BatchConsumer of it (not started); both go afterwards."""
     nc = await tm_nats.connect(nats_server.url, name="batch-consumer-test")
     js = tm_nats.jetstream(nc)
     stream = new_tenant("bc")
     await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"]))
+    consumer = BatchConsumer(
+        nc,
+        js,
+        stream=stream,
+        config=durable_config("c", f"{stream}.>", ack_wait_s=ACK_WAIT_S),
+        handler=handler,
+        max_batch=max_batch,
+        linger_s=linger_s,
+    )
+    try:
+        yield js, stream, consumer
+    finally:
+        await consumer.stop()
+        await js.delete_stream(stream)
+        await nc.close()
+
+
+async def test_a_batch_whose_handler_raises_is_redelivered_well_before_ack_wait(
+    nats_server: EmbeddedNats,
+) -> None:
     deliveries: list[tuple[float, bytes]] = []
     settled = asyncio.Event()
 
@@ -35,24 +66,12 @@ async def test_a_batch_whose_handler_raises_is_redelivered_well_before_ack_wait(
         if len({data for _, data in deliveries}) == 3 and len(deliveries) >= 6:
             settled.set()
 
-    consumer = BatchConsumer(
-        nc,
-        js,
-        stream=stream,
-        config=durable_config("c", f"{stream}.>", ack_wait_s=ACK_WAIT_S),
-        handler=handler,
-        max_batch=16,
-    )
-    try:
+    async with consumer_of_new_stream(nats_server, handler, max_batch=16) as (js, stream, consumer):
         for i in range(3):
             await js.publish(f"{stream}.x", f"m{i}".encode())
         await consumer.start()
         async with asyncio.timeout(ACK_WAIT_S / 2):
             await settled.wait()
-    finally:
-        await consumer.stop()
-        await js.delete_stream(stream)
-        await nc.close()
 
     first, again = deliveries[:3], deliveries[3:]
     assert sorted(d for _, d in again) == sorted(d for _, d in first) == [b"m0", b"m1", b"m2"]
@@ -64,10 +83,6 @@ async def batches_of(
     nats_server: EmbeddedNats, *, linger_s: float, max_batch: int, publish: list[list[bytes]]
 ) -> list[list[bytes]]:
     """The batches a consumer hands over when ``publish``'s groups arrive 0.1 s apart."""
-    nc = await tm_nats.connect(nats_server.url, name="batch-consumer-linger")
-    js = tm_nats.jetstream(nc)
-    stream = new_tenant("bl")
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"]))
     batches: list[list[bytes]] = []
     expected = sum(len(group) for group in publish)
     done = asyncio.Event()
@@ -79,16 +94,9 @@ async def batches_of(
         if sum(len(b) for b in batches) >= expected:
             done.set()
 
-    consumer = BatchConsumer(
-        nc,
-        js,
-        stream=stream,
-        config=durable_config("c", f"{stream}.>", ack_wait_s=ACK_WAIT_S),
-        handler=handler,
-        max_batch=max_batch,
-        linger_s=linger_s,
-    )
-    try:
+    async with consumer_of_new_stream(
+        nats_server, handler, max_batch=max_batch, linger_s=linger_s
+    ) as (js, stream, consumer):
         await consumer.start()
         for group in publish:
             for data in group:
@@ -96,10 +104,6 @@ async def batches_of(
             await asyncio.sleep(0.1)
         async with asyncio.timeout(5):
             await done.wait()
-    finally:
-        await consumer.stop()
-        await js.delete_stream(stream)
-        await nc.close()
     return batches
 
 
@@ -127,36 +131,26 @@ async def test_a_full_batch_does_not_linger(nats_server: EmbeddedNats) -> None:
 async def test_a_hurried_consumer_hands_over_a_lingering_batch_at_once_and_lingers_no_more(
     nats_server: EmbeddedNats,
 ) -> None:
-    nc = await tm_nats.connect(nats_server.url, name="batch-consumer-hurry")
-    js = tm_nats.jetstream(nc)
-    stream = new_tenant("bh")
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"]))
-    handed: list[tuple[float, list[bytes]]] = []
+    handed: list[list[bytes]] = []
     arrived = asyncio.Event()
 
     async def handler(batch: list[Msg]) -> None:
-        handed.append((time.monotonic(), [m.data for m in batch]))
+        handed.append([m.data for m in batch])
         for m in batch:
             await m.ack()
         arrived.set()
-
-    consumer = BatchConsumer(
-        nc,
-        js,
-        stream=stream,
-        config=durable_config("c", f"{stream}.>", ack_wait_s=ACK_WAIT_S),
-        handler=handler,
-        max_batch=16,
-        linger_s=30.0,
-    )
 
     async def handed_within(seconds: float) -> list[bytes]:
         async with asyncio.timeout(seconds):
             await arrived.wait()
         arrived.clear()
-        return handed[-1][1]
+        return handed[-1]
 
-    try:
+    async with consumer_of_new_stream(nats_server, handler, max_batch=16, linger_s=30.0) as (
+        js,
+        stream,
+        consumer,
+    ):
         await consumer.start()
         await js.publish(f"{stream}.x", b"a")
         await asyncio.sleep(0.3)
@@ -170,8 +164,4 @@ async def test_a_hurried_consumer_hands_over_a_lingering_batch_at_once_and_linge
         # Once nobody hurries, a small batch lingers again.
         await js.publish(f"{stream}.x", b"c")
         await asyncio.sleep(0.3)
-        assert [data for _, data in handed] == [[b"a"], [b"b"]]
-    finally:
-        await consumer.stop()
-        await js.delete_stream(stream)
-        await nc.close()
+        assert handed == [[b"a"], [b"b"]]
