@@ -217,5 +217,9 @@ def deliver_inline(nc: NatsClient, sub: Subscription, handler: InlineHandler) ->
     parser: Any = nc._ps
     if not isinstance(parser, WireParser) or sub._max_msgs > 0 or sub._jsi is not None:
         return False
+    # Forget the subscriptions gone since (a pull inbox retired after a reconnect): the
+    # parser drops an entry only when a message still comes for it.
+    for gone in [sid for sid in parser.inline if sid not in nc._subs]:
+        del parser.inline[gone]
     parser.inline[sub._id] = handler
     return True

@@ -245,3 +245,15 @@ async def test_only_a_client_with_the_wire_parser_delivers_inline() -> None:
     nats_wire.install(nc)
     sub._max_msgs = 1  # unsubscribes itself after a count: nats-py keeps it
     assert not nats_wire.deliver_inline(nc, sub, lambda msg: None)
+
+
+async def test_registering_forgets_the_subscriptions_gone_since() -> None:
+    seen = Seen()
+    nc = client(seen)
+    old, new = subscribe(nc, INLINE_SID, seen), subscribe(nc, QUEUED_SID, seen)
+    nats_wire.install(nc)
+    assert isinstance(nc._ps, nats_wire.WireParser)
+    nats_wire.deliver_inline(nc, old, lambda msg: None)
+    del nc._subs[INLINE_SID]  # unsubscribed, and nothing came for it since
+    nats_wire.deliver_inline(nc, new, lambda msg: None)
+    assert set(nc._ps.inline) == {QUEUED_SID}
