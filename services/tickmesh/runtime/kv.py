@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -19,18 +20,31 @@ _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 async def keys_matching(kv: KeyValue, pattern: str) -> list[str]:
     """Keys matching a NATS subject pattern such as ``graph.*.latest`` or ``lt.*``.
 
-    Asked of the bucket's stream (stream info with a subjects filter): one request,
-    and exact. Two other ways are wrong: nats-py's ``KeyValue.keys(filters=...)``
-    matches substrings, not wildcards, and its watcher can announce "no more
-    values" before the values it should follow, so a listing could come back empty.
-    A deleted key keeps its subject (a delete marker), so callers that delete keys
-    must check the values they read.
+    Asked of the bucket's stream (stream info with a subjects filter): exact, one
+    request per 100,000 keys (the server answers in pages of at most that many, and
+    nats-py's ``stream_info`` reads only the first). Two other ways are wrong: nats-py's
+    ``KeyValue.keys(filters=...)`` matches substrings, not wildcards, and its watcher
+    can announce "no more values" before the values it should follow, so a listing
+    could come back empty. A deleted key keeps its subject (a delete marker), so
+    callers that delete keys must check the values they read.
     """
     # KeyValue keeps its stream name, subject prefix and JetStream context privately.
     prefix: str = kv._pre
-    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{prefix}{pattern}")
-    subjects = info.state.subjects or {}
-    return sorted(subject[len(prefix) :] for subject in subjects)
+    js = kv._js
+    api = f"{js._prefix}.STREAM.INFO.{kv._stream}"
+    found: set[str] = set()
+    offset = 0
+    while True:
+        request = {"subjects_filter": f"{prefix}{pattern}", "offset": offset}
+        answer = await js._api_request(api, json.dumps(request).encode(), timeout=js._timeout)
+        page = (answer.get("state") or {}).get("subjects") or {}
+        known = len(found)
+        found.update(subject[len(prefix) :] for subject in page)
+        offset += len(page)
+        # Done at the last page, or at a page with nothing new (a server that pages
+        # no further would otherwise be asked for the same page forever).
+        if len(found) == known or offset >= int(answer.get("total") or 0):
+            return sorted(found)
 
 
 def is_wrong_last_sequence(error: BaseException) -> bool:
