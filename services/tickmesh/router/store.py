@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
@@ -263,8 +263,8 @@ class RouterStore:
         (the lifetime entered another wait meanwhile): False then."""
         try:
             await self._kv.delete(wait_key(entry.lifetime_id), last=entry.revision)
-        except Exception as exc:
-            if isinstance(exc, KeyWrongLastSequenceError) or is_wrong_last_sequence(exc):
+        except APIError as exc:  # nats-py's delete passes JetStream's refusal on as is
+            if is_wrong_last_sequence(exc):
                 return False
             raise
         return True
