@@ -34,7 +34,8 @@ SERVICES = ("router", "state", "guardrail", "executor-pool", "nats-server")
 CHECKED = ("router", "state", "guardrail", "executor-pool")
 """Held to the flatness check. nats-server is reported, not checked: what it holds grows
 with what it retains by design — the deduplication window of message ids (2 min), the
-event stream (7 days) and one KV key per lifetime — not with a leak."""
+event stream (7 days) and one KV key per lifetime (a finished one for the router's
+``finished_retention_s``, 7 days) — not with a leak."""
 
 
 def _memory(cluster: Cluster) -> dict[str, float]:

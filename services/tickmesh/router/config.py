@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tickmesh.runtime.settings import ServiceSettings
+from tickmesh.runtime.streams import EVENT_MAX_AGE_S
 
 
 class RouterSettings(ServiceSettings):
@@ -21,6 +23,12 @@ class RouterSettings(ServiceSettings):
     """How long a ref may be held before JetStream redelivers it."""
     lifetime_cache_size: int = 20_000
     """Lifetimes kept in memory per tenant (their state lives in the KV bucket)."""
+    finished_retention_s: float = Field(default=EVENT_MAX_AGE_S, ge=0)
+    """How long a finished lifetime stays in the router's KV bucket after its last write
+    (rounded up to whole seconds), with the start request that created it; its record
+    stays in the state service. Once it is gone, GetLifetime answers from the state
+    service, and watch, fork, replay and ListLifetimes no longer see it. The default
+    matches how long the event stream keeps events; 0 keeps finished lifetimes for ever."""
     outbox_retention_s: float = 3600.0
     """Outbox entries older than this are dropped even if their publisher never confirmed."""
     state_target: str | None = None

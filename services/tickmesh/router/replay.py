@@ -77,11 +77,16 @@ PAGE = 1000
 
 
 class HistorySource(Protocol):
-    """A lifetime's stored execution records, in store order (the state service)."""
+    """A lifetime's stored execution records, in store order, and its record (the state
+    service)."""
 
     async def executions(
         self, tenant: str, lifetime_id: str
     ) -> list[execution_pb2.ExecutionRef]: ...
+
+    async def lifetime(
+        self, tenant: str, lifetime_id: str
+    ) -> lifetime_pb2.AgentLifetime | None: ...
 
     async def close(self) -> None: ...
 
@@ -100,6 +105,10 @@ class ExecutionStore(Protocol):
     async def list_executions(
         self, tenant: str, lifetime_id: str, *, after_sequence: int = 0, limit: int = 100
     ) -> Sequence[Any]: ...
+
+    async def get_lifetime(
+        self, tenant: str, lifetime_id: str
+    ) -> lifetime_pb2.AgentLifetime | None: ...
 
 
 def ref_of(stored: StoredRecord) -> execution_pb2.ExecutionRef:
@@ -146,6 +155,9 @@ class StoreHistorySource:
                 return refs
             after = rows[-1].store_sequence
 
+    async def lifetime(self, tenant: str, lifetime_id: str) -> lifetime_pb2.AgentLifetime | None:
+        return await self._store.get_lifetime(tenant, lifetime_id)
+
     async def close(self) -> None:
         return None
 
@@ -181,6 +193,21 @@ class StateRpcHistorySource:
             token = response.next_page_token
             if not token:
                 return refs
+
+    async def lifetime(self, tenant: str, lifetime_id: str) -> lifetime_pb2.AgentLifetime | None:
+        try:
+            response: state_service_pb2.GetLifetimeRecordResponse = (
+                await self._stub.GetLifetimeRecord(
+                    state_service_pb2.GetLifetimeRecordRequest(lifetime_id=lifetime_id),
+                    metadata=((TENANT_METADATA_KEY, tenant),),
+                    timeout=self._timeout_s,
+                )
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return response.lifetime
 
     async def close(self) -> None:
         await self._channel.close()

@@ -4,6 +4,7 @@ consumers, and the gRPC server."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,8 +25,9 @@ from tickmesh.runtime.policy.sources import (
     UsageSource,
 )
 from tickmesh.runtime.records import records_stored
-from tickmesh.runtime.streams import ensure_tenant
-from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
+from tickmesh.runtime.streams import allows_msg_ttl, ensure_tenant
+from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.tenant_links import SERVICE, TenantLink, TenantLinks
 from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
 from tickmesh.v1 import router_service_pb2_grpc
@@ -130,7 +132,12 @@ class RouterService:
             raise
         self.gates[tenant_id] = gate
         bucket = await link.js.key_value(names.router_bucket)
-        store = ObservedRouterStore(bucket, writer=CasWriter(bucket))
+        store = ObservedRouterStore(
+            bucket,
+            writer=CasWriter(bucket),
+            cache_size=self.settings.lifetime_cache_size,
+            finished_ttl_s=await self._finished_ttl(link, names),
+        )
         tenant = Tenant(names=names, store=store, link=link, guard=gate)
         self.processor.tenants[tenant_id] = tenant
         if self.timers is not None:
@@ -150,6 +157,22 @@ class RouterService:
         await consumer.start()
         if self.metrics is not None:
             self.metrics.consumers_changed()
+
+    async def _finished_ttl(self, link: TenantLink, names: TenantNames) -> int:
+        """How long finished lifetimes of the tenant stay in its bucket, in whole seconds
+        (0: for ever)."""
+        retention = self.settings.finished_retention_s
+        if not retention:
+            return 0
+        if not await allows_msg_ttl(link.js, names.router_bucket):
+            logger.warning(
+                "KV bucket %s takes no per-message TTLs: finished lifetimes of %s are kept "
+                "for ever (finished_retention_s needs nats-server 2.11 or later)",
+                names.router_bucket,
+                names.tenant,
+            )
+            return 0
+        return math.ceil(retention)
 
     async def remove_tenant(self, tenant_id: str) -> None:
         """Stop serving ``tenant_id``: its calls are refused from now on, its consumer,

@@ -132,6 +132,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                         tenant, bound, lambda _lt: False, ["start"]
                     )
                     return pb.StartLifetimeResponse(lifetime=applied.lifetime.view, created=False)
+                # Finished and expired from the bucket while its request did not (the
+                # request's own expiry failed): started already, not to be run again.
+                record = await self._record_of(tenant, bound)
+                if record is not None:
+                    return pb.StartLifetimeResponse(lifetime=record, created=False)
                 lifetime_id = bound  # the first call died before creating it
         state = core.new_lifetime(
             tenant_id=tenant.names.tenant,
@@ -154,7 +159,15 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self, request: pb.GetLifetimeRequest, context: Context
     ) -> pb.GetLifetimeResponse:
         tenant = self._tenant(context)
-        return pb.GetLifetimeResponse(lifetime=await _load_view(tenant, request.lifetime_id))
+        loaded = await tenant.store.load(request.lifetime_id, fresh=True)
+        if loaded is not None:
+            return pb.GetLifetimeResponse(lifetime=loaded.state.lifetime)
+        # Finished and expired from the bucket (finished_retention_s): the state service
+        # keeps its record.
+        record = await self._record_of(tenant, request.lifetime_id)
+        if record is None:
+            raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
+        return pb.GetLifetimeResponse(lifetime=record)
 
     @unary_errors
     async def ListLifetimes(
@@ -309,6 +322,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                         tenant, bound, lambda _lt: False, ["fork"]
                     )
                     return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
+                record = await self._record_of(tenant, bound)  # finished and expired
+                if record is not None:
+                    return pb.ForkLifetimeResponse(lifetime=record)
                 new_id = bound  # the first call died before creating it
         origin = await tenant.store.load(request.lifetime_id, fresh=True)
         if origin is None:
@@ -388,6 +404,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 code_digests=code_digests,
             )
         return report.proto()
+
+    async def _record_of(
+        self, tenant: Tenant, lifetime_id: str
+    ) -> lifetime_pb2.AgentLifetime | None:
+        """The state service's record of a lifetime (None without a history source)."""
+        if self._history is None:
+            return None
+        return await self._history.lifetime(tenant.names.tenant, lifetime_id)
 
     def _require_history(self) -> replay_.HistorySource:
         if self._history is None:

@@ -4,6 +4,7 @@
     graph.<id>.latest               AgentGraph of the newest version (updated by CAS)
     lt.<lifetime id>                RouterLifetime (updated only by compare-and-set)
     req.<sha256 of client request>  the lifetime id a StartLifetime request created
+                                    (a ForkLifetime request: of "fork:" + its id)
     wt.<lifetime id>                the lifetime waits (or lately waited) with a deadline:
                                     the index the wait timers rescan (see timers.py)
 
@@ -11,6 +12,12 @@ Every write of a lifetime is a compare-and-set against the revision it was read
 at, so two router replicas never both decide from the same state: the loser
 reloads and decides again. Lifetimes are cached per replica with their revision;
 a failed CAS evicts the entry.
+
+A finished lifetime is kept for ``finished_ttl_s`` after its last write, then the
+bucket removes it (a per-message TTL: no delete marker is left), and with it the
+start request that created it, so the bucket holds the lifetimes running and
+lately finished rather than every lifetime ever run. Its record stays in the state
+service.
 """
 
 from __future__ import annotations
@@ -89,6 +96,16 @@ def request_key(client_request_id: str) -> str:
     return "req." + hashlib.sha256(client_request_id.encode()).hexdigest()[:40]
 
 
+def claim_of(view: lifetime_pb2.AgentLifetime) -> str:
+    """The request id ``view``'s creator claimed (see :meth:`RouterStore.claim_request`);
+    empty when it was created without one."""
+    if not view.client_request_id:
+        return ""
+    if view.HasField("fork_origin"):
+        return "fork:" + view.client_request_id
+    return view.client_request_id
+
+
 class Updater(Protocol):
     """What writes a lifetime by compare-and-set (``KeyValue.update``'s shape)."""
 
@@ -99,12 +116,27 @@ class RouterStore:
     """One tenant's router bucket."""
 
     def __init__(
-        self, kv: KeyValue, *, cache_size: int = 20_000, writer: Updater | None = None
+        self,
+        kv: KeyValue,
+        *,
+        cache_size: int = 20_000,
+        writer: Updater | None = None,
+        finished_ttl_s: int = 0,
     ) -> None:
         """``writer`` makes the lifetime writes of the step loop (default: ``kv``;
-        services pass a :class:`~tickmesh.runtime.kv.CasWriter` on the bucket)."""
+        services pass a :class:`~tickmesh.runtime.kv.CasWriter` on the bucket).
+        ``finished_ttl_s`` (whole seconds; 0 keeps them for ever) is how long a finished
+        lifetime and its start request stay in the bucket: it needs a ``CasWriter`` and
+        a bucket that allows per-message TTLs.
+
+        Raises:
+            ValueError: ``finished_ttl_s`` without a ``CasWriter``.
+        """
+        if finished_ttl_s and not isinstance(writer, CasWriter):
+            raise ValueError("finished_ttl_s needs a CasWriter (KeyValue.update sets no TTL)")
         self._kv = kv
         self._writer: Updater = writer if writer is not None else kv
+        self._finished_ttl_s = finished_ttl_s
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._graphs: dict[tuple[str, int], graph_pb2.AgentGraph] = {}
@@ -134,18 +166,30 @@ class RouterStore:
     async def create(self, state: rs.RouterLifetime) -> int:
         lifetime_id = state.lifetime.lifetime_id
         data = state.SerializeToString()
+        ttl = self._ttl_of(state)
         try:
-            revision = await self._kv.create(lifetime_key(lifetime_id), data)
+            if ttl:
+                revision = await self._kv.create(lifetime_key(lifetime_id), data, msg_ttl=ttl)
+            else:
+                revision = await self._kv.create(lifetime_key(lifetime_id), data)
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(lifetime_id) from exc
         self._remember(lifetime_id, state, revision, data)
+        if ttl:
+            await self._expire_claims([state])
         return revision
 
     async def update(self, state: rs.RouterLifetime, revision: int) -> int:
         lifetime_id = state.lifetime.lifetime_id
         data = state.SerializeToString()
+        key = lifetime_key(lifetime_id)
+        ttl = self._ttl_of(state)
         try:
-            new_revision = await self._writer.update(lifetime_key(lifetime_id), data, last=revision)
+            if ttl:
+                assert isinstance(self._writer, CasWriter)  # checked in __init__
+                new_revision = await self._writer.update(key, data, last=revision, ttl_s=ttl)
+            else:
+                new_revision = await self._writer.update(key, data, last=revision)
         except KeyWrongLastSequenceError as exc:
             self._cache.pop(lifetime_id, None)
             raise ConflictError(lifetime_id) from exc
@@ -155,6 +199,8 @@ class RouterStore:
             self._cache.pop(lifetime_id, None)
             raise
         self._remember(lifetime_id, state, new_revision, data)
+        if ttl:
+            await self._expire_claims([state])
         return new_revision
 
     async def update_many(
@@ -173,18 +219,23 @@ class RouterStore:
                     raise result
             return cast(list[int | Exception], results)
         values = [state.SerializeToString() for state, _ in writes]
+        ttls = [self._ttl_of(state) for state, _ in writes] if self._finished_ttl_s else None
         answers = await self._writer.update_many(
             [
                 (lifetime_key(state.lifetime.lifetime_id), data, revision)
                 for (state, revision), data in zip(writes, values, strict=True)
-            ]
+            ],
+            ttl_s=ttls,
         )
         outcomes: list[int | Exception] = []
+        finished: list[rs.RouterLifetime] = []
         for (state, _), data, answer in zip(writes, values, answers, strict=True):
             lifetime_id = state.lifetime.lifetime_id
             if isinstance(answer, int):
                 self._remember(lifetime_id, state, answer, data)
                 outcomes.append(answer)
+                if ttls is not None and state.lifetime.state in _FINISHED:
+                    finished.append(state)
                 continue
             # Refused or unanswered: the cached revision is no longer known to be the
             # latest (see update).
@@ -197,10 +248,49 @@ class RouterStore:
                 outcomes.append(answer)
             else:
                 raise answer
+        if finished:
+            await self._expire_claims(finished)
         return outcomes
+
+    def _ttl_of(self, state: rs.RouterLifetime) -> int:
+        """The time to live of a write of ``state``: finished lifetimes expire."""
+        return self._finished_ttl_s if state.lifetime.state in _FINISHED else 0
+
+    async def _expire_claims(self, states: Sequence[rs.RouterLifetime]) -> None:
+        """Write the start requests of these finished lifetimes again with their TTL, so
+        a request is deduplicated for as long as its lifetime is kept, and not after.
+
+        A request whose write fails is kept for ever: a later start with its id finds no
+        lifetime in the bucket, and the router then answers from the state service's
+        record (see ``RouterServicer.StartLifetime``) rather than starting it again.
+        """
+        claims = [
+            (request_key(claim), state.lifetime.lifetime_id.encode())
+            for state in states
+            if (claim := claim_of(state.lifetime))
+        ]
+        if not claims:
+            return
+        assert isinstance(self._writer, CasWriter)  # checked in __init__
+        try:
+            outcomes = await self._writer.put_many(claims, ttl_s=self._finished_ttl_s)
+        except Exception as exc:  # e.g. the connection is closed
+            outcomes = [exc] * len(claims)
+        for (_, lifetime_id), outcome in zip(claims, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                logger.warning(
+                    "the start request of finished lifetime %s does not expire: %s",
+                    lifetime_id.decode(),
+                    outcome,
+                )
 
     def is_cached(self, lifetime_id: str) -> bool:
         return lifetime_id in self._cache
+
+    @property
+    def cache_size(self) -> int:
+        """Most lifetimes this replica holds in memory."""
+        return self._cache_size
 
     @property
     def cached_lifetimes(self) -> int:

@@ -15,6 +15,8 @@ _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 """JSStreamWrongLastSequenceErrF, JSStreamWrongLastSequenceConstantErr."""
 _VALID_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_TTL = "Nats-TTL"
+"""Per-message time to live, in whole seconds (the bucket's stream must allow it)."""
 
 
 async def keys_matching(kv: KeyValue, pattern: str) -> list[str]:
@@ -65,8 +67,10 @@ class CasWriter:
         self._js = kv._js
         self._prefix: str = kv._pre
 
-    async def update(self, key: str, value: bytes, last: int) -> int:
+    async def update(self, key: str, value: bytes, last: int, *, ttl_s: int = 0) -> int:
         """Write ``value`` if the key's newest revision is ``last``; the new revision.
+        With ``ttl_s``, the bucket removes the value that many seconds later (unless it
+        is written again meanwhile).
 
         Raises:
             KeyWrongLastSequenceError: The key has another newest revision.
@@ -74,33 +78,51 @@ class CasWriter:
             Exception: The write was not answered (e.g. ``LinkLostError`` when the
                 connection dropped, or ``TimeoutError``): it may or may not have landed.
         """
-        (outcome,) = await self.update_many([(key, value, last)])
+        (outcome,) = await self.update_many([(key, value, last)], ttl_s=[ttl_s])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     async def update_many(
-        self, writes: Sequence[tuple[str, bytes, int]]
+        self, writes: Sequence[tuple[str, bytes, int]], *, ttl_s: Sequence[int] | None = None
     ) -> list[int | BaseException]:
         """:meth:`update` for several keys at once (one publish round): for each write,
         its new revision or what :meth:`update` would have raised. Each write stands
-        alone: one refused leaves the others as they are."""
+        alone: one refused leaves the others as they are. ``ttl_s`` gives each write's
+        time to live (0: none)."""
         outcomes: list[int | BaseException] = [InvalidKeyError(key) for key, _, _ in writes]
-        valid = [
-            i
-            for i, (key, _, _) in enumerate(writes)
-            if _VALID_KEY.fullmatch(key) and key[0] != "." and key[-1] != "."
-        ]
-        sent = [
-            Outgoing(self._prefix + writes[i][0], writes[i][1], {_EXPECTED_LAST: str(writes[i][2])})
-            for i in valid
-        ]
+        valid = [i for i, (key, _, _) in enumerate(writes) if _is_valid_key(key)]
+        sent = []
+        for i in valid:
+            key, value, last = writes[i]
+            headers = {_EXPECTED_LAST: str(last)}
+            if ttl_s is not None and ttl_s[i]:
+                headers[_TTL] = str(ttl_s[i])
+            sent.append(Outgoing(self._prefix + key, value, headers))
         for i, answer in zip(valid, await publish_each(self._js, sent), strict=True):
             if isinstance(answer, BaseException):
                 outcomes[i] = _as_update_error(answer)
             else:
                 outcomes[i] = answer.seq
         return outcomes
+
+    async def put_many(
+        self, writes: Sequence[tuple[str, bytes]], *, ttl_s: int = 0
+    ) -> list[int | BaseException]:
+        """Write each value whatever the key holds (one publish round): for each, its new
+        revision, or why it is not known to be written. With ``ttl_s``, each is removed
+        that many seconds later."""
+        outcomes: list[int | BaseException] = [InvalidKeyError(key) for key, _ in writes]
+        valid = [i for i, (key, _) in enumerate(writes) if _is_valid_key(key)]
+        headers = {_TTL: str(ttl_s)} if ttl_s else {}
+        sent = [Outgoing(self._prefix + writes[i][0], writes[i][1], headers) for i in valid]
+        for i, answer in zip(valid, await publish_each(self._js, sent), strict=True):
+            outcomes[i] = answer if isinstance(answer, BaseException) else answer.seq
+        return outcomes
+
+
+def _is_valid_key(key: str) -> bool:
+    return bool(_VALID_KEY.fullmatch(key)) and key[0] != "." and key[-1] != "."
 
 
 def _as_update_error(error: BaseException) -> BaseException:

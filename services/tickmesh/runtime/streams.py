@@ -90,13 +90,43 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
         try:
             await js.key_value(bucket)
         except Exception:
+            # nats-py makes every bucket's stream allow per-message TTLs.
             await js.create_key_value(
                 KeyValueConfig(
                     bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
                 )
             )
             logger.info("created KV bucket %s", bucket)
+    await _allow_msg_ttl(js, names.router_bucket)
     return names
+
+
+def bucket_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+async def allows_msg_ttl(js: JetStreamContext, bucket: str) -> bool:
+    """Whether ``bucket`` takes per-message TTLs (finished lifetimes expire by them)."""
+    info = await js.stream_info(bucket_stream(bucket))
+    return bool(info.config.allow_msg_ttl)
+
+
+async def _allow_msg_ttl(js: JetStreamContext, bucket: str) -> None:
+    """Let ``bucket`` take per-message TTLs, if a version before them made it without.
+    NATS allows turning this on for an existing stream (never off). Where this fails
+    (e.g. a server before 2.11), the router keeps finished lifetimes for ever and says
+    so when it starts."""
+    info = await js.stream_info(bucket_stream(bucket))
+    if info.config.allow_msg_ttl:
+        return
+    config = info.config
+    config.allow_msg_ttl = True
+    try:
+        await js.update_stream(config)
+    except Exception as exc:
+        logger.warning("cannot let KV bucket %s expire its keys: %s", bucket, exc)
+        return
+    logger.info("KV bucket %s now takes per-message TTLs", bucket)
 
 
 def record_consumers(names: TenantNames) -> list[tuple[str, ConsumerConfig]]:
