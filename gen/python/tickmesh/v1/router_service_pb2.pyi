@@ -284,7 +284,9 @@ class StartLifetimeRequest(_message.Message):
     """graph_version pins a version; 0 means the newest."""
     client_request_id: _builtins.str
     """client_request_id makes the call idempotent: the same id returns the same
-    lifetime. Empty means every call starts a new lifetime.
+    lifetime for as long as the router holds it (while it runs, and
+    finished_retention_s after it ended). Empty means every call starts a new
+    lifetime.
     """
     @_builtins.property
     def input(self) -> _payload_pb2.Payload:

@@ -152,14 +152,17 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLifetime(self, request, context):
-        """GetLifetime returns a lifetime's current state.
+        """GetLifetime returns a lifetime's current state; once a finished lifetime
+        has left the router (finished_retention_s after it ended), the state
+        service's record of it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListLifetimes(self, request, context):
-        """ListLifetimes lists lifetimes, newest first, a page at a time.
+        """ListLifetimes lists the lifetimes the router holds (running, and finished
+        within finished_retention_s), newest first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

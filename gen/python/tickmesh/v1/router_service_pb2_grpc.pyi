@@ -49,9 +49,14 @@ class RouterServiceStub:
     StartLifetime: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.StartLifetimeRequest, _router_service_pb2.StartLifetimeResponse]
     """StartLifetime starts a lifetime of a graph; it is idempotent by client_request_id."""
     GetLifetime: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetLifetimeRequest, _router_service_pb2.GetLifetimeResponse]
-    """GetLifetime returns a lifetime's current state."""
+    """GetLifetime returns a lifetime's current state; once a finished lifetime
+    has left the router (finished_retention_s after it ended), the state
+    service's record of it.
+    """
     ListLifetimes: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListLifetimesRequest, _router_service_pb2.ListLifetimesResponse]
-    """ListLifetimes lists lifetimes, newest first, a page at a time."""
+    """ListLifetimes lists the lifetimes the router holds (running, and finished
+    within finished_retention_s), newest first, a page at a time.
+    """
     WatchLifetime: _grpc.UnaryStreamMultiCallable[_router_service_pb2.WatchLifetimeRequest, _router_service_pb2.WatchLifetimeResponse]
     """WatchLifetime streams a lifetime's events from a given sequence onwards
     until the lifetime ends or the caller cancels.
@@ -94,9 +99,14 @@ class RouterServiceAsyncStub(RouterServiceStub):
     StartLifetime: _aio.UnaryUnaryMultiCallable[_router_service_pb2.StartLifetimeRequest, _router_service_pb2.StartLifetimeResponse]  # type: ignore[assignment]
     """StartLifetime starts a lifetime of a graph; it is idempotent by client_request_id."""
     GetLifetime: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetLifetimeRequest, _router_service_pb2.GetLifetimeResponse]  # type: ignore[assignment]
-    """GetLifetime returns a lifetime's current state."""
+    """GetLifetime returns a lifetime's current state; once a finished lifetime
+    has left the router (finished_retention_s after it ended), the state
+    service's record of it.
+    """
     ListLifetimes: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListLifetimesRequest, _router_service_pb2.ListLifetimesResponse]  # type: ignore[assignment]
-    """ListLifetimes lists lifetimes, newest first, a page at a time."""
+    """ListLifetimes lists the lifetimes the router holds (running, and finished
+    within finished_retention_s), newest first, a page at a time.
+    """
     WatchLifetime: _aio.UnaryStreamMultiCallable[_router_service_pb2.WatchLifetimeRequest, _router_service_pb2.WatchLifetimeResponse]  # type: ignore[assignment]
     """WatchLifetime streams a lifetime's events from a given sequence onwards
     until the lifetime ends or the caller cancels.
@@ -172,7 +182,10 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_service_pb2.GetLifetimeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.GetLifetimeResponse, _abc.Awaitable[_router_service_pb2.GetLifetimeResponse]]:
-        """GetLifetime returns a lifetime's current state."""
+        """GetLifetime returns a lifetime's current state; once a finished lifetime
+        has left the router (finished_retention_s after it ended), the state
+        service's record of it.
+        """
 
     @_abc_1.abstractmethod
     def ListLifetimes(
@@ -180,7 +193,9 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_service_pb2.ListLifetimesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.ListLifetimesResponse, _abc.Awaitable[_router_service_pb2.ListLifetimesResponse]]:
-        """ListLifetimes lists lifetimes, newest first, a page at a time."""
+        """ListLifetimes lists the lifetimes the router holds (running, and finished
+        within finished_retention_s), newest first, a page at a time.
+        """
 
     @_abc_1.abstractmethod
     def WatchLifetime(

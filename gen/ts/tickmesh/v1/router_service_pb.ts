@@ -293,7 +293,9 @@ export type StartLifetimeRequest = Message<"tickmesh.v1.StartLifetimeRequest"> &
 
   /**
    * client_request_id makes the call idempotent: the same id returns the same
-   * lifetime. Empty means every call starts a new lifetime.
+   * lifetime for as long as the router holds it (while it runs, and
+   * finished_retention_s after it ended). Empty means every call starts a new
+   * lifetime.
    *
    * @generated from field: string client_request_id = 4;
    */
@@ -970,7 +972,9 @@ export const RouterService: GenService<{
     output: typeof StartLifetimeResponseSchema;
   },
   /**
-   * GetLifetime returns a lifetime's current state.
+   * GetLifetime returns a lifetime's current state; once a finished lifetime
+   * has left the router (finished_retention_s after it ended), the state
+   * service's record of it.
    *
    * @generated from rpc tickmesh.v1.RouterService.GetLifetime
    */
@@ -980,7 +984,8 @@ export const RouterService: GenService<{
     output: typeof GetLifetimeResponseSchema;
   },
   /**
-   * ListLifetimes lists lifetimes, newest first, a page at a time.
+   * ListLifetimes lists the lifetimes the router holds (running, and finished
+   * within finished_retention_s), newest first, a page at a time.
    *
    * @generated from rpc tickmesh.v1.RouterService.ListLifetimes
    */
