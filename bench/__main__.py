@@ -36,7 +36,7 @@ from .hops import Tap
 from .load import LoadGenerator
 from .machine import describe, speed_probe
 from .monitor import Monitor, Monitored, machine_busy_seconds
-from .records import StoreRef, gaps, max_seq, read_records
+from .records import StoreRef, gaps, max_seq, read_records, steps_per_s_within
 from .report import render, write
 
 LAYOUTS: dict[str, str] = {
@@ -90,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--lifetimes",
         default="",
-        help="comma-separated lifetimes per M (default: 20 for M=1, else max(M, --min-lifetimes))",
+        help="comma-separated lifetimes per M (default: 20 for M=1, else "
+        "max(3 x M, --min-lifetimes): three per lane, so that a stretch of the phase has all "
+        "M in flight)",
     )
     p.add_argument("--min-lifetimes", type=int, default=300)
     p.add_argument("--sequential-lifetimes", type=int, default=20, help="lifetimes run at M=1")
@@ -150,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lifetimes_list = lt
     else:
         args.lifetimes_list = [
-            args.sequential_lifetimes if m == 1 else max(m, args.min_lifetimes)
+            args.sequential_lifetimes if m == 1 else max(3 * m, args.min_lifetimes)
             for m in args.concurrency_list
         ]
     return args
@@ -341,6 +343,9 @@ async def run_layout(
                 "stored_executions": stored,
                 "wall_s": run.wall_s,
                 "steps_per_s": stored / run.wall_s if run.wall_s > 0 else 0.0,
+                # Steps finished while every lane had a lifetime running (None: never all).
+                "steps_per_s_all_in_flight": steps_per_s_within(records, run.full_window()),
+                "all_in_flight_s": _span(run.full_window()),
                 "drain_s": drain_s,
                 "backlog_at_end": backlog,
                 "steps_per_s_incl_drain": stored / (run.wall_s + drain_s)
@@ -365,7 +370,14 @@ async def run_layout(
             nan = float("nan")
             print(
                 f"[{tag}] M={m}: {stored} stored in {run.wall_s:.2f}s = "
-                f"{phase['steps_per_s']:.0f} steps/s, gap p50 {g['gap_ms'].get('p50', nan):.2f} "
+                f"{phase['steps_per_s']:.0f} steps/s"
+                + (
+                    f" ({phase['steps_per_s_all_in_flight']:.0f} with all {m} in flight"
+                    f" for {phase['all_in_flight_s']:.1f}s)"
+                    if phase["steps_per_s_all_in_flight"] is not None
+                    else ""
+                )
+                + f", gap p50 {g['gap_ms'].get('p50', nan):.2f} "
                 f"p99 {g['gap_ms'].get('p99', nan):.2f} ms"
                 + (f"; then {drain_s:.2f}s to drain {backlog}" if backlog else "")
                 + (f"; NOT COMPLETED: {dict(run.states)} {run.errors}" if phase["failed"] else ""),
@@ -446,6 +458,10 @@ async def measure_hops(
         "gap_ms": gaps(records)["gap_ms"],
         "segments_ms": tap.segments(records),
     }
+
+
+def _span(window: tuple[float, float] | None) -> float | None:
+    return None if window is None else window[1] - window[0]
 
 
 def _summ(values: list[float]) -> dict[str, float]:

@@ -80,6 +80,19 @@ class PhaseRun:
     states: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     lifetime_s: list[float] = field(default_factory=list)
+    full_from: float | None = None
+    """When ``concurrency`` lifetimes were first in flight at once (epoch seconds)."""
+    full_until: float | None = None
+    """When the first lane found no lifetime left to start, so that fewer than
+    ``concurrency`` were in flight from then on (epoch seconds)."""
+
+    def full_window(self) -> tuple[float, float] | None:
+        """The time every lane had a lifetime in flight (start, end), if there was one."""
+        if self.full_from is None or self.full_until is None:
+            return None
+        if self.full_until <= self.full_from:
+            return None
+        return self.full_from, self.full_until
 
 
 class LoadGenerator:
@@ -160,35 +173,51 @@ class LoadGenerator:
         todo = iter(range(lifetimes))
         value = {"rounds": rounds}
         starting = asyncio.Semaphore(self.max_starting)
+        lanes = max(1, min(concurrency, lifetimes))
+        in_flight = 0  # lifetimes started and not yet seen to end
+
+        async def one(task: asyncio.Task[None] | None) -> None:
+            """Start one lifetime and wait for its end."""
+            nonlocal in_flight
+            t0 = time.perf_counter()
+            try:
+                async with starting:
+                    handle = await client.start_lifetime(graph.id, value, version=graph.version)
+            except TickmeshError as exc:
+                if task is not None and task.cancelling():
+                    # Interrupted (Ctrl-C): the call failed as CANCELLED, so the error, not
+                    # the cancellation, reached here. Stop, or the lane starts the rest.
+                    raise asyncio.CancelledError from exc
+                result.states["start_failed"] += 1
+                if len(result.errors) < 5:
+                    result.errors.append(
+                        f"StartLifetime failed after {time.perf_counter() - t0:.2f}s: {exc}"
+                    )
+                return
+            in_flight += 1
+            if in_flight == lanes and result.full_from is None:
+                result.full_from = time.time()
+            try:
+                state = await self.watcher.wait(handle.id, limit_s)
+            finally:
+                in_flight -= 1
+            result.lifetime_s.append(time.perf_counter() - t0)
+            result.lifetime_ids.append(handle.id)
+            result.states[state] += 1
+            if state != "completed" and len(result.errors) < 5:
+                result.errors.append(
+                    f"{handle.id}: {state} {self.watcher.error_of(handle.id)}".strip()
+                )
 
         async def lane() -> None:
             task = asyncio.current_task()
             for _ in todo:  # shared: each lane takes the next lifetime when its own ended
-                t0 = time.perf_counter()
-                try:
-                    async with starting:
-                        handle = await client.start_lifetime(graph.id, value, version=graph.version)
-                except TickmeshError as exc:
-                    if task is not None and task.cancelling():
-                        # Interrupted (Ctrl-C): the call failed as CANCELLED, so the error, not
-                        # the cancellation, reached here. Stop, or the lane starts the rest.
-                        raise asyncio.CancelledError from exc
-                    result.states["start_failed"] += 1
-                    if len(result.errors) < 5:
-                        result.errors.append(
-                            f"StartLifetime failed after {time.perf_counter() - t0:.2f}s: {exc}"
-                        )
-                    continue
-                state = await self.watcher.wait(handle.id, limit_s)
-                result.lifetime_s.append(time.perf_counter() - t0)
-                result.lifetime_ids.append(handle.id)
-                result.states[state] += 1
-                if state != "completed" and len(result.errors) < 5:
-                    result.errors.append(
-                        f"{handle.id}: {state} {self.watcher.error_of(handle.id)}".strip()
-                    )
+                await one(task)
+            # The first lane out of work ends the time every lane had a lifetime running.
+            if result.full_until is None:
+                result.full_until = time.time()
 
         start = time.perf_counter()
-        await asyncio.gather(*(lane() for _ in range(max(1, min(concurrency, lifetimes)))))
+        await asyncio.gather(*(lane() for _ in range(lanes)))
         result.wall_s = time.perf_counter() - start
         return result

@@ -149,3 +149,18 @@ def gaps(records: list[Record]) -> dict[str, Any]:
             "dispatched_to_started": summarize(to_start),
         },
     }
+
+
+def steps_per_s_within(records: list[Record], window: tuple[float, float] | None) -> float | None:
+    """Steps finished per second within ``window`` (epoch seconds, start and end): the
+    throughput while every lane had a lifetime in flight, without the phase's ramp up
+    (lifetimes still being started) and ramp down (lanes out of work). None without a
+    window."""
+    if window is None:
+        return None
+    start, end = window
+    if end <= start:
+        return None
+    # One per execution (a retried step is stored once per attempt).
+    finished = {r.execution_id for r in records if start <= r.finished_at < end}
+    return len(finished) / (end - start)

@@ -144,6 +144,7 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
                     _f(ph["stored_executions"]),
                     _f(ph["wall_s"]),
                     _f(ph["steps_per_s"], 0),
+                    _f(ph.get("steps_per_s_all_in_flight"), 0),
                     _f(ph.get("drain_s"), 1),
                     _f(ph.get("steps_per_s_incl_drain"), 0),
                     _f(ph["gap_ms"].get("p50")),
@@ -169,6 +170,7 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
                     "steps",
                     "wall s",
                     "steps/s",
+                    "all M in flight",
                     "drain s",
                     "incl. drain",
                     "gap p50",
@@ -192,6 +194,8 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
             + (" + PostgreSQL, Redis and S3 (moto)" if profile == "cloud" else "")
             + "; 'all' adds the worker and the load generator;"
             " 'other load' = share of the machine's CPU used by other processes meanwhile;"
+            "\n   'all M in flight' = steps/s while every lane had a lifetime running"
+            " (the phase without its ramp up and ramp down; '-' when it never had);"
             "\n   'drain s' = time after the last lifetime ended until every consumer"
             " (lifetime events included) had caught up: CPU is counted over wall + drain;"
             "\n   'probe µs' = a fixed piece of work timed just before the phase: higher means"
