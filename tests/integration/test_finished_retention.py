@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from tests.support.nats_server import new_tenant
+from tests.integration.test_router_service import IDLE, RELAY, relay_finish, relay_work
+from tests.support.nats_server import RouterBucket, new_tenant, router_bucket
 from tests.support.service_harness import (
     MeshHarness,
     eventually,
@@ -34,7 +33,6 @@ from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.streams import allows_msg_ttl, bucket_stream, ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.sdk import Decision, PlanContext, PlanInputView, TaskContext, complete, plan, task
 from tickmesh.v1 import lifetime_pb2, router_service_pb2
 
 RS = router_service_pb2
@@ -44,22 +42,10 @@ EXPIRED_WITHIN_S = 10.0
 """nats-server removes expired messages on a timer: allow it a few rounds past the TTL."""
 
 
-@dataclass
-class Bucket:
-    js: JetStreamContext
-    kv: KeyValue
-    names: TenantNames
-
-
 @pytest.fixture
-async def bucket(nats_server: EmbeddedNats) -> AsyncIterator[Bucket]:
-    nc = await tm_nats.connect(nats_server.url, name="retention-test")
-    js = tm_nats.jetstream(nc)
-    names = await ensure_tenant(js, new_tenant("ret"))
-    try:
-        yield Bucket(js, await js.key_value(names.router_bucket), names)
-    finally:
-        await nc.close()
+async def bucket(nats_server: EmbeddedNats) -> AsyncIterator[RouterBucket]:
+    async with router_bucket(nats_server.url, "ret") as made:
+        yield made
 
 
 def lifetime(lifetime_id: str, *, request: str = "", fork: bool = False) -> rs.RouterLifetime:
@@ -95,7 +81,7 @@ async def gone(kv: KeyValue, *keys: str) -> None:
 
 
 async def test_a_finished_lifetime_and_its_start_request_expire_a_running_one_stays(
-    bucket: Bucket,
+    bucket: RouterBucket,
 ) -> None:
     store = RouterStore(bucket.kv, writer=CasWriter(bucket.kv), finished_ttl_s=TTL_S)
     running = lifetime("run-1", request="order-1")
@@ -135,7 +121,7 @@ async def test_a_finished_lifetime_and_its_start_request_expire_a_running_one_st
     assert await store.lifetime_ids() == ["run-1"]
 
 
-async def test_without_retention_finished_lifetimes_stay(bucket: Bucket) -> None:
+async def test_without_retention_finished_lifetimes_stay(bucket: RouterBucket) -> None:
     store = RouterStore(bucket.kv, writer=CasWriter(bucket.kv))
     state = lifetime("kept", request="order-9")
     await store.claim_request("order-9", "kept")
@@ -190,38 +176,6 @@ async def test_ensure_tenant_lets_a_bucket_made_without_ttls_take_them(
 
 # --- through the router, on an embedded mesh --------------------------------------------
 
-RELAY = """\
-graph: relay
-entry: work
-nodes:
-  - {id: work, kind: task, handler: keep_work}
-  - {id: finish, kind: plan, handler: keep_finish}
-edges:
-  - {from: work, to: finish}
-  - {from: finish, kind: final}
-"""
-
-IDLE = """\
-graph: idle
-entry: wait
-nodes:
-  - {id: wait, kind: task, handler: nobody_serves_this}
-  - {id: after, kind: plan, handler: nobody_plans_this}
-edges:
-  - {from: wait, to: after}
-  - {from: after, kind: final}
-"""
-
-
-@task
-async def keep_work(ctx: TaskContext, value: object) -> object:
-    return value
-
-
-@plan
-async def keep_finish(ctx: PlanContext, goal: object, inputs: list[PlanInputView]) -> Decision:
-    return complete({"echo": inputs[-1].output})
-
 
 @pytest.fixture
 async def harness(
@@ -250,7 +204,7 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
     assert router is not None
     store = router.processor.tenants[harness.tenant].store
     assert store.cache_size == 777  # lifetime_cache_size reaches the store
-    await harness.start_worker([keep_work, keep_finish])
+    await harness.start_worker([relay_work, relay_finish])
     await harness.register(RELAY)
     await harness.register(IDLE)
     kv = await harness.js.key_value(harness.names.router_bucket)
@@ -291,7 +245,7 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
 async def test_a_start_request_that_outlived_its_lifetime_does_not_run_it_again(
     harness: MeshHarness,
 ) -> None:
-    await harness.start_worker([keep_work, keep_finish])
+    await harness.start_worker([relay_work, relay_finish])
     await harness.register(RELAY)
     kv = await harness.js.key_value(harness.names.router_bucket)
     request = RS.StartLifetimeRequest(graph_id="relay", client_request_id="order-88")

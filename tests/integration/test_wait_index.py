@@ -10,16 +10,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.nats_server import new_tenant
+from tests.support.nats_server import router_bucket
 from tests.unit.router.test_timers import _live_wait
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.router import core, timers
 from tickmesh.router.store import RouterStore, Versioned
 from tickmesh.router.timers import ObservedRouterStore, WaitTimers
-from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.kv import CasWriter
-from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.v1 import lifetime_pb2, result_pb2
 
 A = result_pb2
@@ -34,17 +32,11 @@ class Stores:
 
 @pytest.fixture
 async def stores(nats_server: EmbeddedNats) -> AsyncIterator[Stores]:
-    nc = await tm_nats.connect(nats_server.url, name="wait-index-test")
-    js = tm_nats.jetstream(nc)
-    names = await ensure_tenant(js, new_tenant("wi"))
-    bucket = await js.key_value(names.router_bucket)
-    try:
+    async with router_bucket(nats_server.url, "wi") as made:
         yield Stores(
-            ObservedRouterStore(bucket, writer=CasWriter(bucket)),
-            RouterStore(bucket, writer=CasWriter(bucket)),
+            ObservedRouterStore(made.kv, writer=CasWriter(made.kv)),
+            RouterStore(made.kv, writer=CasWriter(made.kv)),
         )
-    finally:
-        await nc.close()
 
 
 def finished(lifetime_id: str) -> rs.RouterLifetime:

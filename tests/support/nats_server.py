@@ -6,18 +6,46 @@ own tenant id (see :func:`new_tenant`), so it gets its own streams.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import pytest
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
+from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats, nats_server_path
+from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import ConfigError
 
 
 def new_tenant(prefix: str = "t") -> str:
     """A fresh, subject-safe tenant id."""
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class RouterBucket:
+    """A fresh tenant's router KV bucket, and what reached it."""
+
+    js: JetStreamContext
+    kv: KeyValue
+    names: TenantNames
+
+
+@contextlib.asynccontextmanager
+async def router_bucket(url: str, prefix: str) -> AsyncIterator[RouterBucket]:
+    """Make a fresh tenant (streams and buckets) on ``url``; its router bucket."""
+    nc = await tm_nats.connect(url, name=f"{prefix}-test")
+    try:
+        js = tm_nats.jetstream(nc)
+        names = await ensure_tenant(js, new_tenant(prefix))
+        yield RouterBucket(js, await js.key_value(names.router_bucket), names)
+    finally:
+        await nc.close()
 
 
 @pytest.fixture(scope="session")
