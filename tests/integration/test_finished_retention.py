@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 
 from tests.integration.test_router_service import IDLE, RELAY, relay_finish, relay_work
 from tests.support.nats_server import RouterBucket, new_tenant, router_bucket
+from tests.support.ports import free_port
 from tests.support.service_harness import (
     MeshHarness,
     eventually,
@@ -27,12 +28,14 @@ from tests.support.service_harness import (
     open_mesh,
 )
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.router.replay import StateRpcHistorySource
 from tickmesh.router.store import RouterStore, claim_of, lifetime_key, request_key
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.streams import allows_msg_ttl, bucket_stream, ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.sdk import TransportError
 from tickmesh.v1 import lifetime_pb2, router_service_pb2
 
 RS = router_service_pb2
@@ -262,3 +265,13 @@ async def test_a_start_request_that_outlived_its_lifetime_does_not_run_it_again(
     assert again.lifetime.lifetime_id == done_id
     assert again.lifetime.state == LS.LIFETIME_STATE_COMPLETED
     assert not await holds(kv, lifetime_key(done_id))  # not created again
+
+
+async def test_an_unreachable_state_service_is_unavailable_not_not_found() -> None:
+    target = f"127.0.0.1:{free_port()}"  # nothing listens there
+    history = StateRpcHistorySource(target, timeout_s=2.0)
+    try:
+        with pytest.raises(TransportError, match=target):
+            await history.lifetime("default", "01900000-0000-7000-8000-000000000000")
+    finally:
+        await history.close()

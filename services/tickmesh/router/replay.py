@@ -50,7 +50,7 @@ import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.records import require_records_stored
-from tickmesh.sdk import ChannelSecurity
+from tickmesh.sdk import ChannelSecurity, TransportError
 from tickmesh.sdk._transport import create_channel
 from tickmesh.sdk.timestamps import set_timestamp
 from tickmesh.v1 import (
@@ -206,6 +206,11 @@ class StateRpcHistorySource:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise TransportError(
+                    f"the state service at {self._target} did not answer for lifetime "
+                    f"{lifetime_id}: {exc.code().name} {exc.details()}"
+                ) from exc
             raise
         return response.lifetime
 
