@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,9 +29,13 @@ from tests.support.service_harness import (
     open_mesh,
 )
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.router.core import Producer
+from tickmesh.router.processor import Processor, Tenant
 from tickmesh.router.replay import StateRpcHistorySource
+from tickmesh.router.servicer import RouterServicer
 from tickmesh.router.store import RouterStore, claim_of, lifetime_key, request_key
 from tickmesh.runtime import nats as tm_nats
+from tickmesh.runtime.auth import TENANT_METADATA_KEY
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.streams import allows_msg_ttl, bucket_stream, ensure_tenant
@@ -228,8 +233,10 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
     )
     assert got.lifetime.state == LS.LIFETIME_STATE_COMPLETED
     assert got.lifetime.execution_count == 2
+    # Listed from the state service's rows, which keep it.
     listed = await harness.router.ListLifetimes(RS.ListLifetimesRequest(), metadata=harness.md)
-    assert [v.lifetime_id for v in listed.lifetimes] == [idle.lifetime.lifetime_id]
+    assert [v.lifetime_id for v in listed.lifetimes] == [done_id, idle.lifetime.lifetime_id]
+    assert listed.lifetimes[0].state == LS.LIFETIME_STATE_COMPLETED
     await expect_status(
         harness.router.WatchLifetime(
             RS.WatchLifetimeRequest(lifetime_id=done_id), metadata=harness.md
@@ -275,3 +282,41 @@ async def test_an_unreachable_state_service_is_unavailable_not_not_found() -> No
             await history.lifetime("default", "01900000-0000-7000-8000-000000000000")
     finally:
         await history.close()
+
+
+@dataclass
+class Context:
+    """What the router's servicer reads of a call: the tenant in its metadata."""
+
+    tenant: str
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [(TENANT_METADATA_KEY, self.tenant)]
+
+
+async def test_a_router_without_a_state_service_lists_what_its_bucket_holds(
+    bucket: RouterBucket,
+) -> None:
+    store = RouterStore(bucket.kv, writer=CasWriter(bucket.kv), finished_ttl_s=TTL_S)
+    processor = Processor(Producer("router", "test", ""))
+    processor.tenants[bucket.names.tenant] = Tenant(
+        names=bucket.names,
+        store=store,
+        link=None,  # type: ignore[arg-type]
+    )
+    servicer = RouterServicer(processor, tenants=[bucket.names.tenant], inline_limit=1024)
+    running, ending = (
+        lifetime("019a0000-0000-7000-8000-000000000001"),
+        lifetime("019a0000-0000-7000-8000-000000000002"),
+    )
+    await store.create(running)
+    await store.update(finish(ending), await store.create(ending))
+    context = Context(bucket.names.tenant)
+
+    async def listed() -> list[str]:
+        page = await servicer.ListLifetimes(RS.ListLifetimesRequest(), context)  # type: ignore[arg-type]
+        return [v.lifetime_id for v in page.lifetimes]
+
+    assert await listed() == [ending.lifetime.lifetime_id, running.lifetime.lifetime_id]
+    await gone(bucket.kv, lifetime_key(ending.lifetime.lifetime_id))
+    assert await listed() == [running.lifetime.lifetime_id]

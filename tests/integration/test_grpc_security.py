@@ -23,7 +23,7 @@ from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.adapters import open_blob_store
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.grpc_security import ApiKeys, client_security, hash_key
-from tickmesh.sdk import ChannelSecurity, ConfigError
+from tickmesh.sdk import ChannelSecurity, ConfigError, TransportError
 from tickmesh.sdk._transport import create_channel
 from tickmesh.state import server as state_server
 from tickmesh.state.config import StateSettings
@@ -308,9 +308,12 @@ async def test_services_call_a_secured_state_service_with_their_own_credentials(
     )
     try:
         assert await with_credentials.executions(tenant, "no-such-lifetime") == []
-        with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+        # A plaintext channel to a TLS server gets no answer: UNAVAILABLE to the router's callers.
+        with pytest.raises(TransportError, match=target) as plaintext:
             await without.executions(tenant, "no-such-lifetime")
-        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        cause = plaintext.value.__cause__
+        assert isinstance(cause, grpc.aio.AioRpcError)
+        assert cause.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.aio.AioRpcError) as keyless:
             await plain_tls_no_key.executions(tenant, "no-such-lifetime")
         assert keyless.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -549,6 +549,44 @@ async def test_get_lifetime_record_after_a_lifetime_ran(
         )
 
 
+async def test_list_lifetime_records_pages_newest_first_as_soon_as_started(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    async with open_mesh(nats_server.url, tmp_path) as mesh:
+        await mesh.start_worker([pair_first, pair_second, pair_decide])
+        await mesh.register(PAIR)
+        # Started and listed at once: the read waits for the events on the bus.
+        ids = [(await mesh.start("pair", {"go": True})).lifetime_id for _ in range(3)]
+        seen: list[str] = []
+        token = ""
+        for _ in range(3):
+            page = await mesh.state.ListLifetimeRecords(
+                SS.ListLifetimeRecordsRequest(page_size=2, page_token=token), metadata=mesh.md
+            )
+            seen.extend(lt.lifetime_id for lt in page.lifetimes)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == list(reversed(ids))
+        assert token == ""
+        await mesh.events(ids[0])
+        done = await mesh.state.ListLifetimeRecords(
+            SS.ListLifetimeRecordsRequest(
+                states=[lifetime_pb2.LIFETIME_STATE_COMPLETED], graph_id="pair"
+            ),
+            metadata=mesh.md,
+        )
+        assert ids[0] in [lt.lifetime_id for lt in done.lifetimes]
+        assert all(lt.execution_count == 4 for lt in done.lifetimes)
+        details = await expect_status(
+            mesh.state.ListLifetimeRecords(
+                SS.ListLifetimeRecordsRequest(page_token="not a token!"), metadata=mesh.md
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert "page_token" in details
+
+
 async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
     state: StateHarness,
 ) -> None:

@@ -234,6 +234,10 @@ class Mesh:
             assert self.state is not None
             return await self.state.consumer(tenant).caught_up()
 
+        async def events_stored(tenant: str) -> bool:
+            assert self.state is not None
+            return await self.state.consumer(tenant).events_stored()
+
         async def usage_source() -> UsageSource:
             if cfg.usage_counter_url is None:
                 return StoreUsageSource(store, caught_up=records_stored)
@@ -293,7 +297,9 @@ class Mesh:
             nc=nc,
             links=links,
             usage_source=await usage_source(),
-            history_source=StoreHistorySource(store, caught_up=records_stored),
+            history_source=StoreHistorySource(
+                store, caught_up=records_stored, events_caught_up=events_stored
+            ),
             metrics=metrics,
             tracing=self._tracing("router"),
         )

@@ -27,7 +27,7 @@ class RouterSettings(ServiceSettings):
     """How long a finished lifetime stays in the router's KV bucket after its last write
     (rounded up to whole seconds), with the start request that created it; its record
     stays in the state service. Once it is gone, GetLifetime answers from the state
-    service, and watch, fork, replay and ListLifetimes no longer see it. The default
+    service, and watch, fork and replay no longer see it. The default
     matches how long the event stream keeps events; 0 keeps finished lifetimes for ever."""
     outbox_retention_s: float = 3600.0
     """Outbox entries older than this are dropped even if their publisher never confirmed."""

@@ -40,8 +40,17 @@ through its own records as here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -88,6 +97,13 @@ class HistorySource(Protocol):
         self, tenant: str, lifetime_id: str
     ) -> lifetime_pb2.AgentLifetime | None: ...
 
+    async def lifetimes(
+        self, tenant: str, page: LifetimePage
+    ) -> tuple[list[lifetime_pb2.AgentLifetime], str]:
+        """A page of the tenant's lifetime records, newest first, and the next page's
+        token ("" at the end)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -109,6 +125,26 @@ class ExecutionStore(Protocol):
     async def get_lifetime(
         self, tenant: str, lifetime_id: str
     ) -> lifetime_pb2.AgentLifetime | None: ...
+
+    async def list_lifetimes(
+        self,
+        tenant: str,
+        *,
+        before: str = "",
+        states: Collection[int] = (),
+        graph_id: str = "",
+        limit: int = 100,
+    ) -> list[lifetime_pb2.AgentLifetime]: ...
+
+
+@dataclass(frozen=True)
+class LifetimePage:
+    """Which page of lifetime records to read (ListLifetimes' request)."""
+
+    size: int
+    token: str = ""
+    states: Collection[int] = ()
+    graph_id: str = ""
 
 
 def ref_of(stored: StoredRecord) -> execution_pb2.ExecutionRef:
@@ -137,9 +173,13 @@ class StoreHistorySource:
         store: ExecutionStore,
         *,
         caught_up: Callable[[str], Awaitable[bool]] | None = None,
+        events_caught_up: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
+        """``events_caught_up`` (the state service's wait for the lifetime events on the
+        bus) makes lifetime reads wait as ``StateService`` lifetime reads do."""
         self._store = store
         self._caught_up = caught_up
+        self._events_caught_up = events_caught_up
 
     async def executions(self, tenant: str, lifetime_id: str) -> list[execution_pb2.ExecutionRef]:
         if self._caught_up is not None:
@@ -156,14 +196,38 @@ class StoreHistorySource:
             after = rows[-1].store_sequence
 
     async def lifetime(self, tenant: str, lifetime_id: str) -> lifetime_pb2.AgentLifetime | None:
+        await self._rows_caught_up(tenant)
         return await self._store.get_lifetime(tenant, lifetime_id)
+
+    async def lifetimes(
+        self, tenant: str, page: LifetimePage
+    ) -> tuple[list[lifetime_pb2.AgentLifetime], str]:
+        await self._rows_caught_up(tenant)
+        rows = await self._store.list_lifetimes(
+            tenant,
+            before=page.token,
+            states=page.states,
+            graph_id=page.graph_id,
+            limit=page.size + 1,
+        )
+        more = len(rows) > page.size
+        rows = rows[: page.size]
+        return rows, rows[-1].lifetime_id if more and rows else ""
+
+    async def _rows_caught_up(self, tenant: str) -> None:
+        if self._caught_up is not None:
+            await require_records_stored(self._caught_up, tenant)
+        if self._events_caught_up is not None:
+            await require_records_stored(self._events_caught_up, tenant, what="lifetime events")
 
     async def close(self) -> None:
         return None
 
 
 class StateRpcHistorySource:
-    """Calls ``StateService.ListExecutions`` on a remote state service."""
+    """Reads a remote state service: ``ListExecutions``, ``GetLifetimeRecord`` and
+    ``ListLifetimeRecords``. A state service that does not answer is a ``TransportError``
+    (UNAVAILABLE to the router's callers), not an internal error."""
 
     def __init__(
         self,
@@ -182,13 +246,16 @@ class StateRpcHistorySource:
         refs: list[execution_pb2.ExecutionRef] = []
         token = ""
         while True:
-            response: state_service_pb2.ListExecutionsResponse = await self._stub.ListExecutions(
-                state_service_pb2.ListExecutionsRequest(
-                    lifetime_id=lifetime_id, page_size=PAGE, page_token=token
-                ),
-                metadata=((TENANT_METADATA_KEY, tenant),),
-                timeout=self._timeout_s,
-            )
+            with self._answered(f"the executions of lifetime {lifetime_id}"):
+                response: state_service_pb2.ListExecutionsResponse = (
+                    await self._stub.ListExecutions(
+                        state_service_pb2.ListExecutionsRequest(
+                            lifetime_id=lifetime_id, page_size=PAGE, page_token=token
+                        ),
+                        metadata=((TENANT_METADATA_KEY, tenant),),
+                        timeout=self._timeout_s,
+                    )
+                )
             refs.extend(response.executions)
             token = response.next_page_token
             if not token:
@@ -196,23 +263,50 @@ class StateRpcHistorySource:
 
     async def lifetime(self, tenant: str, lifetime_id: str) -> lifetime_pb2.AgentLifetime | None:
         try:
-            response: state_service_pb2.GetLifetimeRecordResponse = (
-                await self._stub.GetLifetimeRecord(
-                    state_service_pb2.GetLifetimeRecordRequest(lifetime_id=lifetime_id),
+            with self._answered(f"lifetime {lifetime_id}"):
+                response: state_service_pb2.GetLifetimeRecordResponse = (
+                    await self._stub.GetLifetimeRecord(
+                        state_service_pb2.GetLifetimeRecordRequest(lifetime_id=lifetime_id),
+                        metadata=((TENANT_METADATA_KEY, tenant),),
+                        timeout=self._timeout_s,
+                    )
+                )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return response.lifetime
+
+    async def lifetimes(
+        self, tenant: str, page: LifetimePage
+    ) -> tuple[list[lifetime_pb2.AgentLifetime], str]:
+        with self._answered("a page of lifetimes"):
+            response: state_service_pb2.ListLifetimeRecordsResponse = (
+                await self._stub.ListLifetimeRecords(
+                    state_service_pb2.ListLifetimeRecordsRequest(
+                        page_size=page.size,
+                        page_token=page.token,
+                        states=[LS.LifetimeState.ValueType(s) for s in page.states],
+                        graph_id=page.graph_id,
+                    ),
                     metadata=((TENANT_METADATA_KEY, tenant),),
                     timeout=self._timeout_s,
                 )
             )
+        return list(response.lifetimes), response.next_page_token
+
+    @contextlib.contextmanager
+    def _answered(self, what: str) -> Iterator[None]:
+        """Turn a state service that did not answer into a TransportError naming it."""
+        try:
+            yield
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise TransportError(
-                    f"the state service at {self._target} did not answer for lifetime "
-                    f"{lifetime_id}: {exc.code().name} {exc.details()}"
+                    f"the state service at {self._target} did not answer for {what}: "
+                    f"{exc.code().name} {exc.details()}"
                 ) from exc
             raise
-        return response.lifetime
 
     async def close(self) -> None:
         await self._channel.close()

@@ -174,11 +174,21 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self, request: pb.ListLifetimesRequest, context: Context
     ) -> pb.ListLifetimesResponse:
         tenant = self._tenant(context)
-        # UUIDv7 ids sort by creation time: newest first.
+        size = _page_size(request.page_size)
+        if self._history is not None:
+            # The state service's rows: a page read by index, finished lifetimes that left
+            # the router's bucket included.
+            lifetimes, token = await self._history.lifetimes(
+                tenant.names.tenant,
+                replay_.LifetimePage(
+                    size, request.page_token, list(request.states), request.graph_id
+                ),
+            )
+            return pb.ListLifetimesResponse(lifetimes=lifetimes, next_page_token=token)
+        # Without one, every lifetime in the bucket: UUIDv7 ids sort by creation time.
         ids = sorted(await tenant.store.lifetime_ids(), reverse=True)
         if request.page_token:
             ids = [i for i in ids if i < request.page_token]
-        size = _page_size(request.page_size)
         states = set(request.states)
         found: list[lifetime_pb2.AgentLifetime] = []
         last = ""

@@ -23,10 +23,10 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
@@ -39,6 +39,7 @@ from tickmesh.v1 import envelope_pb2, lifetime_pb2, telemetry_pb2
 # sharing them keeps both stores' answers identical.
 from .store import (
     _EXECUTION_COLUMNS,
+    LIFETIME_ROW_COLUMNS,
     LifetimeFold,
     StoreClosedError,
     StoredExecution,
@@ -54,6 +55,7 @@ from .store import (
     _usage_query,
     _usage_rows,
     fold_rows,
+    list_lifetime_rows,
     stored_events,
 )
 
@@ -735,6 +737,39 @@ class PostgresStateStore:
             return lifetime
 
         return await self._run(job)
+
+    async def list_lifetimes(
+        self,
+        tenant: str,
+        *,
+        before: str = "",
+        states: Collection[int] = (),
+        graph_id: str = "",
+        limit: int = 100,
+    ) -> list[lifetime_pb2.AgentLifetime]:
+        _check_tenant(tenant)
+        wanted = sorted({int(s) for s in states})
+        where = " WHERE l.tenant = $1"
+        if wanted:
+            where += " AND l.state = ANY($2::int[])"
+        params: list[object] = [tenant, *([wanted] if wanted else [])]
+
+        async def fetch(below: str, n: int) -> list[tuple[Any, ...]]:
+            sql, args = where, list(params)
+            if below:
+                args.append(below)
+                sql += f" AND l.lifetime_id < ${len(args)}"
+            args.append(n)
+            query = (
+                f"SELECT {LIFETIME_ROW_COLUMNS}{sql} ORDER BY l.lifetime_id DESC LIMIT ${len(args)}"
+            )
+
+            async def job(conn: PoolConnectionProxy[asyncpg.Record]) -> list[tuple[Any, ...]]:
+                return [tuple(row) for row in await conn.fetch(query, *args)]
+
+            return await self._run(job)
+
+        return await list_lifetime_rows(fetch, before=before, graph_id=graph_id, limit=limit)
 
     async def record_event(
         self, tenant: str, lifetime_id: str, event: lifetime_pb2.LifetimeEvent

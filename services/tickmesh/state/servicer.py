@@ -11,6 +11,7 @@ one."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +43,8 @@ from .store import StateStore, StoredExecution, UsageRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CHUNK = 1024 * 1024
+_LIFETIME_TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+"""A page token of ListLifetimeRecords: the last lifetime id of the page before."""
 MAX_BLOB_BYTES = 1024 * 1024 * 1024
 UINT32_MAX = 0xFFFF_FFFF
 
@@ -130,16 +133,42 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.GetLifetimeRecordRequest, context: Context
     ) -> pb.GetLifetimeRecordResponse:
         tenant = self._tenant(context)
-        # The row's execution_count and totals come from the counters the records feed,
-        # the rest from the lifetime events folded into it: both as far as the caller saw.
-        await self._stored_so_far(tenant)
-        await require_records_stored(
-            lambda t: self._consumers(t).events_stored(), tenant, what="lifetime events"
-        )
+        await self._lifetime_rows_so_far(tenant)
         lifetime = await self._store.get_lifetime(tenant, request.lifetime_id)
         if lifetime is None:
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
         return pb.GetLifetimeRecordResponse(lifetime=lifetime)
+
+    @unary_errors
+    async def ListLifetimeRecords(
+        self, request: pb.ListLifetimeRecordsRequest, context: Context
+    ) -> pb.ListLifetimeRecordsResponse:
+        tenant = self._tenant(context)
+        if request.page_token and not _LIFETIME_TOKEN.fullmatch(request.page_token):
+            raise ValidationError(f"malformed page_token {request.page_token!r}")
+        size = min(request.page_size or 100, 1000)
+        await self._lifetime_rows_so_far(tenant)
+        rows = await self._store.list_lifetimes(
+            tenant,
+            before=request.page_token,
+            states=request.states,
+            graph_id=request.graph_id,
+            limit=size + 1,
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        return pb.ListLifetimeRecordsResponse(
+            lifetimes=rows, next_page_token=rows[-1].lifetime_id if more and rows else ""
+        )
+
+    async def _lifetime_rows_so_far(self, tenant: str) -> None:
+        """Wait until the lifetime rows hold what the caller saw: their execution_count and
+        totals come from the counters the records feed, the rest from the lifetime events
+        folded into them."""
+        await self._stored_so_far(tenant)
+        await require_records_stored(
+            lambda t: self._consumers(t).events_stored(), tenant, what="lifetime events"
+        )
 
     @unary_errors
     async def GetCounters(

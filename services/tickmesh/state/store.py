@@ -22,7 +22,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -200,6 +200,24 @@ class StateStore(Protocol):
         self, tenant: str, lifetime_id: str
     ) -> lifetime_pb2.AgentLifetime | None:
         """Return a lifetime's row with ``totals`` and ``execution_count`` from the counters."""
+        ...
+
+    async def list_lifetimes(
+        self,
+        tenant: str,
+        *,
+        before: str = "",
+        states: Collection[int] = (),
+        graph_id: str = "",
+        limit: int = 100,
+    ) -> list[lifetime_pb2.AgentLifetime]:
+        """Return up to ``limit`` of the tenant's lifetime rows, newest (highest id) first,
+        as :meth:`get_lifetime` does: those with an id below ``before`` (all when empty),
+        in one of ``states`` (any when empty), of graph ``graph_id`` (any when empty).
+
+        The state is a column; the graph is read from each row, so a graph filter reads
+        rows newest first until the page is full.
+        """
         ...
 
     async def record_event(
@@ -412,6 +430,50 @@ class _Record(NamedTuple):
 def _check_tenant(tenant: str) -> None:
     if TENANT_ID_PATTERN.fullmatch(tenant) is None:
         raise ValidationError(f"invalid tenant id {tenant!r}")
+
+
+LIFETIME_ROW_COLUMNS: Final = (
+    "l.lifetime_id, l.body, c.input_tokens, c.output_tokens, c.cost_micros,"
+    " c.model_calls, c.tool_calls, c.executions"
+    " FROM lifetimes AS l LEFT JOIN lifetime_counters AS c"
+    " ON c.tenant = l.tenant AND c.lifetime_id = l.lifetime_id"
+)
+"""What a listed lifetime row is read from: its id, body and counters."""
+
+LifetimeRowFetch = Callable[[str, int], Awaitable[Sequence[Sequence[Any]]]]
+"""Reads up to n rows (``LIFETIME_ROW_COLUMNS``) with ids below a bound ("" for none),
+newest first, the state filter applied."""
+
+
+def lifetime_of_row(row: Sequence[Any]) -> lifetime_pb2.AgentLifetime:
+    """A listed row (``LIFETIME_ROW_COLUMNS``) as the lifetime with its totals."""
+    lifetime = lifetime_pb2.AgentLifetime.FromString(bytes(row[1]))
+    totals, executions = _telemetry(tuple(row[2:]))
+    lifetime.totals.CopyFrom(totals)
+    lifetime.execution_count = executions
+    return lifetime
+
+
+async def list_lifetime_rows(
+    fetch: LifetimeRowFetch, *, before: str, graph_id: str, limit: int
+) -> list[lifetime_pb2.AgentLifetime]:
+    """Page through ``fetch`` until ``limit`` lifetimes of ``graph_id`` (any when empty)
+    are found or the rows run out (see ``StateStore.list_lifetimes``)."""
+    if limit < 1:
+        raise ValidationError(f"limit must be >= 1, not {limit}")
+    found: list[lifetime_pb2.AgentLifetime] = []
+    while True:
+        rows = await fetch(before, limit)
+        for row in rows:
+            lifetime = lifetime_of_row(row)
+            if graph_id and lifetime.graph.id != graph_id:
+                continue
+            found.append(lifetime)
+            if len(found) == limit:
+                return found
+        if len(rows) < limit:
+            return found
+        before = str(rows[-1][0])
 
 
 def _check_page(after_sequence: int, limit: int) -> None:
@@ -987,6 +1049,30 @@ class SQLiteStateStore:
             return lifetime
 
         return await self._run(job)
+
+    async def list_lifetimes(
+        self,
+        tenant: str,
+        *,
+        before: str = "",
+        states: Collection[int] = (),
+        graph_id: str = "",
+        limit: int = 100,
+    ) -> list[lifetime_pb2.AgentLifetime]:
+        _check_tenant(tenant)
+        wanted = sorted({int(s) for s in states})
+        where = " WHERE l.tenant = ?"
+        if wanted:
+            where += f" AND l.state IN ({','.join('?' * len(wanted))})"
+
+        async def fetch(below: str, n: int) -> list[Any]:
+            sql, params = where, [tenant, *wanted]
+            if below:
+                sql, params = sql + " AND l.lifetime_id < ?", [*params, below]
+            query = f"SELECT {LIFETIME_ROW_COLUMNS}{sql} ORDER BY l.lifetime_id DESC LIMIT ?"
+            return await self._run(lambda: self._conn.execute(query, (*params, n)).fetchall())
+
+        return await list_lifetime_rows(fetch, before=before, graph_id=graph_id, limit=limit)
 
     async def record_event(
         self, tenant: str, lifetime_id: str, event: lifetime_pb2.LifetimeEvent

@@ -413,6 +413,57 @@ async def test_store_never_moves_a_lifetime_row_backwards(store: StateStore) -> 
     assert row.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
 
 
+async def test_store_lists_lifetimes_newest_first_by_state_and_graph_in_pages(
+    store: StateStore,
+) -> None:
+    ids = [f"019a0000-0000-7000-8000-{n:012d}" for n in range(1, 8)]
+    for n, lifetime_id in enumerate(ids):
+        row = lifetime(
+            lifetime_id,
+            tenant=A,
+            state=lifetime_pb2.LIFETIME_STATE_COMPLETED
+            if n % 2
+            else lifetime_pb2.LIFETIME_STATE_RUNNING,
+        )
+        row.graph.id = "even" if n % 2 == 0 else "odd"
+        await store.upsert_lifetime(A, row)
+    await store.upsert_lifetime(B, lifetime(ids[-1], tenant=B))  # another tenant's newest
+    await store.append_executions(
+        A, [execution_record(1, lifetime_id=ids[0], telemetry=usage(5, 1, 1, 1, 1))]
+    )
+
+    def listed(rows: list[lifetime_pb2.AgentLifetime]) -> list[str]:
+        return [r.lifetime_id for r in rows]
+
+    newest_first = list(reversed(ids))
+    assert listed(await store.list_lifetimes(A)) == newest_first
+    assert listed(await store.list_lifetimes(A, limit=3)) == newest_first[:3]
+    assert listed(await store.list_lifetimes(A, before=ids[4], limit=3)) == newest_first[3:6]
+    assert listed(await store.list_lifetimes(A, before=ids[0])) == []
+    completed = await store.list_lifetimes(A, states=[lifetime_pb2.LIFETIME_STATE_COMPLETED])
+    assert listed(completed) == [ids[5], ids[3], ids[1]]
+    # The graph is read from each row: a page fills across the rows it skips.
+    assert listed(await store.list_lifetimes(A, graph_id="even", limit=2)) == [ids[6], ids[4]]
+    assert listed(await store.list_lifetimes(A, graph_id="even", before=ids[4], limit=2)) == [
+        ids[2],
+        ids[0],
+    ]
+    assert (
+        listed(
+            await store.list_lifetimes(
+                A, graph_id="odd", states=[lifetime_pb2.LIFETIME_STATE_RUNNING], limit=2
+            )
+        )
+        == []
+    )
+    [oldest] = await store.list_lifetimes(A, before=ids[1])
+    assert oldest.execution_count == 1  # totals as get_lifetime gives them
+    assert oldest.totals.input_tokens == 5
+    assert listed(await store.list_lifetimes(B)) == [ids[-1]]
+    with pytest.raises(ValidationError, match="limit"):
+        await store.list_lifetimes(A, limit=0)
+
+
 async def test_store_refuses_a_lifetime_of_another_tenant(store: StateStore) -> None:
     with pytest.raises(ValidationError, match="tenant"):
         await store.upsert_lifetime(A, lifetime(tenant=B))

@@ -161,8 +161,10 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLifetimes(self, request, context):
-        """ListLifetimes lists the lifetimes the router holds (running, and finished
-        within finished_retention_s), newest first, a page at a time.
+        """ListLifetimes lists lifetimes newest first, a page at a time: the state
+        service's records when the router has one (every lifetime stored), else the
+        lifetimes the router holds (running, and finished within
+        finished_retention_s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,8 +54,10 @@ class RouterServiceStub:
     service's record of it.
     """
     ListLifetimes: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListLifetimesRequest, _router_service_pb2.ListLifetimesResponse]
-    """ListLifetimes lists the lifetimes the router holds (running, and finished
-    within finished_retention_s), newest first, a page at a time.
+    """ListLifetimes lists lifetimes newest first, a page at a time: the state
+    service's records when the router has one (every lifetime stored), else the
+    lifetimes the router holds (running, and finished within
+    finished_retention_s).
     """
     WatchLifetime: _grpc.UnaryStreamMultiCallable[_router_service_pb2.WatchLifetimeRequest, _router_service_pb2.WatchLifetimeResponse]
     """WatchLifetime streams a lifetime's events from a given sequence onwards
@@ -104,8 +106,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
     service's record of it.
     """
     ListLifetimes: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListLifetimesRequest, _router_service_pb2.ListLifetimesResponse]  # type: ignore[assignment]
-    """ListLifetimes lists the lifetimes the router holds (running, and finished
-    within finished_retention_s), newest first, a page at a time.
+    """ListLifetimes lists lifetimes newest first, a page at a time: the state
+    service's records when the router has one (every lifetime stored), else the
+    lifetimes the router holds (running, and finished within
+    finished_retention_s).
     """
     WatchLifetime: _aio.UnaryStreamMultiCallable[_router_service_pb2.WatchLifetimeRequest, _router_service_pb2.WatchLifetimeResponse]  # type: ignore[assignment]
     """WatchLifetime streams a lifetime's events from a given sequence onwards
@@ -193,8 +197,10 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_service_pb2.ListLifetimesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.ListLifetimesResponse, _abc.Awaitable[_router_service_pb2.ListLifetimesResponse]]:
-        """ListLifetimes lists the lifetimes the router holds (running, and finished
-        within finished_retention_s), newest first, a page at a time.
+        """ListLifetimes lists lifetimes newest first, a page at a time: the state
+        service's records when the router has one (every lifetime stored), else the
+        lifetimes the router holds (running, and finished within
+        finished_retention_s).
         """
 
     @_abc_1.abstractmethod

@@ -310,6 +310,70 @@ class GetLifetimeRecordResponse(_message.Message):
 Global___GetLifetimeRecordResponse: _TypeAlias = GetLifetimeRecordResponse  # noqa: Y015
 
 @_typing.final
+class ListLifetimeRecordsRequest(_message.Message):
+    """ListLifetimeRecordsRequest asks for a page of lifetime rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """page_size bounds the page; 0 means 100, and at most 1000 are returned."""
+    page_token: _builtins.str
+    """page_token continues a previous listing; empty starts with the newest."""
+    graph_id: _builtins.str
+    """graph_id keeps only lifetimes of this graph; empty keeps all."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_lifetime_pb2.LifetimeState.ValueType]:
+        """states keeps only lifetimes in these states; empty keeps all."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        states: _abc.Iterable[_lifetime_pb2.LifetimeState.ValueType] | None = ...,
+        graph_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLifetimeRecordsRequest: _TypeAlias = ListLifetimeRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListLifetimeRecordsResponse(_message.Message):
+    """ListLifetimeRecordsResponse returns a page of lifetime rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIFETIMES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """next_page_token continues the listing; empty when there is no more."""
+    @_builtins.property
+    def lifetimes(self) -> _containers.RepeatedCompositeFieldContainer[_lifetime_pb2.AgentLifetime]:
+        """lifetimes are ordered newest first, each with totals and execution count."""
+
+    def __init__(
+        self,
+        *,
+        lifetimes: _abc.Iterable[_lifetime_pb2.AgentLifetime] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lifetimes", b"lifetimes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLifetimeRecordsResponse: _TypeAlias = ListLifetimeRecordsResponse  # noqa: Y015
+
+@_typing.final
 class GetCountersRequest(_message.Message):
     """GetCountersRequest asks for cumulative usage."""
 

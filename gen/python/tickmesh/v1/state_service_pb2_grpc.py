@@ -58,6 +58,11 @@ class StateServiceStub:
                 request_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetLifetimeRecordRequest.SerializeToString,
                 response_deserializer=tickmesh_dot_v1_dot_state__service__pb2.GetLifetimeRecordResponse.FromString,
                 _registered_method=True)
+        self.ListLifetimeRecords = channel.unary_unary(
+                '/tickmesh.v1.StateService/ListLifetimeRecords',
+                request_serializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsRequest.SerializeToString,
+                response_deserializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsResponse.FromString,
+                _registered_method=True)
         self.GetCounters = channel.unary_unary(
                 '/tickmesh.v1.StateService/GetCounters',
                 request_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetCountersRequest.SerializeToString,
@@ -116,6 +121,14 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLifetimeRecords(self, request, context):
+        """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
+        a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCounters(self, request, context):
         """GetCounters returns cumulative usage for a lifetime or the whole tenant.
         """
@@ -167,6 +180,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.GetLifetimeRecord,
                     request_deserializer=tickmesh_dot_v1_dot_state__service__pb2.GetLifetimeRecordRequest.FromString,
                     response_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetLifetimeRecordResponse.SerializeToString,
+            ),
+            'ListLifetimeRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLifetimeRecords,
+                    request_deserializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsRequest.FromString,
+                    response_serializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsResponse.SerializeToString,
             ),
             'GetCounters': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCounters,
@@ -301,6 +319,33 @@ class StateService:
             '/tickmesh.v1.StateService/GetLifetimeRecord',
             tickmesh_dot_v1_dot_state__service__pb2.GetLifetimeRecordRequest.SerializeToString,
             tickmesh_dot_v1_dot_state__service__pb2.GetLifetimeRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLifetimeRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tickmesh.v1.StateService/ListLifetimeRecords',
+            tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsRequest.SerializeToString,
+            tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class StateServiceStub:
     """ListExecutions lists a lifetime's stored executions in store order."""
     GetLifetimeRecord: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetLifetimeRecordRequest, _state_service_pb2.GetLifetimeRecordResponse]
     """GetLifetimeRecord returns the stored row of a lifetime with its totals."""
+    ListLifetimeRecords: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListLifetimeRecordsRequest, _state_service_pb2.ListLifetimeRecordsResponse]
+    """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
+    a page at a time.
+    """
     GetCounters: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetCountersRequest, _state_service_pb2.GetCountersResponse]
     """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetUsageRequest, _state_service_pb2.GetUsageResponse]
@@ -77,6 +81,10 @@ class StateServiceAsyncStub(StateServiceStub):
     """ListExecutions lists a lifetime's stored executions in store order."""
     GetLifetimeRecord: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetLifetimeRecordRequest, _state_service_pb2.GetLifetimeRecordResponse]  # type: ignore[assignment]
     """GetLifetimeRecord returns the stored row of a lifetime with its totals."""
+    ListLifetimeRecords: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListLifetimeRecordsRequest, _state_service_pb2.ListLifetimeRecordsResponse]  # type: ignore[assignment]
+    """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
+    a page at a time.
+    """
     GetCounters: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCountersRequest, _state_service_pb2.GetCountersResponse]  # type: ignore[assignment]
     """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetUsageRequest, _state_service_pb2.GetUsageResponse]  # type: ignore[assignment]
@@ -128,6 +136,16 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.GetLifetimeRecordResponse, _abc.Awaitable[_state_service_pb2.GetLifetimeRecordResponse]]:
         """GetLifetimeRecord returns the stored row of a lifetime with its totals."""
+
+    @_abc_1.abstractmethod
+    def ListLifetimeRecords(
+        self,
+        request: _state_service_pb2.ListLifetimeRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ListLifetimeRecordsResponse, _abc.Awaitable[_state_service_pb2.ListLifetimeRecordsResponse]]:
+        """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
+        a page at a time.
+        """
 
     @_abc_1.abstractmethod
     def GetCounters(

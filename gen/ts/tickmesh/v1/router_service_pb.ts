@@ -984,8 +984,10 @@ export const RouterService: GenService<{
     output: typeof GetLifetimeResponseSchema;
   },
   /**
-   * ListLifetimes lists the lifetimes the router holds (running, and finished
-   * within finished_retention_s), newest first, a page at a time.
+   * ListLifetimes lists lifetimes newest first, a page at a time: the state
+   * service's records when the router has one (every lifetime stored), else the
+   * lifetimes the router holds (running, and finished within
+   * finished_retention_s).
    *
    * @generated from rpc tickmesh.v1.RouterService.ListLifetimes
    */
