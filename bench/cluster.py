@@ -186,6 +186,10 @@ class Cluster:
                 env[f"{prefix}SQLITE_SYNCHRONOUS"] = "FULL"
             if name == "executor-pool":
                 env[f"{prefix}BLOB_URL"] = blobs
+            if name == "router":
+                # As deployed (deploy/): fork, replay and expired lifetimes' records, and
+                # without a usage counter URL the tenant usage, come from the state service.
+                env[f"{prefix}STATE_TARGET"] = self.state_target
             if self.usage_counter_url and name in ("state", "router", "guardrail"):
                 env[f"{prefix}USAGE_COUNTER_URL"] = self.usage_counter_url
             proc = self._spawn(name, [*tickmesh_command(), "serve", arg], env)

@@ -361,6 +361,10 @@ def test_compose_services_load_their_settings(compose_settings: dict[str, Servic
     assert host_port(endpoint["endpoint_url"])[0] == "s3"
     migrate_url = compose_env(services["migrate"])["TICKMESH_STATE_STORE_URL"]
     assert migrate_url == store_url
+    # Fork, replay and the records of expired lifetimes come from the state service.
+    state_target = getattr(compose_settings["router"], "state_target", None)
+    assert state_target == f"state:{GRPC_PORT}"
+    assert "state" in services["router"]["depends_on"]
 
 
 def created_tenants(job: str, directory: str) -> set[str]:

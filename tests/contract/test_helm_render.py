@@ -91,6 +91,11 @@ def test_rendered_chart_runs_the_four_services_with_grpc_probes() -> None:
     assert {s["metadata"]["labels"]["app.kubernetes.io/component"] for s in services.values()} == (
         set(SERVICES)
     )
+    # The router reads fork and replay history, and expired lifetimes, from the state service.
+    (router,) = found["router"]["spec"]["template"]["spec"]["containers"]
+    host, port = env_of(router)["TICKMESH_ROUTER_STATE_TARGET"].split(":")
+    assert services[host]["metadata"]["labels"]["app.kubernetes.io/component"] == "state"
+    assert int(port) in [p["port"] for p in services[host]["spec"]["ports"]]
 
 
 def test_rendered_config_is_every_services_tickmesh_yaml(

@@ -171,6 +171,12 @@ spec:
             {{- if eq .name "state" }}
             {{- include "tickmesh.storeUrlEnv" $root | nindent 12 }}
             {{- end }}
+            {{- if eq .name "router" }}
+            # Fork, replay, and the records of lifetimes past finished_retention_s
+            # (GetLifetime, ListLifetimes) are read from the state service.
+            - name: TICKMESH_ROUTER_STATE_TARGET
+              value: "{{ include "tickmesh.fullname" $root }}-state:{{ $values.ports.grpc }}"
+            {{- end }}
             {{- if and $usesRedis $values.redis.existingSecret }}
             - name: {{ $prefix }}USAGE_COUNTER_URL
               valueFrom:
