@@ -80,6 +80,50 @@ async def test_tickmesh_serve_runs_and_stops_cleanly(
             await process.wait()
 
 
+async def test_sigterm_while_a_service_starts_stops_it_cleanly_once_started(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    prefix = "TICKMESH_STATE_"
+    env = {
+        **os.environ,
+        f"{prefix}NATS_URL": nats_server.url,
+        f"{prefix}TENANTS": new_tenant("st"),
+        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        f"{prefix}STORE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+        f"{prefix}BLOB_URL": str(tmp_path / "blobs"),
+        f"{prefix}LOG_JSON": "false",
+    }
+    tickmesh = Path(sys.executable).with_name("tickmesh")
+    process = await asyncio.create_subprocess_exec(
+        str(tickmesh),
+        "serve",
+        "state",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(20):
+            # The store is opened while the service is built, before its tenants, consumers
+            # and gRPC server start: a SIGTERM now arrives in the middle of the start.
+            while not any("applied schema migration" in line for line in seen):
+                line = await process.stderr.readline()
+                assert line, f"state exited while starting: {''.join(seen)}"
+                seen.append(line.decode())
+            process.send_signal(signal.SIGTERM)
+            _, rest = await process.communicate()
+        text = "".join(seen) + rest.decode()
+        assert process.returncode == 0, text
+        assert "state serving on" in text  # it finished starting ...
+        assert "state stopping" in text  # ... then stopped as asked
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def _fails_to_start(service: str, env: dict[str, str], within: float) -> tuple[str, float]:
     """Run ``tickmesh serve service``; it must exit 1 within ``within`` s. Returns stderr."""
     tickmesh = Path(sys.executable).with_name("tickmesh")

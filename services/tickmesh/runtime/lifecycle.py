@@ -201,16 +201,21 @@ async def serve_until_stopped(
     """Configure logs, open the tenants' NATS links (see :func:`open_tenant_links`;
     ``role`` is the tenant user the service logs in as), build and start the service,
     and on SIGTERM or SIGINT stop it (in-flight work gets ``shutdown_grace_s``) and
-    drain the connections."""
+    drain the connections.
+
+    SIGTERM is taken before the service is built: one that arrives while it starts (a
+    rolling update, an orchestrator that gave up waiting) stops it as soon as it has
+    started, rather than killing the process half-way with its connections open. SIGINT
+    is taken once it has started, so Ctrl-C still interrupts a start that hangs."""
     tm_logging.configure(settings.log_level, json_output=settings.log_json, service=name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     links = await open_tenant_links(settings, name, role)
     try:
         service = await build(links)
         await service.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
         await stop.wait()
         logger.info("%s stopping", name)
         await service.stop()
