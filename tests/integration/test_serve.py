@@ -44,29 +44,41 @@ async def _serving(target: str, within: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("service", sorted(SERVICES))
-async def test_tickmesh_serve_runs_and_stops_cleanly(
-    service: str, nats_server: EmbeddedNats, tmp_path: Path
-) -> None:
+def _serve_env(
+    service: str, nats_url: str, tmp_path: Path, grpc_port: int, **settings: str
+) -> dict[str, str]:
+    """The environment of ``tickmesh serve service`` for one fresh tenant, plus ``settings``
+    (field names, without the service's prefix)."""
     prefix = f"TICKMESH_{SERVICES[service]}_"
-    port = free_port()
-    env = {
+    return {
         **os.environ,
-        f"{prefix}NATS_URL": nats_server.url,
+        f"{prefix}NATS_URL": nats_url,
         f"{prefix}TENANTS": new_tenant("s"),
-        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{port}",
+        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
         f"{prefix}STORE_URL": f"sqlite:///{tmp_path / 'state.db'}",
         f"{prefix}BLOB_URL": str(tmp_path / "blobs"),
+        **{prefix + name.upper(): value for name, value in settings.items()},
     }
-    tickmesh = Path(sys.executable).with_name("tickmesh")
-    process = await asyncio.create_subprocess_exec(
-        str(tickmesh),
+
+
+async def _spawn_serve(service: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """``tickmesh serve service`` with its stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("tickmesh")),
         "serve",
         service,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_tickmesh_serve_runs_and_stops_cleanly(
+    service: str, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = await _spawn_serve(service, _serve_env(service, nats_server.url, tmp_path, port))
     try:
         serving = await _serving(f"127.0.0.1:{port}", within=20)
         assert serving, f"{service} never reported SERVING"
@@ -83,25 +95,8 @@ async def test_tickmesh_serve_runs_and_stops_cleanly(
 async def test_sigterm_while_a_service_starts_stops_it_cleanly_once_started(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    prefix = "TICKMESH_STATE_"
-    env = {
-        **os.environ,
-        f"{prefix}NATS_URL": nats_server.url,
-        f"{prefix}TENANTS": new_tenant("st"),
-        f"{prefix}GRPC_LISTEN": f"127.0.0.1:{free_port()}",
-        f"{prefix}STORE_URL": f"sqlite:///{tmp_path / 'state.db'}",
-        f"{prefix}BLOB_URL": str(tmp_path / "blobs"),
-        f"{prefix}LOG_JSON": "false",
-    }
-    tickmesh = Path(sys.executable).with_name("tickmesh")
-    process = await asyncio.create_subprocess_exec(
-        str(tickmesh),
-        "serve",
-        "state",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    env = _serve_env("state", nats_server.url, tmp_path, free_port(), log_json="false")
+    process = await _spawn_serve("state", env)
     assert process.stderr is not None
     seen: list[str] = []
     try:
@@ -126,16 +121,8 @@ async def test_sigterm_while_a_service_starts_stops_it_cleanly_once_started(
 
 async def _fails_to_start(service: str, env: dict[str, str], within: float) -> tuple[str, float]:
     """Run ``tickmesh serve service``; it must exit 1 within ``within`` s. Returns stderr."""
-    tickmesh = Path(sys.executable).with_name("tickmesh")
     started = asyncio.get_running_loop().time()
-    process = await asyncio.create_subprocess_exec(
-        str(tickmesh),
-        "serve",
-        service,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await _spawn_serve(service, {**os.environ, **env})
     try:
         async with asyncio.timeout(within):
             _, stderr = await process.communicate()
