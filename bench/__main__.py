@@ -343,7 +343,7 @@ async def run_layout(
                 "stored_executions": stored,
                 "wall_s": run.wall_s,
                 "steps_per_s": stored / run.wall_s if run.wall_s > 0 else 0.0,
-                # Steps finished while every lane had a lifetime running (None: never all).
+                # Steps finished while every lane was busy (None: never all at once).
                 "steps_per_s_all_in_flight": steps_per_s_within(records, run.full_window()),
                 "all_in_flight_s": _span(run.full_window()),
                 "drain_s": drain_s,

@@ -81,13 +81,15 @@ class PhaseRun:
     errors: list[str] = field(default_factory=list)
     lifetime_s: list[float] = field(default_factory=list)
     full_from: float | None = None
-    """When ``concurrency`` lifetimes were first in flight at once (epoch seconds)."""
+    """When the last lane's first lifetime had started (epoch seconds): from then on every
+    lane is running a lifetime or starting its next one."""
     full_until: float | None = None
     """When the first lane found no lifetime left to start, so that fewer than
     ``concurrency`` were in flight from then on (epoch seconds)."""
 
     def full_window(self) -> tuple[float, float] | None:
-        """The time every lane had a lifetime in flight (start, end), if there was one."""
+        """The time every lane was busy, running a lifetime or starting its next (start,
+        end), if there was one."""
         if self.full_from is None or self.full_until is None:
             return None
         if self.full_until <= self.full_from:
@@ -174,11 +176,11 @@ class LoadGenerator:
         value = {"rounds": rounds}
         starting = asyncio.Semaphore(self.max_starting)
         lanes = max(1, min(concurrency, lifetimes))
-        in_flight = 0  # lifetimes started and not yet seen to end
+        lanes_started = 0  # lanes whose first lifetime has started
 
-        async def one(task: asyncio.Task[None] | None) -> None:
-            """Start one lifetime and wait for its end."""
-            nonlocal in_flight
+        async def one(task: asyncio.Task[None] | None, *, first: bool) -> bool:
+            """Start one lifetime and wait for its end; False if it did not start."""
+            nonlocal lanes_started
             t0 = time.perf_counter()
             try:
                 async with starting:
@@ -193,14 +195,15 @@ class LoadGenerator:
                     result.errors.append(
                         f"StartLifetime failed after {time.perf_counter() - t0:.2f}s: {exc}"
                     )
-                return
-            in_flight += 1
-            if in_flight == lanes and result.full_from is None:
-                result.full_from = time.time()
-            try:
-                state = await self.watcher.wait(handle.id, limit_s)
-            finally:
-                in_flight -= 1
+                return False
+            if first:
+                # Not "M in flight at one instant": a lane between two lifetimes is still
+                # busy (its next start is queued), and at M = 1,000 the first lifetimes
+                # can end before the last lane's first one has started.
+                lanes_started += 1
+                if lanes_started == lanes:
+                    result.full_from = time.time()
+            state = await self.watcher.wait(handle.id, limit_s)
             result.lifetime_s.append(time.perf_counter() - t0)
             result.lifetime_ids.append(handle.id)
             result.states[state] += 1
@@ -208,12 +211,15 @@ class LoadGenerator:
                 result.errors.append(
                     f"{handle.id}: {state} {self.watcher.error_of(handle.id)}".strip()
                 )
+            return True
 
         async def lane() -> None:
             task = asyncio.current_task()
+            first = True
             for _ in todo:  # shared: each lane takes the next lifetime when its own ended
-                await one(task)
-            # The first lane out of work ends the time every lane had a lifetime running.
+                if await one(task, first=first):
+                    first = False
+            # The first lane out of work ends the time every lane was busy.
             if result.full_until is None:
                 result.full_until = time.time()
 

@@ -153,7 +153,7 @@ def gaps(records: list[Record]) -> dict[str, Any]:
 
 def steps_per_s_within(records: list[Record], window: tuple[float, float] | None) -> float | None:
     """Steps finished per second within ``window`` (epoch seconds, start and end): the
-    throughput while every lane had a lifetime in flight, without the phase's ramp up
+    throughput while every lane was busy with a lifetime, without the phase's ramp up
     (lifetimes still being started) and ramp down (lanes out of work). None without a
     window."""
     if window is None:

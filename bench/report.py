@@ -194,8 +194,8 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
             + (" + PostgreSQL, Redis and S3 (moto)" if profile == "cloud" else "")
             + "; 'all' adds the worker and the load generator;"
             " 'other load' = share of the machine's CPU used by other processes meanwhile;"
-            "\n   'all M in flight' = steps/s while every lane had a lifetime running"
-            " (the phase without its ramp up and ramp down; '-' when it never had);"
+            "\n   'all M in flight' = steps/s from the last lane's first start until the first"
+            " lane ran out of work (the phase without its ramp up and ramp down);"
             "\n   'drain s' = time after the last lifetime ended until every consumer"
             " (lifetime events included) had caught up: CPU is counted over wall + drain;"
             "\n   'probe µs' = a fixed piece of work timed just before the phase: higher means"

@@ -92,3 +92,31 @@ async def test_one_lifetime_per_lane_gives_the_window_of_their_common_run() -> N
 async def test_a_phase_without_lifetimes_has_no_window() -> None:
     run = await generator(0.05).run(concurrency=2, lifetimes=0, rounds=1)
     assert run.full_window() is None
+
+
+class SlowStarts(Client):
+    """Each StartLifetime call takes ``took`` seconds."""
+
+    def __init__(self, took: float) -> None:
+        super().__init__()
+        self._took = took
+
+    async def start_lifetime(self, graph_id: str, value: Any, *, version: int) -> Handle:
+        await asyncio.sleep(self._took)
+        return await super().start_lifetime(graph_id, value, version=version)
+
+
+async def test_lanes_restarting_after_every_lane_started_keep_the_window_open() -> None:
+    # Starts queue one at a time and take 20 ms; lifetimes take 50 ms. The first lane's
+    # lifetime ends before the fourth lane's first one has started, so four lifetimes are
+    # never in flight at the same instant — yet from the fourth lane's first start on,
+    # every lane is busy (running or starting its next) until the first runs out of work.
+    load = generator(0.05)
+    load.client = SlowStarts(0.02)  # type: ignore[assignment]
+    load.max_starting = 1
+    run = await load.run(concurrency=4, lifetimes=12, rounds=1)
+
+    assert run.states["completed"] == 12
+    window = run.full_window()
+    assert window is not None, "every lane started and kept busy, yet no window"
+    assert window[1] - window[0] >= 0.05, window
