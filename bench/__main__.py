@@ -56,7 +56,10 @@ MESH_EXCLUDED = ("load-generator", "floor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("TICKMESH_BENCH_PROG", "python -m bench"),
+        description="The tickmesh benchmark (DESIGN.md §8). See bench/README.md.",
+    )
     p.add_argument("--concurrency", default="1,100,1000", help="comma-separated M values")
     p.add_argument("--steps", type=int, default=20, help="steps per lifetime N (even)")
     p.add_argument(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -182,7 +183,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.parked")
+    parser = argparse.ArgumentParser(
+        prog=os.environ.get("TICKMESH_BENCH_PROG", "python -m bench.parked")
+    )
     parser.add_argument("--lifetimes", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64, help="RPCs in flight")

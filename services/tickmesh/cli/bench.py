@@ -15,6 +15,7 @@ exits with 2.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TextIO
 
 PARKED = "parked"
+PROG_ENV = "TICKMESH_BENCH_PROG"
+"""Set for the benchmark's process: the command its usage lines name."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,8 +59,10 @@ def run(argv: Sequence[str], err: TextIO, *, package_dir: Path | None = None) ->
             "`make install`, then `tickmesh bench` (or `make bench`)\n"
         )
         return 2
-    module, rest = "bench", list(argv)
+    module, prog, rest = "bench", "tickmesh bench", list(argv)
     if rest and rest[0] == PARKED:
-        module, rest = "bench.parked", rest[1:]
-    # The benchmark imports its modules and starts its processes from the checkout's root.
-    return subprocess.call([sys.executable, "-m", module, *rest], cwd=root)
+        module, prog, rest = "bench.parked", f"tickmesh bench {PARKED}", rest[1:]
+    # The benchmark imports its modules and starts its processes from the checkout's root;
+    # its usage lines name the command typed here, not the module run.
+    env = {**os.environ, PROG_ENV: prog}
+    return subprocess.call([sys.executable, "-m", module, *rest], cwd=root, env=env)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
+
 from tickmesh.cli import bench
 
 REPO = Path(__file__).resolve().parents[3]
@@ -31,3 +33,13 @@ def test_a_services_folder_without_the_benchmark_is_not_a_checkout(tmp_path: Pat
     package.mkdir(parents=True)
 
     assert bench.checkout(package) is None
+
+
+def test_its_help_names_the_command_the_user_typed(capfd: pytest.CaptureFixture[str]) -> None:
+    err = io.StringIO()
+    assert bench.run(["--help"], err) == 0
+    assert bench.run(["parked", "--help"], err) == 0
+    out = capfd.readouterr().out
+    assert "usage: tickmesh bench [-h]" in out
+    assert "usage: tickmesh bench parked [-h]" in out
+    assert "python -m bench" not in out
