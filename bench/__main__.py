@@ -33,6 +33,7 @@ from . import guardrail as guardrail_bench
 from .cloud import CloudServers, CloudSetupError, finish_in_thread
 from .cluster import REPO, Cluster, Layout, read_line
 from .hops import Tap
+from .invocation import invocation
 from .load import LoadGenerator
 from .machine import describe, speed_probe
 from .monitor import Monitor, Monitored, machine_busy_seconds
@@ -56,9 +57,9 @@ MESH_EXCLUDED = ("load-generator", "floor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    prog, argv = invocation(argv, "python -m bench")
     p = argparse.ArgumentParser(
-        prog=os.environ.get("TICKMESH_BENCH_PROG", "python -m bench"),
-        description="The tickmesh benchmark (DESIGN.md §8). See bench/README.md.",
+        prog=prog, description="The tickmesh benchmark (DESIGN.md §8). See bench/README.md."
     )
     p.add_argument("--concurrency", default="1,100,1000", help="comma-separated M values")
     p.add_argument("--steps", type=int, default=20, help="steps per lifetime N (even)")

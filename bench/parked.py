@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from tickmesh.sdk import Client, load_graph_yaml
 from .cloud import finish_in_thread
 from .cluster import Cluster
 from .handlers import PARK_GRAPH_ID, PARK_GRAPH_YAML
+from .invocation import invocation
 from .machine import describe
 from .monitor import rss_bytes
 
@@ -183,9 +183,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=os.environ.get("TICKMESH_BENCH_PROG", "python -m bench.parked")
-    )
+    prog, argv = invocation(argv, "python -m bench.parked")
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--lifetimes", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64, help="RPCs in flight")

@@ -130,8 +130,8 @@ def test_version_prints_the_installed_version() -> None:
 @pytest.mark.parametrize(
     ("argv", "usage"),
     [
-        (["bench"], "usage: python -m bench "),
-        (["bench", "parked"], "usage: python -m bench.parked"),
+        (["bench"], "usage: tickmesh bench [-h]"),
+        (["bench", "parked"], "usage: tickmesh bench parked [-h]"),
     ],
 )
 def test_bench_runs_the_checkouts_benchmark_with_its_options_from_any_directory(

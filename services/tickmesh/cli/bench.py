@@ -15,7 +15,6 @@ exits with 2.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import TextIO
 
 PARKED = "parked"
-PROG_ENV = "TICKMESH_BENCH_PROG"
-"""Set for the benchmark's process: the command its usage lines name."""
+PROG_OPTION = "--prog"
+"""The benchmark's first option, naming the command its usage lines show
+(bench/invocation.py)."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,5 +64,4 @@ def run(argv: Sequence[str], err: TextIO, *, package_dir: Path | None = None) ->
         module, prog, rest = "bench.parked", f"tickmesh bench {PARKED}", rest[1:]
     # The benchmark imports its modules and starts its processes from the checkout's root;
     # its usage lines name the command typed here, not the module run.
-    env = {**os.environ, PROG_ENV: prog}
-    return subprocess.call([sys.executable, "-m", module, *rest], cwd=root, env=env)
+    return subprocess.call([sys.executable, "-m", module, PROG_OPTION, prog, *rest], cwd=root)
