@@ -237,9 +237,19 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
     listed = await harness.router.ListLifetimes(RS.ListLifetimesRequest(), metadata=harness.md)
     assert [v.lifetime_id for v in listed.lifetimes] == [done_id, idle.lifetime.lifetime_id]
     assert listed.lifetimes[0].state == LS.LIFETIME_STATE_COMPLETED
+    # Watched, it replays the history the state service stored, and ends.
+    watched = [
+        r.event
+        async for r in harness.router.WatchLifetime(
+            RS.WatchLifetimeRequest(lifetime_id=done_id), metadata=harness.md
+        )
+    ]
+    assert [e.sequence for e in watched] == list(range(1, got.lifetime.last_sequence + 1))
+    assert watched[-1].state == LS.LIFETIME_STATE_COMPLETED
     await expect_status(
         harness.router.WatchLifetime(
-            RS.WatchLifetimeRequest(lifetime_id=done_id), metadata=harness.md
+            RS.WatchLifetimeRequest(lifetime_id="01900000-0000-7000-8000-000000000000"),
+            metadata=harness.md,
         ).read(),
         grpc.StatusCode.NOT_FOUND,
     )

@@ -677,6 +677,47 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
     )
 
 
+async def test_lifetime_events_are_listed_once_on_the_bus_and_only_to_their_tenant(
+    state: StateHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListLifetimeEvents (what a watch reads once the event stream has dropped a part of a
+    history) waits for the events on the bus to be stored, and lists a tenant's own only."""
+    names = TenantNames(state.tenant)
+    js = state.nc.jetstream()
+    released = hold_back(monkeypatch, state.service.store, "apply_events")
+    for sequence in (1, 2, 3):
+        envelope = make_envelope("lifetime_event")
+        envelope.header.tenant_id = state.tenant
+        envelope.header.lifetime_id = LIFETIME_A
+        envelope.lifetime_event.sequence = envelope.header.sequence = sequence
+        await js.publish(
+            names.evt(LIFETIME_A),
+            encode_envelope(envelope),
+            headers={
+                HDR_TYPE: "lifetime_event",
+                HDR_MSG_ID: f"evt:{LIFETIME_A}:{sequence}",
+                HDR_TENANT: state.tenant,
+            },
+        )
+
+    async def listed(tenant: str, after: int = 0, size: int = 0) -> list[int]:
+        response: SS.ListLifetimeEventsResponse = await state.stub.ListLifetimeEvents(
+            SS.ListLifetimeEventsRequest(
+                lifetime_id=LIFETIME_A, after_sequence=after, page_size=size
+            ),
+            metadata=tenant_metadata(tenant),
+        )
+        return [e.sequence for e in response.events]
+
+    read = asyncio.create_task(listed(state.tenant))
+    await asyncio.sleep(0.3)
+    assert not read.done()
+    released.set()
+    assert await asyncio.wait_for(read, 5) == [1, 2, 3]
+    assert await listed(state.tenant, after=1, size=1) == [2]
+    assert await listed(state.other) == []
+
+
 # --- records from the bus -------------------------------------------------------------
 
 

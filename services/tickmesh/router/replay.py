@@ -104,6 +104,14 @@ class HistorySource(Protocol):
         token ("" at the end)."""
         ...
 
+    async def events(
+        self, tenant: str, lifetime_id: str, *, after_sequence: int, limit: int
+    ) -> list[lifetime_pb2.LifetimeEvent]:
+        """Up to ``limit`` of a lifetime's stored events after ``after_sequence``, in
+        sequence order (the history a watch replays once the event stream has dropped
+        it)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -135,6 +143,10 @@ class ExecutionStore(Protocol):
         graph_id: str = "",
         limit: int = 100,
     ) -> list[lifetime_pb2.AgentLifetime]: ...
+
+    async def list_events(
+        self, tenant: str, lifetime_id: str, *, after_sequence: int = 0, limit: int = 1000
+    ) -> list[lifetime_pb2.LifetimeEvent]: ...
 
 
 @dataclass(frozen=True)
@@ -214,6 +226,15 @@ class StoreHistorySource:
         rows = rows[: page.size]
         return rows, rows[-1].lifetime_id if more and rows else ""
 
+    async def events(
+        self, tenant: str, lifetime_id: str, *, after_sequence: int, limit: int
+    ) -> list[lifetime_pb2.LifetimeEvent]:
+        if self._events_caught_up is not None:
+            await require_records_stored(self._events_caught_up, tenant, what="lifetime events")
+        return await self._store.list_events(
+            tenant, lifetime_id, after_sequence=after_sequence, limit=limit
+        )
+
     async def _rows_caught_up(self, tenant: str) -> None:
         if self._caught_up is not None:
             await require_records_stored(self._caught_up, tenant)
@@ -225,9 +246,10 @@ class StoreHistorySource:
 
 
 class StateRpcHistorySource:
-    """Reads a remote state service: ``ListExecutions``, ``GetLifetimeRecord`` and
-    ``ListLifetimeRecords``. A state service that does not answer is a ``TransportError``
-    (UNAVAILABLE to the router's callers), not an internal error."""
+    """Reads a remote state service: ``ListExecutions``, ``GetLifetimeRecord``,
+    ``ListLifetimeRecords`` and ``ListLifetimeEvents``. A state service that does not
+    answer is a ``TransportError`` (UNAVAILABLE to the router's callers), not an internal
+    error."""
 
     def __init__(
         self,
@@ -294,6 +316,21 @@ class StateRpcHistorySource:
                 )
             )
         return list(response.lifetimes), response.next_page_token
+
+    async def events(
+        self, tenant: str, lifetime_id: str, *, after_sequence: int, limit: int
+    ) -> list[lifetime_pb2.LifetimeEvent]:
+        with self._answered(f"the events of lifetime {lifetime_id}"):
+            response: state_service_pb2.ListLifetimeEventsResponse = (
+                await self._stub.ListLifetimeEvents(
+                    state_service_pb2.ListLifetimeEventsRequest(
+                        lifetime_id=lifetime_id, after_sequence=after_sequence, page_size=limit
+                    ),
+                    metadata=((TENANT_METADATA_KEY, tenant),),
+                    timeout=self._timeout_s,
+                )
+            )
+        return list(response.events)
 
     @contextlib.contextmanager
     def _answered(self, what: str) -> Iterator[None]:

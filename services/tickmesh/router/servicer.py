@@ -33,6 +33,7 @@ from tickmesh.v1 import (
 from . import core
 from . import fork as fork_
 from . import replay as replay_
+from . import watch as watch_
 from .graphs import compile_definition, issues_to_proto, validate_definition
 from .processor import Processor, Tenant, retrace
 from .store import ConflictError
@@ -217,13 +218,40 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self, request: pb.WatchLifetimeRequest, context: Context
     ) -> AsyncIterator[pb.WatchLifetimeResponse]:
         tenant = self._tenant(context)
-        await _load_view(tenant, request.lifetime_id)  # NOT_FOUND before streaming
-        subject = tenant.names.evt(request.lifetime_id)
+        lifetime_id = request.lifetime_id
+        after = request.after_sequence
+        loaded = await tenant.store.load(lifetime_id, fresh=True)
+        if loaded is None:
+            # Gone from the router's bucket (finished_retention_s): the state service holds
+            # its record and history, if anything does.
+            if await self._record_of(tenant, lifetime_id) is None:
+                raise NotFoundError(f"no lifetime {lifetime_id!r}")
+            async for event in self._stored_events(tenant, lifetime_id, after):
+                yield pb.WatchLifetimeResponse(event=event)
+            return
+        names = tenant.names
+        subject = names.evt(lifetime_id)
         sub = await tenant.link.js.subscribe(
             subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
         ended = False
         try:
+            if self._history is not None:
+                # The stream keeps events for its max age; what it no longer holds of the
+                # history asked for is read from the state service first.
+                oldest = await watch_.oldest_streamed(tenant.link.js, names.evt_stream, subject)
+                missing = (
+                    loaded.state.lifetime.last_sequence > after
+                    if oldest is None
+                    else oldest > after + 1
+                )
+                if missing:
+                    async for event in self._stored_events(tenant, lifetime_id, after, oldest):
+                        yield pb.WatchLifetimeResponse(event=event)
+                        after = event.sequence
+                        ended = ended or _ends(event)
+                    if ended and after and await _history_complete(tenant, lifetime_id, after):
+                        return
             while True:
                 try:
                     # Once the lifetime has ended, only late step results can follow.
@@ -240,20 +268,28 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                     continue
                 for event in events:
                     # Out-of-band events (sequence 0, e.g. dead letters) are always shown.
-                    if event.sequence == 0 or event.sequence > request.after_sequence:
+                    if event.sequence == 0 or event.sequence > after:
                         yield pb.WatchLifetimeResponse(event=event)
-                    if (
-                        event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
-                        and event.state in core.TERMINAL
-                    ):
-                        ended = True
+                    ended = ended or _ends(event)
                 last = events[-1].sequence
                 # The check runs for skipped events too, so a watch resumed after the
                 # end ends as soon as the history is complete.
-                if ended and last and await _history_complete(tenant, request.lifetime_id, last):
+                if ended and last and await _history_complete(tenant, lifetime_id, last):
                     return
         finally:
             await sub.unsubscribe()
+
+    def _stored_events(
+        self, tenant: Tenant, lifetime_id: str, after: int, before: int | None = None
+    ) -> AsyncIterator[lifetime_pb2.LifetimeEvent]:
+        history = self._require_history()
+        return watch_.stored_events(
+            history,
+            tenant.names.tenant,
+            lifetime_id,
+            after_sequence=after,
+            before_sequence=before,
+        )
 
     @unary_errors
     async def PauseLifetime(
@@ -430,6 +466,13 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 "this router has no history source: set TICKMESH_ROUTER_STATE_TARGET",
             )
         return self._history
+
+
+def _ends(event: lifetime_pb2.LifetimeEvent) -> bool:
+    return (
+        event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
+        and event.state in core.TERMINAL
+    )
 
 
 async def _history_complete(tenant: Tenant, lifetime_id: str, sequence: int) -> bool:

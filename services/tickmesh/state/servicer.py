@@ -161,6 +161,25 @@ class StateServicer(pb_grpc.StateServiceServicer):
             lifetimes=rows, next_page_token=rows[-1].lifetime_id if more and rows else ""
         )
 
+    @unary_errors
+    async def ListLifetimeEvents(
+        self, request: pb.ListLifetimeEventsRequest, context: Context
+    ) -> pb.ListLifetimeEventsResponse:
+        tenant = self._tenant(context)
+        if not request.lifetime_id:
+            raise ValidationError("lifetime_id is required")
+        # Whatever the caller saw on the event stream is stored before the read.
+        await require_records_stored(
+            lambda t: self._consumers(t).events_stored(), tenant, what="lifetime events"
+        )
+        events = await self._store.list_events(
+            tenant,
+            request.lifetime_id,
+            after_sequence=request.after_sequence,
+            limit=min(request.page_size or 1000, 1000),
+        )
+        return pb.ListLifetimeEventsResponse(events=events)
+
     async def _lifetime_rows_so_far(self, tenant: str) -> None:
         """Wait until the lifetime rows hold what the caller saw: their execution_count and
         totals come from the counters the records feed, the rest from the lifetime events

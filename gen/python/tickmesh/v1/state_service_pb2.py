@@ -30,17 +30,17 @@ from tickmesh.v1 import payload_pb2 as tickmesh_dot_v1_dot_payload__pb2
 from tickmesh.v1 import telemetry_pb2 as tickmesh_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftickmesh/v1/state_service.proto\x12\x0btickmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atickmesh/v1/envelope.proto\x1a\x1btickmesh/v1/execution.proto\x1a\x1atickmesh/v1/lifetime.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x1btickmesh/v1/telemetry.proto\"V\n\x16\x41ppendExecutionRequest\x12<\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1e.tickmesh.v1.ExecutionEnvelopeR\tenvelopes\"\x91\x01\n\rAppendOutcome\x12!\n\x0c\x65xecution_id\x18\x01 \x01(\tR\x0b\x65xecutionId\x12\x18\n\x07\x61ttempt\x18\x02 \x01(\rR\x07\x61ttempt\x12\x1c\n\tduplicate\x18\x03 \x01(\x08R\tduplicate\x12%\n\x0estore_sequence\x18\x04 \x01(\x04R\rstoreSequence\"Q\n\x17\x41ppendExecutionResponse\x12\x36\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.tickmesh.v1.AppendOutcomeR\x08outcomes\"R\n\x13GetExecutionRequest\x12!\n\x0c\x65xecution_id\x18\x01 \x01(\tR\x0b\x65xecutionId\x12\x18\n\x07\x61ttempt\x18\x02 \x01(\rR\x07\x61ttempt\"O\n\x14GetExecutionResponse\x12\x37\n\texecution\x18\x01 \x01(\x0b\x32\x19.tickmesh.v1.ExecutionRefR\texecution\"t\n\x15ListExecutionsRequest\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\x12\x1b\n\tpage_size\x18\x02 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken\"{\n\x16ListExecutionsResponse\x12\x39\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.tickmesh.v1.ExecutionRefR\nexecutions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\";\n\x18GetLifetimeRecordRequest\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\"S\n\x19GetLifetimeRecordResponse\x12\x36\n\x08lifetime\x18\x01 \x01(\x0b\x32\x1a.tickmesh.v1.AgentLifetimeR\x08lifetime\"\xa7\x01\n\x1aListLifetimeRecordsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x32\n\x06states\x18\x03 \x03(\x0e\x32\x1a.tickmesh.v1.LifetimeStateR\x06states\x12\x19\n\x08graph_id\x18\x04 \x01(\tR\x07graphId\"\x7f\n\x1bListLifetimeRecordsResponse\x12\x38\n\tlifetimes\x18\x01 \x03(\x0b\x32\x1a.tickmesh.v1.AgentLifetimeR\tlifetimes\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x8d\x01\n\x12GetCountersRequest\x12/\n\x05scope\x18\x01 \x01(\x0e\x32\x19.tickmesh.v1.CounterScopeR\x05scope\x12\x1f\n\x0blifetime_id\x18\x02 \x01(\tR\nlifetimeId\x12%\n\x0ewindow_seconds\x18\x03 \x01(\x04R\rwindowSeconds\"e\n\x13GetCountersResponse\x12.\n\x06totals\x18\x01 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\x06totals\x12\x1e\n\nexecutions\x18\x02 \x01(\x04R\nexecutions\"\xc7\x01\n\x0fGetUsageRequest\x12\x30\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x05since\x12\x30\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x05until\x12\x19\n\x08graph_id\x18\x03 \x01(\tR\x07graphId\x12\x35\n\x08group_by\x18\x04 \x01(\x0e\x32\x1a.tickmesh.v1.UsageGroupingR\x07groupBy\"\xcd\x01\n\x08UsageRow\x12\x19\n\x08graph_id\x18\x01 \x01(\tR\x07graphId\x12#\n\rgraph_version\x18\x02 \x01(\rR\x0cgraphVersion\x12\x17\n\x07node_id\x18\x03 \x01(\tR\x06nodeId\x12\x18\n\x07handler\x18\x04 \x01(\tR\x07handler\x12\x1e\n\nexecutions\x18\x05 \x01(\x04R\nexecutions\x12.\n\x06totals\x18\x06 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\x06totals\"\x8d\x01\n\x10GetUsageResponse\x12)\n\x04rows\x18\x01 \x03(\x0b\x32\x15.tickmesh.v1.UsageRowR\x04rows\x12.\n\x06totals\x18\x02 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\x06totals\x12\x1e\n\nexecutions\x18\x03 \x01(\x04R\nexecutions\"[\n\nBlobUpload\x12!\n\x0c\x63ontent_type\x18\x01 \x01(\tR\x0b\x63ontentType\x12\x12\n\x04size\x18\x02 \x01(\x04R\x04size\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\"c\n\x0ePutBlobRequest\x12\x31\n\x06upload\x18\x01 \x01(\x0b\x32\x17.tickmesh.v1.BlobUploadH\x00R\x06upload\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part\";\n\x0fPutBlobResponse\x12(\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.BlobRefR\x04\x62lob\"\"\n\x0eGetBlobRequest\x12\x10\n\x03uri\x18\x01 \x01(\tR\x03uri\"]\n\x0fGetBlobResponse\x12*\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.BlobRefH\x00R\x04\x62lob\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part*c\n\x0c\x43ounterScope\x12\x1d\n\x19\x43OUNTER_SCOPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43OUNTER_SCOPE_LIFETIME\x10\x01\x12\x18\n\x14\x43OUNTER_SCOPE_TENANT\x10\x02*b\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x18\n\x14USAGE_GROUPING_GRAPH\x10\x01\x12\x17\n\x13USAGE_GROUPING_NODE\x10\x02\x32\x95\x06\n\x0cStateService\x12\\\n\x0f\x41ppendExecution\x12#.tickmesh.v1.AppendExecutionRequest\x1a$.tickmesh.v1.AppendExecutionResponse\x12S\n\x0cGetExecution\x12 .tickmesh.v1.GetExecutionRequest\x1a!.tickmesh.v1.GetExecutionResponse\x12Y\n\x0eListExecutions\x12\".tickmesh.v1.ListExecutionsRequest\x1a#.tickmesh.v1.ListExecutionsResponse\x12\x62\n\x11GetLifetimeRecord\x12%.tickmesh.v1.GetLifetimeRecordRequest\x1a&.tickmesh.v1.GetLifetimeRecordResponse\x12h\n\x13ListLifetimeRecords\x12\'.tickmesh.v1.ListLifetimeRecordsRequest\x1a(.tickmesh.v1.ListLifetimeRecordsResponse\x12P\n\x0bGetCounters\x12\x1f.tickmesh.v1.GetCountersRequest\x1a .tickmesh.v1.GetCountersResponse\x12G\n\x08GetUsage\x12\x1c.tickmesh.v1.GetUsageRequest\x1a\x1d.tickmesh.v1.GetUsageResponse\x12\x46\n\x07PutBlob\x12\x1b.tickmesh.v1.PutBlobRequest\x1a\x1c.tickmesh.v1.PutBlobResponse(\x01\x12\x46\n\x07GetBlob\x12\x1b.tickmesh.v1.GetBlobRequest\x1a\x1c.tickmesh.v1.GetBlobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftickmesh/v1/state_service.proto\x12\x0btickmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atickmesh/v1/envelope.proto\x1a\x1btickmesh/v1/execution.proto\x1a\x1atickmesh/v1/lifetime.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x1btickmesh/v1/telemetry.proto\"V\n\x16\x41ppendExecutionRequest\x12<\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1e.tickmesh.v1.ExecutionEnvelopeR\tenvelopes\"\x91\x01\n\rAppendOutcome\x12!\n\x0c\x65xecution_id\x18\x01 \x01(\tR\x0b\x65xecutionId\x12\x18\n\x07\x61ttempt\x18\x02 \x01(\rR\x07\x61ttempt\x12\x1c\n\tduplicate\x18\x03 \x01(\x08R\tduplicate\x12%\n\x0estore_sequence\x18\x04 \x01(\x04R\rstoreSequence\"Q\n\x17\x41ppendExecutionResponse\x12\x36\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.tickmesh.v1.AppendOutcomeR\x08outcomes\"R\n\x13GetExecutionRequest\x12!\n\x0c\x65xecution_id\x18\x01 \x01(\tR\x0b\x65xecutionId\x12\x18\n\x07\x61ttempt\x18\x02 \x01(\rR\x07\x61ttempt\"O\n\x14GetExecutionResponse\x12\x37\n\texecution\x18\x01 \x01(\x0b\x32\x19.tickmesh.v1.ExecutionRefR\texecution\"t\n\x15ListExecutionsRequest\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\x12\x1b\n\tpage_size\x18\x02 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken\"{\n\x16ListExecutionsResponse\x12\x39\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.tickmesh.v1.ExecutionRefR\nexecutions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\";\n\x18GetLifetimeRecordRequest\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\"S\n\x19GetLifetimeRecordResponse\x12\x36\n\x08lifetime\x18\x01 \x01(\x0b\x32\x1a.tickmesh.v1.AgentLifetimeR\x08lifetime\"\xa7\x01\n\x1aListLifetimeRecordsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\rR\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x32\n\x06states\x18\x03 \x03(\x0e\x32\x1a.tickmesh.v1.LifetimeStateR\x06states\x12\x19\n\x08graph_id\x18\x04 \x01(\tR\x07graphId\"\x7f\n\x1bListLifetimeRecordsResponse\x12\x38\n\tlifetimes\x18\x01 \x03(\x0b\x32\x1a.tickmesh.v1.AgentLifetimeR\tlifetimes\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x80\x01\n\x19ListLifetimeEventsRequest\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\x12%\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04R\rafterSequence\x12\x1b\n\tpage_size\x18\x03 \x01(\rR\x08pageSize\"P\n\x1aListLifetimeEventsResponse\x12\x32\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.tickmesh.v1.LifetimeEventR\x06\x65vents\"\x8d\x01\n\x12GetCountersRequest\x12/\n\x05scope\x18\x01 \x01(\x0e\x32\x19.tickmesh.v1.CounterScopeR\x05scope\x12\x1f\n\x0blifetime_id\x18\x02 \x01(\tR\nlifetimeId\x12%\n\x0ewindow_seconds\x18\x03 \x01(\x04R\rwindowSeconds\"e\n\x13GetCountersResponse\x12.\n\x06totals\x18\x01 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\x06totals\x12\x1e\n\nexecutions\x18\x02 \x01(\x04R\nexecutions\"\xc7\x01\n\x0fGetUsageRequest\x12\x30\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x05since\x12\x30\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x05until\x12\x19\n\x08graph_id\x18\x03 \x01(\tR\x07graphId\x12\x35\n\x08group_by\x18\x04 \x01(\x0e\x32\x1a.tickmesh.v1.UsageGroupingR\x07groupBy\"\xcd\x01\n\x08UsageRow\x12\x19\n\x08graph_id\x18\x01 \x01(\tR\x07graphId\x12#\n\rgraph_version\x18\x02 \x01(\rR\x0cgraphVersion\x12\x17\n\x07node_id\x18\x03 \x01(\tR\x06nodeId\x12\x18\n\x07handler\x18\x04 \x01(\tR\x07handler\x12\x1e\n\nexecutions\x18\x05 \x01(\x04R\nexecutions\x12.\n\x06totals\x18\x06 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\x06totals\"\x8d\x01\n\x10GetUsageResponse\x12)\n\x04rows\x18\x01 \x03(\x0b\x32\x15.tickmesh.v1.UsageRowR\x04rows\x12.\n\x06totals\x18\x02 \x01(\x0b\x32\x16.tickmesh.v1.TelemetryR\x06totals\x12\x1e\n\nexecutions\x18\x03 \x01(\x04R\nexecutions\"[\n\nBlobUpload\x12!\n\x0c\x63ontent_type\x18\x01 \x01(\tR\x0b\x63ontentType\x12\x12\n\x04size\x18\x02 \x01(\x04R\x04size\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\"c\n\x0ePutBlobRequest\x12\x31\n\x06upload\x18\x01 \x01(\x0b\x32\x17.tickmesh.v1.BlobUploadH\x00R\x06upload\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part\";\n\x0fPutBlobResponse\x12(\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.BlobRefR\x04\x62lob\"\"\n\x0eGetBlobRequest\x12\x10\n\x03uri\x18\x01 \x01(\tR\x03uri\"]\n\x0fGetBlobResponse\x12*\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.tickmesh.v1.BlobRefH\x00R\x04\x62lob\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part*c\n\x0c\x43ounterScope\x12\x1d\n\x19\x43OUNTER_SCOPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43OUNTER_SCOPE_LIFETIME\x10\x01\x12\x18\n\x14\x43OUNTER_SCOPE_TENANT\x10\x02*b\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x18\n\x14USAGE_GROUPING_GRAPH\x10\x01\x12\x17\n\x13USAGE_GROUPING_NODE\x10\x02\x32\xfc\x06\n\x0cStateService\x12\\\n\x0f\x41ppendExecution\x12#.tickmesh.v1.AppendExecutionRequest\x1a$.tickmesh.v1.AppendExecutionResponse\x12S\n\x0cGetExecution\x12 .tickmesh.v1.GetExecutionRequest\x1a!.tickmesh.v1.GetExecutionResponse\x12Y\n\x0eListExecutions\x12\".tickmesh.v1.ListExecutionsRequest\x1a#.tickmesh.v1.ListExecutionsResponse\x12\x62\n\x11GetLifetimeRecord\x12%.tickmesh.v1.GetLifetimeRecordRequest\x1a&.tickmesh.v1.GetLifetimeRecordResponse\x12h\n\x13ListLifetimeRecords\x12\'.tickmesh.v1.ListLifetimeRecordsRequest\x1a(.tickmesh.v1.ListLifetimeRecordsResponse\x12\x65\n\x12ListLifetimeEvents\x12&.tickmesh.v1.ListLifetimeEventsRequest\x1a\'.tickmesh.v1.ListLifetimeEventsResponse\x12P\n\x0bGetCounters\x12\x1f.tickmesh.v1.GetCountersRequest\x1a .tickmesh.v1.GetCountersResponse\x12G\n\x08GetUsage\x12\x1c.tickmesh.v1.GetUsageRequest\x1a\x1d.tickmesh.v1.GetUsageResponse\x12\x46\n\x07PutBlob\x12\x1b.tickmesh.v1.PutBlobRequest\x1a\x1c.tickmesh.v1.PutBlobResponse(\x01\x12\x46\n\x07GetBlob\x12\x1b.tickmesh.v1.GetBlobRequest\x1a\x1c.tickmesh.v1.GetBlobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tickmesh.v1.state_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COUNTERSCOPE']._serialized_start=2581
-  _globals['_COUNTERSCOPE']._serialized_end=2680
-  _globals['_USAGEGROUPING']._serialized_start=2682
-  _globals['_USAGEGROUPING']._serialized_end=2780
+  _globals['_COUNTERSCOPE']._serialized_start=2794
+  _globals['_COUNTERSCOPE']._serialized_end=2893
+  _globals['_USAGEGROUPING']._serialized_start=2895
+  _globals['_USAGEGROUPING']._serialized_end=2993
   _globals['_APPENDEXECUTIONREQUEST']._serialized_start=222
   _globals['_APPENDEXECUTIONREQUEST']._serialized_end=308
   _globals['_APPENDOUTCOME']._serialized_start=311
@@ -63,26 +63,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTLIFETIMERECORDSREQUEST']._serialized_end=1263
   _globals['_LISTLIFETIMERECORDSRESPONSE']._serialized_start=1265
   _globals['_LISTLIFETIMERECORDSRESPONSE']._serialized_end=1392
-  _globals['_GETCOUNTERSREQUEST']._serialized_start=1395
-  _globals['_GETCOUNTERSREQUEST']._serialized_end=1536
-  _globals['_GETCOUNTERSRESPONSE']._serialized_start=1538
-  _globals['_GETCOUNTERSRESPONSE']._serialized_end=1639
-  _globals['_GETUSAGEREQUEST']._serialized_start=1642
-  _globals['_GETUSAGEREQUEST']._serialized_end=1841
-  _globals['_USAGEROW']._serialized_start=1844
-  _globals['_USAGEROW']._serialized_end=2049
-  _globals['_GETUSAGERESPONSE']._serialized_start=2052
-  _globals['_GETUSAGERESPONSE']._serialized_end=2193
-  _globals['_BLOBUPLOAD']._serialized_start=2195
-  _globals['_BLOBUPLOAD']._serialized_end=2286
-  _globals['_PUTBLOBREQUEST']._serialized_start=2288
-  _globals['_PUTBLOBREQUEST']._serialized_end=2387
-  _globals['_PUTBLOBRESPONSE']._serialized_start=2389
-  _globals['_PUTBLOBRESPONSE']._serialized_end=2448
-  _globals['_GETBLOBREQUEST']._serialized_start=2450
-  _globals['_GETBLOBREQUEST']._serialized_end=2484
-  _globals['_GETBLOBRESPONSE']._serialized_start=2486
-  _globals['_GETBLOBRESPONSE']._serialized_end=2579
-  _globals['_STATESERVICE']._serialized_start=2783
-  _globals['_STATESERVICE']._serialized_end=3572
+  _globals['_LISTLIFETIMEEVENTSREQUEST']._serialized_start=1395
+  _globals['_LISTLIFETIMEEVENTSREQUEST']._serialized_end=1523
+  _globals['_LISTLIFETIMEEVENTSRESPONSE']._serialized_start=1525
+  _globals['_LISTLIFETIMEEVENTSRESPONSE']._serialized_end=1605
+  _globals['_GETCOUNTERSREQUEST']._serialized_start=1608
+  _globals['_GETCOUNTERSREQUEST']._serialized_end=1749
+  _globals['_GETCOUNTERSRESPONSE']._serialized_start=1751
+  _globals['_GETCOUNTERSRESPONSE']._serialized_end=1852
+  _globals['_GETUSAGEREQUEST']._serialized_start=1855
+  _globals['_GETUSAGEREQUEST']._serialized_end=2054
+  _globals['_USAGEROW']._serialized_start=2057
+  _globals['_USAGEROW']._serialized_end=2262
+  _globals['_GETUSAGERESPONSE']._serialized_start=2265
+  _globals['_GETUSAGERESPONSE']._serialized_end=2406
+  _globals['_BLOBUPLOAD']._serialized_start=2408
+  _globals['_BLOBUPLOAD']._serialized_end=2499
+  _globals['_PUTBLOBREQUEST']._serialized_start=2501
+  _globals['_PUTBLOBREQUEST']._serialized_end=2600
+  _globals['_PUTBLOBRESPONSE']._serialized_start=2602
+  _globals['_PUTBLOBRESPONSE']._serialized_end=2661
+  _globals['_GETBLOBREQUEST']._serialized_start=2663
+  _globals['_GETBLOBREQUEST']._serialized_end=2697
+  _globals['_GETBLOBRESPONSE']._serialized_start=2699
+  _globals['_GETBLOBRESPONSE']._serialized_end=2792
+  _globals['_STATESERVICE']._serialized_start=2996
+  _globals['_STATESERVICE']._serialized_end=3888
 # @@protoc_insertion_point(module_scope)

@@ -374,6 +374,62 @@ class ListLifetimeRecordsResponse(_message.Message):
 Global___ListLifetimeRecordsResponse: _TypeAlias = ListLifetimeRecordsResponse  # noqa: Y015
 
 @_typing.final
+class ListLifetimeEventsRequest(_message.Message):
+    """ListLifetimeEventsRequest asks for a lifetime's events after a sequence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIFETIME_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    lifetime_id: _builtins.str
+    """lifetime_id is the lifetime whose events to list."""
+    after_sequence: _builtins.int
+    """after_sequence skips the events up to and including this sequence."""
+    page_size: _builtins.int
+    """page_size bounds the page; 0 means 1000, and at most 1000 are returned."""
+    def __init__(
+        self,
+        *,
+        lifetime_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "lifetime_id", b"lifetime_id", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLifetimeEventsRequest: _TypeAlias = ListLifetimeEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListLifetimeEventsResponse(_message.Message):
+    """ListLifetimeEventsResponse returns a page of a lifetime's events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_lifetime_pb2.LifetimeEvent]:
+        """events are in sequence order, every one after after_sequence; fewer than
+        page_size means no more are stored yet.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_lifetime_pb2.LifetimeEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLifetimeEventsResponse: _TypeAlias = ListLifetimeEventsResponse  # noqa: Y015
+
+@_typing.final
 class GetCountersRequest(_message.Message):
     """GetCountersRequest asks for cumulative usage."""
 

@@ -63,6 +63,11 @@ class StateServiceStub:
                 request_serializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsRequest.SerializeToString,
                 response_deserializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsResponse.FromString,
                 _registered_method=True)
+        self.ListLifetimeEvents = channel.unary_unary(
+                '/tickmesh.v1.StateService/ListLifetimeEvents',
+                request_serializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeEventsRequest.SerializeToString,
+                response_deserializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeEventsResponse.FromString,
+                _registered_method=True)
         self.GetCounters = channel.unary_unary(
                 '/tickmesh.v1.StateService/GetCounters',
                 request_serializer=tickmesh_dot_v1_dot_state__service__pb2.GetCountersRequest.SerializeToString,
@@ -129,6 +134,14 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLifetimeEvents(self, request, context):
+        """ListLifetimeEvents returns a page of a lifetime's stored events, in sequence
+        order: its history once the event stream no longer holds all of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCounters(self, request, context):
         """GetCounters returns cumulative usage for a lifetime or the whole tenant.
         """
@@ -185,6 +198,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.ListLifetimeRecords,
                     request_deserializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsRequest.FromString,
                     response_serializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsResponse.SerializeToString,
+            ),
+            'ListLifetimeEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLifetimeEvents,
+                    request_deserializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeEventsRequest.FromString,
+                    response_serializer=tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeEventsResponse.SerializeToString,
             ),
             'GetCounters': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCounters,
@@ -346,6 +364,33 @@ class StateService:
             '/tickmesh.v1.StateService/ListLifetimeRecords',
             tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsRequest.SerializeToString,
             tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLifetimeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tickmesh.v1.StateService/ListLifetimeEvents',
+            tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeEventsRequest.SerializeToString,
+            tickmesh_dot_v1_dot_state__service__pb2.ListLifetimeEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

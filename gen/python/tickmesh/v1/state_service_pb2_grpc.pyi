@@ -51,6 +51,10 @@ class StateServiceStub:
     """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
     a page at a time.
     """
+    ListLifetimeEvents: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListLifetimeEventsRequest, _state_service_pb2.ListLifetimeEventsResponse]
+    """ListLifetimeEvents returns a page of a lifetime's stored events, in sequence
+    order: its history once the event stream no longer holds all of it.
+    """
     GetCounters: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetCountersRequest, _state_service_pb2.GetCountersResponse]
     """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetUsageRequest, _state_service_pb2.GetUsageResponse]
@@ -84,6 +88,10 @@ class StateServiceAsyncStub(StateServiceStub):
     ListLifetimeRecords: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListLifetimeRecordsRequest, _state_service_pb2.ListLifetimeRecordsResponse]  # type: ignore[assignment]
     """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
     a page at a time.
+    """
+    ListLifetimeEvents: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListLifetimeEventsRequest, _state_service_pb2.ListLifetimeEventsResponse]  # type: ignore[assignment]
+    """ListLifetimeEvents returns a page of a lifetime's stored events, in sequence
+    order: its history once the event stream no longer holds all of it.
     """
     GetCounters: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCountersRequest, _state_service_pb2.GetCountersResponse]  # type: ignore[assignment]
     """GetCounters returns cumulative usage for a lifetime or the whole tenant."""
@@ -145,6 +153,16 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_state_service_pb2.ListLifetimeRecordsResponse, _abc.Awaitable[_state_service_pb2.ListLifetimeRecordsResponse]]:
         """ListLifetimeRecords lists the caller's stored lifetime rows, newest first,
         a page at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLifetimeEvents(
+        self,
+        request: _state_service_pb2.ListLifetimeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ListLifetimeEventsResponse, _abc.Awaitable[_state_service_pb2.ListLifetimeEventsResponse]]:
+        """ListLifetimeEvents returns a page of a lifetime's stored events, in sequence
+        order: its history once the event stream no longer holds all of it.
         """
 
     @_abc_1.abstractmethod

@@ -10,7 +10,7 @@ import type { ExecutionEnvelope } from "./envelope_pb.js";
 import { file_tickmesh_v1_envelope } from "./envelope_pb.js";
 import type { ExecutionRef } from "./execution_pb.js";
 import { file_tickmesh_v1_execution } from "./execution_pb.js";
-import type { AgentLifetime, LifetimeState } from "./lifetime_pb.js";
+import type { AgentLifetime, LifetimeEvent, LifetimeState } from "./lifetime_pb.js";
 import { file_tickmesh_v1_lifetime } from "./lifetime_pb.js";
 import type { BlobRef } from "./payload_pb.js";
 import { file_tickmesh_v1_payload } from "./payload_pb.js";
@@ -22,7 +22,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/v1/state_service.proto.
  */
 export const file_tickmesh_v1_state_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90aWNrbWVzaC92MS9zdGF0ZV9zZXJ2aWNlLnByb3RvEgt0aWNrbWVzaC52MSJLChZBcHBlbmRFeGVjdXRpb25SZXF1ZXN0EjEKCWVudmVsb3BlcxgBIAMoCzIeLnRpY2ttZXNoLnYxLkV4ZWN1dGlvbkVudmVsb3BlImEKDUFwcGVuZE91dGNvbWUSFAoMZXhlY3V0aW9uX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJZHVwbGljYXRlGAMgASgIEhYKDnN0b3JlX3NlcXVlbmNlGAQgASgEIkcKF0FwcGVuZEV4ZWN1dGlvblJlc3BvbnNlEiwKCG91dGNvbWVzGAEgAygLMhoudGlja21lc2gudjEuQXBwZW5kT3V0Y29tZSI8ChNHZXRFeGVjdXRpb25SZXF1ZXN0EhQKDGV4ZWN1dGlvbl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIkQKFEdldEV4ZWN1dGlvblJlc3BvbnNlEiwKCWV4ZWN1dGlvbhgBIAEoCzIZLnRpY2ttZXNoLnYxLkV4ZWN1dGlvblJlZiJTChVMaXN0RXhlY3V0aW9uc1JlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiYAoWTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRItCgpleGVjdXRpb25zGAEgAygLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIvChhHZXRMaWZldGltZVJlY29yZFJlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkiSQoZR2V0TGlmZXRpbWVSZWNvcmRSZXNwb25zZRIsCghsaWZldGltZRgBIAEoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUigQEKGkxpc3RMaWZldGltZVJlY29yZHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJEioKBnN0YXRlcxgDIAMoDjIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lU3RhdGUSEAoIZ3JhcGhfaWQYBCABKAkiZQobTGlzdExpZmV0aW1lUmVjb3Jkc1Jlc3BvbnNlEi0KCWxpZmV0aW1lcxgBIAMoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJImsKEkdldENvdW50ZXJzUmVxdWVzdBIoCgVzY29wZRgBIAEoDjIZLnRpY2ttZXNoLnYxLkNvdW50ZXJTY29wZRITCgtsaWZldGltZV9pZBgCIAEoCRIWCg53aW5kb3dfc2Vjb25kcxgDIAEoBCJRChNHZXRDb3VudGVyc1Jlc3BvbnNlEiYKBnRvdGFscxgBIAEoCzIWLnRpY2ttZXNoLnYxLlRlbGVtZXRyeRISCgpleGVjdXRpb25zGAIgASgEIqcBCg9HZXRVc2FnZVJlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghncmFwaF9pZBgDIAEoCRIsCghncm91cF9ieRgEIAEoDjIaLnRpY2ttZXNoLnYxLlVzYWdlR3JvdXBpbmcikQEKCFVzYWdlUm93EhAKCGdyYXBoX2lkGAEgASgJEhUKDWdyYXBoX3ZlcnNpb24YAiABKA0SDwoHbm9kZV9pZBgDIAEoCRIPCgdoYW5kbGVyGAQgASgJEhIKCmV4ZWN1dGlvbnMYBSABKAQSJgoGdG90YWxzGAYgASgLMhYudGlja21lc2gudjEuVGVsZW1ldHJ5InMKEEdldFVzYWdlUmVzcG9uc2USIwoEcm93cxgBIAMoCzIVLnRpY2ttZXNoLnYxLlVzYWdlUm93EiYKBnRvdGFscxgCIAEoCzIWLnRpY2ttZXNoLnYxLlRlbGVtZXRyeRISCgpleGVjdXRpb25zGAMgASgEIkAKCkJsb2JVcGxvYWQSFAoMY29udGVudF90eXBlGAEgASgJEgwKBHNpemUYAiABKAQSDgoGc2hhMjU2GAMgASgJIlQKDlB1dEJsb2JSZXF1ZXN0EikKBnVwbG9hZBgBIAEoCzIXLnRpY2ttZXNoLnYxLkJsb2JVcGxvYWRIABIPCgVjaHVuaxgCIAEoDEgAQgYKBHBhcnQiNQoPUHV0QmxvYlJlc3BvbnNlEiIKBGJsb2IYASABKAsyFC50aWNrbWVzaC52MS5CbG9iUmVmIh0KDkdldEJsb2JSZXF1ZXN0EgsKA3VyaRgBIAEoCSJQCg9HZXRCbG9iUmVzcG9uc2USJAoEYmxvYhgBIAEoCzIULnRpY2ttZXNoLnYxLkJsb2JSZWZIABIPCgVjaHVuaxgCIAEoDEgAQgYKBHBhcnQqYwoMQ291bnRlclNjb3BlEh0KGUNPVU5URVJfU0NPUEVfVU5TUEVDSUZJRUQQABIaChZDT1VOVEVSX1NDT1BFX0xJRkVUSU1FEAESGAoUQ09VTlRFUl9TQ09QRV9URU5BTlQQAipiCg1Vc2FnZUdyb3VwaW5nEh4KGlVTQUdFX0dST1VQSU5HX1VOU1BFQ0lGSUVEEAASGAoUVVNBR0VfR1JPVVBJTkdfR1JBUEgQARIXChNVU0FHRV9HUk9VUElOR19OT0RFEAIylQYKDFN0YXRlU2VydmljZRJcCg9BcHBlbmRFeGVjdXRpb24SIy50aWNrbWVzaC52MS5BcHBlbmRFeGVjdXRpb25SZXF1ZXN0GiQudGlja21lc2gudjEuQXBwZW5kRXhlY3V0aW9uUmVzcG9uc2USUwoMR2V0RXhlY3V0aW9uEiAudGlja21lc2gudjEuR2V0RXhlY3V0aW9uUmVxdWVzdBohLnRpY2ttZXNoLnYxLkdldEV4ZWN1dGlvblJlc3BvbnNlElkKDkxpc3RFeGVjdXRpb25zEiIudGlja21lc2gudjEuTGlzdEV4ZWN1dGlvbnNSZXF1ZXN0GiMudGlja21lc2gudjEuTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRJiChFHZXRMaWZldGltZVJlY29yZBIlLnRpY2ttZXNoLnYxLkdldExpZmV0aW1lUmVjb3JkUmVxdWVzdBomLnRpY2ttZXNoLnYxLkdldExpZmV0aW1lUmVjb3JkUmVzcG9uc2USaAoTTGlzdExpZmV0aW1lUmVjb3JkcxInLnRpY2ttZXNoLnYxLkxpc3RMaWZldGltZVJlY29yZHNSZXF1ZXN0GigudGlja21lc2gudjEuTGlzdExpZmV0aW1lUmVjb3Jkc1Jlc3BvbnNlElAKC0dldENvdW50ZXJzEh8udGlja21lc2gudjEuR2V0Q291bnRlcnNSZXF1ZXN0GiAudGlja21lc2gudjEuR2V0Q291bnRlcnNSZXNwb25zZRJHCghHZXRVc2FnZRIcLnRpY2ttZXNoLnYxLkdldFVzYWdlUmVxdWVzdBodLnRpY2ttZXNoLnYxLkdldFVzYWdlUmVzcG9uc2USRgoHUHV0QmxvYhIbLnRpY2ttZXNoLnYxLlB1dEJsb2JSZXF1ZXN0GhwudGlja21lc2gudjEuUHV0QmxvYlJlc3BvbnNlKAESRgoHR2V0QmxvYhIbLnRpY2ttZXNoLnYxLkdldEJsb2JSZXF1ZXN0GhwudGlja21lc2gudjEuR2V0QmxvYlJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_tickmesh_v1_envelope, file_tickmesh_v1_execution, file_tickmesh_v1_lifetime, file_tickmesh_v1_payload, file_tickmesh_v1_telemetry]);
+  fileDesc("Ch90aWNrbWVzaC92MS9zdGF0ZV9zZXJ2aWNlLnByb3RvEgt0aWNrbWVzaC52MSJLChZBcHBlbmRFeGVjdXRpb25SZXF1ZXN0EjEKCWVudmVsb3BlcxgBIAMoCzIeLnRpY2ttZXNoLnYxLkV4ZWN1dGlvbkVudmVsb3BlImEKDUFwcGVuZE91dGNvbWUSFAoMZXhlY3V0aW9uX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKA0SEQoJZHVwbGljYXRlGAMgASgIEhYKDnN0b3JlX3NlcXVlbmNlGAQgASgEIkcKF0FwcGVuZEV4ZWN1dGlvblJlc3BvbnNlEiwKCG91dGNvbWVzGAEgAygLMhoudGlja21lc2gudjEuQXBwZW5kT3V0Y29tZSI8ChNHZXRFeGVjdXRpb25SZXF1ZXN0EhQKDGV4ZWN1dGlvbl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgNIkQKFEdldEV4ZWN1dGlvblJlc3BvbnNlEiwKCWV4ZWN1dGlvbhgBIAEoCzIZLnRpY2ttZXNoLnYxLkV4ZWN1dGlvblJlZiJTChVMaXN0RXhlY3V0aW9uc1JlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiYAoWTGlzdEV4ZWN1dGlvbnNSZXNwb25zZRItCgpleGVjdXRpb25zGAEgAygLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIvChhHZXRMaWZldGltZVJlY29yZFJlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkiSQoZR2V0TGlmZXRpbWVSZWNvcmRSZXNwb25zZRIsCghsaWZldGltZRgBIAEoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUigQEKGkxpc3RMaWZldGltZVJlY29yZHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJEioKBnN0YXRlcxgDIAMoDjIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lU3RhdGUSEAoIZ3JhcGhfaWQYBCABKAkiZQobTGlzdExpZmV0aW1lUmVjb3Jkc1Jlc3BvbnNlEi0KCWxpZmV0aW1lcxgBIAMoCzIaLnRpY2ttZXNoLnYxLkFnZW50TGlmZXRpbWUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlsKGUxpc3RMaWZldGltZUV2ZW50c1JlcXVlc3QSEwoLbGlmZXRpbWVfaWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAQSEQoJcGFnZV9zaXplGAMgASgNIkgKGkxpc3RMaWZldGltZUV2ZW50c1Jlc3BvbnNlEioKBmV2ZW50cxgBIAMoCzIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lRXZlbnQiawoSR2V0Q291bnRlcnNSZXF1ZXN0EigKBXNjb3BlGAEgASgOMhkudGlja21lc2gudjEuQ291bnRlclNjb3BlEhMKC2xpZmV0aW1lX2lkGAIgASgJEhYKDndpbmRvd19zZWNvbmRzGAMgASgEIlEKE0dldENvdW50ZXJzUmVzcG9uc2USJgoGdG90YWxzGAEgASgLMhYudGlja21lc2gudjEuVGVsZW1ldHJ5EhIKCmV4ZWN1dGlvbnMYAiABKAQipwEKD0dldFVzYWdlUmVxdWVzdBIpCgVzaW5jZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdW50aWwYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGdyYXBoX2lkGAMgASgJEiwKCGdyb3VwX2J5GAQgASgOMhoudGlja21lc2gudjEuVXNhZ2VHcm91cGluZyKRAQoIVXNhZ2VSb3cSEAoIZ3JhcGhfaWQYASABKAkSFQoNZ3JhcGhfdmVyc2lvbhgCIAEoDRIPCgdub2RlX2lkGAMgASgJEg8KB2hhbmRsZXIYBCABKAkSEgoKZXhlY3V0aW9ucxgFIAEoBBImCgZ0b3RhbHMYBiABKAsyFi50aWNrbWVzaC52MS5UZWxlbWV0cnkicwoQR2V0VXNhZ2VSZXNwb25zZRIjCgRyb3dzGAEgAygLMhUudGlja21lc2gudjEuVXNhZ2VSb3cSJgoGdG90YWxzGAIgASgLMhYudGlja21lc2gudjEuVGVsZW1ldHJ5EhIKCmV4ZWN1dGlvbnMYAyABKAQiQAoKQmxvYlVwbG9hZBIUCgxjb250ZW50X3R5cGUYASABKAkSDAoEc2l6ZRgCIAEoBBIOCgZzaGEyNTYYAyABKAkiVAoOUHV0QmxvYlJlcXVlc3QSKQoGdXBsb2FkGAEgASgLMhcudGlja21lc2gudjEuQmxvYlVwbG9hZEgAEg8KBWNodW5rGAIgASgMSABCBgoEcGFydCI1Cg9QdXRCbG9iUmVzcG9uc2USIgoEYmxvYhgBIAEoCzIULnRpY2ttZXNoLnYxLkJsb2JSZWYiHQoOR2V0QmxvYlJlcXVlc3QSCwoDdXJpGAEgASgJIlAKD0dldEJsb2JSZXNwb25zZRIkCgRibG9iGAEgASgLMhQudGlja21lc2gudjEuQmxvYlJlZkgAEg8KBWNodW5rGAIgASgMSABCBgoEcGFydCpjCgxDb3VudGVyU2NvcGUSHQoZQ09VTlRFUl9TQ09QRV9VTlNQRUNJRklFRBAAEhoKFkNPVU5URVJfU0NPUEVfTElGRVRJTUUQARIYChRDT1VOVEVSX1NDT1BFX1RFTkFOVBACKmIKDVVzYWdlR3JvdXBpbmcSHgoaVVNBR0VfR1JPVVBJTkdfVU5TUEVDSUZJRUQQABIYChRVU0FHRV9HUk9VUElOR19HUkFQSBABEhcKE1VTQUdFX0dST1VQSU5HX05PREUQAjL8BgoMU3RhdGVTZXJ2aWNlElwKD0FwcGVuZEV4ZWN1dGlvbhIjLnRpY2ttZXNoLnYxLkFwcGVuZEV4ZWN1dGlvblJlcXVlc3QaJC50aWNrbWVzaC52MS5BcHBlbmRFeGVjdXRpb25SZXNwb25zZRJTCgxHZXRFeGVjdXRpb24SIC50aWNrbWVzaC52MS5HZXRFeGVjdXRpb25SZXF1ZXN0GiEudGlja21lc2gudjEuR2V0RXhlY3V0aW9uUmVzcG9uc2USWQoOTGlzdEV4ZWN1dGlvbnMSIi50aWNrbWVzaC52MS5MaXN0RXhlY3V0aW9uc1JlcXVlc3QaIy50aWNrbWVzaC52MS5MaXN0RXhlY3V0aW9uc1Jlc3BvbnNlEmIKEUdldExpZmV0aW1lUmVjb3JkEiUudGlja21lc2gudjEuR2V0TGlmZXRpbWVSZWNvcmRSZXF1ZXN0GiYudGlja21lc2gudjEuR2V0TGlmZXRpbWVSZWNvcmRSZXNwb25zZRJoChNMaXN0TGlmZXRpbWVSZWNvcmRzEicudGlja21lc2gudjEuTGlzdExpZmV0aW1lUmVjb3Jkc1JlcXVlc3QaKC50aWNrbWVzaC52MS5MaXN0TGlmZXRpbWVSZWNvcmRzUmVzcG9uc2USZQoSTGlzdExpZmV0aW1lRXZlbnRzEiYudGlja21lc2gudjEuTGlzdExpZmV0aW1lRXZlbnRzUmVxdWVzdBonLnRpY2ttZXNoLnYxLkxpc3RMaWZldGltZUV2ZW50c1Jlc3BvbnNlElAKC0dldENvdW50ZXJzEh8udGlja21lc2gudjEuR2V0Q291bnRlcnNSZXF1ZXN0GiAudGlja21lc2gudjEuR2V0Q291bnRlcnNSZXNwb25zZRJHCghHZXRVc2FnZRIcLnRpY2ttZXNoLnYxLkdldFVzYWdlUmVxdWVzdBodLnRpY2ttZXNoLnYxLkdldFVzYWdlUmVzcG9uc2USRgoHUHV0QmxvYhIbLnRpY2ttZXNoLnYxLlB1dEJsb2JSZXF1ZXN0GhwudGlja21lc2gudjEuUHV0QmxvYlJlc3BvbnNlKAESRgoHR2V0QmxvYhIbLnRpY2ttZXNoLnYxLkdldEJsb2JSZXF1ZXN0GhwudGlja21lc2gudjEuR2V0QmxvYlJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp, file_tickmesh_v1_envelope, file_tickmesh_v1_execution, file_tickmesh_v1_lifetime, file_tickmesh_v1_payload, file_tickmesh_v1_telemetry]);
 
 /**
  * AppendExecutionRequest carries execution envelopes to store.
@@ -333,6 +333,63 @@ export const ListLifetimeRecordsResponseSchema: GenMessage<ListLifetimeRecordsRe
   messageDesc(file_tickmesh_v1_state_service, 10);
 
 /**
+ * ListLifetimeEventsRequest asks for a lifetime's events after a sequence.
+ *
+ * @generated from message tickmesh.v1.ListLifetimeEventsRequest
+ */
+export type ListLifetimeEventsRequest = Message<"tickmesh.v1.ListLifetimeEventsRequest"> & {
+  /**
+   * lifetime_id is the lifetime whose events to list.
+   *
+   * @generated from field: string lifetime_id = 1;
+   */
+  lifetimeId: string;
+
+  /**
+   * after_sequence skips the events up to and including this sequence.
+   *
+   * @generated from field: uint64 after_sequence = 2;
+   */
+  afterSequence: bigint;
+
+  /**
+   * page_size bounds the page; 0 means 1000, and at most 1000 are returned.
+   *
+   * @generated from field: uint32 page_size = 3;
+   */
+  pageSize: number;
+};
+
+/**
+ * Describes the message tickmesh.v1.ListLifetimeEventsRequest.
+ * Use `create(ListLifetimeEventsRequestSchema)` to create a new message.
+ */
+export const ListLifetimeEventsRequestSchema: GenMessage<ListLifetimeEventsRequest> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_state_service, 11);
+
+/**
+ * ListLifetimeEventsResponse returns a page of a lifetime's events.
+ *
+ * @generated from message tickmesh.v1.ListLifetimeEventsResponse
+ */
+export type ListLifetimeEventsResponse = Message<"tickmesh.v1.ListLifetimeEventsResponse"> & {
+  /**
+   * events are in sequence order, every one after after_sequence; fewer than
+   * page_size means no more are stored yet.
+   *
+   * @generated from field: repeated tickmesh.v1.LifetimeEvent events = 1;
+   */
+  events: LifetimeEvent[];
+};
+
+/**
+ * Describes the message tickmesh.v1.ListLifetimeEventsResponse.
+ * Use `create(ListLifetimeEventsResponseSchema)` to create a new message.
+ */
+export const ListLifetimeEventsResponseSchema: GenMessage<ListLifetimeEventsResponse> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_state_service, 12);
+
+/**
  * GetCountersRequest asks for cumulative usage.
  *
  * @generated from message tickmesh.v1.GetCountersRequest
@@ -365,7 +422,7 @@ export type GetCountersRequest = Message<"tickmesh.v1.GetCountersRequest"> & {
  * Use `create(GetCountersRequestSchema)` to create a new message.
  */
 export const GetCountersRequestSchema: GenMessage<GetCountersRequest> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 11);
+  messageDesc(file_tickmesh_v1_state_service, 13);
 
 /**
  * GetCountersResponse returns cumulative usage.
@@ -393,7 +450,7 @@ export type GetCountersResponse = Message<"tickmesh.v1.GetCountersResponse"> & {
  * Use `create(GetCountersResponseSchema)` to create a new message.
  */
 export const GetCountersResponseSchema: GenMessage<GetCountersResponse> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 12);
+  messageDesc(file_tickmesh_v1_state_service, 14);
 
 /**
  * GetUsageRequest asks for the caller's usage over a range of persist times.
@@ -438,7 +495,7 @@ export type GetUsageRequest = Message<"tickmesh.v1.GetUsageRequest"> & {
  * Use `create(GetUsageRequestSchema)` to create a new message.
  */
 export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 13);
+  messageDesc(file_tickmesh_v1_state_service, 15);
 
 /**
  * UsageRow is the usage of one graph version, or of one node of it.
@@ -497,7 +554,7 @@ export type UsageRow = Message<"tickmesh.v1.UsageRow"> & {
  * Use `create(UsageRowSchema)` to create a new message.
  */
 export const UsageRowSchema: GenMessage<UsageRow> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 14);
+  messageDesc(file_tickmesh_v1_state_service, 16);
 
 /**
  * GetUsageResponse returns a usage report.
@@ -532,7 +589,7 @@ export type GetUsageResponse = Message<"tickmesh.v1.GetUsageResponse"> & {
  * Use `create(GetUsageResponseSchema)` to create a new message.
  */
 export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 15);
+  messageDesc(file_tickmesh_v1_state_service, 17);
 
 /**
  * BlobUpload describes a blob about to be uploaded.
@@ -567,7 +624,7 @@ export type BlobUpload = Message<"tickmesh.v1.BlobUpload"> & {
  * Use `create(BlobUploadSchema)` to create a new message.
  */
 export const BlobUploadSchema: GenMessage<BlobUpload> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 16);
+  messageDesc(file_tickmesh_v1_state_service, 18);
 
 /**
  * PutBlobRequest is one message of a blob upload: a description, then chunks.
@@ -604,7 +661,7 @@ export type PutBlobRequest = Message<"tickmesh.v1.PutBlobRequest"> & {
  * Use `create(PutBlobRequestSchema)` to create a new message.
  */
 export const PutBlobRequestSchema: GenMessage<PutBlobRequest> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 17);
+  messageDesc(file_tickmesh_v1_state_service, 19);
 
 /**
  * PutBlobResponse returns the stored blob's reference.
@@ -625,7 +682,7 @@ export type PutBlobResponse = Message<"tickmesh.v1.PutBlobResponse"> & {
  * Use `create(PutBlobResponseSchema)` to create a new message.
  */
 export const PutBlobResponseSchema: GenMessage<PutBlobResponse> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 18);
+  messageDesc(file_tickmesh_v1_state_service, 20);
 
 /**
  * GetBlobRequest names a blob to download.
@@ -646,7 +703,7 @@ export type GetBlobRequest = Message<"tickmesh.v1.GetBlobRequest"> & {
  * Use `create(GetBlobRequestSchema)` to create a new message.
  */
 export const GetBlobRequestSchema: GenMessage<GetBlobRequest> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 19);
+  messageDesc(file_tickmesh_v1_state_service, 21);
 
 /**
  * GetBlobResponse is one message of a blob download: the reference, then chunks.
@@ -683,7 +740,7 @@ export type GetBlobResponse = Message<"tickmesh.v1.GetBlobResponse"> & {
  * Use `create(GetBlobResponseSchema)` to create a new message.
  */
 export const GetBlobResponseSchema: GenMessage<GetBlobResponse> = /*@__PURE__*/
-  messageDesc(file_tickmesh_v1_state_service, 20);
+  messageDesc(file_tickmesh_v1_state_service, 22);
 
 /**
  * CounterScope says what a counter query covers.
@@ -813,6 +870,17 @@ export const StateService: GenService<{
     methodKind: "unary";
     input: typeof ListLifetimeRecordsRequestSchema;
     output: typeof ListLifetimeRecordsResponseSchema;
+  },
+  /**
+   * ListLifetimeEvents returns a page of a lifetime's stored events, in sequence
+   * order: its history once the event stream no longer holds all of it.
+   *
+   * @generated from rpc tickmesh.v1.StateService.ListLifetimeEvents
+   */
+  listLifetimeEvents: {
+    methodKind: "unary";
+    input: typeof ListLifetimeEventsRequestSchema;
+    output: typeof ListLifetimeEventsResponseSchema;
   },
   /**
    * GetCounters returns cumulative usage for a lifetime or the whole tenant.

@@ -1,0 +1,195 @@
+"""A watch replays a lifetime's whole history even when the event stream no longer holds
+all of it (the stream keeps events for its max age, 7 days): the part it lacks is read from
+the state service's stored events, then the watch follows the stream. Against a real
+nats-server and an embedded mesh; the stream's aging is played by purging the lifetime's
+subject, which drops its events as max age does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.integration.test_router_service import IDLE, RELAY, relay_finish, relay_work
+from tests.support.service_harness import MeshHarness, eventually, expect_status, open_mesh
+from tickmesh.router.replay import StateRpcHistorySource
+from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.v1 import lifetime_pb2, router_service_pb2, state_service_pb2
+
+RS = router_service_pb2
+SS = state_service_pb2
+LS = lifetime_pb2
+WATCH_LIMIT_S = 20.0
+
+
+@pytest.fixture
+async def harness(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[MeshHarness]:
+    async with open_mesh(nats_server.url, tmp_path) as mesh:
+        yield mesh
+
+
+async def stored(harness: MeshHarness, lifetime_id: str) -> list[lifetime_pb2.LifetimeEvent]:
+    response = await harness.state.ListLifetimeEvents(
+        SS.ListLifetimeEventsRequest(lifetime_id=lifetime_id), metadata=harness.md
+    )
+    return list(response.events)
+
+
+async def last_sequence(harness: MeshHarness, lifetime_id: str) -> int:
+    got = await harness.router.GetLifetime(
+        RS.GetLifetimeRequest(lifetime_id=lifetime_id), metadata=harness.md
+    )
+    return got.lifetime.last_sequence
+
+
+async def age_out(harness: MeshHarness, lifetime_id: str) -> int:
+    """Drop the lifetime's events from the stream once the state service has stored them
+    all; returns how many were dropped."""
+    last = await last_sequence(harness, lifetime_id)
+
+    async def all_stored() -> bool:
+        return [e.sequence for e in await stored(harness, lifetime_id)] == list(range(1, last + 1))
+
+    await eventually(all_stored, what=f"{lifetime_id}'s {last} events stored")
+    subject = harness.names.evt(lifetime_id)
+    before = (await harness.js.stream_info(harness.names.evt_stream)).state.messages
+    await harness.js.purge_stream(harness.names.evt_stream, subject=subject)
+    after = (await harness.js.stream_info(harness.names.evt_stream)).state.messages
+    assert after < before, "nothing was purged"
+    return last
+
+
+async def watch(
+    harness: MeshHarness, lifetime_id: str, after_sequence: int = 0
+) -> list[lifetime_pb2.LifetimeEvent]:
+    call = harness.router.WatchLifetime(
+        RS.WatchLifetimeRequest(lifetime_id=lifetime_id, after_sequence=after_sequence),
+        metadata=harness.md,
+    )
+    events: list[lifetime_pb2.LifetimeEvent] = []
+    async with asyncio.timeout(WATCH_LIMIT_S):
+        async for response in call:
+            events.append(response.event)
+    return events
+
+
+def sequences(events: list[lifetime_pb2.LifetimeEvent]) -> list[int]:
+    return [e.sequence for e in events if e.sequence]
+
+
+async def test_a_finished_lifetime_whose_events_aged_out_is_watched_from_the_state(
+    harness: MeshHarness,
+) -> None:
+    await harness.start_worker([relay_work, relay_finish])
+    await harness.register(RELAY)
+    done = await harness.start("relay", {"n": 1})
+
+    async def completed() -> bool:
+        got = await harness.router.GetLifetime(
+            RS.GetLifetimeRequest(lifetime_id=done.lifetime_id), metadata=harness.md
+        )
+        return got.lifetime.state == LS.LIFETIME_STATE_COMPLETED
+
+    await eventually(completed, what="relay completed")
+    last = await age_out(harness, done.lifetime_id)
+
+    events = await watch(harness, done.lifetime_id)
+
+    assert sequences(events) == list(range(1, last + 1))
+    assert events[0].kind == LS.LIFETIME_EVENT_KIND_STARTED
+    assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
+    # Resumed part way, it replays only the rest.
+    assert sequences(await watch(harness, done.lifetime_id, after_sequence=2)) == list(
+        range(3, last + 1)
+    )
+
+
+async def test_a_running_lifetime_replays_its_aged_out_start_then_follows_the_stream(
+    harness: MeshHarness,
+) -> None:
+    await harness.register(IDLE)
+    idle = await harness.start("idle")  # waits on a task nobody serves
+    early = await age_out(harness, idle.lifetime_id)
+
+    watching = asyncio.create_task(watch(harness, idle.lifetime_id))
+    await asyncio.sleep(0.3)  # the watch has replayed the stored part and follows the stream
+    await harness.router.AbortLifetime(
+        RS.AbortLifetimeRequest(lifetime_id=idle.lifetime_id, reason="enough"),
+        metadata=harness.md,
+    )
+    events = await watching
+
+    last = await last_sequence(harness, idle.lifetime_id)
+    assert last > early
+    assert sequences(events) == list(range(1, last + 1)), "a gap or a repeat in the history"
+    assert events[0].kind == LS.LIFETIME_EVENT_KIND_STARTED
+    assert any(e.state == LS.LIFETIME_STATE_ABORTED for e in events[early:])
+
+
+async def test_a_watch_whose_history_the_stream_holds_reads_nothing_from_the_state(
+    harness: MeshHarness,
+) -> None:
+    await harness.start_worker([relay_work, relay_finish])
+    await harness.register(RELAY)
+    done = await harness.start("relay", {"n": 2})
+    router = harness.mesh.router
+    assert router is not None
+    calls: list[int] = []
+    history = router.history_source
+    assert history is not None
+    original = history.events
+
+    async def counted(*args: object, **kwargs: object) -> list[lifetime_pb2.LifetimeEvent]:
+        calls.append(1)
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    history.events = counted  # type: ignore[method-assign]
+    try:
+        events = await watch(harness, done.lifetime_id)
+    finally:
+        history.events = original  # type: ignore[method-assign]
+
+    assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
+    assert sequences(events) == list(range(1, events[-1].sequence + 1))
+    assert calls == []
+
+
+async def test_the_state_service_lists_a_lifetimes_events_a_page_at_a_time(
+    harness: MeshHarness,
+) -> None:
+    await harness.start_worker([relay_work, relay_finish])
+    await harness.register(RELAY)
+    done = await harness.start("relay", {"n": 3})
+
+    async def finished() -> bool:
+        events = await stored(harness, done.lifetime_id)
+        return bool(events) and events[-1].state == LS.LIFETIME_STATE_COMPLETED
+
+    await eventually(finished, what="the relay's events stored")
+    every = await stored(harness, done.lifetime_id)
+    assert sequences(every) == list(range(1, len(every) + 1))
+
+    page = await harness.state.ListLifetimeEvents(
+        SS.ListLifetimeEventsRequest(lifetime_id=done.lifetime_id, after_sequence=1, page_size=2),
+        metadata=harness.md,
+    )
+    assert sequences(list(page.events)) == [2, 3]
+    none = await harness.state.ListLifetimeEvents(
+        SS.ListLifetimeEventsRequest(lifetime_id="01900000-0000-7000-8000-000000000000"),
+        metadata=harness.md,
+    )
+    assert list(none.events) == []
+    await expect_status(
+        harness.state.ListLifetimeEvents(SS.ListLifetimeEventsRequest(), metadata=harness.md),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    # What a router in its own process reads: the same, through the RPC.
+    remote = StateRpcHistorySource(harness.mesh.state_target)
+    try:
+        got = await remote.events(harness.tenant, done.lifetime_id, after_sequence=0, limit=1000)
+    finally:
+        await remote.close()
+    assert got == every
