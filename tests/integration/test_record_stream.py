@@ -7,6 +7,7 @@ is empty and refused, with nothing lost, when it is not. Against a real nats-ser
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import nats
 import pytest
@@ -18,7 +19,7 @@ from tests.support.nats_server import new_tenant
 from tickmesh.runtime.consumer import durable_config, ensure_consumer
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.nats import jetstream
-from tickmesh.runtime.streams import DUPLICATE_WINDOW_S, ensure_tenant
+from tickmesh.runtime.streams import DUPLICATE_WINDOW_S, EVENT_MAX_AGE_S, ensure_tenant
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import ConfigError
 
@@ -76,6 +77,19 @@ async def test_provisioning_again_keeps_the_ack_wait_a_service_set(js: JetStream
     await ensure_tenant(js, names.tenant)
     consumer = await js.consumer_info(names.exec_stream, names.router_record_consumer)
     assert consumer.config.ack_wait == pytest.approx(1.5)
+
+
+async def test_an_event_stream_age_an_operator_set_is_kept(js: JetStreamContext) -> None:
+    """Operators shorten how long the event stream keeps events with `nats stream edit`
+    (docs/operators.md); a service starting again keeps what it finds."""
+    names = await ensure_tenant(js, new_tenant("rec"))
+    info = await js.stream_info(names.evt_stream)
+    assert info.config.max_age == pytest.approx(EVENT_MAX_AGE_S)
+    await js.update_stream(replace(info.config, max_age=3600.0))
+
+    await ensure_tenant(js, names.tenant)
+
+    assert (await js.stream_info(names.evt_stream)).config.max_age == pytest.approx(3600.0)
 
 
 async def earlier_version_stream(js: JetStreamContext, names: TenantNames) -> None:

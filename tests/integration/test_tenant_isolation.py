@@ -351,13 +351,14 @@ async def test_a_limits_stop_a_and_not_b(tenants: AccountsServer) -> None:
             10026,
             "maximum consumers limit reached",
         )
-    # Storage: 1 MiB on disk; a's service fills it with 64 KiB events.
+    # Storage: 1 MiB on disk; a's service fills it with 64 KiB dead letters (not events:
+    # the event stream holds at most a quarter of it, dropping its oldest past that).
     payload = b"x" * (64 << 10)
     failed_at, failure = None, None
     async with _as(tenants, "a", SERVICE) as a:
         for n in range(40):
             try:
-                await a.js.publish(A.evt(f"lt{n}"), payload, headers={HDR_TYPE: "lifetime_event"})
+                await a.js.publish(A.dlq(f"lt{n}"), payload, headers={HDR_TYPE: "dead_letter"})
             except APIError as exc:
                 failed_at, failure = n, exc
                 break

@@ -6,7 +6,9 @@ router decides on them, at the same time. Their stream keeps a record until both
 have acked it (interest retention), and both durable consumers are made here, with
 the stream: an interest stream stores nothing that no consumer is there to read.
 The store, not the bus, is the system of record. Events and dead letters are kept
-for a while, for watchers and operators.
+for a while, for watchers and operators; in an account with a storage limit, the event
+stream also holds at most a share of it, so that a busy tenant's events cannot fill the
+account and stop its work (a watch reads what the stream dropped from the state service).
 """
 
 from __future__ import annotations
@@ -36,15 +38,42 @@ logger = logging.getLogger(__name__)
 DUPLICATE_WINDOW_S = 120.0
 EVENT_MAX_AGE_S = 7 * 24 * 3600.0
 DLQ_MAX_AGE_S = 30 * 24 * 3600.0
+EVENT_STORAGE_SHARE = 4
+"""The event stream holds at most 1/4 of a tenant account's JetStream storage: a busy
+tenant writes events far faster than anything else it keeps, and JetStream refuses every
+write of an account at its limit."""
 RECORD_ACK_WAIT_S = 30.0
 """The ack wait of the two record consumers made with the stream (the services' default)."""
 
 
-def stream_configs(names: TenantNames, *, replicas: int = 1) -> list[StreamConfig]:
-    """The tenant's streams, each kept on ``replicas`` servers of a JetStream cluster."""
+def event_stream_bytes(account_storage: int | None, *, replicas: int) -> int | None:
+    """The most the event stream may hold in an account with ``account_storage`` bytes of
+    JetStream storage (None: no limit, so none for the stream either). Each replica's copy
+    counts against the account."""
+    if account_storage is None:
+        return None
+    return max(1, account_storage // (EVENT_STORAGE_SHARE * replicas))
+
+
+async def account_storage(js: JetStreamContext) -> int | None:
+    """The JetStream storage limit of the account ``js`` is in (bytes), None if it has
+    none."""
+    limit = (await js.account_info()).limits.max_storage
+    return limit if limit is not None and limit > 0 else None
+
+
+def stream_configs(
+    names: TenantNames, *, replicas: int = 1, storage: int | None = None
+) -> list[StreamConfig]:
+    """The tenant's streams, each kept on ``replicas`` servers of a JetStream cluster, in
+    an account with ``storage`` bytes of JetStream storage (None: unlimited)."""
 
     def cfg(
-        name: str, subject: str, retention: RetentionPolicy, max_age: float = 0
+        name: str,
+        subject: str,
+        retention: RetentionPolicy,
+        max_age: float = 0,
+        max_bytes: int | None = None,
     ) -> StreamConfig:
         return StreamConfig(
             name=name,
@@ -54,6 +83,7 @@ def stream_configs(names: TenantNames, *, replicas: int = 1) -> list[StreamConfi
             num_replicas=replicas,
             duplicate_window=DUPLICATE_WINDOW_S,
             max_age=max_age or None,
+            max_bytes=max_bytes,
             discard=DiscardPolicy.OLD if max_age else DiscardPolicy.NEW,
             # Records must not vanish by API call; operators remove a tenant instead.
             deny_delete=True,
@@ -64,7 +94,13 @@ def stream_configs(names: TenantNames, *, replicas: int = 1) -> list[StreamConfi
         cfg(names.work_stream, names.work_all, RetentionPolicy.WORK_QUEUE),
         cfg(names.exec_stream, names.exec_all, RetentionPolicy.INTEREST),
         cfg(names.ref_stream, names.ref_all, RetentionPolicy.WORK_QUEUE),
-        cfg(names.evt_stream, names.evt_all, RetentionPolicy.LIMITS, EVENT_MAX_AGE_S),
+        cfg(
+            names.evt_stream,
+            names.evt_all,
+            RetentionPolicy.LIMITS,
+            EVENT_MAX_AGE_S,
+            event_stream_bytes(storage, replicas=replicas),
+        ),
         cfg(names.dlq_stream, names.dlq_all, RetentionPolicy.LIMITS, DLQ_MAX_AGE_S),
     ]
 
@@ -73,10 +109,14 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
     """Create (or confirm) every stream and bucket of ``tenant``.
 
     ``replicas`` applies to what this call creates; a stream or bucket that already exists
-    keeps its own (an operator raises it with ``nats stream edit``, not a restart).
+    keeps its own (an operator raises it with ``nats stream edit``, not a restart). So do
+    its limits, but for one: an event stream made without a byte limit gets the share of
+    the account's storage it is made with now (see ``EVENT_STORAGE_SHARE``), where this
+    connection may update it.
     """
     names = TenantNames(tenant)
-    for config in stream_configs(names, replicas=replicas):
+    configs = stream_configs(names, replicas=replicas, storage=await account_storage(js))
+    for config in configs:
         assert config.name is not None
         try:
             info = await js.stream_info(config.name)
@@ -85,6 +125,8 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
             continue
         if info.config.retention != config.retention:
             await _recreate_drained(js, info, config)
+        elif config.max_bytes and not _positive(info.config.max_bytes):
+            await _limit_bytes(js, info, config.max_bytes)
     await ensure_record_consumers(js, names)
     for bucket, history in ((names.router_bucket, 1), (names.policy_bucket, 5)):
         try:
@@ -99,6 +141,31 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
             logger.info("created KV bucket %s", bucket)
     await _allow_msg_ttl(js, names.router_bucket)
     return names
+
+
+def _positive(value: int | None) -> bool:
+    return value is not None and value > 0
+
+
+async def _limit_bytes(js: JetStreamContext, info: StreamInfo, max_bytes: int) -> None:
+    """Give a stream made without a byte limit (by a version before it) the one this
+    version makes it with. A limit already set, by an operator say, is kept. Service users
+    of tenant accounts may not update streams: then the log says how to."""
+    name = info.config.name
+    try:
+        await js.update_stream(replace(info.config, max_bytes=max_bytes))
+    except Exception as exc:
+        logger.warning(
+            "stream %s has no byte limit and this connection may not set one (%s): until "
+            "an operator runs `nats stream edit %s --max-bytes %d` as a user of the account "
+            "that may, the tenant's events can fill its JetStream storage",
+            name,
+            exc or type(exc).__name__,
+            name,
+            max_bytes,
+        )
+        return
+    logger.info("stream %s now holds at most %d bytes", name, max_bytes)
 
 
 def bucket_stream(bucket: str) -> str:

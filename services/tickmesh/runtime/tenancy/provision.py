@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 from tickmesh.sdk import ConfigError, TransportError
 
 from .. import nats as tm_nats
-from ..streams import ensure_tenant, stream_configs
+from ..streams import account_storage, ensure_tenant, stream_configs
 from ..subjects import TenantNames
 from .registry import KV_STREAM_PREFIX, Limits, Registry, format_size
 
@@ -278,7 +278,7 @@ async def provision_streams(
     created: list[str] = []
     existing: list[str] = []
     purgeable: list[str] = []
-    for config in stream_configs(names, replicas=replicas):
+    for config in stream_configs(names, replicas=replicas, storage=await account_storage(js)):
         assert config.name is not None
         try:
             info = await js.stream_info(config.name)
