@@ -28,6 +28,7 @@ from tests.support.records import Record, exec_id, execution_record, usage
 from tickmesh.sdk.errors import ConfigError, TransportError
 from tickmesh.state.postgres import MIGRATIONS, PostgresStateStore, migrate
 from tickmesh.state.store import StoredExecution
+from tickmesh.v1 import lifetime_pb2
 
 A = "acme"
 NEWEST = len(MIGRATIONS)
@@ -96,6 +97,48 @@ async def test_migrate_again_is_a_no_op(postgres_dsn: str) -> None:
         assert await store.schema_version() == NEWEST
 
     assert await _migrations(postgres_dsn) == applied
+
+
+async def test_lifetime_rows_stored_before_the_graph_column_are_listed_by_graph(
+    postgres_dsn: str,
+) -> None:
+    old = lifetime_pb2.AgentLifetime(
+        lifetime_id="019a0000-0000-7000-8000-000000000001", tenant_id=A, last_sequence=1
+    )
+    old.graph.id = "g"
+    # A database a tickmesh that knew schema versions 1 and 2 wrote.
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT)"
+        )
+        for version in (1, 2):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO schema_migrations VALUES ($1, 0)", version)
+        await conn.execute(
+            "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body)"
+            " VALUES ($1, $2, 1, 0, $3)",
+            A,
+            old.lifetime_id,
+            old.SerializeToString(),
+        )
+    finally:
+        await conn.close()
+
+    assert await migrate(postgres_dsn) == (2, NEWEST)
+    async with await PostgresStateStore.open(postgres_dsn) as store:
+        new = lifetime_pb2.AgentLifetime(
+            lifetime_id="019a0000-0000-7000-8000-000000000002", last_sequence=1
+        )
+        new.graph.id = "g"
+        await store.upsert_lifetime(A, new)
+        other = lifetime_pb2.AgentLifetime(
+            lifetime_id="019a0000-0000-7000-8000-000000000003", last_sequence=1
+        )
+        other.graph.id = "h"
+        await store.upsert_lifetime(A, other)
+        listed = await store.list_lifetimes(A, graph_id="g")
+    assert [r.lifetime_id for r in listed] == [new.lifetime_id, old.lifetime_id]
 
 
 async def test_services_starting_together_migrate_once(postgres_dsn: str) -> None:

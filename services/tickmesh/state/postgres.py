@@ -148,6 +148,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         ADD COLUMN graph_version BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN handler TEXT NOT NULL DEFAULT '';
     """,
+    # 3: each lifetime row's graph, so that a listing of one graph reads its own rows by
+    # index. Rows stored before have none (NULL) and are read from their bodies, as before.
+    """
+    ALTER TABLE lifetimes ADD COLUMN graph_id TEXT;
+    CREATE INDEX lifetimes_by_graph ON lifetimes (tenant, graph_id, lifetime_id);
+    """,
 )
 
 _SUMS: Final = (
@@ -223,10 +229,11 @@ _ORIGINALS: Final = f"""
     WHERE tenant = $1
 """
 _UPSERT_LIFETIMES: Final = """
-    INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body)
-    SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::int[], $5::bytea[])
+    INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body, graph_id)
+    SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::int[], $5::bytea[], $6::text[])
     ON CONFLICT (tenant, lifetime_id) DO UPDATE SET
-        last_sequence = excluded.last_sequence, state = excluded.state, body = excluded.body
+        last_sequence = excluded.last_sequence, state = excluded.state, body = excluded.body,
+        graph_id = excluded.graph_id
     WHERE excluded.last_sequence >= lifetimes.last_sequence
 """
 _INSERT_EVENTS: Final = """
@@ -750,9 +757,14 @@ class PostgresStateStore:
         _check_tenant(tenant)
         wanted = sorted({int(s) for s in states})
         where = " WHERE l.tenant = $1"
+        params: list[object] = [tenant]
         if wanted:
-            where += " AND l.state = ANY($2::int[])"
-        params: list[object] = [tenant, *([wanted] if wanted else [])]
+            params.append(wanted)
+            where += f" AND l.state = ANY(${len(params)}::int[])"
+        if graph_id:
+            # By the graph column; rows stored before it (NULL) by their bodies.
+            params.append(graph_id)
+            where += f" AND (l.graph_id = ${len(params)} OR l.graph_id IS NULL)"
 
         async def fetch(below: str, n: int) -> list[tuple[Any, ...]]:
             sql, args = where, list(params)
@@ -891,7 +903,7 @@ class PostgresStateStore:
 
 def _lifetime_columns(
     tenant: str, rows: Sequence[lifetime_pb2.AgentLifetime]
-) -> tuple[list[str], list[int], list[int], list[bytes]]:
+) -> tuple[list[str], list[int], list[int], list[bytes], list[str]]:
     """The unnest() columns of lifetime rows, normalized for storage (rows are changed)."""
     for row in rows:
         row.tenant_id = tenant
@@ -903,6 +915,7 @@ def _lifetime_columns(
         [row.last_sequence for row in rows],
         [row.state for row in rows],
         [row.SerializeToString() for row in rows],
+        [row.graph.id for row in rows],
     )
 
 

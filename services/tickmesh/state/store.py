@@ -361,7 +361,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE executions ADD COLUMN graph_version INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE executions ADD COLUMN handler TEXT NOT NULL DEFAULT '';
     """,
+    # 3: each lifetime row's graph, so that a listing of one graph reads its own rows by
+    # index. Rows stored before have none (NULL) and are read from their bodies, as before.
+    """
+    ALTER TABLE lifetimes ADD COLUMN graph_id TEXT;
+    CREATE INDEX lifetimes_by_graph ON lifetimes (tenant, graph_id, lifetime_id);
+    """,
 )
+
+_UPSERT_LIFETIME: Final = (
+    "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body, graph_id)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (tenant, lifetime_id) DO UPDATE SET"
+    " last_sequence = excluded.last_sequence, state = excluded.state,"
+    " body = excluded.body, graph_id = excluded.graph_id"
+    " WHERE excluded.last_sequence >= lifetimes.last_sequence"
+)
+"""One lifetime row in; an equal last_sequence replaces it, a lower one never does."""
 
 _INSERT_EXECUTION: Final = """
     INSERT INTO executions (
@@ -1009,20 +1025,13 @@ class SQLiteStateStore:
             row.last_sequence,
             row.state,
             row.SerializeToString(),
+            row.graph.id,
         )
 
         def job() -> None:
             # An equal last_sequence replaces the row (a redelivery carries the same
             # content); a lower one never does, so the row never goes backwards.
-            self._conn.execute(
-                "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant, lifetime_id) DO UPDATE SET"
-                " last_sequence = excluded.last_sequence, state = excluded.state,"
-                " body = excluded.body"
-                " WHERE excluded.last_sequence >= lifetimes.last_sequence",
-                params,
-            )
+            self._conn.execute(_UPSERT_LIFETIME, params)
 
         await self._run(job)
 
@@ -1064,9 +1073,14 @@ class SQLiteStateStore:
         where = " WHERE l.tenant = ?"
         if wanted:
             where += f" AND l.state IN ({','.join('?' * len(wanted))})"
+        graph: list[str] = []
+        if graph_id:
+            # By the graph column; rows stored before it (NULL) by their bodies.
+            where += " AND (l.graph_id = ? OR l.graph_id IS NULL)"
+            graph = [graph_id]
 
         async def fetch(below: str, n: int) -> list[Any]:
-            sql, params = where, [tenant, *wanted]
+            sql, params = where, [tenant, *wanted, *graph]
             if below:
                 sql, params = sql + " AND l.lifetime_id < ?", [*params, below]
             query = f"SELECT {LIFETIME_ROW_COLUMNS}{sql} ORDER BY l.lifetime_id DESC LIMIT ?"
@@ -1140,17 +1154,10 @@ class SQLiteStateStore:
                             row.last_sequence,
                             row.state,
                             row.SerializeToString(),
+                            row.graph.id,
                         )
                     )
-                conn.executemany(
-                    "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body)"
-                    " VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (tenant, lifetime_id) DO UPDATE SET"
-                    " last_sequence = excluded.last_sequence, state = excluded.state,"
-                    " body = excluded.body"
-                    " WHERE excluded.last_sequence >= lifetimes.last_sequence",
-                    params,
-                )
+                conn.executemany(_UPSERT_LIFETIME, params)
             return inserted
 
         return await self._run(job)

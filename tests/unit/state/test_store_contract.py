@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -768,6 +768,37 @@ async def test_sqlite_store_upgrade_keeps_old_records_and_reports_them_without_a
     assert rows[0].input_tokens == 4
 
 
+async def test_sqlite_lifetime_rows_stored_before_the_graph_column_are_listed_by_graph(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / SQLITE_FILE
+    old = lifetime("019a0000-0000-7000-8000-000000000001", tenant=A)
+    old.graph.id = "g"
+    # A file written by a tickmesh that knew schema versions 1 and 2.
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.executescript(MIGRATIONS[1])
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER)"
+        )
+        conn.execute("INSERT INTO schema_migrations VALUES (1, 0), (2, 0)")
+        conn.execute(
+            "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body)"
+            " VALUES (?, ?, 1, ?, ?)",
+            (A, old.lifetime_id, old.state, old.SerializeToString()),
+        )
+
+    async with await SQLiteStateStore.open(path) as upgraded:
+        new = lifetime("019a0000-0000-7000-8000-000000000002", tenant=A)
+        new.graph.id = "g"
+        await upgraded.upsert_lifetime(A, new)
+        other = lifetime("019a0000-0000-7000-8000-000000000003", tenant=A)
+        other.graph.id = "h"
+        await upgraded.upsert_lifetime(A, other)
+        listed = await upgraded.list_lifetimes(A, graph_id="g")
+    assert [r.lifetime_id for r in listed] == [new.lifetime_id, old.lifetime_id]
+
+
 async def test_sqlite_store_uses_wal_and_full_sync(tmp_path: Path) -> None:
     store = await SQLiteStateStore.open(tmp_path / SQLITE_FILE)
     try:
@@ -795,6 +826,43 @@ async def test_sqlite_store_persisted_at_never_goes_back_with_the_clock(
         [second] = await store.append_executions(A, [execution_record(2)])
 
     assert second.persisted_at >= first.persisted_at
+
+
+async def test_a_page_of_one_graph_reads_that_graphs_rows_not_every_row(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows keep their graph in a column of their own, so a page of a rare graph among
+    many others reads only its rows (it used to read every newer row to find them)."""
+    common = [f"019a0000-0000-7000-8001-{n:012d}" for n in range(120)]
+    for lifetime_id in common:
+        row = lifetime(lifetime_id, tenant=A)
+        row.graph.id = "common"
+        await store.upsert_lifetime(A, row)
+    # The two oldest, of the rare graph, folded from events as the state service does.
+    rare = [f"019a0000-0000-7000-8000-{n:012d}" for n in (1, 2)]
+    for lifetime_id in rare:
+        started = envelope_pb2.ExecutionEnvelope(
+            header=header_pb2.EnvelopeHeader(tenant_id=A, lifetime_id=lifetime_id, sequence=1)
+        )
+        started.header.graph.id = "rare"
+        started.lifetime_event.sequence = 1
+        started.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_RUNNING
+        await store.apply_events(A, [started], fold_event)
+    read: list[str] = []
+    original = store_module.lifetime_of_row
+
+    def counted(row: Sequence[Any]) -> lifetime_pb2.AgentLifetime:
+        read.append(str(row[0]))
+        return original(row)
+
+    monkeypatch.setattr(store_module, "lifetime_of_row", counted)
+
+    rows = await store.list_lifetimes(A, graph_id="rare", limit=10)
+
+    assert [r.lifetime_id for r in rows] == list(reversed(rare))
+    assert [r.graph.id for r in rows] == ["rare", "rare"]
+    assert read == list(reversed(rare)), f"read {len(read)} rows for 2"
+    assert len(await store.list_lifetimes(A, graph_id="common", limit=1000)) == 120
 
 
 async def test_apply_events_stores_a_batch_and_folds_rows_once(store: StateStore) -> None:
