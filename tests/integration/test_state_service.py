@@ -632,7 +632,6 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
 ) -> None:
     """A caller that watched a lifetime complete reads a row that says so: the read waits
     for the events on the bus to be folded into the row."""
-    names = TenantNames(state.tenant)
     store = state.service.store
     started = make_envelope("lifetime_event")
     started.header.tenant_id = state.tenant
@@ -643,20 +642,7 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
     ended.CopyFrom(started)
     ended.lifetime_event.sequence = ended.header.sequence = 2
     ended.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_COMPLETED
-    js = state.nc.jetstream()
-
-    async def publish(envelope: envelope_pb2.ExecutionEnvelope) -> None:
-        await js.publish(
-            names.evt(LIFETIME_A),
-            encode_envelope(envelope),
-            headers={
-                HDR_TYPE: "lifetime_event",
-                HDR_MSG_ID: f"evt:{LIFETIME_A}:{envelope.lifetime_event.sequence}",
-                HDR_TENANT: state.tenant,
-            },
-        )
-
-    await publish(started)
+    await publish_event(state, started)
 
     async def running() -> lifetime_pb2.AgentLifetime | None:
         row = await store.get_lifetime(state.tenant, LIFETIME_A)
@@ -664,7 +650,7 @@ async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_t
 
     await eventually(running, what="the first event folded")
     released = hold_back(monkeypatch, store, "apply_events")
-    await publish(ended)
+    await publish_event(state, ended)
     read = asyncio.create_task(lifetime_record(state))
     await asyncio.sleep(0.3)
     assert not read.done()
@@ -682,23 +668,13 @@ async def test_lifetime_events_are_listed_once_on_the_bus_and_only_to_their_tena
 ) -> None:
     """ListLifetimeEvents (what a watch reads once the event stream has dropped a part of a
     history) waits for the events on the bus to be stored, and lists a tenant's own only."""
-    names = TenantNames(state.tenant)
-    js = state.nc.jetstream()
     released = hold_back(monkeypatch, state.service.store, "apply_events")
     for sequence in (1, 2, 3):
         envelope = make_envelope("lifetime_event")
         envelope.header.tenant_id = state.tenant
         envelope.header.lifetime_id = LIFETIME_A
         envelope.lifetime_event.sequence = envelope.header.sequence = sequence
-        await js.publish(
-            names.evt(LIFETIME_A),
-            encode_envelope(envelope),
-            headers={
-                HDR_TYPE: "lifetime_event",
-                HDR_MSG_ID: f"evt:{LIFETIME_A}:{sequence}",
-                HDR_TENANT: state.tenant,
-            },
-        )
+        await publish_event(state, envelope)
 
     async def listed(tenant: str, after: int = 0, size: int = 0) -> list[int]:
         response: SS.ListLifetimeEventsResponse = await state.stub.ListLifetimeEvents(
@@ -747,6 +723,19 @@ async def listed_ids(state: StateHarness, lifetime_id: str = LIFETIME_A) -> list
 async def lifetime_record(state: StateHarness) -> SS.GetLifetimeRecordResponse:
     return await state.stub.GetLifetimeRecord(
         SS.GetLifetimeRecordRequest(lifetime_id=LIFETIME_A), metadata=state.md
+    )
+
+
+async def publish_event(state: StateHarness, envelope: envelope_pb2.ExecutionEnvelope) -> None:
+    """Publish one lifetime event of LIFETIME_A as the router does."""
+    await state.nc.jetstream().publish(
+        TenantNames(state.tenant).evt(LIFETIME_A),
+        encode_envelope(envelope),
+        headers={
+            HDR_TYPE: "lifetime_event",
+            HDR_MSG_ID: f"evt:{LIFETIME_A}:{envelope.lifetime_event.sequence}",
+            HDR_TENANT: state.tenant,
+        },
     )
 
 

@@ -76,6 +76,13 @@ async def watch(
     return events
 
 
+async def relay(harness: MeshHarness, n: int) -> lifetime_pb2.AgentLifetime:
+    """A relay lifetime (a task, then a plan that completes) on a worker that serves it."""
+    await harness.start_worker([relay_work, relay_finish])
+    await harness.register(RELAY)
+    return await harness.start("relay", {"n": n})
+
+
 def sequences(events: list[lifetime_pb2.LifetimeEvent]) -> list[int]:
     return [e.sequence for e in events if e.sequence]
 
@@ -83,9 +90,7 @@ def sequences(events: list[lifetime_pb2.LifetimeEvent]) -> list[int]:
 async def test_a_finished_lifetime_whose_events_aged_out_is_watched_from_the_state(
     harness: MeshHarness,
 ) -> None:
-    await harness.start_worker([relay_work, relay_finish])
-    await harness.register(RELAY)
-    done = await harness.start("relay", {"n": 1})
+    done = await relay(harness, 1)
 
     async def completed() -> bool:
         got = await harness.router.GetLifetime(
@@ -132,9 +137,7 @@ async def test_a_running_lifetime_replays_its_aged_out_start_then_follows_the_st
 async def test_a_watch_whose_history_the_stream_holds_reads_nothing_from_the_state(
     harness: MeshHarness,
 ) -> None:
-    await harness.start_worker([relay_work, relay_finish])
-    await harness.register(RELAY)
-    done = await harness.start("relay", {"n": 2})
+    done = await relay(harness, 2)
     router = harness.mesh.router
     assert router is not None
     calls: list[int] = []
@@ -160,9 +163,7 @@ async def test_a_watch_whose_history_the_stream_holds_reads_nothing_from_the_sta
 async def test_the_state_service_lists_a_lifetimes_events_a_page_at_a_time(
     harness: MeshHarness,
 ) -> None:
-    await harness.start_worker([relay_work, relay_finish])
-    await harness.register(RELAY)
-    done = await harness.start("relay", {"n": 3})
+    done = await relay(harness, 3)
 
     async def finished() -> bool:
         events = await stored(harness, done.lifetime_id)
