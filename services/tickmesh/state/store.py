@@ -373,11 +373,11 @@ _UPSERT_LIFETIME: Final = (
     "INSERT INTO lifetimes (tenant, lifetime_id, last_sequence, state, body, graph_id)"
     " VALUES (?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant, lifetime_id) DO UPDATE SET"
-    " last_sequence = excluded.last_sequence, state = excluded.state,"
-    " body = excluded.body, graph_id = excluded.graph_id"
+    " last_sequence = excluded.last_sequence, state = excluded.state, body = excluded.body"
     " WHERE excluded.last_sequence >= lifetimes.last_sequence"
 )
-"""One lifetime row in; an equal last_sequence replaces it, a lower one never does."""
+"""One lifetime row in; an equal last_sequence replaces it, a lower one never does. A
+lifetime's graph never changes, so an update leaves the column (and its index) alone."""
 
 _INSERT_EXECUTION: Final = """
     INSERT INTO executions (
