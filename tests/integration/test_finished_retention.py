@@ -246,6 +246,11 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
     ]
     assert [e.sequence for e in watched] == list(range(1, got.lifetime.last_sequence + 1))
     assert watched[-1].state == LS.LIFETIME_STATE_COMPLETED
+    past_the_end = harness.router.WatchLifetime(
+        RS.WatchLifetimeRequest(lifetime_id=done_id, after_sequence=2**64 - 1),
+        metadata=harness.md,
+    )
+    assert [r async for r in past_the_end] == []
     await expect_status(
         harness.router.WatchLifetime(
             RS.WatchLifetimeRequest(lifetime_id="01900000-0000-7000-8000-000000000000"),

@@ -692,6 +692,10 @@ async def test_lifetime_events_are_listed_once_on_the_bus_and_only_to_their_tena
     assert await asyncio.wait_for(read, 5) == [1, 2, 3]
     assert await listed(state.tenant, after=1, size=1) == [2]
     assert await listed(state.other) == []
+    details = await expect_status(
+        listed(state.tenant, after=2**64 - 1), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "after_sequence" in details
 
 
 # --- records from the bus -------------------------------------------------------------

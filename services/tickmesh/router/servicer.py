@@ -224,10 +224,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if loaded is None:
             # Gone from the router's bucket (finished_retention_s): the state service holds
             # its record and history, if anything does.
-            if await self._record_of(tenant, lifetime_id) is None:
+            record = await self._record_of(tenant, lifetime_id)
+            if record is None:
                 raise NotFoundError(f"no lifetime {lifetime_id!r}")
-            async for event in self._stored_events(tenant, lifetime_id, after):
-                yield pb.WatchLifetimeResponse(event=event)
+            if after < record.last_sequence:
+                async for event in self._stored_events(tenant, lifetime_id, after):
+                    yield pb.WatchLifetimeResponse(event=event)
             return
         names = tenant.names
         subject = names.evt(lifetime_id)

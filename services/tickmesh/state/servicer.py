@@ -45,6 +45,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 CHUNK = 1024 * 1024
 _LIFETIME_TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 """A page token of ListLifetimeRecords: the last lifetime id of the page before."""
+_MAX_SEQUENCE = 2**63 - 1
+"""Sequences are stored as signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT)."""
 MAX_BLOB_BYTES = 1024 * 1024 * 1024
 UINT32_MAX = 0xFFFF_FFFF
 
@@ -168,6 +170,11 @@ class StateServicer(pb_grpc.StateServiceServicer):
         tenant = self._tenant(context)
         if not request.lifetime_id:
             raise ValidationError("lifetime_id is required")
+        if request.after_sequence > _MAX_SEQUENCE:
+            raise ValidationError(
+                f"after_sequence {request.after_sequence} is past the largest sequence a "
+                f"store keeps ({_MAX_SEQUENCE})"
+            )
         # Whatever the caller saw on the event stream is stored before the read.
         await require_records_stored(
             lambda t: self._consumers(t).events_stored(), tenant, what="lifetime events"
