@@ -7,7 +7,8 @@ subject, which drops its events as max age does."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -134,30 +135,62 @@ async def test_a_running_lifetime_replays_its_aged_out_start_then_follows_the_st
     assert any(e.state == LS.LIFETIME_STATE_ABORTED for e in events[early:])
 
 
+@contextlib.contextmanager
+def state_reads(harness: MeshHarness) -> Iterator[list[str]]:
+    """The lifetimes whose events the router reads from the state service meanwhile."""
+    router = harness.mesh.router
+    assert router is not None
+    history = router.history_source
+    assert history is not None
+    original = history.events
+    read: list[str] = []
+
+    async def counted(
+        tenant: str, lifetime_id: str, *, after_sequence: int, limit: int
+    ) -> list[lifetime_pb2.LifetimeEvent]:
+        read.append(lifetime_id)
+        return await original(tenant, lifetime_id, after_sequence=after_sequence, limit=limit)
+
+    history.events = counted  # type: ignore[method-assign]
+    try:
+        yield read
+    finally:
+        history.events = original  # type: ignore[method-assign]
+
+
 async def test_a_watch_whose_history_the_stream_holds_reads_nothing_from_the_state(
     harness: MeshHarness,
 ) -> None:
     done = await relay(harness, 2)
-    router = harness.mesh.router
-    assert router is not None
-    calls: list[int] = []
-    history = router.history_source
-    assert history is not None
-    original = history.events
-
-    async def counted(*args: object, **kwargs: object) -> list[lifetime_pb2.LifetimeEvent]:
-        calls.append(1)
-        return await original(*args, **kwargs)  # type: ignore[arg-type]
-
-    history.events = counted  # type: ignore[method-assign]
-    try:
+    with state_reads(harness) as read:
         events = await watch(harness, done.lifetime_id)
-    finally:
-        history.events = original  # type: ignore[method-assign]
 
     assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
     assert sequences(events) == list(range(1, events[-1].sequence + 1))
-    assert calls == []
+    assert read == []
+
+
+async def test_a_forks_history_starts_after_its_fork_point_and_is_not_looked_for_before(
+    harness: MeshHarness,
+) -> None:
+    done = await relay(harness, 4)
+    origin = await watch(harness, done.lifetime_id)
+    finished = [e for e in origin if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED]
+    forked = await harness.router.ForkLifetime(
+        RS.ForkLifetimeRequest(lifetime_id=done.lifetime_id, execution_id=finished[0].execution_id),
+        metadata=harness.md,
+    )
+    fork = forked.lifetime
+    assert fork.fork_origin.sequence > 1
+
+    with state_reads(harness) as read:
+        events = await watch(harness, fork.lifetime_id)
+
+    # A fork's events go on from the origin's sequence at the fork point.
+    assert sequences(events)[0] == fork.fork_origin.sequence + 1
+    assert events[0].kind == LS.LIFETIME_EVENT_KIND_STARTED
+    assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
+    assert read == [], "the stream held the fork's whole history"
 
 
 async def test_the_state_service_lists_a_lifetimes_events_a_page_at_a_time(

@@ -241,11 +241,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             if self._history is not None:
                 # The stream keeps events for its max age; what it no longer holds of the
                 # history asked for is read from the state service first.
+                view = loaded.state.lifetime
                 oldest = await watch_.oldest_streamed(tenant.link.js, names.evt_stream, subject)
+                # A fork's events go on from the origin's sequence at its fork point.
+                before_first = max(after, view.fork_origin.sequence)
                 missing = (
-                    loaded.state.lifetime.last_sequence > after
-                    if oldest is None
-                    else oldest > after + 1
+                    view.last_sequence > after if oldest is None else oldest > before_first + 1
                 )
                 if missing:
                     async for event in self._stored_events(tenant, lifetime_id, after, oldest):
