@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.test_router_service import IDLE, RELAY, relay_finish, relay_work
 from tests.support.service_harness import MeshHarness, eventually, expect_status, open_mesh
+from tickmesh.router import watch as watch_module
 from tickmesh.router.replay import StateRpcHistorySource
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.v1 import lifetime_pb2, router_service_pb2, state_service_pb2
@@ -46,9 +47,9 @@ async def last_sequence(harness: MeshHarness, lifetime_id: str) -> int:
     return got.lifetime.last_sequence
 
 
-async def age_out(harness: MeshHarness, lifetime_id: str) -> int:
-    """Drop the lifetime's events from the stream once the state service has stored them
-    all; returns how many were dropped."""
+async def age_out(harness: MeshHarness, lifetime_id: str, *, keep: int = 0) -> int:
+    """Drop the lifetime's events from the stream (all but the last ``keep`` messages)
+    once the state service has stored them all; returns the last event's sequence."""
     last = await last_sequence(harness, lifetime_id)
 
     async def all_stored() -> bool:
@@ -57,7 +58,7 @@ async def age_out(harness: MeshHarness, lifetime_id: str) -> int:
     await eventually(all_stored, what=f"{lifetime_id}'s {last} events stored")
     subject = harness.names.evt(lifetime_id)
     before = (await harness.js.stream_info(harness.names.evt_stream)).state.messages
-    await harness.js.purge_stream(harness.names.evt_stream, subject=subject)
+    await harness.js.purge_stream(harness.names.evt_stream, subject=subject, keep=keep or None)
     after = (await harness.js.stream_info(harness.names.evt_stream)).state.messages
     assert after < before, "nothing was purged"
     return last
@@ -84,6 +85,16 @@ async def relay(harness: MeshHarness, n: int) -> lifetime_pb2.AgentLifetime:
     return await harness.start("relay", {"n": n})
 
 
+async def until_completed(harness: MeshHarness, lifetime_id: str) -> None:
+    async def completed() -> bool:
+        got = await harness.router.GetLifetime(
+            RS.GetLifetimeRequest(lifetime_id=lifetime_id), metadata=harness.md
+        )
+        return got.lifetime.state == LS.LIFETIME_STATE_COMPLETED
+
+    await eventually(completed, what=f"{lifetime_id} completed")
+
+
 def sequences(events: list[lifetime_pb2.LifetimeEvent]) -> list[int]:
     return [e.sequence for e in events if e.sequence]
 
@@ -92,14 +103,7 @@ async def test_a_finished_lifetime_whose_events_aged_out_is_watched_from_the_sta
     harness: MeshHarness,
 ) -> None:
     done = await relay(harness, 1)
-
-    async def completed() -> bool:
-        got = await harness.router.GetLifetime(
-            RS.GetLifetimeRequest(lifetime_id=done.lifetime_id), metadata=harness.md
-        )
-        return got.lifetime.state == LS.LIFETIME_STATE_COMPLETED
-
-    await eventually(completed, what="relay completed")
+    await until_completed(harness, done.lifetime_id)
     last = await age_out(harness, done.lifetime_id)
 
     events = await watch(harness, done.lifetime_id)
@@ -133,6 +137,23 @@ async def test_a_running_lifetime_replays_its_aged_out_start_then_follows_the_st
     assert sequences(events) == list(range(1, last + 1)), "a gap or a repeat in the history"
     assert events[0].kind == LS.LIFETIME_EVENT_KIND_STARTED
     assert any(e.state == LS.LIFETIME_STATE_ABORTED for e in events[early:])
+
+
+async def test_events_dropped_between_the_look_up_and_the_delivery_are_read_from_the_state(
+    harness: MeshHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = await relay(harness, 5)
+    await until_completed(harness, done.lifetime_id)
+    last = await age_out(harness, done.lifetime_id, keep=1)
+
+    async def stale(*args: object) -> int:
+        return 1  # what the stream held when the router looked, before it dropped them
+
+    monkeypatch.setattr(watch_module, "oldest_streamed", stale)
+    events = await watch(harness, done.lifetime_id)
+
+    assert sequences(events) == list(range(1, last + 1)), "a gap in the history"
+    assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
 
 
 @contextlib.contextmanager

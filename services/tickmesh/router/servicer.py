@@ -237,16 +237,19 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
         ended = False
+        view = loaded.state.lifetime
+        # A fork's events go on from the origin's sequence at its fork point.
+        before_first = view.fork_origin.sequence
         try:
             if self._history is not None:
-                # The stream keeps events for its max age; what it no longer holds of the
-                # history asked for is read from the state service first.
-                view = loaded.state.lifetime
+                # The stream keeps events for its max age (and, in a tenant account, up to
+                # its byte limit); what it no longer holds of the history asked for is read
+                # from the state service first.
                 oldest = await watch_.oldest_streamed(tenant.link.js, names.evt_stream, subject)
-                # A fork's events go on from the origin's sequence at its fork point.
-                before_first = max(after, view.fork_origin.sequence)
                 missing = (
-                    view.last_sequence > after if oldest is None else oldest > before_first + 1
+                    view.last_sequence > after
+                    if oldest is None
+                    else oldest > max(after, before_first) + 1
                 )
                 if missing:
                     async for event in self._stored_events(tenant, lifetime_id, after, oldest):
@@ -269,10 +272,19 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 except ValidationError:
                     logger.error("unreadable event on %s", subject)
                     continue
+                first = next((e.sequence for e in events if e.sequence), 0)
+                if self._history is not None and first > max(after, before_first) + 1:
+                    # Dropped from the stream between the look-up above and this delivery
+                    # (a stream at its byte limit drops its oldest events as new ones come).
+                    async for event in self._stored_events(tenant, lifetime_id, after, first):
+                        yield pb.WatchLifetimeResponse(event=event)
+                        after = event.sequence
+                        ended = ended or _ends(event)
                 for event in events:
                     # Out-of-band events (sequence 0, e.g. dead letters) are always shown.
                     if event.sequence == 0 or event.sequence > after:
                         yield pb.WatchLifetimeResponse(event=event)
+                        after = max(after, event.sequence)
                     ended = ended or _ends(event)
                 last = events[-1].sequence
                 # The check runs for skipped events too, so a watch resumed after the
