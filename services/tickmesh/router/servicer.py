@@ -10,14 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from nats import errors as nats_errors
-from nats.js.api import DeliverPolicy
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.auth import tenant_of
-from tickmesh.runtime.consumer import message_type
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
-from tickmesh.sdk import NotFoundError, ValidationError, decode_envelope, events_of
+from tickmesh.sdk import NotFoundError, ValidationError
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import (
@@ -42,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
-TRAILING_EVENTS_WAIT_S = 2.0
-"""After a lifetime ends, how long a watch waits for steps still in flight to report."""
 DEFAULT_PAGE = 100
 
 
@@ -231,68 +226,27 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 async for event in self._stored_events(tenant, lifetime_id, after):
                     yield pb.WatchLifetimeResponse(event=event)
             return
-        names = tenant.names
-        subject = names.evt(lifetime_id)
-        sub = await tenant.link.js.subscribe(
-            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
-        ended = False
         view = loaded.state.lifetime
-        # A fork's events go on from the origin's sequence at its fork point.
-        before_first = view.fork_origin.sequence
-        try:
-            if self._history is not None:
-                # The stream keeps events for its max age (and, in a tenant account, up to
-                # its byte limit); what it no longer holds of the history asked for is read
-                # from the state service first.
-                oldest = await watch_.oldest_streamed(tenant.link.js, names.evt_stream, subject)
-                missing = (
-                    view.last_sequence > after
-                    if oldest is None
-                    else oldest > max(after, before_first) + 1
-                )
-                if missing:
-                    async for event in self._stored_events(tenant, lifetime_id, after, oldest):
-                        yield pb.WatchLifetimeResponse(event=event)
-                        after = event.sequence
-                        ended = ended or _ends(event)
-                    if ended and after and await _history_complete(tenant, lifetime_id, after):
-                        return
-            while True:
-                try:
-                    # Once the lifetime has ended, only late step results can follow.
-                    msg = await sub.next_msg(timeout=TRAILING_EVENTS_WAIT_S if ended else None)
-                except nats_errors.TimeoutError:
-                    return
-                try:
-                    envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
-                    events = events_of(envelope)
-                    if not events:
-                        raise ValidationError("not a lifetime event")
-                except ValidationError:
-                    logger.error("unreadable event on %s", subject)
-                    continue
-                first = next((e.sequence for e in events if e.sequence), 0)
-                if self._history is not None and first > max(after, before_first) + 1:
-                    # Dropped from the stream between the look-up above and this delivery
-                    # (a stream at its byte limit drops its oldest events as new ones come).
-                    async for event in self._stored_events(tenant, lifetime_id, after, first):
-                        yield pb.WatchLifetimeResponse(event=event)
-                        after = event.sequence
-                        ended = ended or _ends(event)
-                for event in events:
-                    # Out-of-band events (sequence 0, e.g. dead letters) are always shown.
-                    if event.sequence == 0 or event.sequence > after:
-                        yield pb.WatchLifetimeResponse(event=event)
-                        after = max(after, event.sequence)
-                    ended = ended or _ends(event)
-                last = events[-1].sequence
-                # The check runs for skipped events too, so a watch resumed after the
-                # end ends as soon as the history is complete.
-                if ended and last and await _history_complete(tenant, lifetime_id, last):
-                    return
-        finally:
-            await sub.unsubscribe()
+        names = tenant.names
+        watched = watch_.Watched(
+            tenant=names.tenant,
+            lifetime_id=lifetime_id,
+            stream=names.evt_stream,
+            subject=names.evt(lifetime_id),
+            last_sequence=view.last_sequence,
+            before_first=view.fork_origin.sequence,
+        )
+
+        async def complete(sequence: int) -> bool:
+            return await _history_complete(tenant, lifetime_id, sequence)
+
+        following = watch_.follow(
+            tenant.link.js, watched, after_sequence=after, history=self._history, complete=complete
+        )
+        # Closed with the call (its subscription with it), not whenever it is collected.
+        async with contextlib.aclosing(following) as events:
+            async for event in events:
+                yield pb.WatchLifetimeResponse(event=event)
 
     def _stored_events(
         self, tenant: Tenant, lifetime_id: str, after: int, before: int | None = None
@@ -481,13 +435,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 "this router has no history source: set TICKMESH_ROUTER_STATE_TARGET",
             )
         return self._history
-
-
-def _ends(event: lifetime_pb2.LifetimeEvent) -> bool:
-    return (
-        event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STATE_CHANGED
-        and event.state in core.TERMINAL
-    )
 
 
 async def _history_complete(tenant: Tenant, lifetime_id: str, sequence: int) -> bool:
