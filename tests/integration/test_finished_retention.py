@@ -195,16 +195,6 @@ async def harness(
         yield mesh
 
 
-async def _completed(harness: MeshHarness, lifetime_id: str) -> None:
-    async def state() -> bool:
-        got = await harness.router.GetLifetime(
-            RS.GetLifetimeRequest(lifetime_id=lifetime_id), metadata=harness.md
-        )
-        return got.lifetime.state == LS.LIFETIME_STATE_COMPLETED
-
-    await eventually(state, what=f"{lifetime_id} completed")
-
-
 async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_request_is_free(
     harness: MeshHarness,
 ) -> None:
@@ -224,7 +214,7 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
     )
     first = await harness.router.StartLifetime(request, metadata=harness.md)
     done_id = first.lifetime.lifetime_id
-    await _completed(harness, done_id)
+    await harness.until_completed(done_id)
 
     await gone(kv, lifetime_key(done_id), request_key("order-77"))
 
@@ -276,7 +266,7 @@ async def test_a_start_request_that_outlived_its_lifetime_does_not_run_it_again(
     request = RS.StartLifetimeRequest(graph_id="relay", client_request_id="order-88")
     first = await harness.router.StartLifetime(request, metadata=harness.md)
     done_id = first.lifetime.lifetime_id
-    await _completed(harness, done_id)
+    await harness.until_completed(done_id)
     await gone(kv, lifetime_key(done_id), request_key("order-88"))
     # As if the request's own expiry had failed: it still names the lifetime.
     await kv.put(request_key("order-88"), done_id.encode())

@@ -24,7 +24,6 @@ from tickmesh.v1 import lifetime_pb2, router_service_pb2, state_service_pb2
 RS = router_service_pb2
 SS = state_service_pb2
 LS = lifetime_pb2
-WATCH_LIMIT_S = 20.0
 
 
 @pytest.fixture
@@ -41,10 +40,7 @@ async def stored(harness: MeshHarness, lifetime_id: str) -> list[lifetime_pb2.Li
 
 
 async def last_sequence(harness: MeshHarness, lifetime_id: str) -> int:
-    got = await harness.router.GetLifetime(
-        RS.GetLifetimeRequest(lifetime_id=lifetime_id), metadata=harness.md
-    )
-    return got.lifetime.last_sequence
+    return (await harness.lifetime(lifetime_id)).last_sequence
 
 
 async def age_out(harness: MeshHarness, lifetime_id: str, *, keep: int = 0) -> int:
@@ -64,35 +60,11 @@ async def age_out(harness: MeshHarness, lifetime_id: str, *, keep: int = 0) -> i
     return last
 
 
-async def watch(
-    harness: MeshHarness, lifetime_id: str, after_sequence: int = 0
-) -> list[lifetime_pb2.LifetimeEvent]:
-    call = harness.router.WatchLifetime(
-        RS.WatchLifetimeRequest(lifetime_id=lifetime_id, after_sequence=after_sequence),
-        metadata=harness.md,
-    )
-    events: list[lifetime_pb2.LifetimeEvent] = []
-    async with asyncio.timeout(WATCH_LIMIT_S):
-        async for response in call:
-            events.append(response.event)
-    return events
-
-
 async def relay(harness: MeshHarness, n: int) -> lifetime_pb2.AgentLifetime:
     """A relay lifetime (a task, then a plan that completes) on a worker that serves it."""
     await harness.start_worker([relay_work, relay_finish])
     await harness.register(RELAY)
     return await harness.start("relay", {"n": n})
-
-
-async def until_completed(harness: MeshHarness, lifetime_id: str) -> None:
-    async def completed() -> bool:
-        got = await harness.router.GetLifetime(
-            RS.GetLifetimeRequest(lifetime_id=lifetime_id), metadata=harness.md
-        )
-        return got.lifetime.state == LS.LIFETIME_STATE_COMPLETED
-
-    await eventually(completed, what=f"{lifetime_id} completed")
 
 
 def sequences(events: list[lifetime_pb2.LifetimeEvent]) -> list[int]:
@@ -103,16 +75,16 @@ async def test_a_finished_lifetime_whose_events_aged_out_is_watched_from_the_sta
     harness: MeshHarness,
 ) -> None:
     done = await relay(harness, 1)
-    await until_completed(harness, done.lifetime_id)
+    await harness.until_completed(done.lifetime_id)
     last = await age_out(harness, done.lifetime_id)
 
-    events = await watch(harness, done.lifetime_id)
+    events = await harness.events(done.lifetime_id)
 
     assert sequences(events) == list(range(1, last + 1))
     assert events[0].kind == LS.LIFETIME_EVENT_KIND_STARTED
     assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
     # Resumed part way, it replays only the rest.
-    assert sequences(await watch(harness, done.lifetime_id, after_sequence=2)) == list(
+    assert sequences(await harness.events(done.lifetime_id, after_sequence=2)) == list(
         range(3, last + 1)
     )
 
@@ -124,7 +96,7 @@ async def test_a_running_lifetime_replays_its_aged_out_start_then_follows_the_st
     idle = await harness.start("idle")  # waits on a task nobody serves
     early = await age_out(harness, idle.lifetime_id)
 
-    watching = asyncio.create_task(watch(harness, idle.lifetime_id))
+    watching = asyncio.create_task(harness.events(idle.lifetime_id))
     await asyncio.sleep(0.3)  # the watch has replayed the stored part and follows the stream
     await harness.router.AbortLifetime(
         RS.AbortLifetimeRequest(lifetime_id=idle.lifetime_id, reason="enough"),
@@ -143,14 +115,14 @@ async def test_events_dropped_between_the_look_up_and_the_delivery_are_read_from
     harness: MeshHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     done = await relay(harness, 5)
-    await until_completed(harness, done.lifetime_id)
+    await harness.until_completed(done.lifetime_id)
     last = await age_out(harness, done.lifetime_id, keep=1)
 
     async def stale(*args: object) -> int:
         return 1  # what the stream held when the router looked, before it dropped them
 
     monkeypatch.setattr(watch_module, "oldest_streamed", stale)
-    events = await watch(harness, done.lifetime_id)
+    events = await harness.events(done.lifetime_id)
 
     assert sequences(events) == list(range(1, last + 1)), "a gap in the history"
     assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
@@ -184,7 +156,7 @@ async def test_a_watch_whose_history_the_stream_holds_reads_nothing_from_the_sta
 ) -> None:
     done = await relay(harness, 2)
     with state_reads(harness) as read:
-        events = await watch(harness, done.lifetime_id)
+        events = await harness.events(done.lifetime_id)
 
     assert events[-1].state == LS.LIFETIME_STATE_COMPLETED
     assert sequences(events) == list(range(1, events[-1].sequence + 1))
@@ -195,7 +167,7 @@ async def test_a_forks_history_starts_after_its_fork_point_and_is_not_looked_for
     harness: MeshHarness,
 ) -> None:
     done = await relay(harness, 4)
-    origin = await watch(harness, done.lifetime_id)
+    origin = await harness.events(done.lifetime_id)
     finished = [e for e in origin if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED]
     forked = await harness.router.ForkLifetime(
         RS.ForkLifetimeRequest(lifetime_id=done.lifetime_id, execution_id=finished[0].execution_id),
@@ -205,7 +177,7 @@ async def test_a_forks_history_starts_after_its_fork_point_and_is_not_looked_for
     assert fork.fork_origin.sequence > 1
 
     with state_reads(harness) as read:
-        events = await watch(harness, fork.lifetime_id)
+        events = await harness.events(fork.lifetime_id)
 
     # A fork's events go on from the origin's sequence at the fork point.
     assert sequences(events)[0] == fork.fork_origin.sequence + 1

@@ -135,6 +135,15 @@ class MeshHarness:
         )
         return response.lifetime
 
+    async def until_completed(self, lifetime_id: str) -> None:
+        """Wait until GetLifetime says the lifetime completed."""
+
+        async def completed() -> bool:
+            lifetime = await self.lifetime(lifetime_id)
+            return lifetime.state == lifetime_pb2.LIFETIME_STATE_COMPLETED
+
+        await eventually(completed, what=f"{lifetime_id} completed")
+
     async def events(
         self, lifetime_id: str, *, after_sequence: int = 0, within: float = DEFAULT_WAIT_S
     ) -> list[lifetime_pb2.LifetimeEvent]:
