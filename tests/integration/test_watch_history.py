@@ -96,7 +96,8 @@ async def test_a_running_lifetime_replays_its_aged_out_start_then_follows_the_st
     idle = await harness.start("idle")  # waits on a task nobody serves
     early = await age_out(harness, idle.lifetime_id)
 
-    watching = asyncio.create_task(harness.events(idle.lifetime_id))
+    # The watch ends 2 s after the abort (steps in flight may still report): room for that.
+    watching = asyncio.create_task(harness.events(idle.lifetime_id, within=10.0))
     await asyncio.sleep(0.3)  # the watch has replayed the stored part and follows the stream
     await harness.router.AbortLifetime(
         RS.AbortLifetimeRequest(lifetime_id=idle.lifetime_id, reason="enough"),
