@@ -9,15 +9,21 @@ service). Against a real nats-server with tenant accounts."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from nats.js.errors import APIError
 
 from tests.support.nats_configs import NatsServers
 from tests.support.tenant_accounts import AccountsServer, login, provision, start_accounts_server
-from tickmesh.runtime.streams import EVENT_STORAGE_SHARE, ensure_tenant, event_stream_bytes
+from tickmesh.runtime.streams import (
+    EVENT_LIMIT_KEY,
+    EVENT_STORAGE_SHARE,
+    ensure_tenant,
+    event_stream_bytes,
+    fit_event_stream,
+)
 from tickmesh.runtime.subjects import HDR_TYPE, TenantNames
 from tickmesh.runtime.tenancy import SERVICE, Limits
 
@@ -64,30 +70,51 @@ async def test_events_past_the_streams_share_drop_the_oldest_and_the_tenant_keep
 async def test_a_stream_made_without_the_share_takes_it_and_an_operators_is_kept(
     server: AccountsServer,
 ) -> None:
-    # A user of the account that may update streams (the one connection of a deployment
-    # without tenant accounts has every right in its account).
-    async with login(server.url, nkeys_seed_str=server.probe_seeds["a"]) as admin:
-        js = admin.js
-        info = await js.stream_info(A.evt_stream)
-        await js.update_stream(replace(info.config, max_bytes=-1))  # as a version before
-
-        await ensure_tenant(js, "a")
-        config = (await js.stream_info(A.evt_stream)).config
-        assert config.max_bytes == STORAGE // EVENT_STORAGE_SHARE
-
-        await js.update_stream(replace(config, max_bytes=100_000))  # an operator's choice
-        await ensure_tenant(js, "a")
-        assert (await js.stream_info(A.evt_stream)).config.max_bytes == 100_000
-
-
-async def test_a_service_user_that_may_not_update_the_stream_says_what_to_do(
-    server: AccountsServer, caplog: pytest.LogCaptureFixture
-) -> None:
     async with login(server.url, nkeys_seed_str=server.probe_seeds["a"]) as admin:
         info = await admin.js.stream_info(A.evt_stream)
-        await admin.js.update_stream(replace(info.config, max_bytes=-1))
+        metadata = {k: v for k, v in (info.config.metadata or {}).items() if k != EVENT_LIMIT_KEY}
+        # As a version before the limit made it.
+        await admin.js.update_stream(replace(info.config, max_bytes=-1, metadata=metadata))
     async with login(server.url, nkeys_seed=str(server.seed("a", SERVICE))) as user:
-        with caplog.at_level(logging.WARNING, logger="tickmesh.runtime.streams"):
-            await ensure_tenant(user.js, "a")  # service users may not update streams
-        assert (await user.js.stream_info(A.evt_stream)).config.max_bytes == -1
-    assert f"nats stream edit {A.evt_stream} --max-bytes" in caplog.text
+        await ensure_tenant(user.js, "a")  # as a service starting
+        config = (await user.js.stream_info(A.evt_stream)).config
+        assert config.max_bytes == STORAGE // EVENT_STORAGE_SHARE
+    async with login(server.url, nkeys_seed_str=server.probe_seeds["a"]) as admin:
+        await admin.js.update_stream(replace(config, max_bytes=100_000))  # an operator's
+    async with login(server.url, nkeys_seed=str(server.seed("a", SERVICE))) as user:
+        await ensure_tenant(user.js, "a")
+        assert (await user.js.stream_info(A.evt_stream)).config.max_bytes == 100_000
+        assert await fit_event_stream(user.js, A, storage=STORAGE // 2) == 100_000
+
+
+async def test_the_limit_follows_the_accounts_storage_and_trims_the_stream(
+    server: AccountsServer,
+) -> None:
+    async with login(server.url, nkeys_seed=str(server.seed("a", SERVICE))) as user:
+        js = user.js
+        for n in range(STORAGE // EVENT_STORAGE_SHARE // 500):
+            await js.publish(A.evt(f"lt{n % 50}"), b"e" * 500, headers={HDR_TYPE: "lifetime_event"})
+        # The account's storage halved (`tickmesh tenant limits` then fits the stream).
+        assert await fit_event_stream(js, A, storage=STORAGE // 2) == STORAGE // 8
+        info = await js.stream_info(A.evt_stream)
+        assert info.config.max_bytes == STORAGE // 8
+        assert info.state.bytes <= STORAGE // 8  # dropped at once, oldest first
+        assert info.state.first_seq > 1
+        # ...and raised again.
+        assert await fit_event_stream(js, A, storage=STORAGE) == STORAGE // EVENT_STORAGE_SHARE
+        assert (
+            await js.stream_info(A.evt_stream)
+        ).config.max_bytes == STORAGE // EVENT_STORAGE_SHARE
+
+
+async def test_the_service_users_update_cannot_lift_the_streams_protection(
+    server: AccountsServer,
+) -> None:
+    async with login(server.url, nkeys_seed=str(server.seed("a", SERVICE))) as user:
+        config = (await user.js.stream_info(A.evt_stream)).config
+        for lifted in (replace(config, deny_purge=False), replace(config, deny_delete=False)):
+            with pytest.raises(APIError) as refused:
+                await user.js.update_stream(lifted)
+            assert refused.value.err_code == 10052, refused.value  # "can not cancel"
+        after = (await user.js.stream_info(A.evt_stream)).config
+        assert (after.deny_purge, after.deny_delete) == (True, True)

@@ -82,6 +82,8 @@ async def test_tenant_lifecycle(fresh: tuple[NatsServerProcess, Path, int]) -> N
         config = (await js.stream_info(stream)).config
         assert (config.deny_delete, config.deny_purge) == (True, True), stream
     assert (await js.account_info()).limits.max_storage == 256 << 20
+    # The event stream may hold a quarter of it (its events cannot fill the account).
+    assert (await js.stream_info(ACME.evt_stream)).config.max_bytes == 64 << 20
 
     # create again: nothing changes, the streams are found.
     again = await tenant_cli("create", "acme", *common)
@@ -119,11 +121,18 @@ async def test_tenant_lifecycle(fresh: tuple[NatsServerProcess, Path, int]) -> N
     assert changed.code == 0, changed.err
     assert "the server applies the limits of acme" in changed.out
     assert (await js.account_info()).limits.max_streams == 12
+    assert f"events    {ACME.evt_stream} holds at most 64MiB of events" in changed.out
+    # Less storage: the event stream's share follows at once.
+    halved = await tenant_cli("limits", "acme", "--max-storage", "128MiB", *common)
+    assert halved.code == 0, halved.err
+    assert (await js.account_info()).limits.max_storage == 128 << 20
+    assert f"events    {ACME.evt_stream} holds at most 32MiB of events" in halved.out
+    assert (await js.stream_info(ACME.evt_stream)).config.max_bytes == 32 << 20
     too_big = await tenant_cli("limits", "acme", "--max-storage", "1TiB", *common)
     assert too_big.code == 1
     assert "do not fit the NATS server" in too_big.err
     assert "max_file_store" in too_big.err
-    assert directory.load().get("acme").limits.max_storage == 256 << 20
+    assert directory.load().get("acme").limits.max_storage == 128 << 20
 
     # disable: the open connection is closed on reload, a new login is refused.
     disabled = await tenant_cli("disable", "acme", *common)

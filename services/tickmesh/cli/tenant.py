@@ -57,6 +57,7 @@ from tickmesh.runtime.tenancy.provision import (
     SystemAccount,
     check_capacity,
     connected,
+    fit_event_limit,
     provision_streams,
     verify_limits,
 )
@@ -270,11 +271,14 @@ async def _reload(system: SystemAccount | None, out: TextIO) -> None:
 async def _verify(
     args: argparse.Namespace, directory: TenantDirectory, tenant: Tenant, out: TextIO
 ) -> None:
-    """Read the tenant's limits back as its service user sees them."""
+    """Read the tenant's limits back as its service user sees them, and fit its event
+    stream's byte limit to the storage."""
     seed = directory.seed_path(tenant.id, SERVICE)
     async with connected(_access(args), seed, f"tickmesh tenant {tenant.id}") as nc:
-        await verify_limits(tm_nats.jetstream(nc), tenant.id, tenant.limits)
-    print(f"the server applies the limits of {tenant.id}", file=out)
+        js = tm_nats.jetstream(nc)
+        await verify_limits(js, tenant.id, tenant.limits)
+        print(f"the server applies the limits of {tenant.id}", file=out)
+        print(f"  events    {await fit_event_limit(js, tenant.id)}", file=out)
 
 
 # --- create ---------------------------------------------------------------------------

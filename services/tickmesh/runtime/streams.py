@@ -42,6 +42,9 @@ EVENT_STORAGE_SHARE = 4
 """The event stream holds at most 1/4 of a tenant account's JetStream storage: a busy
 tenant writes events far faster than anything else it keeps, and JetStream refuses every
 write of an account at its limit."""
+EVENT_LIMIT_KEY = "tickmesh.max_bytes"
+"""Stream metadata: the byte limit the services last gave the event stream ("-1": none).
+A stream whose limit is not that one has an operator's, which is left alone."""
 RECORD_ACK_WAIT_S = 30.0
 """The ack wait of the two record consumers made with the stream (the services' default)."""
 
@@ -74,6 +77,7 @@ def stream_configs(
         retention: RetentionPolicy,
         max_age: float = 0,
         max_bytes: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> StreamConfig:
         return StreamConfig(
             name=name,
@@ -88,6 +92,7 @@ def stream_configs(
             # Records must not vanish by API call; operators remove a tenant instead.
             deny_delete=True,
             allow_direct=True,
+            metadata=metadata,
         )
 
     return [
@@ -100,6 +105,7 @@ def stream_configs(
             RetentionPolicy.LIMITS,
             EVENT_MAX_AGE_S,
             event_stream_bytes(storage, replicas=replicas),
+            {EVENT_LIMIT_KEY: str(event_stream_bytes(storage, replicas=replicas) or -1)},
         ),
         cfg(names.dlq_stream, names.dlq_all, RetentionPolicy.LIMITS, DLQ_MAX_AGE_S),
     ]
@@ -110,13 +116,12 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
 
     ``replicas`` applies to what this call creates; a stream or bucket that already exists
     keeps its own (an operator raises it with ``nats stream edit``, not a restart). So do
-    its limits, but for one: an event stream made without a byte limit gets the share of
-    the account's storage it is made with now (see ``EVENT_STORAGE_SHARE``), where this
-    connection may update it.
+    its limits, but for one: the event stream's byte limit is kept at its share of the
+    account's storage as it is now (:func:`fit_event_stream`).
     """
     names = TenantNames(tenant)
-    configs = stream_configs(names, replicas=replicas, storage=await account_storage(js))
-    for config in configs:
+    storage = await account_storage(js)
+    for config in stream_configs(names, replicas=replicas, storage=storage):
         assert config.name is not None
         try:
             info = await js.stream_info(config.name)
@@ -125,8 +130,8 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
             continue
         if info.config.retention != config.retention:
             await _recreate_drained(js, info, config)
-        elif config.max_bytes and not _positive(info.config.max_bytes):
-            await _limit_bytes(js, info, config.max_bytes)
+        elif config.name == names.evt_stream:
+            await fit_event_stream(js, names, storage=storage, info=info)
     await ensure_record_consumers(js, names)
     for bucket, history in ((names.router_bucket, 1), (names.policy_bucket, 5)):
         try:
@@ -147,25 +152,60 @@ def _positive(value: int | None) -> bool:
     return value is not None and value > 0
 
 
-async def _limit_bytes(js: JetStreamContext, info: StreamInfo, max_bytes: int) -> None:
-    """Give a stream made without a byte limit (by a version before it) the one this
-    version makes it with. A limit already set, by an operator say, is kept. Service users
-    of tenant accounts may not update streams: then the log says how to."""
-    name = info.config.name
+async def fit_event_stream(
+    js: JetStreamContext,
+    names: TenantNames,
+    *,
+    storage: int | None,
+    info: StreamInfo | None = None,
+) -> int | None:
+    """Keep the event stream's byte limit at its share of the account's ``storage`` (see
+    ``EVENT_STORAGE_SHARE``; None: unlimited), as the storage was raised or lowered since
+    the stream was made. Returns the stream's limit afterwards (None: none).
+
+    The services do this when they start and ``tickmesh tenant limits`` when it changes a
+    tenant's storage. A limit the services did not set (an operator's: see
+    ``EVENT_LIMIT_KEY``) is kept; a stream without any (made by a version before the
+    limit) is given one. Where this connection may not update the stream, the log says
+    how to."""
+    if info is None:
+        info = await js.stream_info(names.evt_stream)
+    config = info.config
+    current = config.max_bytes if _positive(config.max_bytes) else None
+    metadata = dict(config.metadata or {})
+    ours = metadata.get(EVENT_LIMIT_KEY)
+    if ours is None and current is not None:
+        return current  # an operator's limit
+    if ours is not None and ours != str(current or -1):
+        return current  # an operator's, set over ours
+    wanted = event_stream_bytes(storage, replicas=config.num_replicas or 1)
+    if ours == str(wanted or -1):
+        return current
+    metadata[EVENT_LIMIT_KEY] = str(wanted or -1)
     try:
-        await js.update_stream(replace(info.config, max_bytes=max_bytes))
+        await js.update_stream(replace(config, max_bytes=wanted or -1, metadata=metadata))
     except Exception as exc:
+        over = wanted is not None and (current is None or current > wanted)
         logger.warning(
-            "stream %s has no byte limit and this connection may not set one (%s): until "
-            "an operator runs `nats stream edit %s --max-bytes %d` as a user of the account "
-            "that may, the tenant's events can fill its JetStream storage",
-            name,
+            "stream %s should hold at most %s (1/%d of its account's storage) and this "
+            "connection may not set that (%s): an operator can, with `nats stream edit %s "
+            "--max-bytes %d` as a user of the account that may%s",
+            names.evt_stream,
+            "any size" if wanted is None else f"{wanted} bytes",
+            EVENT_STORAGE_SHARE,
             exc or type(exc).__name__,
-            name,
-            max_bytes,
+            names.evt_stream,
+            wanted or -1,
+            "; until then the tenant's events can fill more of its JetStream storage"
+            if over
+            else "",
         )
-        return
-    logger.info("stream %s now holds at most %d bytes", name, max_bytes)
+        return current
+    if wanted is None:
+        logger.info("stream %s now has no byte limit, as its account", names.evt_stream)
+    else:
+        logger.info("stream %s now holds at most %d bytes", names.evt_stream, wanted)
+    return wanted
 
 
 def bucket_stream(bucket: str) -> str:

@@ -187,12 +187,19 @@ def test_a_tenants_grants_name_only_its_own_subjects_and_streams() -> None:
                     assert grant.startswith(own), grant
 
 
-def test_neither_user_may_delete_purge_or_update() -> None:
+def test_neither_user_may_delete_or_purge_and_only_the_service_updates_the_event_stream() -> None:
     names = TenantNames("acme")
-    for permissions in (service_permissions(names), executor_permissions(names)):
+    service, executor = service_permissions(names), executor_permissions(names)
+    for permissions in (service, executor):
         for grant in permissions.publish:
-            for verb in (".DELETE.", ".PURGE.", ".UPDATE.", "ACCOUNT.", ".SNAPSHOT.", ".RESTORE."):
+            for verb in (".DELETE.", ".PURGE.", "ACCOUNT.", ".SNAPSHOT.", ".RESTORE."):
                 assert verb not in grant, grant
+    # The event stream's byte limit follows the account's storage; no other stream may
+    # change (a republish added to the record stream would copy records out).
+    assert [g for g in service.publish if ".UPDATE." in g] == [
+        f"$JS.API.STREAM.UPDATE.{names.evt_stream}"
+    ]
+    assert not [g for g in executor.publish if ".UPDATE." in g]
 
 
 def test_the_executor_reads_only_the_work_stream() -> None:

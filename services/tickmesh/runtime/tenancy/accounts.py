@@ -7,9 +7,10 @@ denied; they name the tenant's own subjects and streams (from
 apart: a user of one account cannot reach another account's subjects or JetStream
 API whatever its permissions, and no account exports or imports anything. The
 permissions inside an account are least privilege on top of that: neither user may
-delete or purge a stream, and the executor user may not read any stream but the
-work queue it consumes (RELIABILITY §0.5: holding ``$JS.API.CONSUMER.>`` reads any
-stream, so consumer creation is granted per stream).
+delete or purge a stream, the service user may update only the event stream (its byte
+limit), and the executor user may not read any stream but the work queue it consumes
+(RELIABILITY §0.5: holding ``$JS.API.CONSUMER.>`` reads any stream, so consumer creation
+is granted per stream).
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def service_permissions(names: TenantNames) -> Permissions:
 
     Publish anything under ``tm.<tenant>.``; put into the tenant's KV buckets; create
     (if missing) and read the tenant's streams and buckets, create and read consumers
-    on them, pull and acknowledge. Not granted: stream update, delete and purge,
-    consumer delete, or any stream not named here.
+    on them, pull and acknowledge; update the event stream, whose byte limit follows the
+    account's storage (an update cannot lift ``deny_delete`` or ``deny_purge``). Not
+    granted: updating any other stream (a republish or source added to the record stream
+    would copy records out), stream delete and purge, consumer delete, or any stream not
+    named here.
     """
     buckets = (names.router_bucket, names.policy_bucket)
     publish = [
@@ -95,6 +99,7 @@ def service_permissions(names: TenantNames) -> Permissions:
             f"$JS.ACK.{stream}.>",
             f"$JS.FC.{stream}.>",
         ]
+    publish.append(f"$JS.API.STREAM.UPDATE.{names.evt_stream}")
     subscribe = ["_INBOX.>", f"{names.root}.ctl.>"]
     return Permissions(tuple(publish), tuple(subscribe))
 

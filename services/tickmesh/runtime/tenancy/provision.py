@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 from tickmesh.sdk import ConfigError, TransportError
 
 from .. import nats as tm_nats
-from ..streams import account_storage, ensure_tenant, stream_configs
+from ..streams import account_storage, ensure_tenant, fit_event_stream, stream_configs
 from ..subjects import TenantNames
 from .registry import KV_STREAM_PREFIX, Limits, Registry, format_size
 
@@ -299,6 +299,19 @@ async def provision_streams(
     await ensure_tenant(js, tenant, replicas=replicas)
     created += [KV_STREAM_PREFIX + bucket for bucket in buckets if bucket not in before]
     return ProvisionResult(tuple(created), tuple(existing), tuple(purgeable))
+
+
+async def fit_event_limit(js: JetStreamContext, tenant: str) -> str:
+    """Fit the tenant's event stream's byte limit to its account's storage as it is now
+    (after ``tickmesh tenant limits``); returns what the stream holds, for the operator."""
+    names = TenantNames(tenant)
+    try:
+        limit = await fit_event_stream(js, names, storage=await account_storage(js))
+    except NotFoundError:
+        return f"{names.evt_stream} is not there yet: the services make it when they start"
+    if limit is None:
+        return f"{names.evt_stream} has no byte limit"
+    return f"{names.evt_stream} holds at most {format_size(limit)} of events"
 
 
 async def account_limits(js: JetStreamContext) -> dict[str, int] | None:
