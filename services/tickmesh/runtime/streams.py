@@ -95,6 +95,7 @@ def stream_configs(
             metadata=metadata,
         )
 
+    event_bytes = event_stream_bytes(storage, replicas=replicas)
     return [
         cfg(names.work_stream, names.work_all, RetentionPolicy.WORK_QUEUE),
         cfg(names.exec_stream, names.exec_all, RetentionPolicy.INTEREST),
@@ -104,8 +105,8 @@ def stream_configs(
             names.evt_all,
             RetentionPolicy.LIMITS,
             EVENT_MAX_AGE_S,
-            event_stream_bytes(storage, replicas=replicas),
-            {EVENT_LIMIT_KEY: str(event_stream_bytes(storage, replicas=replicas) or -1)},
+            event_bytes,
+            {EVENT_LIMIT_KEY: str(event_bytes or -1)},
         ),
         cfg(names.dlq_stream, names.dlq_all, RetentionPolicy.LIMITS, DLQ_MAX_AGE_S),
     ]
