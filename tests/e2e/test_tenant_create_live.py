@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import nats
 import pytest
 
 from tests.support.service_harness import eventually
@@ -26,7 +27,7 @@ from tests.support.tenant_services import connz, run_hello
 from tickmesh.cli.main import main
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.runtime.tenancy import tenant_streams
+from tickmesh.runtime.tenancy import SERVICE, tenant_streams
 from tickmesh.runtime.tenancy.registry import TenantDirectory
 from tickmesh.sdk import Client, RPCError
 from tickmesh.sdk.errors import StatusCode
@@ -204,3 +205,47 @@ async def _hello_when_served(router: str, pool: str) -> dict[str, object] | None
         if exc.status != StatusCode.PERMISSION_DENIED:
             raise
         return None
+
+
+async def test_a_tenants_event_stream_follows_its_storage_without_a_restart(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """`tickmesh tenant limits` without --nats-url, then a reload by hand: the running state
+    service fits the event stream's byte limit to the new storage (a quarter of it)."""
+    tenant_dir = tmp_path / "tenants"
+    await _tickmesh(
+        "tenant", "create", "acme", "--max-storage", "256MiB",
+        "--dir", str(tenant_dir), "--nats-url", mesh.nats_url,
+    )  # fmt: skip
+    await _until(
+        lambda: all("acme" in tenants for tenants in _served(mesh).values()),
+        f"every service serves acme: {_served(mesh)}",
+    )
+    evt = TenantNames("acme").evt_stream
+    seed = TenantDirectory(tenant_dir).seed_path("acme", SERVICE)
+    nc = await nats.connect(mesh.nats_url, nkeys_seed=str(seed), allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+
+        async def max_bytes() -> int:
+            return int((await js.stream_info(evt)).config.max_bytes or -1)
+
+        assert await max_bytes() == 64 << 20
+
+        output = await _tickmesh(
+            "tenant", "limits", "acme", "--max-storage", "128MiB", "--dir", str(tenant_dir)
+        )
+        assert "reload the NATS servers" in output
+        await asyncio.sleep(5 * REFRESH_S)
+        assert await max_bytes() == 64 << 20, "the server has not applied the new storage yet"
+
+        assert mesh.nats is not None
+        assert mesh.nats.process is not None
+        mesh.nats.process.send_signal(signal.SIGHUP)  # nats-server --signal reload
+
+        async def fitted() -> bool:
+            return await max_bytes() == 32 << 20
+
+        await eventually(fitted, within=WAIT_S, what=f"{evt} holds at most 32 MiB")
+    finally:
+        await nc.close()

@@ -10,7 +10,11 @@ there, and a :class:`TenantWatcher` reads the registry again every
 on, with no restart; one disabled or deleted stops being served (its consumers stop,
 its connection closes, its calls are refused as for any unknown tenant). A tenant that
 cannot be served (its login fails, its account has no JetStream yet) is logged and
-tried again at the next read; the others are served meanwhile.
+tried again at the next read; the others are served meanwhile. A host that keeps
+something in step with a tenant's JetStream storage (:class:`FollowsStorage`: the state
+service, the event stream's byte limit) hears of each served tenant's storage in the
+registry, and again at each read until it says the server applies it (``tickmesh tenant
+limits`` without ``--nats-url`` changes the registry before the servers are reloaded).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tickmesh.sdk import ConfigError
 
@@ -31,7 +35,13 @@ from .tenant_links import seed_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NEW_TENANT_SETTLE_S", "TenantHost", "TenantWatcher", "serve_tenants"]
+__all__ = [
+    "NEW_TENANT_SETTLE_S",
+    "FollowsStorage",
+    "TenantHost",
+    "TenantWatcher",
+    "serve_tenants",
+]
 
 NEW_TENANT_SETTLE_S = 2.0
 """How long a tenant new to the registry waits before a running service serves it.
@@ -59,6 +69,16 @@ class TenantHost(Protocol):
         ...
 
 
+@runtime_checkable
+class FollowsStorage(Protocol):
+    """A host that keeps something of a tenant in step with its JetStream storage."""
+
+    async def follow_storage(self, tenant: str, storage: int) -> bool:
+        """The registry gives served ``tenant`` ``storage`` bytes: act on it. False while
+        the server does not apply that yet (asked again at the next read)."""
+        ...
+
+
 class TenantWatcher:
     """Reads a tenant directory's registry every ``refresh_s`` and adds and removes
     tenants of ``host`` to match its enabled tenants."""
@@ -83,6 +103,8 @@ class TenantWatcher:
         self._failing: dict[str, str] = {}
         """Tenant -> why it could not be served at the last try."""
         self._registry_error: str | None = None
+        self._followed: dict[str, int] = {}
+        """Tenant -> the storage its host followed last (see :class:`FollowsStorage`)."""
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -123,6 +145,15 @@ class TenantWatcher:
         due = sorted(t for t in wanted - served if now - self._first_seen[t] >= self._settle_s)
         # Concurrently: a tenant whose login hangs until its timeout holds up no other.
         await asyncio.gather(*(self._add(tenant) for tenant in due))
+        if isinstance(self._host, FollowsStorage):
+            storage = {t: registry.tenants[t].limits.max_storage for t in wanted}
+            self._followed = {t: s for t, s in self._followed.items() if t in wanted}
+            changed = sorted(
+                t
+                for t in self._host.served_tenants
+                if t in storage and self._followed.get(t) != storage[t]
+            )
+            await asyncio.gather(*(self._follow(self._host, t, storage[t]) for t in changed))
 
     async def _add(self, tenant: str) -> None:
         try:
@@ -145,6 +176,21 @@ class TenantWatcher:
             return
         self._failing.pop(tenant, None)
         logger.info("%s now serves tenant %s", self._name, tenant)
+
+    async def _follow(self, host: FollowsStorage, tenant: str, storage: int) -> None:
+        try:
+            applied = await host.follow_storage(tenant, storage)
+        except Exception as exc:  # the next read tries again
+            logger.warning(
+                "%s: following tenant %s's storage failed (tried again in %.1fs): %s",
+                self._name,
+                tenant,
+                self._refresh_s,
+                exc or type(exc).__name__,
+            )
+            return
+        if applied:
+            self._followed[tenant] = storage
 
     async def _remove(self, tenant: str) -> None:
         try:

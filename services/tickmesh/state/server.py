@@ -17,7 +17,8 @@ from tickmesh.runtime.grpc_security import ServerSecurity
 from tickmesh.runtime.grpc_server import GrpcServer, create_server
 from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
-from tickmesh.runtime.streams import ensure_tenant
+from tickmesh.runtime.streams import account_storage, ensure_tenant, fit_event_stream
+from tickmesh.runtime.subjects import TenantNames
 from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
 from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
@@ -115,6 +116,19 @@ class StateService:
         await consumer.start()
         if self.metrics is not None:
             self.metrics.consumers_changed()
+
+    async def follow_storage(self, tenant: str, storage: int) -> bool:
+        """Fit ``tenant``'s event stream's byte limit to the ``storage`` the registry gives
+        it, once the server applies it (:class:`~tickmesh.runtime.tenant_watch.FollowsStorage`):
+        after ``tickmesh tenant limits`` and a reload, with no restart."""
+        link = self.links.cached(tenant)
+        if link is None:
+            return False
+        applied = await account_storage(link.js)
+        if applied != storage:
+            return False  # not reloaded yet
+        await fit_event_stream(link.js, TenantNames(tenant), storage=applied)
+        return True
 
     async def remove_tenant(self, tenant: str) -> None:
         """Stop serving ``tenant``: its calls are refused, its record consumers stop and

@@ -108,6 +108,86 @@ async def test_a_tenant_that_cannot_be_served_is_retried_without_holding_up_othe
     assert watch.failing == {}
 
 
+class StorageHost(Host):
+    """A host that follows each tenant's storage once the server (``applied``) has it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied: dict[str, int] = {}
+        self.followed: list[tuple[str, int]] = []
+
+    async def follow_storage(self, tenant: str, storage: int) -> bool:
+        assert tenant in self.served, "only a served tenant's storage is followed"
+        if self.applied.get(tenant) != storage:
+            return False
+        self.followed.append((tenant, storage))
+        return True
+
+
+def set_storage(directory: TenantDirectory, tenant: str, storage: int) -> None:
+    registry = directory.load()
+    existing = registry.get(tenant)
+    limits = replace(existing.limits, max_storage=storage)
+    directory.save(registry.with_tenant(replace(existing, limits=limits)))
+
+
+async def test_a_served_tenants_storage_is_followed_once_the_server_applies_it(
+    tmp_path: Path,
+) -> None:
+    directory = TenantDirectory(tmp_path)
+    register(directory, "a", "b")
+    host, clock = StorageHost(), Clock()
+    host.applied = {"a": 1 << 30, "b": 1 << 30}
+    watch = watcher(host, tmp_path, clock)
+
+    await watch.sync(initial=True)
+    assert sorted(host.followed) == [("a", 1 << 30), ("b", 1 << 30)]
+    await watch.sync()
+    assert len(host.followed) == 2, "an unchanged storage is not followed again"
+
+    # `tickmesh tenant limits` without --nats-url: the registry first, the server later.
+    set_storage(directory, "a", 256 << 20)
+    await watch.sync()
+    await watch.sync()
+    assert len(host.followed) == 2, "not before the server applies it"
+    host.applied["a"] = 256 << 20  # the servers were reloaded
+    await watch.sync()
+    assert host.followed[2:] == [("a", 256 << 20)]
+    await watch.sync()
+    assert len(host.followed) == 3
+
+    # A tenant disabled and enabled again is followed again.
+    register(directory, "b", disabled={"b"})
+    await watch.sync()
+    register(directory, "b")
+    await watch.sync()
+    clock.now += 2.0  # settled
+    await watch.sync()
+    assert "b" in host.served
+    assert host.followed[3:] == [("b", 1 << 30)]
+
+
+async def test_a_host_failing_to_follow_is_asked_again_at_the_next_read(tmp_path: Path) -> None:
+    directory = TenantDirectory(tmp_path)
+    register(directory, "a")
+    host, clock = StorageHost(), Clock()
+    watch = watcher(host, tmp_path, clock)
+    calls = 0
+
+    async def flaky(tenant: str, storage: int) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError("JetStream API timed out")
+        return True
+
+    host.follow_storage = flaky  # type: ignore[method-assign]
+    await watch.sync(initial=True)
+    await watch.sync()
+    await watch.sync()
+    assert calls == 2
+
+
 async def test_an_unreadable_registry_stops_the_start_but_later_keeps_the_tenants(
     tmp_path: Path,
 ) -> None:
