@@ -354,7 +354,7 @@ class RecordConsumer:
                     one for one in _one_per_event(envelope) if one.lifetime_event.sequence > 0
                 )
         if routed:
-            await self._store.apply_events(self.names.tenant, routed, core.fold_event)
+            await self._store.apply_events(self.names.tenant, routed, core.fold_events)
         await ack_all([msg for msg, _ in good])
 
     async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:

@@ -41,11 +41,15 @@ ExecutionKind = Literal["task", "plan"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 LifetimeFold = Callable[
-    [header_pb2.EnvelopeHeader, lifetime_pb2.LifetimeEvent, lifetime_pb2.AgentLifetime | None],
+    [
+        header_pb2.EnvelopeHeader,
+        Sequence[lifetime_pb2.LifetimeEvent],
+        lifetime_pb2.AgentLifetime | None,
+    ],
     lifetime_pb2.AgentLifetime,
 ]
-"""Folds one lifetime event (with the header of its envelope) into the lifetime's row,
-which it may change in place (None: no row yet), and returns the row."""
+"""Folds the lifetime events of one envelope (in order, with the envelope's header) into
+the lifetime's row, which it may change in place (None: no row yet), and returns the row."""
 
 
 class StoredEvent(NamedTuple):
@@ -88,10 +92,11 @@ def fold_rows(
     """Fold every event of ``envelopes`` into ``rows`` (lifetime id -> its row, None: no
     row yet), in order."""
     for envelope in envelopes:
-        header = envelope.header
-        lifetime_id = header.lifetime_id
-        for event in events_of(envelope):
-            rows[lifetime_id] = fold(header, event, rows[lifetime_id])
+        events = events_of(envelope)
+        if events:
+            header = envelope.header
+            lifetime_id = header.lifetime_id
+            rows[lifetime_id] = fold(header, events, rows[lifetime_id])
 
 
 _T = TypeVar("_T")

@@ -34,7 +34,7 @@ from tests.support.records import (
 )
 from tickmesh.sdk.errors import ValidationError
 from tickmesh.state import store as store_module
-from tickmesh.state.core import fold_event
+from tickmesh.state.core import fold_events
 from tickmesh.state.postgres import PostgresStateStore
 from tickmesh.state.store import (
     MIGRATIONS,
@@ -847,7 +847,7 @@ async def test_a_page_of_one_graph_reads_that_graphs_rows_not_every_row(
         started.header.graph.id = "rare"
         started.lifetime_event.sequence = 1
         started.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_RUNNING
-        await store.apply_events(A, [started], fold_event)
+        await store.apply_events(A, [started], fold_events)
     read: list[str] = []
     original = store_module.lifetime_of_row
 
@@ -878,9 +878,9 @@ async def test_apply_events_stores_a_batch_and_folds_rows_once(store: StateStore
 
     running, done = lifetime_pb2.LIFETIME_STATE_RUNNING, lifetime_pb2.LIFETIME_STATE_COMPLETED
     batch = [env("l1", 1, running), env("l2", 1, running), env("l1", 2, done)]
-    assert await store.apply_events("acme", batch, fold_event) == 3
+    assert await store.apply_events("acme", batch, fold_events) == 3
     # A redelivery of the whole batch plus an older event: nothing new, nothing taken back.
-    assert await store.apply_events("acme", [*batch, env("l1", 1, running)], fold_event) == 0
+    assert await store.apply_events("acme", [*batch, env("l1", 1, running)], fold_events) == 0
     l1 = await store.get_lifetime("acme", "l1")
     l2 = await store.get_lifetime("acme", "l2")
     assert l1 is not None
@@ -913,8 +913,8 @@ async def test_apply_events_takes_a_decisions_events_in_one_envelope(store: Stat
     ended.header.sequence = 3
     ended.lifetime_event.sequence = 3
     ended.lifetime_event.state = lifetime_pb2.LIFETIME_STATE_COMPLETED
-    assert await store.apply_events("acme", [decision, ended], fold_event) == 3
-    assert await store.apply_events("acme", [decision], fold_event) == 0  # a redelivery
+    assert await store.apply_events("acme", [decision, ended], fold_events) == 3
+    assert await store.apply_events("acme", [decision], fold_events) == 0  # a redelivery
     events = await store.list_events("acme", "l1")
     assert [(e.sequence, e.kind) for e in events] == [
         (1, lifetime_pb2.LIFETIME_EVENT_KIND_STARTED),
@@ -933,9 +933,9 @@ async def test_apply_events_takes_a_decisions_events_in_one_envelope(store: Stat
     bad.lifetime_events.events.add(sequence=4)
     bad.lifetime_events.events.add(sequence=0)
     with pytest.raises(ValidationError, match="sequences start at 1"):
-        await store.apply_events("acme", [bad], fold_event)
+        await store.apply_events("acme", [bad], fold_events)
     not_an_event = envelope_pb2.ExecutionEnvelope(header=header)
     not_an_event.task_request.SetInParent()
     with pytest.raises(ValidationError, match="lifetime_event or lifetime_events"):
-        await store.apply_events("acme", [not_an_event], fold_event)
+        await store.apply_events("acme", [not_an_event], fold_events)
     assert [e.sequence for e in await store.list_events("acme", "l1")] == [1, 2, 3]
