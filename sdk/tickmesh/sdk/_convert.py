@@ -16,7 +16,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cache
 from typing import Any, Literal, get_args
 
@@ -552,26 +552,45 @@ def error_to_proto(error: ErrorData) -> result_pb2.ErrorInfo:
     return info
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
-    return value
+def _set_duration(target: duration_pb2.Duration, seconds: float) -> None:
+    """Set ``target`` to ``seconds`` (negative: zero), rounded to the microsecond as
+    ``FromTimedelta(timedelta(seconds=...))`` rounds it, without building the timedelta
+    (half the cost, and every completion sets two)."""
+    seconds = max(0.0, seconds)
+    whole = int(seconds)
+    micros = round((seconds - whole) * 1_000_000)  # the fraction alone, as timedelta does
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    target.seconds = whole
+    target.nanos = micros * 1000
 
 
 def telemetry_to_proto(
     usage: Usage, *, run_time_s: float = 0.0, queue_wait_s: float | None = None
 ) -> telemetry_pb2.Telemetry:
-    telemetry = telemetry_pb2.Telemetry(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cost_micros=usage.cost_micros,
-        model_calls=usage.model_calls,
-        tool_calls=usage.tool_calls,
-        run_time=_duration(run_time_s),
-        custom_metrics=usage.custom,
-    )
+    telemetry = telemetry_pb2.Telemetry()
+    _fill_telemetry(telemetry, usage, run_time_s=run_time_s, queue_wait_s=queue_wait_s)
+    return telemetry
+
+
+def _fill_telemetry(
+    telemetry: telemetry_pb2.Telemetry,
+    usage: Usage,
+    *,
+    run_time_s: float,
+    queue_wait_s: float | None,
+) -> None:
+    """Set ``telemetry`` (empty) in place: a message given to a constructor is copied."""
+    telemetry.input_tokens = usage.input_tokens
+    telemetry.output_tokens = usage.output_tokens
+    telemetry.cost_micros = usage.cost_micros
+    telemetry.model_calls = usage.model_calls
+    telemetry.tool_calls = usage.tool_calls
+    if usage.custom:  # a map is updated through the Mapping ABC, even from an empty one
+        telemetry.custom_metrics.update(usage.custom)
+    _set_duration(telemetry.run_time, run_time_s)
     if queue_wait_s is not None:
-        telemetry.queue_wait.CopyFrom(_duration(queue_wait_s))
+        _set_duration(telemetry.queue_wait, queue_wait_s)
     for model in sorted(usage.models):
         m = usage.models[model]
         telemetry.model_usage.add(
@@ -581,7 +600,6 @@ def telemetry_to_proto(
             cost_micros=m.cost_micros,
             calls=m.calls,
         )
-    return telemetry
 
 
 def _tool_action_to_proto(action: ToolActionRecord) -> result_pb2.ToolAction:
@@ -616,13 +634,12 @@ def task_result_to_proto(
 
     ``status`` is ``succeeded``, ``failed``, ``timed_out`` or ``cancelled``.
     """
-    result = result_pb2.TaskResult(
-        status=_TASK_STATUS_BY_NAME[status],
-        telemetry=telemetry_to_proto(
-            usage or Usage(), run_time_s=run_time_s, queue_wait_s=queue_wait_s
-        ),
-        tool_actions=[_tool_action_to_proto(a) for a in tool_actions],
+    result = result_pb2.TaskResult(status=_TASK_STATUS_BY_NAME[status])
+    _fill_telemetry(
+        result.telemetry, usage or Usage(), run_time_s=run_time_s, queue_wait_s=queue_wait_s
     )
+    if tool_actions:
+        result.tool_actions.extend(_tool_action_to_proto(a) for a in tool_actions)
     if output is not None:
         result.output.CopyFrom(payload_to_proto(*output))
     if error is not None:
@@ -643,10 +660,9 @@ def plan_result_to_proto(
     Raises:
         ValidationError: A payload of the decision cannot be encoded.
     """
-    result = result_pb2.PlanResult(
-        telemetry=telemetry_to_proto(
-            usage or Usage(), run_time_s=run_time_s, queue_wait_s=queue_wait_s
-        )
+    result = result_pb2.PlanResult()
+    _fill_telemetry(
+        result.telemetry, usage or Usage(), run_time_s=run_time_s, queue_wait_s=queue_wait_s
     )
     if error is not None:
         result.error.CopyFrom(error_to_proto(error))

@@ -10,6 +10,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tickmesh.sdk import (
     ConfigError,
@@ -359,3 +362,28 @@ async def test_file_blob_resolver_reads_and_checks_blobs(tmp_path: Any) -> None:
     with pytest.raises(ValidationError):
         await resolver.resolve("acme", "s3://bucket/key", digest, 1)
     await asyncio.sleep(0)
+
+
+@settings(max_examples=500)
+@given(
+    # Halfway between two microseconds too, where rounding the product would differ.
+    run_time=st.floats(min_value=-1.0, max_value=1e6, allow_nan=False)
+    | st.integers(min_value=0, max_value=10**12).map(lambda k: (k + 0.5) / 1e6),
+    queue_wait=st.none() | st.floats(min_value=0.0, max_value=1e4, allow_nan=False),
+)
+def test_results_carry_run_time_and_queue_wait_as_timedelta_rounds_them(
+    run_time: float, queue_wait: float | None
+) -> None:
+    telemetry = task_result_to_proto(
+        "succeeded", run_time_s=run_time, queue_wait_s=queue_wait
+    ).telemetry
+    expected = duration_pb2.Duration()
+    expected.FromTimedelta(timedelta(seconds=max(0.0, run_time)))
+    assert telemetry.HasField("run_time")
+    assert telemetry.run_time == expected
+    assert telemetry.HasField("queue_wait") == (queue_wait is not None)
+    if queue_wait is not None:
+        expected.FromTimedelta(timedelta(seconds=queue_wait))
+        assert telemetry.queue_wait == expected
+    plan = plan_result_to_proto(None, run_time_s=run_time, queue_wait_s=queue_wait).telemetry
+    assert plan == telemetry
