@@ -395,6 +395,9 @@ async def run_layout(
                 if "postgres" in servers:
                     watched["postgres"] = servers["postgres"]
                 floor_procs: list[subprocess.Popen[bytes]] = []
+                # The floor runs after the phase, and this machine's speed can move between
+                # the two: the ratio means little unless both probes agree.
+                floor_probe_us = speed_probe()
                 try:
                     fl = await asyncio.to_thread(
                         run_floor,
@@ -411,6 +414,7 @@ async def run_layout(
                     for proc in floor_procs:  # its thread then sees it exit and ends
                         proc.kill()
                     raise
+                fl["speed_probe_us"] = floor_probe_us
                 phase["floor"] = fl
                 phase["ratio"] = {
                     "throughput": phase["steps_per_s"] / fl["steps_per_s"]
@@ -425,7 +429,8 @@ async def run_layout(
                 }
                 print(
                     f"[{tag}] M={m}: floor {fl['steps_per_s']:.0f} steps/s, gap p50 "
-                    f"{fl['gap_ms']['p50']:.2f} p99 {fl['gap_ms']['p99']:.2f} ms",
+                    f"{fl['gap_ms']['p50']:.2f} p99 {fl['gap_ms']['p99']:.2f} ms "
+                    f"(probe {floor_probe_us:.1f} µs, {probe_us:.1f} before the phase)",
                     flush=True,
                 )
             out["phases"].append(phase)

@@ -159,6 +159,7 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
                     _f(ph.get("ratio", {}).get("gap_p50")),
                     f"{ph['foreign_cpu_share'] * 100:.0f}%",
                     _f(ph.get("speed_probe_us"), 1)
+                    + (f" / {_f(fl['speed_probe_us'], 1)}" if "speed_probe_us" in fl else "")
                     + ("" if not ph["failed"] else f"  {ph['failed']} NOT COMPLETED"),
                 ]
             )
@@ -184,7 +185,7 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
                     "x floor thr",
                     "x floor p50",
                     "other load",
-                    "probe µs",
+                    "probe µs (floor)",
                 ],
                 rows,
             )
@@ -198,8 +199,8 @@ def _render_layouts(profile: str, prof: dict[str, Any]) -> list[str]:
             " lane ran out of work (the phase without its ramp up and ramp down);"
             "\n   'drain s' = time after the last lifetime ended until every consumer"
             " (lifetime events included) had caught up: CPU is counted over wall + drain;"
-            "\n   'probe µs' = a fixed piece of work timed just before the phase: higher means"
-            " the machine was slower then)"
+            "\n   'probe µs' = a fixed piece of work timed just before the phase (and before its"
+            " floor, after the slash): higher means the machine was slower then)"
         )
         names = data["processes"]
         rows = []
