@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -208,10 +209,12 @@ async def _hello_when_served(router: str, pool: str) -> dict[str, object] | None
 
 
 async def test_a_tenants_event_stream_follows_its_storage_without_a_restart(
-    mesh: Mesh, tmp_path: Path
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`tickmesh tenant limits` without --nats-url, then a reload by hand: the running state
-    service fits the event stream's byte limit to the new storage (a quarter of it)."""
+    service fits the event stream's byte limit to the new storage (a quarter of it). While
+    the servers do not apply it yet, the service says so once, and again once they do."""
+    caplog.set_level(logging.INFO, logger="tickmesh.state.server")
     tenant_dir = tmp_path / "tenants"
     await _tickmesh(
         "tenant", "create", "acme", "--max-storage", "256MiB",
@@ -238,6 +241,12 @@ async def test_a_tenants_event_stream_follows_its_storage_without_a_restart(
         assert "reload the NATS servers" in output
         await asyncio.sleep(5 * REFRESH_S)
         assert await max_bytes() == 64 << 20, "the server has not applied the new storage yet"
+        waiting = [r.getMessage() for r in caplog.records if "still apply" in r.getMessage()]
+        assert waiting == [
+            "tenant acme: the registry gives it 128MiB of JetStream storage, the NATS servers "
+            "still apply 256MiB; its event stream keeps its byte limit until they reload their "
+            "configuration (nats-server --signal reload)"
+        ], "said once, though asked at every refresh"
 
         assert mesh.nats is not None
         assert mesh.nats.process is not None
@@ -247,5 +256,6 @@ async def test_a_tenants_event_stream_follows_its_storage_without_a_restart(
             return await max_bytes() == 32 << 20
 
         await eventually(fitted, within=WAIT_S, what=f"{evt} holds at most 32 MiB")
+        assert "tenant acme: the NATS servers apply its storage of 128MiB" in caplog.messages
     finally:
         await nc.close()

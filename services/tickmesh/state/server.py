@@ -19,6 +19,7 @@ from tickmesh.runtime.lifecycle import serve_until_stopped, version
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.streams import account_storage, ensure_tenant, fit_event_stream
 from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.tenancy.registry import format_size
 from tickmesh.runtime.tenant_links import SERVICE, TenantLinks
 from tickmesh.runtime.tenant_watch import TenantWatcher, serve_tenants
 from tickmesh.runtime.tracing import Tracing
@@ -51,6 +52,9 @@ class StateService:
     rather than the process that passed them in."""
     tracing: Tracing = field(default_factory=Tracing.off)
     tenant_watcher: TenantWatcher | None = None
+    awaiting_storage: dict[str, int] = field(default_factory=dict)
+    """Tenant -> the storage the registry gives it and the servers do not apply yet (said
+    once, in a warning, until they do)."""
     """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
     _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -126,13 +130,29 @@ class StateService:
             return False
         applied = await account_storage(link.js)
         if applied != storage:
-            return False  # not reloaded yet
+            # Not reloaded yet: asked again at every refresh, said once per storage.
+            if self.awaiting_storage.get(tenant) != storage:
+                self.awaiting_storage[tenant] = storage
+                logger.warning(
+                    "tenant %s: the registry gives it %s of JetStream storage, the NATS "
+                    "servers still apply %s; its event stream keeps its byte limit until "
+                    "they reload their configuration (nats-server --signal reload)",
+                    tenant,
+                    format_size(storage),
+                    "no limit" if applied is None else format_size(applied),
+                )
+            return False
+        if self.awaiting_storage.pop(tenant, None) is not None:
+            logger.info(
+                "tenant %s: the NATS servers apply its storage of %s", tenant, format_size(storage)
+            )
         await fit_event_stream(link.js, TenantNames(tenant), storage=applied)
         return True
 
     async def remove_tenant(self, tenant: str) -> None:
         """Stop serving ``tenant``: its calls are refused, its record consumers stop and
         its link closes. What the store holds of it stays."""
+        self.awaiting_storage.pop(tenant, None)
         consumer = self.consumers.pop(tenant, None)
         if consumer is not None:
             await consumer.stop()
