@@ -90,8 +90,8 @@ def fold_events(
     The stores fold a batch's events into rows they read for it and write back, so no
     event needs a copy of the whole row. What an event sets from the header, and the
     time of the last change, are set once per envelope: a decision's envelope carries
-    several events under one header, and each protobuf field set costs about as much
-    as the rest of an event's fold."""
+    several events under one header, and setting protobuf fields is most of what a
+    fold costs."""
     if row is None:
         row = lifetime_pb2.AgentLifetime()
         last = -1  # a new row takes its first event whatever its sequence
