@@ -565,14 +565,6 @@ def _set_duration(target: duration_pb2.Duration, seconds: float) -> None:
     target.nanos = micros * 1000
 
 
-def telemetry_to_proto(
-    usage: Usage, *, run_time_s: float = 0.0, queue_wait_s: float | None = None
-) -> telemetry_pb2.Telemetry:
-    telemetry = telemetry_pb2.Telemetry()
-    _fill_telemetry(telemetry, usage, run_time_s=run_time_s, queue_wait_s=queue_wait_s)
-    return telemetry
-
-
 def _fill_telemetry(
     telemetry: telemetry_pb2.Telemetry,
     usage: Usage,
@@ -580,7 +572,8 @@ def _fill_telemetry(
     run_time_s: float,
     queue_wait_s: float | None,
 ) -> None:
-    """Set ``telemetry`` (empty) in place: a message given to a constructor is copied."""
+    """Set a result's ``telemetry`` (empty) from what the handler reported, in place: a
+    message given to a constructor is copied."""
     telemetry.input_tokens = usage.input_tokens
     telemetry.output_tokens = usage.output_tokens
     telemetry.cost_micros = usage.cost_micros

@@ -52,10 +52,10 @@ class StateService:
     rather than the process that passed them in."""
     tracing: Tracing = field(default_factory=Tracing.off)
     tenant_watcher: TenantWatcher | None = None
+    """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
     awaiting_storage: dict[str, int] = field(default_factory=dict)
     """Tenant -> the storage the registry gives it and the servers do not apply yet (said
     once, in a warning, until they do)."""
-    """Keeps the served tenants in step with the tenant registry (``nats_tenant_dir``)."""
     _health_updates: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
