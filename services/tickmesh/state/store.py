@@ -40,6 +40,16 @@ logger = logging.getLogger(__name__)
 ExecutionKind = Literal["task", "plan"]
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+SQLITE_CACHE_KIB: Final = 16 * 1024
+"""The SQLite connection's page cache (SQLite's default is 2 MiB). With a thousand
+lifetimes running, each batch touches their event, lifetime, counter and index pages all
+over the file; in 2 MiB most were read back from the file on every batch."""
+SQLITE_CHECKPOINT_PAGES: Final = 10_000
+"""WAL pages (of 4 KiB) written before they are copied back into the database file
+(SQLite's default is 1,000). A page changed by many batches in between is copied once,
+and the checkpoints' own fsyncs come ten times less often; the WAL file stays within
+about 40 MiB, and replaying it after a crash takes well under a second."""
+
 LifetimeFold = Callable[
     [
         header_pb2.EnvelopeHeader,
@@ -859,6 +869,8 @@ class SQLiteStateStore:
             if path != ":memory:" and str(mode).lower() != "wal":
                 raise ConfigError(f"{path}: SQLite refused WAL mode (journal_mode={mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_CHECKPOINT_PAGES}")
             _migrate(conn)
             newest = conn.execute(
                 "SELECT persisted_at FROM executions ORDER BY seq DESC LIMIT 1"

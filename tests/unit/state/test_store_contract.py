@@ -38,6 +38,8 @@ from tickmesh.state.core import fold_events
 from tickmesh.state.postgres import PostgresStateStore
 from tickmesh.state.store import (
     MIGRATIONS,
+    SQLITE_CACHE_KIB,
+    SQLITE_CHECKPOINT_PAGES,
     SQLiteStateStore,
     StateStore,
     StoreClosedError,
@@ -799,18 +801,49 @@ async def test_sqlite_lifetime_rows_stored_before_the_graph_column_are_listed_by
     assert [r.lifetime_id for r in listed] == [new.lifetime_id, old.lifetime_id]
 
 
-async def test_sqlite_store_uses_wal_and_full_sync(tmp_path: Path) -> None:
+async def test_sqlite_store_uses_wal_full_sync_its_cache_and_rare_checkpoints(
+    tmp_path: Path,
+) -> None:
     store = await SQLiteStateStore.open(tmp_path / SQLITE_FILE)
     try:
         pragmas = await store._run(  # a peek at the connection, on its own thread
-            lambda: (
-                store._conn.execute("PRAGMA journal_mode").fetchone()[0],
-                store._conn.execute("PRAGMA synchronous").fetchone()[0],
+            lambda: tuple(
+                store._conn.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "cache_size", "wal_autocheckpoint")
             )
         )
     finally:
         await store.close()
-    assert pragmas == ("wal", 2)
+    assert pragmas == ("wal", 2, -SQLITE_CACHE_KIB, SQLITE_CHECKPOINT_PAGES)
+
+
+async def test_sqlite_store_loses_nothing_committed_to_a_long_wal_when_it_crashes(
+    tmp_path: Path,
+) -> None:
+    """Between checkpoints the WAL holds thousands of committed pages: a process that dies
+    then (the files copied while the store is open, as a crash leaves them) loses none."""
+    live = tmp_path / "live" / SQLITE_FILE
+    store = await SQLiteStateStore.open(live)
+    big = unknown_field(b"x" * 3000)  # about a page per record
+    try:
+        for batch in range(40):
+            records = [execution_record(batch * 50 + i, extra=big) for i in range(50)]
+            await store.append_executions(A, records)
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for suffix in ("", "-wal"):
+            (crashed / (SQLITE_FILE + suffix)).write_bytes(
+                (live.parent / (SQLITE_FILE + suffix)).read_bytes()
+            )
+    finally:
+        await store.close()
+    wal_pages = (crashed / (SQLITE_FILE + "-wal")).stat().st_size // 4096
+    # Over twice the 1,000 pages after which SQLite's default would have copied them back.
+    assert 2_000 < wal_pages < SQLITE_CHECKPOINT_PAGES
+
+    async with await SQLiteStateStore.open(crashed / SQLITE_FILE) as reopened:
+        listed = await reopened.list_executions(A, LIFETIME_ID, limit=5_000)
+    assert [r.execution_id for r in listed] == [exec_id(n) for n in range(2_000)]
 
 
 async def test_sqlite_store_persisted_at_never_goes_back_with_the_clock(
