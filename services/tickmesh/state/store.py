@@ -47,8 +47,9 @@ over the file; in 2 MiB most were read back from the file on every batch."""
 SQLITE_CHECKPOINT_PAGES: Final = 10_000
 """WAL pages (of 4 KiB) written before they are copied back into the database file
 (SQLite's default is 1,000). A page changed by many batches in between is copied once,
-and the checkpoints' own fsyncs come ten times less often; the WAL file stays within
-about 40 MiB, and replaying it after a crash takes well under a second."""
+and the checkpoints' own fsyncs come ten times less often. The WAL file grows to about
+40 MiB and is reused at that size; opening a database after a crash with that much in its
+WAL took 15 ms (measured on a 42 MB WAL)."""
 
 LifetimeFold = Callable[
     [
