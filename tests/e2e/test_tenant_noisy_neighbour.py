@@ -1,11 +1,14 @@
 """A tenant at its limits does not slow another: B's step latency with A exhausted.
 
 One set of services serves tenants a and b, each through its own account
-(``nats_tenant_dir``). B's per-step orchestration gap (a step finished → the next one
-started, from the recorded timestamps) is measured alone; then A's storage is filled
-to its account limit and A keeps hammering it — publishes refused by JetStream, and
-StartLifetime calls whose state cannot be written — while B runs the same workload
-again. B's p99 must stay within 2x of its solo baseline.
+(``nats_tenant_dir``). A's storage is filled to its account limit; then B runs the same
+workload in alternate phases: alone (A idle), and while A hammers its full storage —
+publishes refused by JetStream, and StartLifetime calls whose state cannot be written,
+each answered RESOURCE_EXHAUSTED. B's per-step orchestration gap (a step finished → the
+next one started, from the recorded timestamps), pooled over the phases of each kind,
+must keep its p99 within 2x of the alone phases'. (Alternate phases, so a spell of the
+machine running slow lands on both sides; pooled, so a p99 rests on some ten gaps
+rather than two.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tickmesh.sdk import (
     GraphBuilder,
     PlanContext,
     PlanInputView,
+    RPCError,
     TaskContext,
     TickmeshError,
     Worker,
@@ -44,6 +48,7 @@ from tickmesh.v1 import envelope_pb2
 
 ROUNDS = 25  # plan -> task rounds per lifetime: 50 steps, 49 gaps
 LIFETIMES = 4  # at once, per phase
+PHASES = 4  # of each kind, alternately: alone, with a hammering
 A_STORAGE = 2 << 20
 
 
@@ -153,6 +158,7 @@ async def _hammer(
     client_a: Client,
     graph_id: str,
     counts: dict[str, int],
+    refusals: set[str],
     stop: asyncio.Event,
 ) -> None:
     """What a tenant stuck at its limits keeps doing, until ``stop``: publishing, and
@@ -169,8 +175,9 @@ async def _hammer(
             try:
                 await client_a.start_lifetime(graph_id, {"rounds": ROUNDS})
                 counts["starts_accepted"] += 1
-            except TickmeshError:
+            except TickmeshError as exc:
                 counts["starts_refused"] += 1
+                refusals.add(exc.status.name if isinstance(exc, RPCError) else repr(exc))
             await asyncio.sleep(0.01)
 
 
@@ -193,22 +200,33 @@ async def test_a_tenant_at_its_limits_leaves_the_others_latency_alone(
         graph_b = await client_b.register_graph(GRAPH)
         await _b_workload(client_b, graph_b.id)  # warm-up: caches, consumers, connections
 
-        solo = await _gaps(services, "b", await _b_workload(client_b, graph_b.id))
-
         fitted = await _fill(accounts)
         counts = {"publishes_refused": 0, "starts_refused": 0, "starts_accepted": 0}
-        stop = asyncio.Event()
-        hammer = asyncio.create_task(_hammer(accounts, client_a, graph_a.id, counts, stop))
-        try:
-            await asyncio.sleep(0.3)  # a is refused everywhere by now
-            noisy = await _gaps(services, "b", await _b_workload(client_b, graph_b.id))
-        finally:
-            stop.set()
+        refusals: set[str] = set()
+        solo: list[float] = []
+        noisy: list[float] = []
+        solo_p99s: list[float] = []
+        noisy_p99s: list[float] = []
+        for _ in range(PHASES):
+            gaps = await _gaps(services, "b", await _b_workload(client_b, graph_b.id))
+            solo += gaps
+            solo_p99s.append(_p99(gaps))
+            stop = asyncio.Event()
+            hammer = asyncio.create_task(
+                _hammer(accounts, client_a, graph_a.id, counts, refusals, stop)
+            )
             try:
-                await asyncio.wait_for(hammer, 30)
-            except TimeoutError:  # stuck in a call: cancelling it is all that is left
-                with contextlib.suppress(asyncio.CancelledError):
-                    await hammer
+                await asyncio.sleep(0.3)  # a is refused everywhere by now
+                gaps = await _gaps(services, "b", await _b_workload(client_b, graph_b.id))
+                noisy += gaps
+                noisy_p99s.append(_p99(gaps))
+            finally:
+                stop.set()
+                try:
+                    await asyncio.wait_for(hammer, 30)
+                except TimeoutError:  # stuck in a call: cancelling it is all that is left
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await hammer
 
     solo_p99, noisy_p99 = _p99(solo), _p99(noisy)
     with capsys.disabled():
@@ -216,13 +234,17 @@ async def test_a_tenant_at_its_limits_leaves_the_others_latency_alone(
             f"\nnoisy neighbour: a's storage full after {fitted >> 10} KiB; b's step gap "
             f"p50/p99 solo {statistics.median(solo):.1f}/{solo_p99:.1f} ms, with a at its "
             f"limits {statistics.median(noisy):.1f}/{noisy_p99:.1f} ms "
-            f"({noisy_p99 / solo_p99:.2f}x; {len(noisy)} gaps); meanwhile a was refused "
-            f"{counts['publishes_refused']} publishes and {counts['starts_refused']} starts"
+            f"({noisy_p99 / solo_p99:.2f}x; {len(noisy)} gaps); phase by phase, p99 alone "
+            f"{' '.join(f'{v:.1f}' for v in solo_p99s)}, with a "
+            f"{' '.join(f'{v:.1f}' for v in noisy_p99s)} ms; meanwhile a was refused "
+            f"{counts['publishes_refused']} publishes and {counts['starts_refused']} starts "
+            f"({', '.join(sorted(refusals))})"
         )
     assert fitted > 0
     # a really was at its limits the whole time: every write refused
     assert counts["publishes_refused"] > 10
     assert counts["starts_refused"] > 10
     assert counts["starts_accepted"] == 0
+    assert refusals == {"RESOURCE_EXHAUSTED"}  # the account limit, not an internal error
     assert noisy_p99 <= 2 * solo_p99, (solo_p99, noisy_p99)
     assert accounts.violations() == []
