@@ -5,11 +5,16 @@ a known error becomes its status with its message; anything unexpected becomes
 INTERNAL with an error id that is logged with the traceback (the caller never
 sees a traceback).
 
-JetStream refusing a write because the tenant's account is out of storage is not
-unexpected: it is the account limit an operator set. The caller gets
-RESOURCE_EXHAUSTED with JetStream's reason, and the log gets one warning a minute
-rather than a traceback per call — a tenant hammering its full storage would
-otherwise spend the shared services' time formatting tracebacks.
+Two conditions of the bus are not unexpected either, and get their own status with
+the bus's reason and one warning a minute in the log rather than a traceback per call
+(a tenant hammering its full storage, or every caller during an outage, would
+otherwise spend the shared services' time formatting tracebacks):
+
+* JetStream refusing a write because the tenant's account is out of storage — the
+  account limit an operator set: RESOURCE_EXHAUSTED;
+* NATS not answering — the connection down or reconnecting, a request timed out, no
+  JetStream responder: UNAVAILABLE, the status callers retry on. (A timed-out write
+  may still have been applied; the calls that write take idempotency keys for that.)
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from nats.js.errors import APIError
+from nats import errors as nats_errors
+from nats.js import errors as js_errors
 
 from tickmesh.sdk import errors
 from tickmesh.sdk.ids import uuid7
@@ -41,8 +47,22 @@ _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
 # JetStream's refusals for an account out of room: resource limits exceeded for account,
 # insufficient resources, insufficient memory, insufficient storage.
 STORAGE_FULL_CODES = frozenset({10002, 10023, 10028, 10047})
-STORAGE_FULL_LOG_INTERVAL_S = 60.0
-_storage_full_logged_at: dict[int, float] = {}
+# NATS not answering: nothing wrong with the call, the bus is away for now.
+NATS_UNREACHABLE: tuple[type[BaseException], ...] = (
+    nats_errors.TimeoutError,  # FlushTimeoutError among them
+    nats_errors.NoServersError,
+    nats_errors.ConnectionClosedError,
+    nats_errors.ConnectionReconnectingError,
+    nats_errors.ConnectionDrainingError,
+    nats_errors.StaleConnectionError,
+    nats_errors.OutboundBufferLimitError,
+    nats_errors.NoRespondersError,
+    js_errors.ServiceUnavailableError,
+    js_errors.NoStreamResponseError,
+)
+BUS_LOG_INTERVAL_S = 60.0
+"""At most one warning per kind of bus condition in this interval."""
+_bus_logged_at: dict[str, float] = {}
 _clock = time.monotonic  # replaced in tests
 
 
@@ -56,25 +76,30 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in _TABLE:
         if isinstance(exc, kind):
             return code, str(exc)
-    if isinstance(exc, APIError) and exc.err_code in STORAGE_FULL_CODES:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, _storage_full(exc)
+    if isinstance(exc, js_errors.APIError) and exc.err_code in STORAGE_FULL_CODES:
+        message = (
+            f"the tenant's storage limit is reached: JetStream refused the write "
+            f"({exc.description}, error {exc.err_code})"
+        )
+        _warn_now_and_then(f"storage {exc.err_code}", message, "RESOURCE_EXHAUSTED")
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    if isinstance(exc, NATS_UNREACHABLE):
+        message = f"NATS did not answer ({type(exc).__name__}: {exc}); retry once it is back"
+        _warn_now_and_then(f"bus {type(exc).__name__}", message, "UNAVAILABLE")
+        return grpc.StatusCode.UNAVAILABLE, message
     error_id = uuid7()
     logger.error("unexpected error %s", error_id, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"
 
 
-def _storage_full(exc: APIError) -> str:
-    code = exc.err_code or 0
-    message = (
-        f"the tenant's storage limit is reached: JetStream refused the write "
-        f"({exc.description}, error {code})"
-    )
+def _warn_now_and_then(kind: str, message: str, status: str) -> None:
     now = _clock()
-    last = _storage_full_logged_at.get(code)
-    if last is None or now - last >= STORAGE_FULL_LOG_INTERVAL_S:
-        _storage_full_logged_at[code] = now
-        logger.warning("%s; answering RESOURCE_EXHAUSTED (logged once a minute)", message)
-    return message
+    last = _bus_logged_at.get(kind)
+    if last is None or now - last >= BUS_LOG_INTERVAL_S:
+        _bus_logged_at[kind] = now
+        logger.warning(
+            "%s; answering %s (logged once every %g s)", message, status, BUS_LOG_INTERVAL_S
+        )
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:

@@ -1,6 +1,7 @@
 """The servicers' error table: known errors keep their status and message, the
-unexpected become INTERNAL with a logged id, and a tenant out of JetStream storage
-gets RESOURCE_EXHAUSTED without a traceback per call."""
+unexpected become INTERNAL with a logged id, a tenant out of JetStream storage gets
+RESOURCE_EXHAUSTED and a NATS that does not answer UNAVAILABLE, neither with a
+traceback per call."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import logging
 
 import grpc
 import pytest
-from nats.js.errors import APIError, BadRequestError
+from nats import errors as nats_errors
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, ServiceUnavailableError
 
 from tickmesh.runtime import errors
 from tickmesh.sdk.errors import NotFoundError, StatusCode, ValidationError
@@ -16,7 +18,7 @@ from tickmesh.sdk.errors import NotFoundError, StatusCode, ValidationError
 
 @pytest.fixture(autouse=True)
 def _fresh_log_throttle() -> None:
-    errors._storage_full_logged_at.clear()
+    errors._bus_logged_at.clear()
 
 
 def test_known_errors_keep_their_status_and_message() -> None:
@@ -72,13 +74,46 @@ def test_storage_refusals_are_logged_once_a_minute_without_a_traceback(
     with caplog.at_level(logging.WARNING, logger=errors.__name__):
         for _ in range(50):
             errors.status_for(refused)
-        now[0] += errors.STORAGE_FULL_LOG_INTERVAL_S - 1
+        now[0] += errors.BUS_LOG_INTERVAL_S - 1
         errors.status_for(refused)
         assert len(caplog.records) == 1
         now[0] += 1
         errors.status_for(refused)
     assert len(caplog.records) == 2
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "unreachable",
+    [
+        nats_errors.TimeoutError(),
+        nats_errors.FlushTimeoutError(),
+        nats_errors.NoServersError(),
+        nats_errors.ConnectionClosedError(),
+        nats_errors.ConnectionReconnectingError(),
+        nats_errors.StaleConnectionError(),
+        nats_errors.OutboundBufferLimitError(),
+        nats_errors.NoRespondersError(),
+        ServiceUnavailableError(code=503, description="no responders"),
+        NoStreamResponseError(),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_a_nats_that_does_not_answer_is_unavailable(
+    unreachable: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=errors.__name__):
+        code, message = errors.status_for(unreachable)
+        errors.status_for(unreachable)
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert message.startswith(f"NATS did not answer ({type(unreachable).__name__}")
+    assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.WARNING, None)]
+
+
+def test_a_plain_timeout_stays_unexpected() -> None:
+    """Only the bus's own timeout says NATS is away; any other is a bug to look at."""
+    code, _ = errors.status_for(TimeoutError("a wait of our own"))
+    assert code is grpc.StatusCode.INTERNAL
 
 
 def test_other_jetstream_refusals_stay_unexpected() -> None:
