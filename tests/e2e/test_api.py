@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tickmesh.sdk import (
     RPCError,
     StatusCode,
     TaskContext,
+    ValidationError,
     Worker,
     complete,
     load_graph_file,
@@ -96,6 +98,50 @@ async def test_lifetimes_and_graphs_are_listed(start_mesh: MeshFactory) -> None:
             timeout=10,
         )
     assert [g.id for g in response.graphs] == [graph.id]
+
+
+async def test_a_malformed_id_is_an_invalid_argument_naming_it(
+    start_mesh: MeshFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ids a key or subject cannot hold (dots, wildcards, spaces) are refused by name,
+    in every call that takes one — not an internal error from the bucket underneath."""
+    h = await start_mesh()
+    graph = await _hello(h, h.tenant)
+    client = h.client
+    for bad in ("a.b.*", "x.>", "a b", "../../etc"):
+        calls = {
+            "get": client.get_lifetime(bad),
+            "pause": client.pause(bad),
+            "resume": client.resume(bad),
+            "abort": client.abort(bad),
+            "signal": client.signal(bad, "go", 1),
+            "fork": client.fork(bad, "e"),
+            "replay": client.replay(bad),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ValidationError, match="invalid lifetime id") as refused:
+                await call
+            assert repr(bad) in str(refused.value), (name, refused.value)
+        with pytest.raises(ValidationError, match="invalid lifetime id"):
+            async for _ in client.watch(bad):
+                pass
+    for bad in ("a.b.>", "G*", "a b"):
+        with pytest.raises(ValidationError, match=re.escape(f"invalid graph id {bad!r}")):
+            await client.get_graph(bad)
+        with pytest.raises(ValidationError, match=re.escape(f"invalid graph id {bad!r}")):
+            await client.start_lifetime(bad, {"name": "ada"})
+    with pytest.raises(ValidationError, match="unknown lifetime state 'bogus': expected one of"):
+        await client.list_lifetimes(states=["bogus"])
+    # the well-formed still work; a finished lifetime's controls change nothing
+    handle = await h.start(graph, {"name": "ada"})
+    assert await handle.result(within=10) == {"greeting": "HELLO, ADA!"}
+    for control in (client.pause, client.resume, client.abort):
+        assert (await control(handle.id)).state == "completed"
+    with pytest.raises(RPCError) as not_waiting:
+        await client.signal(handle.id, "go", 1)
+    assert not_waiting.value.status == StatusCode.FAILED_PRECONDITION
+    assert "not waiting for a signal" in not_waiting.value.detail
+    assert [r.getMessage() for r in caplog.records if "unexpected error" in r.getMessage()] == []
 
 
 def _waiting_graph(name: str, first: str) -> graph_pb2.AgentGraph:

@@ -313,7 +313,7 @@ class Client:
     ) -> list[LifetimeInfo]:
         found: list[LifetimeInfo] = []
         token = ""
-        wanted = [lifetime_pb2.LifetimeState.Value(f"LIFETIME_STATE_{s.upper()}") for s in states]
+        wanted = [_state_value(s) for s in states]
         while True:
             response: pb.ListLifetimesResponse = await self._call(
                 self._stub.ListLifetimes,
@@ -560,3 +560,16 @@ class LifetimeHandle:
 
     async def abort(self, reason: str = "") -> LifetimeInfo:
         return await self._client.abort(self.id, reason)
+
+
+def _state_value(name: str) -> lifetime_pb2.LifetimeState.ValueType:
+    """A lifetime state by its short name (``"running"``), any case."""
+    try:
+        return lifetime_pb2.LifetimeState.Value(f"LIFETIME_STATE_{name.upper()}")
+    except ValueError:
+        known = ", ".join(
+            n.removeprefix("LIFETIME_STATE_").lower()
+            for n, _ in lifetime_pb2.LifetimeState.items()
+            if n != "LIFETIME_STATE_UNSPECIFIED"
+        )
+        raise ValidationError(f"unknown lifetime state {name!r}: expected one of {known}") from None

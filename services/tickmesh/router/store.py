@@ -37,8 +37,9 @@ from nats.js.kv import KeyValue
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.kv import CasWriter, is_wrong_last_sequence, keys_matching
-from tickmesh.runtime.subjects import TenantNames
-from tickmesh.sdk import NotFoundError
+from tickmesh.runtime.subjects import TenantNames, check_token
+from tickmesh.sdk import NotFoundError, ValidationError
+from tickmesh.sdk._graph import GRAPH_ID_PATTERN
 from tickmesh.v1 import graph_pb2, lifetime_pb2
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,13 @@ class _Cached:
 
 
 def lifetime_key(lifetime_id: str) -> str:
-    return f"lt.{lifetime_id}"
+    """The lifetime's key; an id a key cannot hold (dots, wildcards, spaces: never one the
+    router made) is a ValidationError naming it, not the bucket's InvalidKeyError."""
+    return f"lt.{check_token(lifetime_id, 'lifetime id')}"
 
 
 def wait_key(lifetime_id: str) -> str:
-    return f"wt.{lifetime_id}"
+    return f"wt.{check_token(lifetime_id, 'lifetime id')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +460,10 @@ class RouterStore:
 
 
 def _token(graph_id: str) -> str:
-    # Graph ids may contain dots; KV keys use dots as separators.
+    # Graph ids may contain dots; KV keys use dots as separators. An id no graph can have
+    # (a registered graph's is checked against the same pattern) is refused by name.
+    if not GRAPH_ID_PATTERN.fullmatch(graph_id):
+        raise ValidationError(f"invalid graph id {graph_id!r}: expected {GRAPH_ID_PATTERN.pattern}")
     return graph_id.replace(".", "=")
 
 
