@@ -207,6 +207,14 @@ async def test_get_policy_and_list_policies(guardrail: GuardrailHarness) -> None
         grpc.StatusCode.NOT_FOUND,
     )
     assert "ghost" in details
+    for malformed in ("a.b.*", "x.>", "a b", ""):  # no policy has one; the bucket refuses it
+        details = await expect_status(
+            guardrail.stub.GetPolicy(
+                GS.GetPolicyRequest(policy_id=malformed), metadata=guardrail.md
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert f"invalid policy id {malformed!r}" in details
 
     page = await guardrail.stub.ListPolicies(
         GS.ListPoliciesRequest(page_size=2), metadata=guardrail.md

@@ -17,13 +17,21 @@ from nats.js.kv import KeyValue
 
 from tickmesh.runtime.kv import keys_matching
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.sdk import NotFoundError
+from tickmesh.sdk import NotFoundError, ValidationError
+from tickmesh.sdk._graph import POLICY_ID_PATTERN
 from tickmesh.v1 import guardrail_pb2
 
 SNAPSHOT_KEY = "snapshot"
 
 
 def _token(policy_id: str) -> str:
+    # Policy ids may contain dots; KV keys use dots as separators. An id no policy can
+    # have (a stored policy's is checked against the same pattern) is refused by name,
+    # not left to the bucket's InvalidKeyError.
+    if not POLICY_ID_PATTERN.fullmatch(policy_id):
+        raise ValidationError(
+            f"invalid policy id {policy_id!r}: expected {POLICY_ID_PATTERN.pattern}"
+        )
     return policy_id.replace(".", "=")
 
 
