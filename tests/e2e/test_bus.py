@@ -186,7 +186,26 @@ async def test_poison_records_are_dead_lettered_and_the_mesh_keeps_going(
     wrong_kind.header.lifetime_id = target
     wrong_kind.task_execution.header.lifetime_id = target
     wrong_kind.lifetime_event.CopyFrom(lifetime_pb2.LifetimeEvent(sequence=1))
+    # Well-formed records the store could not take (a NUL in a text column; a figure the
+    # counters cannot add): refused before the store, or they would hold back every record
+    # behind them, retried for ever.
+    nul_node = decode_envelope(stored.envelope, expected_kind="task_execution")
+    overflow = decode_envelope(stored.envelope, expected_kind="task_execution")
+    for record in (nul_node, overflow):
+        record.header.lifetime_id = record.task_execution.header.lifetime_id = target
+    nul_node.header.node.id = "gr\x00eet"
+    overflow.task_execution.result.telemetry.input_tokens = 2**63 - 1
     poison: list[tuple[str, bytes, dict[str, str]]] = [
+        (
+            "a record whose node id holds a NUL",
+            encode_envelope(nul_node),
+            {HDR_TYPE: "task_execution"},
+        ),
+        (
+            "a record reporting 2**63 - 1 tokens",
+            encode_envelope(overflow),
+            {HDR_TYPE: "task_execution"},
+        ),
         ("random bytes", random.Random(11).randbytes(200), {HDR_TYPE: "task_execution"}),
         (
             "an envelope whose body is not what its header says",

@@ -22,11 +22,69 @@ from tickmesh.sdk import (
     TaskError,
     complete,
     decode_envelope,
+    dispatch,
     plan,
+    step,
     task,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_usage_that_cannot_be_summed_fails_its_attempt_and_the_store_goes_on(
+    start_mesh: MeshFactory,
+) -> None:
+    """A task reporting 2**63 - 1 tokens (the next sum would overflow every int64 counter:
+    the router's totals, the store's, Redis') or a negative cost (a spend below a cap)
+    fails its attempt, not retried, saying which figure; the plan sees the failure, the
+    work request is dead-lettered, and the state service goes on storing records: a
+    well-behaved lifetime's usage is counted after it."""
+    h = await start_mesh()
+
+    @task(name="spend")
+    async def spend(ctx: TaskContext, usage: dict[str, Any]) -> str:
+        reported: dict[str, Any] = {k: float(v) if v == "nan" else v for k, v in usage.items()}
+        ctx.report(**reported)  # (a NaN cannot travel in the JSON input: it is named there)
+        return "spent"
+
+    @plan(name="judge_spend")
+    async def judge(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        if not inputs:
+            return dispatch(step("spend", goal))
+        result = inputs[0]
+        return complete([result.status, result.error_type, result.error_message])
+
+    await h.worker([spend, judge])
+    graph = await h.register(
+        GraphBuilder("spending", max_iterations=4)
+        .plan("judge", handler="judge_spend")
+        .task("spend", handler="spend", retry=Retry(max_attempts=3, initial_backoff=0.01))
+        .edge("judge", "spend")
+        .edge("spend", "judge")
+        .final("judge")
+        .build()
+    )
+    refused = {
+        "input_tokens": {"input_tokens": 2**63 - 1},
+        "cost_micros": {"cost_micros": -5},
+        "output_tokens": {"output_tokens": 2**41, "model": "big"},
+        "custom_metrics['score']": {"score": "nan"},
+    }
+    for field, usage in refused.items():
+        handle = await h.start(graph, usage)
+        status, error_type, message = await handle.result(within=15)
+        assert (status, error_type) == ("failed", "InvalidResult"), (field, message)
+        assert message.startswith(f"telemetry.{field} is "), message
+
+    fine = await h.start(graph, {"input_tokens": 7, "cost_micros": 3})
+    assert await fine.result(within=15) == ["succeeded", "", ""]
+    await h.records_stored()  # the store took every record, the refused ones' included
+    info = await h.client.get_lifetime(fine.id)
+    assert (info.input_tokens, info.cost_micros) == (7, 3)
+    letters = await h.stream_messages(h.names.dlq_stream, h.names.dlq("work"))
+    reasons = sorted((m.headers or {})[HDR_REASON] for m in letters)
+    assert len(reasons) == len(refused)
+    assert all(r.startswith("InvalidResult: telemetry.") for r in reasons), reasons
 
 
 async def test_a_failing_task_is_retried_then_dead_lettered(start_mesh: MeshFactory) -> None:

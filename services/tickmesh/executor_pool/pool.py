@@ -40,6 +40,7 @@ from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.delivery import Delivery, delivery_of
 from tickmesh.runtime.metrics import Metrics
 from tickmesh.runtime.nats import Outgoing, PublishError, ack_all, publish_batch
+from tickmesh.runtime.records import check_telemetry
 from tickmesh.runtime.subjects import (
     HDR_ATTEMPT,
     HDR_EXECUTION,
@@ -1238,11 +1239,24 @@ class ExecutorPool:
         Returns:
             The record, and whether the executor's result had to be replaced by a
             failure because it could not be recorded (a digest that does not match
-            its bytes, Struct details nested too deep, too large even offloaded).
+            its bytes, Struct details nested too deep, too large even offloaded,
+            telemetry figures out of range).
         """
         lease = outcome.lease
         tenant = lease.group.tenant
         replaced = False
+        try:
+            # Figures that cannot be summed would fail the record where it is read (router
+            # and state check it too): the attempt fails here, saying why.
+            check_telemetry(outcome.result.telemetry)
+        except ValidationError as exc:
+            logger.warning(
+                "execution %s: the result's telemetry cannot be recorded: %s",
+                lease.header.execution_id,
+                exc,
+            )
+            outcome.result = self._failure(lease, "InvalidResult", str(exc), retryable=False)
+            replaced = True
         try:
             data = await self._encode_record(outcome, self._settings.inline_limit)
         except ValidationError:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from nats.js import JetStreamContext
 
 from tickmesh.sdk import ValidationError
 from tickmesh.sdk.errors import StatusCode
-from tickmesh.v1 import envelope_pb2
+from tickmesh.v1 import envelope_pb2, telemetry_pb2
 
 from .errors import StatusError
 from .subjects import TenantNames, check_token, tenant_of_subject
@@ -27,6 +29,15 @@ STORED_WAIT_S = 5.0
 STORED_POLL_S = 0.005
 
 RECORD_KINDS = ("task_execution", "plan_execution")
+
+MAX_USAGE: Final = 2**40
+"""The most tokens, or cost micros, one execution may report: about 1.1e12 (a trillion
+tokens; a million currency units in micros). The router, the state store and Redis sum
+these figures in 64-bit integers: eight million executions at this bound still fit,
+where a single report near 2**63 made the next sum overflow — a counter that can no
+longer be written, and a tenant's records that can no longer be stored. Negative
+figures would let a report lower a tenant's spend under its guardrail caps."""
+_USAGE_FIELDS: Final = ("input_tokens", "output_tokens", "cost_micros")
 
 
 def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None:
@@ -59,6 +70,53 @@ def check_record(subject: str, envelope: envelope_pb2.ExecutionEnvelope) -> None
     check_token(inner.lifetime_id, "lifetime id")  # its ref is published under it
     if (inner.execution_id, inner.attempt) != (outer.execution_id, outer.attempt):
         raise ValidationError("record and envelope disagree on the execution id or attempt")
+    # The store keeps these as text columns, which in PostgreSQL cannot hold a NUL.
+    node = outer.node
+    if "\x00" in f"{outer.execution_id}{node.id}{outer.graph.id}{node.handler}":
+        for what, value in (
+            ("execution id", outer.execution_id),
+            ("node id", node.id),
+            ("graph id", outer.graph.id),
+            ("handler", node.handler),
+        ):
+            if "\x00" in value:
+                raise ValidationError(f"record {what} {value!r} holds a NUL character")
+    check_telemetry(record.result.telemetry)
+
+
+def check_telemetry(telemetry: telemetry_pb2.Telemetry) -> None:
+    """What an execution reports it consumed must be summable: each token and cost figure
+    within 0..MAX_USAGE (the per-model ones too), each custom metric a finite number.
+
+    Raises:
+        ValidationError: Naming the first figure out of range.
+    """
+    t = telemetry
+    if (
+        0 <= t.input_tokens <= MAX_USAGE
+        and 0 <= t.output_tokens <= MAX_USAGE
+        and 0 <= t.cost_micros <= MAX_USAGE
+        and not t.model_usage
+        and not t.custom_metrics
+    ):
+        return  # nearly every record: three comparisons, no loop
+    _check_usage(t, "telemetry")
+    for i, usage in enumerate(t.model_usage):
+        _check_usage(usage, f"telemetry.model_usage[{i}]")
+    for name, value in t.custom_metrics.items():
+        if not math.isfinite(value):
+            raise ValidationError(
+                f"telemetry.custom_metrics[{name!r}] is {value}: expected a finite number"
+            )
+
+
+def _check_usage(usage: telemetry_pb2.Telemetry | telemetry_pb2.ModelUsage, where: str) -> None:
+    for field in _USAGE_FIELDS:
+        value = getattr(usage, field)
+        if not 0 <= value <= MAX_USAGE:
+            raise ValidationError(
+                f"{where}.{field} is {value}: expected 0 to {MAX_USAGE:,} (2**40) per execution"
+            )
 
 
 async def records_stored(

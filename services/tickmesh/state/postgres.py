@@ -557,6 +557,10 @@ class PostgresStateStore:
                 if self._closed:  # the pool closed while this call waited for it
                     raise StoreClosedError(f"state store {self._where} is closed") from exc
                 raise
+            except asyncpg.CharacterNotInRepertoireError as exc:
+                # A NUL in a string asked for (PostgreSQL text cannot hold one, so nothing
+                # stored has one): the caller's input, not the store's failure.
+                raise ValidationError(f"a text value PostgreSQL cannot hold: {exc}") from exc
             except _TRANSIENT as exc:
                 failures += 1
                 self._reachable(False)

@@ -10,11 +10,19 @@ import pytest
 
 from tests.support.factories import GRAPH, LIFETIME_ID, TENANT, make_envelope, ts
 from tests.support.records import exec_id, execution_record
+from tickmesh.runtime.records import MAX_USAGE, check_telemetry
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import BodyKind, ValidationError
 from tickmesh.state import core
 from tickmesh.state.store import StoredExecution
-from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2, payload_pb2, result_pb2
+from tickmesh.v1 import (
+    envelope_pb2,
+    header_pb2,
+    lifetime_pb2,
+    payload_pb2,
+    result_pb2,
+    telemetry_pb2,
+)
 
 LS = lifetime_pb2
 NAMES = TenantNames(TENANT)
@@ -74,6 +82,67 @@ def test_check_record_refuses_a_subject_of_another_tenant() -> None:
         core.check_record(TenantNames("globex").exec(LIFETIME_ID), env)
     with pytest.raises(ValidationError, match="subject of tenant None"):
         core.check_record("orders.created", env)
+
+
+@pytest.mark.parametrize("kind", ["task", "plan"])
+@pytest.mark.parametrize(
+    ("where", "usage", "named"),
+    [
+        ("total", {"input_tokens": 2**63 - 1}, "telemetry.input_tokens is 9223372036854775807"),
+        ("total", {"cost_micros": -1}, "telemetry.cost_micros is -1"),
+        ("total", {"output_tokens": MAX_USAGE + 1}, "telemetry.output_tokens is"),
+        ("model", {"input_tokens": -3}, "telemetry.model_usage[1].input_tokens is -3"),
+        ("model", {"cost_micros": 2**62}, "telemetry.model_usage[1].cost_micros is"),
+    ],
+)
+def test_check_record_refuses_usage_that_cannot_be_summed(
+    kind: RecordKind, where: str, usage: dict[str, int], named: str
+) -> None:
+    """A report no counter can add (or one below zero) is refused where records are read,
+    for a record forged on the bus: the executor pool refuses it before it is recorded."""
+    _, env = execution_record(1, kind=kind)
+    telemetry = (env.task_execution if kind == "task" else env.plan_execution).result.telemetry
+    if where == "total":
+        for field, value in usage.items():
+            setattr(telemetry, field, value)
+    else:
+        telemetry.model_usage.add(model="small", input_tokens=5)
+        telemetry.model_usage.add(model="big", **usage)
+    with pytest.raises(ValidationError) as info:
+        core.check_record(SUBJECT, env)
+    assert str(info.value).startswith(named), info.value
+
+
+@pytest.mark.parametrize(
+    ("what", "where"),
+    [("node id", "node.id"), ("graph id", "graph.id"), ("handler", "node.handler")],
+)
+def test_check_record_refuses_a_nul_in_a_column_the_store_keeps_as_text(
+    what: str, where: str
+) -> None:
+    _, env = execution_record(1)
+    holder, field = where.split(".")
+    setattr(getattr(env.header, holder), field, "a\x00b")
+    with pytest.raises(ValidationError, match=re.escape(f"record {what} 'a\\x00b' holds a NUL")):
+        core.check_record(SUBJECT, env)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_check_telemetry_refuses_a_custom_metric_that_is_not_a_number(value: float) -> None:
+    telemetry = telemetry_pb2.Telemetry(input_tokens=1, custom_metrics={"ok": 1.5, "bad": value})
+    with pytest.raises(ValidationError, match=r"custom_metrics\['bad'\] is .*finite"):
+        check_telemetry(telemetry)
+
+
+def test_check_telemetry_takes_the_bounds_themselves() -> None:
+    at_bounds = telemetry_pb2.Telemetry(
+        input_tokens=MAX_USAGE,
+        output_tokens=0,
+        cost_micros=MAX_USAGE,
+        model_usage=[telemetry_pb2.ModelUsage(model="m", input_tokens=MAX_USAGE)],
+        custom_metrics={"score": -1e300},
+    )
+    check_telemetry(at_bounds)
 
 
 @pytest.mark.parametrize("body", ["task_request", "plan_request", "execution_ref"])
