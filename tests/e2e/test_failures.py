@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.audit import record_of, task_status
 from tests.support.mesh import MeshFactory
 from tickmesh.runtime.subjects import HDR_REASON
 from tickmesh.sdk import (
     Decision,
     GraphBuilder,
+    LifetimeFailedError,
     PlanContext,
     PlanInputView,
     Retry,
@@ -85,6 +88,49 @@ async def test_usage_that_cannot_be_summed_fails_its_attempt_and_the_store_goes_
     reasons = sorted((m.headers or {})[HDR_REASON] for m in letters)
     assert len(reasons) == len(refused)
     assert all(r.startswith("InvalidResult: telemetry.") for r in reasons), reasons
+
+
+async def test_a_decision_whose_state_cannot_be_written_fails_its_lifetime_once(
+    start_mesh: MeshFactory,
+) -> None:
+    """A plan dispatching 3,000 steps at once makes a lifetime state of about 2 MB, over
+    what one NATS message carries: the write can never succeed. The lifetime fails, saying
+    so, instead of its plan record being redelivered and decided again for ever; the same
+    graph with 300 steps still runs."""
+    h = await start_mesh()
+
+    @plan(name="fan_out")
+    async def fan_out(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        if inputs:
+            return complete(sum(1 for i in inputs if i.succeeded))
+        return dispatch(*(step("branch", n) for n in range(goal)))
+
+    @task(name="branch")
+    async def branch(ctx: TaskContext, n: int) -> int:
+        return n
+
+    await h.worker([fan_out, branch])
+    graph = await h.register(
+        GraphBuilder("wide", max_iterations=10_000)
+        .plan("fan", handler="fan_out")
+        .task("branch", handler="branch")
+        .edge("fan", "branch")
+        .edge("branch", "fan")
+        .final("fan")
+        .build()
+    )
+    too_wide = await h.start(graph, 3_000)
+    with pytest.raises(LifetimeFailedError) as failed:
+        await too_wide.result(within=15)
+    assert "a decision was refused: the lifetime's state would be" in failed.value.detail
+    assert "one NATS message may carry" in failed.value.detail
+    assert "3,000 executions in flight" in failed.value.detail
+    await h.wait_stream_empty(h.names.exec_stream)  # the plan's record is done with
+    report = await h.audit(too_wide.id)
+    assert report.of_node("branch") == []  # nothing of the refused decision ran
+
+    wide = await h.start(graph, 300)
+    assert await wide.result(within=30) == 300
 
 
 async def test_a_failing_task_is_retried_then_dead_lettered(start_mesh: MeshFactory) -> None:

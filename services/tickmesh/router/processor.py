@@ -51,7 +51,7 @@ from tickmesh.sdk.tracing import (
 from tickmesh.v1 import envelope_pb2, lifetime_pb2
 
 from . import core
-from .store import ConflictError, RouterStore
+from .store import ConflictError, RouterStore, StateTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +227,17 @@ class Processor:
         writing = [(i, s) for i, s in staged if s.write]
         written = await tenant.store.update_many([(s.lt.state, s.revision) for _, s in writing])
         lost_race: list[int] = []
+        oversized: list[tuple[int, StateTooLargeError]] = []
         for (i, _), outcome in zip(writing, written, strict=True):
             if isinstance(outcome, ConflictError):
                 lost_race.append(i)
+            elif isinstance(outcome, StateTooLargeError):
+                oversized.append((i, outcome))
             elif isinstance(outcome, Exception):
                 results[i] = outcome
 
-        raced = set(lost_race)
-        ready = [(i, s) for i, s in staged if results[i] is None and i not in raced]
+        apart = set(lost_race) | {i for i, _ in oversized}  # applied again, on their own
+        ready = [(i, s) for i, s in staged if results[i] is None and i not in apart]
         outgoing: list[Outgoing] = []
         spans: list[tuple[int, _Staged, int, int]] = []
         for i, s in ready:
@@ -262,6 +265,22 @@ class Processor:
                 results[i] = exc
                 continue
             results[i] = self._settled(tenant, s)
+
+        if oversized:
+            # A decision whose state cannot be written would be redelivered and taken
+            # again for ever: the lifetime fails instead, from the state before it.
+            failed = await asyncio.gather(
+                *(
+                    self.apply(tenant, jobs[i].lifetime_id, _fail_oversized(too), jobs[i].keys)
+                    for i, too in oversized
+                ),
+                return_exceptions=True,
+            )
+            for (i, too), failing in zip(oversized, failed, strict=True):
+                if not isinstance(failing, Applied | Exception):
+                    raise failing
+                logger.warning("lifetime %s fails: %s", jobs[i].lifetime_id, too)
+                results[i] = failing
 
         if lost_race:
             retried = await asyncio.gather(
@@ -379,6 +398,16 @@ class Processor:
             encode_envelope(envelope),
             headers={HDR_TYPE: "lifetime_event", HDR_LIFETIME: lt.view.lifetime_id},
         )
+
+
+def _fail_oversized(error: StateTooLargeError) -> Mutation:
+    def fail(lt: core.Lifetime) -> bool:
+        if lt.terminal:
+            return False
+        lt.fail(f"a decision was refused: {error}", error_type="StateTooLarge")
+        return True
+
+    return fail
 
 
 def retrace(lt: core.Lifetime) -> None:

@@ -39,6 +39,7 @@ from .guard import Gate, SnapshotWatcher
 from .processor import Processor, Tenant
 from .replay import HistorySource, StateRpcHistorySource
 from .servicer import RouterServicer
+from .store import STATE_HEADROOM_BYTES
 from .timers import ObservedRouterStore, WaitTimers
 from .usage import TenantUsage
 
@@ -137,6 +138,7 @@ class RouterService:
             writer=CasWriter(bucket),
             cache_size=self.settings.lifetime_cache_size,
             finished_ttl_s=await self._finished_ttl(link, names),
+            max_state_bytes=link.nc.max_payload - STATE_HEADROOM_BYTES,
         )
         tenant = Tenant(names=names, store=store, link=link, guard=gate)
         self.processor.tenants[tenant_id] = tenant

@@ -49,6 +49,27 @@ class ConflictError(Exception):
     """Someone else wrote the lifetime since it was read."""
 
 
+DEFAULT_MAX_STATE_BYTES = (1 << 20) - (16 << 10)
+"""nats-server's default max_payload (1 MiB), less room for the write's headers."""
+STATE_HEADROOM_BYTES = 16 << 10
+"""What a state write leaves of the server's max_payload for its subject and headers."""
+
+
+class StateTooLargeError(ValidationError):
+    """A lifetime's state would not fit in one NATS message: the write cannot succeed,
+    however often it is tried."""
+
+    def __init__(self, state: rs.RouterLifetime, size: int, limit: int) -> None:
+        super().__init__(
+            f"the lifetime's state would be {size:,} bytes, over the {limit:,} one NATS "
+            f"message may carry here ({len(state.in_flight):,} executions in flight, "
+            f"{sum(len(e.messages) for e in state.outbox):,} messages in its outbox)"
+        )
+        self.lifetime_id = state.lifetime.lifetime_id
+        self.size = size
+        self.limit = limit
+
+
 _FINISHED = frozenset(
     {
         lifetime_pb2.LIFETIME_STATE_COMPLETED,
@@ -125,12 +146,14 @@ class RouterStore:
         cache_size: int = 20_000,
         writer: Updater | None = None,
         finished_ttl_s: int = 0,
+        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
     ) -> None:
         """``writer`` makes the lifetime writes of the step loop (default: ``kv``;
         services pass a :class:`~tickmesh.runtime.kv.CasWriter` on the bucket).
         ``finished_ttl_s`` (whole seconds; 0 keeps them for ever) is how long a finished
         lifetime and its start request stay in the bucket: it needs a ``CasWriter`` and
-        a bucket that allows per-message TTLs.
+        a bucket that allows per-message TTLs. A state larger than ``max_state_bytes``
+        is not sent: its write is a :class:`StateTooLargeError`.
 
         Raises:
             ValueError: ``finished_ttl_s`` without a ``CasWriter``.
@@ -140,6 +163,7 @@ class RouterStore:
         self._kv = kv
         self._writer: Updater = writer if writer is not None else kv
         self._finished_ttl_s = finished_ttl_s
+        self._max_state_bytes = max_state_bytes
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._graphs: dict[tuple[str, int], graph_pb2.AgentGraph] = {}
@@ -168,7 +192,7 @@ class RouterStore:
 
     async def create(self, state: rs.RouterLifetime) -> int:
         lifetime_id = state.lifetime.lifetime_id
-        data = state.SerializeToString()
+        data = self._fitting(state)
         ttl = self._ttl_of(state)
         try:
             if ttl:
@@ -184,7 +208,7 @@ class RouterStore:
 
     async def update(self, state: rs.RouterLifetime, revision: int) -> int:
         lifetime_id = state.lifetime.lifetime_id
-        data = state.SerializeToString()
+        data = self._fitting(state)
         key = lifetime_key(lifetime_id)
         ttl = self._ttl_of(state)
         try:
@@ -222,6 +246,19 @@ class RouterStore:
                     raise result
             return cast(list[int | Exception], results)
         values = [state.SerializeToString() for state, _ in writes]
+        limit = self._max_state_bytes
+        too_large = {
+            i: StateTooLargeError(state, len(data), limit)
+            for i, ((state, _), data) in enumerate(zip(writes, values, strict=True))
+            if len(data) > limit
+        }
+        if too_large:  # never sent; the others go on as one round
+            kept = [i for i in range(len(writes)) if i not in too_large]
+            # (RouterStore's own, not a subclass's: that one has done its part already)
+            sent = await RouterStore.update_many(self, [writes[i] for i in kept]) if kept else []
+            merged: dict[int, int | Exception] = dict(too_large)
+            merged.update(zip(kept, sent, strict=True))
+            return [merged[i] for i in range(len(writes))]
         ttls = [self._ttl_of(state) for state, _ in writes] if self._finished_ttl_s else None
         answers = await self._writer.update_many(
             [
@@ -254,6 +291,17 @@ class RouterStore:
         if finished:
             await self._expire_claims(finished)
         return outcomes
+
+    def _fitting(self, state: rs.RouterLifetime) -> bytes:
+        """``state`` serialized, if it fits in one write.
+
+        Raises:
+            StateTooLargeError: It does not.
+        """
+        data = state.SerializeToString()
+        if len(data) > self._max_state_bytes:
+            raise StateTooLargeError(state, len(data), self._max_state_bytes)
+        return data
 
     def _ttl_of(self, state: rs.RouterLifetime) -> int:
         """The time to live of a write of ``state``: finished lifetimes expire."""
