@@ -29,6 +29,7 @@ from tickmesh.sdk import (
     plan,
     step,
     task,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,6 +132,29 @@ async def test_a_decision_whose_state_cannot_be_written_fails_its_lifetime_once(
 
     wide = await h.start(graph, 300)
     assert await wide.result(within=30) == 300
+
+
+async def test_a_wait_no_deadline_can_hold_fails_the_lifetime_at_once(
+    start_mesh: MeshFactory,
+) -> None:
+    """wait_for(timeout=1e12 s): its deadline is past the year 9999, which no timestamp
+    holds. The lifetime fails saying so (it used to raise on every redelivery of the
+    plan's record, the lifetime running for ever)."""
+    h = await start_mesh()
+
+    @plan(name="patient")
+    async def patient(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        return wait_for("go", timeout=goal)
+
+    await h.worker([patient])
+    graph = await h.register(
+        GraphBuilder("patience").plan("wait", handler="patient").final("wait").build()
+    )
+    handle = await h.start(graph, 1e12)
+    with pytest.raises(LifetimeFailedError) as failed:
+        await handle.result(within=10)
+    assert "asked to wait for 'go' with a timeout of 1e+12 s" in failed.value.detail
+    await h.wait_stream_empty(h.names.exec_stream)
 
 
 async def test_a_failing_task_is_retried_then_dead_lettered(start_mesh: MeshFactory) -> None:

@@ -125,3 +125,58 @@ async def test_a_batch_applies_each_lifetime_alone(tenant: Tenant) -> None:
     assert (await event_kinds(tenant, "calm"))[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"
     refused_state = (await fresh.load("refused")).state  # type: ignore[union-attr]
     assert [entry.key for entry in refused_state.outbox][-1] == "k:refused"
+
+
+async def test_a_decision_that_raises_fails_its_lifetime_and_not_the_others(
+    tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deciding is pure: a decision that raised (on a plan result the router cannot take)
+    raises again on every redelivery of its input. The lifetime fails instead, once,
+    with the error named and its traceback logged; the batch's other lifetimes go on; an
+    error said on purpose (an unknown lifetime) stays what it was."""
+    processor = Processor(PRODUCER)
+    for lifetime_id in ("calm", "broken"):
+        await started(processor, tenant, lifetime_id)
+    tries: list[str] = []
+
+    def deciding(lifetime_id: str) -> Mutation:
+        def mutate(lt: core.Lifetime) -> bool:
+            tries.append(lifetime_id)
+            if lifetime_id == "broken":
+                core.pause(lt, "half way")  # a partial change, which must not be written
+                raise ValueError("Timestamp is not valid")
+            core.pause(lt, "batch")
+            return True
+
+        return mutate
+
+    jobs = [Job(lid, deciding(lid), [f"k:{lid}"]) for lid in ("calm", "broken", "ghost")]
+    calm, broken, ghost = await processor.apply_batch(tenant, jobs)
+
+    assert isinstance(calm, Applied)
+    assert isinstance(ghost, NotFoundError)
+    assert isinstance(broken, Applied)
+    assert broken.changed
+    assert tries == ["calm", "broken"]  # decided once; the lifetime failed from its state
+    fresh = RouterStore(tenant.store._kv)
+    stored = await fresh.load("broken")
+    assert stored is not None
+    view = stored.state.lifetime
+    assert view.state == LS.LIFETIME_STATE_FAILED
+    assert view.error.type == "DecisionError"
+    assert "ValueError('Timestamp is not valid')" in view.error.message
+    kinds = await event_kinds(tenant, "broken")
+    assert kinds[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"  # the failure, last
+    assert kinds.count("LIFETIME_EVENT_KIND_STATE_CHANGED") == 1  # and no pause before it
+    assert [entry.key for entry in stored.state.outbox][-1] == "k:broken"
+    logged = [r for r in caplog.records if "deciding on its input raised" in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None
+
+    # An input that raises again on the failed lifetime changes nothing more.
+    [again] = await processor.apply_batch(tenant, [Job("broken", deciding("broken"), ["k:2"])])
+    assert isinstance(again, Applied)
+    assert not again.changed
+    after = await RouterStore(tenant.store._kv).load("broken")
+    assert after is not None
+    assert after.revision == stored.revision

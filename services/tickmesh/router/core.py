@@ -38,6 +38,9 @@ from tickmesh.v1 import (
 )
 
 DEFAULT_MAX_ITERATIONS = 100
+MAX_WAIT_S = 100 * 366 * 86_400
+"""The longest timeout a plan may wait for a signal: about a century (a timestamp holds
+years up to 9999; a deadline past that cannot even be written down)."""
 START_GROUP = "start"
 
 LS = lifetime_pb2
@@ -891,6 +894,14 @@ def _plan_decided(
         return
     if decision == "wait":
         wait = result.wait
+        if wait.HasField("timeout") and not 0 < wait.timeout.ToNanoseconds() <= MAX_WAIT_S * 10**9:
+            lt.fail(
+                f"plan {node.id} asked to wait for {wait.signal_name!r} with a timeout of "
+                f"{wait.timeout.ToNanoseconds() / 1e9:g} s: expected more than 0 s and at "
+                f"most {MAX_WAIT_S:,} s (about a century)",
+                "RoutingError",
+            )
+            return
         lt.state.wait.CopyFrom(
             rs.WaitState(
                 signal_name=wait.signal_name,

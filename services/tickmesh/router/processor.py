@@ -39,7 +39,7 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tenant_links import TenantLink
-from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
+from tickmesh.sdk import NotFoundError, TickmeshError, decode_envelope, encode_envelope
 from tickmesh.sdk.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
@@ -188,7 +188,10 @@ class Processor:
         """
         job = Job(lifetime_id, mutate, keys)
         for attempt in range(MAX_CAS_RETRIES):
-            staged = await self._stage(tenant, job, fresh=attempt > 0)
+            try:
+                staged = await self._stage(tenant, job, fresh=attempt > 0)
+            except _MutationError as raised:
+                raise raised.cause from raised.cause.__cause__
             if staged.write:
                 try:
                     await tenant.store.update(staged.lt.state, staged.revision)
@@ -218,9 +221,15 @@ class Processor:
             return_exceptions=True,
         )
         staged: list[tuple[int, _Staged]] = []
+        undecidable: list[tuple[int, Exception]] = []
         for i, job in enumerate(jobs):
             try:
                 staged.append((i, await self._stage(tenant, job, fresh=False)))
+            except _MutationError as raised:
+                if isinstance(raised.cause, TickmeshError):
+                    results[i] = raised.cause  # said on purpose (unknown lifetime, ...)
+                else:
+                    undecidable.append((i, raised.cause))
             except Exception as exc:
                 results[i] = exc
 
@@ -266,20 +275,31 @@ class Processor:
                 continue
             results[i] = self._settled(tenant, s)
 
-        if oversized:
-            # A decision whose state cannot be written would be redelivered and taken
-            # again for ever: the lifetime fails instead, from the state before it.
-            failed = await asyncio.gather(
+        # A decision that cannot be taken (the decision raised: the same state and input
+        # raise again) or whose state cannot be written would be redelivered and tried
+        # again for ever: the lifetime fails instead, from its state before the decision.
+        cannot: list[tuple[int, str, str]] = [
+            (i, "StateTooLarge", f"a decision was refused: {too}") for i, too in oversized
+        ]
+        for i, cause in undecidable:
+            logger.error(
+                "lifetime %s: deciding on its input raised; the lifetime fails",
+                jobs[i].lifetime_id,
+                exc_info=cause,
+            )
+            cannot.append((i, "DecisionError", f"the router could not decide on a step: {cause!r}"))
+        if cannot:
+            failing_now = await asyncio.gather(
                 *(
-                    self.apply(tenant, jobs[i].lifetime_id, _fail_oversized(too), jobs[i].keys)
-                    for i, too in oversized
+                    self.apply(tenant, jobs[i].lifetime_id, _fail_with(kind, why), jobs[i].keys)
+                    for i, kind, why in cannot
                 ),
                 return_exceptions=True,
             )
-            for (i, too), failing in zip(oversized, failed, strict=True):
+            for (i, _, why), failing in zip(cannot, failing_now, strict=True):
                 if not isinstance(failing, Applied | Exception):
                     raise failing
-                logger.warning("lifetime %s fails: %s", jobs[i].lifetime_id, too)
+                logger.warning("lifetime %s fails: %s", jobs[i].lifetime_id, why)
                 results[i] = failing
 
         if lost_race:
@@ -306,7 +326,10 @@ class Processor:
         lt = core.Lifetime(state, graph, self._producer, _now(), tenant.guard)
         pending = self._pending_for(state, job.keys)
         pruned = self._prune(tenant, job.lifetime_id, state, lt.now)
-        changed = job.mutate(lt)
+        try:
+            changed = job.mutate(lt)
+        except Exception as exc:
+            raise _MutationError(exc) from exc
         if changed:
             self._add_outbox(lt, ",".join(job.keys))
         return _Staged(job, lt, loaded.revision, changed, changed or pruned, pending)
@@ -400,11 +423,19 @@ class Processor:
         )
 
 
-def _fail_oversized(error: StateTooLargeError) -> Mutation:
+class _MutationError(Exception):
+    """A mutation raised (``cause``), as opposed to the reads and writes around it."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _fail_with(error_type: str, message: str) -> Mutation:
     def fail(lt: core.Lifetime) -> bool:
         if lt.terminal:
             return False
-        lt.fail(f"a decision was refused: {error}", error_type="StateTooLarge")
+        lt.fail(message, error_type=error_type)
         return True
 
     return fail

@@ -378,6 +378,35 @@ def test_wait_then_signal_asks_the_plan_again_with_its_inputs() -> None:
     assert sim.pending_nodes() == []
 
 
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(0, 0), (-5, 0), (0, -1), (10**12, 0), (core.MAX_WAIT_S + 1, 0), (315_576_000_000, 0)],
+)
+def test_a_wait_timeout_out_of_range_fails_the_lifetime(seconds: int, nanos: int) -> None:
+    """A plan result is an executor's word: a timeout of 0, below it, or past what a
+    deadline can hold (a timestamp's seconds end in the year 9999) fails the lifetime,
+    saying so, rather than raising on every redelivery of the plan's record."""
+    sim = Sim(hello_graph())
+    sim.finish_task(sim.take("greet"), "hi")
+    wait = result_pb2.WaitDecision(signal_name="approval")
+    wait.timeout.seconds, wait.timeout.nanos = seconds, nanos
+    sim.decide(sim.take("decide"), result_pb2.PlanResult(wait=wait))
+    assert state_of(sim) == "LIFETIME_STATE_FAILED"
+    assert sim.view.error.type == "RoutingError"
+    assert "asked to wait for 'approval' with a timeout of" in sim.view.error.message
+    assert not sim.state.HasField("wait")
+
+
+def test_a_wait_of_a_century_is_taken() -> None:
+    sim = Sim(hello_graph())
+    sim.finish_task(sim.take("greet"), "hi")
+    wait = result_pb2.WaitDecision(signal_name="approval")
+    wait.timeout.seconds = core.MAX_WAIT_S
+    sim.decide(sim.take("decide"), result_pb2.PlanResult(wait=wait))
+    assert state_of(sim) == "LIFETIME_STATE_WAITING"
+    assert sim.state.wait.deadline.seconds > core.MAX_WAIT_S
+
+
 def test_abort_is_terminal_and_idempotent() -> None:
     sim = Sim(hello_graph())
     greet = sim.take("greet")
