@@ -87,6 +87,10 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_CONCURRENCY = 10_000
+MAX_HANDLERS = 1_000
+"""The most handlers one executor may announce. Each is a JetStream consumer the pool
+opens and pulls from (and a durable the server keeps): an executor announcing names by
+the hundred thousand would have the pool and the server spend themselves on it."""
 """The most assignments one executor session may ask for."""
 DLQ_KIND = "work"
 """Dead letters carry the attempt count that exhausted the step."""
@@ -165,6 +169,11 @@ def check_hello(
         )
     if not hello.handlers:
         raise ValidationError("hello must announce at least one handler")
+    if len(hello.handlers) > MAX_HANDLERS:
+        raise ValidationError(
+            f"hello announces {len(hello.handlers):,} handlers; "
+            f"one executor may serve at most {MAX_HANDLERS:,}"
+        )
     if not 1 <= hello.concurrency <= MAX_CONCURRENCY:
         raise ValidationError(
             f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {hello.concurrency}"

@@ -9,7 +9,13 @@ from typing import Any, cast
 import pytest
 
 from tickmesh.executor_pool.config import ExecutorPoolSettings
-from tickmesh.executor_pool.pool import ExecutorPool, Lease, check_hello, merge_frames
+from tickmesh.executor_pool.pool import (
+    MAX_HANDLERS,
+    ExecutorPool,
+    Lease,
+    check_hello,
+    merge_frames,
+)
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.nats import Outgoing
 from tickmesh.runtime.tenant_links import TenantLinks
@@ -33,6 +39,8 @@ def hello(**overrides: object) -> pb.ExecutorHello:
 
 def test_a_valid_hello_lists_its_handlers() -> None:
     assert check_hello(hello()) == {("task", "fetch"): "d1", ("plan", "decide"): "d2"}
+    most = [pb.HandlerSpec(name=f"h{n}", kind=graph_pb2.NODE_KIND_TASK) for n in range(1000)]
+    assert len(check_hello(hello(handlers=most))) == MAX_HANDLERS
 
 
 @pytest.mark.parametrize(
@@ -43,6 +51,15 @@ def test_a_valid_hello_lists_its_handlers() -> None:
         ({"protocol_version": 2}, "protocol version"),
         ({"handlers": [pb.HandlerSpec(name="a.b", kind=graph_pb2.NODE_KIND_TASK)]}, "handler"),
         ({"handlers": [pb.HandlerSpec(name="a")]}, "TASK or PLAN"),
+        (
+            {
+                "handlers": [
+                    pb.HandlerSpec(name=f"h{n}", kind=graph_pb2.NODE_KIND_TASK)
+                    for n in range(MAX_HANDLERS + 1)
+                ]
+            },
+            "hello announces 1,001 handlers; one executor may serve at most 1,000",
+        ),
     ],
 )
 def test_a_bad_hello_is_refused(overrides: dict[str, object], message: str) -> None:
