@@ -369,6 +369,21 @@ async def test_get_counters_by_lifetime_and_tenant_and_window(state: StateHarnes
         metadata=state.md,
     )
     assert (wide.totals.input_tokens, wide.executions) == (1037, 4)
+    for endless in (2**40, 2**63, 2**64 - 1):  # past 1970 (and past timedelta): every record
+        everything = await state.stub.GetCounters(
+            SS.GetCountersRequest(scope=SS.COUNTER_SCOPE_TENANT, window_seconds=endless),
+            metadata=state.md,
+        )
+        assert (everything.totals.input_tokens, everything.executions) == (1037, 4)
+
+    for bound, seconds, nanos in (("since", 2**62, 0), ("until", 0, -1), ("since", -(2**40), 0)):
+        request = SS.GetUsageRequest()
+        getattr(request, bound).seconds = seconds
+        getattr(request, bound).nanos = nanos
+        details = await expect_status(
+            state.stub.GetUsage(request, metadata=state.md), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert details.startswith(f"{bound} is not a valid timestamp"), details
 
     await expect_status(
         state.stub.GetCounters(SS.GetCountersRequest(), metadata=state.md),

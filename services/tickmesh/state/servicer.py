@@ -14,7 +14,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -201,9 +201,12 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.GetCountersRequest, context: Context
     ) -> pb.GetCountersResponse:
         tenant = self._tenant(context)
+        now = datetime.now(UTC)
+        # A window reaching back past 1970 holds every record: no bound (and no timedelta
+        # overflow for a window of 2**63 s).
         since = (
-            datetime.now(UTC) - timedelta(seconds=request.window_seconds)
-            if request.window_seconds
+            now - timedelta(seconds=request.window_seconds)
+            if 0 < request.window_seconds < now.timestamp()
             else None
         )
         if request.scope == pb.COUNTER_SCOPE_LIFETIME:
@@ -234,8 +237,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
         await self._stored_so_far(tenant)
         rows = await self._store.usage(
             tenant,
-            since=request.since.ToDatetime(UTC) if request.HasField("since") else None,
-            until=request.until.ToDatetime(UTC) if request.HasField("until") else None,
+            since=_moment(request, "since"),
+            until=_moment(request, "until"),
             graph_id=request.graph_id or None,
             by_node=request.group_by != pb.USAGE_GROUPING_GRAPH,
         )
@@ -352,3 +355,20 @@ def _ref(stored: StoredExecution) -> execution_pb2.ExecutionRef:
     else:
         ref.plan_execution.CopyFrom(envelope.plan_execution)
     return ref
+
+
+def _moment(request: pb.GetUsageRequest, field: Literal["since", "until"]) -> datetime | None:
+    """The request's ``field`` as a datetime; None when unset.
+
+    Raises:
+        ValidationError: It is no timestamp (seconds past the year 9999, nanos outside
+            0..999,999,999).
+    """
+    if not request.HasField(field):
+        return None
+    at = getattr(request, field)
+    try:
+        moment: datetime = at.ToDatetime(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValidationError(f"{field} is not a valid timestamp: {exc}") from exc
+    return moment
