@@ -144,6 +144,31 @@ async def test_a_malformed_id_is_an_invalid_argument_naming_it(
     assert [r.getMessage() for r in caplog.records if "unexpected error" in r.getMessage()] == []
 
 
+async def test_a_graph_too_large_for_one_message_is_refused_by_size(
+    start_mesh: MeshFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graph version is one KV message: a 2 MB graph (20,000 nodes) cannot be stored,
+    and the caller is told so, not given an internal error; a large one that fits is."""
+    h = await start_mesh()
+
+    def fan(name: str, width: int) -> graph_pb2.AgentGraph:
+        builder = GraphBuilder(name, max_iterations=5).plan("p", handler="p")
+        for n in range(width):
+            builder.task(f"t{n}", handler="t", description="x" * 40)
+            builder.edge("p", f"t{n}").edge(f"t{n}", "p")
+        return builder.final("p").build()
+
+    with pytest.raises(ValidationError) as refused:
+        await h.client.register_graph(fan("huge", 20_000))
+    assert "graph 'huge' is 2,124," in str(refused.value)
+    assert "one NATS message may carry here (20,001 nodes, 40,001 edges)" in str(refused.value)
+    with pytest.raises(NotFoundError):
+        await h.client.get_graph("huge")
+    stored = await h.client.register_graph(fan("large", 4_000))
+    assert (stored.version, len(stored.nodes)) == (1, 4_001)
+    assert [r.getMessage() for r in caplog.records if "unexpected error" in r.getMessage()] == []
+
+
 def _waiting_graph(name: str, first: str) -> graph_pb2.AgentGraph:
     return (
         GraphBuilder(name)

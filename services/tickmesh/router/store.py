@@ -424,7 +424,18 @@ class RouterStore:
 
     # --- graphs ----------------------------------------------------------
     async def put_graph(self, graph: graph_pb2.AgentGraph) -> tuple[graph_pb2.AgentGraph, bool]:
-        """Store ``graph`` (digest filled in) as its next version, unless it equals the newest."""
+        """Store ``graph`` (digest filled in) as its next version, unless it equals the newest.
+
+        Raises:
+            ValidationError: The graph does not fit in one NATS message.
+        """
+        size = graph.ByteSize() + 8  # its version, written in below
+        if size > self._max_state_bytes:
+            raise ValidationError(
+                f"graph {graph.id!r} is {size:,} bytes, over the {self._max_state_bytes:,} one "
+                f"NATS message may carry here ({len(graph.nodes):,} nodes, "
+                f"{len(graph.edges):,} edges)"
+            )
         for _ in range(10):
             latest = await self._latest_entry(graph.id)
             if latest is not None and latest[0].digest == graph.digest:

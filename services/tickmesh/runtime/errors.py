@@ -83,6 +83,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         )
         _warn_now_and_then(f"storage {exc.err_code}", message, "RESOURCE_EXHAUSTED")
         return grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    if isinstance(exc, nats_errors.MaxPayloadError):
+        # What the call would write does not fit in one message of the bus; checked before
+        # the write where the size is known (lifetime states, graphs), this is the rest.
+        message = "what the call would write is larger than one NATS message may carry"
+        _warn_now_and_then("bus MaxPayloadError", message, "RESOURCE_EXHAUSTED")
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, message
     if isinstance(exc, NATS_UNREACHABLE):
         message = f"NATS did not answer ({type(exc).__name__}: {exc}); retry once it is back"
         _warn_now_and_then(f"bus {type(exc).__name__}", message, "UNAVAILABLE")

@@ -110,6 +110,12 @@ def test_a_nats_that_does_not_answer_is_unavailable(
     assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.WARNING, None)]
 
 
+def test_a_write_larger_than_a_bus_message_is_resource_exhausted() -> None:
+    code, message = errors.status_for(nats_errors.MaxPayloadError())
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than one NATS message" in message
+
+
 def test_a_plain_timeout_stays_unexpected() -> None:
     """Only the bus's own timeout says NATS is away; any other is a bug to look at."""
     code, _ = errors.status_for(TimeoutError("a wait of our own"))
