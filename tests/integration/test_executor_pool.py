@@ -731,3 +731,60 @@ async def test_pool_dead_letters_work_whose_deliveries_ran_out(start_pool: PoolF
     [letter] = await mesh.dead_letters(1)
     assert "AttemptsExhausted" in (letter.headers or {})[HDR_REASON]
     await mesh.wait_work_drained()
+
+
+@pytest.mark.parametrize("status", [0, 9999, -3])
+async def test_a_task_result_whose_status_is_no_outcome_fails_the_attempt(
+    start_pool: PoolFactory, status: int
+) -> None:
+    """An executor in another language answers a task with status UNSPECIFIED (which the
+    contract calls invalid) or a number no TaskStatus has: the attempt fails as
+    InvalidCompletion, naming the status, rather than being recorded as an outcome the
+    router cannot read."""
+    import grpc
+
+    from tickmesh.v1 import executor_pool_service_pb2 as ep
+    from tickmesh.v1 import executor_pool_service_pb2_grpc as eg
+
+    mesh = await start_pool()
+    async with grpc.aio.insecure_channel(mesh.target) as channel:
+        call = eg.ExecutorPoolServiceStub(channel).Connect(
+            metadata=(("x-tickmesh-tenant", mesh.tenant),)
+        )
+        await call.write(
+            ep.ConnectRequest(
+                hello=ep.ExecutorHello(
+                    executor_id="raw",
+                    concurrency=1,
+                    protocol_version=1,
+                    handlers=[ep.HandlerSpec(name="odd", kind=graph_pb2.NODE_KIND_TASK)],
+                )
+            )
+        )
+
+        async def frame() -> ep.ConnectResponse:
+            read = await call.read()
+            assert isinstance(read, ep.ConnectResponse), read
+            return read
+
+        assert (await frame()).WhichOneof("message") == "welcome"
+        await mesh.submit("odd", retry=_retry(1))
+        async with asyncio.timeout(5):
+            while (assigned := await frame()).WhichOneof("message") != "assignments":
+                pass
+        [assignment] = assigned.assignments.items
+        odd = result_pb2.TaskResult(status=status)  # type: ignore[arg-type]
+        await call.write(
+            ep.ConnectRequest(
+                completions=ep.Completions(
+                    items=[ep.Completion(assignment_id=assignment.assignment_id, task_result=odd)]
+                )
+            )
+        )
+        [record] = await mesh.records(1)
+        await call.done_writing()
+    result = record.task_execution.result
+    assert _status(record) == "TASK_STATUS_FAILED"
+    assert result.error.type == "InvalidCompletion"
+    assert f"a task result's status {status} is not an outcome" in result.error.message
+    assert len(await mesh.dead_letters(1)) == 1

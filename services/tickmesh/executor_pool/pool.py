@@ -87,6 +87,14 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_CONCURRENCY = 10_000
+_TASK_OUTCOMES = frozenset(
+    {
+        result_pb2.TASK_STATUS_SUCCEEDED,
+        result_pb2.TASK_STATUS_FAILED,
+        result_pb2.TASK_STATUS_TIMED_OUT,
+        result_pb2.TASK_STATUS_CANCELLED,
+    }
+)
 MAX_HANDLERS = 1_000
 """The most handlers one executor may announce. Each is a JetStream consumer the pool
 opens and pulls from (and a durable the server keeps): an executor announcing names by
@@ -899,6 +907,15 @@ class ExecutorPool:
             result: Result
             if lease.kind == "task" and which == "task_result":
                 result = item.task_result
+                if item.task_result.status not in _TASK_OUTCOMES:
+                    # UNSPECIFIED or a number no TaskStatus has: not an outcome to record.
+                    result = self._failure(
+                        lease,
+                        "InvalidCompletion",
+                        f"a task result's status {item.task_result.status} is not an outcome "
+                        "(expected SUCCEEDED, FAILED, TIMED_OUT or CANCELLED)",
+                        retryable=True,
+                    )
             elif lease.kind == "plan" and which == "plan_result":
                 result = item.plan_result
             else:
