@@ -39,7 +39,7 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tenant_links import TenantLink
-from tickmesh.sdk import NotFoundError, TickmeshError, decode_envelope, encode_envelope
+from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
 from tickmesh.sdk.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
@@ -226,10 +226,8 @@ class Processor:
             try:
                 staged.append((i, await self._stage(tenant, job, fresh=False)))
             except _MutationError as raised:
-                if isinstance(raised.cause, TickmeshError):
-                    results[i] = raised.cause  # said on purpose (unknown lifetime, ...)
-                else:
-                    undecidable.append((i, raised.cause))
+                # Deciding on records reads and writes nothing: what raised will raise again.
+                undecidable.append((i, raised.cause))
             except Exception as exc:
                 results[i] = exc
 
