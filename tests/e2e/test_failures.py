@@ -31,8 +31,24 @@ from tickmesh.sdk import (
     task,
     wait_for,
 )
+from tickmesh.v1 import graph_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def plan_task_loop(
+    name: str, plan_handler: str, task_handler: str, *, max_iterations: int, **task: Any
+) -> graph_pb2.AgentGraph:
+    """A plan node and a task node (ids = handlers) in a cycle, the plan final."""
+    return (
+        GraphBuilder(name, max_iterations=max_iterations)
+        .plan(plan_handler)
+        .task(task_handler, **task)
+        .edge(plan_handler, task_handler)
+        .edge(task_handler, plan_handler)
+        .final(plan_handler)
+        .build()
+    )
 
 
 async def test_usage_that_cannot_be_summed_fails_its_attempt_and_the_store_goes_on(
@@ -59,14 +75,9 @@ async def test_usage_that_cannot_be_summed_fails_its_attempt_and_the_store_goes_
         return complete([result.status, result.error_type, result.error_message])
 
     await h.worker([spend, judge])
+    retry = Retry(max_attempts=3, initial_backoff=0.01)
     graph = await h.register(
-        GraphBuilder("spending", max_iterations=4)
-        .plan("judge", handler="judge_spend")
-        .task("spend", handler="spend", retry=Retry(max_attempts=3, initial_backoff=0.01))
-        .edge("judge", "spend")
-        .edge("spend", "judge")
-        .final("judge")
-        .build()
+        plan_task_loop("spending", "judge_spend", "spend", max_iterations=4, retry=retry)
     )
     refused = {
         "input_tokens": {"input_tokens": 2**63 - 1},
@@ -111,15 +122,7 @@ async def test_a_decision_whose_state_cannot_be_written_fails_its_lifetime_once(
         return n
 
     await h.worker([fan_out, branch])
-    graph = await h.register(
-        GraphBuilder("wide", max_iterations=10_000)
-        .plan("fan", handler="fan_out")
-        .task("branch", handler="branch")
-        .edge("fan", "branch")
-        .edge("branch", "fan")
-        .final("fan")
-        .build()
-    )
+    graph = await h.register(plan_task_loop("wide", "fan_out", "branch", max_iterations=10_000))
     too_wide = await h.start(graph, 3_000)
     with pytest.raises(LifetimeFailedError) as failed:
         await too_wide.result(within=15)
@@ -154,15 +157,7 @@ async def test_a_join_whose_inputs_cannot_travel_fails_its_lifetime_at_once(
         return "y" * size
 
     await h.worker([gather, write])
-    graph = await h.register(
-        GraphBuilder("joined", max_iterations=20)
-        .plan("gather", handler="gather")
-        .task("write", handler="write")
-        .edge("gather", "write")
-        .edge("write", "gather")
-        .final("gather")
-        .build()
-    )
+    graph = await h.register(plan_task_loop("joined", "gather", "write", max_iterations=20))
     too_much = await h.start(graph, {"branches": 5, "size": 250_000})
     with pytest.raises(LifetimeFailedError) as failed:
         await too_much.result(within=20)

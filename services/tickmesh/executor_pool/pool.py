@@ -1276,12 +1276,7 @@ class ExecutorPool:
             # and state check it too): the attempt fails here, saying why.
             check_telemetry(outcome.result.telemetry)
         except ValidationError as exc:
-            logger.warning(
-                "execution %s: the result's telemetry cannot be recorded: %s",
-                lease.header.execution_id,
-                exc,
-            )
-            outcome.result = self._failure(lease, "InvalidResult", str(exc), retryable=False)
+            self._unrecordable(outcome, exc)
             replaced = True
         try:
             data = await self._encode_record(outcome, self._settings.inline_limit)
@@ -1290,12 +1285,7 @@ class ExecutorPool:
             try:
                 data = await self._encode_record(outcome, _AGGRESSIVE_INLINE_LIMIT)
             except ValidationError as exc:
-                logger.warning(
-                    "execution %s: the result cannot be recorded: %s",
-                    lease.header.execution_id,
-                    exc,
-                )
-                outcome.result = self._failure(lease, "InvalidResult", str(exc), retryable=False)
+                self._unrecordable(outcome, exc)
                 data = encode_envelope(self._envelope(outcome))
                 replaced = True
         header = lease.header
@@ -1316,6 +1306,14 @@ class ExecutorPool:
         if traceparent:
             headers[HDR_TRACEPARENT] = traceparent
         return Outgoing(lease.group.names.exec(header.lifetime_id), data, headers), replaced
+
+    def _unrecordable(self, outcome: Outcome, why: ValidationError) -> None:
+        """Replace an executor's result that cannot be recorded by a failure saying why."""
+        lease = outcome.lease
+        logger.warning(
+            "execution %s: the result cannot be recorded: %s", lease.header.execution_id, why
+        )
+        outcome.result = self._failure(lease, "InvalidResult", str(why), retryable=False)
 
     async def _encode_record(self, outcome: Outcome, inline_limit: int) -> bytes:
         await self._offload(outcome.lease.group.tenant, outcome.result, inline_limit)
