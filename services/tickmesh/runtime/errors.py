@@ -5,13 +5,15 @@ a known error becomes its status with its message; anything unexpected becomes
 INTERNAL with an error id that is logged with the traceback (the caller never
 sees a traceback).
 
-Two conditions of the bus are not unexpected either, and get their own status with
+Three conditions of the bus are not unexpected either, and get their own status with
 the bus's reason and one warning a minute in the log rather than a traceback per call
 (a tenant hammering its full storage, or every caller during an outage, would
 otherwise spend the shared services' time formatting tracebacks):
 
 * JetStream refusing a write because the tenant's account is out of storage — the
   account limit an operator set: RESOURCE_EXHAUSTED;
+* a write larger than one NATS message (where the size was not checked before, as it is
+  for lifetime states and graphs): RESOURCE_EXHAUSTED;
 * NATS not answering — the connection down or reconnecting, a request timed out, no
   JetStream responder: UNAVAILABLE, the status callers retry on. (A timed-out write
   may still have been applied; the calls that write take idempotency keys for that.)
