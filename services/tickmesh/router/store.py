@@ -49,10 +49,10 @@ class ConflictError(Exception):
     """Someone else wrote the lifetime since it was read."""
 
 
-DEFAULT_MAX_STATE_BYTES = (1 << 20) - (16 << 10)
-"""nats-server's default max_payload (1 MiB), less room for the write's headers."""
 STATE_HEADROOM_BYTES = 16 << 10
 """What a state write leaves of the server's max_payload for its subject and headers."""
+DEFAULT_MAX_STATE_BYTES = (1 << 20) - STATE_HEADROOM_BYTES
+"""nats-server's default max_payload (1 MiB), less the headroom."""
 
 
 class StateTooLargeError(ValidationError):
