@@ -325,9 +325,7 @@ async def test_imports_let_no_stream_capture_other_accounts_messages(
         await a.nc.publish(A.cancel, b"a's own")
         await c.nc.publish(C.cancel, b"c's own")
         await b_service.nc.publish(B.cancel, b"b's own")
-        ack = await b_service.js.publish(
-            B.evt("lt1"), b"b's event", headers={HDR_TYPE: "lifetime_event"}
-        )
+        ack = await b_service.js.publish(B.evb, b"b's event", headers={HDR_TYPE: "lifetime_event"})
         assert ack.stream == B.evt_stream
         for user in (a, b, c, b_service):
             await user.nc.flush()
@@ -591,16 +589,14 @@ async def test_a_tenant_at_all_its_limits_leaves_the_others_publish_latency_alon
         os.kill(hammer.pid, signal.SIGSTOP)
         async with _as(server, "b", SERVICE) as b:
             for _ in range(20):  # warm-up
-                await b.js.publish(B.evt("warm"), b"e", headers={HDR_TYPE: "lifetime_event"})
+                await b.js.publish(B.evb, b"e", headers={HDR_TYPE: "lifetime_event"})
             for block in range(BLOCKS):
                 running = block % 2 == 1
                 os.kill(hammer.pid, signal.SIGCONT if running else signal.SIGSTOP)
                 await asyncio.sleep(0.05)
                 for _ in range(PER_BLOCK):
                     started = time.perf_counter()
-                    ack = await b.js.publish(
-                        B.evt(f"lt{block}"), b"event", headers={HDR_TYPE: "lifetime_event"}
-                    )
+                    ack = await b.js.publish(B.evb, b"event", headers={HDR_TYPE: "lifetime_event"})
                     (noisy if running else solo).append((time.perf_counter() - started) * 1e3)
                     assert ack.stream == B.evt_stream
                     acked += 1

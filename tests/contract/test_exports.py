@@ -5,6 +5,7 @@ from __future__ import annotations
 import tickmesh.sdk
 
 EXPECTED_SDK_EXPORTS = {
+    "EVENT_KINDS",
     "BODY_KINDS",
     "MAX_ENVELOPE_BYTES",
     "MAX_STRUCT_DEPTH",
@@ -52,6 +53,8 @@ EXPECTED_SDK_EXPORTS = {
     "events_of",
     "execution_id",
     "fail",
+    "decisions_of",
+    "encode_event_batch",
     "graph_digest",
     "graph_to_yaml",
     "load_graph_file",

@@ -14,6 +14,7 @@ import examples.hello.handlers as hello
 from tests.support.audit import record_of
 from tests.support.factories import make_envelope
 from tests.support.mesh import MeshFactory, MeshHarness
+from tests.support.service_harness import eventually
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
     HDR_LIFETIME,
@@ -74,10 +75,9 @@ async def test_every_message_carries_its_key_fields_as_headers(start_mesh: MeshF
         kinds.add(f"{channel}:{kind}")
         envelope = decode_envelope(msg.data, expected_kind=cast(BodyKind, kind))
         header = envelope.header
-        expected = {
-            HDR_TENANT: header.tenant_id,
-            HDR_LIFETIME: header.lifetime_id,
-        }
+        expected = {HDR_TENANT: header.tenant_id}
+        if channel != "evb":  # a batch of events holds many lifetimes'
+            expected[HDR_LIFETIME] = header.lifetime_id
         if channel in ("work", "exec", "ref"):
             expected[HDR_EXECUTION] = header.execution_id
         for name, value in expected.items():
@@ -92,8 +92,10 @@ async def test_every_message_carries_its_key_fields_as_headers(start_mesh: MeshF
         "exec:plan_execution",
         # No refs: the router reads the records themselves (refs are only for records
         # appended through the state API).
-        # Every decision of a run without pauses or signals records several events.
+        # Every decision of a run without pauses or signals records several events: live
+        # on the lifetime's subject, and in a batch of the router's for the state service.
         "evt:lifetime_events",
+        "evb:lifetime_event_batch",
     }
     assert not problems, "\n".join(sorted(set(problems)))
 
@@ -110,7 +112,7 @@ async def test_a_republished_execution_is_stored_once_and_changes_nothing(
     rows = await store.list_executions(h.tenant, lifetime_id)
     greet = next(r for r in rows if r.node_id == "greet")
     info_before = await h.client.get_lifetime(lifetime_id)
-    events_before = await h.stream_messages(h.names.evt_stream, h.names.evt(lifetime_id))
+    events_before = await h.stored_decisions(lifetime_id)
 
     refs: asyncio.Queue[Msg] = asyncio.Queue()
     sub = await h.nc.subscribe(h.names.ref(lifetime_id), cb=refs.put)
@@ -164,7 +166,7 @@ async def test_a_republished_execution_is_stored_once_and_changes_nothing(
     assert info_after.raw.last_sequence == info_before.raw.last_sequence
     assert info_after.execution_count == info_before.execution_count
     assert info_after.input_tokens == info_before.input_tokens
-    events_after = await h.stream_messages(h.names.evt_stream, h.names.evt(lifetime_id))
+    events_after = await h.stored_decisions(lifetime_id)
     assert len(events_after) == len(events_before)
     _, executions = await store.counters(h.tenant, lifetime_id=lifetime_id)
     assert executions == len(rows)
@@ -219,6 +221,13 @@ async def test_poison_records_are_dead_lettered_and_the_mesh_keeps_going(
         ),
         ("a record without a type header", stored.envelope, {}),
     ]
+    # The error events are out of band: live on the lifetimes' subjects, not stored.
+    live: list[Msg] = []
+
+    async def hear(msg: Msg) -> None:
+        live.append(msg)
+
+    listening = await h.nc.subscribe(h.names.evt_all, cb=hear)
     for n, (_, data, headers) in enumerate(poison):
         lifetime_header = {HDR_LIFETIME: target} if headers else {}
         await h.js.publish(
@@ -234,11 +243,13 @@ async def test_poison_records_are_dead_lettered_and_the_mesh_keeps_going(
     assert all(reasons), reasons
     assert sorted(m.data for m in letters) == sorted(d for _, d, _ in poison)
 
-    errors: list[lifetime_pb2.LifetimeEvent] = []
-    for subject in (h.names.evt(target), h.names.evt("_invalid")):
-        for msg in await h.stream_messages(h.names.evt_stream, subject):
-            event = decode_envelope(msg.data, expected_kind="lifetime_event").lifetime_event
-            errors.append(event)
+    async def all_heard() -> bool:
+        return len(live) >= len(poison)
+
+    await eventually(all_heard, within=5, what="an error event per dead letter")
+    await listening.unsubscribe()
+    assert {m.subject for m in live} <= {h.names.evt(target), h.names.evt("_invalid")}
+    errors = [decode_envelope(m.data, expected_kind="lifetime_event").lifetime_event for m in live]
     assert len(errors) == len(poison)
     assert {(e.kind, e.sequence) for e in errors} == {
         (lifetime_pb2.LIFETIME_EVENT_KIND_DEAD_LETTERED, 0)
@@ -297,8 +308,8 @@ async def test_a_record_the_state_service_refuses_is_never_routed(start_mesh: Me
     assert "intruder" in (letters[0].headers or {}).get(HDR_REASON, "")
     finished = [
         event
-        for msg in await h.stream_messages(h.names.evt_stream, h.names.evt(handle.id))
-        for event in events_of(decode_envelope(msg.data))
+        for decision in await h.stored_decisions(handle.id)
+        for event in events_of(decision)
         if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED
     ]
     assert finished == []

@@ -53,8 +53,8 @@ async def test_events_past_the_streams_share_drop_the_oldest_and_the_tenant_keep
         js = user.js
         # Twice the account's storage in events: every publish is taken.
         event = b"e" * 500
-        for n in range(2 * STORAGE // len(event)):
-            await js.publish(A.evt(f"lt{n % 50}"), event, headers={HDR_TYPE: "lifetime_event"})
+        for _ in range(2 * STORAGE // len(event)):
+            await js.publish(A.evb, event, headers={HDR_TYPE: "lifetime_event"})
         info = await js.stream_info(A.evt_stream)
         assert info.config.max_bytes == STORAGE // EVENT_STORAGE_SHARE
         assert info.state.bytes <= STORAGE // EVENT_STORAGE_SHARE
@@ -92,8 +92,8 @@ async def test_the_limit_follows_the_accounts_storage_and_trims_the_stream(
 ) -> None:
     async with login(server.url, nkeys_seed=str(server.seed("a", SERVICE))) as user:
         js = user.js
-        for n in range(STORAGE // EVENT_STORAGE_SHARE // 500):
-            await js.publish(A.evt(f"lt{n % 50}"), b"e" * 500, headers={HDR_TYPE: "lifetime_event"})
+        for _ in range(STORAGE // EVENT_STORAGE_SHARE // 500):
+            await js.publish(A.evb, b"e" * 500, headers={HDR_TYPE: "lifetime_event"})
         # The account's storage halved (`tickmesh tenant limits` then fits the stream).
         assert await fit_event_stream(js, A, storage=STORAGE // 2) == STORAGE // 8
         info = await js.stream_info(A.evt_stream)

@@ -146,3 +146,36 @@ async def test_a_work_queue_that_still_holds_records_is_refused_and_keeps_them(
     msg = await fetch_one(js, names, names.state_consumer)
     await msg.ack_sync()
     assert await held(js, names.exec_stream) == 2
+
+
+async def test_an_event_stream_made_before_batches_keeps_batches_and_its_old_events(
+    js: JetStreamContext,
+) -> None:
+    """A version before kept one message per decision on each lifetime's subject: its event
+    stream moves to the batch subject (the lifetime subjects are live only now: were it to
+    keep taking them, every live message would be stored again), what it held stays, and
+    the state service's events consumer, made again with the new filter, reads batches."""
+    names = TenantNames(new_tenant())
+    await ensure_tenant(js, names.tenant)
+    old = (await js.stream_info(names.evt_stream)).config
+    await js.update_stream(replace(old, subjects=[names.evt_all]))
+    durable = "state_events"
+    await ensure_consumer(
+        js, names.evt_stream, durable_config(durable, names.evt_all, ack_wait_s=30)
+    )
+    await js.publish(names.evt("lt1"), b"kept", headers={"Tickmesh-Type": "lifetime_event"})
+
+    await ensure_tenant(js, names.tenant)
+    info = await js.stream_info(names.evt_stream)
+    assert info.config.subjects == [names.evb]
+    assert info.state.messages == 1
+    # A lifetime's subject is no longer stored: a JetStream publish to it finds no stream.
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await js.publish(names.evt("lt1"), b"live", timeout=1)
+
+    await ensure_consumer(js, names.evt_stream, durable_config(durable, names.evb, ack_wait_s=30))
+    assert (await js.consumer_info(names.evt_stream, durable)).config.filter_subject == names.evb
+    await js.publish(names.evb, b"batch", headers={"Tickmesh-Type": "lifetime_event_batch"})
+    sub = await js.pull_subscribe(names.evb, durable=durable, stream=names.evt_stream)
+    (msg,) = await sub.fetch(1, timeout=2)
+    assert msg.data == b"batch"

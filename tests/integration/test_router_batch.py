@@ -23,7 +23,7 @@ from tickmesh.runtime.kv import CasWriter
 from tickmesh.runtime.nats import PublishError, jetstream
 from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.tenant_links import TenantLink
-from tickmesh.sdk import NotFoundError, decode_envelope, events_of
+from tickmesh.sdk import NotFoundError, decisions_of, decode_envelope, events_of
 from tickmesh.v1 import lifetime_pb2
 
 LS = lifetime_pb2
@@ -54,8 +54,9 @@ async def started(processor: Processor, tenant: Tenant, lifetime_id: str) -> Non
 
 
 async def event_kinds(tenant: Tenant, lifetime_id: str) -> list[str]:
+    """The kinds of a lifetime's events in the router's stored batches, in order."""
     sub = await tenant.link.js.subscribe(
-        tenant.names.evt(lifetime_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        tenant.names.evb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     kinds: list[str] = []
     try:
@@ -64,8 +65,9 @@ async def event_kinds(tenant: Tenant, lifetime_id: str) -> list[str]:
                 msg = await sub.next_msg(timeout=0.3)
             except nats.errors.TimeoutError:
                 return kinds
-            for event in events_of(decode_envelope(msg.data)):
-                kinds.append(LS.LifetimeEventKind.Name(event.kind))
+            for decision in decisions_of(decode_envelope(msg.data)):
+                if decision.header.lifetime_id == lifetime_id:
+                    kinds += [LS.LifetimeEventKind.Name(e.kind) for e in events_of(decision)]
     finally:
         await sub.unsubscribe()
 

@@ -33,7 +33,9 @@ from tests.support.service_harness import (
 from tickmesh.router import server as router_server
 from tickmesh.router.config import RouterSettings
 from tickmesh.runtime import nats as runtime_nats
+from tickmesh.runtime.consumer import message_type
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import (
     ConfigError,
     Decision,
@@ -41,7 +43,9 @@ from tickmesh.sdk import (
     PlanInputView,
     TaskContext,
     complete,
+    decode_envelope,
     dispatch,
+    events_of,
     load_graph_yaml,
     plan,
     step,
@@ -784,24 +788,20 @@ async def test_a_router_without_a_policy_snapshot_rejects_the_first_step(
     service = await router_server.build(settings, nc=nc)
     await service.start()
     md = tenant_metadata(tenant)
+    # This router has no state service to read a history from: its events are heard live.
+    live = await nc.subscribe(TenantNames(tenant).evt_all)
+    events: list[lifetime_pb2.LifetimeEvent] = []
     try:
         async with grpc.aio.insecure_channel(service.target) as channel:
             router = router_service_pb2_grpc.RouterServiceStub(channel)
             await router.RegisterGraph(RS.RegisterGraphRequest(yaml_source=IDLE), metadata=md)
-            started = await router.StartLifetime(
-                RS.StartLifetimeRequest(graph_id="idle"), metadata=md
-            )
-            call = router.WatchLifetime(
-                RS.WatchLifetimeRequest(lifetime_id=started.lifetime.lifetime_id), metadata=md
-            )
-            events: list[lifetime_pb2.LifetimeEvent] = []
+            await router.StartLifetime(RS.StartLifetimeRequest(graph_id="idle"), metadata=md)
             async with asyncio.timeout(3):
-                async for response in call:
-                    events.append(response.event)
-                    if response.event.kind == LS.LIFETIME_EVENT_KIND_GUARDRAIL:
-                        break
-            call.cancel()
+                while not events or events[-1].kind != LS.LIFETIME_EVENT_KIND_GUARDRAIL:
+                    msg = await live.next_msg(timeout=3)
+                    events += events_of(decode_envelope(msg.data, expected_kind=message_type(msg)))
     finally:
+        await live.unsubscribe()
         await service.stop()
         await nc.close()
     assert [kind_name(e) for e in events] == ["started", "step_dispatched", "guardrail"]

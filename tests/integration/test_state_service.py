@@ -44,6 +44,7 @@ from tickmesh.sdk import (
     decode_envelope,
     dispatch,
     encode_envelope,
+    encode_event_batch,
     plan,
     step,
     task,
@@ -53,6 +54,7 @@ from tickmesh.state.server import StateService, build
 from tickmesh.state.store import SQLiteStateStore
 from tickmesh.v1 import (
     envelope_pb2,
+    header_pb2,
     lifetime_pb2,
     state_service_pb2,
     state_service_pb2_grpc,
@@ -618,7 +620,7 @@ async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
         (single, "lifetime_event", "evt:a:9"),
     ):
         await state.nc.jetstream().publish(
-            names.evt(LIFETIME_A),
+            names.evb,
             encode_envelope(envelope),
             headers={HDR_TYPE: kind, HDR_MSG_ID: msg_id, HDR_TENANT: state.tenant},
         )
@@ -640,6 +642,76 @@ async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
     row = await store.get_lifetime(state.tenant, LIFETIME_A)
     assert row is not None
     assert row.last_sequence == 9
+
+
+def _decision(
+    tenant: str, lifetime_id: str, sequences: Sequence[int]
+) -> envelope_pb2.ExecutionEnvelope:
+    """One decision's events envelope, as the router encodes it."""
+    envelope = make_envelope("lifetime_events")
+    envelope.header.tenant_id = tenant
+    envelope.header.lifetime_id = lifetime_id
+    envelope.header.sequence = sequences[0]
+    template = envelope.lifetime_events.events[0]
+    del envelope.lifetime_events.events[:]
+    for sequence in sequences:
+        event = envelope.lifetime_events.events.add()
+        event.CopyFrom(template)
+        event.sequence = sequence
+    return envelope
+
+
+async def _publish_batch(
+    state: StateHarness, msg_id: str, decisions: Sequence[envelope_pb2.ExecutionEnvelope]
+) -> None:
+    header = header_pb2.EnvelopeHeader(tenant_id=state.tenant)
+    await state.nc.jetstream().publish(
+        TenantNames(state.tenant).evb,
+        encode_event_batch(header, [encode_envelope(d) for d in decisions]),
+        headers={HDR_TYPE: "lifetime_event_batch", HDR_MSG_ID: msg_id, HDR_TENANT: state.tenant},
+    )
+
+
+async def test_a_routers_batch_of_events_is_stored_per_lifetime_and_each_event_once(
+    state: StateHarness,
+) -> None:
+    """The router publishes a routed batch's events in one message: each decision's events
+    land in their lifetime's history, and a decision published again in another batch (a
+    router that crashed before the first batch's PubAck) is stored once."""
+    store = state.service.store
+    a1, b1 = _decision(state.tenant, LIFETIME_A, [1, 2]), _decision(state.tenant, LIFETIME_B, [1])
+    a2 = _decision(state.tenant, LIFETIME_A, [3, 4])
+    await _publish_batch(state, "evb:one", [a1, b1])
+    await _publish_batch(state, "evb:two", [a1, a2])  # a1 again, beside a new decision
+
+    async def stored() -> tuple[list[int], list[int]] | None:
+        a = [e.sequence for e in await store.list_events(state.tenant, LIFETIME_A)]
+        b = [e.sequence for e in await store.list_events(state.tenant, LIFETIME_B)]
+        return (a, b) if len(a) >= 4 and b else None
+
+    assert await eventually(stored, what="both lifetimes' events") == ([1, 2, 3, 4], [1])
+    row = await store.get_lifetime(state.tenant, LIFETIME_A)
+    assert row is not None
+    assert row.last_sequence == 4
+
+
+async def test_a_batch_with_a_decision_of_another_tenant_is_refused_whole(
+    state: StateHarness,
+) -> None:
+    """A batch is one router's write: one part claiming another tenant makes the whole of it
+    unreadable (nothing of it stored), and the batches behind it are stored."""
+    store = state.service.store
+    mine = _decision(state.tenant, LIFETIME_A, [1])
+    theirs = _decision("intruder", LIFETIME_B, [1])
+    await _publish_batch(state, "evb:forged", [mine, theirs])
+    await _publish_batch(state, "evb:next", [_decision(state.tenant, LIFETIME_B, [1, 2])])
+
+    async def stored() -> list[int]:
+        return [e.sequence for e in await store.list_events(state.tenant, LIFETIME_B)]
+
+    assert await eventually(stored, what="the next batch stored") == [1, 2]
+    assert await store.list_events(state.tenant, LIFETIME_A) == []
+    assert await store.list_events("intruder", LIFETIME_B) == []
 
 
 async def test_a_lifetime_record_read_waits_for_the_lifetime_events_already_on_the_bus(
@@ -748,7 +820,7 @@ async def lifetime_record(state: StateHarness) -> SS.GetLifetimeRecordResponse:
 async def publish_event(state: StateHarness, envelope: envelope_pb2.ExecutionEnvelope) -> None:
     """Publish one lifetime event of LIFETIME_A as the router does."""
     await state.nc.jetstream().publish(
-        TenantNames(state.tenant).evt(LIFETIME_A),
+        TenantNames(state.tenant).evb,
         encode_envelope(envelope),
         headers={
             HDR_TYPE: "lifetime_event",

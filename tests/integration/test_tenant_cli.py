@@ -149,7 +149,7 @@ async def test_tenant_lifecycle(fresh: tuple[NatsServerProcess, Path, int]) -> N
     assert enabled.code == 0, enabled.err
     nc = await nats.connect(url, nkeys_seed=str(service_seed), allow_reconnect=False)
     js = nc.jetstream()
-    await js.publish(ACME.evt("lt1"), b"event", headers={HDR_TYPE: "lifetime_event"})
+    await js.publish(ACME.evb, b"event", headers={HDR_TYPE: "lifetime_event"})
     await nc.close()
 
     # delete: refused while a stream holds data, done with --force.

@@ -320,6 +320,12 @@ def make_envelope(kind: BodyKind) -> envelope_pb2.ExecutionEnvelope:
             attempt=1,
             message="dispatched decide (iteration 3)",
         )
+    elif kind == "lifetime_event_batch":
+        # A router's batch: the events of two decisions, each as it is published alone.
+        env.header.CopyFrom(header_pb2.EnvelopeHeader(tenant_id=header().tenant_id))
+        env.header.producer.CopyFrom(header().producer)
+        env.lifetime_event_batch.decisions.add().CopyFrom(make_envelope("lifetime_events"))
+        env.lifetime_event_batch.decisions.add().CopyFrom(make_envelope("lifetime_event"))
     elif kind == "signal":
         env.header.CopyFrom(header(node=PLAN_NODE, iteration=3))
         env.signal.CopyFrom(

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import pytest
@@ -30,9 +30,18 @@ from tests.support.s3_server import S3Bucket
 from tickmesh.embedded import Mesh, MeshConfig
 from tickmesh.runtime import nats as tm_nats
 from tickmesh.runtime.embedded_nats import EmbeddedNats
-from tickmesh.runtime.subjects import TenantNames
-from tickmesh.sdk import Client, LifetimeHandle, Plan, Task, Worker
-from tickmesh.v1 import execution_pb2, graph_pb2
+from tickmesh.runtime.subjects import HDR_TYPE, TenantNames
+from tickmesh.sdk import (
+    BodyKind,
+    Client,
+    LifetimeHandle,
+    Plan,
+    Task,
+    Worker,
+    decisions_of,
+    decode_envelope,
+)
+from tickmesh.v1 import envelope_pb2, execution_pb2, graph_pb2
 
 Handler = Task[Any, Any] | Plan[Any]
 
@@ -144,6 +153,17 @@ class MeshHarness:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return msgs
+
+    async def stored_decisions(self, lifetime_id: str) -> list[envelope_pb2.ExecutionEnvelope]:
+        """The events envelopes of ``lifetime_id`` the events stream holds (the router's
+        batches, opened), oldest first: one per decision that recorded events, as it
+        was published (a decision published again is there again)."""
+        found = []
+        for msg in await self.stream_messages(self.names.evt_stream, self.names.evb):
+            kind = (msg.headers or {}).get(HDR_TYPE, "")
+            envelope = decode_envelope(msg.data, expected_kind=cast(BodyKind, kind))
+            found += [d for d in decisions_of(envelope) if d.header.lifetime_id == lifetime_id]
+        return found
 
     async def stream_last_seq(self, stream: str) -> int:
         """How many messages a stream ever stored (work queues forget acked ones)."""

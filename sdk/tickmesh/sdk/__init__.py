@@ -15,12 +15,15 @@ from ._client import (
 )
 from ._convert import (
     BODY_KINDS,
+    EVENT_KINDS,
     MAX_ENVELOPE_BYTES,
     MAX_STRUCT_DEPTH,
     BodyKind,
     body_kind,
+    decisions_of,
     decode_envelope,
     encode_envelope,
+    encode_event_batch,
     events_of,
     validate_envelope,
 )
@@ -69,6 +72,7 @@ from .ids import execution_id, uuid7
 
 __all__ = [
     "BODY_KINDS",
+    "EVENT_KINDS",
     "MAX_ENVELOPE_BYTES",
     "MAX_STRUCT_DEPTH",
     "BlobResolver",
@@ -109,9 +113,11 @@ __all__ = [
     "body_kind",
     "codecs",
     "complete",
+    "decisions_of",
     "decode_envelope",
     "dispatch",
     "encode_envelope",
+    "encode_event_batch",
     "events_of",
     "execution_id",
     "fail",

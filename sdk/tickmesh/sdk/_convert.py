@@ -32,6 +32,7 @@ from google.protobuf import (
 from tickmesh.v1 import (
     envelope_pb2,
     executor_pool_service_pb2,
+    header_pb2,
     lifetime_pb2,
     payload_pb2,
     result_pb2,
@@ -54,6 +55,7 @@ BodyKind = Literal[
     "signal",
     "execution_ref",
     "lifetime_events",
+    "lifetime_event_batch",
 ]
 BODY_KINDS: tuple[BodyKind, ...] = get_args(BodyKind)
 
@@ -132,6 +134,67 @@ def events_of(envelope: envelope_pb2.ExecutionEnvelope) -> Sequence[lifetime_pb2
     return ()
 
 
+EVENT_KINDS: frozenset[str] = frozenset({"lifetime_event", "lifetime_events"})
+"""The bodies of one decision's events (what a ``lifetime_event_batch`` holds)."""
+
+
+def decisions_of(
+    envelope: envelope_pb2.ExecutionEnvelope,
+) -> Sequence[envelope_pb2.ExecutionEnvelope]:
+    """The events envelopes an envelope carries: each decision of a
+    ``lifetime_event_batch``, the envelope itself for a ``lifetime_event`` or
+    ``lifetime_events`` body, none for any other."""
+    kind = envelope.WhichOneof("body")
+    if kind == "lifetime_event_batch":
+        return envelope.lifetime_event_batch.decisions
+    if kind in EVENT_KINDS:
+        return (envelope,)
+    return ()
+
+
+def encode_event_batch(header: header_pb2.EnvelopeHeader, decisions: Sequence[bytes]) -> bytes:
+    """A ``lifetime_event_batch`` envelope holding ``decisions``, each an events envelope
+    already encoded (by :func:`encode_envelope`): written on the wire as they are,
+    never decoded and encoded again (protobuf's encoding of a repeated message field
+    is each message's bytes behind its tag and length)."""
+    outer = envelope_pb2.ExecutionEnvelope(header=header)
+    validate_header(outer)
+    parts = [outer.SerializeToString(deterministic=True)]
+    body = b"".join(_BATCH_DECISION_TAG + _varint(len(d)) + d for d in decisions)
+    parts.append(_BATCH_BODY_TAG + _varint(len(body)) + body)
+    return b"".join(parts)
+
+
+# Wire tags (field number << 3 | 2, a length-delimited field) of
+# ExecutionEnvelope.lifetime_event_batch (10) and LifetimeEventBatch.decisions (1).
+_BATCH_BODY_TAG = bytes([10 << 3 | 2])
+_BATCH_DECISION_TAG = bytes([1 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def validate_header(envelope: envelope_pb2.ExecutionEnvelope) -> None:
+    """Check the envelope's header: present, with a valid tenant id.
+
+    Raises:
+        ValidationError: Naming what is wrong.
+    """
+    if not envelope.HasField("header"):
+        raise ValidationError("ExecutionEnvelope has no header")
+    if not TENANT_ID_PATTERN.fullmatch(envelope.header.tenant_id):
+        raise ValidationError(
+            f"ExecutionEnvelope header.tenant_id {envelope.header.tenant_id!r} is not a valid "
+            "tenant id (expected [a-z0-9][a-z0-9_]{0,62})"
+        )
+
+
 def validate_envelope(
     envelope: envelope_pb2.ExecutionEnvelope, *, expected_kind: BodyKind | None = None
 ) -> None:
@@ -140,14 +203,7 @@ def validate_envelope(
     Raises:
         ValidationError: Naming the first rule broken.
     """
-    if not envelope.HasField("header"):
-        raise ValidationError("ExecutionEnvelope has no header")
-    header = envelope.header
-    if not TENANT_ID_PATTERN.fullmatch(header.tenant_id):
-        raise ValidationError(
-            f"ExecutionEnvelope header.tenant_id {header.tenant_id!r} is not a valid tenant id "
-            "(expected [a-z0-9][a-z0-9_]{0,62})"
-        )
+    validate_header(envelope)
     kind = envelope.WhichOneof("body")
     if kind is None:
         raise ValidationError("ExecutionEnvelope has no body")
@@ -155,6 +211,8 @@ def validate_envelope(
         raise ValidationError(
             f"ExecutionEnvelope body is {kind!r} but the message type header says {expected_kind!r}"
         )
+    if kind == "lifetime_event_batch":
+        _validate_batch(envelope)
     try:
         within = _struct_depth_of(envelope) <= MAX_STRUCT_DEPTH
     except _NotFiniteError:
@@ -167,6 +225,26 @@ def validate_envelope(
             f"ExecutionEnvelope field {path} nests a Struct {depth} levels deep; "
             f"the limit is {MAX_STRUCT_DEPTH}"
         )
+
+
+def _validate_batch(envelope: envelope_pb2.ExecutionEnvelope) -> None:
+    """Each decision of a batch is an events envelope of the batch's tenant."""
+    tenant = envelope.header.tenant_id
+    for i, decision in enumerate(envelope.lifetime_event_batch.decisions):
+        where = f"lifetime_event_batch.decisions[{i}]"
+        if not decision.HasField("header"):
+            raise ValidationError(f"ExecutionEnvelope {where} has no header")
+        if decision.header.tenant_id != tenant:
+            raise ValidationError(
+                f"ExecutionEnvelope {where} is of tenant {decision.header.tenant_id!r}, "
+                f"the batch of tenant {tenant!r}"
+            )
+        inner = decision.WhichOneof("body")
+        if inner not in EVENT_KINDS:
+            raise ValidationError(
+                f"ExecutionEnvelope {where} body is {inner!r}; "
+                "expected lifetime_event or lifetime_events"
+            )
 
 
 def body_kind(envelope: envelope_pb2.ExecutionEnvelope) -> BodyKind:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,13 @@ from nats.js.api import PubAck
 from opentelemetry.trace import Link, Span, Tracer, get_current_span, use_span
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.runtime.nats import Outgoing, PublishError, publish_batch, publish_each
+from tickmesh.runtime.nats import (
+    Outgoing,
+    PublishError,
+    publish_batch,
+    publish_each,
+    publish_live,
+)
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
     HDR_LIFETIME,
@@ -39,7 +46,13 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tenant_links import TenantLink
-from tickmesh.sdk import NotFoundError, decode_envelope, encode_envelope
+from tickmesh.sdk import (
+    EVENT_KINDS,
+    NotFoundError,
+    decode_envelope,
+    encode_envelope,
+    encode_event_batch,
+)
 from tickmesh.sdk.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
@@ -48,7 +61,7 @@ from tickmesh.sdk.tracing import (
     carrier_of,
     context_from,
 )
-from tickmesh.v1 import envelope_pb2, lifetime_pb2
+from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
 
 from . import core
 from .store import ConflictError, RouterStore, StateTooLargeError
@@ -56,6 +69,11 @@ from .store import ConflictError, RouterStore, StateTooLargeError
 logger = logging.getLogger(__name__)
 
 MAX_CAS_RETRIES = 16
+BATCH_HEADROOM_BYTES = 8 * 1024
+"""Room left in a batch of events for its headers and envelope (less than the lifetime
+state's, so that one decision's events always fit)."""
+BATCH_ENTRY_OVERHEAD = 6
+"""A decision's bytes in a batch beyond its events message: a tag and a length."""
 
 
 @dataclass
@@ -245,26 +263,28 @@ class Processor:
 
         apart = set(lost_race) | {i for i, _ in oversized}  # applied again, on their own
         ready = [(i, s) for i, s in staged if results[i] is None and i not in apart]
-        outgoing: list[Outgoing] = []
-        spans: list[tuple[int, _Staged, int, int]] = []
-        for i, s in ready:
+        for _, s in ready:
             s.queue_pending()
-            first = len(outgoing)
-            outgoing.extend(self._outgoing(tenant, s.lt))
-            spans.append((i, s, first, len(outgoing)))
+        routed = self._route(tenant, [s.lt for _, s in ready])
+        outgoing = routed.stored
         try:
             answers: list[PubAck | BaseException] = await publish_each(tenant.link.js, outgoing)
         except Exception as exc:  # not sent at all (e.g. the connection is closed)
             answers = [exc] * len(outgoing)
-        for i, s, first, end in spans:
+        out: list[int] = []
+        for n, (i, _) in enumerate(ready):
             failures = [
                 (outgoing[k], answer)
-                for k, answer in enumerate(answers[first:end], first)
-                if isinstance(answer, BaseException)
+                for k in routed.needs[n]
+                if isinstance(answer := answers[k], BaseException)
             ]
             if failures:
                 results[i] = PublishError(failures)
                 continue
+            out.append(n)
+        await self._publish_live(tenant, [m for n in out for m in routed.live[n]])
+        for n in out:
+            i, s = ready[n]
             try:
                 if s.lt.cancels:
                     await self._cancel(tenant, s.lt)
@@ -381,29 +401,77 @@ class Processor:
         return True
 
     async def _publish(self, tenant: Tenant, lt: core.Lifetime) -> None:
-        await publish_batch(tenant.link.js, self._outgoing(tenant, lt))
+        routed = self._route(tenant, [lt])
+        await publish_batch(tenant.link.js, routed.stored)
+        await self._publish_live(tenant, routed.live[0])
         if lt.cancels:
             await self._cancel(tenant, lt)
 
+    def _route(self, tenant: Tenant, decided: Sequence[core.Lifetime]) -> _Routed:
+        """What the decisions publish: their requests and records as they are; their
+        events, for the state service, in as few batch messages as fit (one per call,
+        mostly), and each decision's events again on its lifetime's live subject."""
+        names = tenant.names
+        tenant_id = names.tenant
+        routed = _Routed()
+        events: list[tuple[int, rs.OutMessage]] = []
+        for n, lt in enumerate(decided):
+            traced = lt.state.trace_context.traceparent
+            lifetime_id = lt.view.lifetime_id
+            needs: list[int] = []
+            live: list[Outgoing] = []
+            for m in lt.out:
+                headers = {
+                    HDR_MSG_ID: m.msg_id,
+                    HDR_TYPE: m.type,
+                    HDR_TENANT: tenant_id,
+                    HDR_LIFETIME: lifetime_id,
+                }
+                if m.type in EVENT_KINDS:
+                    events.append((n, m))
+                    live.append(Outgoing(m.subject, m.data, headers))
+                    continue
+                if m.execution_id:
+                    headers[HDR_EXECUTION] = m.execution_id
+                if traced:
+                    headers[HDR_TRACEPARENT] = traced
+                needs.append(len(routed.stored))
+                routed.stored.append(Outgoing(m.subject, m.data, headers))
+            routed.needs.append(needs)
+            routed.live.append(live)
+        limit = tenant.link.nc.max_payload - BATCH_HEADROOM_BYTES
+        for part in _fitting(events, limit):
+            index = len(routed.stored)
+            routed.stored.append(self._event_batch(names, [m for _, m in part]))
+            for n in {n for n, _ in part}:
+                routed.needs[n].append(index)
+        return routed
+
+    def _event_batch(self, names: TenantNames, messages: Sequence[rs.OutMessage]) -> Outgoing:
+        """One message holding the events messages of several decisions (its id is made
+        of theirs, so publishing the same batch again is a duplicate; a decision's events
+        republished in another batch are stored once by the state service, which keys
+        them by lifetime and sequence)."""
+        digest = hashlib.blake2b("\n".join(m.msg_id for m in messages).encode(), digest_size=16)
+        header = header_pb2.EnvelopeHeader(tenant_id=names.tenant, producer=self._producer.proto())
+        return Outgoing(
+            names.evb,
+            encode_event_batch(header, [m.data for m in messages]),
+            {
+                HDR_MSG_ID: f"evb:{digest.hexdigest()}",
+                HDR_TYPE: "lifetime_event_batch",
+                HDR_TENANT: names.tenant,
+            },
+        )
+
     @staticmethod
-    def _outgoing(tenant: Tenant, lt: core.Lifetime) -> list[Outgoing]:
-        traced = lt.state.trace_context.traceparent
-        tenant_id = tenant.names.tenant
-        lifetime_id = lt.view.lifetime_id
-        outgoing = []
-        for m in lt.out:
-            headers = {
-                HDR_MSG_ID: m.msg_id,
-                HDR_TYPE: m.type,
-                HDR_TENANT: tenant_id,
-                HDR_LIFETIME: lifetime_id,
-            }
-            if m.execution_id:
-                headers[HDR_EXECUTION] = m.execution_id
-            if traced:
-                headers[HDR_TRACEPARENT] = traced
-            outgoing.append(Outgoing(subject=m.subject, data=m.data, headers=headers))
-        return outgoing
+    async def _publish_live(tenant: Tenant, live: Sequence[Outgoing]) -> None:
+        """Watchers' copy of the events: best effort (a watch that misses one reads it
+        from the state service's store), so a failure here fails nothing."""
+        try:
+            await publish_live(tenant.link.nc, live)
+        except Exception as exc:
+            logger.warning("lifetime events not published live: %s", exc)
 
     async def _cancel(self, tenant: Tenant, lt: core.Lifetime) -> None:
         """Ask executor pools (core NATS, best effort) to stop the lifetime's work."""
@@ -419,6 +487,37 @@ class Processor:
             encode_envelope(envelope),
             headers={HDR_TYPE: "lifetime_event", HDR_LIFETIME: lt.view.lifetime_id},
         )
+
+
+@dataclass(slots=True)
+class _Routed:
+    """What a round of decisions publishes (see :meth:`Processor._route`)."""
+
+    stored: list[Outgoing] = field(default_factory=list)
+    """To JetStream, each answered by a PubAck."""
+    needs: list[list[int]] = field(default_factory=list)
+    """For each decision, which of ``stored`` carry its messages."""
+    live: list[list[Outgoing]] = field(default_factory=list)
+    """For each decision, its events on its lifetime's live subject (core NATS)."""
+
+
+def _fitting(
+    events: Sequence[tuple[int, rs.OutMessage]], limit: int
+) -> list[list[tuple[int, rs.OutMessage]]]:
+    """``events`` in parts of at most ``limit`` bytes (each decision's events message
+    fits in one part on its own: the lifetime's state, which holds it in its outbox, is
+    written in one message with more headroom than a batch's)."""
+    parts: list[list[tuple[int, rs.OutMessage]]] = []
+    size = 0
+    for item in events:
+        cost = len(item[1].data) + BATCH_ENTRY_OVERHEAD
+        if not parts or size + cost > limit:
+            parts.append([item])
+            size = cost
+        else:
+            parts[-1].append(item)
+            size += cost
+    return parts
 
 
 class _MutationError(Exception):

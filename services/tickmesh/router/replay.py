@@ -108,8 +108,7 @@ class HistorySource(Protocol):
         self, tenant: str, lifetime_id: str, *, after_sequence: int, limit: int
     ) -> list[lifetime_pb2.LifetimeEvent]:
         """Up to ``limit`` of a lifetime's stored events after ``after_sequence``, in
-        sequence order (the history a watch replays once the event stream has dropped
-        it)."""
+        sequence order (the history a watch replays before it follows the live events)."""
         ...
 
     async def close(self) -> None: ...

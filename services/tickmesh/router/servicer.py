@@ -231,17 +231,28 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         watched = watch_.Watched(
             tenant=names.tenant,
             lifetime_id=lifetime_id,
-            stream=names.evt_stream,
             subject=names.evt(lifetime_id),
             last_sequence=view.last_sequence,
             before_first=view.fork_origin.sequence,
+            ended=view.state in core.TERMINAL,
         )
 
         async def complete(sequence: int) -> bool:
             return await _history_complete(tenant, lifetime_id, sequence)
 
+        async def position() -> tuple[int, bool]:
+            now = await tenant.store.load(lifetime_id, fresh=True)
+            if now is None:  # gone from the bucket meanwhile: what was read stands
+                return view.last_sequence, view.state in core.TERMINAL
+            return now.state.lifetime.last_sequence, now.state.lifetime.state in core.TERMINAL
+
         following = watch_.follow(
-            tenant.link.js, watched, after_sequence=after, history=self._history, complete=complete
+            tenant.link.nc,
+            watched,
+            after_sequence=after,
+            history=self._history,
+            complete=complete,
+            position=position,
         )
         # Closed with the call (its subscription with it), not whenever it is collected.
         async with contextlib.aclosing(following) as events:

@@ -1,25 +1,29 @@
-"""A watch of a lifetime (WatchLifetime): its events from the event stream, live, and
-from the state service the part of its history the stream no longer holds.
+"""A watch of a lifetime (WatchLifetime): its history from the state service's store,
+then its events live from core NATS.
 
-The event stream keeps a lifetime's events for its max age (7 days) and, in a tenant
-account, up to its byte limit; a lifetime that has run (or waited for a signal) longer, or
-that has left the router's bucket, has its older events only in the state service's store.
-A watch reads those first, then follows the stream."""
+The lifetime's subject carries each decision's events as it happens and keeps nothing;
+the state service stores them a few milliseconds to a few hundred behind the router. So a
+watch subscribes first, then reads the store from where the caller left off up to the
+router's last sequence, then serves live messages (held in the subscription meanwhile).
+A live message that starts past the last event served (the store's read ended short of
+it, or a message was dropped) has the events between read from the store first, waiting
+for the store to hold them. A quiet spell while the lifetime runs reads the store too: a
+dropped live message, the terminal one included, is not lost."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from nats import errors as nats_errors
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError as StreamMessageNotFound
+from nats.aio.client import Client as NatsClient
 
 from tickmesh.runtime.consumer import message_type
-from tickmesh.runtime.subjects import HDR_TYPE
-from tickmesh.sdk import BODY_KINDS, ValidationError, decode_envelope, events_of
+from tickmesh.runtime.errors import StatusError
+from tickmesh.sdk import ValidationError, decode_envelope, events_of
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import lifetime_pb2
 
 from . import core
@@ -29,33 +33,20 @@ logger = logging.getLogger(__name__)
 
 TRAILING_EVENTS_WAIT_S = 2.0
 """After a lifetime ends, how long a watch waits for steps still in flight to report."""
-OUT_OF_BAND_LOOKAHEAD = 16
-"""How many messages of out-of-band events (sequence 0: dead letters) the search for a
-lifetime's oldest streamed event passes before it gives up and reads the store."""
-
-
-async def oldest_streamed(js: JetStreamContext, stream: str, subject: str) -> int | None:
-    """The sequence of the oldest lifetime event ``stream`` still holds on ``subject``;
-    None if it holds none (or only out-of-band events among its first messages)."""
-    after = 0
-    for _ in range(OUT_OF_BAND_LOOKAHEAD):
-        try:
-            msg = await js.get_msg(stream, seq=after + 1, subject=subject, next=True)
-        except StreamMessageNotFound:
-            return None
-        after = msg.seq or after + 1
-        kind = (msg.headers or {}).get(HDR_TYPE)
-        try:
-            if kind not in BODY_KINDS:
-                raise ValidationError(f"{HDR_TYPE} header {kind!r}")
-            events = events_of(decode_envelope(msg.data or b"", expected_kind=kind))
-        except ValidationError as exc:
-            logger.error("unreadable event in %s at %d: %s", stream, after, exc)
-            continue
-        numbered = [e.sequence for e in events if e.sequence]
-        if numbered:
-            return min(numbered)
-    return None
+QUIET_S = 30.0
+"""While a lifetime runs, how long without a live message before a watch reads the store
+(a message dropped by a slow subscription is there)."""
+STORE_POLL_FIRST_S = 0.01
+STORE_POLL_MAX_S = 0.5
+"""Waiting for the store to hold events it lags on: the first and the longest pause."""
+STORE_WAIT_WARN_S = 10.0
+"""How often a watch waiting on the store says so."""
+STORE_WAIT_MAX_S = 60.0
+"""How long a watch waits for the store to hold events it lags on before it ends with
+UNAVAILABLE (the state service stopped storing: a watch must not hang on it)."""
+PENDING_MSGS = 65536
+PENDING_BYTES = 64 * 1024 * 1024
+"""The subscription's room for live messages held while the store is read."""
 
 
 async def stored_events(
@@ -86,56 +77,91 @@ class Watched:
 
     tenant: str
     lifetime_id: str
-    stream: str
-    """The tenant's event stream."""
     subject: str
-    """The lifetime's subject on it."""
+    """The lifetime's events subject."""
     last_sequence: int
     before_first: int
     """The sequence before the lifetime's first event: a fork's go on from its fork point."""
+    ended: bool = False
+    """Whether it had ended: a watch resumed after the terminal event waits only for late
+    step results."""
 
 
 async def follow(
-    js: JetStreamContext,
+    nc: NatsClient,
     watched: Watched,
     *,
     after_sequence: int,
     history: HistorySource | None,
     complete: Callable[[int], Awaitable[bool]],
+    position: Callable[[], Awaitable[tuple[int, bool]]] | None = None,
 ) -> AsyncGenerator[lifetime_pb2.LifetimeEvent, None]:
     """A lifetime's events after ``after_sequence``, in order, each once: from the state
-    service (``history``) what the stream no longer holds, then the stream's, live, until
+    service (``history``) those up to the router's last sequence, then live ones, until
     the lifetime has ended and ``complete(last sequence)`` says its history is whole (or,
     once ended, nothing more arrives for ``TRAILING_EVENTS_WAIT_S``). Out-of-band events
-    (sequence 0, e.g. dead letters) are always passed on."""
-    after = after_sequence
-    ended = False
-    sub = await js.subscribe(
-        watched.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    (sequence 0, e.g. dead letters) are always passed on. Without ``history`` only live
+    events are served, and asking for past ones is FAILED_PRECONDITION.
+
+    ``position`` reads the lifetime's last sequence and whether it has ended once the
+    subscription is made: the events published between ``watched``'s read and the
+    subscription are then read from the store too (a lifetime that ended in between
+    would otherwise leave the watch waiting for a live message that already went)."""
+    after = max(after_sequence, watched.before_first)  # a fork's events follow its fork point
+    ended = watched.ended
+    if history is None and after < watched.last_sequence:
+        raise StatusError(
+            StatusCode.FAILED_PRECONDITION,
+            "a watch of past events needs the state service: set TICKMESH_ROUTER_STATE_TARGET",
+        )
+
+    def fresh(events: Iterable[lifetime_pb2.LifetimeEvent]) -> list[lifetime_pb2.LifetimeEvent]:
+        nonlocal after, ended
+        served: list[lifetime_pb2.LifetimeEvent] = []
+        for event in events:
+            # Checked for events served before too, so a watch resumed after the end ends.
+            ended = ended or ends(event)
+            if event.sequence == 0 or event.sequence > after:
+                served.append(event)
+                after = max(after, event.sequence)
+        return served
+
+    def store(until: int) -> AsyncIterator[list[lifetime_pb2.LifetimeEvent]]:
+        assert history is not None
+        return _stored_pages(history, watched, after, until=until)
+
+    sub = await nc.subscribe(
+        watched.subject, pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES
     )
     try:
+        # Subscribed at the server before the store is read: no event falls between.
+        await nc.flush()
+        last = watched.last_sequence
+        if position is not None:
+            now_last, now_ended = await position()
+            last, ended = max(last, now_last), ended or now_ended
         if history is not None:
-            # The stream keeps events for its max age (and, in a tenant account, up to its
-            # byte limit); what it no longer holds of the history asked for comes first.
-            oldest = await oldest_streamed(js, watched.stream, watched.subject)
-            missing = (
-                watched.last_sequence > after
-                if oldest is None
-                else oldest > max(after, watched.before_first) + 1
-            )
-            if missing:
-                async for event in _stored(history, watched, after, oldest):
+            async for page in store(until=last):
+                for event in fresh(page):
                     yield event
-                    after = event.sequence
-                    ended = ended or ends(event)
-                if ended and after and await complete(after):
-                    return
+        if ended and await complete(after):
+            return
         while True:
+            # Once ended, only late step results can follow; while running, a quiet spell
+            # may be a dropped live message, which the store has (if there is one).
+            wait = TRAILING_EVENTS_WAIT_S if ended else None if history is None else QUIET_S
             try:
-                # Once the lifetime has ended, only late step results can follow.
-                msg = await sub.next_msg(timeout=TRAILING_EVENTS_WAIT_S if ended else None)
+                msg = await sub.next_msg(timeout=wait)
             except nats_errors.TimeoutError:
-                return
+                if ended:
+                    return
+                assert history is not None
+                async for page in store(until=after):
+                    for event in fresh(page):
+                        yield event
+                if ended and await complete(after):
+                    return
+                continue
             try:
                 events = events_of(decode_envelope(msg.data, expected_kind=message_type(msg)))
                 if not events:
@@ -144,22 +170,13 @@ async def follow(
                 logger.error("unreadable event on %s", watched.subject)
                 continue
             first = next((e.sequence for e in events if e.sequence), 0)
-            if history is not None and first > max(after, watched.before_first) + 1:
-                # Dropped from the stream between the look-up above and this delivery (a
-                # stream at its byte limit drops its oldest events as new ones come).
-                async for event in _stored(history, watched, after, first):
-                    yield event
-                    after = event.sequence
-                    ended = ended or ends(event)
-            for event in events:
-                if event.sequence == 0 or event.sequence > after:
-                    yield event
-                    after = max(after, event.sequence)
-                ended = ended or ends(event)
-            last = events[-1].sequence
-            # The check runs for skipped events too, so a watch resumed after the end ends
-            # as soon as the history is complete.
-            if ended and last and await complete(last):
+            if history is not None and first > after + 1:
+                async for page in store(until=first - 1):
+                    for event in fresh(page):
+                        yield event
+            for event in fresh(events):
+                yield event
+            if ended and await complete(after):
                 return
     finally:
         await sub.unsubscribe()
@@ -173,13 +190,39 @@ def ends(event: lifetime_pb2.LifetimeEvent) -> bool:
     )
 
 
-def _stored(
-    history: HistorySource, watched: Watched, after: int, before: int | None
-) -> AsyncIterator[lifetime_pb2.LifetimeEvent]:
-    return stored_events(
-        history,
-        watched.tenant,
-        watched.lifetime_id,
-        after_sequence=after,
-        before_sequence=before,
-    )
+async def _stored_pages(
+    history: HistorySource, watched: Watched, after: int, *, until: int
+) -> AsyncIterator[list[lifetime_pb2.LifetimeEvent]]:
+    """Pages of the stored events after ``after``, waiting until the store holds those up
+    to ``until`` (it stores them behind the router)."""
+    pause = STORE_POLL_FIRST_S
+    clock = asyncio.get_running_loop().time
+    since = warned = clock()
+    while True:
+        page = await history.events(
+            watched.tenant, watched.lifetime_id, after_sequence=after, limit=PAGE
+        )
+        if page:
+            yield page
+            after = page[-1].sequence
+        if len(page) == PAGE:
+            continue
+        if after >= until:
+            return
+        if clock() - since >= STORE_WAIT_MAX_S:
+            raise StatusError(
+                StatusCode.UNAVAILABLE,
+                f"the state service has not stored events {after + 1} to {until} of lifetime "
+                f"{watched.lifetime_id} in {STORE_WAIT_MAX_S:.0f} s; watch again later",
+            )
+        if clock() - warned >= STORE_WAIT_WARN_S:
+            warned = clock()
+            logger.warning(
+                "watch of %s waits for the state service to store events %d to %d (%.0f s)",
+                watched.lifetime_id,
+                after + 1,
+                until,
+                warned - since,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, STORE_POLL_MAX_S)

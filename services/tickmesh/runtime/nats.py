@@ -642,6 +642,32 @@ async def publish_each(
     return [outcome if outcome is not None else TimeoutError("no PubAck") for outcome in outcomes]
 
 
+async def publish_live(nc: NatsClient, messages: Sequence[Outgoing]) -> None:
+    """Publish on core NATS, not stored and not answered, in one write (nats-py's
+    ``publish`` is a coroutine and a flush request per message): for whoever listens now.
+
+    Raises:
+        nats.errors.Error: As nats-py's ``publish`` would, before anything is sent.
+    """
+    if not messages:
+        return
+    commands = []
+    for msg in messages:
+        data = msg.data
+        _check_publishable(nc, msg.subject, len(data))
+        if msg.headers:
+            hdr = encode_headers(msg.headers)
+            head = f"HPUB {msg.subject} {len(hdr)} {len(hdr) + len(data)}\r\n"
+            commands.append(b"".join((head.encode(), hdr, data, b"\r\n")))
+        else:
+            head = f"PUB {msg.subject} {len(data)}\r\n"
+            commands.append(b"".join((head.encode(), data, b"\r\n")))
+    await nc._send_command(b"".join(commands))
+    nc.stats["out_msgs"] += len(messages)
+    nc.stats["out_bytes"] += sum(len(msg.data) for msg in messages)
+    await _flush(nc)
+
+
 async def ack_all(msgs: Sequence[Msg]) -> None:
     """Ack every message with one write per connection (``Msg.ack`` is a publish and
     a flush each). Each is marked acked, so a later nak or ack is refused, as after

@@ -6,9 +6,11 @@ router decides on them, at the same time. Their stream keeps a record until both
 have acked it (interest retention), and both durable consumers are made here, with
 the stream: an interest stream stores nothing that no consumer is there to read.
 The store, not the bus, is the system of record. Events and dead letters are kept
-for a while, for watchers and operators; in an account with a storage limit, the event
-stream also holds at most a share of it, so that a busy tenant's events cannot fill the
-account and stop its work (a watch reads what the stream dropped from the state service).
+for a while, for operators and, events, for the state service, which stores them (the
+router publishes them in batches, one message per routed batch; a watch reads the state
+service's store and follows a lifetime's live subject); in an account with a storage limit,
+the event stream also holds at most a share of it, so that a busy tenant's events cannot
+fill the account and stop its work.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def stream_configs(
         cfg(names.ref_stream, names.ref_all, RetentionPolicy.WORK_QUEUE),
         cfg(
             names.evt_stream,
-            names.evt_all,
+            names.evb,
             RetentionPolicy.LIMITS,
             EVENT_MAX_AGE_S,
             event_bytes,
@@ -132,6 +134,7 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
         if info.config.retention != config.retention:
             await _recreate_drained(js, info, config)
         elif config.name == names.evt_stream:
+            info = await _batch_events(js, info, config)
             await fit_event_stream(js, names, storage=storage, info=info)
     await ensure_record_consumers(js, names)
     for bucket, history in ((names.router_bucket, 1), (names.policy_bucket, 5)):
@@ -147,6 +150,23 @@ async def ensure_tenant(js: JetStreamContext, tenant: str, *, replicas: int = 1)
             logger.info("created KV bucket %s", bucket)
     await _allow_msg_ttl(js, names.router_bucket)
     return names
+
+
+async def _batch_events(js: JetStreamContext, info: StreamInfo, wanted: StreamConfig) -> StreamInfo:
+    """Move an event stream made by a version that kept one message per decision (on
+    each lifetime's subject, ``tm.<tenant>.evt.>``) to the batch subject. The per-lifetime
+    subjects are live only from now on: were the stream still to take them, every live
+    message would be stored again. What it holds stays, until its max age."""
+    if list(info.config.subjects or []) == list(wanted.subjects or []):
+        return info
+    updated = await js.update_stream(replace(info.config, subjects=wanted.subjects))
+    logger.info(
+        "stream %s now keeps %s (it kept %s)",
+        wanted.name,
+        ", ".join(wanted.subjects or []),
+        ", ".join(info.config.subjects or []),
+    )
+    return updated
 
 
 def _positive(value: int | None) -> bool:

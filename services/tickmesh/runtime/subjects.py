@@ -8,7 +8,8 @@ be expressed as `tm.<tenant>.>`.
     tm.<tenant>.work.plan.<handler>   requests for plan handlers  (stream TM_<T>_WORK)
     tm.<tenant>.exec.<lifetime>       execution records           (stream TM_<T>_EXEC, work queue)
     tm.<tenant>.ref.<lifetime>        refs to durable executions  (stream TM_<T>_REF, work queue)
-    tm.<tenant>.evt.<lifetime>        lifetime events             (stream TM_<T>_EVT, kept)
+    tm.<tenant>.evt.<lifetime>        a lifetime's events, live   (core NATS, not stored)
+    tm.<tenant>.evb                   lifetime events in batches  (stream TM_<T>_EVT, kept)
     tm.<tenant>.dlq.<kind>            dead letters with a reason  (stream TM_<T>_DLQ, kept)
     tm.<tenant>.ctl.cancel            cancellations for pools     (core NATS, not stored)
 """
@@ -96,6 +97,12 @@ class TenantNames:
     @property
     def evt_all(self) -> str:
         return f"{self.root}.evt.>"
+
+    @property
+    def evb(self) -> str:
+        """Where the router's batches of lifetime events go, for the state service (the
+        events stream keeps them; the per-lifetime ``evt`` subjects are live only)."""
+        return f"{self.root}.evb"
 
     def dlq(self, kind: str) -> str:
         return f"{self.root}.dlq.{check_token(kind, 'dead-letter kind')}"

@@ -26,7 +26,7 @@ from tickmesh.runtime.counters import UsageCounter, counted_from_envelope
 from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.logging import log_context
 from tickmesh.runtime.metrics import Metrics
-from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch
+from tickmesh.runtime.nats import Outgoing, ack_all, publish_batch, publish_live
 from tickmesh.runtime.records import STORED_WAIT_S, consumer_caught_up, records_stored
 from tickmesh.runtime.subjects import (
     HDR_EXECUTION,
@@ -39,7 +39,13 @@ from tickmesh.runtime.subjects import (
     TenantNames,
 )
 from tickmesh.runtime.tracing import parent_of
-from tickmesh.sdk import ValidationError, decode_envelope, encode_envelope, events_of
+from tickmesh.sdk import (
+    ValidationError,
+    decisions_of,
+    decode_envelope,
+    encode_envelope,
+    events_of,
+)
 from tickmesh.sdk.tracing import (
     ATTR_ATTEMPT,
     ATTR_EXECUTION,
@@ -78,6 +84,7 @@ class RecordConsumer:
         metrics: Metrics | None = None,
         tracer: Tracer | None = None,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._tracer = tracer
         self._store = store
@@ -101,7 +108,7 @@ class RecordConsumer:
             nc,
             js,
             stream=names.evt_stream,
-            config=durable_config(self.events_consumer, names.evt_all, ack_wait_s=ack_wait_s),
+            config=durable_config(self.events_consumer, names.evb, ack_wait_s=ack_wait_s),
             handler=self._handle_events,
             max_batch=max_batch,
             name=f"state-events:{names.tenant}",
@@ -324,15 +331,23 @@ class RecordConsumer:
         crash_point("after_republish")
 
     async def _handle_events(self, batch: list[Msg]) -> None:
-        """One transaction per batch: events stored, lifetime rows folded, then acks."""
+        """One transaction per batch: events stored, lifetime rows folded, then acks.
+
+        A message is a router batch (``lifetime_event_batch``: the events of each decision
+        it routed) or one decision's events; a batch is refused whole if any part of it
+        is unreadable (it was written by one router at once)."""
         if self._metrics is not None:
             self._metrics.count_redeliveries(self.names.tenant, self.events_consumer, batch)
-        good: list[tuple[Msg, envelope_pb2.ExecutionEnvelope]] = []
+        good: list[Msg] = []
+        routed: list[envelope_pb2.ExecutionEnvelope] = []
         for msg in batch:
             try:
                 envelope = decode_envelope(msg.data, expected_kind=message_type(msg))
-                if not events_of(envelope):
-                    raise ValidationError("expected a lifetime_event or lifetime_events body")
+                decisions = decisions_of(envelope)
+                if not decisions:
+                    raise ValidationError(
+                        "expected a lifetime_event, lifetime_events or lifetime_event_batch body"
+                    )
                 if envelope.header.tenant_id != self.names.tenant:
                     raise ValidationError(
                         f"event claims tenant {envelope.header.tenant_id!r} on a subject "
@@ -342,26 +357,25 @@ class RecordConsumer:
                 logger.error("unreadable event on %s: %s", msg.subject, exc)
                 await term(msg, str(exc))
                 continue
-            good.append((msg, envelope))
-        # Out-of-band events (sequence 0) are for watchers only.
-        routed: list[envelope_pb2.ExecutionEnvelope] = []
-        for _, envelope in good:
-            events = events_of(envelope)
-            if all(event.sequence > 0 for event in events):
-                routed.append(envelope)  # a decision's events go to the store as they came
-            else:
-                routed.extend(
-                    one for one in _one_per_event(envelope) if one.lifetime_event.sequence > 0
-                )
+            good.append(msg)
+            for decision in decisions:
+                if all(event.sequence > 0 for event in events_of(decision)):
+                    routed.append(decision)  # a decision's events go to the store as they came
+                else:
+                    # Out-of-band events (sequence 0) are for watchers only.
+                    routed.extend(
+                        one for one in _one_per_event(decision) if one.lifetime_event.sequence > 0
+                    )
         if routed:
             await self._store.apply_events(self.names.tenant, routed, core.fold_events)
-        await ack_all([msg for msg, _ in good])
+        await ack_all(good)
 
     async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:
         """Copy each message to the dead-letter stream with its reason, emit an
         error event for its lifetime, and terminate it."""
         self.rejected += len(bad)
         out: list[Outgoing] = []
+        live: list[Outgoing] = []
         for msg, reason in bad:
             headers = dict(msg.headers or {})
             headers.pop(HDR_MSG_ID, None)
@@ -371,7 +385,7 @@ class RecordConsumer:
             event = core.error_event(
                 self.names, lifetime, f"dead-lettered a {kind} message: {reason}", self._producer
             )
-            out.append(
+            live.append(
                 Outgoing(
                     self.names.evt(lifetime),
                     encode_envelope(event),
@@ -379,6 +393,8 @@ class RecordConsumer:
                 )
             )
         await publish_batch(self._js, out)
+        # The error events are out of band (sequence 0): for whoever watches, not stored.
+        await publish_live(self._nc, live)
         if self._metrics is not None:
             self._metrics.dead_lettered(self.names.tenant, kind, len(bad))
         for msg, reason in bad:

@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 
 from tests.support.factories import make_envelope
 from tickmesh.sdk import (
+    EVENT_KINDS,
     MAX_STRUCT_DEPTH,
     ValidationError,
+    decisions_of,
     decode_envelope,
     encode_envelope,
+    encode_event_batch,
     events_of,
 )
 from tickmesh.v1 import envelope_pb2
@@ -166,7 +169,12 @@ def _put(env: message.Message, path: tuple[descriptor.FieldDescriptor, ...]) -> 
     return target
 
 
-STRUCT_PATHS = _struct_paths(envelope_pb2.ExecutionEnvelope.DESCRIPTOR)
+STRUCT_PATHS = [
+    path
+    for path in _struct_paths(envelope_pb2.ExecutionEnvelope.DESCRIPTOR)
+    # A batch holds events envelopes only (any other body is refused before the walk).
+    if path[0].name != "lifetime_event_batch" or path[2].name in EVENT_KINDS
+]
 
 
 def test_struct_paths_reach_every_kind_of_body() -> None:
@@ -184,6 +192,8 @@ def test_every_place_a_struct_sits_is_checked(
     name = ".".join(f.name for f in path)
     env = make_envelope(path[0].name)  # type: ignore[arg-type]
     struct = _put(env, path)
+    if path[0].name == "lifetime_event_batch":  # the decision just added needs a header
+        env.lifetime_event_batch.decisions[-1].header.CopyFrom(env.header)
     assert isinstance(struct, struct_pb2.Struct)
     struct.CopyFrom(nested_struct(MAX_STRUCT_DEPTH))
     encode_envelope(env)  # at the limit: fine
@@ -202,3 +212,50 @@ def test_events_of_reads_one_event_a_decisions_events_or_none() -> None:
     batch = make_envelope("lifetime_events")
     assert [e.sequence for e in events_of(batch)] == [7, 8]
     assert events_of(make_envelope("task_request")) == ()
+
+
+def test_a_batch_written_from_encoded_decisions_is_what_protobuf_decodes() -> None:
+    batch = make_envelope("lifetime_event_batch")
+    data = encode_event_batch(
+        batch.header, [encode_envelope(d) for d in batch.lifetime_event_batch.decisions]
+    )
+    decoded = decode_envelope(data, expected_kind="lifetime_event_batch")
+    assert decoded == batch
+    assert list(decisions_of(decoded)) == list(batch.lifetime_event_batch.decisions)
+    # Large enough that the lengths take several bytes.
+    many = [encode_envelope(make_envelope("lifetime_events"))] * 300
+    assert len(decisions_of(decode_envelope(encode_event_batch(batch.header, many)))) == 300
+
+
+def test_decisions_of_one_decision_is_the_envelope_itself_and_of_other_bodies_none() -> None:
+    single = make_envelope("lifetime_events")
+    assert list(decisions_of(single)) == [single]
+    assert decisions_of(make_envelope("task_request")) == ()
+
+
+@pytest.mark.parametrize("wrong", ["another tenant", "a task request", "a batch", "no header"])
+def test_a_batch_holds_only_events_envelopes_of_its_own_tenant(wrong: str) -> None:
+    batch = make_envelope("lifetime_event_batch")
+    decision = batch.lifetime_event_batch.decisions[1]
+    if wrong == "another tenant":
+        decision.header.tenant_id = "intruder"
+        expected = "decisions\\[1\\] is of tenant 'intruder'"
+    elif wrong == "a task request":
+        decision.task_request.CopyFrom(make_envelope("task_request").task_request)
+        expected = "decisions\\[1\\] body is 'task_request'"
+    elif wrong == "a batch":
+        inner = make_envelope("lifetime_events")
+        decision.lifetime_event_batch.decisions.add().CopyFrom(inner)
+        expected = "decisions\\[1\\] body is 'lifetime_event_batch'"
+    else:
+        decision.ClearField("header")
+        expected = "decisions\\[1\\] has no header"
+    with pytest.raises(ValidationError, match=expected):
+        encode_envelope(batch)
+    with pytest.raises(ValidationError, match=expected):
+        decode_envelope(batch.SerializeToString(), expected_kind="lifetime_event_batch")
+    written = encode_event_batch(
+        batch.header, [d.SerializeToString() for d in batch.lifetime_event_batch.decisions]
+    )
+    with pytest.raises(ValidationError, match=expected):
+        decode_envelope(written)

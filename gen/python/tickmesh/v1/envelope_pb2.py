@@ -28,7 +28,7 @@ from tickmesh.v1 import lifetime_pb2 as tickmesh_dot_v1_dot_lifetime__pb2
 from tickmesh.v1 import request_pb2 as tickmesh_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atickmesh/v1/envelope.proto\x12\x0btickmesh.v1\x1a\x1btickmesh/v1/execution.proto\x1a\x18tickmesh/v1/header.proto\x1a\x1atickmesh/v1/lifetime.proto\x1a\x19tickmesh/v1/request.proto\"\xd6\x04\n\x11\x45xecutionEnvelope\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32\x1b.tickmesh.v1.EnvelopeHeaderR\x06header\x12=\n\x0ctask_request\x18\x02 \x01(\x0b\x32\x18.tickmesh.v1.TaskRequestH\x00R\x0btaskRequest\x12=\n\x0cplan_request\x18\x03 \x01(\x0b\x32\x18.tickmesh.v1.PlanRequestH\x00R\x0bplanRequest\x12\x43\n\x0etask_execution\x18\x04 \x01(\x0b\x32\x1a.tickmesh.v1.TaskExecutionH\x00R\rtaskExecution\x12\x43\n\x0eplan_execution\x18\x05 \x01(\x0b\x32\x1a.tickmesh.v1.PlanExecutionH\x00R\rplanExecution\x12\x43\n\x0elifetime_event\x18\x06 \x01(\x0b\x32\x1a.tickmesh.v1.LifetimeEventH\x00R\rlifetimeEvent\x12-\n\x06signal\x18\x07 \x01(\x0b\x32\x13.tickmesh.v1.SignalH\x00R\x06signal\x12@\n\rexecution_ref\x18\x08 \x01(\x0b\x32\x19.tickmesh.v1.ExecutionRefH\x00R\x0c\x65xecutionRef\x12\x46\n\x0flifetime_events\x18\t \x01(\x0b\x32\x1b.tickmesh.v1.LifetimeEventsH\x00R\x0elifetimeEventsB\x06\n\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atickmesh/v1/envelope.proto\x12\x0btickmesh.v1\x1a\x1btickmesh/v1/execution.proto\x1a\x18tickmesh/v1/header.proto\x1a\x1atickmesh/v1/lifetime.proto\x1a\x19tickmesh/v1/request.proto\"\xab\x05\n\x11\x45xecutionEnvelope\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32\x1b.tickmesh.v1.EnvelopeHeaderR\x06header\x12=\n\x0ctask_request\x18\x02 \x01(\x0b\x32\x18.tickmesh.v1.TaskRequestH\x00R\x0btaskRequest\x12=\n\x0cplan_request\x18\x03 \x01(\x0b\x32\x18.tickmesh.v1.PlanRequestH\x00R\x0bplanRequest\x12\x43\n\x0etask_execution\x18\x04 \x01(\x0b\x32\x1a.tickmesh.v1.TaskExecutionH\x00R\rtaskExecution\x12\x43\n\x0eplan_execution\x18\x05 \x01(\x0b\x32\x1a.tickmesh.v1.PlanExecutionH\x00R\rplanExecution\x12\x43\n\x0elifetime_event\x18\x06 \x01(\x0b\x32\x1a.tickmesh.v1.LifetimeEventH\x00R\rlifetimeEvent\x12-\n\x06signal\x18\x07 \x01(\x0b\x32\x13.tickmesh.v1.SignalH\x00R\x06signal\x12@\n\rexecution_ref\x18\x08 \x01(\x0b\x32\x19.tickmesh.v1.ExecutionRefH\x00R\x0c\x65xecutionRef\x12\x46\n\x0flifetime_events\x18\t \x01(\x0b\x32\x1b.tickmesh.v1.LifetimeEventsH\x00R\x0elifetimeEvents\x12S\n\x14lifetime_event_batch\x18\n \x01(\x0b\x32\x1f.tickmesh.v1.LifetimeEventBatchH\x00R\x12lifetimeEventBatchB\x06\n\x04\x62ody\"R\n\x12LifetimeEventBatch\x12<\n\tdecisions\x18\x01 \x03(\x0b\x32\x1e.tickmesh.v1.ExecutionEnvelopeR\tdecisionsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tickmesh.v1.envelope_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTIONENVELOPE']._serialized_start=154
-  _globals['_EXECUTIONENVELOPE']._serialized_end=752
+  _globals['_EXECUTIONENVELOPE']._serialized_end=837
+  _globals['_LIFETIMEEVENTBATCH']._serialized_start=839
+  _globals['_LIFETIMEEVENTBATCH']._serialized_end=921
 # @@protoc_insertion_point(module_scope)

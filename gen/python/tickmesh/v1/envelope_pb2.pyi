@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from tickmesh.v1 import execution_pb2 as _execution_pb2
 from tickmesh.v1 import header_pb2 as _header_pb2
 from tickmesh.v1 import lifetime_pb2 as _lifetime_pb2
@@ -13,10 +15,10 @@ import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -38,6 +40,7 @@ class ExecutionEnvelope(_message.Message):
     SIGNAL_FIELD_NUMBER: _builtins.int
     EXECUTION_REF_FIELD_NUMBER: _builtins.int
     LIFETIME_EVENTS_FIELD_NUMBER: _builtins.int
+    LIFETIME_EVENT_BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> _header_pb2.EnvelopeHeader:
         """header identifies the message and the execution it belongs to."""
@@ -77,6 +80,12 @@ class ExecutionEnvelope(_message.Message):
         first one's sequence).
         """
 
+    @_builtins.property
+    def lifetime_event_batch(self) -> Global___LifetimeEventBatch:
+        """lifetime_event_batch carries the events of several decisions in one
+        message, for the state service (watchers read them per lifetime).
+        """
+
     def __init__(
         self,
         *,
@@ -89,13 +98,43 @@ class ExecutionEnvelope(_message.Message):
         signal: _lifetime_pb2.Signal | None = ...,
         execution_ref: _execution_pb2.ExecutionRef | None = ...,
         lifetime_events: _lifetime_pb2.LifetimeEvents | None = ...,
+        lifetime_event_batch: Global___LifetimeEventBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "lifetime_events", b"lifetime_events", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "lifetime_event_batch", b"lifetime_event_batch", "lifetime_events", b"lifetime_events", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "lifetime_events", b"lifetime_events", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "execution_ref", b"execution_ref", "header", b"header", "lifetime_event", b"lifetime_event", "lifetime_event_batch", b"lifetime_event_batch", "lifetime_events", b"lifetime_events", "plan_execution", b"plan_execution", "plan_request", b"plan_request", "signal", b"signal", "task_execution", b"task_execution", "task_request", b"task_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task_request", "plan_request", "task_execution", "plan_execution", "lifetime_event", "signal", "execution_ref", "lifetime_events"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["task_request", "plan_request", "task_execution", "plan_execution", "lifetime_event", "signal", "execution_ref", "lifetime_events", "lifetime_event_batch"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ExecutionEnvelope: _TypeAlias = ExecutionEnvelope  # noqa: Y015
+
+@_typing.final
+class LifetimeEventBatch(_message.Message):
+    """LifetimeEventBatch is the lifetime events of several decisions, in the order
+    they were taken, published as one message so that storing them costs one
+    delivery instead of one per decision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutionEnvelope]:
+        """decisions are each exactly the envelope a decision's events are published
+        in on their own: a lifetime_event or lifetime_events body (never a batch).
+        """
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___ExecutionEnvelope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifetimeEventBatch: _TypeAlias = LifetimeEventBatch  # noqa: Y015

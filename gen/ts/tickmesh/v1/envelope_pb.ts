@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tickmesh/v1/envelope.proto.
  */
 export const file_tickmesh_v1_envelope: GenFile = /*@__PURE__*/
-  fileDesc("Chp0aWNrbWVzaC92MS9lbnZlbG9wZS5wcm90bxILdGlja21lc2gudjEi4QMKEUV4ZWN1dGlvbkVudmVsb3BlEisKBmhlYWRlchgBIAEoCzIbLnRpY2ttZXNoLnYxLkVudmVsb3BlSGVhZGVyEjAKDHRhc2tfcmVxdWVzdBgCIAEoCzIYLnRpY2ttZXNoLnYxLlRhc2tSZXF1ZXN0SAASMAoMcGxhbl9yZXF1ZXN0GAMgASgLMhgudGlja21lc2gudjEuUGxhblJlcXVlc3RIABI0Cg50YXNrX2V4ZWN1dGlvbhgEIAEoCzIaLnRpY2ttZXNoLnYxLlRhc2tFeGVjdXRpb25IABI0Cg5wbGFuX2V4ZWN1dGlvbhgFIAEoCzIaLnRpY2ttZXNoLnYxLlBsYW5FeGVjdXRpb25IABI0Cg5saWZldGltZV9ldmVudBgGIAEoCzIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lRXZlbnRIABIlCgZzaWduYWwYByABKAsyEy50aWNrbWVzaC52MS5TaWduYWxIABIyCg1leGVjdXRpb25fcmVmGAggASgLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmSAASNgoPbGlmZXRpbWVfZXZlbnRzGAkgASgLMhsudGlja21lc2gudjEuTGlmZXRpbWVFdmVudHNIAEIGCgRib2R5YgZwcm90bzM", [file_tickmesh_v1_execution, file_tickmesh_v1_header, file_tickmesh_v1_lifetime, file_tickmesh_v1_request]);
+  fileDesc("Chp0aWNrbWVzaC92MS9lbnZlbG9wZS5wcm90bxILdGlja21lc2gudjEiogQKEUV4ZWN1dGlvbkVudmVsb3BlEisKBmhlYWRlchgBIAEoCzIbLnRpY2ttZXNoLnYxLkVudmVsb3BlSGVhZGVyEjAKDHRhc2tfcmVxdWVzdBgCIAEoCzIYLnRpY2ttZXNoLnYxLlRhc2tSZXF1ZXN0SAASMAoMcGxhbl9yZXF1ZXN0GAMgASgLMhgudGlja21lc2gudjEuUGxhblJlcXVlc3RIABI0Cg50YXNrX2V4ZWN1dGlvbhgEIAEoCzIaLnRpY2ttZXNoLnYxLlRhc2tFeGVjdXRpb25IABI0Cg5wbGFuX2V4ZWN1dGlvbhgFIAEoCzIaLnRpY2ttZXNoLnYxLlBsYW5FeGVjdXRpb25IABI0Cg5saWZldGltZV9ldmVudBgGIAEoCzIaLnRpY2ttZXNoLnYxLkxpZmV0aW1lRXZlbnRIABIlCgZzaWduYWwYByABKAsyEy50aWNrbWVzaC52MS5TaWduYWxIABIyCg1leGVjdXRpb25fcmVmGAggASgLMhkudGlja21lc2gudjEuRXhlY3V0aW9uUmVmSAASNgoPbGlmZXRpbWVfZXZlbnRzGAkgASgLMhsudGlja21lc2gudjEuTGlmZXRpbWVFdmVudHNIABI/ChRsaWZldGltZV9ldmVudF9iYXRjaBgKIAEoCzIfLnRpY2ttZXNoLnYxLkxpZmV0aW1lRXZlbnRCYXRjaEgAQgYKBGJvZHkiRwoSTGlmZXRpbWVFdmVudEJhdGNoEjEKCWRlY2lzaW9ucxgBIAMoCzIeLnRpY2ttZXNoLnYxLkV4ZWN1dGlvbkVudmVsb3BlYgZwcm90bzM", [file_tickmesh_v1_execution, file_tickmesh_v1_header, file_tickmesh_v1_lifetime, file_tickmesh_v1_request]);
 
 /**
  * ExecutionEnvelope is the one message type on the bus. The body's kind is
@@ -106,6 +106,15 @@ export type ExecutionEnvelope = Message<"tickmesh.v1.ExecutionEnvelope"> & {
      */
     value: LifetimeEvents;
     case: "lifetimeEvents";
+  } | {
+    /**
+     * lifetime_event_batch carries the events of several decisions in one
+     * message, for the state service (watchers read them per lifetime).
+     *
+     * @generated from field: tickmesh.v1.LifetimeEventBatch lifetime_event_batch = 10;
+     */
+    value: LifetimeEventBatch;
+    case: "lifetimeEventBatch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -115,4 +124,28 @@ export type ExecutionEnvelope = Message<"tickmesh.v1.ExecutionEnvelope"> & {
  */
 export const ExecutionEnvelopeSchema: GenMessage<ExecutionEnvelope> = /*@__PURE__*/
   messageDesc(file_tickmesh_v1_envelope, 0);
+
+/**
+ * LifetimeEventBatch is the lifetime events of several decisions, in the order
+ * they were taken, published as one message so that storing them costs one
+ * delivery instead of one per decision.
+ *
+ * @generated from message tickmesh.v1.LifetimeEventBatch
+ */
+export type LifetimeEventBatch = Message<"tickmesh.v1.LifetimeEventBatch"> & {
+  /**
+   * decisions are each exactly the envelope a decision's events are published
+   * in on their own: a lifetime_event or lifetime_events body (never a batch).
+   *
+   * @generated from field: repeated tickmesh.v1.ExecutionEnvelope decisions = 1;
+   */
+  decisions: ExecutionEnvelope[];
+};
+
+/**
+ * Describes the message tickmesh.v1.LifetimeEventBatch.
+ * Use `create(LifetimeEventBatchSchema)` to create a new message.
+ */
+export const LifetimeEventBatchSchema: GenMessage<LifetimeEventBatch> = /*@__PURE__*/
+  messageDesc(file_tickmesh_v1_envelope, 1);
 

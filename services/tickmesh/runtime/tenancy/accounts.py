@@ -72,7 +72,8 @@ def service_permissions(names: TenantNames) -> Permissions:
     Publish anything under ``tm.<tenant>.``; put into the tenant's KV buckets; create
     (if missing) and read the tenant's streams and buckets, create and read consumers
     on them, pull and acknowledge; update the event stream, whose byte limit follows the
-    account's storage (an update cannot lift ``deny_delete`` or ``deny_purge``). Not
+    account's storage (an update cannot lift ``deny_delete`` or ``deny_purge``);
+    subscribe to cancellations and to lifetimes' live events (a watch). Not
     granted: updating any other stream (a republish or source added to the record stream
     would copy records out), stream delete and purge, consumer delete, or any stream not
     named here.
@@ -100,7 +101,7 @@ def service_permissions(names: TenantNames) -> Permissions:
             f"$JS.FC.{stream}.>",
         ]
     publish.append(f"$JS.API.STREAM.UPDATE.{names.evt_stream}")
-    subscribe = ["_INBOX.>", f"{names.root}.ctl.>"]
+    subscribe = ["_INBOX.>", f"{names.root}.ctl.>", names.evt_all]
     return Permissions(tuple(publish), tuple(subscribe))
 
 
