@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -23,12 +24,14 @@ from tickmesh.sdk import (
     PlanContext,
     PlanInputView,
     TaskContext,
+    ValidationError,
     complete,
     dispatch,
     load_graph_file,
     plan,
     step,
     task,
+    wait_for,
 )
 from tickmesh.sdk.approvals import approval, approval_of
 from tickmesh.v1 import graph_pb2
@@ -187,6 +190,97 @@ async def test_wait_timeout_survives_a_router_restart(start_mesh: MeshFactory) -
         while (await handle.describe()).state != "failed":  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert (await handle.describe()).raw.error.type == "WaitTimeout"
+
+
+def chat_graph() -> graph_pb2.AgentGraph:
+    return (
+        GraphBuilder("chat", max_iterations=100)
+        .task("open")
+        .plan("chat")
+        .edge("open", "chat")
+        .final("chat")
+        .build()
+    )
+
+
+async def test_many_large_signals_keep_the_state_small_and_replay_and_fork(
+    start_mesh: MeshFactory,
+) -> None:
+    """A lifetime woken by more signal data than one NATS message holds: the router's
+    state keeps none of it (it failed with StateTooLarge when the state kept each signal),
+    and replay and fork read the signals back from the stored events."""
+    h = await start_mesh()
+    turns, size = 24, 60_000  # 1.4 MB of signals: over the state's ~1 MB limit
+
+    @task(name="open")
+    async def open_(ctx: TaskContext, value: Any) -> int:
+        return 0
+
+    @plan(name="chat")
+    async def chat(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        if ctx.signal is not None and ctx.signal.payload["n"] == turns - 1:
+            heard = ctx.signal.payload
+            return complete(
+                {"turns": ctx.iteration - 1, "n": heard["n"], "size": len(heard["text"])}
+            )
+        return wait_for("message")
+
+    await h.worker([open_, chat])
+    graph = await h.register(chat_graph())
+    handle = await h.start(graph, None)
+    assert h.mesh.router is not None
+    tenant = h.mesh.router.processor.tenants[h.tenant]
+    with pytest.raises(ValidationError, match="signal_id has 257 characters; at most 256"):
+        await handle.signal("message", {"n": 0, "text": ""}, signal_id="x" * 257)
+    sizes = []
+    for n in range(turns):
+        async with asyncio.timeout(10):
+            while (await handle.describe()).state != "waiting":  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        text = chr(ord("a") + n % 26) * size
+        await handle.signal("message", {"n": n, "text": text}, signal_id=f"turn-{n}")
+        loaded = await tenant.store.load(handle.id, fresh=True)
+        assert loaded is not None
+        sizes.append(loaded.state.ByteSize())
+    assert await handle.result(within=10) == {"turns": turns, "n": turns - 1, "size": size}
+    # The state holds each turn's signal until the plan's request is out (its outbox),
+    # never all of them: it does not grow with the turns.
+    assert max(sizes) < 3 * size, sizes
+    assert sizes[-1] < sizes[0] + 4096, sizes
+    final = await tenant.store.load(handle.id, fresh=True)
+    assert final is not None
+    assert (final.state.wake_count, len(final.state.wakes)) == (turns, 0)
+    assert list(final.state.signal_ids) == [f"turn-{n}" for n in range(turns)]
+    report = await h.audit(handle.id)
+    received = report.events_of("signal_received")
+    # Each signal is stored whole in its event, which names the plan execution that waited.
+    sent = [json.loads(e.raw.signal.payload.inline) for e in received]
+    assert [(m["n"], len(m["text"])) for m in sent] == [(n, size) for n in range(turns)]
+    waited = {
+        record_of(r).header.execution_id
+        for r in await h.stored(handle.id)
+        if record_of(r).header.node.id == "chat"
+    }
+    assert {e.execution_id for e in received} <= waited
+    assert len({e.execution_id for e in received}) == turns
+
+    # Replay reads the signals back from the store and reproduces every decision.
+    replayed = await handle.replay(handlers=[open_, chat])
+    assert replayed.reproduced, replayed.divergences
+    # A fork at the tenth turn's plan re-drives the first ten signals and goes on from there.
+    records = await h.stored(handle.id)
+    tenth = next(
+        record_of(r).header
+        for r in records
+        if record_of(r).header.node.id == "chat" and record_of(r).header.iteration == 10
+    )
+    forked = await handle.fork(tenth.execution_id)
+    info = await forked.describe()
+    assert info.state == "waiting"
+    await forked.signal("message", {"n": turns - 1, "text": "fin"})
+    assert await forked.result(within=10) == {"turns": 10, "n": turns - 1, "size": 3}
+    fork_replayed = await forked.replay(handlers=[open_, chat])
+    assert fork_replayed.reproduced, fork_replayed.divergences
 
 
 # --- fork -----------------------------------------------------------------------------

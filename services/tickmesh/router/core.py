@@ -42,6 +42,9 @@ MAX_WAIT_S = 100 * 366 * 86_400
 """The longest timeout a plan may wait for a signal: about a century (a timestamp holds
 years up to 9999; a deadline past that cannot even be written down)."""
 START_GROUP = "start"
+MAX_SIGNAL_IDS = 256
+"""The signal ids a lifetime remembers, for deduplication: a SignalLifetime call retried
+with the same id is ignored unless 256 other signals came in between."""
 
 LS = lifetime_pb2
 TERMINAL = frozenset(
@@ -994,9 +997,19 @@ def signal(lt: Lifetime, sig: lifetime_pb2.Signal) -> None:
             f"not {sig.name!r}"
         )
     if sig.signal_id:
-        lt.state.signal_ids.append(sig.signal_id)
-    lt.state.wakes.add(plan_execution_id=wait.plan_execution_id, signal=sig)
-    lt.event(LS.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED, signal=sig, message=f"signal {sig.name!r}")
+        ids = lt.state.signal_ids
+        ids.append(sig.signal_id)
+        if len(ids) > MAX_SIGNAL_IDS:
+            del ids[: len(ids) - MAX_SIGNAL_IDS]
+    # The wake is recorded in the event only (the state keeps a count): a lifetime woken
+    # by thousands of signals must not carry their payloads in its state.
+    lt.state.wake_count += 1
+    lt.event(
+        LS.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED,
+        execution_id=wait.plan_execution_id,
+        signal=sig,
+        message=f"signal {sig.name!r}",
+    )
     _wake(
         lt,
         request_pb2.SignalDelivery(
@@ -1010,7 +1023,12 @@ def wait_timed_out(lt: Lifetime) -> None:
     if lt.view.state != LS.LIFETIME_STATE_WAITING or not lt.state.HasField("wait"):
         return
     decision = lt.state.wait.decision
-    lt.state.wakes.add(plan_execution_id=lt.state.wait.plan_execution_id, timed_out=True)
+    lt.state.wake_count += 1
+    lt.event(
+        LS.LIFETIME_EVENT_KIND_WAIT_TIMED_OUT,
+        execution_id=lt.state.wait.plan_execution_id,
+        message=f"no signal {decision.signal_name!r} before the timeout",
+    )
     if decision.on_timeout == result_pb2.WAIT_TIMEOUT_ACTION_SIGNAL:
         _wake(
             lt,

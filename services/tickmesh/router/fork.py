@@ -250,6 +250,10 @@ def _rekey(
             view.input.CopyFrom(replacement)
     state.ClearField("outbox")
     state.ClearField("held")
+    # The waits that ended before the fork point are the origin's (replay_fork reads them
+    # from its events); the fork counts the wakes its own events record.
+    state.ClearField("wakes")
+    state.wake_count = 0
     lt = core.Lifetime(state, r.lt.graph, r.lt.producer, r.lt.now, guard, quiet=quiet)
     view.created_at.CopyFrom(lt.timestamp())
     lt.event(

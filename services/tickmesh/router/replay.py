@@ -1,8 +1,9 @@
 """Deterministic replay: re-drive a recorded lifetime through ``core``.
 
 A lifetime's decisions depend only on its graph version, its input, the stored
-execution records (applied in store order) and a few control inputs the router
-keeps in its own state (how each wait ended: ``RouterLifetime.wakes``). Replay
+execution records (applied in store order) and a few control inputs: how each wait
+ended, which its SIGNAL_RECEIVED and WAIT_TIMED_OUT events record (read from the store
+into ``RouterLifetime.wakes`` by :func:`with_recorded_wakes`). Replay
 starts a fresh state with the same lifetime id, feeds the recorded results back
 in store order (no executor runs) and compares every decision it arrives at with
 the recorded one:
@@ -43,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import (
+    AsyncIterator,
     Awaitable,
     Callable,
     Collection,
@@ -58,9 +60,11 @@ from typing import Any, Protocol
 import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.errors import StatusError
 from tickmesh.runtime.records import require_records_stored
 from tickmesh.sdk import ChannelSecurity, TransportError
 from tickmesh.sdk._transport import create_channel
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.sdk.timestamps import set_timestamp
 from tickmesh.v1 import (
     envelope_pb2,
@@ -349,6 +353,71 @@ class StateRpcHistorySource:
 
     def __repr__(self) -> str:
         return f"StateRpcHistorySource({self._target!r})"
+
+
+async def stored_events(
+    history: HistorySource,
+    tenant: str,
+    lifetime_id: str,
+    *,
+    after_sequence: int,
+    before_sequence: int | None = None,
+) -> AsyncIterator[lifetime_pb2.LifetimeEvent]:
+    """A lifetime's stored events after ``after_sequence`` (and before
+    ``before_sequence``, if given), in order, a page at a time."""
+    after = after_sequence
+    while True:
+        page = await history.events(tenant, lifetime_id, after_sequence=after, limit=PAGE)
+        for event in page:
+            if before_sequence is not None and event.sequence >= before_sequence:
+                return
+            yield event
+            after = event.sequence
+        if len(page) < PAGE:
+            return
+
+
+def wakes_of(events: Iterable[lifetime_pb2.LifetimeEvent]) -> list[rs.WakeRecord]:
+    """How a lifetime's waits ended, from its SIGNAL_RECEIVED and WAIT_TIMED_OUT events,
+    in order (only those naming the waiting plan's execution: a router that kept its
+    wakes in the state wrote events without it)."""
+    wakes: list[rs.WakeRecord] = []
+    for event in events:
+        if not event.execution_id:
+            continue
+        if event.kind == LS.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED:
+            wakes.append(rs.WakeRecord(plan_execution_id=event.execution_id, signal=event.signal))
+        elif event.kind == LS.LIFETIME_EVENT_KIND_WAIT_TIMED_OUT:
+            wakes.append(rs.WakeRecord(plan_execution_id=event.execution_id, timed_out=True))
+    return wakes
+
+
+async def with_recorded_wakes(
+    history: HistorySource, tenant: str, state: rs.RouterLifetime
+) -> rs.RouterLifetime:
+    """``state`` with every wait's end in ``wakes``, for replay and fork: those recorded
+    as events (``wake_count`` of them) are read from the lifetime's stored events.
+
+    Raises:
+        StatusError: UNAVAILABLE when the store holds fewer of them than the state
+            counts (the state service is still storing the lifetime's events).
+    """
+    if not state.wake_count:
+        return state
+    lifetime_id = state.lifetime.lifetime_id
+    found = wakes_of(
+        [event async for event in stored_events(history, tenant, lifetime_id, after_sequence=0)]
+    )
+    if len(found) < state.wake_count:
+        raise StatusError(
+            StatusCode.UNAVAILABLE,
+            f"the state service holds {len(found)} of the {state.wake_count} signals and "
+            f"wait timeouts of lifetime {lifetime_id} (retry shortly)",
+        )
+    complete = rs.RouterLifetime()
+    complete.CopyFrom(state)
+    complete.wakes.extend(found)
+    return complete
 
 
 # --- re-driving ------------------------------------------------------------------------

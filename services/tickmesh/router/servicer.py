@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+MAX_SIGNAL_ID_CHARS = 256
+"""The longest signal_id SignalLifetime takes (a lifetime keeps its last ids)."""
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
@@ -263,7 +265,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self, tenant: Tenant, lifetime_id: str, after: int, before: int | None = None
     ) -> AsyncIterator[lifetime_pb2.LifetimeEvent]:
         history = self._require_history()
-        return watch_.stored_events(
+        return replay_.stored_events(
             history,
             tenant.names.tenant,
             lifetime_id,
@@ -300,6 +302,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         signal = request.signal
         if not signal.name:
             raise ValidationError("signal.name is required")
+        if len(signal.signal_id) > MAX_SIGNAL_ID_CHARS:
+            # The lifetime remembers its last signal ids: each must stay small.
+            raise ValidationError(
+                f"signal.signal_id has {len(signal.signal_id)} characters; "
+                f"at most {MAX_SIGNAL_ID_CHARS} are allowed"
+            )
         duplicate = False
 
         def mutate(lt: core.Lifetime) -> bool:
@@ -358,9 +366,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         view = origin.state.lifetime
         graph = await tenant.store.get_graph(view.graph.id, view.graph.version)
         records = await history.executions(tenant.names.tenant, request.lifetime_id)
+        recorded = await replay_.with_recorded_wakes(history, tenant.names.tenant, origin.state)
         try:
             lt = fork_.fork(
-                origin.state,
+                recorded,
                 graph,
                 records,
                 execution=request.execution_id,
@@ -407,13 +416,16 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         )
         records = await history.executions(tenant.names.tenant, request.lifetime_id)
         code_digests = dict(request.handler_code_digests)
+        recorded = await replay_.with_recorded_wakes(history, tenant.names.tenant, loaded.state)
         if view.HasField("fork_origin"):
-            origin = await _fork_origin(tenant, view)
+            origin = await replay_.with_recorded_wakes(
+                history, tenant.names.tenant, await _fork_origin(tenant, view)
+            )
             origin_records = await history.executions(
                 tenant.names.tenant, view.fork_origin.lifetime_id
             )
             report = fork_.replay_fork(
-                loaded.state,
+                recorded,
                 origin,
                 graph,
                 origin_records,
@@ -423,7 +435,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             )
         else:
             report = replay_.replay(
-                loaded.state,
+                recorded,
                 graph,
                 records,
                 producer=self._producer,

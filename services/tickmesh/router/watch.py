@@ -49,28 +49,6 @@ PENDING_BYTES = 64 * 1024 * 1024
 """The subscription's room for live messages held while the store is read."""
 
 
-async def stored_events(
-    history: HistorySource,
-    tenant: str,
-    lifetime_id: str,
-    *,
-    after_sequence: int,
-    before_sequence: int | None = None,
-) -> AsyncIterator[lifetime_pb2.LifetimeEvent]:
-    """A lifetime's stored events after ``after_sequence`` (and before
-    ``before_sequence``, if given), in order, a page at a time."""
-    after = after_sequence
-    while True:
-        page = await history.events(tenant, lifetime_id, after_sequence=after, limit=PAGE)
-        for event in page:
-            if before_sequence is not None and event.sequence >= before_sequence:
-                return
-            yield event
-            after = event.sequence
-        if len(page) < PAGE:
-            return
-
-
 @dataclass(frozen=True)
 class Watched:
     """The lifetime a watch follows, as the router holds it when the watch starts."""

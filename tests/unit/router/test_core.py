@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
-from tickmesh.router import core
+from tickmesh.router import core, replay
 from tickmesh.sdk import GraphBuilder, decode_envelope, events_of
 from tickmesh.v1 import (
     envelope_pb2,
@@ -71,6 +71,15 @@ class Sim:
     @property
     def view(self) -> lifetime_pb2.AgentLifetime:
         return self.state.lifetime
+
+    @property
+    def recorded(self) -> rs.RouterLifetime:
+        """The state as replay and fork read it: with the wakes its events recorded (the
+        router reads them from the state service's store)."""
+        state = rs.RouterLifetime()
+        state.CopyFrom(self.state)
+        state.wakes.extend(replay.wakes_of(self.events))
+        return state
 
     def take(self, node_id: str) -> envelope_pb2.ExecutionEnvelope:
         for i, env in enumerate(self.pending):
@@ -376,6 +385,45 @@ def test_wait_then_signal_asks_the_plan_again_with_its_inputs() -> None:
     assert list(again.header.parent_execution_ids) == [decide.header.execution_id]
     sim.run(core.signal, lifetime_pb2.Signal(signal_id="s1", name="approval"))  # duplicate
     assert sim.pending_nodes() == []
+
+
+def test_a_lifetime_woken_by_many_signals_keeps_a_state_of_the_same_size() -> None:
+    """The state counts the wakes and remembers the last MAX_SIGNAL_IDS ids; each signal
+    itself (its payload) is only in its event, which names the plan that waited."""
+    graph = hello_graph()
+    graph.max_iterations = 1000
+    sim = Sim(graph)
+    sim.finish_task(sim.take("greet"), "hi")
+    wait = result_pb2.PlanResult(wait=result_pb2.WaitDecision(signal_name="msg"))
+    sizes = []
+    turns = core.MAX_SIGNAL_IDS + 44
+    for n in range(turns):
+        decide = sim.take("decide")
+        sim.decide(decide, wait)
+        sim.run(
+            core.signal,
+            lifetime_pb2.Signal(signal_id=f"{n:05d}", name="msg", payload=payload("x" * 5000)),
+        )
+        sizes.append(sim.state.ByteSize())
+        received = [
+            e for e in sim.events if e.kind == lifetime_pb2.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED
+        ]
+        assert len(received) == n + 1
+        event = received[-1]
+        assert event.execution_id == decide.header.execution_id
+        assert event.signal.payload == payload("x" * 5000)
+    assert sim.state.wake_count == turns
+    assert not sim.state.wakes
+    assert list(sim.state.signal_ids) == [f"{n:05d}" for n in range(44, turns)]
+    # Flat once the ids' window is full (before, 1.5 MB of payloads in all).
+    assert sizes[-1] == sizes[core.MAX_SIGNAL_IDS], (sizes[0], sizes[-1])
+    assert sizes[-1] < 32 * 1024
+    # An id in the window is a duplicate; one that left it is a new signal.
+    sim.decide(sim.take("decide"), wait)
+    sim.run(core.signal, lifetime_pb2.Signal(signal_id=f"{turns - 1:05d}", name="msg"))
+    assert state_of(sim) == "LIFETIME_STATE_WAITING"
+    sim.run(core.signal, lifetime_pb2.Signal(signal_id="00000", name="msg"))
+    assert state_of(sim) == "LIFETIME_STATE_RUNNING"
 
 
 @pytest.mark.parametrize(

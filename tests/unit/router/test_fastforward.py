@@ -160,10 +160,10 @@ def redriven(sim: Recorder, n: int, *, fast: bool) -> tuple[replay.Redriver, int
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(replay.Redriver, "feed", counted)
             r, taken = fastforward.fast_forward(
-                sim.state, sim.graph, records, producer=PRODUCER, now=NOW
+                sim.recorded, sim.graph, records, producer=PRODUCER, now=NOW
             )
     else:
-        r, taken = replay.Redriver(sim.state, sim.graph, PRODUCER, NOW), 0
+        r, taken = replay.Redriver(sim.recorded, sim.graph, PRODUCER, NOW), 0
     for ref in records[taken:]:
         feed(r, ref)
     return r, taken, len(fed)
@@ -202,7 +202,7 @@ def assert_same_at_every_record(sim: Recorder) -> list[tuple[int, int]]:
     """Fast-forward every prefix of the history and compare it with the full redrive;
     return, for each prefix, the records consumed and those of them core applied."""
     ids = all_ids(sim)
-    full = replay.Redriver(sim.state, sim.graph, PRODUCER, NOW)
+    full = replay.Redriver(sim.recorded, sim.graph, PRODUCER, NOW)
     taken = []
     for n in range(len(sim.refs) + 1):
         if n:
@@ -218,7 +218,7 @@ def forked(sim: Recorder, execution: str, *, fast: bool, replacement: object = N
     """A fork's state and messages (less random envelope ids), or the error it raised."""
     try:
         lt = fork.fork(
-            sim.state,
+            sim.recorded,
             sim.graph,
             sim.refs,
             execution=execution,
@@ -360,10 +360,10 @@ def test_a_long_chain_is_fast_forwarded_up_to_the_fork_execution(
     with monkeypatch.context() as patch:
         patch.setattr(replay.Redriver, "feed", None)  # not one record goes through core
         r, taken = fastforward.fast_forward(
-            sim.state, sim.graph, sim.refs, producer=PRODUCER, now=NOW, stop_at=execution
+            sim.recorded, sim.graph, sim.refs, producer=PRODUCER, now=NOW, stop_at=execution
         )
     assert taken == 101
-    full = replay.Redriver(sim.state, sim.graph, PRODUCER, NOW)
+    full = replay.Redriver(sim.recorded, sim.graph, PRODUCER, NOW)
     for ref in sim.refs[:101]:
         feed(full, ref)
     ids = all_ids(sim)

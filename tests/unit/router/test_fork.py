@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def forked(sim: Recorder, execution: str, replacement: object = None) -> core.Lifetime:
     return fork.fork(
-        sim.state,
+        sim.recorded,
         sim.graph,
         sim.refs,
         execution=execution,
@@ -172,7 +172,7 @@ def replayed_fork(
 ) -> replay.ReplayReport:
     return fork.replay_fork(
         run.state,
-        sim.state,
+        sim.recorded,
         sim.graph,
         sim.refs if origin_records is None else origin_records,
         run.refs,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.unit.router.test_core import (
     PRODUCER,
     Sim,
@@ -15,7 +17,9 @@ from tests.unit.router.test_core import (
 )
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.router import core, replay
+from tickmesh.runtime.errors import StatusError
 from tickmesh.sdk import GraphBuilder, graph_digest
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -71,7 +75,7 @@ def run_hello(rounds: int = 2) -> Recorder:
 
 
 def replayed(sim: Recorder, graph: graph_pb2.AgentGraph | None = None) -> replay.ReplayReport:
-    return replay.replay(sim.state, graph or sim.graph, sim.refs, producer=PRODUCER)
+    return replay.replay(sim.recorded, graph or sim.graph, sim.refs, producer=PRODUCER)
 
 
 def test_a_completed_loop_replays_every_decision() -> None:
@@ -115,13 +119,21 @@ def test_signals_and_timeouts_are_replayed_from_the_recorded_wakes() -> None:
     again = sim.take("decide")
     assert again.plan_request.signal.timed_out
     sim.decide(again, complete("done"))
-    assert [w.timed_out for w in sim.state.wakes] == [False, True]
+    # How each wait ended is in the events (the signal whole), not in the state.
+    assert not sim.state.wakes
+    assert sim.state.wake_count == 2
+    assert [(w.timed_out, w.signal.approver) for w in sim.recorded.wakes] == [
+        (False, "ana"),
+        (True, ""),
+    ]
     report = replayed(sim)
     assert report.reproduced, report.divergences
+    # A state without its recorded wakes cannot reproduce the lifetime past its first wait.
+    assert not replay.replay(sim.state, sim.graph, sim.refs, producer=PRODUCER).reproduced
 
     # Without the recorded approver, the plan would be asked another question.
     tampered = rs.RouterLifetime()
-    tampered.CopyFrom(sim.state)
+    tampered.CopyFrom(sim.recorded)
     tampered.wakes[0].signal.approver = "mallory"
     report = replay.replay(tampered, sim.graph, sim.refs, producer=PRODUCER)
     assert not report.reproduced
@@ -213,7 +225,7 @@ def test_a_record_replay_did_not_dispatch_is_the_first_divergence() -> None:
     bogus.CopyFrom(refs[1])
     bogus.plan_execution.header.execution_id = "x" * 20
     refs.insert(2, bogus)
-    report = replay.replay(sim.state, sim.graph, refs, producer=PRODUCER)
+    report = replay.replay(sim.recorded, sim.graph, refs, producer=PRODUCER)
     assert not report.reproduced
     assert report.divergences[0].execution_id == "x" * 20
     assert "not dispatched by replay" in report.divergences[0].message
@@ -247,7 +259,7 @@ def test_unchanged_handler_code_reproduces() -> None:
     sim = run_hello(rounds=3)
     current = {h: _digest(h) for h in ("greet", "decide", "shout")}
     report = replay.replay(
-        sim.state, sim.graph, stamped(sim), producer=PRODUCER, code_digests=current
+        sim.recorded, sim.graph, stamped(sim), producer=PRODUCER, code_digests=current
     )
     assert report.reproduced, report.divergences
 
@@ -257,7 +269,7 @@ def test_changed_handler_code_diverges_at_its_first_execution_that_ran_other_cod
     # decide ran its old code once, then the new one: 1 of 4 executions differs from now.
     refs = stamped(sim, decide=_digest("decide-v2"))
     current = {"greet": _digest("greet"), "decide": _digest("decide-v2")}
-    report = replay.replay(sim.state, sim.graph, refs, producer=PRODUCER, code_digests=current)
+    report = replay.replay(sim.recorded, sim.graph, refs, producer=PRODUCER, code_digests=current)
     assert not report.reproduced
     [only] = report.divergences
     first_decide = next(r for r in refs if replay.record_of(r).header.node.id == "decide")
@@ -276,16 +288,16 @@ def test_handler_code_is_compared_only_for_the_handlers_given() -> None:
     refs = stamped(sim)
     everything_else = {"greet": "0" * 64, "shout": "1" * 64}
     report = replay.replay(
-        sim.state, sim.graph, refs, producer=PRODUCER, code_digests=everything_else
+        sim.recorded, sim.graph, refs, producer=PRODUCER, code_digests=everything_else
     )
     assert [d.node.handler for d in report.divergences] == ["greet", "shout"]
     assert all(d.message.startswith("handler code changed: ") for d in report.divergences)
     assert report.divergences[0].sequence < report.divergences[1].sequence
     # Records without a code digest say nothing about the code.
     assert replay.replay(
-        sim.state, sim.graph, sim.refs, producer=PRODUCER, code_digests=everything_else
+        sim.recorded, sim.graph, sim.refs, producer=PRODUCER, code_digests=everything_else
     ).reproduced
-    assert replay.replay(sim.state, sim.graph, refs, producer=PRODUCER).reproduced
+    assert replay.replay(sim.recorded, sim.graph, refs, producer=PRODUCER).reproduced
 
 
 # --- guardrails --------------------------------------------------------------------------
@@ -335,7 +347,7 @@ def test_replay_under_the_recorded_policy_reproduces_its_refusals() -> None:
     sim = run_guarded(guard)
     v1 = [_policy(1)]
     report = replay.replay(
-        sim.state,
+        sim.recorded,
         sim.graph,
         sim.refs,
         producer=PRODUCER,
@@ -357,7 +369,7 @@ def test_replay_under_the_recorded_policy_reproduces_its_refusals() -> None:
 def test_a_stricter_policy_diverges_where_it_now_refuses_and_names_the_versions() -> None:
     sim = run_guarded(_reject_work_from(3))
     report = replay.replay(
-        sim.state,
+        sim.recorded,
         sim.graph,
         sim.refs,
         producer=PRODUCER,
@@ -380,7 +392,7 @@ def test_a_looser_policy_diverges_where_it_no_longer_refuses() -> None:
     sim = run_guarded(_reject_work_from(3))
     v1 = [_policy(1)]
     report = replay.replay(
-        sim.state,
+        sim.recorded,
         sim.graph,
         sim.refs,
         producer=PRODUCER,
@@ -390,3 +402,86 @@ def test_a_looser_policy_diverges_where_it_no_longer_refuses() -> None:
     [first] = report.divergences
     assert "the guardrail no longer rejects the step before dispatch" in first.message
     assert first.expected == "refused: work capped"
+
+
+class EventHistory:
+    """A HistorySource holding one lifetime's stored events (paged as the store pages)."""
+
+    def __init__(self, events: list[lifetime_pb2.LifetimeEvent]) -> None:
+        self.stored = events
+        self.reads = 0
+
+    async def events(
+        self, tenant: str, lifetime_id: str, *, after_sequence: int, limit: int
+    ) -> list[lifetime_pb2.LifetimeEvent]:
+        self.reads += 1
+        return [e for e in self.stored if e.sequence > after_sequence][:limit]
+
+
+def signalled_twice() -> Recorder:
+    sim = Recorder(hello_graph())
+    sim.finish_task(sim.take("greet"), "hi")
+    wait = result_pb2.PlanResult(
+        wait=result_pb2.WaitDecision(
+            signal_name="go", on_timeout=result_pb2.WAIT_TIMEOUT_ACTION_SIGNAL
+        )
+    )
+    sim.decide(sim.take("decide"), wait)
+    sim.run(core.signal, lifetime_pb2.Signal(name="go", payload=payload(1), approver="ana"))
+    sim.decide(sim.take("decide"), wait)
+    sim.run(core.wait_timed_out)
+    sim.decide(sim.take("decide"), complete("done"))
+    return sim
+
+
+async def test_the_wakes_are_read_from_the_stored_events() -> None:
+    sim = signalled_twice()
+    history = EventHistory(sim.events)
+    recorded = await replay.with_recorded_wakes(history, "acme", sim.state)  # type: ignore[arg-type]
+    assert list(recorded.wakes) == list(sim.recorded.wakes)
+    assert [w.timed_out for w in recorded.wakes] == [False, True]
+    assert recorded.wakes[0].signal.approver == "ana"
+    assert not sim.state.wakes  # a copy: the state itself is left as it is
+    assert replay.replay(recorded, sim.graph, sim.refs, producer=PRODUCER).reproduced
+
+
+async def test_a_lifetime_that_never_waited_reads_no_events() -> None:
+    sim = run_hello()
+    history = EventHistory(sim.events)
+    recorded = await replay.with_recorded_wakes(history, "acme", sim.state)  # type: ignore[arg-type]
+    assert recorded is sim.state
+    assert history.reads == 0
+
+
+async def test_wakes_the_store_does_not_hold_yet_are_unavailable() -> None:
+    sim = signalled_twice()
+    signal_seq = next(
+        e.sequence for e in sim.events if e.kind == lifetime_pb2.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED
+    )
+    history = EventHistory([e for e in sim.events if e.sequence < signal_seq + 1])
+    with pytest.raises(StatusError) as raised:
+        await replay.with_recorded_wakes(history, "acme", sim.state)  # type: ignore[arg-type]
+    assert raised.value.status == StatusCode.UNAVAILABLE
+    assert "holds 1 of the 2 signals and wait timeouts" in str(raised.value)
+
+
+async def test_wakes_kept_in_the_state_by_an_earlier_router_are_read_first() -> None:
+    """A lifetime that waited under an earlier router has those wakes in its state and
+    events without the waiting plan's execution; later wakes are in its events."""
+    sim = signalled_twice()
+    legacy_events = []
+    first_signal = True
+    for event in sim.events:
+        copy = lifetime_pb2.LifetimeEvent()
+        copy.CopyFrom(event)
+        if first_signal and event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_SIGNAL_RECEIVED:
+            copy.ClearField("execution_id")  # as an earlier router wrote it
+            first_signal = False
+        legacy_events.append(copy)
+    state = rs.RouterLifetime()
+    state.CopyFrom(sim.state)
+    state.wakes.append(sim.recorded.wakes[0])
+    state.wake_count = 1
+    recorded = await replay.with_recorded_wakes(EventHistory(legacy_events), "acme", state)  # type: ignore[arg-type]
+    assert list(recorded.wakes) == list(sim.recorded.wakes)
+    assert replay.replay(recorded, sim.graph, sim.refs, producer=PRODUCER).reproduced

@@ -55,9 +55,15 @@ def test_the_wait_deadline_is_stored_and_known_only_while_waiting() -> None:
 )
 def test_timeout_actions(action: A.WaitTimeoutAction.ValueType, state: int) -> None:
     sim = waiting(action)
+    waited_in = sim.state.wait.plan_execution_id
     sim.run(core.wait_timed_out)
     assert sim.view.state == state
-    assert [w.timed_out for w in sim.state.wakes] == [True]
+    # The timeout is recorded as an event naming the plan that waited (replay and fork
+    # read it from the store), and counted in the state.
+    timed_out = [e for e in sim.events if e.kind == lifetime_pb2.LIFETIME_EVENT_KIND_WAIT_TIMED_OUT]
+    assert [e.execution_id for e in timed_out] == [waited_in]
+    assert sim.state.wake_count == 1
+    assert not sim.state.wakes
     if action == A.WAIT_TIMEOUT_ACTION_SIGNAL:
         again = sim.take("decide")
         assert again.plan_request.signal.timed_out
@@ -132,6 +138,7 @@ async def test_timers_scan_fire_once_and_disarm_when_woken() -> None:
     )
     processor = FakeProcessor(graph, {"acme": FakeTenant(store)})
     timers = WaitTimers(processor, rescan_s=0)  # type: ignore[arg-type]
+    waited_in = store.states["due"].wait.plan_execution_id
     assert await timers.scan("acme") == 2
     assert store.index == {"due", "signalled"}  # entered in the index as they were found
     # Signalled before its deadline: the write disarms the timer.
@@ -142,7 +149,7 @@ async def test_timers_scan_fire_once_and_disarm_when_woken() -> None:
     assert store.states["due"].lifetime.state == lifetime_pb2.LIFETIME_STATE_FAILED
     assert store.states["signalled"].lifetime.state == lifetime_pb2.LIFETIME_STATE_RUNNING
     assert timers.fired == 1
-    assert processor.keys == [f"timeout:{store.states['due'].wakes[0].plan_execution_id}"]
+    assert processor.keys == [f"timeout:{waited_in}"]
     # A second firing (another replica, a rescan) finds nothing to do.
     await timers.scan("acme")
     await asyncio.sleep(0.05)

@@ -84,11 +84,19 @@ class _LifetimeEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Lif
     LIFETIME_EVENT_KIND_GUARDRAIL: _LifetimeEventKind.ValueType  # 5
     """LIFETIME_EVENT_KIND_GUARDRAIL: a guardrail decided something other than ALLOW."""
     LIFETIME_EVENT_KIND_SIGNAL_RECEIVED: _LifetimeEventKind.ValueType  # 6
-    """LIFETIME_EVENT_KIND_SIGNAL_RECEIVED: a signal arrived."""
+    """LIFETIME_EVENT_KIND_SIGNAL_RECEIVED: a signal arrived and woke the
+    lifetime (signal: the signal; execution_id: the plan execution that
+    decided to wait for it).
+    """
     LIFETIME_EVENT_KIND_DEAD_LETTERED: _LifetimeEventKind.ValueType  # 7
     """LIFETIME_EVENT_KIND_DEAD_LETTERED: a message was dead-lettered."""
     LIFETIME_EVENT_KIND_ERROR: _LifetimeEventKind.ValueType  # 8
     """LIFETIME_EVENT_KIND_ERROR: something went wrong that did not end the lifetime."""
+    LIFETIME_EVENT_KIND_WAIT_TIMED_OUT: _LifetimeEventKind.ValueType  # 9
+    """LIFETIME_EVENT_KIND_WAIT_TIMED_OUT: a wait's timeout passed before its
+    signal arrived (execution_id: the plan execution that decided to wait); the
+    wait's timeout action follows.
+    """
 
 class LifetimeEventKind(_LifetimeEventKind, metaclass=_LifetimeEventKindEnumTypeWrapper):
     """LifetimeEventKind says what happened to a lifetime."""
@@ -106,11 +114,19 @@ LIFETIME_EVENT_KIND_STATE_CHANGED: LifetimeEventKind.ValueType  # 4
 LIFETIME_EVENT_KIND_GUARDRAIL: LifetimeEventKind.ValueType  # 5
 """LIFETIME_EVENT_KIND_GUARDRAIL: a guardrail decided something other than ALLOW."""
 LIFETIME_EVENT_KIND_SIGNAL_RECEIVED: LifetimeEventKind.ValueType  # 6
-"""LIFETIME_EVENT_KIND_SIGNAL_RECEIVED: a signal arrived."""
+"""LIFETIME_EVENT_KIND_SIGNAL_RECEIVED: a signal arrived and woke the
+lifetime (signal: the signal; execution_id: the plan execution that
+decided to wait for it).
+"""
 LIFETIME_EVENT_KIND_DEAD_LETTERED: LifetimeEventKind.ValueType  # 7
 """LIFETIME_EVENT_KIND_DEAD_LETTERED: a message was dead-lettered."""
 LIFETIME_EVENT_KIND_ERROR: LifetimeEventKind.ValueType  # 8
 """LIFETIME_EVENT_KIND_ERROR: something went wrong that did not end the lifetime."""
+LIFETIME_EVENT_KIND_WAIT_TIMED_OUT: LifetimeEventKind.ValueType  # 9
+"""LIFETIME_EVENT_KIND_WAIT_TIMED_OUT: a wait's timeout passed before its
+signal arrived (execution_id: the plan execution that decided to wait); the
+wait's timeout action follows.
+"""
 Global___LifetimeEventKind: _TypeAlias = LifetimeEventKind  # noqa: Y015
 
 @_typing.final
@@ -369,7 +385,9 @@ class Signal(_message.Message):
     CONFIRMATION_TOKEN_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
     signal_id: _builtins.str
-    """signal_id is the sender's idempotency key; a repeated id is ignored."""
+    """signal_id is the sender's idempotency key (at most 256 characters): a
+    repeated id is ignored unless 256 other signals reached the lifetime since.
+    """
     name: _builtins.str
     """name is the signal's name, matched against a WAIT decision."""
     approver: _builtins.str

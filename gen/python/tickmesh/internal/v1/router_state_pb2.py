@@ -30,7 +30,7 @@ from tickmesh.v1 import request_pb2 as tickmesh_dot_v1_dot_request__pb2
 from tickmesh.v1 import result_pb2 as tickmesh_dot_v1_dot_result__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tickmesh/internal/v1/router_state.proto\x12\x14tickmesh.internal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tickmesh/v1/header.proto\x1a\x1atickmesh/v1/lifetime.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x19tickmesh/v1/request.proto\x1a\x18tickmesh/v1/result.proto\"\xab\x07\n\x0eRouterLifetime\x12\x36\n\x08lifetime\x18\x01 \x01(\x0b\x32\x1a.tickmesh.v1.AgentLifetimeR\x08lifetime\x12O\n\tin_flight\x18\x02 \x03(\x0b\x32\x32.tickmesh.internal.v1.RouterLifetime.InFlightEntryR\x08inFlight\x12\x45\n\x05joins\x18\x03 \x03(\x0b\x32/.tickmesh.internal.v1.RouterLifetime.JoinsEntryR\x05joins\x12T\n\niterations\x18\x04 \x03(\x0b\x32\x34.tickmesh.internal.v1.RouterLifetime.IterationsEntryR\niterations\x12\x39\n\x06outbox\x18\x05 \x03(\x0b\x32!.tickmesh.internal.v1.OutboxEntryR\x06outbox\x12\x34\n\x04held\x18\x06 \x03(\x0b\x32 .tickmesh.internal.v1.OutMessageR\x04held\x12\x33\n\x04wait\x18\x07 \x01(\x0b\x32\x1f.tickmesh.internal.v1.WaitStateR\x04wait\x12\x1d\n\nsignal_ids\x18\x08 \x03(\tR\tsignalIds\x12\x36\n\x05wakes\x18\t \x03(\x0b\x32 .tickmesh.internal.v1.WakeRecordR\x05wakes\x12>\n\rtrace_context\x18\n \x01(\x0b\x32\x19.tickmesh.v1.TraceContextR\x0ctraceContext\x12?\n\x10\x66ork_replacement\x18\x0b \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x0f\x66orkReplacement\x1a[\n\rInFlightEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x34\n\x05value\x18\x02 \x01(\x0b\x32\x1e.tickmesh.internal.v1.InFlightR\x05value:\x02\x38\x01\x1aY\n\nJoinsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x35\n\x05value\x18\x02 \x01(\x0b\x32\x1f.tickmesh.internal.v1.JoinGroupR\x05value:\x02\x38\x01\x1a=\n\x0fIterationsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\rR\x05value:\x02\x38\x01\"\xb3\x01\n\x08InFlight\x12\x17\n\x07node_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n\x05group\x18\x02 \x01(\tR\x05group\x12?\n\rdispatched_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0c\x64ispatchedAt\x12\x37\n\x0bplan_inputs\x18\x04 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\nplanInputs\"\x93\x01\n\tJoinGroup\x12 \n\x0cplan_node_id\x18\x01 \x01(\tR\nplanNodeId\x12\x1a\n\x08\x65xpected\x18\x02 \x03(\tR\x08\x65xpected\x12\x32\n\x08\x66inished\x18\x03 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\x08\x66inished\x12\x14\n\x05\x66ired\x18\x04 \x01(\x08R\x05\x66ired\"\x98\x01\n\x0bOutboxEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12<\n\x08messages\x18\x02 \x03(\x0b\x32 .tickmesh.internal.v1.OutMessageR\x08messages\x12\x39\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\"\x88\x01\n\nOutMessage\x12\x18\n\x07subject\x18\x01 \x01(\tR\x07subject\x12\x15\n\x06msg_id\x18\x02 \x01(\tR\x05msgId\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n\x04\x64\x61ta\x18\x04 \x01(\x0cR\x04\x64\x61ta\x12!\n\x0c\x65xecution_id\x18\x05 \x01(\tR\x0b\x65xecutionId\"\x99\x02\n\tWaitState\x12\x1f\n\x0bsignal_name\x18\x01 \x01(\tR\nsignalName\x12 \n\x0cplan_node_id\x18\x02 \x01(\tR\nplanNodeId\x12*\n\x11plan_execution_id\x18\x03 \x01(\tR\x0fplanExecutionId\x12\x36\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12\x35\n\x08\x64\x65\x63ision\x18\x05 \x01(\x0b\x32\x19.tickmesh.v1.WaitDecisionR\x08\x64\x65\x63ision\x12.\n\x06inputs\x18\x06 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\x06inputs\"\x82\x01\n\nWakeRecord\x12*\n\x11plan_execution_id\x18\x01 \x01(\tR\x0fplanExecutionId\x12+\n\x06signal\x18\x02 \x01(\x0b\x32\x13.tickmesh.v1.SignalR\x06signal\x12\x1b\n\ttimed_out\x18\x03 \x01(\x08R\x08timedOutb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tickmesh/internal/v1/router_state.proto\x12\x14tickmesh.internal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tickmesh/v1/header.proto\x1a\x1atickmesh/v1/lifetime.proto\x1a\x19tickmesh/v1/payload.proto\x1a\x19tickmesh/v1/request.proto\x1a\x18tickmesh/v1/result.proto\"\xca\x07\n\x0eRouterLifetime\x12\x36\n\x08lifetime\x18\x01 \x01(\x0b\x32\x1a.tickmesh.v1.AgentLifetimeR\x08lifetime\x12O\n\tin_flight\x18\x02 \x03(\x0b\x32\x32.tickmesh.internal.v1.RouterLifetime.InFlightEntryR\x08inFlight\x12\x45\n\x05joins\x18\x03 \x03(\x0b\x32/.tickmesh.internal.v1.RouterLifetime.JoinsEntryR\x05joins\x12T\n\niterations\x18\x04 \x03(\x0b\x32\x34.tickmesh.internal.v1.RouterLifetime.IterationsEntryR\niterations\x12\x39\n\x06outbox\x18\x05 \x03(\x0b\x32!.tickmesh.internal.v1.OutboxEntryR\x06outbox\x12\x34\n\x04held\x18\x06 \x03(\x0b\x32 .tickmesh.internal.v1.OutMessageR\x04held\x12\x33\n\x04wait\x18\x07 \x01(\x0b\x32\x1f.tickmesh.internal.v1.WaitStateR\x04wait\x12\x1d\n\nsignal_ids\x18\x08 \x03(\tR\tsignalIds\x12\x36\n\x05wakes\x18\t \x03(\x0b\x32 .tickmesh.internal.v1.WakeRecordR\x05wakes\x12>\n\rtrace_context\x18\n \x01(\x0b\x32\x19.tickmesh.v1.TraceContextR\x0ctraceContext\x12?\n\x10\x66ork_replacement\x18\x0b \x01(\x0b\x32\x14.tickmesh.v1.PayloadR\x0f\x66orkReplacement\x12\x1d\n\nwake_count\x18\x0c \x01(\rR\twakeCount\x1a[\n\rInFlightEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x34\n\x05value\x18\x02 \x01(\x0b\x32\x1e.tickmesh.internal.v1.InFlightR\x05value:\x02\x38\x01\x1aY\n\nJoinsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x35\n\x05value\x18\x02 \x01(\x0b\x32\x1f.tickmesh.internal.v1.JoinGroupR\x05value:\x02\x38\x01\x1a=\n\x0fIterationsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\rR\x05value:\x02\x38\x01\"\xb3\x01\n\x08InFlight\x12\x17\n\x07node_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n\x05group\x18\x02 \x01(\tR\x05group\x12?\n\rdispatched_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0c\x64ispatchedAt\x12\x37\n\x0bplan_inputs\x18\x04 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\nplanInputs\"\x93\x01\n\tJoinGroup\x12 \n\x0cplan_node_id\x18\x01 \x01(\tR\nplanNodeId\x12\x1a\n\x08\x65xpected\x18\x02 \x03(\tR\x08\x65xpected\x12\x32\n\x08\x66inished\x18\x03 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\x08\x66inished\x12\x14\n\x05\x66ired\x18\x04 \x01(\x08R\x05\x66ired\"\x98\x01\n\x0bOutboxEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12<\n\x08messages\x18\x02 \x03(\x0b\x32 .tickmesh.internal.v1.OutMessageR\x08messages\x12\x39\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\"\x88\x01\n\nOutMessage\x12\x18\n\x07subject\x18\x01 \x01(\tR\x07subject\x12\x15\n\x06msg_id\x18\x02 \x01(\tR\x05msgId\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x12\n\x04\x64\x61ta\x18\x04 \x01(\x0cR\x04\x64\x61ta\x12!\n\x0c\x65xecution_id\x18\x05 \x01(\tR\x0b\x65xecutionId\"\x99\x02\n\tWaitState\x12\x1f\n\x0bsignal_name\x18\x01 \x01(\tR\nsignalName\x12 \n\x0cplan_node_id\x18\x02 \x01(\tR\nplanNodeId\x12*\n\x11plan_execution_id\x18\x03 \x01(\tR\x0fplanExecutionId\x12\x36\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12\x35\n\x08\x64\x65\x63ision\x18\x05 \x01(\x0b\x32\x19.tickmesh.v1.WaitDecisionR\x08\x64\x65\x63ision\x12.\n\x06inputs\x18\x06 \x03(\x0b\x32\x16.tickmesh.v1.PlanInputR\x06inputs\"\x82\x01\n\nWakeRecord\x12*\n\x11plan_execution_id\x18\x01 \x01(\tR\x0fplanExecutionId\x12+\n\x06signal\x18\x02 \x01(\x0b\x32\x13.tickmesh.v1.SignalR\x06signal\x12\x1b\n\ttimed_out\x18\x03 \x01(\x08R\x08timedOutb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERLIFETIME_ITERATIONSENTRY']._loaded_options = None
   _globals['_ROUTERLIFETIME_ITERATIONSENTRY']._serialized_options = b'8\001'
   _globals['_ROUTERLIFETIME']._serialized_start=233
-  _globals['_ROUTERLIFETIME']._serialized_end=1172
-  _globals['_ROUTERLIFETIME_INFLIGHTENTRY']._serialized_start=927
-  _globals['_ROUTERLIFETIME_INFLIGHTENTRY']._serialized_end=1018
-  _globals['_ROUTERLIFETIME_JOINSENTRY']._serialized_start=1020
-  _globals['_ROUTERLIFETIME_JOINSENTRY']._serialized_end=1109
-  _globals['_ROUTERLIFETIME_ITERATIONSENTRY']._serialized_start=1111
-  _globals['_ROUTERLIFETIME_ITERATIONSENTRY']._serialized_end=1172
-  _globals['_INFLIGHT']._serialized_start=1175
-  _globals['_INFLIGHT']._serialized_end=1354
-  _globals['_JOINGROUP']._serialized_start=1357
-  _globals['_JOINGROUP']._serialized_end=1504
-  _globals['_OUTBOXENTRY']._serialized_start=1507
-  _globals['_OUTBOXENTRY']._serialized_end=1659
-  _globals['_OUTMESSAGE']._serialized_start=1662
-  _globals['_OUTMESSAGE']._serialized_end=1798
-  _globals['_WAITSTATE']._serialized_start=1801
-  _globals['_WAITSTATE']._serialized_end=2082
-  _globals['_WAKERECORD']._serialized_start=2085
-  _globals['_WAKERECORD']._serialized_end=2215
+  _globals['_ROUTERLIFETIME']._serialized_end=1203
+  _globals['_ROUTERLIFETIME_INFLIGHTENTRY']._serialized_start=958
+  _globals['_ROUTERLIFETIME_INFLIGHTENTRY']._serialized_end=1049
+  _globals['_ROUTERLIFETIME_JOINSENTRY']._serialized_start=1051
+  _globals['_ROUTERLIFETIME_JOINSENTRY']._serialized_end=1140
+  _globals['_ROUTERLIFETIME_ITERATIONSENTRY']._serialized_start=1142
+  _globals['_ROUTERLIFETIME_ITERATIONSENTRY']._serialized_end=1203
+  _globals['_INFLIGHT']._serialized_start=1206
+  _globals['_INFLIGHT']._serialized_end=1385
+  _globals['_JOINGROUP']._serialized_start=1388
+  _globals['_JOINGROUP']._serialized_end=1535
+  _globals['_OUTBOXENTRY']._serialized_start=1538
+  _globals['_OUTBOXENTRY']._serialized_end=1690
+  _globals['_OUTMESSAGE']._serialized_start=1693
+  _globals['_OUTMESSAGE']._serialized_end=1829
+  _globals['_WAITSTATE']._serialized_start=1832
+  _globals['_WAITSTATE']._serialized_end=2113
+  _globals['_WAKERECORD']._serialized_start=2116
+  _globals['_WAKERECORD']._serialized_end=2246
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,12 @@ class RouterLifetime(_message.Message):
     WAKES_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     FORK_REPLACEMENT_FIELD_NUMBER: _builtins.int
+    WAKE_COUNT_FIELD_NUMBER: _builtins.int
+    wake_count: _builtins.int
+    """wake_count is how many waits ended (by a signal or a timeout) and were
+    recorded as an event rather than in wakes: replay and fork read that many
+    wakes from the lifetime's stored events (none when it is 0).
+    """
     @_builtins.property
     def lifetime(self) -> _lifetime_pb2.AgentLifetime:
         """lifetime is the public view of the lifetime."""
@@ -140,12 +146,16 @@ class RouterLifetime(_message.Message):
 
     @_builtins.property
     def signal_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """signal_ids lists the ids of signals already received (deduplication)."""
+        """signal_ids lists the ids of the last signals received (deduplication),
+        oldest first; the router keeps a bounded number of them.
+        """
 
     @_builtins.property
     def wakes(self) -> _containers.RepeatedCompositeFieldContainer[Global___WakeRecord]:
-        """wakes records how each wait ended (a signal or its timeout), in order, so
-        replay and fork can apply the same control inputs again.
+        """wakes records how each wait ended (a signal or its timeout), in order, as
+        routers kept it before wake_count: replay and fork apply these and the
+        wakes recorded in the lifetime's events (SIGNAL_RECEIVED and
+        WAIT_TIMED_OUT events naming the waiting plan's execution).
         """
 
     @_builtins.property
@@ -175,10 +185,11 @@ class RouterLifetime(_message.Message):
         wakes: _abc.Iterable[Global___WakeRecord] | None = ...,
         trace_context: _header_pb2.TraceContext | None = ...,
         fork_replacement: _payload_pb2.Payload | None = ...,
+        wake_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fork_replacement", b"fork_replacement", "lifetime", b"lifetime", "trace_context", b"trace_context", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fork_replacement", b"fork_replacement", "held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "trace_context", b"trace_context", "wait", b"wait", "wakes", b"wakes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fork_replacement", b"fork_replacement", "held", b"held", "in_flight", b"in_flight", "iterations", b"iterations", "joins", b"joins", "lifetime", b"lifetime", "outbox", b"outbox", "signal_ids", b"signal_ids", "trace_context", b"trace_context", "wait", b"wait", "wake_count", b"wake_count", "wakes", b"wakes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
