@@ -323,6 +323,39 @@ async def test_an_event_whose_live_message_was_lost_is_read_from_the_store(
     assert await w.ended() == [1, 2, 3, 4]
 
 
+async def test_a_quiet_spell_reads_the_store_only_when_the_router_is_ahead(
+    nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch of a lifetime that decides nothing (parked, waiting for a signal) reads the
+    router's position each quiet spell, not the store; once the router is ahead of what
+    was served (a live message was lost), the store is read up to there."""
+    monkeypatch.setattr(watch, "QUIET_S", 0.05)
+    store = Store([event(1), event(2), event(3), event(4, ended=True)], held=2)
+    router = {"last": 2, "reads": 0}
+
+    async def position() -> tuple[int, bool]:
+        router["reads"] += 1
+        return router["last"], router["last"] >= 4
+
+    w = Watch(nc, store, last_sequence=2, last=4, position=position)
+    await w.until_served(1, 2)
+    reads = store.reads
+    await eventually(lambda: _at_least(router, "reads", 6), within=5.0, what="quiet spells checked")
+    assert store.reads == reads, "a quiet spell with nothing new read the store"
+
+    router["last"] = 3  # decided; its live message lost, and not stored yet
+    await asyncio.sleep(0.2)
+    assert w.served == [1, 2]  # waiting for the store to hold it
+    store.held = 3
+    await w.until_served(1, 2, 3)
+    router["last"], store.held = 4, 4  # the end, lost live too
+    assert await w.ended() == [1, 2, 3, 4]
+
+
+async def _at_least(counts: dict[str, int], key: str, n: int) -> bool:
+    return counts[key] >= n
+
+
 async def test_a_lost_terminal_event_still_ends_the_watch(
     nc: NatsClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,8 +7,10 @@ watch subscribes first, then reads the store from where the caller left off up t
 router's last sequence, then serves live messages (held in the subscription meanwhile).
 A live message that starts past the last event served (the store's read ended short of
 it, or a message was dropped) has the events between read from the store first, waiting
-for the store to hold them. A quiet spell while the lifetime runs reads the store too: a
-dropped live message, the terminal one included, is not lost."""
+for the store to hold them. A quiet spell while the lifetime runs reads the router's
+state, and the store when the router has decided past what was served: a dropped live
+message, the terminal one included, is not lost, and a watch of a parked lifetime does not
+read the store every spell."""
 
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ logger = logging.getLogger(__name__)
 TRAILING_EVENTS_WAIT_S = 2.0
 """After a lifetime ends, how long a watch waits for steps still in flight to report."""
 QUIET_S = 30.0
-"""While a lifetime runs, how long without a live message before a watch reads the store
-(a message dropped by a slow subscription is there)."""
+"""While a lifetime runs, how long without a live message before a watch reads the
+router's state, and the store if the router is ahead (a message dropped by a slow
+subscription is there)."""
 STORE_POLL_FIRST_S = 0.01
 STORE_POLL_MAX_S = 0.5
 """Waiting for the store to hold events it lags on: the first and the longest pause."""
@@ -134,7 +137,10 @@ async def follow(
                 if ended:
                     return
                 assert history is not None
-                async for page in store(until=after):
+                until = await _quiet_until(position, after)
+                if until is None:
+                    continue  # the router decided nothing since: no live message was lost
+                async for page in store(until=until):
                     for event in fresh(page):
                         yield event
                 if ended and await complete(after):
@@ -158,6 +164,25 @@ async def follow(
                 return
     finally:
         await sub.unsubscribe()
+
+
+async def _quiet_until(
+    position: Callable[[], Awaitable[tuple[int, bool]]] | None, after: int
+) -> int | None:
+    """After a quiet spell, the sequence up to which to read the store: the router's last
+    one when it is past ``after`` (a live message was lost), None when it is not (nothing
+    to read: a watch of a parked lifetime costs the router's state, not a store read).
+    Without ``position``, or when it cannot be read, whatever the store holds."""
+    if position is None:
+        return after
+    try:
+        last, ended = await position()
+    except Exception as exc:
+        logger.warning("watch: the lifetime's position could not be read (%s)", exc)
+        return after
+    if last > after:
+        return last
+    return after if ended else None
 
 
 def ends(event: lifetime_pb2.LifetimeEvent) -> bool:
