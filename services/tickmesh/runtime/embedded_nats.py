@@ -25,6 +25,7 @@ from types import TracebackType
 from tickmesh.sdk import ConfigError
 
 from .settings import child_environment
+from .tied import spawn_tied
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class EmbeddedNats:
         config.write_text(self._render_config())
         if self.log_path.exists():
             self.log_path.unlink()
-        self.process = subprocess.Popen(
+        # Tied: a SIGKILLed or crashed parent takes the server with it (see tied.py).
+        self.process = spawn_tied(
             [str(nats_server_path()), "-c", str(config), "-l", str(self.log_path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
