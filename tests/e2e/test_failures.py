@@ -164,6 +164,10 @@ async def test_a_join_whose_inputs_cannot_travel_fails_its_lifetime_at_once(
     assert failed.value.detail.startswith("the router could not decide on a step: ValidationError(")
     assert "over the 1048576-byte limit" in failed.value.detail
     await h.wait_stream_empty(h.names.exec_stream)  # the last branch's record is done with
+    # Replay takes the same decision from the same records: the request cannot travel, the
+    # lifetime fails the same way.
+    replayed = await too_much.replay(handlers=[gather, write])
+    assert replayed.reproduced, replayed.divergences
     fits = await h.start(graph, {"branches": 3, "size": 100_000})
     assert await fits.result(within=20) == 3
 

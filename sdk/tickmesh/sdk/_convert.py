@@ -114,12 +114,23 @@ def encode_envelope(
     """
     validate_envelope(envelope)
     data = envelope.SerializeToString(deterministic=True)
-    if len(data) > max_bytes:
+    check_envelope_size(len(data), max_bytes=max_bytes)
+    return data
+
+
+def check_envelope_size(size: int, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> None:
+    """Refuse an encoded envelope of ``size`` bytes over ``max_bytes`` (what
+    :func:`encode_envelope` checks; an envelope's ``ByteSize()`` is that size without
+    encoding it).
+
+    Raises:
+        ValidationError: It is larger than ``max_bytes``.
+    """
+    if size > max_bytes:
         raise ValidationError(
-            f"ExecutionEnvelope is {len(data)} bytes, over the {max_bytes}-byte limit: "
+            f"ExecutionEnvelope is {size} bytes, over the {max_bytes}-byte limit: "
             "store large payloads in the blob store and send a BlobRef"
         )
-    return data
 
 
 def events_of(envelope: envelope_pb2.ExecutionEnvelope) -> Sequence[lifetime_pb2.LifetimeEvent]:

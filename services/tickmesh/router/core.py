@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime import steps
 from tickmesh.runtime.subjects import TenantNames
-from tickmesh.sdk import encode_envelope, execution_id
+from tickmesh.sdk import check_envelope_size, encode_envelope, execution_id
 from tickmesh.sdk.ids import uuid7
 from tickmesh.sdk.timestamps import timestamp_ns, timestamp_of
 from tickmesh.v1 import (
@@ -511,6 +511,12 @@ def _guarded_publish(
     decision = lt.guard(
         lt, guardrail_pb2.GUARDRAIL_PHASE_PRE_DISPATCH, header, telemetry_pb2.Telemetry()
     )
+    if lt.quiet:
+        # Not encoded, but refused as encoding would refuse it live: a request too large
+        # for one message fails the decision the same way (the re-drive of replay and fork
+        # must fail where the router failed). Its parts come from checked records and
+        # graphs; its size is what they can add up to.
+        check_envelope_size(envelope.ByteSize())
     message = rs.OutMessage(
         subject=lt.names.work("task" if kind == "task" else "plan", node.handler),
         msg_id=header.idempotency_key,
@@ -964,6 +970,16 @@ def resume(lt: Lifetime, reason: str) -> None:
     for message in held:
         _dispatched_event(lt, envelope_pb2.ExecutionEnvelope.FromString(message.data).header)
     lt.emitted.extend(held)
+
+
+DECISION_ERROR = "DecisionError"
+
+
+def fail_undecidable(lt: Lifetime, cause: Exception) -> None:
+    """Fail the lifetime because deciding on an input raised ``cause`` (``lt`` holds its
+    state from before that decision): deciding is pure, so the same state and input would
+    raise again on every redelivery (the router, and replay where the router did)."""
+    lt.fail(f"the router could not decide on a step: {cause!r}", DECISION_ERROR)
 
 
 def abort(lt: Lifetime, reason: str) -> None:

@@ -296,21 +296,22 @@ class Processor:
         # A decision that cannot be taken (the decision raised: the same state and input
         # raise again) or whose state cannot be written would be redelivered and tried
         # again for ever: the lifetime fails instead, from its state before the decision.
-        cannot: list[tuple[int, str, str]] = [
-            (i, "StateTooLarge", f"a decision was refused: {too}") for i, too in oversized
-        ]
+        cannot: list[tuple[int, Mutation, str]] = []
+        for i, too in oversized:
+            why = f"a decision was refused: {too}"
+            cannot.append((i, _fail_with("StateTooLarge", why), why))
         for i, cause in undecidable:
             logger.error(
                 "lifetime %s: deciding on its input raised; the lifetime fails",
                 jobs[i].lifetime_id,
                 exc_info=cause,
             )
-            cannot.append((i, "DecisionError", f"the router could not decide on a step: {cause!r}"))
+            cannot.append((i, _undecidable(cause), repr(cause)))
         if cannot:
             failing_now = await asyncio.gather(
                 *(
-                    self.apply(tenant, jobs[i].lifetime_id, _fail_with(kind, why), jobs[i].keys)
-                    for i, kind, why in cannot
+                    self.apply(tenant, jobs[i].lifetime_id, failing, jobs[i].keys)
+                    for i, failing, _ in cannot
                 ),
                 return_exceptions=True,
             )
@@ -526,6 +527,16 @@ class _MutationError(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+def _undecidable(cause: Exception) -> Mutation:
+    def fail(lt: core.Lifetime) -> bool:
+        if lt.terminal:
+            return False
+        core.fail_undecidable(lt, cause)
+        return True
+
+    return fail
 
 
 def _fail_with(error_type: str, message: str) -> Mutation:

@@ -566,8 +566,19 @@ class Redriver:
         return True
 
     def feed(self, ref: execution_pb2.ExecutionRef) -> bool:
-        """Apply one record; False when it changes nothing (not final, not in flight)."""
-        changed = core.on_execution(self.lt, ref)
+        """Apply one record; False when it changes nothing (not final, not in flight).
+
+        A decision that raises fails the lifetime from its state before that decision, as
+        the router does (``core.fail_undecidable``)."""
+        lt = self.lt
+        before = lt.state.SerializeToString()
+        try:
+            changed = core.on_execution(lt, ref)
+        except Exception as cause:
+            state = rs.RouterLifetime.FromString(before)
+            self.lt = core.Lifetime(state, lt.graph, lt.producer, lt.now, lt.guard, quiet=True)
+            core.fail_undecidable(self.lt, cause)
+            changed = True
         self._collect()
         return changed
 

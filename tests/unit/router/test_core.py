@@ -10,7 +10,13 @@ import pytest
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.router import core, replay
-from tickmesh.sdk import GraphBuilder, decode_envelope, events_of
+from tickmesh.sdk import (
+    MAX_ENVELOPE_BYTES,
+    GraphBuilder,
+    ValidationError,
+    decode_envelope,
+    events_of,
+)
 from tickmesh.v1 import (
     envelope_pb2,
     execution_pb2,
@@ -514,3 +520,28 @@ def test_events_after_the_messages_were_read_go_out_as_another_message() -> None
     assert len(ids) == 2
     assert len(set(ids)) == 2
     assert all(decode_envelope(m.data).header.sequence for m in lt.out)
+
+
+def test_a_request_too_large_for_one_message_raises_the_same_live_and_re_driven() -> None:
+    """Live, the request's encoding refuses it; re-driven (replay, fork: nothing encoded)
+    its size is checked the same way, so both fail the lifetime with one message."""
+    sim = Sim(hello_graph())
+    sim.finish_task(sim.take("greet"), "hi")
+    decide = sim.take("decide")
+    huge = result_pb2.PlanResult(
+        dispatch=result_pb2.DispatchDecision(
+            steps=[result_pb2.NextStep(node_id="shout", input=payload("z" * 1_100_000))]
+        )
+    )
+    ref = execution_pb2.ExecutionRef(
+        plan_execution=execution_pb2.PlanExecution(header=decide.header, result=huge)
+    )
+    messages = []
+    for quiet in (False, True):
+        state = rs.RouterLifetime()
+        state.CopyFrom(sim.state)
+        with pytest.raises(ValidationError) as raised:
+            core.on_execution(core.Lifetime(state, sim.graph, PRODUCER, NOW, quiet=quiet), ref)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+    assert f"over the {MAX_ENVELOPE_BYTES}-byte limit" in messages[0]
