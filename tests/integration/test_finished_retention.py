@@ -7,6 +7,7 @@ does not run its lifetime again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -236,6 +237,28 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
     ]
     assert [e.sequence for e in watched] == list(range(1, got.lifetime.last_sequence + 1))
     assert watched[-1].state == LS.LIFETIME_STATE_COMPLETED
+    # Its input is on its STARTED event, so the record has it...
+    assert got.lifetime.input == request.input
+    assert watched[0].input == request.input
+    # ... and replay and fork re-drive it from the state service's history.
+    replayed = await harness.router.ReplayLifetime(
+        RS.ReplayLifetimeRequest(lifetime_id=done_id), metadata=harness.md
+    )
+    assert replayed.reproduced, replayed.divergences
+    assert replayed.decisions_checked >= 3
+    work = next(e for e in watched if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED)
+    forked = await harness.router.ForkLifetime(
+        RS.ForkLifetimeRequest(
+            lifetime_id=done_id,
+            execution_id=work.execution_id,
+            replacement_output=json_payload({"n": 2}),
+        ),
+        metadata=harness.md,
+    )
+    assert forked.lifetime.fork_origin.lifetime_id == done_id
+    await harness.until_completed(forked.lifetime.lifetime_id)
+    finished = await harness.lifetime(forked.lifetime.lifetime_id)
+    assert json.loads(finished.output.inline) == {"echo": {"n": 2}}
     past_the_end = harness.router.WatchLifetime(
         RS.WatchLifetimeRequest(lifetime_id=done_id, after_sequence=2**64 - 1),
         metadata=harness.md,

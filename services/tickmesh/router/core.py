@@ -359,7 +359,9 @@ def start(lt: Lifetime) -> None:
     """Record STARTED and dispatch the entry node."""
     lt.view.created_at.CopyFrom(lt.timestamp())
     lt.event(
-        LS.LIFETIME_EVENT_KIND_STARTED, message=f"started graph {lt.graph.id} v{lt.graph.version}"
+        LS.LIFETIME_EVENT_KIND_STARTED,
+        message=f"started graph {lt.graph.id} v{lt.graph.version}",
+        input=lt.view.input,
     )
     entry = lt.nodes[lt.graph.entry_node_id]
     if entry.kind == graph_pb2.NODE_KIND_PLAN:

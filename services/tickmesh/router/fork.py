@@ -260,6 +260,7 @@ def _rekey(
         LS.LIFETIME_EVENT_KIND_STARTED,
         execution_id=execution,
         message=f"forked from {origin_id} at {execution} (sequence {sequence})",
+        input=view.input,
     )
     # The open steps, in the order they were decided.
     open_ids = [i for i in r.dispatched if i in state.in_flight]

@@ -420,6 +420,47 @@ async def with_recorded_wakes(
     return complete
 
 
+async def recorded_from_history(
+    history: HistorySource, tenant: str, lifetime_id: str
+) -> rs.RouterLifetime | None:
+    """What replay and fork read of a lifetime the router no longer holds (finished, then
+    past ``finished_retention_s``), rebuilt from the state service: its record, its input
+    (its STARTED event), how its waits ended and the steps it left open (its events).
+    None when the state service has no record of it either.
+
+    Raises:
+        StatusError: FAILED_PRECONDITION for a fork (its starting state is not in the
+            store), or a lifetime recorded without its input (by an earlier version).
+    """
+    view = await history.lifetime(tenant, lifetime_id)
+    if view is None:
+        return None
+    if view.HasField("fork_origin"):
+        raise StatusError(
+            StatusCode.FAILED_PRECONDITION,
+            f"lifetime {lifetime_id} is a fork the router no longer holds: a fork is "
+            "re-driven from the state it was created with, which only the router kept",
+        )
+    events = [e async for e in stored_events(history, tenant, lifetime_id, after_sequence=0)]
+    started = next((e for e in events if e.kind == LS.LIFETIME_EVENT_KIND_STARTED), None)
+    if started is None or not started.HasField("input"):
+        raise StatusError(
+            StatusCode.FAILED_PRECONDITION,
+            f"lifetime {lifetime_id} is no longer held by the router, and its stored "
+            "history has no input to re-drive it from (it began under an earlier version)",
+        )
+    state = rs.RouterLifetime()
+    state.lifetime.CopyFrom(view)
+    state.lifetime.input.CopyFrom(started.input)
+    finished = {e.execution_id for e in events if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED}
+    for event in events:  # left open: dispatched, never finished
+        dispatched = event.kind == LS.LIFETIME_EVENT_KIND_STEP_DISPATCHED
+        if dispatched and event.execution_id not in finished:
+            state.in_flight[event.execution_id].node_id = event.node.id
+    state.wakes.extend(wakes_of(events))
+    return state
+
+
 # --- re-driving ------------------------------------------------------------------------
 
 

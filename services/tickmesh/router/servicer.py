@@ -360,13 +360,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 if record is not None:
                     return pb.ForkLifetimeResponse(lifetime=record)
                 new_id = bound  # the first call died before creating it
-        origin = await tenant.store.load(request.lifetime_id, fresh=True)
-        if origin is None:
-            raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
-        view = origin.state.lifetime
+        recorded = await self._recorded(tenant, request.lifetime_id)
+        view = recorded.lifetime
         graph = await tenant.store.get_graph(view.graph.id, view.graph.version)
         records = await history.executions(tenant.names.tenant, request.lifetime_id)
-        recorded = await replay_.with_recorded_wakes(history, tenant.names.tenant, origin.state)
         try:
             lt = fork_.fork(
                 recorded,
@@ -384,7 +381,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             )
         except fork_.ForkError as exc:
             raise StatusError(StatusCode.FAILED_PRECONDITION, str(exc)) from exc
-        span = self._processor.lifetime_span(lt.state, origin=origin.state)
+        span = self._processor.lifetime_span(lt.state, origin=recorded)
         if span is not None:
             span.set_attribute("tickmesh.fork_of", request.lifetime_id)
             span.set_attribute("tickmesh.fork_at", request.execution_id)
@@ -407,20 +404,15 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     ) -> pb.ReplayLifetimeResponse:
         tenant = self._tenant(context)
         history = self._require_history()
-        loaded = await tenant.store.load(request.lifetime_id, fresh=True)
-        if loaded is None:
-            raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
-        view = loaded.state.lifetime
+        recorded = await self._recorded(tenant, request.lifetime_id)
+        view = recorded.lifetime
         graph = await tenant.store.get_graph(
             view.graph.id, request.graph_version or view.graph.version
         )
         records = await history.executions(tenant.names.tenant, request.lifetime_id)
         code_digests = dict(request.handler_code_digests)
-        recorded = await replay_.with_recorded_wakes(history, tenant.names.tenant, loaded.state)
         if view.HasField("fork_origin"):
-            origin = await replay_.with_recorded_wakes(
-                history, tenant.names.tenant, await _fork_origin(tenant, view)
-            )
+            origin = await self._fork_origin(tenant, view)
             origin_records = await history.executions(
                 tenant.names.tenant, view.fork_origin.lifetime_id
             )
@@ -451,6 +443,40 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             return None
         return await self._history.lifetime(tenant.names.tenant, lifetime_id)
 
+    async def _recorded(self, tenant: Tenant, lifetime_id: str) -> rs.RouterLifetime:
+        """A lifetime's state as replay and fork re-drive it: the router's, with the wakes
+        its events recorded; or, once the router no longer holds it (finished, past
+        ``finished_retention_s``), rebuilt from the state service's record and events."""
+        history = self._require_history()
+        loaded = await tenant.store.load(lifetime_id, fresh=True)
+        if loaded is not None:
+            return await replay_.with_recorded_wakes(history, tenant.names.tenant, loaded.state)
+        rebuilt = await replay_.recorded_from_history(history, tenant.names.tenant, lifetime_id)
+        if rebuilt is None:
+            raise NotFoundError(f"no lifetime {lifetime_id!r}")
+        return rebuilt
+
+    async def _fork_origin(
+        self, tenant: Tenant, fork: lifetime_pb2.AgentLifetime
+    ) -> rs.RouterLifetime:
+        """The state of the lifetime ``fork`` was forked from, which its replay starts with."""
+        origin_id = fork.fork_origin.lifetime_id
+        try:
+            origin = await self._recorded(tenant, origin_id)
+        except NotFoundError:
+            raise StatusError(
+                StatusCode.FAILED_PRECONDITION,
+                f"lifetime {fork.lifetime_id} is a fork of {origin_id}, which no longer exists",
+            ) from None
+        if origin.lifetime.HasField("fork_origin"):
+            # ForkLifetime cannot fork a fork (its re-drive starts a fresh lifetime, whose
+            # execution ids are not the fork's), so no fork should have one for its origin.
+            raise StatusError(
+                StatusCode.FAILED_PRECONDITION,
+                f"the origin {origin_id} of fork {fork.lifetime_id} is a fork itself",
+            )
+        return origin
+
     def _require_history(self) -> replay_.HistorySource:
         if self._history is None:
             raise StatusError(
@@ -471,25 +497,6 @@ async def _history_complete(tenant: Tenant, lifetime_id: str, sequence: int) -> 
         and not state.in_flight
         and sequence >= state.lifetime.last_sequence
     )
-
-
-async def _fork_origin(tenant: Tenant, fork: lifetime_pb2.AgentLifetime) -> rs.RouterLifetime:
-    """The state of the lifetime ``fork`` was forked from, which its replay starts with."""
-    origin_id = fork.fork_origin.lifetime_id
-    loaded = await tenant.store.load(origin_id, fresh=True)
-    if loaded is None:
-        raise StatusError(
-            StatusCode.FAILED_PRECONDITION,
-            f"lifetime {fork.lifetime_id} is a fork of {origin_id}, which no longer exists",
-        )
-    if loaded.state.lifetime.HasField("fork_origin"):
-        # ForkLifetime cannot fork a fork (its re-drive starts a fresh lifetime, whose
-        # execution ids are not the fork's), so no fork should have one for its origin.
-        raise StatusError(
-            StatusCode.FAILED_PRECONDITION,
-            f"the origin {origin_id} of fork {fork.lifetime_id} is a fork itself",
-        )
-    return loaded.state
 
 
 async def _load_view(tenant: Tenant, lifetime_id: str) -> lifetime_pb2.AgentLifetime:

@@ -105,6 +105,8 @@ def fold_events(
         newest = event
         if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STARTED:
             row.created_at.CopyFrom(event.at)
+            if event.HasField("input"):
+                row.input.CopyFrom(event.input)
         state = event.state
         if state:
             row.state = state

@@ -485,3 +485,68 @@ async def test_wakes_kept_in_the_state_by_an_earlier_router_are_read_first() -> 
     recorded = await replay.with_recorded_wakes(EventHistory(legacy_events), "acme", state)  # type: ignore[arg-type]
     assert list(recorded.wakes) == list(sim.recorded.wakes)
     assert replay.replay(recorded, sim.graph, sim.refs, producer=PRODUCER).reproduced
+
+
+class StoredHistory(EventHistory):
+    """The state service's record and events of one lifetime the router no longer holds."""
+
+    def __init__(self, sim: Recorder) -> None:
+        super().__init__(sim.events)
+        self.view = lifetime_pb2.AgentLifetime()
+        self.view.CopyFrom(sim.view)
+        self.view.ClearField("input")  # the record folds it from the STARTED event
+
+    async def lifetime(self, tenant: str, lifetime_id: str) -> lifetime_pb2.AgentLifetime | None:
+        return self.view if lifetime_id == self.view.lifetime_id else None
+
+
+async def rebuilt(history: StoredHistory) -> rs.RouterLifetime:
+    state = await replay.recorded_from_history(history, "acme", "l1")  # type: ignore[arg-type]
+    assert state is not None
+    return state
+
+
+async def test_a_lifetime_past_retention_replays_from_its_stored_history() -> None:
+    """Its input from its STARTED event, its wakes from its events, and the steps it left
+    open (dispatched, never finished) from its events: what the router's state held."""
+    sim = signalled_twice()
+    state = await rebuilt(StoredHistory(sim))
+    assert state.lifetime.input == sim.view.input
+    assert list(state.wakes) == list(sim.recorded.wakes)
+    assert replay.replay(state, sim.graph, sim.refs, producer=PRODUCER).reproduced
+
+    aborted = Recorder(hello_graph())
+    aborted.finish_task(aborted.take("greet"), "hi")
+    aborted.decide(aborted.take("decide"), dispatch("shout"))
+    aborted.run(core.abort, "operator")
+    state = await rebuilt(StoredHistory(aborted))
+    assert sorted(state.in_flight) == sorted(aborted.state.in_flight)
+    assert [f.node_id for f in state.in_flight.values()] == ["shout"]
+    report = replay.replay(state, aborted.graph, aborted.refs, producer=PRODUCER)
+    assert report.reproduced, report.divergences
+    assert await replay.recorded_from_history(StoredHistory(aborted), "acme", "l2") is None  # type: ignore[arg-type]
+
+
+async def test_a_lifetime_past_retention_without_what_a_re_drive_needs_is_refused() -> None:
+    sim = run_hello()
+    no_input = StoredHistory(sim)
+    no_input.stored = [_without_input(e) for e in sim.events]
+    with pytest.raises(StatusError) as raised:
+        await rebuilt(no_input)
+    assert raised.value.status == StatusCode.FAILED_PRECONDITION
+    assert "no input to re-drive it from" in raised.value.detail
+
+    fork = StoredHistory(sim)
+    fork.view.fork_origin.lifetime_id = "l0"
+    with pytest.raises(StatusError) as raised:
+        await rebuilt(fork)
+    assert raised.value.status == StatusCode.FAILED_PRECONDITION
+    assert "is a fork the router no longer holds" in raised.value.detail
+
+
+def _without_input(event: lifetime_pb2.LifetimeEvent) -> lifetime_pb2.LifetimeEvent:
+    """The event as a version that did not put the input on STARTED wrote it."""
+    copy = lifetime_pb2.LifetimeEvent()
+    copy.CopyFrom(event)
+    copy.ClearField("input")
+    return copy

@@ -280,6 +280,7 @@ class LifetimeEvent(_message.Message):
     SIGNAL_FIELD_NUMBER: _builtins.int
     TELEMETRY_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence orders the lifetime's events, starting at 1."""
     kind: Global___LifetimeEventKind.ValueType
@@ -320,6 +321,12 @@ class LifetimeEvent(_message.Message):
     def output(self) -> _payload_pb2.Payload:
         """output is the lifetime's output, for the COMPLETED state change."""
 
+    @_builtins.property
+    def input(self) -> _payload_pb2.Payload:
+        """input is the lifetime's input, for STARTED events: with the stored events
+        it lets replay and fork re-drive a lifetime the router no longer holds.
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +343,11 @@ class LifetimeEvent(_message.Message):
         signal: Global___Signal | None = ...,
         telemetry: _telemetry_pb2.Telemetry | None = ...,
         output: _payload_pb2.Payload | None = ...,
+        input: _payload_pb2.Payload | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "guardrail", b"guardrail", "node", b"node", "output", b"output", "signal", b"signal", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "guardrail", b"guardrail", "input", b"input", "node", b"node", "output", b"output", "signal", b"signal", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "error", b"error", "execution_id", b"execution_id", "guardrail", b"guardrail", "kind", b"kind", "message", b"message", "node", b"node", "output", b"output", "sequence", b"sequence", "signal", b"signal", "state", b"state", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "error", b"error", "execution_id", b"execution_id", "guardrail", b"guardrail", "input", b"input", "kind", b"kind", "message", b"message", "node", b"node", "output", b"output", "sequence", b"sequence", "signal", b"signal", "state", b"state", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
