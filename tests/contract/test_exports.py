@@ -45,6 +45,7 @@ EXPECTED_SDK_EXPORTS = {
     "ValidationError",
     "Worker",
     "body_kind",
+    "check_envelope_size",
     "codecs",
     "complete",
     "decode_envelope",

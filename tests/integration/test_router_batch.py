@@ -182,3 +182,40 @@ async def test_a_decision_that_raises_fails_its_lifetime_and_not_the_others(
     after = await RouterStore(tenant.store._kv).load("broken")
     assert after is not None
     assert after.revision == stored.revision
+
+
+async def test_inputs_decided_together_fail_the_lifetime_at_the_one_that_raises(
+    tenant: Tenant,
+) -> None:
+    """Two inputs of one lifetime in one batch, the second's decision raising: the lifetime
+    takes the first, then fails at the second, as replay (one record at a time) does; the
+    first is not lost with the second."""
+    processor = Processor(PRODUCER)
+    await started(processor, tenant, "pair")
+
+    def pausing(lt: core.Lifetime) -> bool:
+        core.pause(lt, "first input")
+        return True
+
+    def raising(lt: core.Lifetime) -> bool:
+        core.resume(lt, "half way")  # a partial change, which must not be written
+        raise ValueError("cannot travel")
+
+    def together(lt: core.Lifetime) -> bool:
+        return pausing(lt) | raising(lt)
+
+    job = Job("pair", together, ["k:1", "k:2"], one_by_one=[pausing, raising])
+    [applied] = await processor.apply_batch(tenant, [job])
+    assert isinstance(applied, Applied)
+    stored = await RouterStore(tenant.store._kv).load("pair")
+    assert stored is not None
+    view = stored.state.lifetime
+    assert view.state == LS.LIFETIME_STATE_FAILED
+    assert (
+        view.error.message == "the router could not decide on a step: ValueError('cannot travel')"
+    )
+    kinds = await event_kinds(tenant, "pair")
+    # The first input's pause, then the failure; the second's half-made resume nowhere.
+    changes = [k for k in kinds if k == "LIFETIME_EVENT_KIND_STATE_CHANGED"]
+    assert len(changes) == 2
+    assert kinds[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"

@@ -163,6 +163,9 @@ class RecordConsumer:
                     lifetime_id,
                     _mutation(tenant_id, lifetime_id, items, item_spans),
                     [key for _, _, key in items],
+                    one_by_one=[_mutation(tenant_id, lifetime_id, [item], []) for item in items]
+                    if len(items) > 1
+                    else (),
                 )
             )
         results = await self._processor.apply_batch(self._tenant, jobs)

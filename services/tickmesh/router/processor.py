@@ -106,6 +106,10 @@ class Job:
     lifetime_id: str
     mutate: Mutation
     keys: Sequence[str]
+    one_by_one: Sequence[Mutation] = ()
+    """The same inputs as ``mutate``, a mutation each, in order: when deciding on them
+    together raises, the lifetime takes those before the one that raises, then fails (as
+    replay, which applies one record at a time, does)."""
 
 
 @dataclass(slots=True)
@@ -306,7 +310,7 @@ class Processor:
                 jobs[i].lifetime_id,
                 exc_info=cause,
             )
-            cannot.append((i, _undecidable(cause), repr(cause)))
+            cannot.append((i, _undecidable(cause, jobs[i].one_by_one), repr(cause)))
         if cannot:
             failing_now = await asyncio.gather(
                 *(
@@ -529,11 +533,27 @@ class _MutationError(Exception):
         self.cause = cause
 
 
-def _undecidable(cause: Exception) -> Mutation:
+def _undecidable(cause: Exception, one_by_one: Sequence[Mutation] = ()) -> Mutation:
+    """Fail the lifetime at the first input whose decision raises, the inputs before it
+    applied (each tried first on a copy of the state, as a decision that raises leaves
+    the state it ran on half changed); at once, with ``cause``, without ``one_by_one``."""
+
     def fail(lt: core.Lifetime) -> bool:
         if lt.terminal:
             return False
-        core.fail_undecidable(lt, cause)
+        failure = cause
+        for step in one_by_one:
+            trial = rs.RouterLifetime()
+            trial.CopyFrom(lt.state)
+            try:
+                step(core.Lifetime(trial, lt.graph, lt.producer, lt.now, lt.guard))
+            except Exception as raised:
+                failure = raised
+                break
+            step(lt)
+            if lt.terminal:
+                return True
+        core.fail_undecidable(lt, failure)
         return True
 
     return fail

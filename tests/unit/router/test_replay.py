@@ -550,3 +550,23 @@ def _without_input(event: lifetime_pb2.LifetimeEvent) -> lifetime_pb2.LifetimeEv
     copy.CopyFrom(event)
     copy.ClearField("input")
     return copy
+
+
+def test_a_decision_that_raised_ends_alike_whatever_its_message_counts() -> None:
+    """The message of a DecisionError may hold an envelope's size, which counts the bytes
+    of its timestamps (the clock's): replay compares the exception's type only."""
+
+    def failed(error_type: str, message: str) -> lifetime_pb2.AgentLifetime:
+        view = lifetime_pb2.AgentLifetime(state=lifetime_pb2.LIFETIME_STATE_FAILED)
+        view.error.type, view.error.message = error_type, message
+        return view
+
+    said = "the router could not decide on a step: ValidationError('ExecutionEnvelope is {} bytes')"
+    recorded = failed(core.DECISION_ERROR, said.format(1_251_500))
+    assert replay._same_end(failed(core.DECISION_ERROR, said.format(1_251_498)), recorded)
+    other = "the router could not decide on a step: ValueError('Timestamp is not valid')"
+    assert not replay._same_end(failed(core.DECISION_ERROR, other), recorded)
+    # Any other failure is compared by its whole message.
+    assert not replay._same_end(
+        failed("RoutingError", "plan a v1"), failed("RoutingError", "plan a v2")
+    )
