@@ -299,7 +299,8 @@ class Processor:
 
         # A decision that cannot be taken (the decision raised: the same state and input
         # raise again) or whose state cannot be written would be redelivered and tried
-        # again for ever: the lifetime fails instead, from its state before the decision.
+        # again for ever: the lifetime fails instead, from its state before the decision
+        # (before the input that raised, when several were decided together).
         cannot: list[tuple[int, Mutation, str]] = []
         for i, too in oversized:
             why = f"a decision was refused: {too}"
