@@ -256,9 +256,17 @@ async def test_an_expired_lifetime_is_read_from_the_state_service_and_its_reques
         metadata=harness.md,
     )
     assert forked.lifetime.fork_origin.lifetime_id == done_id
-    await harness.until_completed(forked.lifetime.lifetime_id)
-    finished = await harness.lifetime(forked.lifetime.lifetime_id)
+    fork_id = forked.lifetime.lifetime_id
+    await harness.until_completed(fork_id)
+    finished = await harness.lifetime(fork_id)
     assert json.loads(finished.output.inline) == {"echo": {"n": 2}}
+    # The fork expires in turn: its replay re-forks the origin from the store, with the
+    # replacement its STARTED event carries, then follows the fork's own records.
+    await gone(kv, lifetime_key(fork_id))
+    fork_replayed = await harness.router.ReplayLifetime(
+        RS.ReplayLifetimeRequest(lifetime_id=fork_id), metadata=harness.md
+    )
+    assert fork_replayed.reproduced, fork_replayed.divergences
     past_the_end = harness.router.WatchLifetime(
         RS.WatchLifetimeRequest(lifetime_id=done_id, after_sequence=2**64 - 1),
         metadata=harness.md,

@@ -261,6 +261,7 @@ def _rekey(
         execution_id=execution,
         message=f"forked from {origin_id} at {execution} (sequence {sequence})",
         input=view.input,
+        replacement_output=replacement,
     )
     # The open steps, in the order they were decided.
     open_ids = [i for i in r.dispatched if i in state.in_flight]

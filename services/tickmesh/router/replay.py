@@ -428,20 +428,18 @@ async def recorded_from_history(
     (its STARTED event), how its waits ended and the steps it left open (its events).
     None when the state service has no record of it either.
 
+    A fork's history starts after its fork point: its STARTED event carries what its
+    replay re-forks it with (its input, its replacement output).
+
     Raises:
-        StatusError: FAILED_PRECONDITION for a fork (its starting state is not in the
-            store), or a lifetime recorded without its input (by an earlier version).
+        StatusError: FAILED_PRECONDITION for a lifetime recorded without its input (it
+            began under an earlier version).
     """
     view = await history.lifetime(tenant, lifetime_id)
     if view is None:
         return None
-    if view.HasField("fork_origin"):
-        raise StatusError(
-            StatusCode.FAILED_PRECONDITION,
-            f"lifetime {lifetime_id} is a fork the router no longer holds: a fork is "
-            "re-driven from the state it was created with, which only the router kept",
-        )
-    events = [e async for e in stored_events(history, tenant, lifetime_id, after_sequence=0)]
+    after = view.fork_origin.sequence if view.HasField("fork_origin") else 0
+    events = [e async for e in stored_events(history, tenant, lifetime_id, after_sequence=after)]
     started = next((e for e in events if e.kind == LS.LIFETIME_EVENT_KIND_STARTED), None)
     if started is None or not started.HasField("input"):
         raise StatusError(
@@ -452,6 +450,8 @@ async def recorded_from_history(
     state = rs.RouterLifetime()
     state.lifetime.CopyFrom(view)
     state.lifetime.input.CopyFrom(started.input)
+    if started.HasField("replacement_output"):
+        state.fork_replacement.CopyFrom(started.replacement_output)
     finished = {e.execution_id for e in events if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED}
     for event in events:  # left open: dispatched, never finished
         dispatched = event.kind == LS.LIFETIME_EVENT_KIND_STEP_DISPATCHED

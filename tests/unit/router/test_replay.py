@@ -536,13 +536,6 @@ async def test_a_lifetime_past_retention_without_what_a_re_drive_needs_is_refuse
     assert raised.value.status == StatusCode.FAILED_PRECONDITION
     assert "no input to re-drive it from" in raised.value.detail
 
-    fork = StoredHistory(sim)
-    fork.view.fork_origin.lifetime_id = "l0"
-    with pytest.raises(StatusError) as raised:
-        await rebuilt(fork)
-    assert raised.value.status == StatusCode.FAILED_PRECONDITION
-    assert "is a fork the router no longer holds" in raised.value.detail
-
 
 def _without_input(event: lifetime_pb2.LifetimeEvent) -> lifetime_pb2.LifetimeEvent:
     """The event as a version that did not put the input on STARTED wrote it."""

@@ -281,6 +281,7 @@ class LifetimeEvent(_message.Message):
     TELEMETRY_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_OUTPUT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence orders the lifetime's events, starting at 1."""
     kind: Global___LifetimeEventKind.ValueType
@@ -327,6 +328,12 @@ class LifetimeEvent(_message.Message):
         it lets replay and fork re-drive a lifetime the router no longer holds.
         """
 
+    @_builtins.property
+    def replacement_output(self) -> _payload_pb2.Payload:
+        """replacement_output is, for the STARTED event of a fork created with one, the
+        output that replaced the fork execution's (what replaying the fork re-drives).
+        """
+
     def __init__(
         self,
         *,
@@ -344,10 +351,11 @@ class LifetimeEvent(_message.Message):
         telemetry: _telemetry_pb2.Telemetry | None = ...,
         output: _payload_pb2.Payload | None = ...,
         input: _payload_pb2.Payload | None = ...,
+        replacement_output: _payload_pb2.Payload | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "guardrail", b"guardrail", "input", b"input", "node", b"node", "output", b"output", "signal", b"signal", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "guardrail", b"guardrail", "input", b"input", "node", b"node", "output", b"output", "replacement_output", b"replacement_output", "signal", b"signal", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "error", b"error", "execution_id", b"execution_id", "guardrail", b"guardrail", "input", b"input", "kind", b"kind", "message", b"message", "node", b"node", "output", b"output", "sequence", b"sequence", "signal", b"signal", "state", b"state", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "error", b"error", "execution_id", b"execution_id", "guardrail", b"guardrail", "input", b"input", "kind", b"kind", "message", b"message", "node", b"node", "output", b"output", "replacement_output", b"replacement_output", "sequence", b"sequence", "signal", b"signal", "state", b"state", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
