@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tests.support.service_harness import (
 from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.blobs import LocalBlobStore
 from tickmesh.runtime.embedded_nats import EmbeddedNats
+from tickmesh.runtime.streams import ensure_tenant
 from tickmesh.runtime.subjects import HDR_LIFETIME, HDR_MSG_ID, HDR_TENANT, HDR_TYPE, TenantNames
 from tickmesh.sdk import (
     Decision,
@@ -923,3 +924,63 @@ async def test_records_are_stored_in_the_streams_order_when_the_store_fails_a_ba
     await publish_record(state, state.record(2))
 
     assert await listed_ids(state) == [exec_id(1), exec_id(2)]
+
+
+async def test_events_an_earlier_version_left_unbatched_are_stored_then_purged(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """An earlier version kept one message per decision on the lifetime's own subject.
+    Once the events stream keeps the batch subject only, no consumer reads those: the
+    state service stores them when it starts (each event once), then purges them, so
+    an upgrade loses no event whichever service started first."""
+    tenant = new_tenant("u")
+    names = TenantNames(tenant)
+    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+    js = runtime_nats.jetstream(nc)
+    await ensure_tenant(js, tenant)
+    old = (await js.stream_info(names.evt_stream)).config
+    await js.update_stream(replace(old, subjects=[names.evt_all]))  # as that version made it
+    left = [_decision(tenant, LIFETIME_A, [1, 2]), _decision(tenant, LIFETIME_A, [3])]
+    left.append(_decision(tenant, LIFETIME_B, [1]))
+    for decision in left:
+        await js.publish(
+            names.evt(decision.header.lifetime_id),
+            encode_envelope(decision),
+            headers={HDR_TYPE: "lifetime_events", HDR_TENANT: tenant},
+        )
+    store = await SQLiteStateStore.open(tmp_path / "state.db", synchronous="OFF")
+    settings = StateSettings(
+        nats_url=nats_server.url,
+        tenants=[tenant],
+        grpc_listen="127.0.0.1:0",
+        log_json=False,
+        store_url=f"sqlite:///{tmp_path / 'state.db'}",
+        blob_url=str(tmp_path / "blobs"),
+    )
+    service = await build(
+        settings, nc=nc, store=store, blobs=LocalBlobStore(tmp_path / "blobs", fsync=False)
+    )
+    await service.start()  # moves the stream to the batch subject, then drains the rest
+    try:
+
+        async def stored() -> tuple[list[int], list[int]] | None:
+            a = [e.sequence for e in await store.list_events(tenant, LIFETIME_A)]
+            b = [e.sequence for e in await store.list_events(tenant, LIFETIME_B)]
+            return (a, b) if len(a) == 3 and b else None
+
+        assert await eventually(stored, what="the events left unbatched") == ([1, 2, 3], [1])
+        row = await store.get_lifetime(tenant, LIFETIME_A)
+        assert row is not None
+        assert row.last_sequence == 3
+
+        async def purged() -> bool:
+            info = await js.stream_info(names.evt_stream, subjects_filter=names.evt_all)
+            return not info.state.subjects
+
+        await eventually(purged, what="the unbatched events purged")
+        assert (await js.stream_info(names.evt_stream)).config.subjects == [names.evb]
+        # Nothing left: a second drain reads nothing.
+        assert await service.consumers[tenant].drain_unbatched_events() == 0
+    finally:
+        await service.stop()
+        await nc.close()

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from opentelemetry.trace import Span, SpanKind, Tracer
 
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
@@ -60,6 +62,10 @@ from .store import StateStore, StoredExecution
 
 logger = logging.getLogger(__name__)
 
+DRAIN_BATCH = 256
+"""Events an earlier version left unbatched, stored this many messages a transaction."""
+DRAIN_WAIT_S = 5.0
+"""Longest wait for the next of them (they are all in the stream already)."""
 STORE_RETRY_S = 0.2
 """First wait before a batch the store refused is tried again (doubling, up to the max)."""
 STORE_RETRY_MAX_S = 5.0
@@ -103,6 +109,7 @@ class RecordConsumer:
             name=f"state:{names.tenant}",
             linger_s=linger_s,
         )
+        self._draining: asyncio.Task[None] | None = None
         self.events_consumer = f"{names.state_consumer}_events"
         self._events = BatchConsumer(
             nc,
@@ -118,10 +125,82 @@ class RecordConsumer:
     async def start(self) -> None:
         await self._records.start()
         await self._events.start()
+        self._draining = asyncio.create_task(
+            self._drain_quietly(), name=f"state-events-drain:{self.names.tenant}"
+        )
 
     async def stop(self) -> None:
+        if self._draining is not None:
+            self._draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._draining
+            self._draining = None
         await self._records.stop()
         await self._events.stop()
+
+    async def drain_unbatched_events(self) -> int:
+        """Store the events an earlier version left on the lifetimes' own subjects of the
+        events stream, then purge them from it; returns how many messages it read.
+
+        That version kept one message per decision on ``tm.<tenant>.evt.<lifetime>``. Once
+        the stream keeps the batch subject only (``streams._batch_events``), no consumer
+        reads those, so the ones the state service had not stored when the services were
+        upgraded (whichever started first) would stay unstored until they aged out. The
+        store keeps each event once (by lifetime and sequence): reading one again is
+        harmless, and the purge makes the next start read nothing."""
+        names = self.names
+        sub = await self._js.subscribe(
+            names.evt_all,
+            stream=names.evt_stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            pending_msgs_limit=DRAIN_BATCH * 4,
+        )
+        read = 0
+        try:
+            pending = (await sub.consumer_info()).num_pending or 0
+            while pending:
+                chunk: list[Msg] = []
+                while pending and len(chunk) < DRAIN_BATCH:
+                    msg = await sub.next_msg(timeout=DRAIN_WAIT_S)
+                    chunk.append(msg)
+                    pending = msg.metadata.num_pending
+                read += len(chunk)
+                await self._store_events(chunk)
+        finally:
+            await sub.unsubscribe()
+        if not read:
+            return 0
+        try:
+            await self._js.purge_stream(names.evt_stream, subject=names.evt_all)
+        except Exception as exc:
+            # A tenant account's service user may not purge streams: they stay until their
+            # max age, and each start reads them again (stored once all the same).
+            logger.warning(
+                "stored the %d event messages an earlier version left on %s; purging them "
+                "was refused (%s), so they stay until their max age: an operator may run "
+                "`nats stream purge %s --subject '%s'`",
+                read,
+                names.evt_all,
+                exc,
+                names.evt_stream,
+                names.evt_all,
+            )
+            return read
+        logger.info(
+            "stored the %d event messages an earlier version left on %s, and purged them",
+            read,
+            names.evt_all,
+        )
+        return read
+
+    async def _drain_quietly(self) -> None:
+        try:
+            await self.drain_unbatched_events()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next start tries again; nothing is lost meanwhile
+            logger.warning("events left by an earlier version not stored yet: %s", exc)
 
     async def caught_up(self, *, within_s: float = STORED_WAIT_S) -> bool:
         """Wait until every record the record stream held when this was called is stored
@@ -338,6 +417,16 @@ class RecordConsumer:
         is unreadable (it was written by one router at once)."""
         if self._metrics is not None:
             self._metrics.count_redeliveries(self.names.tenant, self.events_consumer, batch)
+        await ack_all(await self._store_events(batch, refuse=term))
+
+    async def _store_events(
+        self,
+        batch: list[Msg],
+        *,
+        refuse: Callable[[Msg, str], Awaitable[None]] | None = None,
+    ) -> list[Msg]:
+        """Store the events of ``batch`` in one transaction; returns the messages stored
+        (the others unreadable: logged, and handed to ``refuse`` with the reason)."""
         good: list[Msg] = []
         routed: list[envelope_pb2.ExecutionEnvelope] = []
         for msg in batch:
@@ -355,7 +444,8 @@ class RecordConsumer:
                     )
             except ValidationError as exc:
                 logger.error("unreadable event on %s: %s", msg.subject, exc)
-                await term(msg, str(exc))
+                if refuse is not None:
+                    await refuse(msg, str(exc))
                 continue
             good.append(msg)
             for decision in decisions:
@@ -368,7 +458,7 @@ class RecordConsumer:
                     )
         if routed:
             await self._store.apply_events(self.names.tenant, routed, core.fold_events)
-        await ack_all(good)
+        return good
 
     async def dead_letter(self, bad: list[tuple[Msg, str]], *, kind: str) -> None:
         """Copy each message to the dead-letter stream with its reason, emit an
