@@ -4,20 +4,23 @@ A server this process starts for itself (the embedded nats-server) must not outl
 ``stop()`` covers a normal exit, but a process killed with SIGKILL, or one that crashes,
 runs no code on the way out, and the child would keep running, holding its ports, memory
 and files, until someone finds it. On Linux the kernel can signal the child instead: the
-child asks, between fork and exec, for SIGTERM when its parent dies
-(``prctl(PR_SET_PDEATHSIG)``).
+child asks for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), which holds
+across ``exec``.
 
-The kernel sends that signal when the *thread* that forked the child ends, not the
-process. So every tied child is forked by one thread that lives as long as the process:
-one forked from a short-lived thread (``asyncio.to_thread``, a thread pool that shrinks)
-would otherwise be terminated with that thread. Elsewhere than Linux a tied child is a
-plain child.
+The request is made by a fresh interpreter that then ``exec``s the program (``_TIE``),
+not in ``preexec_fn``: running Python between fork and exec in a process with other
+threads (gRPC's, the event loop's executors) can crash the child (seen: SIGSEGV while
+another thread was calling into gRPC), which the fresh interpreter, with one thread of
+its own, cannot. And the kernel sends the signal when the *thread* that forked the child
+ends, not the process: so every tied child is forked by one thread that lives as long as
+the process (one forked from a short-lived thread, ``asyncio.to_thread``, a thread pool
+that shrinks, would be terminated with that thread). Elsewhere than Linux a tied child is
+a plain child.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import queue
 import signal
@@ -27,39 +30,30 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
 DEATH_SIGNAL = signal.SIGTERM
 """What the child gets when this process dies: a server shuts down cleanly on it."""
+
+_TIE = """
+import ctypes, os, sys
+parent, signum, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+if ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+    sys.exit("tied: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != parent:  # the parent died before the request: too late for it
+    sys.exit(1)
+os.execv(argv[0], argv)
+"""
+"""Run by a fresh interpreter: ask for the death signal, then become the program."""
 
 
 def spawn_tied(argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
     """``subprocess.Popen(argv, **popen)``, with the child sent SIGTERM when this process
-    dies (Linux; a plain ``Popen`` elsewhere)."""
-    prctl = _prctl()
-    if prctl is None:
-        return subprocess.Popen(argv, **popen)
-    return _spawner().spawn(lambda: subprocess.Popen(argv, preexec_fn=_tie(prctl), **popen))
-
-
-def _tie(prctl: Callable[..., int]) -> Callable[[], None]:
-    parent = os.getpid()
-
-    def tie() -> None:  # runs in the child, between fork and exec: nothing that may lock
-        prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request: too late for it
-            os.kill(os.getpid(), DEATH_SIGNAL)
-
-    return tie
-
-
-def _prctl() -> Callable[..., int] | None:
+    dies (Linux; a plain ``Popen`` elsewhere). The child's pid is the program's."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return function
+        return subprocess.Popen(argv, **popen)
+    if not os.path.exists(argv[0]):  # as Popen says it, rather than from the interpreter
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+    wrapped = [sys.executable, "-I", "-S", "-c", _TIE, str(os.getpid()), str(int(DEATH_SIGNAL))]
+    return _spawner().spawn(lambda: subprocess.Popen([*wrapped, *argv], **popen))
 
 
 class _Spawner:
