@@ -102,22 +102,29 @@ class StateHarness:
         return list(self.refs)
 
 
-@pytest.fixture
-async def state(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[StateHarness]:
-    tenant, other = new_tenant("s"), new_tenant("o")
-    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+async def state_service(
+    nats_url: str, nc: NatsClient, tmp_path: Path, tenants: list[str]
+) -> StateService:
+    """A state service for ``tenants`` over SQLite and a blob folder in ``tmp_path``."""
     settings = StateSettings(
-        nats_url=nats_server.url,
-        tenants=[tenant, other],
+        nats_url=nats_url,
+        tenants=tenants,
         grpc_listen="127.0.0.1:0",
         log_json=False,
         store_url=f"sqlite:///{tmp_path / 'state.db'}",
         blob_url=str(tmp_path / "blobs"),
     )
     store = await SQLiteStateStore.open(tmp_path / "state.db", synchronous="OFF")
-    service = await build(
+    return await build(
         settings, nc=nc, store=store, blobs=LocalBlobStore(tmp_path / "blobs", fsync=False)
     )
+
+
+@pytest.fixture
+async def state(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[StateHarness]:
+    tenant, other = new_tenant("s"), new_tenant("o")
+    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+    service = await state_service(nats_server.url, nc, tmp_path, [tenant, other])
     await service.start()
     refs: list[Msg] = []
 
@@ -948,18 +955,8 @@ async def test_events_an_earlier_version_left_unbatched_are_stored_then_purged(
             encode_envelope(decision),
             headers={HDR_TYPE: "lifetime_events", HDR_TENANT: tenant},
         )
-    store = await SQLiteStateStore.open(tmp_path / "state.db", synchronous="OFF")
-    settings = StateSettings(
-        nats_url=nats_server.url,
-        tenants=[tenant],
-        grpc_listen="127.0.0.1:0",
-        log_json=False,
-        store_url=f"sqlite:///{tmp_path / 'state.db'}",
-        blob_url=str(tmp_path / "blobs"),
-    )
-    service = await build(
-        settings, nc=nc, store=store, blobs=LocalBlobStore(tmp_path / "blobs", fsync=False)
-    )
+    service = await state_service(nats_server.url, nc, tmp_path, [tenant])
+    store = service.store
     await service.start()  # moves the stream to the batch subject, then drains the rest
     try:
 
