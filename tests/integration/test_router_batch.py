@@ -204,7 +204,7 @@ async def test_inputs_decided_together_fail_the_lifetime_at_the_one_that_raises(
     def together(lt: core.Lifetime) -> bool:
         return pausing(lt) | raising(lt)
 
-    job = Job("pair", together, ["k:1", "k:2"], one_by_one=[pausing, raising])
+    job = Job("pair", together, ["k:1", "k:2"], one_by_one=lambda: [pausing, raising])
     [applied] = await processor.apply_batch(tenant, [job])
     assert isinstance(applied, Applied)
     stored = await RouterStore(tenant.store._kv).load("pair")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NatsClient
@@ -163,9 +164,10 @@ class RecordConsumer:
                     lifetime_id,
                     _mutation(tenant_id, lifetime_id, items, item_spans),
                     [key for _, _, key in items],
-                    one_by_one=[_mutation(tenant_id, lifetime_id, [item], []) for item in items]
-                    if len(items) > 1
-                    else (),
+                    # Several refs decided together fail at the one that raises (rare).
+                    one_by_one=None
+                    if len(items) == 1
+                    else _one_by_one(tenant_id, lifetime_id, items),
                 )
             )
         results = await self._processor.apply_batch(self._tenant, jobs)
@@ -280,6 +282,13 @@ def _end_spans(spans: list[Span | None], error: str = "") -> None:
         if error:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
+
+
+def _one_by_one(
+    tenant_id: str, lifetime_id: str, items: list[Item]
+) -> Callable[[], list[Mutation]]:
+    """The lifetime's refs, a mutation each (made only if deciding on them together raised)."""
+    return lambda: [_mutation(tenant_id, lifetime_id, [item], []) for item in items]
 
 
 def _mutation(

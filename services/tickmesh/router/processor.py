@@ -106,10 +106,10 @@ class Job:
     lifetime_id: str
     mutate: Mutation
     keys: Sequence[str]
-    one_by_one: Sequence[Mutation] = ()
-    """The same inputs as ``mutate``, a mutation each, in order: when deciding on them
-    together raises, the lifetime takes those before the one that raises, then fails (as
-    replay, which applies one record at a time, does)."""
+    one_by_one: Callable[[], Sequence[Mutation]] | None = None
+    """Makes the same inputs as ``mutate``, a mutation each, in order: when deciding on
+    them together raises, the lifetime takes those before the one that raises, then fails
+    (as replay, which applies one record at a time, does). Called only then."""
 
 
 @dataclass(slots=True)
@@ -311,7 +311,8 @@ class Processor:
                 jobs[i].lifetime_id,
                 exc_info=cause,
             )
-            cannot.append((i, _undecidable(cause, jobs[i].one_by_one), repr(cause)))
+            split = jobs[i].one_by_one
+            cannot.append((i, _undecidable(cause, split() if split else ()), repr(cause)))
         if cannot:
             failing_now = await asyncio.gather(
                 *(
