@@ -137,41 +137,6 @@ async def test_a_decision_whose_state_cannot_be_written_fails_its_lifetime_once(
     assert await wide.result(within=30) == 300
 
 
-async def test_a_join_whose_inputs_cannot_travel_fails_its_lifetime_at_once(
-    start_mesh: MeshFactory,
-) -> None:
-    """Five branches each return 250 KB (under the pool's 256 KiB inline limit, so each
-    stays inline): the join's plan request would carry 1.25 MB, over what one message
-    holds. The router's decision raises on it, every time: the lifetime fails with the
-    reason instead of the last branch's record being redelivered for ever."""
-    h = await start_mesh()
-
-    @plan(name="gather")
-    async def gather(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
-        if inputs:
-            return complete(len(inputs))
-        return dispatch(*(step("write", goal["size"]) for _ in range(goal["branches"])))
-
-    @task(name="write")
-    async def write(ctx: TaskContext, size: int) -> str:
-        return "y" * size
-
-    await h.worker([gather, write])
-    graph = await h.register(plan_task_loop("joined", "gather", "write", max_iterations=20))
-    too_much = await h.start(graph, {"branches": 5, "size": 250_000})
-    with pytest.raises(LifetimeFailedError) as failed:
-        await too_much.result(within=20)
-    assert failed.value.detail.startswith("the router could not decide on a step: ValidationError(")
-    assert "over the 1048576-byte limit" in failed.value.detail
-    await h.wait_stream_empty(h.names.exec_stream)  # the last branch's record is done with
-    # Replay takes the same decision from the same records: the request cannot travel, the
-    # lifetime fails the same way.
-    replayed = await too_much.replay(handlers=[gather, write])
-    assert replayed.reproduced, replayed.divergences
-    fits = await h.start(graph, {"branches": 3, "size": 100_000})
-    assert await fits.result(within=20) == 3
-
-
 async def test_a_wait_no_deadline_can_hold_fails_the_lifetime_at_once(
     start_mesh: MeshFactory,
 ) -> None:

@@ -20,7 +20,9 @@ from tickmesh.sdk import (
     TaskContext,
     ValidationError,
     complete,
+    dispatch,
     plan,
+    step,
     task,
 )
 
@@ -101,3 +103,100 @@ async def test_a_large_lifetime_output_is_read_by_a_client_given_the_pool(
         # Without the pool, an S3 blob is not readable here, and the error says what to do.
         with pytest.raises(ValidationError, match="pool="):
             await handle.result(within=10)
+
+
+def _fill(index: int, size: int) -> bytes:
+    """``size`` bytes that differ from one branch to the next."""
+    return bytes([65 + index]) * size
+
+
+async def test_a_wide_join_of_large_outputs_gathers_every_output_intact(
+    start_mesh: MeshFactory,
+) -> None:
+    """Five branches each return 250 KB (each under the pool's 256 KiB inline limit): the
+    join's inputs, kept in the lifetime's state and carried by the plan's request, would
+    be 1.25 MB inline, over what one message holds. Steps dispatched together share one
+    output budget, so these outputs go to the blob store and the plan reads every one
+    intact; small outputs of a fan-out stay inline. Replay reproduces the lifetime."""
+    h = await start_mesh()
+    seen: list[list[tuple[str, int, str]]] = []
+
+    @plan(name="gather")
+    async def gather(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        if inputs:
+            got = [(i.status, len(i.output), hashlib.sha256(i.output).hexdigest()) for i in inputs]
+            seen.append(got)
+            return complete(sorted(got))
+        return dispatch(
+            *(step("write", {"i": i, "size": goal["size"]}) for i in range(goal["branches"]))
+        )
+
+    @task(name="write")
+    async def write(ctx: TaskContext, ask: dict[str, int]) -> bytes:
+        return _fill(ask["i"], ask["size"])
+
+    await h.worker([gather, write])
+    graph = await h.register(
+        GraphBuilder("joined", max_iterations=20)
+        .plan("gather")
+        .task("write")
+        .edge("gather", "write")
+        .edge("write", "gather")
+        .final("gather")
+        .build()
+    )
+    for branches, size, where in ((5, 250_000, "blob"), (5, 10_000, "inline")):
+        handle = await h.start(graph, {"branches": branches, "size": size})
+        output = await handle.result(within=30)
+        expected = sorted(
+            ["succeeded", size, hashlib.sha256(_fill(i, size)).hexdigest()] for i in range(branches)
+        )
+        assert output == expected, (branches, size)
+        report = await h.audit(handle.id)
+        written = report.of_node("write")
+        assert len(written) == branches
+        assert {s.task_execution.result.output.WhichOneof("data") for s in written} == {where}
+        replayed = await handle.replay(handlers=[gather, write])
+        assert replayed.reproduced, replayed.divergences
+
+
+async def test_a_wide_fan_out_of_large_inputs_runs(start_mesh: MeshFactory) -> None:
+    """A plan dispatching three steps of 262 KB inputs each (each just under the inline
+    limit, 786 KB in all: one record's worth) in a lifetime whose goal is 262 KB too: the
+    requests wait in the lifetime's state until they are published, beside the goal,
+    which made the state too large to write.
+    The inputs dispatched together travel inline up to one budget in all, the rest by
+    reference."""
+    h = await start_mesh()
+
+    @plan(name="spread")
+    async def spread(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        if inputs:
+            return complete(sorted(i.output for i in inputs))
+        return dispatch(*(step("measure", _fill(i, goal["size"])) for i in range(3)))
+
+    @task(name="measure")
+    async def measure(ctx: TaskContext, data: bytes) -> list[Any]:
+        return [len(data), hashlib.sha256(data).hexdigest()]
+
+    await h.worker([spread, measure])
+    graph = await h.register(
+        GraphBuilder("spread", max_iterations=20)
+        .plan("spread")
+        .task("measure")
+        .edge("spread", "measure")
+        .edge("measure", "spread")
+        .final("spread")
+        .build()
+    )
+    size = 262_000
+    handle = await h.start(graph, {"size": size, "notes": "n" * size})
+    output = await handle.result(within=30)
+    assert output == sorted([size, hashlib.sha256(_fill(i, size)).hexdigest()] for i in range(3))
+    report = await h.audit(handle.id)
+    [decided, _] = report.of_node("spread")
+    steps = decided.plan_execution.result.dispatch.steps
+    inline = sum(len(s.input.inline) for s in steps if s.input.WhichOneof("data") == "inline")
+    assert inline <= DEFAULT_INLINE_LIMIT
+    replayed = await handle.replay(handlers=[spread, measure])
+    assert replayed.reproduced, replayed.divergences

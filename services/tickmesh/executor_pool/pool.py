@@ -34,7 +34,12 @@ from opentelemetry.trace import Span, SpanKind, Status, Tracer
 from opentelemetry.trace import StatusCode as SpanStatus
 
 from tickmesh.runtime import steps
-from tickmesh.runtime.blobs import BlobStore, offload_payload, payload_sha256
+from tickmesh.runtime.blobs import (
+    BlobStore,
+    offload_payload,
+    offload_to_budget,
+    payload_sha256,
+)
 from tickmesh.runtime.consumer import BatchConsumer, durable_config, message_type, term
 from tickmesh.runtime.crash import crash_point
 from tickmesh.runtime.delivery import Delivery, delivery_of
@@ -1316,7 +1321,10 @@ class ExecutorPool:
         outcome.result = self._failure(lease, "InvalidResult", str(why), retryable=False)
 
     async def _encode_record(self, outcome: Outcome, inline_limit: int) -> bytes:
-        await self._offload(outcome.lease.group.tenant, outcome.result, inline_limit)
+        lease = outcome.lease
+        await self._offload(
+            lease.group.tenant, outcome.result, inline_limit, lease.header.output_inline_limit
+        )
         return encode_envelope(self._envelope(outcome))
 
     def _envelope(self, outcome: Outcome) -> envelope_pb2.ExecutionEnvelope:
@@ -1357,14 +1365,25 @@ class ExecutorPool:
         record.finished_at.CopyFrom(outcome.finished_at)
         return envelope
 
-    async def _offload(self, tenant: str, result: Result, limit: int) -> None:
-        """Replace every inline payload over ``limit`` bytes with a blob reference."""
+    async def _offload(self, tenant: str, result: Result, limit: int, share: int) -> None:
+        """Replace every inline payload over ``limit`` bytes with a blob reference, then
+        keep payloads that travel on together within one budget: the inputs of the steps
+        a plan dispatches within ``limit`` in all (their requests wait in the lifetime's
+        state together), and a task's output within ``share``, its request's
+        ``output_inline_limit`` (its fan-out's part of what the join gathers), if set."""
         for payload in _payloads(result):
             if payload.WhichOneof("data") == "inline" and len(payload.inline) > limit:
                 payload.CopyFrom(
                     await offload_payload(self._blobs, tenant, payload, inline_limit=limit)
                 )
                 crash_point("pool_after_blob_put")
+        if isinstance(result, result_pb2.TaskResult):
+            if share and result.HasField("output"):
+                await offload_to_budget(self._blobs, tenant, [result.output], budget=share)
+        elif result.WhichOneof("decision") == "dispatch" and len(result.dispatch.steps) > 1:
+            # (One input alone is within the limit already.)
+            inputs = [step.input for step in result.dispatch.steps if step.HasField("input")]
+            await offload_to_budget(self._blobs, tenant, inputs, budget=limit)
 
     async def _publish_and_ack(self, publishes: list[tuple[Lease, list[Outgoing]]]) -> None:
         """Publish each tenant's records through its own link, the tenants concurrently:

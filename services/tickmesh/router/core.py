@@ -20,6 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime import steps
+from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT, MIN_OFFLOAD_BYTES
 from tickmesh.runtime.subjects import TenantNames
 from tickmesh.sdk import check_envelope_size, encode_envelope, execution_id
 from tickmesh.sdk.ids import uuid7
@@ -424,6 +425,19 @@ def _deadline_ns(node: graph_pb2.Node) -> int:
     )
 
 
+def output_share(width: int) -> int:
+    """The ``output_inline_limit`` of each of ``width`` tasks dispatched together (0 for
+    one task: the pool's own limit).
+
+    Their outputs wait in the lifetime's state for the join and travel together in the
+    plan's request, so they share one inline budget, the pool's default inline limit:
+    a larger output goes to the blob store and the plan reads it by reference. Never
+    below ``MIN_OFFLOAD_BYTES``, where a reference would save nothing."""
+    if width <= 1:
+        return 0
+    return max(MIN_OFFLOAD_BYTES, DEFAULT_INLINE_LIMIT // width)
+
+
 def dispatch_task(
     lt: Lifetime,
     node: graph_pb2.Node,
@@ -432,6 +446,7 @@ def dispatch_task(
     parents: list[str],
     group: str,
     edge: graph_pb2.Edge | None,
+    output_limit: int = 0,
 ) -> str | None:
     iteration = _next_iteration(lt, node)
     if iteration is None:
@@ -440,6 +455,8 @@ def dispatch_task(
     envelope = envelope_pb2.ExecutionEnvelope()
     header = envelope.header
     _fill_request_header(lt, header, node, iteration, parents, edge)
+    if output_limit:
+        header.output_inline_limit = output_limit
     request = envelope.task_request
     request.input.CopyFrom(input_payload)
     request.config.CopyFrom(node.config)
@@ -945,9 +962,18 @@ def _plan_decided(
             )
             return
         targets.append((target, edge, step))
+    share = output_share(len(targets))
     for target, edge, step in targets:
         if (
-            dispatch_task(lt, target, step.input, parents=[exec_id], group=exec_id, edge=edge)
+            dispatch_task(
+                lt,
+                target,
+                step.input,
+                parents=[exec_id],
+                group=exec_id,
+                edge=edge,
+                output_limit=share,
+            )
             is None
         ):
             return

@@ -71,6 +71,8 @@ class _Step:
     edge: graph_pb2.Edge | None = None
     task_input: payload_pb2.Payload | None = None
     """A task's input (the dispatching plan's step input)."""
+    output_limit: int = 0
+    """A task's ``output_inline_limit`` (``core.output_share`` of its fan-out)."""
     inputs: list[_Finished] = field(default_factory=list)
     """A plan's inputs, as its join gathered them."""
     flight: rs.InFlight | None = None
@@ -258,6 +260,7 @@ class _Forward:
                 return False
             targets.append((target, target_id, edge, next_step))
         self._finish(exec_id, result.telemetry)
+        share = core.output_share(len(targets))
         for target, target_id, edge, next_step in targets:
             self._dispatch(
                 target,
@@ -267,6 +270,7 @@ class _Forward:
                 edge=edge,
                 group=exec_id,
                 task_input=next_step.input,
+                output_limit=share,
             )
         return True
 
@@ -292,6 +296,7 @@ class _Forward:
         edge: graph_pb2.Edge | None,
         group: str,
         task_input: payload_pb2.Payload | None = None,
+        output_limit: int = 0,
         inputs: list[_Finished] | None = None,
     ) -> None:
         iteration = self.iterations.get(node_id, 0) + 1
@@ -309,6 +314,7 @@ class _Forward:
             parents=parents,
             edge=edge,
             task_input=task_input,
+            output_limit=output_limit,
             inputs=inputs or [],
         )
         self.decided.add(exec_id)
@@ -394,6 +400,7 @@ class _Forward:
                 parents=step.parents,
                 group=step.group,
                 edge=step.edge,
+                output_limit=step.output_limit,
             )
         built = [e for e in scratch.requests if e.header.execution_id == exec_id]
         if len(built) != 1:

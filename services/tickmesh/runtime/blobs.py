@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -28,6 +29,8 @@ from tickmesh.v1 import payload_pb2
 
 DEFAULT_INLINE_LIMIT = 256 * 1024
 """Payloads larger than this many bytes travel as a ``BlobRef`` (DESIGN.md §3)."""
+MIN_OFFLOAD_BYTES = 1024
+"""Payloads this small stay inline under any budget: a reference would be about as large."""
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Hashing this much on the event loop costs well under a millisecond; more goes to a thread.
@@ -214,6 +217,28 @@ async def offload_payload(
     return payload_pb2.Payload(
         content_type=payload.content_type, blob=ref, size=len(data), sha256=ref.sha256
     )
+
+
+async def offload_to_budget(
+    store: BlobStore, tenant: str, payloads: Sequence[payload_pb2.Payload], *, budget: int
+) -> None:
+    """Move the largest of ``payloads`` to the blob store, in place, until those left
+    inline hold at most ``budget`` bytes in all (or are all ``MIN_OFFLOAD_BYTES`` or less).
+
+    Payloads that travel together (the inputs of a fan-out, the outputs a join gathers)
+    share one budget, so that together they fit one message.
+
+    Raises:
+        ValidationError: as :func:`offload_payload`.
+    """
+    inline = [p for p in payloads if p.WhichOneof("data") == "inline"]
+    total = sum(len(p.inline) for p in inline)
+    for payload in sorted(inline, key=lambda p: len(p.inline), reverse=True):
+        size = len(payload.inline)
+        if total <= budget or size <= MIN_OFFLOAD_BYTES:
+            return
+        payload.CopyFrom(await offload_payload(store, tenant, payload, inline_limit=0))
+        total -= size
 
 
 async def resolve_payload(store: BlobStore, tenant: str, payload: payload_pb2.Payload) -> bytes:

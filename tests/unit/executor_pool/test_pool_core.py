@@ -1,8 +1,10 @@
-"""Executor pool pieces that need no sockets: hello checks, frame merging, publishing."""
+"""Executor pool pieces that need no sockets: hello checks, frame merging, publishing,
+what a record carries inline."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -16,12 +18,12 @@ from tickmesh.executor_pool.pool import (
     check_hello,
     merge_frames,
 )
-from tickmesh.runtime.blobs import BlobStore
+from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT, BlobStore, LocalBlobStore, resolve_payload
 from tickmesh.runtime.nats import Outgoing
 from tickmesh.runtime.tenant_links import TenantLinks
 from tickmesh.sdk import ValidationError
 from tickmesh.v1 import executor_pool_service_pb2 as pb
-from tickmesh.v1 import graph_pb2
+from tickmesh.v1 import graph_pb2, payload_pb2, result_pb2
 
 
 def hello(**overrides: object) -> pb.ExecutorHello:
@@ -114,11 +116,11 @@ def test_merging_stops_at_the_end_marker() -> None:
     assert merge_frames([None])[1:] == (True, None)
 
 
-def _pool() -> ExecutorPool:
+def _pool(blobs: BlobStore | None = None) -> ExecutorPool:
     return ExecutorPool(
         ExecutorPoolSettings(),
         links=cast(TenantLinks, None),
-        blobs=cast(BlobStore, None),
+        blobs=cast(BlobStore, blobs),
     )
 
 
@@ -155,3 +157,47 @@ async def test_several_tenants_are_published_concurrently(
     monkeypatch.setattr(pool, "_publish_and_ack_tenant", publish_and_ack_tenant)
     await pool._publish_and_ack([_publish("acme"), _publish("beta"), _publish("acme")])
     assert sorted(ran) == [("acme", 2), ("beta", 1)]
+
+
+def _bytes(fill: int, size: int) -> payload_pb2.Payload:
+    return payload_pb2.Payload(content_type="application/octet-stream", inline=bytes([fill]) * size)
+
+
+@pytest.mark.parametrize(
+    ("share", "where"), [(0, "inline"), (52_428, "blob"), (65_536, "inline"), (10, "blob")]
+)
+async def test_a_task_output_over_its_share_of_a_fan_out_goes_to_a_blob(
+    tmp_path: Path, share: int, where: str
+) -> None:
+    """The request's ``output_inline_limit`` (set on the steps of a fan-out) caps the
+    output inline below the pool's own limit; an output of 1 KiB or less stays inline
+    under any share."""
+    blobs = LocalBlobStore(tmp_path)
+    result = result_pb2.TaskResult(output=_bytes(7, 60_000))
+    await _pool(blobs)._offload("acme", result, DEFAULT_INLINE_LIMIT, share)
+    assert result.output.WhichOneof("data") == where
+    assert await resolve_payload(blobs, "acme", result.output) == bytes([7]) * 60_000
+    small = result_pb2.TaskResult(output=_bytes(8, 900))
+    await _pool(blobs)._offload("acme", small, DEFAULT_INLINE_LIMIT, 1)
+    assert small.output.WhichOneof("data") == "inline"
+
+
+async def test_the_inputs_a_plan_dispatches_share_the_inline_limit(tmp_path: Path) -> None:
+    """Each input under the limit, 750 KB together: the largest go to blobs until what
+    stays inline is within the limit in all (the requests wait in the state together)."""
+    blobs = LocalBlobStore(tmp_path)
+    sizes = [250_000, 250_000, 250_000, 500]
+    result = result_pb2.PlanResult(
+        dispatch=result_pb2.DispatchDecision(
+            steps=[
+                result_pb2.NextStep(node_id="work", input=_bytes(i, n)) for i, n in enumerate(sizes)
+            ]
+        )
+    )
+    await _pool(blobs)._offload("acme", result, DEFAULT_INLINE_LIMIT, 0)
+    inputs = [step.input for step in result.dispatch.steps]
+    assert [p.WhichOneof("data") for p in inputs].count("blob") == 2
+    assert sum(len(p.inline) for p in inputs) <= DEFAULT_INLINE_LIMIT
+    assert inputs[-1].WhichOneof("data") == "inline"
+    for i, (payload, size) in enumerate(zip(inputs, sizes, strict=True)):
+        assert await resolve_payload(blobs, "acme", payload) == bytes([i]) * size

@@ -261,6 +261,20 @@ def test_join_fires_once(join: str, quorum: int, fires_after: int) -> None:
     assert not sim.state.joins  # everything arrived: the join is forgotten
 
 
+@pytest.mark.parametrize(
+    ("width", "share"), [(1, 0), (2, 131_072), (4, 65_536), (5, 52_428), (256, 1024), (300, 1024)]
+)
+def test_tasks_dispatched_together_share_one_output_budget(width: int, share: int) -> None:
+    """Their outputs wait in the state for the join and travel in one plan request: each
+    task's request names its share of the pool's default inline limit (never below 1 KiB),
+    over which the pool stores its output as a blob. A task dispatched alone names none."""
+    assert core.output_share(width) == share
+    sim = Sim(fanout_graph())
+    sim.decide(sim.take("plan"), dispatch(*["work"] * min(width, 5)))
+    works = [sim.take("work") for _ in range(min(width, 5))]
+    assert {w.header.output_inline_limit for w in works} == {core.output_share(len(works))}
+
+
 def test_refine_cycle_dispatches_fresh_ids() -> None:
     sim = Sim(fanout_graph())
     sim.decide(sim.take("plan"), dispatch("work", "work"))

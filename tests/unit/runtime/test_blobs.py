@@ -10,8 +10,10 @@ import pytest
 
 from tickmesh.runtime.blobs import (
     DEFAULT_INLINE_LIMIT,
+    MIN_OFFLOAD_BYTES,
     LocalBlobStore,
     offload_payload,
+    offload_to_budget,
     payload_sha256,
     resolve_payload,
 )
@@ -207,3 +209,22 @@ async def test_resolve_fetches_blob_bytes(blobs: LocalBlobStore) -> None:
         await resolve_payload(blobs, A, wrong)
     with pytest.raises(ValidationError, match="outside tenant"):
         await resolve_payload(blobs, B, offloaded)
+
+
+async def test_payloads_sharing_a_budget_go_to_blobs_largest_first(blobs: LocalBlobStore) -> None:
+    """The largest leave until what stays inline fits the budget; payloads of 1 KiB or
+    less never leave (a reference would be as large); a blob already out counts nothing."""
+    sizes = [200_000, 150_000, 120_000, 900, 1_000]
+    payloads = [_inline(bytes([i]) * n) for i, n in enumerate(sizes)]
+    already = await offload_payload(blobs, A, _inline(b"b" * 5_000), inline_limit=0)
+    await offload_to_budget(blobs, A, [*payloads, already], budget=150_000)
+    kinds = [p.WhichOneof("data") for p in payloads]
+    assert kinds == ["blob", "blob", "inline", "inline", "inline"]
+    assert sum(len(p.inline) for p in payloads if p.inline) <= 150_000
+    for i, (payload, size) in enumerate(zip(payloads, sizes, strict=True)):
+        assert await resolve_payload(blobs, A, payload) == bytes([i]) * size
+        assert (payload.size, payload.sha256) == (size, payload_sha256(bytes([i]) * size))
+
+    tiny = [_inline(b"t" * MIN_OFFLOAD_BYTES) for _ in range(10)]
+    await offload_to_budget(blobs, A, tiny, budget=100)
+    assert {p.WhichOneof("data") for p in tiny} == {"inline"}

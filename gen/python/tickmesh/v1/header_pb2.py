@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tickmesh.v1 import graph_pb2 as tickmesh_dot_v1_dot_graph__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tickmesh/v1/header.proto\x12\x0btickmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tickmesh/v1/graph.proto\"\x8e\x07\n\x0e\x45nvelopeHeader\x12\x1f\n\x0b\x65nvelope_id\x18\x01 \x01(\tR\nenvelopeId\x12\x1b\n\ttenant_id\x18\x02 \x01(\tR\x08tenantId\x12\x1f\n\x0blifetime_id\x18\x03 \x01(\tR\nlifetimeId\x12!\n\x0c\x65xecution_id\x18\x04 \x01(\tR\x0b\x65xecutionId\x12\x18\n\x07\x61ttempt\x18\x05 \x01(\rR\x07\x61ttempt\x12\x1a\n\x08sequence\x18\x06 \x01(\x04R\x08sequence\x12\x1c\n\titeration\x18\x07 \x01(\rR\titeration\x12(\n\x04node\x18\x08 \x01(\x0b\x32\x14.tickmesh.v1.NodeRefR\x04node\x12+\n\x05graph\x18\t \x01(\x0b\x32\x15.tickmesh.v1.GraphRefR\x05graph\x12\x30\n\x14parent_execution_ids\x18\n \x03(\tR\x12parentExecutionIds\x12(\n\x04\x65\x64ge\x18\x0b \x01(\x0b\x32\x14.tickmesh.v1.EdgeRefR\x04\x65\x64ge\x12\'\n\x0fidempotency_key\x18\x0c \x01(\tR\x0eidempotencyKey\x12\x39\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x36\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12>\n\rtrace_context\x18\x0f \x01(\x0b\x32\x19.tickmesh.v1.TraceContextR\x0ctraceContext\x12.\n\x04mode\x18\x10 \x01(\x0e\x32\x1a.tickmesh.v1.ExecutionModeR\x04mode\x12\x38\n\x0b\x66ork_origin\x18\x11 \x01(\x0b\x32\x17.tickmesh.v1.ForkOriginR\nforkOrigin\x12\x31\n\x08producer\x18\x12 \x01(\x0b\x32\x15.tickmesh.v1.ProducerR\x08producer\x12?\n\x06labels\x18\x13 \x03(\x0b\x32\'.tickmesh.v1.EnvelopeHeader.LabelsEntryR\x06labels\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"^\n\x07NodeRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x15.tickmesh.v1.NodeKindR\x04kind\x12\x18\n\x07handler\x18\x03 \x01(\tR\x07handler\"L\n\x08GraphRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n\x07version\x18\x02 \x01(\rR\x07version\x12\x16\n\x06\x64igest\x18\x03 \x01(\tR\x06\x64igest\"D\n\x07\x45\x64geRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x15.tickmesh.v1.EdgeKindR\x04kind\"P\n\x0cTraceContext\x12 \n\x0btraceparent\x18\x01 \x01(\tR\x0btraceparent\x12\x1e\n\ntracestate\x18\x02 \x01(\tR\ntracestate\"l\n\nForkOrigin\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\x12!\n\x0c\x65xecution_id\x18\x02 \x01(\tR\x0b\x65xecutionId\x12\x1a\n\x08sequence\x18\x03 \x01(\x04R\x08sequence\"Z\n\x08Producer\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x1a\n\x08instance\x18\x03 \x01(\tR\x08instance*|\n\rExecutionMode\x12\x1e\n\x1a\x45XECUTION_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XECUTION_MODE_LIVE\x10\x01\x12\x19\n\x15\x45XECUTION_MODE_REPLAY\x10\x02\x12\x17\n\x13\x45XECUTION_MODE_FORK\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tickmesh/v1/header.proto\x12\x0btickmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tickmesh/v1/graph.proto\"\xbe\x07\n\x0e\x45nvelopeHeader\x12\x1f\n\x0b\x65nvelope_id\x18\x01 \x01(\tR\nenvelopeId\x12\x1b\n\ttenant_id\x18\x02 \x01(\tR\x08tenantId\x12\x1f\n\x0blifetime_id\x18\x03 \x01(\tR\nlifetimeId\x12!\n\x0c\x65xecution_id\x18\x04 \x01(\tR\x0b\x65xecutionId\x12\x18\n\x07\x61ttempt\x18\x05 \x01(\rR\x07\x61ttempt\x12\x1a\n\x08sequence\x18\x06 \x01(\x04R\x08sequence\x12\x1c\n\titeration\x18\x07 \x01(\rR\titeration\x12(\n\x04node\x18\x08 \x01(\x0b\x32\x14.tickmesh.v1.NodeRefR\x04node\x12+\n\x05graph\x18\t \x01(\x0b\x32\x15.tickmesh.v1.GraphRefR\x05graph\x12\x30\n\x14parent_execution_ids\x18\n \x03(\tR\x12parentExecutionIds\x12(\n\x04\x65\x64ge\x18\x0b \x01(\x0b\x32\x14.tickmesh.v1.EdgeRefR\x04\x65\x64ge\x12\'\n\x0fidempotency_key\x18\x0c \x01(\tR\x0eidempotencyKey\x12\x39\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x36\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line\x12>\n\rtrace_context\x18\x0f \x01(\x0b\x32\x19.tickmesh.v1.TraceContextR\x0ctraceContext\x12.\n\x04mode\x18\x10 \x01(\x0e\x32\x1a.tickmesh.v1.ExecutionModeR\x04mode\x12\x38\n\x0b\x66ork_origin\x18\x11 \x01(\x0b\x32\x17.tickmesh.v1.ForkOriginR\nforkOrigin\x12\x31\n\x08producer\x18\x12 \x01(\x0b\x32\x15.tickmesh.v1.ProducerR\x08producer\x12?\n\x06labels\x18\x13 \x03(\x0b\x32\'.tickmesh.v1.EnvelopeHeader.LabelsEntryR\x06labels\x12.\n\x13output_inline_limit\x18\x14 \x01(\rR\x11outputInlineLimit\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"^\n\x07NodeRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x15.tickmesh.v1.NodeKindR\x04kind\x12\x18\n\x07handler\x18\x03 \x01(\tR\x07handler\"L\n\x08GraphRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n\x07version\x18\x02 \x01(\rR\x07version\x12\x16\n\x06\x64igest\x18\x03 \x01(\tR\x06\x64igest\"D\n\x07\x45\x64geRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x15.tickmesh.v1.EdgeKindR\x04kind\"P\n\x0cTraceContext\x12 \n\x0btraceparent\x18\x01 \x01(\tR\x0btraceparent\x12\x1e\n\ntracestate\x18\x02 \x01(\tR\ntracestate\"l\n\nForkOrigin\x12\x1f\n\x0blifetime_id\x18\x01 \x01(\tR\nlifetimeId\x12!\n\x0c\x65xecution_id\x18\x02 \x01(\tR\x0b\x65xecutionId\x12\x1a\n\x08sequence\x18\x03 \x01(\x04R\x08sequence\"Z\n\x08Producer\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x1a\n\x08instance\x18\x03 \x01(\tR\x08instance*|\n\rExecutionMode\x12\x1e\n\x1a\x45XECUTION_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XECUTION_MODE_LIVE\x10\x01\x12\x19\n\x15\x45XECUTION_MODE_REPLAY\x10\x02\x12\x17\n\x13\x45XECUTION_MODE_FORK\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPEHEADER_LABELSENTRY']._loaded_options = None
   _globals['_ENVELOPEHEADER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_EXECUTIONMODE']._serialized_start=1540
-  _globals['_EXECUTIONMODE']._serialized_end=1664
+  _globals['_EXECUTIONMODE']._serialized_start=1588
+  _globals['_EXECUTIONMODE']._serialized_end=1712
   _globals['_ENVELOPEHEADER']._serialized_start=100
-  _globals['_ENVELOPEHEADER']._serialized_end=1010
-  _globals['_ENVELOPEHEADER_LABELSENTRY']._serialized_start=953
-  _globals['_ENVELOPEHEADER_LABELSENTRY']._serialized_end=1010
-  _globals['_NODEREF']._serialized_start=1012
-  _globals['_NODEREF']._serialized_end=1106
-  _globals['_GRAPHREF']._serialized_start=1108
-  _globals['_GRAPHREF']._serialized_end=1184
-  _globals['_EDGEREF']._serialized_start=1186
-  _globals['_EDGEREF']._serialized_end=1254
-  _globals['_TRACECONTEXT']._serialized_start=1256
-  _globals['_TRACECONTEXT']._serialized_end=1336
-  _globals['_FORKORIGIN']._serialized_start=1338
-  _globals['_FORKORIGIN']._serialized_end=1446
-  _globals['_PRODUCER']._serialized_start=1448
-  _globals['_PRODUCER']._serialized_end=1538
+  _globals['_ENVELOPEHEADER']._serialized_end=1058
+  _globals['_ENVELOPEHEADER_LABELSENTRY']._serialized_start=1001
+  _globals['_ENVELOPEHEADER_LABELSENTRY']._serialized_end=1058
+  _globals['_NODEREF']._serialized_start=1060
+  _globals['_NODEREF']._serialized_end=1154
+  _globals['_GRAPHREF']._serialized_start=1156
+  _globals['_GRAPHREF']._serialized_end=1232
+  _globals['_EDGEREF']._serialized_start=1234
+  _globals['_EDGEREF']._serialized_end=1302
+  _globals['_TRACECONTEXT']._serialized_start=1304
+  _globals['_TRACECONTEXT']._serialized_end=1384
+  _globals['_FORKORIGIN']._serialized_start=1386
+  _globals['_FORKORIGIN']._serialized_end=1494
+  _globals['_PRODUCER']._serialized_start=1496
+  _globals['_PRODUCER']._serialized_end=1586
 # @@protoc_insertion_point(module_scope)

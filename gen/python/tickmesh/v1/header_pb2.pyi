@@ -98,6 +98,7 @@ class EnvelopeHeader(_message.Message):
     FORK_ORIGIN_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OUTPUT_INLINE_LIMIT_FIELD_NUMBER: _builtins.int
     envelope_id: _builtins.str
     """envelope_id is a UUIDv7 unique to this message."""
     tenant_id: _builtins.str
@@ -124,6 +125,14 @@ class EnvelopeHeader(_message.Message):
     """
     mode: Global___ExecutionMode.ValueType
     """mode says whether this is live work, a replay or a forked lifetime."""
+    output_inline_limit: _builtins.int
+    """output_inline_limit is set by the router on a task request dispatched
+    together with other steps (a fan-out): the most bytes of the task's output
+    that travel inline. The executor pool stores a larger output in the blob
+    store, whatever its own inline limit, so that the outputs a join gathers
+    fit the lifetime's state and the plan's request (steps dispatched together
+    share one inline budget). Never below 1024. 0: the pool's own limit.
+    """
     @_builtins.property
     def node(self) -> Global___NodeRef:
         """node is the node being executed."""
@@ -188,10 +197,11 @@ class EnvelopeHeader(_message.Message):
         fork_origin: Global___ForkOrigin | None = ...,
         producer: Global___Producer | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        output_inline_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "edge", b"edge", "fork_origin", b"fork_origin", "graph", b"graph", "node", b"node", "producer", b"producer", "trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "deadline", b"deadline", "edge", b"edge", "envelope_id", b"envelope_id", "execution_id", b"execution_id", "fork_origin", b"fork_origin", "graph", b"graph", "idempotency_key", b"idempotency_key", "iteration", b"iteration", "labels", b"labels", "lifetime_id", b"lifetime_id", "mode", b"mode", "node", b"node", "parent_execution_ids", b"parent_execution_ids", "producer", b"producer", "sequence", b"sequence", "tenant_id", b"tenant_id", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "deadline", b"deadline", "edge", b"edge", "envelope_id", b"envelope_id", "execution_id", b"execution_id", "fork_origin", b"fork_origin", "graph", b"graph", "idempotency_key", b"idempotency_key", "iteration", b"iteration", "labels", b"labels", "lifetime_id", b"lifetime_id", "mode", b"mode", "node", b"node", "output_inline_limit", b"output_inline_limit", "parent_execution_ids", b"parent_execution_ids", "producer", b"producer", "sequence", b"sequence", "tenant_id", b"tenant_id", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
