@@ -438,9 +438,16 @@ export class Worker {
     const request = body.value;
     const [goal, raw] = await this.decodePayload(run.ctx, request.goal);
     run.ctx.rawInput = raw;
+    // Read together: a wide join's outputs travel as blobs, and one after the other a join of N
+    // would wait for N downloads in turn. The first failure in the inputs' order is reported.
+    const read = await Promise.allSettled(
+      request.inputs.map(async (p) => (p.output ? (await this.decodePayload(run.ctx, p.output))[0] : null)),
+    );
+    const failed = read.find((r): r is PromiseRejectedResult => r.status === "rejected");
+    if (failed) throw failed.reason;
     const inputs: PlanInputView[] = [];
-    for (const p of request.inputs) {
-      const [output] = p.output ? await this.decodePayload(run.ctx, p.output) : [null];
+    for (const [i, p] of request.inputs.entries()) {
+      const output = (read[i] as PromiseFulfilledResult<unknown>).value;
       const status = statusName(p.status);
       inputs.push({
         executionId: p.executionId,

@@ -17,6 +17,8 @@ import {
 import { NodeKind } from "../../../gen/ts/tickmesh/v1/graph_pb.js";
 import { TaskStatus } from "../../../gen/ts/tickmesh/v1/result_pb.js";
 import { TraceContextSchema } from "../../../gen/ts/tickmesh/v1/header_pb.js";
+import { BlobRefSchema } from "../../../gen/ts/tickmesh/v1/payload_pb.js";
+import { PlanInputSchema } from "../../../gen/ts/tickmesh/v1/request_pb.js";
 import { TaskError, Worker, complete, decode, dispatch, encodeWire, step } from "../src/index.js";
 
 type Call = grpc.ServerDuplexStream<ConnectRequest, ConnectResponse>;
@@ -209,6 +211,57 @@ test("a handler sees the step's trace context, so its own spans can join the lif
     );
     assert.deepEqual(outputs.get("t1"), { traceparent, tracestate: "k=v" });
     assert.deepEqual(outputs.get("t2"), { traceparent: "", tracestate: "" }); // an untraced lifetime
+  } finally {
+    await worker.shutdown(100);
+    pool.close();
+  }
+});
+
+test("a plan's blob inputs are read together and handed over in order", async () => {
+  const pool = await fakePool();
+  let inFlight = 0;
+  let most = 0;
+  const resolver = {
+    async resolve(_tenant: string, uri: string): Promise<Uint8Array> {
+      inFlight += 1;
+      most = Math.max(most, inFlight);
+      await new Promise((r) => setTimeout(r, 50));
+      inFlight -= 1;
+      return encodeWire(uri.replace("blob:", "")).data.value as Uint8Array;
+    },
+  };
+  const seen: unknown[][] = [];
+  const worker = new Worker({ target: pool.target, tenant: "acme", blobResolver: resolver, log: () => undefined }).plan(
+    "join",
+    async (_ctx, _goal, inputs) => {
+      seen.push(inputs.map((i) => i.output));
+      return complete(inputs.length);
+    },
+  );
+  worker.start();
+  try {
+    await pool.next(); // hello
+    await worker.waitConnected();
+    const joined = assignment("j1", "plan", "join", null);
+    const body = joined.envelope!.body;
+    if (body.case !== "planRequest") return assert.fail("not a plan request");
+    const blob = (i: number) => ({
+      contentType: "application/json",
+      data: { case: "blob" as const, value: create(BlobRefSchema, { uri: `blob:part${i}`, contentType: "application/json" }) },
+    });
+    const inputs = [0, 1, 2, 3, 4].map((i) => create(PlanInputSchema, { executionId: `b${i}`, output: blob(i) }));
+    inputs.splice(2, 0, create(PlanInputSchema, { executionId: "inline", output: encodeWire("here") }));
+    inputs.splice(4, 0, create(PlanInputSchema, { executionId: "failed" }));
+    body.value.inputs = inputs;
+    const started = Date.now();
+    assign(pool.calls[0]!, joined);
+    let done: ConnectRequest;
+    do done = await pool.next();
+    while (done.message.case === "heartbeat");
+    assert.equal(done.message.case, "completions");
+    assert.ok(Date.now() - started < 200, "five reads of 50 ms each, together");
+    assert.equal(most, 5);
+    assert.deepEqual(seen, [["part0", "part1", "here", "part2", null, "part3", "part4"]]);
   } finally {
     await worker.shutdown(100);
     pool.close();

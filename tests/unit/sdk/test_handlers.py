@@ -27,6 +27,8 @@ from tickmesh.sdk import (
 )
 from tickmesh.sdk._client import _code_digests
 from tickmesh.sdk._convert import (
+    PlanInputData,
+    WirePayload,
     error_to_proto,
     payload_to_proto,
     plan_result_to_proto,
@@ -387,3 +389,62 @@ def test_results_carry_run_time_and_queue_wait_as_timedelta_rounds_them(
         assert telemetry.queue_wait == expected
     plan = plan_result_to_proto(None, run_time_s=run_time, queue_wait_s=queue_wait).telemetry
     assert plan == telemetry
+
+
+class _SlowResolver:
+    """Serves blobs named ``blob:<text>`` after a pause, counting reads in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most = 0
+
+    async def resolve(self, tenant: str, uri: str, sha256: str, size: int) -> bytes:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            if uri.startswith("missing:"):
+                raise NotFoundError(f"blob {uri} does not exist")
+            return uri.removeprefix("blob:").encode()
+        finally:
+            self.in_flight -= 1
+
+
+def _input(name: str, output: WirePayload | None) -> PlanInputData:
+    return PlanInputData(name, "n", "succeeded", output, "", "", 0, 0, 0)
+
+
+def _wire(text: str, *, blob: bool) -> WirePayload:
+    if blob:
+        return WirePayload("text/plain", None, blob_uri=text)
+    return WirePayload("text/plain", text.encode())
+
+
+async def test_a_plans_blob_inputs_are_read_concurrently_and_kept_in_order() -> None:
+    """A wide join's outputs travel as blobs: they are downloaded together, not in turn;
+    the plan sees them in its inputs' order, and a missing one fails the attempt as the
+    first unreadable input."""
+    resolver = _SlowResolver()
+
+    @plan
+    async def join(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) -> Decision:
+        return complete(None)
+
+    worker = Worker("127.0.0.1:1", tenant="acme", tasks=[join], blob_resolver=resolver)
+    inputs = [_input(f"b{i}", _wire(f"blob:part{i}", blob=True)) for i in range(5)]
+    inputs.insert(2, _input("inline", _wire("here", blob=False)))
+    inputs.insert(4, _input("failed", None))
+    started = asyncio.get_running_loop().time()
+    outputs = await worker._decode_outputs("acme", inputs)
+    took = asyncio.get_running_loop().time() - started
+    assert outputs == ["part0", "part1", "here", "part2", None, "part3", "part4"]
+    assert resolver.most == 5
+    assert took < 0.2  # five pauses of 0.05 s, together
+    one = await worker._decode_outputs("acme", [_input("b", _wire("blob:alone", blob=True))])
+    assert one == ["alone"]
+
+    broken = [_input(f"m{i}", _wire(f"missing:{i}", blob=True)) for i in range(3)]
+    with pytest.raises(
+        TaskError, match="cannot read the input: NOT_FOUND: blob missing:0 does not"
+    ):
+        await worker._decode_outputs("acme", [_input("ok", _wire("blob:x", blob=True)), *broken])
