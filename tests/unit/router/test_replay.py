@@ -99,6 +99,23 @@ def test_a_fan_out_with_a_join_replays() -> None:
     assert report.reproduced, report.divergences
 
 
+def test_a_fan_out_recorded_before_output_shares_replays() -> None:
+    """An earlier version named no output share on a fan-out's requests (nor, then, did
+    its records' headers): the share is in the header, not in the request body whose
+    digest replay compares, so such a lifetime still reproduces."""
+    sim = Recorder(fanout_graph())
+    sim.decide(sim.take("plan"), dispatch("work", "work", "work"))
+    works = [sim.take("work") for _ in range(3)]
+    assert {w.header.output_inline_limit for w in works} == {core.output_share(3)}
+    for i, work in enumerate(works):
+        work.header.ClearField("output_inline_limit")
+        sim.finish_task(work, i)
+    sim.decide(sim.take("merge"), complete("ok"))
+    assert not any(r.task_execution.header.output_inline_limit for r in sim.refs)
+    report = replayed(sim)
+    assert report.reproduced, report.divergences
+
+
 def test_signals_and_timeouts_are_replayed_from_the_recorded_wakes() -> None:
     sim = Recorder(hello_graph())
     sim.finish_task(sim.take("greet"), "hi")
