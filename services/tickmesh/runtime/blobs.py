@@ -233,12 +233,24 @@ async def offload_to_budget(
     """
     inline = [p for p in payloads if p.WhichOneof("data") == "inline"]
     total = sum(len(p.inline) for p in inline)
+    leaving: list[payload_pb2.Payload] = []
     for payload in sorted(inline, key=lambda p: len(p.inline), reverse=True):
         size = len(payload.inline)
         if total <= budget or size <= MIN_OFFLOAD_BYTES:
-            return
-        payload.CopyFrom(await offload_payload(store, tenant, payload, inline_limit=0))
+            break
+        leaving.append(payload)
         total -= size
+    # Stored together: a fan-out of hundreds would otherwise wait for each write in turn.
+    stored = await asyncio.gather(
+        *(offload_payload(store, tenant, p, inline_limit=0) for p in leaving),
+        return_exceptions=True,
+    )
+    for ref in stored:
+        if isinstance(ref, BaseException):
+            raise ref  # nothing replaced yet: the payloads stay as they came
+    for payload, ref in zip(leaving, stored, strict=True):
+        assert isinstance(ref, payload_pb2.Payload)
+        payload.CopyFrom(ref)
 
 
 async def resolve_payload(store: BlobStore, tenant: str, payload: payload_pb2.Payload) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -228,3 +229,39 @@ async def test_payloads_sharing_a_budget_go_to_blobs_largest_first(blobs: LocalB
     tiny = [_inline(b"t" * MIN_OFFLOAD_BYTES) for _ in range(10)]
     await offload_to_budget(blobs, A, tiny, budget=100)
     assert {p.WhichOneof("data") for p in tiny} == {"inline"}
+
+
+class _SlowStore(LocalBlobStore):
+    """A local store whose writes take a while, counting those in flight."""
+
+    in_flight = 0
+    most = 0
+
+    async def put(self, tenant: str, data: bytes, content_type: str) -> payload_pb2.BlobRef:
+        _SlowStore.in_flight += 1
+        _SlowStore.most = max(_SlowStore.most, _SlowStore.in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            return await super().put(tenant, data, content_type)
+        finally:
+            _SlowStore.in_flight -= 1
+
+
+async def test_payloads_leaving_a_budget_are_stored_together_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """Hundreds of a fan-out's inputs do not wait for each other's write; one that cannot
+    be stored (its digest wrong) leaves every payload as it came."""
+    store = _SlowStore(tmp_path / "blobs")
+    payloads = [_inline(bytes([i]) * 4_000) for i in range(20)]
+    started = asyncio.get_running_loop().time()
+    await offload_to_budget(store, A, payloads, budget=10_000)
+    assert asyncio.get_running_loop().time() - started < 0.5  # 18 writes of 0.05 s
+    assert _SlowStore.most >= 10
+    assert [p.WhichOneof("data") for p in payloads].count("blob") == 18
+
+    bad = [_inline(bytes([i]) * 4_000) for i in range(3)]
+    bad[1].sha256 = "0" * 64
+    with pytest.raises(ValidationError, match="payload sha256"):
+        await offload_to_budget(store, A, bad, budget=0)
+    assert {p.WhichOneof("data") for p in bad} == {"inline"}
