@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.audit import record_of, task_status
+from tests.support.graphs import plan_task_loop
 from tests.support.mesh import MeshFactory
 from tickmesh.runtime.subjects import HDR_REASON
 from tickmesh.sdk import (
@@ -31,24 +32,8 @@ from tickmesh.sdk import (
     task,
     wait_for,
 )
-from tickmesh.v1 import graph_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def plan_task_loop(
-    name: str, plan_handler: str, task_handler: str, *, max_iterations: int, **task: Any
-) -> graph_pb2.AgentGraph:
-    """A plan node and a task node (ids = handlers) in a cycle, the plan final."""
-    return (
-        GraphBuilder(name, max_iterations=max_iterations)
-        .plan(plan_handler)
-        .task(task_handler, **task)
-        .edge(plan_handler, task_handler)
-        .edge(task_handler, plan_handler)
-        .final(plan_handler)
-        .build()
-    )
 
 
 async def test_usage_that_cannot_be_summed_fails_its_attempt_and_the_store_goes_on(

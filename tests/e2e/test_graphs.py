@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.support.audit import record_of, task_status
+from tests.support.graphs import plan_task_loop
 from tests.support.mesh import MeshFactory
 from tickmesh.sdk import (
     Decision,
@@ -38,15 +39,7 @@ async def test_a_cycle_stops_at_max_iterations(start_mesh: MeshFactory) -> None:
         return value
 
     await h.worker([forever, again])
-    graph = await h.register(
-        GraphBuilder("cycle", max_iterations=3)
-        .plan("forever")
-        .task("again")
-        .edge("forever", "again")
-        .edge("again", "forever")
-        .final("forever")
-        .build()
-    )
+    graph = await h.register(plan_task_loop("cycle", "forever", "again", max_iterations=3))
 
     handle = await h.start(graph, {})
     with pytest.raises(LifetimeFailedError) as failed:

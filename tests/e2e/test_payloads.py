@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.audit import record_of
+from tests.support.graphs import plan_task_loop
 from tests.support.mesh import MeshFactory
 from tickmesh.runtime.blobs import DEFAULT_INLINE_LIMIT
 from tickmesh.sdk import (
@@ -136,15 +137,7 @@ async def test_a_wide_join_of_large_outputs_gathers_every_output_intact(
         return _fill(ask["i"], ask["size"])
 
     await h.worker([gather, write])
-    graph = await h.register(
-        GraphBuilder("joined", max_iterations=20)
-        .plan("gather")
-        .task("write")
-        .edge("gather", "write")
-        .edge("write", "gather")
-        .final("gather")
-        .build()
-    )
+    graph = await h.register(plan_task_loop("joined", "gather", "write", max_iterations=20))
     for branches, size, where in ((5, 250_000, "blob"), (5, 10_000, "inline")):
         handle = await h.start(graph, {"branches": branches, "size": size})
         output = await handle.result(within=30)
@@ -180,15 +173,7 @@ async def test_a_wide_fan_out_of_large_inputs_runs(start_mesh: MeshFactory) -> N
         return [len(data), hashlib.sha256(data).hexdigest()]
 
     await h.worker([spread, measure])
-    graph = await h.register(
-        GraphBuilder("spread", max_iterations=20)
-        .plan("spread")
-        .task("measure")
-        .edge("spread", "measure")
-        .edge("measure", "spread")
-        .final("spread")
-        .build()
-    )
+    graph = await h.register(plan_task_loop("spread", "spread", "measure", max_iterations=20))
     size = 262_000
     handle = await h.start(graph, {"size": size, "notes": "n" * size})
     output = await handle.result(within=30)
