@@ -11,7 +11,8 @@ version reproduces the same decisions and execution ids.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, lru_cache
@@ -436,6 +437,14 @@ def output_share(width: int) -> int:
     if width <= 1:
         return 0
     return max(MIN_OFFLOAD_BYTES, DEFAULT_INLINE_LIMIT // width)
+
+
+def output_shares(lt: Lifetime, tasks: Sequence[graph_pb2.Node]) -> list[int]:
+    """The ``output_share`` of each of ``tasks``, dispatched together: the width is that of
+    the join each one reports to (its downstream plan), not the whole decision's."""
+    joins = [lt.index.plans.get(task.id) for task in tasks]
+    widths = Counter(plan.id if plan is not None else "" for plan in joins)
+    return [output_share(widths[plan.id if plan is not None else ""]) for plan in joins]
 
 
 def dispatch_task(
@@ -962,8 +971,8 @@ def _plan_decided(
             )
             return
         targets.append((target, edge, step))
-    share = output_share(len(targets))
-    for target, edge, step in targets:
+    shares = output_shares(lt, [target for target, _, _ in targets])
+    for (target, edge, step), share in zip(targets, shares, strict=True):
         if (
             dispatch_task(
                 lt,

@@ -72,7 +72,7 @@ class _Step:
     task_input: payload_pb2.Payload | None = None
     """A task's input (the dispatching plan's step input)."""
     output_limit: int = 0
-    """A task's ``output_inline_limit`` (``core.output_share`` of its fan-out)."""
+    """A task's ``output_inline_limit`` (``core.output_shares``)."""
     inputs: list[_Finished] = field(default_factory=list)
     """A plan's inputs, as its join gathered them."""
     flight: rs.InFlight | None = None
@@ -260,8 +260,8 @@ class _Forward:
                 return False
             targets.append((target, target_id, edge, next_step))
         self._finish(exec_id, result.telemetry)
-        share = core.output_share(len(targets))
-        for target, target_id, edge, next_step in targets:
+        shares = core.output_shares(self.lt, [target for target, _, _, _ in targets])
+        for (target, target_id, edge, next_step), share in zip(targets, shares, strict=True):
             self._dispatch(
                 target,
                 target_id,

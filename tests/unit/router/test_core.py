@@ -275,6 +275,30 @@ def test_tasks_dispatched_together_share_one_output_budget(width: int, share: in
     assert {w.header.output_inline_limit for w in works} == {core.output_share(len(works))}
 
 
+def test_each_join_shares_its_own_budget() -> None:
+    """Tasks of one decision that report to different plans are different joins: each
+    task's share is its own join's part, not the whole decision's."""
+    graph = (
+        GraphBuilder("two-joins")
+        .plan("plan")
+        .task("a")
+        .task("b")
+        .plan("x")
+        .plan("y")
+        .edge("plan", "a")
+        .edge("plan", "b")
+        .edge("a", "x")
+        .edge("b", "y")
+        .final("x")
+        .final("y")
+        .build()
+    )
+    sim = Sim(graph)
+    sim.decide(sim.take("plan"), dispatch("a", "a", "b"))
+    shares = {(w.header.node.id, w.header.output_inline_limit) for w in sim.pending}
+    assert shares == {("a", core.output_share(2)), ("b", 0)}
+
+
 def test_refine_cycle_dispatches_fresh_ids() -> None:
     sim = Sim(fanout_graph())
     sim.decide(sim.take("plan"), dispatch("work", "work"))
