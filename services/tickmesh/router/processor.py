@@ -61,7 +61,7 @@ from tickmesh.sdk.tracing import (
     carrier_of,
     context_from,
 )
-from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
+from tickmesh.v1 import envelope_pb2, guardrail_pb2, header_pb2, lifetime_pb2, telemetry_pb2
 
 from . import core
 from .store import ConflictError, RouterStore, StateTooLargeError
@@ -544,21 +544,64 @@ def _undecidable(cause: Exception, one_by_one: Sequence[Mutation] = ()) -> Mutat
         if lt.terminal:
             return False
         failure = cause
+        guard = lt.guard
         for step in one_by_one:
             trial = rs.RouterLifetime()
             trial.CopyFrom(lt.state)
+            decided: list[guardrail_pb2.GuardrailDecision] = []
             try:
-                step(core.Lifetime(trial, lt.graph, lt.producer, lt.now, lt.guard))
+                step(
+                    core.Lifetime(trial, lt.graph, lt.producer, lt.now, _recording(guard, decided))
+                )
             except Exception as raised:
                 failure = raised
                 break
-            step(lt)
+            # The same step on the same state asks the same evaluations: each is taken from
+            # the trial, so it is counted (metrics) and traced (spans) once.
+            lt.guard = _replaying(guard, decided)
+            try:
+                step(lt)
+            finally:
+                lt.guard = guard
             if lt.terminal:
                 return True
         core.fail_undecidable(lt, failure)
         return True
 
     return fail
+
+
+def _recording(guard: core.Guard, decided: list[guardrail_pb2.GuardrailDecision]) -> core.Guard:
+    """``guard``, keeping each decision it makes in ``decided``."""
+
+    def record(
+        lt: core.Lifetime,
+        phase: guardrail_pb2.GuardrailPhase.ValueType,
+        header: header_pb2.EnvelopeHeader,
+        telemetry: telemetry_pb2.Telemetry,
+    ) -> guardrail_pb2.GuardrailDecision:
+        decision = guard(lt, phase, header, telemetry)
+        decided.append(decision)
+        return decision
+
+    return record
+
+
+def _replaying(guard: core.Guard, decided: list[guardrail_pb2.GuardrailDecision]) -> core.Guard:
+    """The decisions ``decided`` in order, then ``guard`` itself (never reached when the
+    step asks what it asked before)."""
+    replayed = iter(decided)
+
+    def replay(
+        lt: core.Lifetime,
+        phase: guardrail_pb2.GuardrailPhase.ValueType,
+        header: header_pb2.EnvelopeHeader,
+        telemetry: telemetry_pb2.Telemetry,
+    ) -> guardrail_pb2.GuardrailDecision:
+        decision = next(replayed, None)
+        return decision if decision is not None else guard(lt, phase, header, telemetry)
+
+    return replay
 
 
 def _fail_with(error_type: str, message: str) -> Mutation:
