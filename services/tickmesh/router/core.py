@@ -442,6 +442,8 @@ def output_share(width: int) -> int:
 def output_shares(lt: Lifetime, tasks: Sequence[graph_pb2.Node]) -> list[int]:
     """The ``output_share`` of each of ``tasks``, dispatched together: the width is that of
     the join each one reports to (its downstream plan), not the whole decision's."""
+    if len(tasks) == 1:
+        return [0]  # (most decisions: a task alone in its join)
     joins = [lt.index.plans.get(task.id) for task in tasks]
     widths = Counter(plan.id if plan is not None else "" for plan in joins)
     return [output_share(widths[plan.id if plan is not None else ""]) for plan in joins]
