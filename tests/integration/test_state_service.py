@@ -20,6 +20,8 @@ import grpc
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerInfo
+from nats.js.client import JetStreamContext
 
 from tests.support.factories import make_envelope
 from tests.support.nats_server import new_tenant
@@ -933,17 +935,10 @@ async def test_records_are_stored_in_the_streams_order_when_the_store_fails_a_ba
     assert await listed_ids(state) == [exec_id(1), exec_id(2)]
 
 
-async def test_events_an_earlier_version_left_unbatched_are_stored_then_purged(
-    nats_server: EmbeddedNats, tmp_path: Path
-) -> None:
-    """An earlier version kept one message per decision on the lifetime's own subject.
-    Once the events stream keeps the batch subject only, no consumer reads those: the
-    state service stores them when it starts (each event once), then purges them, so
-    an upgrade loses no event whichever service started first."""
-    tenant = new_tenant("u")
+async def _leave_unbatched_events(js: JetStreamContext, tenant: str) -> None:
+    """Events as an earlier version left them: one message per decision on each
+    lifetime's own subject (A: sequences 1, 2 then 3; B: 1), the stream keeping those."""
     names = TenantNames(tenant)
-    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
-    js = runtime_nats.jetstream(nc)
     await ensure_tenant(js, tenant)
     old = (await js.stream_info(names.evt_stream)).config
     await js.update_stream(replace(old, subjects=[names.evt_all]))  # as that version made it
@@ -955,6 +950,20 @@ async def test_events_an_earlier_version_left_unbatched_are_stored_then_purged(
             encode_envelope(decision),
             headers={HDR_TYPE: "lifetime_events", HDR_TENANT: tenant},
         )
+
+
+async def test_events_an_earlier_version_left_unbatched_are_stored_then_purged(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """An earlier version kept one message per decision on the lifetime's own subject.
+    Once the events stream keeps the batch subject only, no consumer reads those: the
+    state service stores them when it starts (each event once), then purges them, so
+    an upgrade loses no event whichever service started first."""
+    tenant = new_tenant("u")
+    names = TenantNames(tenant)
+    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+    js = runtime_nats.jetstream(nc)
+    await _leave_unbatched_events(js, tenant)
     service = await state_service(nats_server.url, nc, tmp_path, [tenant])
     store = service.store
     await service.start()  # moves the stream to the batch subject, then drains the rest
@@ -978,6 +987,41 @@ async def test_events_an_earlier_version_left_unbatched_are_stored_then_purged(
         assert (await js.stream_info(names.evt_stream)).config.subjects == [names.evb]
         # Nothing left: a second drain reads nothing.
         assert await service.consumers[tenant].drain_unbatched_events() == 0
+    finally:
+        await service.stop()
+        await nc.close()
+
+
+async def test_the_drain_counts_events_pushed_before_the_server_said_how_many(
+    nats_server: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain's consumer is pushed to from the moment it exists; when the server
+    answers how many are pending only after pushing them all, it says none are. The
+    drain still reads and stores every one (it read nothing and stored nothing)."""
+    tenant = new_tenant("v")
+    nc = await runtime_nats.connect(nats_server.url, name=f"test:{tenant}")
+    js = runtime_nats.jetstream(nc)
+    await _leave_unbatched_events(js, tenant)
+    asked = JetStreamContext.PushSubscription.consumer_info
+
+    async def after_the_push(sub: JetStreamContext.PushSubscription) -> ConsumerInfo:
+        async def all_pushed() -> bool:
+            return sub.pending_msgs >= 3
+
+        await eventually(all_pushed, what="every message pushed to this client")
+        return await asked(sub)
+
+    monkeypatch.setattr(JetStreamContext.PushSubscription, "consumer_info", after_the_push)
+    service = await state_service(nats_server.url, nc, tmp_path, [tenant])
+    await service.start()  # drains in the background, through the patched question
+    try:
+
+        async def stored() -> tuple[list[int], list[int]] | None:
+            a = [e.sequence for e in await service.store.list_events(tenant, LIFETIME_A)]
+            b = [e.sequence for e in await service.store.list_events(tenant, LIFETIME_B)]
+            return (a, b) if len(a) == 3 and b else None
+
+        assert await eventually(stored, what="the events left unbatched") == ([1, 2, 3], [1])
     finally:
         await service.stop()
         await nc.close()

@@ -158,7 +158,11 @@ class RecordConsumer:
         )
         read = 0
         try:
-            pending = (await sub.consumer_info()).num_pending or 0
+            # The server pushes from the moment the consumer exists: by the time it answers
+            # this, some (or all) may be delivered already, so count those too.
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            pending = (info.num_pending or 0) + (delivered or 0)
             while pending:
                 chunk: list[Msg] = []
                 while pending and len(chunk) < DRAIN_BATCH:
