@@ -50,8 +50,17 @@ async def loop_plan(ctx: PlanContext, goal: Any, inputs: list[PlanInputView]) ->
     return dispatch(step("work", {"round": ctx.iteration, "sleep": goal["sleep"]}))
 
 
+ROUNDS_LET_GO: dict[str, asyncio.Semaphore] = {}
+"""A lifetime's rounds of ``work`` wait for a permit here when a test holds it (each
+permit lets one round run), so a test sees it progress when it asks, whatever the speed
+of the machine. Lifetimes not named here run freely."""
+
+
 @task
 async def work(ctx: TaskContext, value: Any) -> Any:
+    held = ROUNDS_LET_GO.get(ctx.lifetime_id)
+    if held is not None:
+        await held.acquire()
     await asyncio.sleep(value["sleep"])
     ctx.report(
         input_tokens=TOKENS_PER_STEP[0],
@@ -224,6 +233,7 @@ async def test_console_streams_events_in_order_and_resumes(console: Console) -> 
 
 async def test_console_pauses_resumes_signals_and_aborts(console: Console) -> None:
     handle = await console.start(rounds=50, sleep=0.05)
+    ROUNDS_LET_GO[handle.id] = asyncio.Semaphore(0)  # running until aborted, however slow
     await wait_for_state(console.client, handle.id, "running", 5)
     base = f"/api/lifetimes/{handle.id}"
 
@@ -251,6 +261,7 @@ async def test_console_pauses_resumes_signals_and_aborts(console: Console) -> No
     assert (await handle.describe()).state == "aborted"
     status, _ = await console.post("/api/lifetimes/no-such-lifetime/pause")
     assert status == 404
+    del ROUNDS_LET_GO[handle.id]
 
 
 @plan(name="review")
@@ -316,7 +327,11 @@ async def test_console_page_follows_and_steers_a_lifetime(
 ) -> None:
     from playwright.async_api import async_playwright, expect
 
-    handle = await console.start(rounds=25, sleep=0.15)
+    handle = await console.start(rounds=25, sleep=0.01)
+    # Held from here: nothing can run before this line (the worker shares this event
+    # loop), and the page sees the lifetime move only when the test lets a round go, so
+    # a slow browser start cannot find it finished already.
+    rounds = ROUNDS_LET_GO[handle.id] = asyncio.Semaphore(1)
     await wait_for_state(console.client, handle.id, "running", 5)
     shot = tmp_path / "console.png"
     async with async_playwright() as pw:
@@ -330,8 +345,9 @@ async def test_console_page_follows_and_steers_a_lifetime(
             await row.click()
             await expect(page.get_by_test_id("detail-id")).to_have_text(handle.id)
             steps = page.locator('[data-testid="event"][data-kind="step_finished"]')
-            await expect(steps.nth(1)).to_be_attached()
+            await expect(steps.nth(1)).to_be_attached()  # the plan's and the first round's
             seen = await steps.count()
+            rounds.release()  # one more round
             await expect(steps.nth(seen)).to_be_attached()  # still growing, live
 
             await page.get_by_test_id("btn-pause").click()
@@ -341,6 +357,8 @@ async def test_console_page_follows_and_steers_a_lifetime(
             paused_events = page.locator('[data-testid="event"][data-kind="state_changed"]')
             await expect(paused_events.last).to_contain_text("paused")
 
+            for _ in range(25):
+                rounds.release()  # the rest run freely once resumed
             await page.get_by_test_id("btn-resume").click()
             await expect(page.get_by_test_id("detail-state")).to_have_text(
                 "completed", timeout=15_000
@@ -353,5 +371,6 @@ async def test_console_page_follows_and_steers_a_lifetime(
             await page.screenshot(path=str(shot), full_page=True)
         finally:
             await browser.close()
+            del ROUNDS_LET_GO[handle.id]
 
     await asyncio.to_thread(keep_screenshot, shot)
