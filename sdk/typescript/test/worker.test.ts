@@ -253,14 +253,12 @@ test("a plan's blob inputs are read together and handed over in order", async ()
     inputs.splice(2, 0, create(PlanInputSchema, { executionId: "inline", output: encodeWire("here") }));
     inputs.splice(4, 0, create(PlanInputSchema, { executionId: "failed" }));
     body.value.inputs = inputs;
-    const started = Date.now();
     assign(pool.calls[0]!, joined);
     let done: ConnectRequest;
     do done = await pool.next();
     while (done.message.case === "heartbeat");
     assert.equal(done.message.case, "completions");
-    assert.ok(Date.now() - started < 200, "five reads of 50 ms each, together");
-    assert.equal(most, 5);
+    assert.equal(most, 5, "every read in flight at once (in turn: 1), whatever the load");
     assert.deepEqual(seen, [["part0", "part1", "here", "part2", null, "part3", "part4"]]);
   } finally {
     await worker.shutdown(100);

@@ -254,10 +254,8 @@ async def test_payloads_leaving_a_budget_are_stored_together_or_not_at_all(
     be stored (its digest wrong) leaves every payload as it came."""
     store = _SlowStore(tmp_path / "blobs")
     payloads = [_inline(bytes([i]) * 4_000) for i in range(20)]
-    started = asyncio.get_running_loop().time()
     await offload_to_budget(store, A, payloads, budget=10_000)
-    assert asyncio.get_running_loop().time() - started < 0.5  # 18 writes of 0.05 s
-    assert _SlowStore.most >= 10
+    assert _SlowStore.most >= 10  # in flight at once (one after the other: 1), whatever the load
     assert [p.WhichOneof("data") for p in payloads].count("blob") == 18
 
     bad = [_inline(bytes([i]) * 4_000) for i in range(3)]

@@ -434,12 +434,9 @@ async def test_a_plans_blob_inputs_are_read_concurrently_and_kept_in_order() -> 
     inputs = [_input(f"b{i}", _wire(f"blob:part{i}", blob=True)) for i in range(5)]
     inputs.insert(2, _input("inline", _wire("here", blob=False)))
     inputs.insert(4, _input("failed", None))
-    started = asyncio.get_running_loop().time()
     outputs = await worker._decode_outputs("acme", inputs)
-    took = asyncio.get_running_loop().time() - started
     assert outputs == ["part0", "part1", "here", "part2", None, "part3", "part4"]
-    assert resolver.most == 5
-    assert took < 0.2  # five pauses of 0.05 s, together
+    assert resolver.most == 5  # every read in flight at once (in turn: 1), whatever the load
     one = await worker._decode_outputs("acme", [_input("b", _wire("blob:alone", blob=True))])
     assert one == ["alone"]
 
