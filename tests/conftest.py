@@ -19,3 +19,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for directory, marker in _MARKERS.items():
             if directory in parts:
                 item.add_marker(marker)
+
+
+pytest_plugins = ["tests.support.hangs"]
