@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import KeyNotFoundError
@@ -143,15 +146,20 @@ class GuardrailService:
         if entry.value is None:
             return Usage()
         state = router_state_pb2.RouterLifetime.FromString(entry.value)
-        usage = Usage.of(state.lifetime.totals)
-        return Usage(
-            executions=int(state.lifetime.execution_count),
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost_micros=usage.cost_micros,
-            model_calls=usage.model_calls,
-            tool_calls=usage.tool_calls,
+        view = state.lifetime
+        elapsed = 0.0
+        if view.HasField("created_at"):
+            elapsed = max(0.0, time.time() - view.created_at.ToNanoseconds() / 1e9)
+        # As the router's own lifetime usage (tickmesh.router.guard.lifetime_usage): the
+        # totals with their custom metrics, time since the start and the steps in flight.
+        # It keeps no per-execution maxima, so none are made up from the totals.
+        return dataclasses.replace(
+            Usage.of(view.totals),
+            executions=int(view.execution_count),
             iterations=max(state.iterations.values(), default=0),
+            wall_time_s=elapsed,
+            fanout=len(state.in_flight),
+            max_values=MappingProxyType({}),
         )
 
     async def stop(self) -> None:

@@ -4,6 +4,7 @@ the snapshot stream."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from datetime import UTC, datetime
@@ -106,13 +107,23 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 else Usage()
             )
             post = item.phase == guardrail_pb2.GUARDRAIL_PHASE_POST_RESULT
-            execution = Usage.of(item.telemetry)
+            # The step's own iteration counts, in its usage and its lifetime's, as in the
+            # router (tickmesh.router.guard.Gate): the same step gets the same decision.
+            iteration = item.header.iteration
+            if iteration > lifetime.iterations:
+                lifetime = dataclasses.replace(lifetime, iterations=iteration)
+            execution = Usage()
+            if post:
+                execution = Usage.of(item.telemetry, iteration=iteration)
+                # Time since the lifetime started already covers this execution's run time.
+                wall_time_s = lifetime.wall_time_s or execution.wall_time_s
+                lifetime = dataclasses.replace(lifetime.plus(execution), wall_time_s=wall_time_s)
             context_ = EvaluationContext(
                 phase=item.phase,
                 header=item.header,
-                execution=execution if post else Usage(),
-                estimate=Usage() if post else Usage.of(item.estimate),
-                lifetime=lifetime.plus(execution) if post else lifetime,
+                execution=execution,
+                estimate=Usage() if post else Usage.of(item.estimate, iteration=iteration),
+                lifetime=lifetime,
                 tenant_usage=tenant_usage,
             )
             span = (

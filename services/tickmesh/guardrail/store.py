@@ -71,6 +71,9 @@ class PolicyStore:
             try:
                 await self._kv.create(key, policy.SerializeToString())
             except KeyWrongLastSequenceError:
+                # The number is taken: by a concurrent put, or by one that stopped before
+                # moving `latest`, which would otherwise hold it (and refuse every put) for ever.
+                await self._repair_latest(policy_id)
                 continue
             data = policy.SerializeToString()
             try:
@@ -81,9 +84,31 @@ class PolicyStore:
                         f"policy.{_token(policy_id)}.latest", data, last=latest[1]
                     )
             except KeyWrongLastSequenceError:
-                continue
+                # Moved by a repair (to this version or a newer one): this version is stored.
+                await self._repair_latest(policy_id)
             return policy, True
         raise RuntimeError(f"policy {policy_id}: too many concurrent writes")
+
+    async def _repair_latest(self, policy_id: str) -> None:
+        """Point `latest` at the newest stored version if it is behind."""
+        token = _token(policy_id)
+        for _ in range(10):
+            latest = await self._latest(policy_id)
+            keys = await keys_matching(self._kv, f"policy.{token}.*")
+            versions = [int(v) for k in keys if (v := k.rsplit(".", 1)[1]).isdigit()]
+            if not versions or (latest is not None and latest[0].version >= max(versions)):
+                return
+            newest = await self.get(policy_id, max(versions))
+            try:
+                if latest is None:
+                    await self._kv.create(f"policy.{token}.latest", newest.SerializeToString())
+                else:
+                    await self._kv.update(
+                        f"policy.{token}.latest", newest.SerializeToString(), last=latest[1]
+                    )
+                return
+            except KeyWrongLastSequenceError:
+                continue
 
     async def _latest(self, policy_id: str) -> tuple[guardrail_pb2.Policy, int] | None:
         try:

@@ -209,7 +209,8 @@ def estimate_of(node: graph_pb2.Node | None) -> telemetry_pb2.Telemetry:
         estimate.input_tokens = int(tokens)
     cost = number("cost_usd")
     if cost is not None and not estimate.cost_micros:
-        estimate.cost_micros = round(cost * 1_000_000)
+        # Any accepted dollar figure past ~$9.2e12 is out of int64 range once in micros.
+        estimate.cost_micros = min(round(cost * 1_000_000), _ESTIMATE_INTS["cost_micros"])
     wall = number("wall_time_s")
     if wall is not None:
         estimate.run_time.FromNanoseconds(int(wall * 1e9))

@@ -205,11 +205,20 @@ def _compose(source: str, table: _LineTable) -> tuple[Node | None, list[Issue]]:
     except yaml.reader.ReaderError as exc:
         line, column = table.locate(int(exc.position))
         return None, [
-            Issue(f"invalid YAML: {exc.reason} {exc.character!r}", line=line, column=column)
+            # The reader reports the offending code point as an int.
+            Issue(f"invalid YAML: {exc.reason} #x{exc.character:04x}", line=line, column=column)
         ]
     finally:
         if loader is not None:
             loader.dispose()
+
+
+_HEX_ESCAPES: Final = {"x": 4, "u": 6, "U": 10}
+
+
+def _escape_length(raw: str, pos: int) -> int:
+    """Source characters of the double-quoted escape at ``raw[pos]`` (a backslash)."""
+    return _HEX_ESCAPES.get(raw[pos + 1 : pos + 2], 2)
 
 
 def _scalar_locator(
@@ -225,12 +234,17 @@ def _scalar_locator(
     elif node.style in ("|", ">"):
         pos = raw.find("\n") + 1 if "\n" in raw else len(raw)
     last = max(len(raw) - 1, 0)
+    escapes = node.style == '"'
     positions: list[int] = []
     for ch in value:
         while pos < len(raw) and raw[pos] != ch and not (ch == " " and raw[pos] in "\r\n"):
+            if escapes and raw[pos] == "\\" and raw[pos + 1 : pos + 2] not in ("\r", "\n"):
+                break  # an escape sequence: it stands for this character
             pos += 1
         positions.append(start + min(pos, last))
-        pos += 1
+        # A double-quoted escape is several source characters for one value character;
+        # past it, the search would find a later occurrence of the next character.
+        pos += _escape_length(raw, pos) if escapes and raw[pos : pos + 1] == "\\" else 1
 
     def locate(offset: int) -> tuple[int, int]:
         if not positions:

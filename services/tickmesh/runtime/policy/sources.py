@@ -132,17 +132,11 @@ class StoreUsageSource:
         ordered = list(windows)
         if self._caught_up is not None:
             await _records_stored(self._caught_up, tenant)
-            sums = [
-                await store.counters(tenant, since=None if w is None else now - _delta(w))
-                for w in ordered
-            ]
+            sums = [await store.counters(tenant, since=_since(now, w)) for w in ordered]
             return Fetched({w: counted_usage(*s) for w, s in zip(ordered, sums, strict=True)}, now)
         for _ in range(_FETCH_ATTEMPTS):
             before = await store.counters(tenant, since=now)
-            sums = [
-                await store.counters(tenant, since=None if w is None else now - _delta(w))
-                for w in ordered
-            ]
+            sums = [await store.counters(tenant, since=_since(now, w)) for w in ordered]
             after = await store.counters(tenant, since=now)
             if after[1] == before[1] and after[0] == before[0]:
                 usage = {
@@ -242,8 +236,12 @@ async def _records_stored(stored: Callable[[str], Awaitable[bool]], tenant: str)
         )
 
 
-def _delta(window: float) -> timedelta:
-    return timedelta(seconds=window)
+def _since(now: datetime, window: Window) -> datetime | None:
+    """Where ``window`` starts; ``None`` (all time) for one reaching back past 1970, as
+    ``StateService.GetCounters`` reads it (a datetime cannot go back past year 1)."""
+    if window is None or window >= now.timestamp():
+        return None
+    return now - timedelta(seconds=window)
 
 
 def tenant_windows(snapshot: guardrail_pb2.PolicySnapshot, engine: PolicyEngine) -> set[Window]:
