@@ -25,7 +25,7 @@ replacement as its goal. The replacement is kept in the fork's state
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -141,6 +141,7 @@ def replay_fork(
     producer: core.Producer,
     now: datetime | None = None,
     code_digests: Mapping[str, str] | None = None,
+    after_abort: Collection[str] = (),
 ) -> ReplayReport:
     """Replay the fork ``recorded``: rebuild its starting state from ``origin`` and
     ``origin_records`` as :func:`fork` did, then re-drive its own ``records`` and compare.
@@ -185,6 +186,7 @@ def replay_fork(
         now=now,
         code_digests=code_digests,
         start=Redriver.resuming(lt, recorded.wakes),
+        after_abort=after_abort,
     )
 
 

@@ -60,6 +60,7 @@ from typing import Any, Protocol
 import grpc
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime import steps
 from tickmesh.runtime.errors import StatusError
 from tickmesh.runtime.records import require_records_stored
 from tickmesh.sdk import ChannelSecurity, TransportError
@@ -420,6 +421,47 @@ async def with_recorded_wakes(
     return complete
 
 
+async def received_after_abort(
+    history: HistorySource, tenant: str, state: rs.RouterLifetime
+) -> frozenset[str]:
+    """The executions whose records an aborted lifetime received after its abort (the
+    steps in flight then, cancelled by it): replay applies the abort before the first of
+    them, as the router did. Empty for a lifetime not aborted.
+
+    Raises:
+        StatusError: UNAVAILABLE when the store does not hold the abort's event yet.
+    """
+    view = state.lifetime
+    if view.state != LS.LIFETIME_STATE_ABORTED:
+        return frozenset()
+    after = view.fork_origin.sequence if view.HasField("fork_origin") else 0
+    events = [
+        e async for e in stored_events(history, tenant, view.lifetime_id, after_sequence=after)
+    ]
+    aborted_at = next(
+        (
+            e.sequence
+            for e in events
+            if e.kind == LS.LIFETIME_EVENT_KIND_STATE_CHANGED
+            and e.state == LS.LIFETIME_STATE_ABORTED
+        ),
+        None,
+    )
+    if aborted_at is None:
+        raise StatusError(
+            StatusCode.UNAVAILABLE,
+            f"the state service does not hold the abort of lifetime {view.lifetime_id} yet "
+            "(retry shortly)",
+        )
+    late = {
+        e.execution_id
+        for e in events
+        if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED and e.sequence > aborted_at
+    }
+    # Still open in the state read: a record of it in the store came after the abort too.
+    return frozenset(late | set(state.in_flight))
+
+
 async def recorded_from_history(
     history: HistorySource, tenant: str, lifetime_id: str
 ) -> rs.RouterLifetime | None:
@@ -606,6 +648,23 @@ class Redriver:
         self._collect()
         return True
 
+    def abort_as(self, recorded: lifetime_pb2.AgentLifetime) -> None:
+        """Abort the lifetime with the recorded abort's message (``core.abort`` words it)."""
+        message = recorded.error.message
+        core.abort(self.lt, "" if message == "aborted" else message.removeprefix("aborted: "))
+        self._collect()
+
+    def ends_step(self, ref: execution_pb2.ExecutionRef) -> bool:
+        """Whether feeding ``ref`` finishes a step in flight (a final attempt)."""
+        header = record_of(ref).header
+        flight = self.lt.state.in_flight.get(header.execution_id)
+        if flight is None:
+            return False
+        retry = self.lt.nodes[flight.node_id].retry
+        if ref.HasField("task_execution"):
+            return steps.task_attempt_is_final(retry, header.attempt, ref.task_execution.result)
+        return steps.plan_attempt_is_final(retry, header.attempt, ref.plan_execution.result)
+
     def feed(self, ref: execution_pb2.ExecutionRef) -> bool:
         """Apply one record; False when it changes nothing (not final, not in flight).
 
@@ -706,6 +765,7 @@ def replay(
     guardrails: Guardrails | None = None,
     code_digests: Mapping[str, str] | None = None,
     start: Redriver | None = None,
+    after_abort: Collection[str] = (),
 ) -> ReplayReport:
     """Re-drive ``recorded`` through ``graph`` with ``records`` (store order); compare.
 
@@ -713,7 +773,8 @@ def replay(
     ``code_digests`` (handler name -> the code digest run now), recorded executions of
     those handlers are compared by code digest too (:func:`code_changes`). ``start``
     is where the re-drive begins when it is not a fresh lifetime (a fork's first state,
-    see ``fork.replay_fork``)."""
+    see ``fork.replay_fork``). ``after_abort`` names the executions whose records came
+    after the lifetime was aborted (:func:`received_after_abort`)."""
     now = now or datetime.now(UTC)
     ref_graph = recorded.lifetime.graph
     note = ""
@@ -805,6 +866,8 @@ def replay(
                         expected,
                         "the guardrail no longer rejects the step before dispatch",
                     )
+        if exec_id in after_abort and not r.lt.terminal and r.ends_step(ref):
+            r.abort_as(recorded.lifetime)  # the record arrived after the abort
         was_terminal = r.lt.terminal
         if not r.feed(ref):
             continue
@@ -834,7 +897,7 @@ def replay(
         diverge("", header_pb2.NodeRef(), "the recorded signal wakes the lifetime", str(exc), "")
     view = recorded.lifetime
     if view.state == LS.LIFETIME_STATE_ABORTED and not r.lt.terminal:
-        core.abort(r.lt, view.error.message.removeprefix("aborted: "))
+        r.abort_as(view)
     elif view.state == LS.LIFETIME_STATE_PAUSED:
         core.pause(r.lt, "")
     # Steps decided but never recorded must be the ones the recorded lifetime left open.

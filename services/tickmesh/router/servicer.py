@@ -42,6 +42,8 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 MAX_SIGNAL_ID_CHARS = 256
 """The longest signal_id SignalLifetime takes (a lifetime keeps its last ids)."""
+MAX_SEQUENCE = 2**63 - 1
+"""The largest event sequence: the state service stores them as signed 64-bit integers."""
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
@@ -216,7 +218,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     ) -> AsyncIterator[pb.WatchLifetimeResponse]:
         tenant = self._tenant(context)
         lifetime_id = request.lifetime_id
-        after = request.after_sequence
+        # No event has a later sequence (nor can the store be asked past it: its read
+        # overflows), so a watch after it serves what a watch after the end does.
+        after = min(request.after_sequence, MAX_SEQUENCE)
         loaded = await tenant.store.load(lifetime_id, fresh=True)
         if loaded is None:
             # Gone from the router's bucket (finished_retention_s): the state service holds
@@ -411,6 +415,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         )
         records = await history.executions(tenant.names.tenant, request.lifetime_id)
         code_digests = dict(request.handler_code_digests)
+        after_abort = await replay_.received_after_abort(history, tenant.names.tenant, recorded)
         if view.HasField("fork_origin"):
             origin = await self._fork_origin(tenant, view)
             origin_records = await history.executions(
@@ -424,6 +429,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 records,
                 producer=self._producer,
                 code_digests=code_digests,
+                after_abort=after_abort,
             )
         else:
             report = replay_.replay(
@@ -432,6 +438,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 records,
                 producer=self._producer,
                 code_digests=code_digests,
+                after_abort=after_abort,
             )
         return report.proto()
 
