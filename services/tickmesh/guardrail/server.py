@@ -97,19 +97,13 @@ class GuardrailService:
         renewed (routers stop enforcing it when the lease runs out); its link closes."""
         self.stores.pop(tenant, None)
         if self.servicer is not None:
-            condition = self.servicer.snapshot_changed.get(tenant)
-            if condition is not None:
-                async with condition:
-                    condition.notify_all()
+            await self.servicer.notify(tenant)
         await self.links.drop(tenant)
 
     async def publish(self, tenant: str) -> None:
         await self.stores[tenant].publish_snapshot(self.settings.snapshot_lease_s)
         if self.servicer is not None:
-            condition = self.servicer.snapshot_changed.get(tenant)
-            if condition is not None:
-                async with condition:
-                    condition.notify_all()
+            await self.servicer.notify(tenant)
 
     async def _refresh(self) -> None:
         interval = self.settings.snapshot_lease_s * self.settings.refresh_fraction

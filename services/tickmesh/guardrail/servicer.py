@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import grpc
@@ -73,6 +74,20 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self._usage_source = usage_source
         self._engine = PolicyEngine()
         self.snapshot_changed: dict[str, asyncio.Condition] = {}
+        self._published: dict[str, int] = {}
+
+    async def notify(self, tenant: str) -> None:
+        """Wake the tenant's watchers: its snapshot was published, or it was removed."""
+        # Counted, not only notified: a watcher reading the store when this runs is not yet
+        # waiting, and must not miss it (see WatchPolicies).
+        self._published[tenant] = self._published.get(tenant, 0) + 1
+        condition = self.snapshot_changed.get(tenant)
+        if condition is not None:
+            async with condition:
+                condition.notify_all()
+
+    def _published_since(self, tenant: str, seen: int) -> bool:
+        return self._published.get(tenant, 0) != seen
 
     def _store(self, context: Context) -> PolicyStore:
         return self._stores[tenant_of(context, self._tenants)]
@@ -211,28 +226,37 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
         self, request: pb.WatchPoliciesRequest, context: Context
     ) -> AsyncIterator[pb.WatchPoliciesResponse]:
         store = self._store(context)
-        condition = self.snapshot_changed.setdefault(store.tenant, asyncio.Condition())
+        tenant = store.tenant
+        condition = self.snapshot_changed.setdefault(tenant, asyncio.Condition())
+        loop = asyncio.get_running_loop()
         last_revision = request.after_revision
         sent = False
+        renew_at = loop.time() + self._lease_s / 3
         while True:
-            if store.tenant not in self._tenants:
+            if tenant not in self._tenants:
                 # Disabled or deleted while watching (see remove_tenant): as for a new call.
-                raise StatusError(StatusCode.PERMISSION_DENIED, f"unknown tenant {store.tenant!r}")
+                raise StatusError(StatusCode.PERMISSION_DENIED, f"unknown tenant {tenant!r}")
+            # Read before the store: a change published from here on ends the wait below.
+            seen = self._published.get(tenant, 0)
             snapshot = await store.publish_snapshot(self._lease_s)
-            # The first answer is the current snapshot, even of revision 0 (no policies yet).
-            if snapshot.revision > last_revision or (not sent and last_revision == 0):
-                last_revision = snapshot.revision
+            # The first answer is the current snapshot, even of revision 0 (no policies yet);
+            # then every change, and the same revision again before the client's lease runs
+            # out, however often the snapshot was republished without a change in between.
+            if (
+                snapshot.revision > last_revision
+                or (not sent and last_revision == 0)
+                or loop.time() >= renew_at
+            ):
+                last_revision = max(last_revision, snapshot.revision)
                 sent = True
+                renew_at = loop.time() + self._lease_s / 3
                 yield pb.WatchPoliciesResponse(snapshot=snapshot)
             async with condition:
                 try:
-                    async with asyncio.timeout(self._lease_s / 3):
-                        await condition.wait()
+                    async with asyncio.timeout_at(renew_at):
+                        await condition.wait_for(partial(self._published_since, tenant, seen))
                 except TimeoutError:
-                    # Re-send before the lease runs out, even when nothing changed.
-                    yield pb.WatchPoliciesResponse(
-                        snapshot=await store.publish_snapshot(self._lease_s)
-                    )
+                    pass
 
 
 def _unavailable(reason: str) -> Callable[[Window], Usage]:

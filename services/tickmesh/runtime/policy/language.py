@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import operator
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from operator import attrgetter
 from typing import Any, Final, NamedTuple, NoReturn
 
@@ -197,6 +200,17 @@ def _to_float(value: Any) -> float:
         return float(value)
     except OverflowError:
         return float("inf") if value > 0 else float("-inf")
+
+
+def _is_finite(value: Any) -> bool:
+    """Whether a number converts to a finite float (an int past the float range does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+_NOT_FINITE: Final = f"is not a finite number; numbers lie within ±{sys.float_info.max!r}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,6 +651,85 @@ def _avg_getter(total: Fn) -> Fn:
     return avg
 
 
+def _past_float_range(op: str, a: Any, b: Any) -> float:
+    """``a <op> b`` where Python raised OverflowError: an int past the float range met a float,
+    or an int quotient is past it. Computed exactly, then rounded once: beyond the float range
+    it saturates to ±infinity, as float arithmetic does, instead of raising."""
+    if isinstance(a, float) and not math.isfinite(a):
+        b = 1.0 if b > 0 else -1.0  # a huge int: next to inf or NaN only its sign matters
+    elif isinstance(b, float) and not math.isfinite(b):
+        a = 1.0 if a > 0 else -1.0
+    else:
+        return _to_float(_ARITH[op](Fraction(a), Fraction(b)))
+    result: float = _ARITH[op](a, b)
+    return result
+
+
+def _saturating(op: str, left: _Typed, right: _Typed) -> Fn:
+    """``left <op> right`` at run time; never raises OverflowError (see _past_float_range)."""
+    func = _ARITH[op]
+    lf, rf = left.fn, right.fn
+    # The try costs nothing until it catches; the common path stays one C call.
+    if right.const:
+        rv = right.value
+
+        def with_constant_right(env: Env) -> Any:
+            a = lf(env)
+            try:
+                return func(a, rv)
+            except OverflowError:
+                return _past_float_range(op, a, rv)
+
+        return with_constant_right
+    if left.const:
+        lv = left.value
+
+        def with_constant_left(env: Env) -> Any:
+            b = rf(env)
+            try:
+                return func(lv, b)
+            except OverflowError:
+                return _past_float_range(op, lv, b)
+
+        return with_constant_left
+
+    def with_both(env: Env) -> Any:
+        a = lf(env)
+        b = rf(env)
+        try:
+            return func(a, b)
+        except OverflowError:
+            return _past_float_range(op, a, b)
+
+    return with_both
+
+
+def _nan_checked_in(left: Fn, values: frozenset[Any], negated: bool) -> Fn:
+    """``left in values`` (or ``not in``) over numbers: NaN is in no list, so it raises as in
+    comparisons rather than letting a step through."""
+    if negated:
+
+        def not_in(env: Env) -> bool:
+            a = left(env)
+            if a in values:
+                return False
+            if a != a:
+                _nan()
+            return True
+
+        return not_in
+
+    def is_in(env: Env) -> bool:
+        a = left(env)
+        if a in values:
+            return True
+        if a != a:
+            _nan()
+        return False
+
+    return is_in
+
+
 def _nan() -> NoReturn:
     # A NaN compares false with everything, which would let a step through: fail closed.
     raise EvaluationError("a metric is NaN")
@@ -739,7 +832,7 @@ class _Compiler:
 
     def compile(self, node: _Node) -> _Typed:
         if isinstance(node, _Lit):
-            typed = _constant(node.value)
+            typed = self.literal(node)
         elif isinstance(node, _Name):
             typed = self.name(node)
         elif isinstance(node, _Call):
@@ -754,6 +847,17 @@ class _Compiler:
             raise TypeError(type(node).__name__)
         self.compiled[id(node)] = typed
         return typed
+
+    def literal(self, node: _Lit) -> _Typed:
+        typed = _constant(node.value)
+        if typed.type is Type.NUMBER and not _is_finite(node.value):
+            # An infinite limit would make its rule never (or always) fire, silently.
+            return self.error(node.start, f"{self.shown(node)} {_NOT_FINITE}")
+        return typed
+
+    def shown(self, node: _Node) -> str:
+        text = self.source(node)
+        return repr(text if len(text) <= 24 else f"{text[:20]}...")
 
     # -- names
     def name(self, node: _Name) -> _Typed:
@@ -892,6 +996,7 @@ class _Compiler:
         left = self.compile(node.left)
         if left.type is None:
             return _BAD
+        valid = True
         for item in node.items:
             item_type = _constant(item.value).type
             if item_type is not left.type:
@@ -901,11 +1006,16 @@ class _Compiler:
                     f"'{self.source(node.left)}' is a {left.type.value}; expected "
                     f"{left.type.value} items",
                 )
+            valid = self.literal(item).type is not None and valid
+        if not valid:
+            return _BAD
         values = frozenset(item.value for item in node.items)
         negated = node.negated
         if left.const:
             return _constant((left.value in values) != negated)
         inner = left.fn
+        if left.type is Type.NUMBER:
+            return _Typed(Type.BOOL, _nan_checked_in(inner, values, negated))
         if negated:
             return _Typed(Type.BOOL, lambda env: inner(env) not in values)
         return _Typed(Type.BOOL, lambda env: inner(env) in values)
@@ -958,15 +1068,10 @@ class _Compiler:
                 return self.error(node.op_pos, f"cannot compute constant: {exc}")
             if value != value:
                 return self.error(node.op_pos, "constant is not a number (NaN)")
+            if not _is_finite(value):
+                return self.error(node.op_pos, f"constant {self.shown(node)} {_NOT_FINITE}")
             return _constant(value)
-        lf, rf = left.fn, right.fn
-        if right.const:
-            rv = right.value
-            return _Typed(Type.NUMBER, lambda env: func(lf(env), rv))
-        if left.const:
-            lv = left.value
-            return _Typed(Type.NUMBER, lambda env: func(lv, rf(env)))
-        return _Typed(Type.NUMBER, lambda env: func(lf(env), rf(env)))
+        return _Typed(Type.NUMBER, _saturating(op, left, right))
 
     def comparison(self, node: _Binary, left: _Typed, right: _Typed) -> _Typed:
         op = node.op
