@@ -33,7 +33,8 @@ const BLOB_REFUSALS = new Set([
 
 /** Fetches the bytes of a payload that travels as a BlobRef. */
 export interface BlobResolver {
-  resolve(tenant: string, uri: string, sha256: string, size: number): Promise<Uint8Array>;
+  /** `signal` aborts when the attempt needing the blob ends first (cancelled, timed out, dropped). */
+  resolve(tenant: string, uri: string, sha256: string, size: number, signal?: AbortSignal): Promise<Uint8Array>;
 }
 
 /** Reads file:// blobs of the local blob store (optionally only under `root`), checking the SHA-256. */
@@ -44,7 +45,8 @@ export class FileBlobResolver implements BlobResolver {
     this.root = root === undefined ? undefined : resolvePath(root);
   }
 
-  async resolve(tenant: string, uri: string, sha256: string, size: number): Promise<Uint8Array> {
+  async resolve(tenant: string, uri: string, sha256: string, size: number, signal?: AbortSignal): Promise<Uint8Array> {
+    signal?.throwIfAborted();
     let url: URL;
     try {
       url = new URL(uri);
@@ -70,8 +72,9 @@ export class FileBlobResolver implements BlobResolver {
     }
     let data: Uint8Array;
     try {
-      data = new Uint8Array(await readFile(path));
+      data = new Uint8Array(await readFile(path, signal ? { signal } : {}));
     } catch (err) {
+      if (signal?.aborted) throw signal.reason;
       throw new ValidationError(`blob ${uri} cannot be read: ${err instanceof Error ? err.message : String(err)}`);
     }
     if (sha256Hex(data) !== (sha256 || name) || (size !== 0 && size !== data.length)) {
@@ -133,9 +136,9 @@ export class PoolBlobResolver implements BlobResolver {
     }
   }
 
-  async resolve(tenant: string, uri: string, sha256: string, size: number): Promise<Uint8Array> {
-    if (await this.isLocal(uri)) return this.files.resolve(tenant, uri, sha256, size);
-    const blob = await this.fetch(tenant, uri, sha256, size);
+  async resolve(tenant: string, uri: string, sha256: string, size: number, signal?: AbortSignal): Promise<Uint8Array> {
+    if (await this.isLocal(uri)) return this.files.resolve(tenant, uri, sha256, size, signal);
+    const blob = await this.fetch(tenant, uri, sha256, size, signal);
     const digest = sha256Hex(blob.data);
     if (digest !== blob.ref.sha256 || (sha256 !== "" && digest !== sha256) || blob.data.length !== Number(blob.ref.size)) {
       throw new ValidationError(`blob ${uri} from the pool failed its sha256/size check`);
@@ -168,9 +171,16 @@ export class PoolBlobResolver implements BlobResolver {
   }
 
   /** Download through FetchBlob: the blob's ref, then chunks adding up to exactly its size. */
-  private fetch(tenant: string, uri: string, sha256: string, size: number): Promise<{ ref: BlobRef; data: Uint8Array }> {
+  private fetch(
+    tenant: string,
+    uri: string,
+    sha256: string,
+    size: number,
+    signal: AbortSignal | undefined,
+  ): Promise<{ ref: BlobRef; data: Uint8Array }> {
     const client = this.client;
     if (!client) return Promise.reject(new ConfigError("this PoolBlobResolver was closed"));
+    if (signal?.aborted) return Promise.reject(signal.reason);
     const metadata = new grpc.Metadata();
     metadata.set(TENANT_METADATA_KEY, tenant);
     const call = client.makeServerStreamRequest<FetchBlobRequest, FetchBlobResponse>(
@@ -187,9 +197,13 @@ export class PoolBlobResolver implements BlobResolver {
       let received = 0;
       const chunks: Uint8Array[] = [];
       let settled = false;
-      const fail = (err: Error) => {
+      // An abandoned download would otherwise run on (and keep the process alive) until its deadline.
+      const onAbort = () => fail(signal?.reason);
+      signal?.addEventListener("abort", onAbort, { once: true });
+      const fail = (err: unknown) => {
         if (settled) return;
         settled = true;
+        signal?.removeEventListener("abort", onAbort);
         call.cancel();
         reject(err);
       };
@@ -216,6 +230,7 @@ export class PoolBlobResolver implements BlobResolver {
         if (ref === undefined) return fail(new ValidationError(`the pool's answer for blob ${uri} did not start with its ref`));
         if (received !== expected) return fail(new ValidationError(`the pool sent ${received} of the ${expected} bytes of blob ${uri}`));
         settled = true;
+        signal?.removeEventListener("abort", onAbort);
         resolve({ ref, data: new Uint8Array(Buffer.concat(chunks)) });
       });
     });
@@ -237,13 +252,13 @@ function fetchError(err: grpc.ServiceError, uri: string): Error {
 }
 
 /** The bytes of a wire payload: inline, or fetched through `resolver`. */
-export async function payloadBytes(tenant: string, payload: WirePayload, resolver: BlobResolver): Promise<Uint8Array> {
+export async function payloadBytes(tenant: string, payload: WirePayload, resolver: BlobResolver, signal?: AbortSignal): Promise<Uint8Array> {
   switch (payload.data.case) {
     case "inline":
       return payload.data.value;
     case "blob": {
       const blob = payload.data.value;
-      return resolver.resolve(tenant, blob.uri, payload.sha256 || blob.sha256, Number(payload.size || blob.size));
+      return resolver.resolve(tenant, blob.uri, payload.sha256 || blob.sha256, Number(payload.size || blob.size), signal);
     }
     default:
       return new Uint8Array();

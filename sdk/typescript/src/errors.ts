@@ -72,5 +72,14 @@ export function errorData(err: unknown): ErrorData {
   if (err instanceof Error) {
     return { type: err.name || "Error", message: err.message || err.name || "Error", retryable: true };
   }
-  return { type: "Error", message: String(err), retryable: true };
+  return { type: "Error", message: describe(err), retryable: true };
+}
+
+/** String(value), or its tag when it has no string form (an object without a prototype). */
+function describe(value: unknown): string {
+  try {
+    return String(value);
+  } catch {
+    return Object.prototype.toString.call(value);
+  }
 }

@@ -33,7 +33,7 @@ import { PoolBlobResolver, payloadBytes, payloadContentType, type BlobResolver }
 import { decode, encode } from "./codecs.js";
 import { PlanContext, TaskContext, type ExecutionContext, type RawPayload } from "./context.js";
 import { completion, errorInfo, planResult, statusName, taskResult, type TaskOutcome } from "./convert.js";
-import { ConfigError, RpcError, TaskError, ValidationError, errorData, type ErrorData } from "./errors.js";
+import { ConfigError, RpcError, TaskError, TickmeshError, ValidationError, errorData, type ErrorData } from "./errors.js";
 import { HANDLER_NAME_PATTERN, TENANT_ID_PATTERN, TENANT_METADATA_KEY } from "./ids.js";
 import { Decision, type PlanInputView } from "./plan.js";
 import { SDK_VERSION } from "./version.js";
@@ -44,6 +44,8 @@ export const CANCELLED_ERROR_TYPE = "CancelledError";
 const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 const WELCOME_TIMEOUT_MS = 10_000;
 const CLOSE_TIMEOUT_MS = 5_000;
+// setTimeout fires at once when asked for a longer delay.
+const MAX_TIMER_MS = 2 ** 31 - 1;
 const FATAL_CODES = new Set([
   grpc.status.INVALID_ARGUMENT,
   grpc.status.PERMISSION_DENIED,
@@ -171,7 +173,7 @@ export class Worker {
   private readonly stop = new AbortController();
   private running: Promise<void> | undefined;
   private session: Session | undefined;
-  private connectedWaiters: Array<() => void> = [];
+  private connectedWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
 
   constructor(options: WorkerOptions) {
     if (!TENANT_ID_PATTERN.test(options.tenant)) throw new ConfigError(`invalid tenant id ${JSON.stringify(options.tenant)}`);
@@ -241,12 +243,23 @@ export class Worker {
   /** Resolve once the pool has welcomed this worker (rejects after `timeoutMs`). */
   waitConnected(timeoutMs = 10_000): Promise<void> {
     if (this.session) return Promise.resolve();
+    if (this.stopping) return Promise.reject(new TickmeshError("the worker is shutting down"));
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`not connected within ${timeoutMs} ms`)), timeoutMs);
-      this.connectedWaiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
+      const waiter = {
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+        reject: (err: Error) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      };
+      const timer = setTimeout(() => {
+        this.connectedWaiters = this.connectedWaiters.filter((w) => w !== waiter);
+        reject(new Error(`not connected within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.connectedWaiters.push(waiter);
     });
   }
 
@@ -294,6 +307,10 @@ export class Worker {
       pooled?.close();
       this.resolver = this.blobResolver;
       client.close();
+      // Settle waiters now: their timers would otherwise keep the process alive.
+      const waiters = this.connectedWaiters;
+      this.connectedWaiters = [];
+      for (const w of waiters) w.reject(new TickmeshError("the worker stopped before the pool welcomed it"));
     }
   }
 
@@ -375,7 +392,7 @@ export class Worker {
         this.stats.connections += 1;
         const waiters = this.connectedWaiters;
         this.connectedWaiters = [];
-        for (const w of waiters) w();
+        for (const w of waiters) w.resolve();
         if (this.stopping) void session.drain(0);
       });
       call.on("error", (err: grpc.ServiceError) => end(new RpcError(err.code, err.details || err.message)));
@@ -413,10 +430,11 @@ export class Worker {
     if (!payload) return [null, { contentType: "", data: new Uint8Array() }];
     try {
       if (!this.resolver) throw new RpcError(grpc.status.UNAVAILABLE, "the worker is not connected to the pool");
-      const data = await payloadBytes(ctx.tenantId, payload, this.resolver);
+      const data = await payloadBytes(ctx.tenantId, payload, this.resolver, ctx.signal);
       const contentType = payloadContentType(payload);
       return [decode(contentType, data), { contentType, data }];
     } catch (err) {
+      if (ctx.signal.aborted) throw ctx.signal.reason;
       // A pool that cannot be reached right now is worth another attempt; a bad blob is not.
       if (err instanceof RpcError || err instanceof ConfigError) throw err;
       throw new TaskError(`cannot read the input: ${err instanceof Error ? err.message : String(err)}`, {
@@ -473,6 +491,18 @@ export class Worker {
       };
     }
     return (run.handler.fn as PlanFn)(ctx, goal, inputs);
+  }
+
+  /** @internal A failed completion without the handler's telemetry, tool actions or output. */
+  failedCompletion(run: Running, error: ErrorData): Completion {
+    const finished = new Date();
+    const runTimeMs = finished.getTime() - run.startedAt.getTime();
+    const usage = { inputTokens: 0, outputTokens: 0, costMicros: 0, modelCalls: 0, toolCalls: 0, models: new Map(), custom: new Map() };
+    const result =
+      run.kind === "task"
+        ? { case: "taskResult" as const, value: taskResult("failed", { error, usage, toolActions: [], runTimeMs, queueWaitMs: undefined }) }
+        : { case: "planResult" as const, value: planResult(undefined, { error, usage, runTimeMs, queueWaitMs: undefined }) };
+    return completion(run.item.assignmentId, result, run.startedAt, finished, run.handler.codeDigest);
   }
 
   /** @internal Build the completion of a finished attempt. */
@@ -678,7 +708,7 @@ class Session {
     const ctx = kind === "task" ? new TaskContext(info) : new PlanContext(info);
     const run: Running = { item, kind, handler, ctx, abort, startedAt: now, timer: undefined, settled: false };
     this.running.set(item.assignmentId, run);
-    run.timer = setTimeout(() => this.finish(run, { kind: "timeout" }), Math.max(0, deadline.getTime() - now.getTime()));
+    this.armDeadline(run, deadline.getTime());
     let invoked: Promise<unknown>;
     try {
       invoked = Promise.resolve(this.worker.invoke(run));
@@ -691,6 +721,15 @@ class Session {
     );
   }
 
+  /** Time the attempt out at `at` (epoch ms), in steps a timer can hold. */
+  private armDeadline(run: Running, at: number): void {
+    const left = at - Date.now();
+    run.timer =
+      left > MAX_TIMER_MS
+        ? setTimeout(() => this.armDeadline(run, at), MAX_TIMER_MS)
+        : setTimeout(() => this.finish(run, { kind: "timeout" }), Math.max(0, left));
+  }
+
   /** Settle an attempt once: report it (unless dropped) and free its slot. */
   private finish(run: Running, outcome: Outcome): void {
     if (run.settled) return;
@@ -700,8 +739,18 @@ class Session {
     if (outcome.kind === "timeout") run.abort.abort(new TaskError("the attempt ran past its deadline", { type: "TimeoutError" }));
     if (outcome.kind === "cancelled") run.abort.abort(new TaskError(outcome.reason, { type: CANCELLED_ERROR_TYPE, retryable: false }));
     if (this.ended) return;
-    const c = this.worker.completionOf(run, outcome);
-    const size = toBinary(CompletionSchema, c).length;
+    let c: Completion;
+    let size: number;
+    try {
+      c = this.worker.completionOf(run, outcome);
+      size = toBinary(CompletionSchema, c).length;
+    } catch (err) {
+      // Reported telemetry with no int64/uint32 form (NaN, fractions, beyond 2^63) cannot be
+      // serialized; thrown from a callback it would take the whole process down, unreported.
+      const message = `the result cannot be sent: ${err instanceof Error ? err.message : String(err)}`;
+      c = this.worker.failedCompletion(run, { type: "ValidationError", message, retryable: false });
+      size = toBinary(CompletionSchema, c).length;
+    }
     const replacement = oversized(c, size, this.maxBytes);
     this.done.push(replacement ? { completion: replacement, size: toBinary(CompletionSchema, replacement).length } : { completion: c, size });
     this.scheduleFlush();

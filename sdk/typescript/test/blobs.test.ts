@@ -330,3 +330,73 @@ test("the Worker's default resolver reads a blob input through the pool", async 
     pool.close();
   }
 });
+
+test("an aborted download is cancelled at once, on the pool too", async () => {
+  const pool = await fakePool();
+  let cancelled: Promise<void> = Promise.resolve();
+  let asked: () => void = () => undefined;
+  const requested = new Promise<void>((r) => (asked = r));
+  pool.behave((call) => {
+    // Never answers: only the caller can end this download.
+    cancelled = new Promise<void>((r) => call.on("cancelled", () => r()));
+    asked();
+  });
+  const resolver = new PoolBlobResolver(pool.target, { timeoutMs: 3_000 });
+  try {
+    const abort = new AbortController();
+    const uri = s3Uri(TENANT, sha(new Uint8Array([7])));
+    const download = resolver.resolve(TENANT, uri, "", 0, abort.signal);
+    await requested;
+    const reason = new Error("the attempt was cancelled");
+    abort.abort(reason);
+    await assert.rejects(download, (err: unknown) => err === reason);
+    await cancelled;
+    const late = new AbortController();
+    late.abort(reason);
+    await assert.rejects(resolver.resolve(TENANT, uri, "", 0, late.signal), (err: unknown) => err === reason);
+  } finally {
+    resolver.close();
+    pool.close();
+  }
+});
+
+test("the Worker hands the attempt's signal to the blob resolver, aborted when the attempt is cancelled", async () => {
+  const pool = await fakePool();
+  const signals: Array<AbortSignal | undefined> = [];
+  let asked: () => void = () => undefined;
+  const requested = new Promise<void>((r) => (asked = r));
+  const resolver = {
+    resolve(_tenant: string, _uri: string, _sha256: string, _size: number, signal?: AbortSignal): Promise<Uint8Array> {
+      signals.push(signal);
+      asked();
+      return new Promise<Uint8Array>((_, reject) => signal?.addEventListener("abort", () => reject(signal.reason)));
+    },
+  };
+  const worker = new Worker({ target: pool.target, tenant: TENANT, blobResolver: resolver, log: () => undefined }).task("read", async (_ctx, input: unknown) => input);
+  worker.start();
+  try {
+    assert.equal((await pool.next()).message.case, "hello");
+    await worker.waitConnected();
+    const digest = sha(new Uint8Array([1]));
+    const input = { contentType: "application/octet-stream", data: { case: "blob" as const, value: { uri: s3Uri(TENANT, digest), sha256: digest, size: 1n } } };
+    const item = create(AssignmentSchema, {
+      assignmentId: "a1",
+      envelope: { header: { tenantId: TENANT, lifetimeId: "l1", executionId: "e1", attempt: 1, iteration: 1, node: { id: "n", handler: "read", kind: NodeKind.TASK } }, body: { case: "taskRequest", value: { input } } },
+      deadline: timestampFromMs(Date.now() + 60_000),
+    });
+    const call = pool.connects[0]!;
+    call.write(create(ConnectResponseSchema, { message: { case: "assignments", value: { items: [item] } } }));
+    await requested;
+    call.write(create(ConnectResponseSchema, { message: { case: "cancellations", value: { items: [{ assignmentId: "a1", reason: "stop" }] } } }));
+    let frame: ConnectRequest;
+    do frame = await pool.next();
+    while (frame.message.case !== "completions");
+    const result = frame.message.value.items[0]?.result;
+    assert.equal(result?.case === "taskResult" && result.value.status, TaskStatus.CANCELLED);
+    assert.equal(signals.length, 1);
+    assert.equal(signals[0]?.aborted, true);
+  } finally {
+    await worker.shutdown(100);
+    pool.close();
+  }
+});

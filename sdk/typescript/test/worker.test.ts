@@ -265,3 +265,95 @@ test("a plan's blob inputs are read together and handed over in order", async ()
     pool.close();
   }
 });
+
+test("an attempt whose result cannot be built is reported failed, and the worker keeps serving", async () => {
+  const pool = await fakePool();
+  const worker = new Worker({ target: pool.target, tenant: "acme", log: () => undefined })
+    .task("odd-throw", async () => {
+      throw Object.create(null); // no toString: String() of it throws
+    })
+    .task("nan-tokens", async (ctx) => {
+      ctx.report({ inputTokens: Number.NaN });
+      return 1;
+    })
+    .task("huge-tokens", async (ctx) => {
+      ctx.report({ outputTokens: 1e30 });
+      return 1;
+    })
+    .task("half-call", async (ctx) => {
+      ctx.report({ modelCalls: 1.5 });
+      return 1;
+    })
+    .task("echo", async (_ctx, input: unknown) => input);
+  worker.start();
+  try {
+    await pool.next(); // hello
+    await worker.waitConnected();
+    const ids = ["odd-throw", "nan-tokens", "huge-tokens", "half-call"];
+    assign(pool.calls[0]!, ...ids.map((h) => assignment(h, "task", h, null)), assignment("after", "task", "echo", 1));
+    const reported = new Map<string, { status: TaskStatus | undefined; type: string | undefined; retryable: boolean | undefined }>();
+    while (!reported.has("after")) {
+      const frame = await pool.next();
+      if (frame.message.case !== "completions") continue;
+      for (const c of frame.message.value.items) {
+        const r = c.result.case === "taskResult" ? c.result.value : undefined;
+        reported.set(c.assignmentId, { status: r?.status, type: r?.error?.type, retryable: r?.error?.retryable });
+      }
+    }
+    assert.deepEqual(reported.get("after"), { status: TaskStatus.SUCCEEDED, type: undefined, retryable: undefined });
+    assert.deepEqual(reported.get("odd-throw"), { status: TaskStatus.FAILED, type: "Error", retryable: true });
+    for (const id of ["nan-tokens", "huge-tokens", "half-call"]) {
+      assert.deepEqual(reported.get(id), { status: TaskStatus.FAILED, type: "ValidationError", retryable: false }, id);
+    }
+  } finally {
+    await worker.shutdown(100);
+    pool.close();
+  }
+});
+
+test("a deadline further away than a timer can hold does not time the attempt out at once", async () => {
+  const pool = await fakePool();
+  let release: () => void = () => undefined;
+  const gate = new Promise<void>((r) => (release = r));
+  const worker = new Worker({ target: pool.target, tenant: "acme", log: () => undefined })
+    .task("gated", async (ctx) => {
+      await Promise.race([gate, new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason)))]);
+      return "done";
+    })
+    .task("echo", async (_ctx, input: unknown) => input);
+  worker.start();
+  try {
+    await pool.next(); // hello
+    await worker.waitConnected();
+    const thirtyDays = 30 * 24 * 3600 * 1000; // over 2^31 - 1 ms, setTimeout's largest delay
+    assign(pool.calls[0]!, assignment("long", "task", "gated", null, thirtyDays));
+    assign(pool.calls[0]!, assignment("probe", "task", "echo", 1));
+    const statuses = new Map<string, TaskStatus | undefined>();
+    while (!statuses.has("long")) {
+      const frame = await pool.next();
+      if (frame.message.case !== "completions") continue;
+      for (const c of frame.message.value.items) statuses.set(c.assignmentId, c.result.case === "taskResult" ? c.result.value.status : undefined);
+      if (statuses.has("probe")) release();
+    }
+    assert.equal(statuses.get("long"), TaskStatus.SUCCEEDED);
+  } finally {
+    release();
+    await worker.shutdown(100);
+    pool.close();
+  }
+});
+
+test("waitConnected settles when the worker stops, so no timer outlives it", async () => {
+  const pool = await fakePool();
+  pool.close(); // nothing listens: the worker never connects
+  const worker = new Worker({ target: pool.target, tenant: "acme", log: () => undefined }).task("echo", async (_ctx, input: unknown) => input);
+  worker.start();
+  const before = worker.waitConnected(600_000).then(
+    () => "connected",
+    () => "rejected",
+  );
+  await worker.shutdown(100);
+  const settled = await Promise.race([before, new Promise<string>((r) => setImmediate(() => r("pending")))]);
+  assert.equal(settled, "rejected");
+  await assert.rejects(worker.waitConnected(600_000));
+});
