@@ -25,7 +25,7 @@ replacement as its goal. The replacement is kept in the fork's state
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -45,7 +45,7 @@ from tickmesh.v1 import (
 
 from . import core
 from .fastforward import fast_forward
-from .replay import Redriver, ReplayReport, record_of, replay
+from .replay import NOT_ABORTED, RecordedAbort, Redriver, ReplayReport, record_of, replay
 
 LS = lifetime_pb2
 
@@ -141,7 +141,7 @@ def replay_fork(
     producer: core.Producer,
     now: datetime | None = None,
     code_digests: Mapping[str, str] | None = None,
-    after_abort: Collection[str] = (),
+    after_abort: RecordedAbort = NOT_ABORTED,
 ) -> ReplayReport:
     """Replay the fork ``recorded``: rebuild its starting state from ``origin`` and
     ``origin_records`` as :func:`fork` did, then re-drive its own ``records`` and compare.

@@ -421,45 +421,63 @@ async def with_recorded_wakes(
     return complete
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedAbort:
+    """Where an aborted lifetime's abort, and the pause it may have been aborted in, fell
+    among its records (:func:`received_after_abort`): replay applies both there."""
+
+    late: frozenset[str] = frozenset()
+    """Executions whose records came after the abort (the steps it cancelled)."""
+    while_paused: frozenset[str] = frozenset()
+    """Executions whose records came while the lifetime was paused, up to the abort: what
+    they led to was decided and held, then dropped unpublished by the abort."""
+
+
+NOT_ABORTED = RecordedAbort()
+
+
 async def received_after_abort(
     history: HistorySource, tenant: str, state: rs.RouterLifetime
-) -> frozenset[str]:
-    """The executions whose records an aborted lifetime received after its abort (the
-    steps in flight then, cancelled by it): replay applies the abort before the first of
-    them, as the router did. Empty for a lifetime not aborted.
+) -> RecordedAbort:
+    """Which records an aborted lifetime received after its abort (the steps in flight
+    then, cancelled by it), and which while it was paused before it: replay pauses before
+    the first of the latter and aborts before the first of the former, as the router did.
+    Empty for a lifetime not aborted.
 
     Raises:
         StatusError: UNAVAILABLE when the store does not hold the abort's event yet.
     """
     view = state.lifetime
     if view.state != LS.LIFETIME_STATE_ABORTED:
-        return frozenset()
+        return NOT_ABORTED
     after = view.fork_origin.sequence if view.HasField("fork_origin") else 0
     events = [
         e async for e in stored_events(history, tenant, view.lifetime_id, after_sequence=after)
     ]
-    aborted_at = next(
-        (
-            e.sequence
-            for e in events
-            if e.kind == LS.LIFETIME_EVENT_KIND_STATE_CHANGED
-            and e.state == LS.LIFETIME_STATE_ABORTED
-        ),
-        None,
-    )
+    aborted_at: int | None = None
+    paused_at: int | None = None  # the pause the abort came in, if it came in one
+    for e in events:
+        if e.kind != LS.LIFETIME_EVENT_KIND_STATE_CHANGED:
+            continue
+        if e.state == LS.LIFETIME_STATE_ABORTED:
+            aborted_at = e.sequence
+            break
+        paused_at = e.sequence if e.state == LS.LIFETIME_STATE_PAUSED else None
     if aborted_at is None:
         raise StatusError(
             StatusCode.UNAVAILABLE,
             f"the state service does not hold the abort of lifetime {view.lifetime_id} yet "
             "(retry shortly)",
         )
-    late = {
-        e.execution_id
-        for e in events
-        if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED and e.sequence > aborted_at
-    }
+    finished = [e for e in events if e.kind == LS.LIFETIME_EVENT_KIND_STEP_FINISHED]
+    late = {e.execution_id for e in finished if e.sequence > aborted_at}
+    paused: set[str] = set()
+    if paused_at is not None:
+        paused = {e.execution_id for e in finished if paused_at < e.sequence < aborted_at}
     # Still open in the state read: a record of it in the store came after the abort too.
-    return frozenset(late | set(state.in_flight))
+    return RecordedAbort(
+        late=frozenset(late | set(state.in_flight)), while_paused=frozenset(paused)
+    )
 
 
 async def recorded_from_history(
@@ -648,6 +666,11 @@ class Redriver:
         self._collect()
         return True
 
+    def pause(self) -> None:
+        """Pause the lifetime (the steps it decides from now on are held, as they were)."""
+        core.pause(self.lt, "")
+        self._collect()
+
     def abort_as(self, recorded: lifetime_pb2.AgentLifetime) -> None:
         """Abort the lifetime with the recorded abort's message (``core.abort`` words it)."""
         message = recorded.error.message
@@ -765,7 +788,7 @@ def replay(
     guardrails: Guardrails | None = None,
     code_digests: Mapping[str, str] | None = None,
     start: Redriver | None = None,
-    after_abort: Collection[str] = (),
+    after_abort: RecordedAbort = NOT_ABORTED,
 ) -> ReplayReport:
     """Re-drive ``recorded`` through ``graph`` with ``records`` (store order); compare.
 
@@ -774,7 +797,8 @@ def replay(
     those handlers are compared by code digest too (:func:`code_changes`). ``start``
     is where the re-drive begins when it is not a fresh lifetime (a fork's first state,
     see ``fork.replay_fork``). ``after_abort`` names the executions whose records came
-    after the lifetime was aborted (:func:`received_after_abort`)."""
+    after the lifetime was aborted, or while it was paused before that
+    (:func:`received_after_abort`)."""
     now = now or datetime.now(UTC)
     ref_graph = recorded.lifetime.graph
     note = ""
@@ -866,7 +890,13 @@ def replay(
                         expected,
                         "the guardrail no longer rejects the step before dispatch",
                     )
-        if exec_id in after_abort and not r.lt.terminal and r.ends_step(ref):
+        if (
+            exec_id in after_abort.while_paused
+            and not r.lt.terminal
+            and r.lt.view.state != LS.LIFETIME_STATE_PAUSED
+        ):
+            r.pause()  # the record arrived while the lifetime was paused
+        if exec_id in after_abort.late and not r.lt.terminal and r.ends_step(ref):
             r.abort_as(recorded.lifetime)  # the record arrived after the abort
         was_terminal = r.lt.terminal
         if not r.feed(ref):
@@ -904,6 +934,10 @@ def replay(
     still_open = set(recorded.in_flight) | {m.execution_id for m in recorded.held}
     for exec_id, got in r.dispatched.items():
         if exec_id in seen:
+            continue
+        if r.lt.terminal and exec_id not in r.lt.state.in_flight:
+            # Decided and held, then dropped unpublished when the lifetime ended, as the
+            # recorded lifetime's were (which its state no longer names).
             continue
         checked += 1
         if exec_id not in still_open:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.auth import tenant_of
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
-from tickmesh.sdk import NotFoundError, ValidationError
+from tickmesh.sdk import NotFoundError, ValidationError, codecs
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.sdk.ids import uuid7
 from tickmesh.v1 import (
     lifetime_pb2,
+    payload_pb2,
 )
 from tickmesh.v1 import (
     router_service_pb2 as pb,
@@ -33,7 +37,7 @@ from . import replay as replay_
 from . import watch as watch_
 from .graphs import compile_definition, issues_to_proto, validate_definition
 from .processor import Processor, Tenant, retrace
-from .store import ConflictError
+from .store import FORK_CLAIM_PREFIX, ConflictError, StateTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,32 @@ MAX_SIGNAL_ID_CHARS = 256
 """The longest signal_id SignalLifetime takes (a lifetime keeps its last ids)."""
 MAX_SEQUENCE = 2**63 - 1
 """The largest event sequence: the state service stores them as signed 64-bit integers."""
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+Unary = Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def unary_call(method: Unary[Self, Req, Resp]) -> Unary[Self, Req, Resp]:
+    """``unary_errors``, with the router's own ConflictError (a write that lost every
+    compare-and-set it tried, to concurrent writers) answered ABORTED, the status a caller
+    retries the call on, rather than INTERNAL."""
+
+    @functools.wraps(method)
+    async def translated(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await method(self, request, context)
+        except ConflictError as exc:
+            raise StatusError(
+                StatusCode.ABORTED,
+                f"concurrent writes won every compare-and-set ({exc}): retry the call",
+            ) from exc
+
+    return unary_errors(translated)
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
@@ -66,7 +96,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         return self._processor.tenant(tenant_of(context, self._tenants))
 
     # --- graphs ------------------------------------------------------------
-    @unary_errors
+    @unary_call
     async def RegisterGraph(
         self, request: pb.RegisterGraphRequest, context: Context
     ) -> pb.RegisterGraphResponse:
@@ -75,13 +105,13 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         stored, created = await tenant.store.put_graph(graph)
         return pb.RegisterGraphResponse(graph=stored, created=created)
 
-    @unary_errors
+    @unary_call
     async def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
         tenant = self._tenant(context)
         graph = await tenant.store.get_graph(request.graph_id, request.version)
         return pb.GetGraphResponse(graph=graph)
 
-    @unary_errors
+    @unary_call
     async def ListGraphs(
         self, request: pb.ListGraphsRequest, context: Context
     ) -> pb.ListGraphsResponse:
@@ -93,7 +123,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         more = len(ids) > size
         return pb.ListGraphsResponse(graphs=graphs, next_page_token=page[-1] if more else "")
 
-    @unary_errors
+    @unary_call
     async def ValidateGraph(
         self, request: pb.ValidateGraphRequest, context: Context
     ) -> pb.ValidateGraphResponse:
@@ -106,20 +136,19 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         )
 
     # --- lifetimes ---------------------------------------------------------
-    @unary_errors
+    @unary_call
     async def StartLifetime(
         self, request: pb.StartLifetimeRequest, context: Context
     ) -> pb.StartLifetimeResponse:
         tenant = self._tenant(context)
-        if (
-            request.input.WhichOneof("data") == "inline"
-            and len(request.input.inline) > self._inline_limit
-        ):
+        if request.client_request_id.startswith(FORK_CLAIM_PREFIX):
+            # Those keys are the forks' (ForkLifetime claims "fork:<its id>"): a start
+            # claiming one would answer with a fork, or a fork with this start.
             raise ValidationError(
-                f"input is {len(request.input.inline)} bytes inline, over the "
-                f"{self._inline_limit}-byte limit: upload it with StateService.PutBlob and "
-                "pass the BlobRef"
+                f"client_request_id may not begin with {FORK_CLAIM_PREFIX!r}: "
+                "ForkLifetime keeps its request ids under that prefix"
             )
+        self._check_payload("input", request.input)
         graph = await tenant.store.get_graph(request.graph_id, request.graph_version)
         lifetime_id = uuid7()
         if request.client_request_id:
@@ -154,7 +183,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             return pb.StartLifetimeResponse(lifetime=loaded.state.lifetime, created=False)
         return pb.StartLifetimeResponse(lifetime=lt.view, created=True)
 
-    @unary_errors
+    @unary_call
     async def GetLifetime(
         self, request: pb.GetLifetimeRequest, context: Context
     ) -> pb.GetLifetimeResponse:
@@ -169,7 +198,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
         return pb.GetLifetimeResponse(lifetime=record)
 
-    @unary_errors
+    @unary_call
     async def ListLifetimes(
         self, request: pb.ListLifetimesRequest, context: Context
     ) -> pb.ListLifetimesResponse:
@@ -277,28 +306,28 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             before_sequence=before,
         )
 
-    @unary_errors
+    @unary_call
     async def PauseLifetime(
         self, request: pb.PauseLifetimeRequest, context: Context
     ) -> pb.PauseLifetimeResponse:
         view = await self._control(context, request.lifetime_id, core.pause, request.reason)
         return pb.PauseLifetimeResponse(lifetime=view)
 
-    @unary_errors
+    @unary_call
     async def ResumeLifetime(
         self, request: pb.ResumeLifetimeRequest, context: Context
     ) -> pb.ResumeLifetimeResponse:
         view = await self._control(context, request.lifetime_id, core.resume, request.reason)
         return pb.ResumeLifetimeResponse(lifetime=view)
 
-    @unary_errors
+    @unary_call
     async def AbortLifetime(
         self, request: pb.AbortLifetimeRequest, context: Context
     ) -> pb.AbortLifetimeResponse:
         view = await self._control(context, request.lifetime_id, core.abort, request.reason)
         return pb.AbortLifetimeResponse(lifetime=view)
 
-    @unary_errors
+    @unary_call
     async def SignalLifetime(
         self, request: pb.SignalLifetimeRequest, context: Context
     ) -> pb.SignalLifetimeResponse:
@@ -312,6 +341,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 f"signal.signal_id has {len(signal.signal_id)} characters; "
                 f"at most {MAX_SIGNAL_ID_CHARS} are allowed"
             )
+        self._check_payload("signal.payload", signal.payload)
         duplicate = False
 
         def mutate(lt: core.Lifetime) -> bool:
@@ -326,7 +356,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             return True
 
         key = f"signal:{signal.signal_id or uuid7()}"
-        applied = await self._processor.apply(tenant, request.lifetime_id, mutate, [key])
+        try:
+            applied = await self._processor.apply(tenant, request.lifetime_id, mutate, [key])
+        except StateTooLargeError as exc:
+            raise _too_large_with("signal.payload", signal.payload, exc) from exc
         return pb.SignalLifetimeResponse(lifetime=applied.lifetime.view, duplicate=duplicate)
 
     async def _control(
@@ -342,26 +375,32 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         applied = await self._processor.apply(tenant, lifetime_id, mutate, [f"rpc:{uuid7()}"])
         return applied.lifetime.view
 
-    @unary_errors
+    @unary_call
     async def ForkLifetime(
         self, request: pb.ForkLifetimeRequest, context: Context
     ) -> pb.ForkLifetimeResponse:
         tenant = self._tenant(context)
         if not request.lifetime_id or not request.execution_id:
             raise ValidationError("lifetime_id and execution_id are required")
+        replacement = request.replacement_output if request.HasField("replacement_output") else None
+        if replacement is not None:
+            self._check_payload("replacement_output", replacement)
         history = self._require_history()
         new_id = uuid7()
         if request.client_request_id:
-            bound = await tenant.store.claim_request(f"fork:{request.client_request_id}", new_id)
+            claim = FORK_CLAIM_PREFIX + request.client_request_id
+            bound = await tenant.store.claim_request(claim, new_id)
             if bound != new_id:
                 existing = await tenant.store.load(bound, fresh=True)
                 if existing is not None:
+                    _require_fork(existing.state.lifetime, request.client_request_id)
                     applied = await self._processor.apply(
                         tenant, bound, lambda _lt: False, ["fork"]
                     )
                     return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
                 record = await self._record_of(tenant, bound)  # finished and expired
                 if record is not None:
+                    _require_fork(record, request.client_request_id)
                     return pb.ForkLifetimeResponse(lifetime=record)
                 new_id = bound  # the first call died before creating it
         recorded = await self._recorded(tenant, request.lifetime_id)
@@ -375,9 +414,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 records,
                 execution=request.execution_id,
                 new_lifetime_id=new_id,
-                replacement=request.replacement_output
-                if request.HasField("replacement_output")
-                else None,
+                replacement=replacement,
                 client_request_id=request.client_request_id,
                 producer=self._producer,
                 now=datetime.now(UTC),
@@ -392,9 +429,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             retrace(lt)
         entry = lt.state.outbox.add(key="fork", messages=lt.out)
         entry.created_at.FromDatetime(lt.now)
-        with contextlib.suppress(ConflictError):
-            # ConflictError: a concurrent call with the same client_request_id created it.
+        try:
             await tenant.store.create(lt.state)
+        except ConflictError:
+            pass  # a concurrent call with the same client_request_id created it
+        except StateTooLargeError as exc:
+            if replacement is None:
+                raise
+            raise _too_large_with("replacement_output", replacement, exc) from exc
         # Publishes the "fork" outbox entry (idempotent by message ids).
         applied = await self._processor.apply(tenant, new_id, lambda _lt: False, ["fork"])
         if span is not None:
@@ -402,7 +444,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         logger.info("forked %s at %s into %s", request.lifetime_id, request.execution_id, new_id)
         return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
 
-    @unary_errors
+    @unary_call
     async def ReplayLifetime(
         self, request: pb.ReplayLifetimeRequest, context: Context
     ) -> pb.ReplayLifetimeResponse:
@@ -441,6 +483,29 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 after_abort=after_abort,
             )
         return report.proto()
+
+    def _check_payload(self, field: str, payload: payload_pb2.Payload) -> None:
+        """Refuse a payload of a call that the router would carry inline and no step could
+        take: the requests that carry it share one message with others as large, so it must
+        keep within the inline limit; and a receiver decodes it by its content type, so
+        bytes that content type cannot decode would fail the lifetime, not the call.
+
+        Raises:
+            ValidationError: Naming ``field``.
+        """
+        if payload.WhichOneof("data") != "inline":
+            return  # a BlobRef: its bytes are read (and checked) by whoever uses them
+        size = len(payload.inline)
+        if size > self._inline_limit:
+            raise ValidationError(
+                f"{field} is {size} bytes inline, over the {self._inline_limit}-byte limit: "
+                "upload it with StateService.PutBlob and pass the BlobRef"
+            )
+        problem = _undecodable(payload.content_type, payload.inline)
+        if problem:
+            raise ValidationError(
+                f"{field} is not what its content type {payload.content_type!r} says: {problem}"
+            )
 
     async def _record_of(
         self, tenant: Tenant, lifetime_id: str
@@ -511,6 +576,53 @@ async def _load_view(tenant: Tenant, lifetime_id: str) -> lifetime_pb2.AgentLife
     if loaded is None:
         raise NotFoundError(f"no lifetime {lifetime_id!r}")
     return loaded.state.lifetime
+
+
+def _require_fork(bound: lifetime_pb2.AgentLifetime, client_request_id: str) -> None:
+    """Refuse to answer a fork call with ``bound``, the lifetime its request id is bound
+    to, unless that is a fork: a start of an earlier version may have claimed the key
+    (its own id began with "fork:")."""
+    if not bound.HasField("fork_origin"):
+        raise StatusError(
+            StatusCode.FAILED_PRECONDITION,
+            f"client_request_id {client_request_id!r} is taken by lifetime "
+            f"{bound.lifetime_id}, which StartLifetime started: use another",
+        )
+
+
+def _undecodable(content_type: str, data: bytes) -> str:
+    """Why ``data`` cannot be decoded as ``content_type``, where that is cheap to tell
+    (JSON, text, protobuf wire format); "" when it can, or the type is opaque here."""
+    mime, _ = codecs.parse_content_type(content_type)
+    if mime == codecs.PROTOBUF:
+        # Without the message type only the wire format can be checked: any message
+        # parses as an Empty with unknown fields, bytes that are no message do not.
+        try:
+            empty_pb2.Empty.FromString(data)
+        except DecodeError:
+            return "the bytes are not a serialized protobuf message"
+        return ""
+    try:
+        # What every Python receiver runs on it (the SDK's decoding).
+        codecs.decode(content_type, data)
+    except ValidationError as exc:
+        return str(exc)
+    except RecursionError:
+        return "it is nested too deeply to decode"
+    return ""
+
+
+def _too_large_with(
+    field: str, payload: payload_pb2.Payload, exc: StateTooLargeError
+) -> ValidationError:
+    """``exc`` (the lifetime's state would not fit in one message) naming the payload of
+    the call that grew it, which a BlobRef would keep out of the state."""
+    if payload.WhichOneof("data") != "inline":
+        return exc
+    return ValidationError(
+        f"{exc}; {field} is {len(payload.inline)} bytes inline of it: upload it with "
+        "StateService.PutBlob and pass the BlobRef"
+    )
 
 
 def _page_size(requested: int) -> int:

@@ -120,13 +120,18 @@ def request_key(client_request_id: str) -> str:
     return "req." + hashlib.sha256(client_request_id.encode()).hexdigest()[:40]
 
 
+FORK_CLAIM_PREFIX = "fork:"
+"""What a fork's client_request_id is claimed under, apart from the start ids (which are
+claimed as they are, so none may begin with it)."""
+
+
 def claim_of(view: lifetime_pb2.AgentLifetime) -> str:
     """The request id ``view``'s creator claimed (see :meth:`RouterStore.claim_request`);
     empty when it was created without one."""
     if not view.client_request_id:
         return ""
     if view.HasField("fork_origin"):
-        return "fork:" + view.client_request_id
+        return FORK_CLAIM_PREFIX + view.client_request_id
     return view.client_request_id
 
 

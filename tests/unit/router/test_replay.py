@@ -504,6 +504,45 @@ async def test_wakes_kept_in_the_state_by_an_earlier_router_are_read_first() -> 
     assert replay.replay(recorded, sim.graph, sim.refs, producer=PRODUCER).reproduced
 
 
+async def test_a_lifetime_aborted_while_paused_with_a_held_step_replays() -> None:
+    """The task finished while paused: the plan it led to was decided, held, and dropped
+    by the abort. Replay pauses before that record, as the router was, so it holds and
+    drops the plan too rather than report it as a step never run."""
+    sim = Recorder(hello_graph())
+    greet = sim.take("greet")
+    sim.run(core.pause, "look")
+    sim.finish_task(greet, "hi")
+    assert len(sim.state.held) == 1
+    sim.run(core.abort, "never mind")
+    assert not sim.state.held
+    after = await replay.received_after_abort(EventHistory(sim.events), "acme", sim.state)  # type: ignore[arg-type]
+    assert after.while_paused == {greet.header.execution_id}
+    assert after.late == frozenset()
+    report = replay.replay(sim.recorded, sim.graph, sim.refs, producer=PRODUCER, after_abort=after)
+    assert report.reproduced, report.divergences
+    # Not paused, the re-drive publishes the plan, which the recorded lifetime never ran.
+    unpaused = replay.replay(sim.recorded, sim.graph, sim.refs, producer=PRODUCER)
+    assert [d.message for d in unpaused.divergences] == [
+        "replay dispatched a step the recorded lifetime never ran"
+    ]
+
+
+async def test_a_pause_resumed_before_the_abort_holds_nothing_in_replay() -> None:
+    """Only the pause the abort came in holds what it drops: a step decided in an earlier
+    pause was published on resume and is left open by the abort."""
+    sim = Recorder(hello_graph())
+    greet = sim.take("greet")
+    sim.run(core.pause, "look")
+    sim.finish_task(greet, "hi")
+    sim.run(core.resume, "go on")
+    sim.take("decide")  # published on resume, in flight when aborted
+    sim.run(core.abort, "never mind")
+    after = await replay.received_after_abort(EventHistory(sim.events), "acme", sim.state)  # type: ignore[arg-type]
+    assert after.while_paused == frozenset()
+    report = replay.replay(sim.recorded, sim.graph, sim.refs, producer=PRODUCER, after_abort=after)
+    assert report.reproduced, report.divergences
+
+
 class StoredHistory(EventHistory):
     """The state service's record and events of one lifetime the router no longer holds."""
 
