@@ -131,6 +131,8 @@ def decode(content_type: str, data: bytes, annotation: Any = None) -> Any:
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValidationError(f"payload is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise ValidationError("payload is JSON nested too deeply to decode") from exc
     if mime.startswith("text/"):
         try:
             return data.decode(params.get("charset", "utf-8"))

@@ -169,6 +169,13 @@ def test_json_is_compact_utf8() -> None:
     assert codecs.encode({"k": "é", "n": [1, 2]}) == (codecs.JSON, '{"k":"é","n":[1,2]}'.encode())
 
 
+def test_json_nested_past_the_parsers_recursion_is_a_validation_error() -> None:
+    # json.loads raises RecursionError here, which no caller of decode expects.
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        codecs.decode(codecs.JSON, deep)
+
+
 def test_bytes_and_explicit_payloads() -> None:
     assert codecs.encode(b"\x00\x01") == (codecs.OCTET_STREAM, b"\x00\x01")
     assert codecs.decode(codecs.OCTET_STREAM, b"\x00") == b"\x00"
