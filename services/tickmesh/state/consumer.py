@@ -446,6 +446,8 @@ class RecordConsumer:
                         f"event claims tenant {envelope.header.tenant_id!r} on a subject "
                         f"of tenant {self.names.tenant!r}"
                     )
+                for decision in decisions:
+                    core.check_events(decision)
             except ValidationError as exc:
                 logger.error("unreadable event on %s: %s", msg.subject, exc)
                 if refuse is not None:

@@ -16,12 +16,13 @@ from google.protobuf import timestamp_pb2
 # record this service dead-letters is never routed.
 from tickmesh.runtime.records import RECORD_KINDS as RECORD_KINDS
 from tickmesh.runtime.records import check_record as check_record
-from tickmesh.runtime.subjects import TenantNames
+from tickmesh.runtime.subjects import TenantNames, check_token
+from tickmesh.sdk import events_of
 from tickmesh.sdk.ids import uuid7
 from tickmesh.sdk.timestamps import set_now, set_timestamp
 from tickmesh.v1 import envelope_pb2, header_pb2, lifetime_pb2
 
-from .store import StoredExecution
+from .store import StoredExecution, check_event_sequence
 
 
 def ref_envelope(
@@ -69,6 +70,25 @@ def error_event(
     return envelope_pb2.ExecutionEnvelope(header=header, lifetime_event=event)
 
 
+def check_events(decision: envelope_pb2.ExecutionEnvelope) -> None:
+    """What the store needs of one decision's events, checked before they reach it: a
+    batch the store refused would be handed back and refused again, forever, holding
+    every read that waits for the events on the bus. Out-of-band events (sequence 0)
+    are not stored and need nothing.
+
+    Raises:
+        ValidationError: The lifetime id is no subject token (the router publishes only
+            those; a row under another id would end a ListLifetimeRecords page with a
+            token that listing refuses), or a sequence is past ``MAX_SEQUENCE``.
+    """
+    stored = [event.sequence for event in events_of(decision) if event.sequence > 0]
+    if not stored:
+        return
+    check_token(decision.header.lifetime_id, "lifetime id")
+    for sequence in stored:
+        check_event_sequence(sequence)
+
+
 def fold_event(
     header: header_pb2.EnvelopeHeader,
     event: lifetime_pb2.LifetimeEvent,
@@ -100,7 +120,15 @@ def fold_events(
     newest: lifetime_pb2.LifetimeEvent | None = None
     for event in events:
         if event.sequence <= last:
-            continue  # redelivered or late: never take the row back
+            # Redelivered or late: never take the row back. A start can come late (its
+            # batch failed and was redelivered after the next one), and only it says
+            # when the lifetime began and with what input.
+            if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STARTED:
+                if not row.HasField("created_at"):
+                    row.created_at.CopyFrom(event.at)
+                if event.HasField("input") and not row.HasField("input"):
+                    row.input.CopyFrom(event.input)
+            continue
         last = event.sequence
         newest = event
         if event.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STARTED:

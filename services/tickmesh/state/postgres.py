@@ -54,6 +54,7 @@ from .store import (
     _telemetry,
     _usage_query,
     _usage_rows,
+    check_event_sequence,
     fold_rows,
     list_lifetime_rows,
     stored_events,
@@ -803,8 +804,7 @@ class PostgresStateStore:
         _check_tenant(tenant)
         if not lifetime_id:
             raise ValidationError("an event needs a lifetime_id")
-        if event.sequence < 1:
-            raise ValidationError("lifetime event sequences start at 1")
+        check_event_sequence(event.sequence)
         body = event.SerializeToString()
 
         async def job(conn: PoolConnectionProxy[asyncpg.Record]) -> bool:

@@ -39,14 +39,15 @@ from tickmesh.v1 import (
 
 from . import core
 from .consumer import RecordConsumer
-from .store import StateStore, StoredExecution, UsageRow
+from .store import MAX_SEQUENCE, StateStore, StoredExecution, UsageRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CHUNK = 1024 * 1024
 _LIFETIME_TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 """A page token of ListLifetimeRecords: the last lifetime id of the page before."""
-_MAX_SEQUENCE = 2**63 - 1
-"""Sequences are stored as signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT)."""
+_SEQUENCE_TOKEN = re.compile(r"[0-9]{1,19}")
+"""A page token of ListExecutions: the last store sequence of the page before (ASCII
+digits only: str.isdigit() also takes digits int() refuses or reads in other scripts)."""
 MAX_BLOB_BYTES = 1024 * 1024 * 1024
 UINT32_MAX = 0xFFFF_FFFF
 
@@ -115,9 +116,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.ListExecutionsRequest, context: Context
     ) -> pb.ListExecutionsResponse:
         tenant = self._tenant(context)
-        after = int(request.page_token) if request.page_token.isdigit() else 0
-        if request.page_token and not request.page_token.isdigit():
-            raise ValidationError(f"malformed page_token {request.page_token!r}")
+        after = _sequence_token(request.page_token)
         size = min(request.page_size or 100, 1000)
         await self._stored_so_far(tenant)
         rows = await self._store.list_executions(
@@ -170,10 +169,10 @@ class StateServicer(pb_grpc.StateServiceServicer):
         tenant = self._tenant(context)
         if not request.lifetime_id:
             raise ValidationError("lifetime_id is required")
-        if request.after_sequence > _MAX_SEQUENCE:
+        if request.after_sequence > MAX_SEQUENCE:
             raise ValidationError(
                 f"after_sequence {request.after_sequence} is past the largest sequence a "
-                f"store keeps ({_MAX_SEQUENCE})"
+                f"store keeps ({MAX_SEQUENCE})"
             )
         # Whatever the caller saw on the event stream is stored before the read.
         await require_records_stored(
@@ -355,6 +354,20 @@ def _ref(stored: StoredExecution) -> execution_pb2.ExecutionRef:
     else:
         ref.plan_execution.CopyFrom(envelope.plan_execution)
     return ref
+
+
+def _sequence_token(token: str) -> int:
+    """The store sequence a ListExecutions page token holds; 0 for none.
+
+    Raises:
+        ValidationError: No listing handed it out: not decimal digits, or past the
+            largest sequence a store keeps.
+    """
+    if not token:
+        return 0
+    if _SEQUENCE_TOKEN.fullmatch(token) is None or int(token) > MAX_SEQUENCE:
+        raise ValidationError(f"malformed page_token {token!r}")
+    return int(token)
 
 
 def _moment(request: pb.GetUsageRequest, field: Literal["since", "until"]) -> datetime | None:

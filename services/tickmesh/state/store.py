@@ -87,12 +87,25 @@ def stored_events(
         if not events:
             raise ValidationError("expected a lifetime_event or lifetime_events body")
         for event in events:
-            if event.sequence < 1:
-                raise ValidationError("lifetime event sequences start at 1")
+            check_event_sequence(event.sequence)
             stored.append(
                 StoredEvent(header.lifetime_id, event.sequence, event.SerializeToString())
             )
     return stored
+
+
+def check_event_sequence(sequence: int) -> None:
+    """A stored event's sequence: from 1 to what a signed 64-bit column holds.
+
+    Raises:
+        ValidationError: It is 0 or past ``MAX_SEQUENCE``.
+    """
+    if sequence < 1:
+        raise ValidationError("lifetime event sequences start at 1")
+    if sequence > MAX_SEQUENCE:
+        raise ValidationError(
+            f"lifetime event sequence {sequence} is past the largest a store keeps ({MAX_SEQUENCE})"
+        )
 
 
 def fold_rows(
@@ -113,6 +126,11 @@ def fold_rows(
 _T = TypeVar("_T")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _UINT32_MAX: Final = 0xFFFF_FFFF
+MAX_SEQUENCE: Final = 2**63 - 1
+"""The largest sequence either store keeps (SQLite INTEGER, PostgreSQL BIGINT: signed 64
+bits); protobuf's are uint64."""
+_MIN_NS: Final = -(2**63)
+_MAX_NS: Final = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,8 +527,8 @@ async def list_lifetime_rows(
 
 
 def _check_page(after_sequence: int, limit: int) -> None:
-    if after_sequence < 0:
-        raise ValidationError(f"after_sequence must be >= 0, not {after_sequence}")
+    if not 0 <= after_sequence <= MAX_SEQUENCE:
+        raise ValidationError(f"after_sequence must be 0 to {MAX_SEQUENCE}, not {after_sequence}")
     if limit < 1:
         raise ValidationError(f"limit must be >= 1, not {limit}")
 
@@ -572,9 +590,18 @@ def _from_ns(ns: int) -> datetime:
 
 
 def _to_ns(when: datetime, name: str = "since") -> int:
+    """``when`` in the stores' nanoseconds, clamped to 64 bits: persisted_at never leaves
+    that range (1677 to 2262), so a bound past it keeps or drops every record alike."""
     if when.tzinfo is None:
         raise ValidationError(f"{name} must be timezone-aware")
-    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
+    ns = (when - _EPOCH) // timedelta(microseconds=1) * 1000
+    return min(max(ns, _MIN_NS), _MAX_NS)
+
+
+def _aware(when: datetime, name: str = "since") -> datetime:
+    if when.tzinfo is None:
+        raise ValidationError(f"{name} must be timezone-aware")
+    return when
 
 
 def _stored(row: Sequence[Any], *, duplicate: bool) -> StoredExecution:
@@ -644,7 +671,8 @@ def _usage_query(
     """The query (and its parameters) behind ``usage()``, in either store's dialect
     (as for ``_counters_query``): one GROUP BY over the tenant's executions, selecting
     graph id, graph version, node id, handler and then ``sums``."""
-    if since is not None and until is not None and _to_ns(until, "until") < _to_ns(since):
+    # Compared before clamping: past 2262, two distinct times share one bound.
+    if since is not None and until is not None and _aware(until, "until") < _aware(since):
         raise ValidationError(f"until ({until.isoformat()}) is before since ({since.isoformat()})")
     conditions = ["tenant = {}"]
     params: list[object] = [tenant]
@@ -1112,8 +1140,7 @@ class SQLiteStateStore:
         _check_tenant(tenant)
         if not lifetime_id:
             raise ValidationError("an event needs a lifetime_id")
-        if event.sequence < 1:
-            raise ValidationError("lifetime event sequences start at 1")
+        check_event_sequence(event.sequence)
         params = (tenant, lifetime_id, event.sequence, event.SerializeToString())
 
         def job() -> bool:

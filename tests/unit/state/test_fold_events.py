@@ -32,6 +32,12 @@ def _fold_one(
     if row is None:
         row = lifetime_pb2.AgentLifetime()
     elif event.sequence <= row.last_sequence:
+        # A late start still gives the row its creation time and input, once.
+        if event.kind == LS.LIFETIME_EVENT_KIND_STARTED:
+            if not row.HasField("created_at"):
+                row.created_at.CopyFrom(event.at)
+            if event.HasField("input") and not row.HasField("input"):
+                row.input.CopyFrom(event.input)
         return row
     row.lifetime_id = header.lifetime_id
     row.tenant_id = header.tenant_id
