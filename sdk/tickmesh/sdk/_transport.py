@@ -42,6 +42,9 @@ TENANT_METADATA_KEY = "x-tickmesh-tenant"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """The largest message the SDK's channels send or receive."""
 
+MAX_CHANNEL_MESSAGE_BYTES = 2**31 - 1
+"""The largest message limit a channel takes (gRPC holds it in a C int)."""
+
 PROTOCOL_VERSION = 1
 
 _KINDS: dict[HandlerKind, graph_pb2.NodeKind.ValueType] = {
@@ -80,6 +83,11 @@ class ChannelSecurity:
     root_certificates: bytes | None = None
     certificate_chain: bytes | None = None
     private_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        # gRPC aborts the process when it is given a certificate chain without its key.
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ConfigError("a client certificate and its key go together")
 
     @classmethod
     def from_files(
@@ -428,6 +436,9 @@ class ExecutorStream:
             raise map_rpc_error(exc) from exc
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             raise TransportError(f"executor stream closed: {exc}") from exc
+        except asyncio.CancelledError:
+            self._raise_if_abandoned()
+            raise
         if response is grpc.aio.EOF:
             return None
         assert isinstance(response, executor_pool_service_pb2.ConnectResponse)
@@ -441,6 +452,22 @@ class ExecutorStream:
             raise map_rpc_error(exc) from exc
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             raise TransportError(f"executor stream closed: {exc}") from exc
+        except asyncio.CancelledError:
+            self._raise_if_abandoned()
+            raise
+
+    def _raise_if_abandoned(self) -> None:
+        """grpc.aio raises CancelledError from every read and write of a call cancelled
+        locally (:meth:`cancel`): unless this task itself is being cancelled, that is the
+        stream breaking, not a cancellation to pass on (it would end the caller's task).
+
+        Raises:
+            TransportError: The call was abandoned.
+        """
+        task = asyncio.current_task()
+        abandoned = self._call is not None and self._call.cancelled()
+        if abandoned and (task is None or task.cancelling() == 0):
+            raise TransportError("executor stream abandoned") from None
 
 
 # --- blob downloads -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from ._plan import Decision, Plan, PlanContext, PlanInputView, SignalView
 from ._task import ErrorData, ExecutionContext, Task, TaskContext
 from ._transport import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_CHANNEL_MESSAGE_BYTES,
     AssignmentBatch,
     CancelBatch,
     Channel,
@@ -320,6 +321,11 @@ class Worker:
             raise ConfigError(f"invalid tenant id {tenant!r}")
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        if not 1 <= max_message_bytes <= MAX_CHANNEL_MESSAGE_BYTES:
+            raise ConfigError(
+                f"max_message_bytes must be between 1 and {MAX_CHANNEL_MESSAGE_BYTES}, "
+                f"got {max_message_bytes}"
+            )
         if not tasks:
             raise ConfigError("a Worker needs at least one task or plan")
         handlers: dict[tuple[str, str], Handler] = {}
@@ -378,15 +384,17 @@ class Worker:
             raise ConfigError("this Worker is already running")
         self._running = True
         self._done.clear()
-        channel = create_channel(
-            self._target, max_message_bytes=self._max_message_bytes, security=self._security
-        )
-        if self._blob_resolver is None:
-            # Blob downloads share the Connect stream's channel (one connection to the pool).
-            self._resolver = PoolBlobResolver(channel)
+        channel: Channel | None = None
         initial, cap = self._reconnect
         backoff = initial
+        # Everything after _running is set is inside the try: shutdown() waits for _done.
         try:
+            channel = create_channel(
+                self._target, max_message_bytes=self._max_message_bytes, security=self._security
+            )
+            if self._blob_resolver is None:
+                # Blob downloads share the Connect stream's channel (one connection to the pool).
+                self._resolver = PoolBlobResolver(channel)
             while not self._stopping:
                 welcomed = False
                 try:
@@ -405,7 +413,8 @@ class Worker:
                 backoff = min(cap, backoff * 2)
         finally:
             self._connected.clear()
-            await channel.close()
+            if channel is not None:
+                await channel.close()
             self._resolver = self._blob_resolver
             self._running = False
             self._done.set()
@@ -636,7 +645,40 @@ class Worker:
             if inner.done() and not inner.cancelled():
                 inner.exception()  # retrieved: nobody will report it
             return
-        session.complete(self._completion(run, inner, timed_out=run.timed_out))
+        try:
+            completion = self._completion(run, inner, timed_out=run.timed_out)
+        except Exception as exc:
+            # Raised in a done callback, this would lose the outcome: the pool would hold
+            # the assignment until its deadline, and time it out.
+            completion = self._unsendable(run, inner, exc)
+        session.complete(completion)
+
+    def _unsendable(self, run: _Running, inner: asyncio.Task[Any], why: Exception) -> Completion:
+        """A final failure standing in for an outcome protobuf cannot carry (text with
+        lone surrogates, telemetry outside its field's range, an output the codec trips
+        over), as the pool fails a result it cannot record."""
+        logger.warning(
+            "%s %s: the result cannot be sent: %r", run.handler.kind, run.handler.name, why
+        )
+        # repr() escapes what a protobuf string cannot hold.
+        message = f"the {run.handler.kind}'s result cannot be sent: {why!r}"
+        if not run.timed_out and not inner.cancelled() and inner.exception() is not None:
+            message += f"; it raised {inner.exception()!r}"
+        error = ErrorData("InvalidResult", message, False)
+        finished = datetime.now(UTC)
+        run_time = (finished - run.started_at).total_seconds()
+        result: Any
+        if isinstance(run.handler, Task):
+            result = task_result_to_proto("failed", error=error, run_time_s=run_time)
+        else:
+            result = plan_result_to_proto(None, error=error, run_time_s=run_time)
+        return completion_to_proto(
+            run.item.assignment_id,
+            result,
+            started_at=run.started_at,
+            finished_at=finished,
+            code_digest=run.handler.code_digest,
+        )
 
     def _completion(
         self, run: _Running, inner: asyncio.Task[Any], *, timed_out: bool
