@@ -608,6 +608,8 @@ class Session {
   private flushScheduled = false;
   private draining = false;
   private closing = false;
+  /** Our sending side is closed: a frame written now would fail the whole stream. */
+  private halfClosed = false;
   private ended = false;
   private drainPromise: Promise<void> | undefined;
   private readonly heartbeat: NodeJS.Timeout;
@@ -772,7 +774,7 @@ class Session {
   }
 
   private scheduleFlush(): void {
-    if (this.flushScheduled || this.ended) return;
+    if (this.flushScheduled || this.ended || this.halfClosed) return;
     this.flushScheduled = true;
     // Everything finishing in this event-loop turn joins the same frame.
     setImmediate(() => this.flush());
@@ -784,7 +786,9 @@ class Session {
 
   private flush(): void {
     this.flushScheduled = false;
-    if (this.ended) return;
+    // After the half-close nothing more is said: work refused or unreported now is the
+    // pool's to requeue when the stream ends.
+    if (this.ended || this.halfClosed) return;
     const stats = this.worker.stats;
     try {
       if (this.rejected.length > 0) {
@@ -821,6 +825,7 @@ class Session {
         }
       }
       if (this.closing) {
+        this.halfClosed = true;
         this.call.end();
       }
     } catch (err) {

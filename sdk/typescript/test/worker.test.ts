@@ -357,3 +357,44 @@ test("waitConnected settles when the worker stops, so no timer outlives it", asy
   assert.equal(settled, "rejected");
   await assert.rejects(worker.waitConnected(600_000));
 });
+
+test("after the worker half-closes its stream it writes nothing more, so the pool can end the stream cleanly", async () => {
+  const pool = await fakePool();
+  const worker = new Worker({ target: pool.target, tenant: "acme", log: () => undefined }).task("echo", async (_ctx, input: unknown) => input);
+  worker.start();
+  try {
+    await worker.waitConnected();
+    const call = pool.calls[0]!;
+    const session = (worker as unknown as { session: { call: grpc.ClientDuplexStream<ConnectRequest, ConnectResponse> } }).session;
+    // Watch the client side: every write after its end() is a write the stream refuses.
+    let ended = false;
+    const lateWrites: string[] = [];
+    const write = session.call.write.bind(session.call);
+    const end = session.call.end.bind(session.call);
+    session.call.end = ((...args: unknown[]) => {
+      ended = true;
+      return (end as (...a: unknown[]) => unknown)(...args);
+    }) as typeof session.call.end;
+    session.call.write = ((message: ConnectRequest, ...rest: unknown[]) => {
+      if (ended) lateWrites.push(message.message.case ?? "");
+      return (write as (...a: unknown[]) => boolean)(message, ...rest);
+    }) as typeof session.call.write;
+    // The pool keeps its side open after the drain (as it does while it settles), and an
+    // assignment it sent before seeing the half-close arrives after it.
+    call.removeAllListeners("end");
+    const halfClosed = new Promise<void>((resolve) => call.once("end", resolve));
+    call.write(create(ConnectResponseSchema, { message: { case: "drain", value: { grace: durationFromMs(0) } } }));
+    await halfClosed;
+    assert.ok(ended);
+    const rejectionsBefore = worker.stats.rejections;
+    assign(call, assignment("late", "task", "echo", 1));
+    while (worker.stats.rejections === rejectionsBefore) await new Promise<void>((r) => setImmediate(r));
+    // The refusal's frame would be flushed on the next turns of the event loop.
+    for (let i = 0; i < 3; i++) await new Promise<void>((r) => setImmediate(r));
+    assert.deepEqual(lateWrites, []);
+    call.end();
+  } finally {
+    await worker.shutdown(100);
+    pool.close();
+  }
+});
