@@ -103,6 +103,10 @@ MAX_GRAPH_YAML_BYTES: Final = 1024 * 1024
 _UINT32_MAX = 2**32 - 1
 _MAX_EXACT_INT = 2**53
 _MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (~10,000 years)
+MAX_STEP_SECONDS: Final = 100 * 366 * 86_400
+"""The longest one step of a node may take, every attempt and backoff included: about
+a century (its deadline is a timestamp, which ends in the year 9999)."""
+_DEFAULT_TIMEOUT_NANOS = 60 * 1_000_000_000  # an attempt's limit when a node sets none
 _NANOS = 1_000_000_000
 # Graph documents are shallow; config may nest MAX_STRUCT_DEPTH levels below a node.
 _MAX_YAML_DEPTH = MAX_STRUCT_DEPTH + 8
@@ -141,6 +145,9 @@ class Retry:
     """Growth of the backoff after each retry; 0 means the runtime default (2.0)."""
     non_retryable: tuple[str, ...] = ()
     """``ErrorInfo.type`` values that are never retried."""
+
+
+_RETRY_DEFAULTS = Retry()
 
 
 def default_edge_id(from_node: str, to_node: str) -> str:
@@ -647,6 +654,7 @@ class _Validator:
             self.check_retry(f"{path}.retry", node.retry)
         if node.HasField("join"):
             self.check_join(path, node, incoming)
+        self.check_step_length(path, node)
         if node.HasField("config"):
             depth = _struct_depth(node.config)
             if depth > MAX_STRUCT_DEPTH:
@@ -654,6 +662,12 @@ class _Validator:
                     f"{path}.config",
                     f"config nests {depth} levels deep; the limit is {MAX_STRUCT_DEPTH}",
                 )
+            else:
+                # As the YAML reader and the builder refuse it: no JSON (nor YAML read
+                # back) holds a NaN or an infinity.
+                where = _non_finite(node.config, f"{path}.config")
+                if where is not None:
+                    self.add(where[0], f"expected a finite number, got {where[1]}")
         for name in ("input_schema", "output_schema"):
             if node.HasField(name):
                 schema: graph_pb2.SchemaRef = getattr(node, name)
@@ -664,6 +678,40 @@ class _Validator:
                         f"{path}.{name}.digest",
                         f"expected a hex SHA-256 (64 lowercase hex digits), got {schema.digest!r}",
                     )
+
+    def check_step_length(self, path: str, node: graph_pb2.Node) -> None:
+        """A step's deadline (every attempt's timeout and the backoffs between them, after
+        its dispatch) is a timestamp: it must stay far inside the year 9999."""
+        timeout = _DEFAULT_TIMEOUT_NANOS
+        if node.HasField("timeout"):
+            timeout = _duration_to_nanos(node.timeout) or 0
+        retry = node.retry
+        durations = {"timeout": timeout}
+        if retry.HasField("initial_backoff"):
+            durations["retry.initial_backoff"] = _duration_to_nanos(retry.initial_backoff) or 0
+        if retry.HasField("max_backoff"):
+            durations["retry.max_backoff"] = _duration_to_nanos(retry.max_backoff) or 0
+        too_long = False
+        for name, nanos in durations.items():
+            if nanos > MAX_STEP_SECONDS * _NANOS:
+                too_long = True
+                self.add(
+                    f"{path}.{name}",
+                    f"{_format_nanos(nanos)} is too long: at most {MAX_STEP_SECONDS:,} s "
+                    "(about a century)",
+                )
+        multiplier = retry.backoff_multiplier
+        if too_long or not math.isfinite(multiplier) or (multiplier != 0 and multiplier < 1):
+            return  # reported on its own
+        attempts = retry.max_attempts or _RETRY_DEFAULTS.max_attempts
+        total = timeout * attempts + _total_backoff_nanos(retry, attempts)
+        if total > MAX_STEP_SECONDS * _NANOS:
+            self.add(
+                f"{path}.retry.max_attempts" if retry.max_attempts else f"{path}.timeout",
+                f"a step of node {node.id!r} may take {total / _NANOS:,.0f} s ({attempts:,} "
+                f"attempts of {_format_nanos(timeout)} and the backoffs between them): at "
+                f"most {MAX_STEP_SECONDS:,} s (about a century)",
+            )
 
     def check_join(self, path: str, node: graph_pb2.Node, incoming: int) -> None:
         join = node.join
@@ -912,6 +960,52 @@ def _refuse_oversized(source: str) -> None:
         source=source,
     )
     raise ValidationError(_invalid(source, [issue]), [issue])
+
+
+def _non_finite(
+    value: struct_pb2.Struct | struct_pb2.ListValue, path: str
+) -> tuple[str, float] | None:
+    """The path and value of the first NaN or infinity in ``value``, if any."""
+    items = (
+        ((f"{path}.{key}", child) for key, child in sorted(value.fields.items()))
+        if isinstance(value, struct_pb2.Struct)
+        else ((f"{path}[{i}]", child) for i, child in enumerate(value.values))
+    )
+    for where, child in items:
+        kind = child.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(child.number_value):
+            return where, child.number_value
+        if kind in ("struct_value", "list_value"):
+            found = _non_finite(getattr(child, kind), where)
+            if found is not None:
+                return found
+    return None
+
+
+def _total_backoff_nanos(retry: graph_pb2.RetryPolicy, attempts: int) -> int:
+    """The backoffs between ``attempts`` attempts, summed as the runtime spaces them
+    (``Retry``'s defaults for fields not set); past the first 64, each counts as the
+    cap (a policy may allow 2**32 - 1 attempts; a usual one is capped well before)."""
+    initial = (
+        _duration_to_nanos(retry.initial_backoff) or 0
+        if retry.HasField("initial_backoff")
+        else int(_RETRY_DEFAULTS.initial_backoff * _NANOS)
+    )
+    cap = (
+        _duration_to_nanos(retry.max_backoff) or 0
+        if retry.HasField("max_backoff")
+        else int(_RETRY_DEFAULTS.max_backoff * _NANOS)
+    )
+    multiplier = retry.backoff_multiplier or _RETRY_DEFAULTS.multiplier
+    count = max(0, attempts - 1)
+    total = 0.0
+    backoff = float(initial)
+    for done in range(min(count, 64)):
+        if backoff >= cap or multiplier == 1:
+            return int(total) + int(min(backoff, cap)) * (count - done)
+        total += backoff
+        backoff *= multiplier
+    return int(total) + cap * max(0, count - 64)
 
 
 # --- durations ----------------------------------------------------------------------------

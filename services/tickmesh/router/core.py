@@ -43,6 +43,9 @@ DEFAULT_MAX_ITERATIONS = 100
 MAX_WAIT_S = 100 * 366 * 86_400
 """The longest timeout a plan may wait for a signal: about a century (a timestamp holds
 years up to 9999; a deadline past that cannot even be written down)."""
+MAX_STEP_S = MAX_WAIT_S
+"""The longest a step may take, every attempt and backoff included (graph validation
+refuses a node that could take longer): its deadline is a timestamp too."""
 START_GROUP = "start"
 MAX_SIGNAL_IDS = 256
 """The signal ids a lifetime remembers, for deduplication: a SignalLifetime call retried
@@ -421,9 +424,12 @@ def _deadline_ns(node: graph_pb2.Node) -> int:
     timeout plus the backoff between attempts."""
     timeout = node.timeout.ToTimedelta().total_seconds() if node.HasField("timeout") else 0.0
     attempts = steps.max_attempts(node.retry)
-    return int(steps.timeout_seconds(timeout) * attempts * 1e9) + int(
-        sum(steps.backoff_seconds(node.retry, a) for a in range(1, attempts)) * 1e9
+    deadline_ns = int(steps.timeout_seconds(timeout) * attempts * 1e9) + int(
+        steps.total_backoff_seconds(node.retry, attempts) * 1e9
     )
+    # A graph registered before validation bounded it could hold more: no timestamp
+    # holds a deadline past the year 9999.
+    return min(deadline_ns, MAX_STEP_S * 10**9)
 
 
 def output_share(width: int) -> int:
@@ -973,6 +979,8 @@ def _plan_decided(
             )
             return
         targets.append((target, edge, step))
+    if len(targets) > 1 and not _iterations_allow(lt, targets):
+        return
     shares = output_shares(lt, [target for target, _, _ in targets])
     for (target, edge, step), share in zip(targets, shares, strict=True):
         if (
@@ -988,6 +996,24 @@ def _plan_decided(
             is None
         ):
             return
+
+
+def _iterations_allow(
+    lt: Lifetime, targets: Sequence[tuple[graph_pb2.Node, graph_pb2.Edge, result_pb2.NextStep]]
+) -> bool:
+    """Whether every step of one decision stays within max_iterations; if not, fail the
+    lifetime before any is dispatched: steps dispatched first would still be published
+    and run for a lifetime the same decision failed."""
+    cap = lt.graph.max_iterations or DEFAULT_MAX_ITERATIONS
+    for node_id, count in Counter(target.id for target, _, _ in targets).items():
+        runs = lt.state.iterations.get(node_id, 0) + count
+        if runs > cap:
+            lt.fail(
+                f"node {node_id!r} would run {runs} times, over the graph's max_iterations {cap}",
+                "MaxIterationsExceeded",
+            )
+            return False
+    return True
 
 
 # --- control ----------------------------------------------------------------
