@@ -939,6 +939,10 @@ def _plan_decided(
         return
     if decision == "wait":
         wait = result.wait
+        if not wait.signal_name:
+            # SignalLifetime requires a name: nothing could ever end such a wait.
+            lt.fail(f"plan {node.id} asked to wait without a signal name", "RoutingError")
+            return
         if wait.HasField("timeout") and not 0 < wait.timeout.ToNanoseconds() <= MAX_WAIT_S * 10**9:
             lt.fail(
                 f"plan {node.id} asked to wait for {wait.signal_name!r} with a timeout of "

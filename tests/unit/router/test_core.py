@@ -489,6 +489,18 @@ def test_a_wait_timeout_out_of_range_fails_the_lifetime(seconds: int, nanos: int
     assert not sim.state.HasField("wait")
 
 
+def test_a_wait_for_no_signal_name_fails_the_lifetime() -> None:
+    """SignalLifetime requires a name, so a wait for '' could only end by timeout or
+    abort: a plan result from an executor that left the name out fails the lifetime."""
+    sim = Sim(hello_graph())
+    sim.finish_task(sim.take("greet"), "hi")
+    sim.decide(sim.take("decide"), result_pb2.PlanResult(wait=result_pb2.WaitDecision()))
+    assert state_of(sim) == "LIFETIME_STATE_FAILED"
+    assert sim.view.error.type == "RoutingError"
+    assert "without a signal name" in sim.view.error.message
+    assert not sim.state.HasField("wait")
+
+
 def test_a_wait_of_a_century_is_taken() -> None:
     sim = Sim(hello_graph())
     sim.finish_task(sim.take("greet"), "hi")
