@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from typing import Any, Final, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -19,6 +20,7 @@ from pydantic import ValidationError as SettingsError
 from tickmesh.executor_pool.config import ExecutorPoolSettings
 from tickmesh.guardrail.config import GuardrailSettings
 from tickmesh.router.config import RouterSettings
+from tickmesh.runtime import config_file
 from tickmesh.runtime.settings import ServiceSettings
 from tickmesh.sdk.errors import ConfigError
 from tickmesh.state.config import StateSettings
@@ -48,13 +50,36 @@ def load_settings(service: str) -> ServiceSettings:
     Raises:
         ConfigError: a value is invalid (the message names the setting).
     """
+    settings_cls = SETTINGS[service]
     try:
-        return SETTINGS[service]()
+        return settings_cls()
     except SettingsError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+            f"{_where(settings_cls, error['loc'])}: {error['msg']}" for error in exc.errors()
         )
         raise ConfigError(f"invalid {service} settings: {problems}") from None
+
+
+def _where(settings_cls: type[ServiceSettings], loc: tuple[int | str, ...]) -> str:
+    """The setting at ``loc`` and where its value comes from: the environment variable,
+    else the config file's line (the environment wins over the file)."""
+    name = ".".join(str(p) for p in loc)
+    field = str(loc[0]) if loc else ""
+    variable = f"{settings_cls.model_config.get('env_prefix', '')}{field}".upper()
+    if any(key.upper() == variable for key in os.environ):
+        return f"{variable} ({name})"
+    try:
+        path = config_file.config_path(os.environ.get(config_file.CONFIG_ENV))
+        entry = (
+            None
+            if path is None
+            else config_file.load(path).entry_for(settings_cls.config_section, field)
+        )
+    except ConfigError:
+        entry = None
+    if entry is None:
+        return name
+    return f"{path}:{entry.line} ({entry.path})"
 
 
 def masked(settings: ServiceSettings) -> dict[str, Any]:

@@ -178,11 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    # An out-of-range port would not fail: the server would bind another one.
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return port
+
+
 def _mesh_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="keep NATS, SQLite and blobs here")
     parser.add_argument("--tenants", default="default", help="comma-separated tenant ids")
-    parser.add_argument("--router-port", type=int, default=0)
-    parser.add_argument("--pool-port", type=int, default=0)
+    parser.add_argument("--router-port", type=_port, default=0, help="0: a free port")
+    parser.add_argument("--pool-port", type=_port, default=0, help="0: a free port")
     parser.add_argument(
         "--trace-exporter",
         choices=("none", "otlp", "console"),
@@ -245,25 +256,35 @@ async def cmd_dev(args: argparse.Namespace, out: TextIO) -> int:
 def load_handlers(spec: str) -> list[Task[Any, Any] | Plan[Any]]:
     """Import a module (dotted name or .py path) and collect its Task and Plan objects."""
     module: ModuleType
-    if spec.endswith(".py"):
-        path = Path(spec).resolve()
-        name = f"tickmesh_handlers_{abs(hash(str(path)))}"
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise ValidationError(f"cannot import handlers from {spec}")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = module
-        loader_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(spec)
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec).resolve()
+            name = f"tickmesh_handlers_{abs(hash(str(path)))}"
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ValidationError(f"cannot import handlers from {spec}")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except (ImportError, OSError) as exc:
+        raise ValidationError(f"cannot import handlers from {spec}: {exc}") from exc
     found = [v for v in vars(module).values() if isinstance(v, Task | Plan)]
     if not found:
         raise ValidationError(f"{spec} defines no @task or @plan handlers")
     return found
 
 
+def _read_graph(path: Path) -> Any:
+    try:
+        return load_graph_file(path)
+    except OSError as exc:
+        raise ValidationError(f"{path}: cannot read the file: {exc.strerror or exc}") from exc
+
+
 async def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
-    graph = load_graph_file(args.graph)
+    graph = _read_graph(args.graph)
     specs = args.handlers or [str(args.graph.with_name("handlers.py"))]
     external = dict(_executor_spec(spec) for spec in args.executor)
     handlers = [h for spec in specs for h in load_handlers(spec) if h.name not in external]
@@ -497,6 +518,10 @@ def cmd_graph_validate(args: argparse.Namespace, out: TextIO) -> int:
     for path in args.files:
         try:
             graph = load_graph_file(path)
+        except OSError as exc:
+            failed += 1
+            print(f"{path}: cannot read the file: {exc.strerror or exc}", file=out)
+            continue
         except ValidationError as exc:
             failed += 1
             for issue in exc.issues or ():

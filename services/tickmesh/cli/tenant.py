@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -62,11 +63,42 @@ from tickmesh.runtime.tenancy.provision import (
     verify_limits,
 )
 from tickmesh.runtime.tenancy.registry import ROLES, now_iso
-from tickmesh.sdk import ConfigError, TransportError
+from tickmesh.sdk import ConfigError, TransportError, ValidationError
 
 DEFAULT_DIR = DEFAULT_DATA_DIR / "tenants"
 PURGE_WAIT_S = 10.0
 ALL_ROLES = "all"
+MAX_REPLICAS = 5
+"""JetStream's most replicas of a stream."""
+
+
+# argparse turns only ArgumentTypeError, TypeError and ValueError into a usage error
+# (exit 2); anything else a type raises escapes as a traceback.
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _replicas_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_REPLICAS}, got {value}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -80,7 +112,10 @@ def add_parser(sub: Any) -> None:
     create.add_argument("tenant")
     _limit_args(create)
     create.add_argument(
-        "--replicas", type=int, default=1, help="JetStream replicas of the tenant's streams"
+        "--replicas",
+        type=_replicas_arg,
+        default=1,
+        help=f"JetStream replicas of the tenant's streams (1 to {MAX_REPLICAS})",
     )
     _common_args(create)
 
@@ -144,13 +179,13 @@ def _limit_args(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
     parser.add_argument(
         "--max-memory",
-        type=parse_size,
+        type=_size_arg,
         help=f"memory-backed stream bytes (default {format_size(defaults.max_memory)}; "
         "units are binary: 64MB = 64MiB)",
     )
     parser.add_argument(
         "--max-storage",
-        type=parse_size,
+        type=_size_arg,
         help=f"file-backed stream bytes (default {format_size(defaults.max_storage)})",
     )
     parser.add_argument("--max-streams", type=int, help=f"streams (default {defaults.max_streams})")
@@ -178,7 +213,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats-tls-cert", help="client certificate for NATS mutual TLS")
     parser.add_argument("--nats-tls-key", help="its key")
     parser.add_argument(
-        "--connect-timeout", type=float, default=10.0, help="seconds to wait for NATS"
+        "--connect-timeout", type=_seconds_arg, default=10.0, help="seconds to wait for NATS"
     )
 
 
@@ -286,8 +321,6 @@ async def _verify(
 
 async def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
     tenant_id = check_tenant(args.tenant)
-    if args.replicas < 1:
-        raise ConfigError("--replicas must be at least 1")
     directory = TenantDirectory(args.dir)
     with directory.locked():
         fresh = not directory.exists()

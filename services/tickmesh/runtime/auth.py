@@ -23,16 +23,24 @@ TENANT_METADATA_KEY = "x-tickmesh-tenant"
 
 def tenant_from_metadata(metadata: Any, served: Collection[str]) -> str:
     """Return the caller's tenant, or raise a StatusError saying what is wrong."""
-    tenant = None
-    for key, value in metadata or ():
-        if key == TENANT_METADATA_KEY:
-            tenant = value.decode() if isinstance(value, bytes) else str(value)
-            break
-    if tenant is None:
+    named = [
+        value.decode() if isinstance(value, bytes) else str(value)
+        for key, value in metadata or ()
+        if key == TENANT_METADATA_KEY
+    ]
+    if not named:
         raise StatusError(
             StatusCode.UNAUTHENTICATED,
             f"no tenant credentials: send the '{TENANT_METADATA_KEY}' metadata entry",
         )
+    if len(named) > 1:
+        # The API-key check reads one of the entries and this another: a key of one
+        # tenant would act for the other.
+        raise StatusError(
+            StatusCode.INVALID_ARGUMENT,
+            f"{len(named)} '{TENANT_METADATA_KEY}' metadata entries: send exactly one",
+        )
+    tenant = named[0]
     if not TENANT_ID_PATTERN.fullmatch(tenant):
         raise StatusError(StatusCode.INVALID_ARGUMENT, f"malformed tenant id {tenant!r}")
     if tenant not in served:

@@ -54,6 +54,14 @@ class ConfigDocument:
     shared: tuple[Entry, ...]
     sections: dict[str, tuple[Entry, ...]]
 
+    def entry_for(self, section: str, field: str) -> Entry | None:
+        """Where the value a service sees for ``field`` is written: its section's entry,
+        else the shared one; None when the file does not set it."""
+        for entry in (*self.sections.get(section, ()), *self.shared):
+            if entry.field == field:
+                return entry
+        return None
+
     def values_for(self, section: str) -> dict[str, Any]:
         """The flattened values a service sees: shared ones, overridden by its section's."""
         values = {e.field: e.value for e in self.shared}
@@ -93,17 +101,40 @@ def load(path: Path) -> ConfigDocument:
         raise ConfigError(f"{path}:{root.start_mark.line + 1}: the config must be a mapping")
     shared: list[Entry] = []
     sections: dict[str, tuple[Entry, ...]] = {}
+    section_lines: dict[str, int] = {}
     for key_node, value_node in root.value:
         key = _key(path, key_node)
         if key in SERVICE_SECTIONS:
+            line = key_node.start_mark.line + 1
+            if key in section_lines:
+                raise ConfigError(
+                    f"{path}:{line}: {key!r} is set twice (first at line {section_lines[key]})"
+                )
+            section_lines[key] = line
             if not isinstance(value_node, yaml.MappingNode):
                 raise ConfigError(
                     f"{path}:{value_node.start_mark.line + 1}: {key} must be a mapping of settings"
                 )
-            sections[key] = tuple(_flatten(path, value_node, prefix=(), dotted=key))
+            sections[key] = _unique(path, _flatten(path, value_node, prefix=(), dotted=key))
         else:
             shared.extend(_flatten(path, value_node, prefix=(key,), dotted=key, at=key_node))
-    return ConfigDocument(path, tuple(shared), sections)
+    return ConfigDocument(path, _unique(path, shared), sections)
+
+
+def _unique(path: Path, entries: list[Entry]) -> tuple[Entry, ...]:
+    """``entries``, refused if two set the same field: YAML keeps the last of a repeated
+    key, and ``nats: {url: ...}`` and ``nats_url`` are one setting, so one value would
+    silently win."""
+    seen: dict[str, Entry] = {}
+    for entry in entries:
+        first = seen.setdefault(entry.field, entry)
+        if first is not entry:
+            written = f" as {first.path!r}" if first.path != entry.path else ""
+            raise ConfigError(
+                f"{path}:{entry.line}: {entry.path!r} is set twice "
+                f"(first at line {first.line}{written})"
+            )
+    return tuple(entries)
 
 
 def check_fields(

@@ -213,8 +213,11 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if owner is None:
             logger.warning("rejected %s: unknown API key", method)
             return grpc.StatusCode.UNAUTHENTICATED, "unknown API key"
-        claimed = values.get(TENANT_METADATA_KEY)
-        if owner != ANY_TENANT and claimed is not None and claimed != owner:
+        # Every tenant entry is checked, not the one a dict keeps: the services refuse a
+        # call naming several, and a key must not pass on the strength of one of them.
+        claims = [value for key, value in metadata if key == TENANT_METADATA_KEY]
+        claimed = next((c for c in claims if c != owner), None)
+        if owner != ANY_TENANT and claimed is not None:
             # Either a misconfigured client or one trying another tenant's data: recorded.
             logger.warning(
                 "rejected %s: a key of tenant %r used for tenant %r", method, owner, claimed

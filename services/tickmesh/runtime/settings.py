@@ -9,6 +9,7 @@ in code, then the environment, then the config file, then the defaults.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from tickmesh.sdk.ids import TENANT_ID_PATTERN
 from . import config_file
 
 DEFAULT_DATA_DIR = Path(".tickmesh")
+LOG_LEVELS = tuple(logging.getLevelNamesMapping())
 
 
 def default_instance() -> str:
@@ -99,7 +101,7 @@ class ServiceSettings(BaseSettings):
     nats_replicas: int = Field(default=1, ge=1, le=5)
     """JetStream replicas of each stream and KV bucket a service creates: 3 on a 3-node
     cluster, so that losing a server loses nothing and stalls nothing."""
-    nats_connect_timeout_s: float = 10.0
+    nats_connect_timeout_s: float = Field(default=10.0, gt=0.0)
     """How long the first connection may take before the service refuses to start."""
     s3_access_key_id: str | None = None
     """S3 credentials for an ``s3://`` blob URL; when unset, the standard AWS chain
@@ -153,10 +155,20 @@ class ServiceSettings(BaseSettings):
     log_json: bool = True
     instance: str = Field(default_factory=default_instance)
     """Identifies this process in envelopes' producer field and in logs."""
-    max_message_bytes: int = 8 * 1024 * 1024
+    # gRPC reads a negative size as "no limit" and refuses one past a C int at start.
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1, le=2**31 - 1)
     """Largest gRPC message accepted or sent."""
-    shutdown_grace_s: float = 5.0
+    shutdown_grace_s: float = Field(default=5.0, ge=0.0)
     """How long in-flight calls and work may run on SIGTERM."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        # Checked here: logging refuses an unknown name only once the service is starting.
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
 
     @field_validator("metrics_listen")
     @classmethod

@@ -244,16 +244,30 @@ class Tenant:
         return data
 
     @classmethod
-    def from_json(cls, tenant: str, data: Mapping[str, Any]) -> Tenant:
+    def from_json(cls, tenant: str, data: Any) -> Tenant:
+        if not isinstance(data, Mapping):
+            raise ValidationError(f"tenant {tenant!r} must be a JSON object, not {data!r}")
         previous = data.get("previous") or {}
         if not isinstance(previous, Mapping):
             raise ValidationError(f"tenant {tenant!r}: previous must map roles to keys")
+        limits = data.get("limits", {})
+        if not isinstance(limits, Mapping):
+            raise ValidationError(f"tenant {tenant!r}: limits must be a JSON object")
+        users = data.get("users", {})
+        if not isinstance(users, Mapping):
+            raise ValidationError(f"tenant {tenant!r}: users must map roles to public keys")
+        disabled = data.get("disabled", False)
+        # bool("false") is True: a quoted value would silently lock the tenant out.
+        if not isinstance(disabled, bool):
+            raise ValidationError(
+                f"tenant {tenant!r}: disabled must be true or false, not {disabled!r}"
+            )
         return cls(
             id=tenant,
-            limits=Limits.from_json(data.get("limits", {})),
-            users=dict(data.get("users", {})),
+            limits=Limits.from_json(limits),
+            users=dict(users),
             created=str(data.get("created", "")),
-            disabled=bool(data.get("disabled", False)),
+            disabled=disabled,
             previous={role: PreviousKey.from_json(key) for role, key in previous.items()},
         )
 
@@ -297,7 +311,9 @@ class Registry:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Registry:
+    def from_json(cls, data: Any) -> Registry:
+        if not isinstance(data, Mapping):
+            raise ValidationError("the registry must be a JSON object")
         if data.get("version") != REGISTRY_VERSION:
             raise ConfigError(
                 f"unsupported tenant registry version {data.get('version')!r} "
@@ -307,7 +323,10 @@ class Registry:
             system_key = data["system"]["users"][SYSTEM_USER]
         except (KeyError, TypeError):
             raise ConfigError("the tenant registry has no system admin user") from None
-        tenants = {tid: Tenant.from_json(tid, t) for tid, t in data.get("tenants", {}).items()}
+        listed = data.get("tenants", {})
+        if not isinstance(listed, Mapping):
+            raise ValidationError("tenants must map tenant ids to tenants")
+        tenants = {tid: Tenant.from_json(tid, t) for tid, t in listed.items()}
         return cls(system_key=system_key, tenants=tenants)
 
 
@@ -317,8 +336,8 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
-def _check_public_key(key: str) -> None:
-    if not re.fullmatch(r"U[A-Z2-7]{55}", key):
+def _check_public_key(key: object) -> None:
+    if not isinstance(key, str) or not re.fullmatch(r"U[A-Z2-7]{55}", key):
         raise ValidationError(f"not a public user NKey: {key!r}")
 
 
