@@ -599,6 +599,14 @@ async def test_heartbeats_keep_long_work_from_being_redelivered(start_pool: Pool
     await mesh.wait_work_drained()
     await mesh.no_more_records(wait=1.5)
     assert calls == 1
+    # Idle past an ack wait, then given work again: a heartbeating executor is never
+    # taken for an unresponsive one.
+    await mesh.submit("long", node_id="again", timeout_s=10)
+    [again] = await mesh.records(1)
+    assert _status(again) == "TASK_STATUS_SUCCEEDED"
+    assert again.task_execution.header.attempt == 1
+    assert mesh.service.pool.stats.unresponsive == 0
+    assert worker.stats.connections == 1
 
 
 async def test_cancellation_stops_running_work(start_pool: PoolFactory) -> None:

@@ -5,13 +5,16 @@ leave mid-batch, and handlers whose outcome cannot be sent as it is."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from nats.aio.msg import Msg
 
 from tests.integration.test_executor_pool import Mesh, PoolFactory, _retry, _status, start_pool
+from tickmesh.runtime import steps
 from tickmesh.sdk._task import TaskContext, task
 from tickmesh.v1 import (
     executor_pool_service_pb2 as pool_pb2,
@@ -61,6 +64,11 @@ class RawExecutor:
             response = await self.call.read()
         assert isinstance(response, Response), response
         return response
+
+    async def read_to_the_end(self) -> None:
+        """Read until the stream ends (raising its status)."""
+        while True:
+            await self.read()
 
     async def assignments(self, count: int, within: float = 5.0) -> list[pool_pb2.Assignment]:
         items: list[pool_pb2.Assignment] = []
@@ -202,31 +210,103 @@ async def test_frames_before_hello_and_a_second_hello_end_the_stream(
     await mesh.wait_work_drained()
 
 
-async def test_an_executor_that_stops_reading_holds_no_more_than_its_concurrency(
+async def test_an_executor_that_stops_reading_is_cut_off_and_its_work_runs_elsewhere(
     start_pool: PoolFactory, channel_to: Any
 ) -> None:
-    mesh = await start_pool()
+    # Steps time out long after the ack wait: only the missing heartbeats take work back.
+    mesh = await start_pool(ack_wait_s=1.0, heartbeat_interval_s=0.3)
     silent = RawExecutor(channel_to(mesh), mesh.tenant)
-    await silent.hello("work", concurrency=2, executor_id="silent")  # then never reads
+    await silent.hello("work", concurrency=4, executor_id="silent")  # then never reads
 
     @task(name="work")
     async def work(ctx: TaskContext, value: Any) -> str:
         return "ok"
 
-    await mesh.start_worker([work], executor_id="reader", concurrency=2)
+    # The silent executor has more free slots: assigning least-loaded first favours it.
+    await mesh.start_worker([work], executor_id="reader", concurrency=1)
     big = '"' + "x" * 200_000 + '"'
-    for i in range(20):
-        await mesh.submit("work", big, node_id=f"n{i}", timeout_s=1.0, retry=_retry(5))
-    records = await mesh.records(20, within=30)
-    # Each step settles once: run by the reader, or timed out at the silent one (which
-    # may take a step's every attempt: the pool cannot tell it stopped reading).
-    assert len({r.header.execution_id for r in records}) == 20
+    for i in range(8):
+        await mesh.submit("work", big, node_id=f"n{i}", timeout_s=30.0, retry=_retry(3))
+    records = await mesh.records(8, within=30)
+    assert len({r.header.execution_id for r in records}) == 8
     for record in records:
-        status, executor = _status(record), record.task_execution.executor.executor_id
-        assert (executor, status) in {
-            ("reader", "TASK_STATUS_SUCCEEDED"),
-            ("silent", "TASK_STATUS_TIMED_OUT"),
-        }
-    assert mesh.service.pool.stats.max_in_flight["silent"] <= 2
+        executor = record.task_execution.executor.executor_id
+        assert (executor, _status(record)) == ("reader", "TASK_STATUS_SUCCEEDED"), record
+    stats = mesh.service.pool.stats
+    assert 0 < stats.max_in_flight["silent"] <= 4
+    assert stats.unresponsive == 1
     await mesh.wait_work_drained()
     await mesh.no_more_records()
+    # Its stream was ended: past the frames it never read comes the status.
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await silent.read_to_the_end()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "heartbeat" in (ended.value.details() or "")
+
+
+async def test_an_executor_that_never_answers_short_steps_is_cut_off(
+    start_pool: PoolFactory, channel_to: Any
+) -> None:
+    # Steps time out long before the ack wait: their deadlines, not JetStream, take them
+    # back, and the silent executor would get them again and again.
+    mesh = await start_pool(ack_wait_s=1.0, heartbeat_interval_s=0.3)
+    silent = RawExecutor(channel_to(mesh), mesh.tenant)
+    await silent.hello("work", concurrency=4, executor_id="silent")  # then never answers
+
+    @task(name="work")
+    async def work(ctx: TaskContext, value: Any) -> str:
+        return "ok"
+
+    await mesh.start_worker([work], executor_id="reader", concurrency=1)
+    for i in range(8):
+        await mesh.submit("work", node_id=f"n{i}", timeout_s=0.5, retry=_retry(6))
+    records = await mesh.records(8, within=30)
+    assert len({r.header.execution_id for r in records}) == 8
+    for record in records:
+        executor = record.task_execution.executor.executor_id
+        assert (executor, _status(record)) == ("reader", "TASK_STATUS_SUCCEEDED"), record
+    assert mesh.service.pool.stats.unresponsive == 1
+    await mesh.wait_work_drained()
+    await mesh.no_more_records()
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await silent.read_to_the_end()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "heartbeat" in (ended.value.details() or "")
+
+
+async def test_a_handler_that_cancels_itself_is_given_back_after_the_retry_backoff(
+    start_pool: PoolFactory,
+) -> None:
+    mesh = await start_pool()
+    attempts: list[int] = []
+
+    @task
+    async def quits(ctx: TaskContext, value: Any) -> str:
+        attempts.append(ctx.attempt)
+        raise asyncio.CancelledError  # the pool asked for nothing
+
+    # The acks the pool sends for the step, as the server receives them.
+    durable = mesh.names.work_consumer("task", "quits")
+    acks: list[bytes] = []
+
+    async def on_ack(msg: Msg) -> None:
+        if f".{durable}." in msg.subject:
+            acks.append(msg.data)
+
+    await mesh.nc.subscribe("$JS.ACK.>", cb=on_ack)
+    await mesh.nc.flush()
+    retry = _retry(3, backoff_s=0.1)
+    await mesh.start_worker([quits])
+    await mesh.submit("quits", retry=retry)
+    [record] = await mesh.records(1)
+    error = record.task_execution.result.error
+    assert _status(record) == "TASK_STATUS_FAILED", record
+    assert (error.type, record.task_execution.header.attempt) == ("AttemptsExhausted", 4)
+    assert attempts == [1, 2, 3]
+    await mesh.wait_work_drained()
+    # Each self-cancelled attempt went back with the step's backoff, as a failed one does.
+    naks = [a for a in acks if a.startswith(b"-NAK")]
+    assert naks == [
+        b"-NAK " + json.dumps({"delay": int(steps.backoff_seconds(retry, n) * 10**9)}).encode()
+        for n in (1, 2, 3)
+    ]

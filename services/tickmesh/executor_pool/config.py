@@ -29,7 +29,8 @@ class ExecutorPoolSettings(ServiceSettings):
     inline_limit: int = Field(default=DEFAULT_INLINE_LIMIT, ge=1)
     """Payloads larger than this many bytes are offloaded to the blob store."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
-    """How often executors are asked to heartbeat in-flight work."""
+    """How often executors are asked to heartbeat in-flight work; one that lets its work's
+    ack wait run out without heartbeating it is ended as unresponsive."""
     ack_wait_s: float = Field(default=30.0, gt=0)
     """JetStream ack wait of the work consumers; heartbeats extend it."""
     max_batch: int = Field(default=256, ge=1)

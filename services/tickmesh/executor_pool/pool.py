@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,9 @@ CANCELLED_ERROR_TYPE = "CancelledError"
 """ErrorInfo.type a plan attempt carries when it was cancelled (plans have no status)."""
 PUBLISH_RETRIES = 2
 """Extra tries of a failed record publish (same message ids) before leaving it to redelivery."""
+_ABORT_GRACE_S = 1.0
+"""How long an unresponsive session's stream may take to deliver its status before it is
+cancelled."""
 _MAX_HEADER_VALUE = 512
 _AGGRESSIVE_INLINE_LIMIT = 1024
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -148,6 +151,8 @@ class PoolStats:
     publish_failures: int = 0
     blob_fetches: int = 0
     """Blobs read for executors (``FetchBlob`` calls that found their blob)."""
+    unresponsive: int = 0
+    """Sessions the pool ended because their executor stopped answering for its work."""
     max_in_flight: dict[str, int] = field(default_factory=dict)
     """Highest number of assignments each executor id held at once."""
 
@@ -222,6 +227,14 @@ class Session:
         self.in_flight: dict[str, Lease] = {}
         self.draining = False
         self.closed = False
+        self.released = False
+        self.owing_since: float | None = None
+        """Loop time since which the executor owes an answer (it was given work, and has
+        sent no frame since, or holds work still), or None: how long it has been silent.
+        Work the pool took back (deadline, redelivery) is still owed its report."""
+        self.abort: Callable[[], None] | None = None
+        """Ends the stream even while a frame waits on an executor that does not read
+        (set by the servicer)."""
         self._outbox: asyncio.Queue[Frame | BaseException | None] = asyncio.Queue()
         self.frames_sent = 0
 
@@ -300,6 +313,8 @@ class Lease:
     timer: asyncio.TimerHandle | None = None
     cancel_reason: str = ""
     settling: bool = False
+    heard_at: float = 0.0
+    """Loop time of the assignment, then of each heartbeat naming it."""
     span: Span | None = None
     """The step's span while it is traced: from delivery until the lease is settled."""
 
@@ -411,6 +426,16 @@ class ExecutorPool:
         self._expired: list[Lease] = []
         self._stopping = False
         self._started = False
+        # A conforming executor heartbeats every interval. Only an assignment not heard
+        # of for well over that (two beats, half the ack wait) when its ack wait ran out
+        # marks its executor as silent: one heartbeated on time whose extension the bus
+        # lost, or given the work late in its ack wait, is not to blame.
+        interval, ack_wait = settings.heartbeat_interval_s, settings.ack_wait_s
+        self._lease_silence = max(2 * interval, ack_wait / 2)
+        # An executor given work that sends nothing at all for a whole ack wait has let
+        # the ack wait of what it held run out, or ignored the cancellations of what timed
+        # out: wedged, whatever its steps' timeouts.
+        self._session_silence = max(2 * interval, ack_wait)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -562,7 +587,31 @@ class ExecutorPool:
     def release(self, session: Session) -> None:
         """The session's stream ended: return its unfinished work (in a pool task)."""
         session.close()
+        if session.released:  # ended by the pool before its stream ended
+            return
+        session.released = True
         self.spawn(self._unregister(session), name=f"pool:release:{session.id}")
+
+    def _end_unresponsive(self, session: Session, why: str) -> None:
+        """End a session whose executor stopped answering for its work: its assignments
+        go back to the queue at once, and it is given nothing more. A live executor
+        reconnects and is welcomed as a new session."""
+        if session.closed:
+            return
+        self.stats.unresponsive += 1
+        logger.warning(
+            "executor %s (session %s) is unresponsive: %s; ending its session",
+            session.executor_id,
+            session.id,
+            why,
+        )
+        session.close(TransportError(f"session {session.id} ended: {why}"))
+        self.release(session)
+        abort = session.abort
+        if abort is not None:
+            # The status follows the frames queued before it: an executor that reads gets
+            # it at once; for one that does not, the call is cancelled after a grace.
+            asyncio.get_running_loop().call_later(_ABORT_GRACE_S, abort)
 
     async def _unregister(self, session: Session) -> None:
         leases = [lease for lease in session.in_flight.values() if not lease.settling]
@@ -674,6 +723,7 @@ class ExecutorPool:
         valid: list[Lease] = []
         exhausted: list[Lease] = []
         malformed: list[tuple[Msg, str]] = []
+        now = asyncio.get_running_loop().time()
         for msg in msgs:
             try:
                 lease = self._lease(group, msg)
@@ -686,6 +736,19 @@ class ExecutorPool:
                 if previous.settling:
                     # Its record is being published right now; that ack settles this delivery too.
                     continue
+                holder = previous.session
+                silent = now - previous.heard_at
+                if (
+                    holder is not None
+                    and holder.in_flight.get(previous.id) is previous
+                    and silent > self._lease_silence
+                ):
+                    # Before the revocation frees its slot: it would get the step again.
+                    self._end_unresponsive(
+                        holder,
+                        f"no heartbeat for assignment {previous.id} in {silent:.1f}s, "
+                        "past the ack wait",
+                    )
                 self._revoke(previous, "redelivered: no heartbeat within the ack wait")
             self._by_seq[key] = lease
             if self._tracer is not None:
@@ -811,6 +874,9 @@ class ExecutorPool:
             lease.id = uuid7()
             lease.session = session
             lease.assigned_at = _now()
+            lease.heard_at = loop.time()
+            if session.owing_since is None:
+                session.owing_since = lease.heard_at
             lease.timer = loop.call_at(loop.time() + lease.timeout_s, self._on_deadline, lease)
             assigned = lease.assigned_at
             deadline = timestamp_from_ns(
@@ -885,10 +951,13 @@ class ExecutorPool:
             ValidationError: The frame breaks the protocol (e.g. a second hello).
         """
         kind = request.WhichOneof("message")
+        now = asyncio.get_running_loop().time()
+        session.owing_since = now  # until the frame is handled: then None if it holds nothing
         if kind == "heartbeat":
             for assignment_id in request.heartbeat.assignment_ids:
                 lease = session.in_flight.get(assignment_id)
                 if lease is not None:
+                    lease.heard_at = now
                     with contextlib.suppress(Exception):
                         await lease.msg.in_progress()
         elif kind == "completions":
@@ -897,6 +966,8 @@ class ExecutorPool:
             await self._on_rejections(session, request.rejections.items)
         elif kind == "hello":
             raise ValidationError("hello may only be sent once, as the first message")
+        if not session.in_flight:
+            session.owing_since = None
 
     def _on_completions(
         self, session: Session, items: Sequence[executor_pool_service_pb2.Completion]
@@ -1005,8 +1076,19 @@ class ExecutorPool:
 
     async def _housekeeping_loop(self) -> None:
         tick = min(1.0, self._settings.ack_wait_s / 3)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)
+            now = loop.time()
+            for session in list(self._sessions):
+                if session.owing_since is None or session.closed:
+                    continue
+                silent = now - session.owing_since
+                if silent > self._session_silence:
+                    self._end_unresponsive(
+                        session,
+                        f"given work, it sent no heartbeat or other frame in {silent:.1f}s",
+                    )
             for group in list(self._groups.values()):
                 # Work delivered but not yet handed out must not hit its ack wait.
                 for lease in list(group.backlog):
@@ -1202,9 +1284,11 @@ class ExecutorPool:
                     self._forget(lease)
                     await lease.msg.nak(delay=steps.backoff_seconds(lease.retry, lease.attempt))
                 elif plan == "requeue":
-                    lease.end_span("requeued")
+                    # After the step's backoff, as a failed attempt: straight back, a handler
+                    # that cancels itself would go round until its attempts ran out.
+                    lease.end_span("requeued", _error_text(outcome.result))
                     self._forget(lease)
-                    await lease.msg.nak()
+                    await lease.msg.nak(delay=steps.backoff_seconds(lease.retry, lease.attempt))
                 else:
                     error = _error_text(outcome.result)
                     if lease.span is not None and error:
@@ -1222,7 +1306,8 @@ class ExecutorPool:
         lease, result = outcome.lease, outcome.result
         if self._is_cancelled(outcome):
             # Only a cancellation the pool asked for ends the step; an executor that
-            # stopped on its own (shutting down) gives the work back.
+            # stopped on its own (shutting down, or a handler that raised CancelledError)
+            # gives the work back.
             return "record" if lease.cancel_reason else "requeue"
         if isinstance(result, result_pb2.TaskResult):
             if result.status == result_pb2.TASK_STATUS_UNSPECIFIED:

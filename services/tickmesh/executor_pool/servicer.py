@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
@@ -56,6 +56,7 @@ class ExecutorPoolServicer(executor_pool_service_pb2_grpc.ExecutorPoolServiceSer
         if first.WhichOneof("message") != "hello":
             raise ValidationError("the first message on the stream must be hello")
         session = self._pool.open_session(tenant, first.hello)
+        session.abort = _canceller(asyncio.current_task())
         session.send(self._pool.welcome(session))
         reader: asyncio.Task[None] | None = None
         try:
@@ -99,3 +100,15 @@ class ExecutorPoolServicer(executor_pool_service_pb2_grpc.ExecutorPoolServiceSer
             logger.exception("executor stream %s failed", session.id)
         finally:
             session.close()
+
+
+def _canceller(task: asyncio.Task[Any] | None) -> Callable[[], None]:
+    """Cancel the call's task, stopping its response generator even while it waits on a
+    frame the executor does not read. (grpc.aio has no call reset for a server: the
+    transport keeps the stream until the executor reads or disconnects.)"""
+
+    def cancel() -> None:
+        if task is not None:
+            task.cancel()
+
+    return cancel
