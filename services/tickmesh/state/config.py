@@ -40,7 +40,7 @@ class StateSettings(ServiceSettings):
     ``s3://bucket/prefix?region=..&endpoint_url=..&sse=AES256``."""
     sqlite_synchronous: Synchronous = "FULL"
     """SQLite synchronous mode: FULL keeps every commit across power loss."""
-    max_batch: int = 1024
+    max_batch: int = Field(default=1024, ge=1)
     batch_linger_s: float = Field(default=0.2, ge=0)
     """How long a small batch of records or events waits for more before it is stored.
     The router does not wait for the store, so this costs no step any time; fewer, larger
@@ -48,4 +48,4 @@ class StateSettings(ServiceSettings):
     history in this service cuts the wait short (``BatchConsumer.hurrying``); a reader
     elsewhere that waits for the records on the bus (a router's usage counters in Redis)
     may wait up to this long more."""
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = Field(default=30.0, gt=0)

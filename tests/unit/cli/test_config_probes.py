@@ -118,3 +118,31 @@ def test_a_log_level_in_any_case_is_accepted(
     settings = StateSettings()
     assert settings.log_level.upper() == "DEBUG"
     assert settings.shutdown_grace_s == 0
+
+
+@pytest.mark.parametrize(
+    ("service", "text", "field"),
+    [
+        ("router", "router:\n  max_batch: 0\n", "router.max_batch"),
+        ("router", "router:\n  ack_wait_s: 0\n", "router.ack_wait_s"),
+        ("router", "router:\n  lifetime_cache_size: 0\n", "router.lifetime_cache_size"),
+        # Entries older than a negative retention would be dropped before they are out.
+        ("router", "router:\n  outbox_retention_s: -1\n", "router.outbox_retention_s"),
+        ("router", "router:\n  tenant_usage_refresh_s: 0\n", "router.tenant_usage_refresh_s"),
+        ("state", "state:\n  max_batch: -5\n", "state.max_batch"),
+        ("state", "state:\n  ack_wait_s: 0\n", "state.ack_wait_s"),
+        ("guardrail", "guardrail:\n  snapshot_lease_s: 0\n", "guardrail.snapshot_lease_s"),
+        ("guardrail", "guardrail:\n  refresh_fraction: 1.5\n", "guardrail.refresh_fraction"),
+    ],
+)
+def test_out_of_range_service_settings_are_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    service: str,
+    text: str,
+    field: str,
+) -> None:
+    _write(tmp_path, monkeypatch, text)
+    assert main(["config", "show", "--service", service], out=io.StringIO()) == 1
+    assert f"tickmesh.yaml:2 ({field})" in capsys.readouterr().err
