@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -12,7 +13,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -32,9 +33,24 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CLIENT_KEY = web.AppKey("client", Client)
+LOOPBACK_ONLY_KEY = web.AppKey("loopback_only", bool)
 # An SSE comment this often keeps proxies and the browser from timing an idle stream out.
 HEARTBEAT_S = 15.0
 LIST_LIMIT = 500
+# WatchLifetimeRequest.after_sequence is a uint64.
+MAX_SEQUENCE = 2**64 - 1
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Every response: no framing (clickjacking of the buttons), no sniffing, and the page may run
+# only its own script and talk only to its own origin, so an injected string cannot act.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 # How an RPC status becomes an HTTP status (anything else is a bad gateway).
 _HTTP_STATUS = {
@@ -77,6 +93,58 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(503, str(exc))
     except TickmeshError as exc:
         return _error(502, str(exc))
+
+
+def _is_loopback_name(host: str) -> bool:
+    """Whether a Host header (``name[:port]``, ``[v6][:port]``) names this machine."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    name = name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _cross_site(request: web.Request) -> bool:
+    """Whether a browser sent this request from another site's page (a forged request)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        # "same-site" is another port or subdomain: still another application.
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        # Browsers always send Origin on a cross-origin POST; curl and scripts send neither.
+        return False
+    _, sep, authority = origin.lower().partition("://")
+    # A proxy may rewrite Host; X-Forwarded-Host cannot be set by a page without preflight.
+    hosts = {request.headers.get(name, "").lower() for name in (hdrs.HOST, "X-Forwarded-Host")}
+    hosts.discard("")
+    return not sep or authority not in hosts
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse other sites' pages: forged state changes and DNS-rebound host names."""
+    # Browsers always send Host; a request without one comes from no web page.
+    host = request.headers.get(hdrs.HOST)
+    if request.app[LOOPBACK_ONLY_KEY] and host is not None and not _is_loopback_name(host):
+        # A name that resolves to 127.0.0.1 for an attacker's page makes the browser treat
+        # the console as that site's own origin; only loopback names are this machine.
+        # A body, not a reason phrase: the Host header is the client's text.
+        return _error(403, f"the console answers only to loopback host names, not {host!r}")
+    if request.method not in _SAFE_METHODS and _cross_site(request):
+        return _error(403, "cross-site requests cannot change lifetimes")
+    return await handler(request)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 # --- JSON views -------------------------------------------------------------------
@@ -200,8 +268,8 @@ def _after(request: web.Request) -> int:
         after = int(text)
     except ValueError:
         raise ValidationError(f"after must be an event sequence number, got {text!r}") from None
-    if after < 0:
-        raise ValidationError(f"after must not be negative, got {after}")
+    if not 0 <= after <= MAX_SEQUENCE:
+        raise ValidationError(f"after must be between 0 and {MAX_SEQUENCE}, got {after}")
     return after
 
 
@@ -226,7 +294,9 @@ async def lifetime_events(request: web.Request) -> web.StreamResponse:
         try:
             async for event in client.watch(lifetime_id, after_sequence=after):
                 await queue.put(event)
-        except TickmeshError as exc:
+        except Exception as exc:
+            # Any failure must reach the stream as "failure": a dead pump would leave the
+            # client waiting on keep-alives forever.
             await queue.put(exc)
         else:
             await queue.put(None)
@@ -263,13 +333,23 @@ async def lifetime_events(request: web.Request) -> web.StreamResponse:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
-    text = await request.text()
+    # JSON is UTF-8 (RFC 8259): a declared charset is ignored rather than trusted.
+    try:
+        text = (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"the request body is not UTF-8: {exc}") from exc
     if not text.strip():
         return {}
     try:
         body = json.loads(text)
+        # Lone surrogates ("\ud800") parse but cannot go into a protobuf string or payload.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
         raise ValidationError(f"the request body is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ValidationError("the request body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValidationError("the request body has text that is not valid Unicode") from None
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
     return body
@@ -315,10 +395,16 @@ async def send_signal(request: web.Request) -> web.Response:
     return web.json_response(await lifetime_detail(client, info))
 
 
-def build_app(client: Client) -> web.Application:
-    """The console for ``client``'s router and tenant; the caller owns (and closes) the client."""
-    app = web.Application(middlewares=[_errors])
+def build_app(client: Client, *, loopback_only: bool = False) -> web.Application:
+    """The console for ``client``'s router and tenant; the caller owns (and closes) the client.
+
+    ``loopback_only``: answer only requests whose Host names this machine (for a console
+    listening on loopback, so a DNS-rebinding page cannot reach it).
+    """
+    app = web.Application(middlewares=[_errors, _guard])
     app[CLIENT_KEY] = client
+    app[LOOPBACK_ONLY_KEY] = loopback_only
+    app.on_response_prepare.append(_security_headers)
     app.router.add_get("/", index)
     app.router.add_get("/api/lifetimes", list_lifetimes)
     app.router.add_get("/api/lifetimes/{id}", get_lifetime)
@@ -340,7 +426,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
 @contextlib.asynccontextmanager
 async def running(client: Client, host: str, port: int) -> AsyncIterator[str]:
     """Serve the console on ``host:port`` (0: any free port); yields its base URL."""
-    runner = web.AppRunner(build_app(client), handle_signals=False, shutdown_timeout=1.0)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() == "localhost"
+    runner = web.AppRunner(
+        build_app(client, loopback_only=loopback), handle_signals=False, shutdown_timeout=1.0
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
