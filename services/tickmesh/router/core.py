@@ -753,16 +753,22 @@ def on_execution(lt: Lifetime, ref: Recorded) -> bool:
     node = lt.nodes.get(flight.node_id)
     if node is None:  # pragma: no cover - the graph is immutable
         return False
+    # What went wrong, for a step that failed: the event's error (None when it did not).
+    error: result_pb2.ErrorInfo | None = None
     if kind == "task_execution":
         result = ref.task_execution.result
         if not steps.task_attempt_is_final(node.retry, header.attempt, result):
             return False
         telemetry = result.telemetry
+        if result.status != result_pb2.TASK_STATUS_SUCCEEDED and result.HasField("error"):
+            error = result.error
     else:
         plan_result = ref.plan_execution.result
         if not steps.plan_attempt_is_final(node.retry, header.attempt, plan_result):
             return False
         telemetry = plan_result.telemetry
+        if plan_result.HasField("error"):
+            error = plan_result.error
     group = flight.group
     plan_inputs = list(flight.plan_inputs)
     del lt.state.in_flight[exec_id]
@@ -774,6 +780,7 @@ def on_execution(lt: Lifetime, ref: Recorded) -> bool:
         attempt=header.attempt,
         telemetry=telemetry,
         message=_finished_message(ref),
+        error=error,
     )
     if lt.terminal:
         return True

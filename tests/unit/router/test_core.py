@@ -489,6 +489,21 @@ def test_a_wait_timeout_out_of_range_fails_the_lifetime(seconds: int, nanos: int
     assert not sim.state.HasField("wait")
 
 
+def test_a_failed_step_s_finished_event_carries_its_error() -> None:
+    """LifetimeEvent.error is for failures: watchers (the console's step tree, the SDKs)
+    tell a failed step from a finished one by it, not by parsing the message."""
+    sim = Sim(hello_graph())
+    greet = sim.take("greet")
+    # The last attempt (3 by default) is final: the step finishes failed.
+    sim.finish_task(greet, status=result_pb2.TASK_STATUS_FAILED, attempt=3)
+    finished = [e for e in sim.events if e.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED]
+    assert [(e.error.type, e.error.message) for e in finished] == [("Boom", "boom")]
+    ok = Sim(hello_graph())
+    ok.finish_task(ok.take("greet"), "hi")
+    [done] = [e for e in ok.events if e.kind == lifetime_pb2.LIFETIME_EVENT_KIND_STEP_FINISHED]
+    assert not done.HasField("error")
+
+
 def test_a_wait_for_no_signal_name_fails_the_lifetime() -> None:
     """SignalLifetime requires a name, so a wait for '' could only end by timeout or
     abort: a plan result from an executor that left the name out fails the lifetime."""
