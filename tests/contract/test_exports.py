@@ -13,6 +13,7 @@ EXPECTED_SDK_EXPORTS = {
     "BodyKind",
     "ChannelSecurity",
     "Client",
+    "ClientUsageError",
     "ConfigError",
     "DeadlineExceededError",
     "Decision",

@@ -55,6 +55,7 @@ from ._task import Task, TaskContext, task
 from ._transport import ChannelSecurity
 from ._worker import BlobResolver, FileBlobResolver, PoolBlobResolver, Worker
 from .errors import (
+    ClientUsageError,
     ConfigError,
     DeadlineExceededError,
     GuardrailRejectedError,
@@ -80,6 +81,7 @@ __all__ = [
     "BodyKind",
     "ChannelSecurity",
     "Client",
+    "ClientUsageError",
     "ConfigError",
     "DeadlineExceededError",
     "Decision",

@@ -32,7 +32,13 @@ from ._plan import Plan
 from ._task import Task
 from ._transport import ChannelSecurity, create_channel, map_rpc_error
 from ._worker import PoolBlobResolver
-from .errors import ConfigError, LifetimeFailedError, TransportError, ValidationError
+from .errors import (
+    ClientUsageError,
+    ConfigError,
+    LifetimeFailedError,
+    TransportError,
+    ValidationError,
+)
 
 TENANT_METADATA_KEY = "x-tickmesh-tenant"
 _UNSET: Any = object()
@@ -164,6 +170,10 @@ class Client:
         self._metadata = ((TENANT_METADATA_KEY, tenant),)
         self._timeout = call_timeout
         self._blobs = blobs
+        self._closed = False
+        # grpc.aio binds the channel to this loop: a call from another loop is still run
+        # on it (a lifetime starts) while its caller gets a RuntimeError about futures.
+        self._loop: asyncio.AbstractEventLoop | None = _running_loop()
 
     @classmethod
     async def connect(
@@ -214,6 +224,7 @@ class Client:
         return cls(channel, tenant=tenant, call_timeout=call_timeout, blobs=blobs)
 
     async def close(self) -> None:
+        self._closed = True
         if self._blobs is not None:
             await self._blobs.close()
         await self._channel.close()
@@ -244,11 +255,38 @@ class Client:
     ) -> None:
         await self.close()
 
+    def _check_usable(self) -> None:
+        """Refuse a call before it is made when it cannot be made right."""
+        if self._closed:
+            raise ClientUsageError("the client is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise ClientUsageError(
+                "the client was connected in another event loop: connect a Client in each "
+                "event loop that calls the router"
+            )
+
+    def _closed_under_call(self) -> None:
+        """Closing the channel cancels its calls, and grpc.aio raises CancelledError (or,
+        as the call was starting, UsageError or CANCELLED) in their callers: unless the
+        caller's task is itself being cancelled, say so."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or task.cancelling() == 0):
+            raise ClientUsageError("the client was closed while the call was in flight")
+
     async def _call(self, method: Any, request: Any) -> Any:
+        self._check_usable()
         try:
             return await method(request, metadata=self._metadata, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                self._closed_under_call()
             raise map_rpc_error(exc) from exc
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            self._closed_under_call()
+            raise
 
     # --- graphs ----------------------------------------------------------
     async def register_graph(self, graph: graph_pb2.AgentGraph | str) -> graph_pb2.AgentGraph:
@@ -329,16 +367,38 @@ class Client:
     async def watch(
         self, lifetime_id: str, after_sequence: int = 0
     ) -> AsyncIterator[LifetimeEvent]:
-        """Stream a lifetime's events (history first) until it ends."""
+        """Stream a lifetime's events (history first) until it ends.
+
+        Raises:
+            TransportError: The router went away; the message names the last sequence
+                served, to watch again ``after_sequence`` it.
+        """
+        self._check_usable()
         call = self._stub.WatchLifetime(
             pb.WatchLifetimeRequest(lifetime_id=lifetime_id, after_sequence=after_sequence),
             metadata=self._metadata,
         )
+        last = after_sequence
         try:
             async for response in call:
-                yield event_of(response.event)
+                event = event_of(response.event)
+                last = max(last, event.sequence)
+                yield event
         except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc) from exc
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                self._closed_under_call()
+            error = map_rpc_error(exc)
+            if isinstance(error, TransportError):
+                # gRPC's reason ("Cancelling all calls", "Socket closed") names neither
+                # the watch nor how far it got; the caller resumes from there.
+                error = type(error)(
+                    f"watch of lifetime {lifetime_id} broke after sequence {last} ({error}): "
+                    f"watch again with after_sequence={last} to go on"
+                )
+            raise error from exc
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            self._closed_under_call()
+            raise
         finally:
             call.cancel()
 
@@ -463,6 +523,13 @@ class Client:
             graph_version=response.graph.version,
             raw=response,
         )
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # made outside a loop: bound to the first that calls
+        return None
 
 
 def _code_digests(handlers: Iterable[Task[Any, Any] | Plan[Any]]) -> dict[str, str]:

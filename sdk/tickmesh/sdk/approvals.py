@@ -66,16 +66,21 @@ def approval(
 
 
 def approval_of(ctx: PlanContext, *, name: str = APPROVAL) -> Approval | None:
-    """The answer the plan is asked again with, or None when it has not waited yet."""
+    """The answer the plan is asked again with, or None when it has not waited yet.
+
+    Only JSON ``true`` approves (``{"approved": true}`` or a bare ``true``): any other
+    answer, the string ``"false"`` or ``"no"`` included, is a refusal.
+    """
     signal = ctx.signal
     if signal is None or signal.name != name:
         return None
     data = signal.payload
+    # Truthiness would approve a form's "false", being a non-empty string.
     if isinstance(data, dict):
-        approved = bool(data.get("approved", False))
+        approved = data.get("approved") is True
         comment = str(data.get("comment", ""))
     else:
-        approved, comment = bool(data), ""
+        approved, comment = data is True, ""
     return Approval(approved, signal.approver, comment, signal.timed_out, data)
 
 

@@ -2,6 +2,7 @@
 
     TickmeshError
     ├── ConfigError                 bad configuration
+    ├── ClientUsageError            a client closed, or used from another event loop
     ├── TransportError              NATS or gRPC unreachable
     │   └── DeadlineExceededError   also a TimeoutError
     ├── RPCError                    a call failed with a gRPC status (.status)
@@ -74,6 +75,11 @@ class TickmeshError(Exception):
 
 class ConfigError(TickmeshError):
     """Configuration is missing or invalid."""
+
+
+class ClientUsageError(TickmeshError, RuntimeError):
+    """A client used where it cannot work: after ``close()`` (or closed under a call in
+    flight), or from an event loop other than the one it was connected in."""
 
 
 class TransportError(TickmeshError):
