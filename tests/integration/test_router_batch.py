@@ -219,3 +219,38 @@ async def test_inputs_decided_together_fail_the_lifetime_at_the_one_that_raises(
     changes = [k for k in kinds if k == "LIFETIME_EVENT_KIND_STATE_CHANGED"]
     assert len(changes) == 2
     assert kinds[-1] == "LIFETIME_EVENT_KIND_STATE_CHANGED"
+
+
+async def test_a_call_refused_by_a_stale_cached_state_is_decided_again_on_the_stored_one(
+    tenant: Tenant,
+) -> None:
+    """Another replica moved the lifetime on (here: paused it) behind this one's cache. A
+    call whose decision refuses the cached state (resume: "not paused") is decided again on
+    the stored state before it is refused: the caller must not be told a state the
+    lifetime has left (a signal refused as 'RUNNING' right after a watch said WAITING)."""
+    processor = Processor(PRODUCER)
+    await started(processor, tenant, "moved")
+    other = RouterStore(tenant.store._kv, writer=CasWriter(tenant.store._kv))
+    behind = await other.load("moved")
+    assert behind is not None
+    graph = await other.get_graph("hello", 1)
+    lt = core.Lifetime(behind.state, graph, PRODUCER, datetime.now(UTC), core.allow_all)
+    core.pause(lt, "elsewhere")
+    await other.update(lt.state, behind.revision)
+
+    seen: list[int] = []
+
+    def resume(lt: core.Lifetime) -> bool:
+        seen.append(lt.view.state)
+        if lt.view.state != LS.LIFETIME_STATE_PAUSED:
+            raise core.RoutingError(f"lifetime is {LS.LifetimeState.Name(lt.view.state)}")
+        core.resume(lt, "here")
+        return True
+
+    applied = await processor.apply(tenant, "moved", resume, ["rpc:resume"])
+    assert seen == [LS.LIFETIME_STATE_RUNNING, LS.LIFETIME_STATE_PAUSED]
+    assert applied.lifetime.view.state == LS.LIFETIME_STATE_RUNNING
+
+    # Refused on the stored state too: the caller hears why.
+    with pytest.raises(core.RoutingError, match="RUNNING"):
+        await processor.apply(tenant, "moved", resume, ["rpc:resume-again"])

@@ -209,11 +209,18 @@ class Processor:
         key already has an outbox entry is republished rather than decided again.
         """
         job = Job(lifetime_id, mutate, keys)
-        for attempt in range(MAX_CAS_RETRIES):
+        fresh = False
+        for _ in range(MAX_CAS_RETRIES):
             try:
-                staged = await self._stage(tenant, job, fresh=attempt > 0)
+                staged = await self._stage(tenant, job, fresh=fresh)
             except _MutationError as raised:
+                if not fresh:
+                    # Decided on the cached state, which another replica may have moved
+                    # on: the refusal stands only if the stored state refuses it too.
+                    fresh = True
+                    continue
                 raise raised.cause from raised.cause.__cause__
+            fresh = True
             if staged.write:
                 try:
                     await tenant.store.update(staged.lt.state, staged.revision)
