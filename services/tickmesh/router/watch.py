@@ -10,20 +10,26 @@ it, or a message was dropped) has the events between read from the store first, 
 for the store to hold them. A quiet spell while the lifetime runs reads the router's
 state, and the store when the router has decided past what was served: a dropped live
 message, the terminal one included, is not lost, and a watch of a parked lifetime does not
-read the store every spell."""
+read the store every spell.
+
+A watch holds at most ``LIVE_HELD_BYTES`` of live messages its caller has not taken (one
+that stops reading is held back by gRPC's flow control, while the lifetime goes on): past
+that it drops them and reads those events from the store once its caller catches up."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from nats import errors as nats_errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from tickmesh.runtime.consumer import message_type
 from tickmesh.runtime.errors import StatusError
+from tickmesh.runtime.nats_wire import deliver_inline
 from tickmesh.sdk import ValidationError, decode_envelope, events_of
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import lifetime_pb2
@@ -47,9 +53,12 @@ STORE_WAIT_WARN_S = 10.0
 STORE_WAIT_MAX_S = 60.0
 """How long a watch waits for the store to hold events it lags on before it ends with
 UNAVAILABLE (the state service stopped storing: a watch must not hang on it)."""
-PENDING_MSGS = 65536
-PENDING_BYTES = 64 * 1024 * 1024
-"""The subscription's room for live messages held while the store is read."""
+LIVE_HELD_BYTES = 1024 * 1024
+"""The live messages one watch holds for its caller (while the store is read, or while the
+caller does not read), in bytes of their data: about one NATS message at its largest, which
+is always taken when nothing else is held. Past it they are dropped and their events read
+from the store instead (without a state service the watch ends RESOURCE_EXHAUSTED): a
+client that stops reading costs the router this much, not every event the lifetime makes."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +120,16 @@ async def follow(
         assert history is not None
         return _stored_pages(history, watched, after, until=until)
 
-    sub = await nc.subscribe(
-        watched.subject, pending_msgs_limit=PENDING_MSGS, pending_bytes_limit=PENDING_BYTES
-    )
+    live = _Live(LIVE_HELD_BYTES)
+
+    async def receive(msg: Msg) -> None:
+        live.put(msg)
+
+    # Taken off the subscription as they come (in the client's read loop where it can):
+    # nats-py's own overflow reports every message it drops to the connection's error
+    # callback, which logs it.
+    sub = await nc.subscribe(watched.subject, cb=receive)
+    deliver_inline(nc, sub, live.put)
     try:
         # Subscribed at the server before the store is read: no event falls between.
         await nc.flush()
@@ -132,11 +148,20 @@ async def follow(
             # may be a dropped live message, which the store has (if there is one).
             wait = TRAILING_EVENTS_WAIT_S if ended else None if history is None else QUIET_S
             try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats_errors.TimeoutError:
+                async with asyncio.timeout(wait):
+                    msg = await live.take()
+            except TimeoutError:
                 if ended:
                     return
-                assert history is not None
+                msg = None
+            if msg is None:  # a quiet spell, or live messages were dropped
+                if history is None:
+                    raise StatusError(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"this watch fell more than {LIVE_HELD_BYTES:,} bytes of events "
+                        "behind the lifetime, and without a state service they cannot be "
+                        "read again: read faster, or set TICKMESH_ROUTER_STATE_TARGET",
+                    )
                 until = await _quiet_until(position, after)
                 if until is None:
                     continue  # the router decided nothing since: no live message was lost
@@ -164,6 +189,41 @@ async def follow(
                 return
     finally:
         await sub.unsubscribe()
+
+
+class _Live:
+    """The live messages a watch holds until it takes them: at most ``limit`` bytes of
+    data, or one message; what would pass that is dropped, and said so once the rest
+    is taken."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held: deque[Msg] = deque()
+        self._bytes = 0
+        self._dropped = False
+        self._ready = asyncio.Event()
+
+    def put(self, msg: Msg) -> None:
+        size = len(msg.data)
+        if self._held and self._bytes + size > self._limit:
+            self._dropped = True
+        else:
+            self._held.append(msg)
+            self._bytes += size
+        self._ready.set()
+
+    async def take(self) -> Msg | None:
+        """The next message held, in order, waiting for one; None when messages were
+        dropped since the last None and none is held now (their events are in the store)."""
+        while not self._held:
+            if self._dropped:
+                self._dropped = False
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        msg = self._held.popleft()
+        self._bytes -= len(msg.data)
+        return msg
 
 
 async def _quiet_until(
