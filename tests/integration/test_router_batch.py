@@ -254,3 +254,36 @@ async def test_a_call_refused_by_a_stale_cached_state_is_decided_again_on_the_st
     # Refused on the stored state too: the caller hears why.
     with pytest.raises(core.RoutingError, match="RUNNING"):
         await processor.apply(tenant, "moved", resume, ["rpc:resume-again"])
+
+
+async def test_outbox_entries_published_before_a_refused_call_are_still_dropped(
+    tenant: Tenant,
+) -> None:
+    """What this replica has published is forgotten only once a write has dropped it: a
+    call refused (or a write lost) in between used to forget it, and its outbox entry
+    stayed in the lifetime's state for the whole outbox retention (an hour), so a lifetime
+    taking signals while some were refused grew until its state no longer fit."""
+    processor = Processor(PRODUCER)
+    await started(processor, tenant, "busy")
+
+    def pausing(lt: core.Lifetime) -> bool:
+        core.pause(lt, "one")
+        return True
+
+    def refused(lt: core.Lifetime) -> bool:
+        raise core.RoutingError("not now")
+
+    def resuming(lt: core.Lifetime) -> bool:
+        core.resume(lt, "two")
+        return True
+
+    await processor.apply(tenant, "busy", pausing, ["rpc:pause"])
+    stored = await RouterStore(tenant.store._kv).load("busy")
+    assert stored is not None
+    assert "rpc:pause" in [entry.key for entry in stored.state.outbox]
+    with pytest.raises(core.RoutingError):
+        await processor.apply(tenant, "busy", refused, ["rpc:refused"])
+    await processor.apply(tenant, "busy", resuming, ["rpc:resume"])
+    stored = await RouterStore(tenant.store._kv).load("busy")
+    assert stored is not None
+    assert [entry.key for entry in stored.state.outbox] == ["rpc:resume"]

@@ -367,20 +367,30 @@ class Processor:
         return _Staged(job, lt, loaded.revision, changed, changed or pruned, pending)
 
     def _settled(self, tenant: Tenant, staged: _Staged) -> Applied:
-        if staged.changed:
-            self._published(tenant, staged.lt, ",".join(staged.job.keys))
+        if staged.changed or staged.write:
+            self._published(tenant, staged.lt, ",".join(staged.job.keys) if staged.changed else "")
         return Applied(staged.lt, staged.changed)
 
     @staticmethod
     def _published(tenant: Tenant, lt: core.Lifetime, key: str) -> None:
-        """Remember that ``key``'s outbox entry is out, so the lifetime's next write drops
-        it. A finished lifetime is never written again: nothing to remember (remembering
-        would keep one entry per lifetime ever run, for as long as the process lives)."""
+        """Remember that ``key``'s outbox entry is out (``lt``'s state is written and its
+        messages published), so the lifetime's next write drops it; forget what that write
+        dropped already. A finished lifetime is never written again: nothing to remember
+        (remembering would keep one entry per lifetime ever run, for as long as the process
+        lives)."""
         lifetime_id = lt.view.lifetime_id
         if lt.terminal:
             tenant.published.pop(lifetime_id, None)
-        else:
+            return
+        # Forgotten only once a write dropped them: a decision refused, or a write lost,
+        # in between must not leave their entries in the state for the whole retention.
+        remembered = tenant.published.get(lifetime_id)
+        if remembered:
+            remembered.intersection_update(entry.key for entry in lt.state.outbox)
+        if key:
             tenant.published.setdefault(lifetime_id, set()).add(key)
+        elif remembered is not None and not remembered:
+            del tenant.published[lifetime_id]
 
     def _add_outbox(self, lt: core.Lifetime, key: str) -> None:
         if not lt.out and not lt.cancels:
@@ -400,7 +410,7 @@ class Processor:
     def _prune(
         self, tenant: Tenant, lifetime_id: str, state: rs.RouterLifetime, now: datetime
     ) -> bool:
-        mine = tenant.published.pop(lifetime_id, set())
+        mine = tenant.published.get(lifetime_id, ())
         if not state.outbox:
             return False
         # In nanoseconds (Timestamp.ToDatetime per entry costs more than the rest of it).
