@@ -8,7 +8,7 @@ that reach the store out of order.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from nats.aio.client import Client as NatsClient
 
+from tests.support.event_batches import decision_events, publish_event_batch
 from tests.support.factories import make_envelope
 from tests.support.nats_server import new_tenant
 from tests.support.postgres import PostgresServer, unique_database_name
@@ -27,14 +28,13 @@ from tickmesh.runtime import nats as runtime_nats
 from tickmesh.runtime.blobs import LocalBlobStore
 from tickmesh.runtime.embedded_nats import EmbeddedNats
 from tickmesh.runtime.subjects import HDR_MSG_ID, HDR_TENANT, HDR_TYPE, TenantNames
-from tickmesh.sdk import encode_envelope, encode_event_batch
+from tickmesh.sdk import encode_envelope
 from tickmesh.state.config import StateSettings
 from tickmesh.state.postgres import PostgresStateStore
 from tickmesh.state.server import StateService, build
 from tickmesh.state.store import SQLiteStateStore, StateStore
 from tickmesh.v1 import (
     envelope_pb2,
-    header_pb2,
     lifetime_pb2,
     payload_pb2,
     state_service_pb2,
@@ -205,34 +205,6 @@ async def test_usage_until_before_since_is_invalid_even_past_the_stored_range(
 # --- event messages no store can keep --------------------------------------------------
 
 
-def _decision(
-    tenant: str, lifetime_id: str, sequences: Sequence[int]
-) -> envelope_pb2.ExecutionEnvelope:
-    """One decision's events envelope, as the router encodes it."""
-    envelope = make_envelope("lifetime_events")
-    envelope.header.tenant_id = tenant
-    envelope.header.lifetime_id = lifetime_id
-    envelope.header.sequence = sequences[0]
-    template = envelope.lifetime_events.events[0]
-    del envelope.lifetime_events.events[:]
-    for sequence in sequences:
-        event = envelope.lifetime_events.events.add()
-        event.CopyFrom(template)
-        event.sequence = sequence
-    return envelope
-
-
-async def _publish_batch(
-    probe: Probe, msg_id: str, decisions: Sequence[envelope_pb2.ExecutionEnvelope]
-) -> None:
-    header = header_pb2.EnvelopeHeader(tenant_id=probe.tenant)
-    await probe.nc.jetstream().publish(
-        TenantNames(probe.tenant).evb,
-        encode_event_batch(header, [encode_envelope(d) for d in decisions]),
-        headers={HDR_TYPE: "lifetime_event_batch", HDR_MSG_ID: msg_id, HDR_TENANT: probe.tenant},
-    )
-
-
 async def _publish_event(probe: Probe, envelope: envelope_pb2.ExecutionEnvelope) -> None:
     await probe.nc.jetstream().publish(
         TenantNames(probe.tenant).evb,
@@ -260,12 +232,14 @@ async def test_an_event_no_store_can_keep_is_refused_and_the_events_around_it_st
 ) -> None:
     """An event batch the stores cannot take is refused whole, as an unreadable one is;
     it must not come back forever, holding every read of events or lifetime rows."""
-    good = _decision(probe.tenant, LIFETIME_A, [1])
-    bad = _decision(probe.tenant, lifetime_id, [sequence])
-    await _publish_batch(probe, "evb:forged", [good, bad])
-    lone = _decision(probe.tenant, lifetime_id, [sequence])
+    good = decision_events(probe.tenant, LIFETIME_A, [1])
+    bad = decision_events(probe.tenant, lifetime_id, [sequence])
+    await publish_event_batch(probe.nc, probe.tenant, "evb:forged", [good, bad])
+    lone = decision_events(probe.tenant, lifetime_id, [sequence])
     await _publish_event(probe, lone)
-    await _publish_batch(probe, "evb:next", [_decision(probe.tenant, LIFETIME_A, [2, 3])])
+    await publish_event_batch(
+        probe.nc, probe.tenant, "evb:next", [decision_events(probe.tenant, LIFETIME_A, [2, 3])]
+    )
 
     # The read waits until every event message on the bus is settled.
     assert await probe.events(LIFETIME_A) == [2, 3]

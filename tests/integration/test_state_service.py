@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 from nats.js.client import JetStreamContext
 
+from tests.support.event_batches import decision_events, publish_event_batch
 from tests.support.factories import make_envelope
 from tests.support.nats_server import new_tenant
 from tests.support.records import Record, exec_id, execution_record, usage
@@ -47,7 +48,6 @@ from tickmesh.sdk import (
     decode_envelope,
     dispatch,
     encode_envelope,
-    encode_event_batch,
     plan,
     step,
     task,
@@ -57,7 +57,6 @@ from tickmesh.state.server import StateService, build
 from tickmesh.state.store import SQLiteStateStore
 from tickmesh.v1 import (
     envelope_pb2,
-    header_pb2,
     lifetime_pb2,
     state_service_pb2,
     state_service_pb2_grpc,
@@ -654,34 +653,6 @@ async def test_a_decisions_events_in_one_message_are_stored_one_by_one(
     assert row.last_sequence == 9
 
 
-def _decision(
-    tenant: str, lifetime_id: str, sequences: Sequence[int]
-) -> envelope_pb2.ExecutionEnvelope:
-    """One decision's events envelope, as the router encodes it."""
-    envelope = make_envelope("lifetime_events")
-    envelope.header.tenant_id = tenant
-    envelope.header.lifetime_id = lifetime_id
-    envelope.header.sequence = sequences[0]
-    template = envelope.lifetime_events.events[0]
-    del envelope.lifetime_events.events[:]
-    for sequence in sequences:
-        event = envelope.lifetime_events.events.add()
-        event.CopyFrom(template)
-        event.sequence = sequence
-    return envelope
-
-
-async def _publish_batch(
-    state: StateHarness, msg_id: str, decisions: Sequence[envelope_pb2.ExecutionEnvelope]
-) -> None:
-    header = header_pb2.EnvelopeHeader(tenant_id=state.tenant)
-    await state.nc.jetstream().publish(
-        TenantNames(state.tenant).evb,
-        encode_event_batch(header, [encode_envelope(d) for d in decisions]),
-        headers={HDR_TYPE: "lifetime_event_batch", HDR_MSG_ID: msg_id, HDR_TENANT: state.tenant},
-    )
-
-
 async def test_a_routers_batch_of_events_is_stored_per_lifetime_and_each_event_once(
     state: StateHarness,
 ) -> None:
@@ -689,10 +660,15 @@ async def test_a_routers_batch_of_events_is_stored_per_lifetime_and_each_event_o
     land in their lifetime's history, and a decision published again in another batch (a
     router that crashed before the first batch's PubAck) is stored once."""
     store = state.service.store
-    a1, b1 = _decision(state.tenant, LIFETIME_A, [1, 2]), _decision(state.tenant, LIFETIME_B, [1])
-    a2 = _decision(state.tenant, LIFETIME_A, [3, 4])
-    await _publish_batch(state, "evb:one", [a1, b1])
-    await _publish_batch(state, "evb:two", [a1, a2])  # a1 again, beside a new decision
+    a1, b1 = (
+        decision_events(state.tenant, LIFETIME_A, [1, 2]),
+        decision_events(state.tenant, LIFETIME_B, [1]),
+    )
+    a2 = decision_events(state.tenant, LIFETIME_A, [3, 4])
+    await publish_event_batch(state.nc, state.tenant, "evb:one", [a1, b1])
+    await publish_event_batch(
+        state.nc, state.tenant, "evb:two", [a1, a2]
+    )  # a1 again, beside a new decision
 
     async def stored() -> tuple[list[int], list[int]] | None:
         a = [e.sequence for e in await store.list_events(state.tenant, LIFETIME_A)]
@@ -711,10 +687,12 @@ async def test_a_batch_with_a_decision_of_another_tenant_is_refused_whole(
     """A batch is one router's write: one part claiming another tenant makes the whole of it
     unreadable (nothing of it stored), and the batches behind it are stored."""
     store = state.service.store
-    mine = _decision(state.tenant, LIFETIME_A, [1])
-    theirs = _decision("intruder", LIFETIME_B, [1])
-    await _publish_batch(state, "evb:forged", [mine, theirs])
-    await _publish_batch(state, "evb:next", [_decision(state.tenant, LIFETIME_B, [1, 2])])
+    mine = decision_events(state.tenant, LIFETIME_A, [1])
+    theirs = decision_events("intruder", LIFETIME_B, [1])
+    await publish_event_batch(state.nc, state.tenant, "evb:forged", [mine, theirs])
+    await publish_event_batch(
+        state.nc, state.tenant, "evb:next", [decision_events(state.tenant, LIFETIME_B, [1, 2])]
+    )
 
     async def stored() -> list[int]:
         return [e.sequence for e in await store.list_events(state.tenant, LIFETIME_B)]
@@ -942,8 +920,8 @@ async def _leave_unbatched_events(js: JetStreamContext, tenant: str) -> None:
     await ensure_tenant(js, tenant)
     old = (await js.stream_info(names.evt_stream)).config
     await js.update_stream(replace(old, subjects=[names.evt_all]))  # as that version made it
-    left = [_decision(tenant, LIFETIME_A, [1, 2]), _decision(tenant, LIFETIME_A, [3])]
-    left.append(_decision(tenant, LIFETIME_B, [1]))
+    left = [decision_events(tenant, LIFETIME_A, [1, 2]), decision_events(tenant, LIFETIME_A, [3])]
+    left.append(decision_events(tenant, LIFETIME_B, [1]))
     for decision in left:
         await js.publish(
             names.evt(decision.header.lifetime_id),

@@ -672,13 +672,7 @@ class Worker:
             result = task_result_to_proto("failed", error=error, run_time_s=run_time)
         else:
             result = plan_result_to_proto(None, error=error, run_time_s=run_time)
-        return completion_to_proto(
-            run.item.assignment_id,
-            result,
-            started_at=run.started_at,
-            finished_at=finished,
-            code_digest=run.handler.code_digest,
-        )
+        return _completion_of(run, result, finished)
 
     def _completion(
         self, run: _Running, inner: asyncio.Task[Any], *, timed_out: bool
@@ -749,13 +743,18 @@ class Worker:
                     run_time_s=run_time,
                     queue_wait_s=queue_wait,
                 )
-        return completion_to_proto(
-            run.item.assignment_id,
-            result,
-            started_at=run.started_at,
-            finished_at=finished,
-            code_digest=run.handler.code_digest,
-        )
+        return _completion_of(run, result, finished)
+
+
+def _completion_of(run: _Running, result: Any, finished: datetime) -> Completion:
+    """The Completion reporting ``result``, the outcome of ``run``, finished at ``finished``."""
+    return completion_to_proto(
+        run.item.assignment_id,
+        result,
+        started_at=run.started_at,
+        finished_at=finished,
+        code_digest=run.handler.code_digest,
+    )
 
 
 class _FatalError(Exception):
