@@ -4,6 +4,7 @@ the snapshot stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -252,11 +253,10 @@ class GuardrailServicer(pb_grpc.GuardrailServiceServicer):
                 renew_at = loop.time() + self._lease_s / 3
                 yield pb.WatchPoliciesResponse(snapshot=snapshot)
             async with condition:
-                try:
+                # Until a publication, or the time to renew the client's lease.
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(renew_at):
                         await condition.wait_for(partial(self._published_since, tenant, seen))
-                except TimeoutError:
-                    pass
 
 
 def _unavailable(reason: str) -> Callable[[Window], Usage]:

@@ -430,9 +430,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         entry = lt.state.outbox.add(key="fork", messages=lt.out)
         entry.created_at.FromDatetime(lt.now)
         try:
-            await tenant.store.create(lt.state)
-        except ConflictError:
-            pass  # a concurrent call with the same client_request_id created it
+            # ConflictError: a concurrent call with the same client_request_id created it.
+            with contextlib.suppress(ConflictError):
+                await tenant.store.create(lt.state)
         except StateTooLargeError as exc:
             if replacement is None:
                 raise

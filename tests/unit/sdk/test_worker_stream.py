@@ -22,6 +22,7 @@ class SilentPool(executor_pool_service_pb2_grpc.ExecutorPoolServiceServicer):
 
     def __init__(self) -> None:
         self.connections = 0
+        self.frames_after_hello: list[pool_pb2.ConnectRequest] = []
         self.half_closed = asyncio.Event()
         self.reconnected = asyncio.Event()
 
@@ -36,13 +37,16 @@ class SilentPool(executor_pool_service_pb2_grpc.ExecutorPoolServiceServicer):
         yield pool_pb2.ConnectResponse(
             welcome=pool_pb2.Welcome(session_id=f"s{self.connections}", protocol_version=1)
         )
-        async for _ in request_iterator:
-            pass
+        # Read to the end, answering nothing: the worker half-closes its side after a drain.
+        self.frames_after_hello = [frame async for frame in request_iterator]
         self.half_closed.set()
         await asyncio.Event().wait()
 
-    def FetchBlob(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+    async def FetchBlob(
+        self, request: Any, context: Any
+    ) -> AsyncIterator[pool_pb2.FetchBlobResponse]:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "this pool holds no blobs")
+        yield pool_pb2.FetchBlobResponse()  # never reached: abort raises
 
 
 @pytest.fixture
