@@ -100,8 +100,9 @@ async def test_a_call_from_another_event_loop_is_refused_before_it_is_made(
     assert await h.lifetime_ids() == []
 
     async def watch_there() -> None:
-        async for _ in client.watch("missing"):
-            pass
+        # Refused before the first event: nothing is ever read.
+        events = [event async for event in client.watch("missing")]
+        raise AssertionError(f"the watch ran in another loop: {events}")
 
     raised = await asyncio.to_thread(_in_another_loop, watch_there)
     assert isinstance(raised, ClientUsageError), repr(raised)
