@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from tickmesh.internal.v1 import router_state_pb2 as rs
 from tickmesh.runtime.auth import tenant_of
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
+from tickmesh.runtime.records import MAX_SEQUENCE
 from tickmesh.sdk import NotFoundError, ValidationError, codecs
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.sdk.ids import uuid7
@@ -46,8 +47,6 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 MAX_SIGNAL_ID_CHARS = 256
 """The longest signal_id SignalLifetime takes (a lifetime keeps its last ids)."""
-MAX_SEQUENCE = 2**63 - 1
-"""The largest event sequence: the state service stores them as signed 64-bit integers."""
 
 
 Req = TypeVar("Req")

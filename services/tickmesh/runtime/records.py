@@ -37,6 +37,9 @@ these figures in 64-bit integers: eight million executions at this bound still f
 where a single report near 2**63 made the next sum overflow — a counter that can no
 longer be written, and a tenant's records that can no longer be stored. Negative
 figures would let a report lower a tenant's spend under its guardrail caps."""
+MAX_SEQUENCE: Final = 2**63 - 1
+"""The largest lifetime event sequence the state stores keep (SQLite INTEGER, PostgreSQL
+BIGINT: signed 64 bits), where protobuf's sequences are uint64: no event has a later one."""
 _USAGE_FIELDS: Final = ("input_tokens", "output_tokens", "cost_micros")
 
 

@@ -21,7 +21,7 @@ import grpc
 from tickmesh.runtime.auth import tenant_of
 from tickmesh.runtime.blobs import BlobStore
 from tickmesh.runtime.errors import StatusError, stream_errors, unary_errors
-from tickmesh.runtime.records import require_records_stored
+from tickmesh.runtime.records import MAX_SEQUENCE, require_records_stored
 from tickmesh.sdk import NotFoundError, ValidationError
 from tickmesh.sdk.errors import StatusCode
 from tickmesh.v1 import (
@@ -39,7 +39,7 @@ from tickmesh.v1 import (
 
 from . import core
 from .consumer import RecordConsumer
-from .store import MAX_SEQUENCE, StateStore, StoredExecution, UsageRow
+from .store import StateStore, StoredExecution, UsageRow
 
 Context = grpc.aio.ServicerContext[Any, Any]
 CHUNK = 1024 * 1024

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, NamedTuple, Protocol, TypeVar, get_args
 
+from tickmesh.runtime.records import MAX_SEQUENCE as MAX_SEQUENCE
 from tickmesh.sdk import events_of
 from tickmesh.sdk.errors import ConfigError, TickmeshError, ValidationError
 from tickmesh.sdk.ids import TENANT_ID_PATTERN
@@ -126,9 +127,6 @@ def fold_rows(
 _T = TypeVar("_T")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _UINT32_MAX: Final = 0xFFFF_FFFF
-MAX_SEQUENCE: Final = 2**63 - 1
-"""The largest sequence either store keeps (SQLite INTEGER, PostgreSQL BIGINT: signed 64
-bits); protobuf's are uint64."""
 _MIN_NS: Final = -(2**63)
 _MAX_NS: Final = 2**63 - 1
 
