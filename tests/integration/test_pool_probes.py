@@ -210,38 +210,57 @@ async def test_frames_before_hello_and_a_second_hello_end_the_stream(
     await mesh.wait_work_drained()
 
 
-async def test_an_executor_that_stops_reading_is_cut_off_and_its_work_runs_elsewhere(
+async def silent_beside_reader(
     start_pool: PoolFactory, channel_to: Any
-) -> None:
-    # Steps time out long after the ack wait: only the missing heartbeats take work back.
+) -> tuple[Mesh, RawExecutor]:
+    """A pool (ack wait 1 s, heartbeats every 0.3 s) with a raw executor of 4 slots that
+    says hello and then never reads or answers, beside a Worker ("reader") of one slot
+    for the same "work" task: assigning least-loaded first favours the silent one."""
     mesh = await start_pool(ack_wait_s=1.0, heartbeat_interval_s=0.3)
     silent = RawExecutor(channel_to(mesh), mesh.tenant)
-    await silent.hello("work", concurrency=4, executor_id="silent")  # then never reads
+    await silent.hello("work", concurrency=4, executor_id="silent")
 
     @task(name="work")
     async def work(ctx: TaskContext, value: Any) -> str:
         return "ok"
 
-    # The silent executor has more free slots: assigning least-loaded first favours it.
     await mesh.start_worker([work], executor_id="reader", concurrency=1)
-    big = '"' + "x" * 200_000 + '"'
-    for i in range(8):
-        await mesh.submit("work", big, node_id=f"n{i}", timeout_s=30.0, retry=_retry(3))
+    return mesh, silent
+
+
+async def all_ran_on_the_reader(mesh: Mesh) -> None:
+    """Eight steps were recorded, each once, each succeeded on the reader."""
     records = await mesh.records(8, within=30)
     assert len({r.header.execution_id for r in records}) == 8
     for record in records:
         executor = record.task_execution.executor.executor_id
         assert (executor, _status(record)) == ("reader", "TASK_STATUS_SUCCEEDED"), record
-    stats = mesh.service.pool.stats
-    assert 0 < stats.max_in_flight["silent"] <= 4
-    assert stats.unresponsive == 1
+
+
+async def cut_off_for_missing_heartbeats(mesh: Mesh, silent: RawExecutor) -> None:
+    """Nothing more is recorded, and the silent executor's stream was ended: past the
+    frames it never read comes the status, naming the missing heartbeat."""
     await mesh.wait_work_drained()
     await mesh.no_more_records()
-    # Its stream was ended: past the frames it never read comes the status.
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await silent.read_to_the_end()
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "heartbeat" in (ended.value.details() or "")
+
+
+async def test_an_executor_that_stops_reading_is_cut_off_and_its_work_runs_elsewhere(
+    start_pool: PoolFactory, channel_to: Any
+) -> None:
+    # Steps time out long after the ack wait: only the missing heartbeats take work back.
+    mesh, silent = await silent_beside_reader(start_pool, channel_to)
+    big = '"' + "x" * 200_000 + '"'
+    for i in range(8):
+        await mesh.submit("work", big, node_id=f"n{i}", timeout_s=30.0, retry=_retry(3))
+    await all_ran_on_the_reader(mesh)
+    stats = mesh.service.pool.stats
+    assert 0 < stats.max_in_flight["silent"] <= 4
+    assert stats.unresponsive == 1
+    await cut_off_for_missing_heartbeats(mesh, silent)
 
 
 async def test_an_executor_that_never_answers_short_steps_is_cut_off(
@@ -249,29 +268,12 @@ async def test_an_executor_that_never_answers_short_steps_is_cut_off(
 ) -> None:
     # Steps time out long before the ack wait: their deadlines, not JetStream, take them
     # back, and the silent executor would get them again and again.
-    mesh = await start_pool(ack_wait_s=1.0, heartbeat_interval_s=0.3)
-    silent = RawExecutor(channel_to(mesh), mesh.tenant)
-    await silent.hello("work", concurrency=4, executor_id="silent")  # then never answers
-
-    @task(name="work")
-    async def work(ctx: TaskContext, value: Any) -> str:
-        return "ok"
-
-    await mesh.start_worker([work], executor_id="reader", concurrency=1)
+    mesh, silent = await silent_beside_reader(start_pool, channel_to)
     for i in range(8):
         await mesh.submit("work", node_id=f"n{i}", timeout_s=0.5, retry=_retry(6))
-    records = await mesh.records(8, within=30)
-    assert len({r.header.execution_id for r in records}) == 8
-    for record in records:
-        executor = record.task_execution.executor.executor_id
-        assert (executor, _status(record)) == ("reader", "TASK_STATUS_SUCCEEDED"), record
+    await all_ran_on_the_reader(mesh)
     assert mesh.service.pool.stats.unresponsive == 1
-    await mesh.wait_work_drained()
-    await mesh.no_more_records()
-    with pytest.raises(grpc.aio.AioRpcError) as ended:
-        await silent.read_to_the_end()
-    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "heartbeat" in (ended.value.details() or "")
+    await cut_off_for_missing_heartbeats(mesh, silent)
 
 
 async def test_a_handler_that_cancels_itself_is_given_back_after_the_retry_backoff(

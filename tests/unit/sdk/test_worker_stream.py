@@ -65,15 +65,22 @@ async def idle(ctx: TaskContext, value: Any) -> None:
     return None
 
 
-async def test_shutdown_against_a_pool_that_never_closes_the_stream_returns(
-    silent_pool: tuple[SilentPool, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pool, target = silent_pool
+async def connected_worker(target: str, monkeypatch: pytest.MonkeyPatch) -> Worker:
+    """A running Worker welcomed by the pool at ``target``, that abandons its call 0.1 s
+    after it stops writing (rather than 5 s)."""
     monkeypatch.setattr(_worker, "_CLOSE_TIMEOUT_S", 0.1)
     worker = Worker(target, tenant="acme", tasks=[idle], reconnect_initial_s=0.01)
     await worker.__aenter__()
     async with asyncio.timeout(5):
         await worker.wait_connected()
+    return worker
+
+
+async def test_shutdown_against_a_pool_that_never_closes_the_stream_returns(
+    silent_pool: tuple[SilentPool, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool, target = silent_pool
+    worker = await connected_worker(target, monkeypatch)
     background = worker._background
     assert background is not None
     # The worker abandons the call after the close timeout: the stream breaks, and
@@ -89,11 +96,7 @@ async def test_a_stream_abandoned_under_a_running_worker_is_reconnected(
     silent_pool: tuple[SilentPool, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pool, target = silent_pool
-    monkeypatch.setattr(_worker, "_CLOSE_TIMEOUT_S", 0.1)
-    worker = Worker(target, tenant="acme", tasks=[idle], reconnect_initial_s=0.01)
-    await worker.__aenter__()
-    async with asyncio.timeout(5):
-        await worker.wait_connected()
+    worker = await connected_worker(target, monkeypatch)
     session = worker._session
     assert session is not None
     # What the sender does when a frame cannot be sent.
