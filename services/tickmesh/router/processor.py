@@ -29,6 +29,7 @@ from nats.js.api import PubAck
 from opentelemetry.trace import Link, Span, Tracer, get_current_span, use_span
 
 from tickmesh.internal.v1 import router_state_pb2 as rs
+from tickmesh.runtime.errors import StatusError
 from tickmesh.runtime.nats import (
     Outgoing,
     PublishError,
@@ -53,6 +54,7 @@ from tickmesh.sdk import (
     encode_envelope,
     encode_event_batch,
 )
+from tickmesh.sdk.errors import StatusCode
 from tickmesh.sdk.timestamps import epoch_ns, timestamp_ns
 from tickmesh.sdk.tracing import (
     ATTR_GRAPH,
@@ -229,7 +231,7 @@ class Processor:
             staged.queue_pending()
             await self._publish(tenant, staged.lt)
             return self._settled(tenant, staged)
-        raise ConflictError(f"lifetime {lifetime_id}: too much contention")
+        raise ContentionError(lifetime_id)
 
     async def apply_batch(self, tenant: Tenant, jobs: Sequence[Job]) -> list[Applied | Exception]:
         """:meth:`apply` for jobs on different lifetimes, with one round of
@@ -542,6 +544,17 @@ def _fitting(
             parts[-1].append(item)
             size += cost
     return parts
+
+
+class ContentionError(ConflictError, StatusError):
+    """A lifetime's write lost every compare-and-set it tried to concurrent writers: the
+    caller of an RPC is answered ABORTED, the status a caller retries the call on."""
+
+    def __init__(self, lifetime_id: str) -> None:
+        super().__init__(
+            StatusCode.ABORTED,
+            f"lifetime {lifetime_id}: concurrent writes won every compare-and-set: retry the call",
+        )
 
 
 class _MutationError(Exception):

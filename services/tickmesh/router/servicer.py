@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
@@ -49,32 +48,6 @@ MAX_SIGNAL_ID_CHARS = 256
 """The longest signal_id SignalLifetime takes (a lifetime keeps its last ids)."""
 
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Self = TypeVar("Self")
-Unary = Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-
-
-def unary_call(method: Unary[Self, Req, Resp]) -> Unary[Self, Req, Resp]:
-    """``unary_errors``, with the router's own ConflictError (a write that lost every
-    compare-and-set it tried, to concurrent writers) answered ABORTED, the status a caller
-    retries the call on, rather than INTERNAL."""
-
-    @functools.wraps(method)
-    async def translated(
-        self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> Resp:
-        try:
-            return await method(self, request, context)
-        except ConflictError as exc:
-            raise StatusError(
-                StatusCode.ABORTED,
-                f"concurrent writes won every compare-and-set ({exc}): retry the call",
-            ) from exc
-
-    return unary_errors(translated)
-
-
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(
         self,
@@ -95,7 +68,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         return self._processor.tenant(tenant_of(context, self._tenants))
 
     # --- graphs ------------------------------------------------------------
-    @unary_call
+    @unary_errors
     async def RegisterGraph(
         self, request: pb.RegisterGraphRequest, context: Context
     ) -> pb.RegisterGraphResponse:
@@ -104,13 +77,13 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         stored, created = await tenant.store.put_graph(graph)
         return pb.RegisterGraphResponse(graph=stored, created=created)
 
-    @unary_call
+    @unary_errors
     async def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
         tenant = self._tenant(context)
         graph = await tenant.store.get_graph(request.graph_id, request.version)
         return pb.GetGraphResponse(graph=graph)
 
-    @unary_call
+    @unary_errors
     async def ListGraphs(
         self, request: pb.ListGraphsRequest, context: Context
     ) -> pb.ListGraphsResponse:
@@ -122,7 +95,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         more = len(ids) > size
         return pb.ListGraphsResponse(graphs=graphs, next_page_token=page[-1] if more else "")
 
-    @unary_call
+    @unary_errors
     async def ValidateGraph(
         self, request: pb.ValidateGraphRequest, context: Context
     ) -> pb.ValidateGraphResponse:
@@ -135,7 +108,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         )
 
     # --- lifetimes ---------------------------------------------------------
-    @unary_call
+    @unary_errors
     async def StartLifetime(
         self, request: pb.StartLifetimeRequest, context: Context
     ) -> pb.StartLifetimeResponse:
@@ -182,7 +155,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             return pb.StartLifetimeResponse(lifetime=loaded.state.lifetime, created=False)
         return pb.StartLifetimeResponse(lifetime=lt.view, created=True)
 
-    @unary_call
+    @unary_errors
     async def GetLifetime(
         self, request: pb.GetLifetimeRequest, context: Context
     ) -> pb.GetLifetimeResponse:
@@ -197,7 +170,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise NotFoundError(f"no lifetime {request.lifetime_id!r}")
         return pb.GetLifetimeResponse(lifetime=record)
 
-    @unary_call
+    @unary_errors
     async def ListLifetimes(
         self, request: pb.ListLifetimesRequest, context: Context
     ) -> pb.ListLifetimesResponse:
@@ -305,28 +278,28 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             before_sequence=before,
         )
 
-    @unary_call
+    @unary_errors
     async def PauseLifetime(
         self, request: pb.PauseLifetimeRequest, context: Context
     ) -> pb.PauseLifetimeResponse:
         view = await self._control(context, request.lifetime_id, core.pause, request.reason)
         return pb.PauseLifetimeResponse(lifetime=view)
 
-    @unary_call
+    @unary_errors
     async def ResumeLifetime(
         self, request: pb.ResumeLifetimeRequest, context: Context
     ) -> pb.ResumeLifetimeResponse:
         view = await self._control(context, request.lifetime_id, core.resume, request.reason)
         return pb.ResumeLifetimeResponse(lifetime=view)
 
-    @unary_call
+    @unary_errors
     async def AbortLifetime(
         self, request: pb.AbortLifetimeRequest, context: Context
     ) -> pb.AbortLifetimeResponse:
         view = await self._control(context, request.lifetime_id, core.abort, request.reason)
         return pb.AbortLifetimeResponse(lifetime=view)
 
-    @unary_call
+    @unary_errors
     async def SignalLifetime(
         self, request: pb.SignalLifetimeRequest, context: Context
     ) -> pb.SignalLifetimeResponse:
@@ -374,7 +347,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         applied = await self._processor.apply(tenant, lifetime_id, mutate, [f"rpc:{uuid7()}"])
         return applied.lifetime.view
 
-    @unary_call
+    @unary_errors
     async def ForkLifetime(
         self, request: pb.ForkLifetimeRequest, context: Context
     ) -> pb.ForkLifetimeResponse:
@@ -443,7 +416,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         logger.info("forked %s at %s into %s", request.lifetime_id, request.execution_id, new_id)
         return pb.ForkLifetimeResponse(lifetime=applied.lifetime.view)
 
-    @unary_call
+    @unary_errors
     async def ReplayLifetime(
         self, request: pb.ReplayLifetimeRequest, context: Context
     ) -> pb.ReplayLifetimeResponse:
